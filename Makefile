@@ -1,0 +1,48 @@
+# minipacs: the README's commands.
+#   make run    create .venv if missing, install minipacs, serve with config.yaml
+#   make test   install test extras and DCMTK, then ruff, mypy and pytest
+#   make lint   ruff and mypy only
+#   make bench  the benchmark (not part of make test); see bench/README.md
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= config.yaml
+
+.PHONY: run test lint bench install install-test dcmtk clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+
+run: install
+	$(BIN)/minipacs serve --config $(CONFIG)
+
+dcmtk:
+	@if command -v storescu >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing DCMTK (Debian package dcmtk)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null; \
+	else \
+		echo "DCMTK is missing: install it (Debian/Ubuntu: sudo apt-get install dcmtk)."; \
+		echo "Without it the DCMTK tests skip, or fail when CI is set."; \
+	fi
+
+lint: install-test
+	$(BIN)/ruff check scp storage tests bench
+	$(BIN)/mypy
+
+test: install-test dcmtk lint
+	TCP_NODELAY=1 $(BIN)/python -m pytest
+
+bench: install-test dcmtk
+	TCP_NODELAY=1 $(BIN)/python bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

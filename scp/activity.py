@@ -1,0 +1,87 @@
+"""What the server is doing: operations in flight (for a graceful stop) and one log line
+per association (peer, services used, counts, duration)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from pynetdicom import events as evt
+
+logger = logging.getLogger("minipacs.association")
+
+
+@dataclass
+class _AssocStats:
+    started: float = field(default_factory=time.monotonic)
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+class Activity:
+    """Counts operations in flight and per-association statistics.
+
+    Parameters
+    ----------
+    on_association_end : callable, optional
+        Called (in the association's thread) when an association ends; the server uses it
+        to give back that thread's index connection.
+    """
+
+    def __init__(self, on_association_end: Callable[[], None] | None = None) -> None:
+        self._lock = threading.Condition()
+        self._in_flight = 0
+        self._stats: dict[int, _AssocStats] = {}
+        self._on_end = on_association_end
+
+    @contextlib.contextmanager
+    def operation(self) -> Iterator[None]:
+        """Mark a DIMSE operation in flight for its duration."""
+        with self._lock:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._lock.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no operation is in flight; ``False`` if ``timeout`` ran out first."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def count(self, event: evt.Event, service: str, ok: bool) -> None:
+        """Count one operation of ``event``'s association."""
+        stats = self._stats.setdefault(id(event.assoc), _AssocStats())
+        stats.counts[service if ok else f"{service} failed"] += 1
+
+    def handle_established(self, event: evt.Event) -> None:
+        self._stats[id(event.assoc)] = _AssocStats()
+
+    def handle_closed(self, event: evt.Event) -> None:
+        stats = self._stats.pop(id(event.assoc), None)
+        if stats is not None:
+            how = "aborted" if event.event is evt.EVT_ABORTED else "released"
+            counts = ", ".join(f"{n} {name}" for name, n in sorted(stats.counts.items()))
+            requestor = event.assoc.requestor
+            logger.info(
+                "association from %s@%s:%s %s after %.2f s: %s",
+                requestor.ae_title,
+                requestor.address,
+                requestor.port,
+                how,
+                time.monotonic() - stats.started,
+                counts or "no operations",
+            )
+        if self._on_end is not None:
+            self._on_end()

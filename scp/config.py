@@ -1,0 +1,271 @@
+"""The configuration: one typed, frozen object loaded from ``config.yaml``.
+
+Every key has its default here, in the dataclasses; ``config.yaml`` repeats them with
+comments and the README lists them (a test keeps the three in step). Unknown sections and
+keys are errors, and :func:`load_config` reports every problem at once in one
+:class:`ConfigError`. Relative paths resolve against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from storage import ArchiveOptions, DuplicatePolicy
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "configuration") -> None:
+        self.problems = problems
+        listing = "\n  - ".join(problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n  - {listing}")
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    """``ae``: how the server presents itself on the network."""
+
+    title: str = "MINIPACS"
+    port: int = 11112
+    bind: str = "0.0.0.0"
+    max_associations: int = 16
+    max_pdu_size: int = 262144
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """``storage``: where and how instances are kept."""
+
+    data_dir: Path = Path("data")
+    index_url: str = ""
+    on_duplicate: str = "replace"
+    durability: str = "full"
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """``query``: C-FIND behaviour."""
+
+    pn_case_insensitive: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``logging``: what the server writes to its log (standard error)."""
+
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    ae: AEConfig = field(default_factory=AEConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def files_path(self) -> Path:
+        """The file store's folder: ``<data_dir>/files``."""
+        return self.storage.data_dir / "files"
+
+    @property
+    def index_url(self) -> str:
+        """The index URL; by default a SQLite file ``<data_dir>/index.sqlite``."""
+        if self.storage.index_url:
+            return self.storage.index_url
+        return f"sqlite:///{(self.storage.data_dir / 'index.sqlite').resolve()}"
+
+    def archive_options(self) -> ArchiveOptions:
+        """The storage package's view of this configuration."""
+        return ArchiveOptions(
+            files_path=self.files_path,
+            index_url=self.index_url,
+            on_duplicate=DuplicatePolicy(self.storage.on_duplicate),
+            durable=self.storage.durability == "full",
+            fold_pn=self.query.pn_case_insensitive,
+        )
+
+
+SECTIONS: dict[str, type] = {
+    "ae": AEConfig,
+    "storage": StorageConfig,
+    "query": QueryConfig,
+    "logging": LoggingConfig,
+}
+
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("storage", "on_duplicate"): tuple(p.value for p in DuplicatePolicy),
+    ("storage", "durability"): ("full", "relaxed"),
+    ("logging", "level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+
+def validate_ae_title(value: str) -> str | None:
+    """Return why ``value`` is not a valid AE title, or ``None`` (PS3.5 Table 6.2-1 AE)."""
+    if not value.strip(" "):
+        return "must not be empty"
+    if len(value) > 16:
+        return "must be at most 16 characters"
+    if not value.isascii() or any(c in value for c in "\\") or any(ord(c) < 32 for c in value):
+        return "must be ASCII without backslash or control characters"
+    return None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load and check a configuration file.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        A YAML file; ``None`` gives the built-in defaults.
+    overrides : dict, optional
+        ``{"ae.port": 4242, ...}`` applied over the file (the command line's flags).
+
+    Raises
+    ------
+    ConfigError
+        Listing every problem found.
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    source = "configuration"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        base = path.resolve().parent
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError([f"cannot read: {exc.strerror or exc}"], source) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(["the top level must be a mapping of sections"], source)
+        raw = loaded
+    problems: list[str] = []
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        if not isinstance(raw.get(section), dict):
+            raw[section] = {} if raw.get(section) is None else raw[section]
+        raw[section][key] = value
+
+    sections: dict[str, Any] = {}
+    for name in raw:
+        if name not in SECTIONS:
+            problems.append(f"unknown section {name!r} (known: {', '.join(SECTIONS)})")
+    for name, cls in SECTIONS.items():
+        sections[name] = _section(name, cls, raw.get(name), base, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(**sections)
+
+
+def _section(name: str, cls: type, raw: Any, base: Path, problems: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{name}: must be a mapping")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            problems.append(f"unknown key {name}.{key} (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            default = getattr(cls(), f.name)
+            if isinstance(default, Path) and not default.is_absolute():
+                values[f.name] = (base / default).resolve()
+            continue
+        value = _convert(f"{name}.{f.name}", hints[f.name], raw[f.name], base, problems)
+        if value is not None:
+            values[f.name] = value
+    url = values.get("index_url")
+    if isinstance(url, str) and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        values["index_url"] = f"sqlite:///{(base / url[len('sqlite:///'):]).resolve()}"
+    _check(name, values, problems)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # pragma: no cover - every field has a default
+        problems.append(f"{name}: {exc}")
+        return cls()
+
+
+def _convert(dotted: str, hint: Any, value: Any, base: Path, problems: list[str]) -> Any:
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{dotted}: must be true or false, not {value!r}")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        problems.append(f"{dotted}: must be a whole number, not {value!r}")
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        problems.append(f"{dotted}: must be a number, not {value!r}")
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        problems.append(f"{dotted}: must be a string, not {value!r}")
+    elif hint is Path:
+        if isinstance(value, str) and value:
+            p = Path(value).expanduser()
+            return p if p.is_absolute() else (base / p).resolve()
+        problems.append(f"{dotted}: must be a path, not {value!r}")
+    else:  # pragma: no cover - a field type the loader does not know
+        problems.append(f"{dotted}: unsupported type {hint}")
+    return None
+
+
+def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
+    for (sec, key), choices in CHOICES.items():
+        if sec == section and key in values and values[key] not in choices:
+            allowed = ", ".join(choices)
+            problems.append(f"{sec}.{key}: must be one of {allowed}, not {values[key]!r}")
+    if section == "ae":
+        title = values.get("title")
+        if title is not None and (why := validate_ae_title(title)):
+            problems.append(f"ae.title: {why}")
+        port = values.get("port")
+        if port is not None and not 0 <= port <= 65535:
+            problems.append(f"ae.port: must be between 0 and 65535, not {port}")
+        bind = values.get("bind")
+        if bind is not None:
+            try:
+                ipaddress.ip_address(bind)
+            except ValueError:
+                problems.append(f"ae.bind: must be an IP address, not {bind!r}")
+        for key in ("max_associations", "max_pdu_size"):
+            if key in values and values[key] < 0:
+                problems.append(f"ae.{key}: must not be negative")
+        if values.get("max_associations") == 0:
+            problems.append("ae.max_associations: must be at least 1")
+        for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
+            if key in values and values[key] <= 0:
+                problems.append(f"ae.{key}: must be a positive number of seconds")
+    if section == "storage":
+        url = values.get("index_url")
+        if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            problems.append(
+                "storage.index_url: must start with sqlite:/// or postgresql:// (or be empty)"
+            )

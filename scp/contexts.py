@@ -1,0 +1,40 @@
+"""The presentation contexts we accept, as one table.
+
+Every Storage SOP Class pynetdicom knows, each with every transfer syntax pydicom knows
+(uncompressed, deflated, big endian, the JPEG family, JPEG-LS, JPEG 2000, HTJ2K, RLE,
+MPEG-2/4, HEVC, SMPTE ST 2110): the bytes are stored as received, so we need no codec to
+accept them. Verification, and the Query/Retrieve FIND models with the query model each
+stands for.
+"""
+
+from __future__ import annotations
+
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AllStoragePresentationContexts
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from storage import Model
+
+TRANSFER_SYNTAXES: list[str] = [str(uid) for uid in AllTransferSyntaxes]
+
+STORAGE_SOP_CLASSES: list[str] = sorted(
+    {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+)
+
+FIND_MODELS: dict[str, Model] = {
+    str(StudyRootQueryRetrieveInformationModelFind): Model.STUDY_ROOT,
+    str(PatientRootQueryRetrieveInformationModelFind): Model.PATIENT_ROOT,
+}
+
+VERIFICATION: str = str(Verification)
+
+# (abstract syntax, transfer syntaxes) for everything we act as SCP for
+SUPPORTED: list[tuple[str, list[str]]] = (
+    [(VERIFICATION, TRANSFER_SYNTAXES)]
+    + [(uid, TRANSFER_SYNTAXES) for uid in STORAGE_SOP_CLASSES]
+    + [(uid, TRANSFER_SYNTAXES) for uid in FIND_MODELS]
+)

@@ -1,0 +1,81 @@
+"""Event handlers: thin adapters from pynetdicom events to the storage façade.
+
+Each handler takes what the event carries, calls one ``Archive`` method and maps the result
+(or the error) to a status through :mod:`scp.status`. No parsing, SQL or paths here, and no
+exception ever reaches pynetdicom's catch-all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pynetdicom import events as evt
+from pynetdicom.dimse_primitives import C_STORE
+
+from storage import Archive, Origin
+
+from . import status
+from .activity import Activity
+from .contexts import FIND_MODELS
+
+logger = logging.getLogger(__name__)
+
+
+def handle_echo(event: evt.Event, activity: Activity) -> int:
+    """C-ECHO (PS3.4 A.4): always Success."""
+    activity.count(event, "echo", ok=True)
+    return status.SUCCESS
+
+
+def handle_store(event: evt.Event, archive: Archive, activity: Activity) -> int | Dataset:
+    """C-STORE (PS3.4 B.2): store the sender's bytes, answer only once they are indexed."""
+    req = cast(C_STORE, event.request)
+    with activity.operation():
+        try:
+            outcome = archive.store(
+                event.encoded_dataset(include_meta=False),
+                str(event.context.transfer_syntax),
+                sop_class_uid=str(req.AffectedSOPClassUID),
+                sop_instance_uid=str(req.AffectedSOPInstanceUID),
+                origin=Origin(event.assoc.requestor.ae_title, event.assoc.requestor.address),
+            )
+        except Exception as exc:  # mapped to a status in one place; logged once
+            result = status.store_error_status(exc)
+            _log_failure("C-STORE", event, exc)
+            activity.count(event, "store", ok=False)
+            return result
+    activity.count(event, "store", ok=True)
+    return status.store_status(outcome)
+
+
+def handle_find(event: evt.Event, archive: Archive, activity: Activity) -> Iterator[Any]:
+    """C-FIND (PS3.4 C.4.1): one Pending per match, produced lazily so C-CANCEL works."""
+    model = FIND_MODELS[str(event.request.AffectedSOPClassUID)]
+    with activity.operation():
+        try:
+            query = archive.parse_query(event.identifier, model)
+            pending = status.PENDING_WARNING if query.ignored else status.PENDING
+            for identifier in archive.find(query):
+                if event.is_cancelled:
+                    yield status.CANCEL, None  # PS3.4 C.4.1.1.4 Cancel
+                    return
+                yield pending, identifier
+        except Exception as exc:
+            _log_failure("C-FIND", event, exc)
+            activity.count(event, "find", ok=False)
+            yield status.find_error_status(exc), None
+            return
+    activity.count(event, "find", ok=True)
+
+
+def _log_failure(service: str, event: evt.Event, exc: Exception) -> None:
+    peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+    if isinstance(exc, ValueError | LookupError | OSError) or type(exc).__module__.startswith(
+        "storage"
+    ):
+        logger.warning("%s from %s failed: %s", service, peer, exc)
+    else:
+        logger.exception("%s from %s failed unexpectedly", service, peer)

@@ -1,0 +1,93 @@
+"""Build the Application Entity, bind the handlers, start and stop cleanly."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom import events as evt
+
+from storage import Archive, open_archive
+
+from .activity import Activity
+from .config import Config
+from .contexts import SUPPORTED
+from .handlers import handle_echo, handle_find, handle_store
+
+logger = logging.getLogger("minipacs")
+
+
+class Server:
+    """A running minipacs: the archive and one DICOM listener.
+
+    Parameters
+    ----------
+    config : Config
+        The configuration; ``ae.port`` 0 picks a free port (see :attr:`port`).
+    archive : Archive, optional
+        An archive already open; by default one is opened from ``config``.
+    """
+
+    def __init__(self, config: Config, archive: Archive | None = None) -> None:
+        self.config = config
+        self.archive = archive or open_archive(config.archive_options())
+        self.activity = Activity(on_association_end=self.archive.release)
+        self.ae = self._build_ae()
+        self._server: Any = None
+
+    def _build_ae(self) -> AE:
+        cfg = self.config.ae
+        ae = AE(ae_title=cfg.title)
+        ae.maximum_associations = cfg.max_associations
+        ae.maximum_pdu_size = cfg.max_pdu_size
+        ae.acse_timeout = cfg.acse_timeout
+        ae.dimse_timeout = cfg.dimse_timeout
+        ae.network_timeout = cfg.network_timeout
+        for abstract_syntax, transfer_syntaxes in SUPPORTED:
+            ae.add_supported_context(abstract_syntax, transfer_syntaxes)
+        return ae
+
+    def _handlers(self) -> list[Any]:
+        a, act = self.archive, self.activity
+        return [
+            (evt.EVT_C_ECHO, handle_echo, [act]),
+            (evt.EVT_C_STORE, handle_store, [a, act]),
+            (evt.EVT_C_FIND, handle_find, [a, act]),
+            (evt.EVT_ESTABLISHED, act.handle_established),
+            (evt.EVT_RELEASED, act.handle_closed),
+            (evt.EVT_ABORTED, act.handle_closed),
+            (evt.EVT_CONN_CLOSE, act.handle_closed),
+        ]
+
+    def start(self) -> None:
+        """Start listening (returns at once; associations run in their own threads)."""
+        cfg = self.config.ae
+        self._server = self.ae.start_server(
+            (cfg.bind, cfg.port), block=False, evt_handlers=self._handlers()
+        )
+        logger.info(
+            "minipacs serving AE title %s on %s:%d; index %s; file store %s",
+            cfg.title,
+            cfg.bind,
+            self.port,
+            self.config.index_url,
+            self.config.files_path,
+        )
+
+    @property
+    def port(self) -> int:
+        """The port actually bound."""
+        return int(self._server.server_address[1]) if self._server else self.config.ae.port
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, let operations in flight finish (up to ``grace`` seconds), abort
+        associations left idle, and close the archive."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if not self.activity.wait_idle(grace):
+            logger.warning("operations still in flight after %.0f s; aborting them", grace)
+        self.ae.shutdown()
+        self.archive.close()
+        logger.info("minipacs stopped")

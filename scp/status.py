@@ -1,0 +1,84 @@
+"""DIMSE statuses: named codes, and the one place storage outcomes and errors become them.
+
+Codes are from PS3.4 B.2.3 (Storage), C.4.1.1.4 (C-FIND) and PS3.7 Annex C (general).
+Failure statuses carry an ErrorComment (0000,0902) saying why, so that the sender's log
+shows the reason and not only a number.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom.dataset import Dataset
+
+from storage import (
+    DuplicateRejected,
+    InvalidInstance,
+    InvalidQuery,
+    QueryFailed,
+    SOPClassMismatch,
+    StorageError,
+    StorageFull,
+    StoreOutcome,
+)
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+
+# PS3.7 Annex C, general statuses
+DUPLICATE_SOP_INSTANCE = 0x0111
+
+# PS3.4 B.2.3, Storage
+STORE_OUT_OF_RESOURCES = 0xA700
+STORE_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STORE_CANNOT_UNDERSTAND = 0xC000
+STORE_PROCESSING_FAILURE = 0xC001  # an unexpected fault of ours, still "Error: Cannot understand"
+
+# PS3.4 C.4.1.1.4, C-FIND
+PENDING = 0xFF00
+PENDING_WARNING = 0xFF01  # some optional keys were not matched
+CANCEL = 0xFE00
+FIND_OUT_OF_RESOURCES = 0xA700
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+UNABLE_TO_PROCESS = 0xC001
+
+_ERROR_COMMENT_MAX = 64  # LO
+
+
+def with_comment(code: int, comment: str) -> Dataset:
+    """A status data set: ``Status`` plus an ErrorComment trimmed to fit its VR."""
+    ds = Dataset()
+    ds.Status = code
+    text = comment.encode("ascii", "replace").decode("ascii").replace("\\", "/")
+    ds.ErrorComment = text[:_ERROR_COMMENT_MAX]
+    return ds
+
+
+def store_status(outcome: StoreOutcome) -> int:
+    """Every :class:`StoreOutcome` is a success: stored, replaced, identical resend or kept."""
+    return SUCCESS
+
+
+def store_error_status(exc: Exception) -> Dataset:
+    """Map an error raised while storing to its PS3.4 B.2.3 / PS3.7 status."""
+    if isinstance(exc, SOPClassMismatch):
+        return with_comment(STORE_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    if isinstance(exc, InvalidInstance):
+        return with_comment(STORE_CANNOT_UNDERSTAND, str(exc))
+    if isinstance(exc, DuplicateRejected):
+        return with_comment(DUPLICATE_SOP_INSTANCE, str(exc))
+    if isinstance(exc, StorageFull):
+        return with_comment(STORE_OUT_OF_RESOURCES, str(exc))
+    if isinstance(exc, StorageError):
+        return with_comment(STORE_PROCESSING_FAILURE, str(exc))
+    return with_comment(STORE_PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
+
+
+def find_error_status(exc: Exception) -> Dataset:
+    """Map an error raised while answering a C-FIND to its PS3.4 C.4.1.1.4 status."""
+    if isinstance(exc, InvalidQuery):
+        return with_comment(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    if isinstance(exc, QueryFailed):
+        return with_comment(UNABLE_TO_PROCESS, str(exc))
+    return with_comment(UNABLE_TO_PROCESS, f"internal error: {type(exc).__name__}")

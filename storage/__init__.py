@@ -1,0 +1,43 @@
+"""minipacs storage: the file store, the index and the query model.
+
+The public API is :class:`Archive` (open it with :func:`open_archive`); it never imports
+``scp`` or pynetdicom.
+"""
+
+import logging
+
+from .archive import Archive, ArchiveOptions, Origin, StoreOutcome, open_archive
+from .errors import (
+    DuplicateRejected,
+    InvalidInstance,
+    InvalidQuery,
+    QueryFailed,
+    SOPClassMismatch,
+    StorageError,
+    StorageFull,
+)
+from .index import DuplicatePolicy, WriteResult
+from .keys import Level, Model
+from .query import Query
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "Archive",
+    "ArchiveOptions",
+    "DuplicatePolicy",
+    "DuplicateRejected",
+    "InvalidInstance",
+    "InvalidQuery",
+    "Level",
+    "Model",
+    "Origin",
+    "Query",
+    "QueryFailed",
+    "SOPClassMismatch",
+    "StorageError",
+    "StorageFull",
+    "StoreOutcome",
+    "WriteResult",
+    "open_archive",
+]

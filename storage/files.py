@@ -1,0 +1,125 @@
+"""The file store: DICOM files kept under opaque keys, written atomically.
+
+Like Orthanc's ``IStorageArea``, the store knows nothing of DICOM: it puts bytes under a
+key it makes up, opens and deletes them. Keys are random hex strings (never a UID from the
+network, which is untrusted input) and are fanned out as ``ab/cd/<key>`` so no folder grows
+too large. A write goes to a temporary file inside the store, is fsync'd, renamed into place
+with :func:`os.replace` and the folder is fsync'd, so a crash leaves either no file or the
+whole file under its key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from .errors import StorageError, StorageFull
+
+_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
+TEMP_DIR = "tmp"
+
+
+class FileStore(Protocol):
+    """What the archive needs of a place to keep files."""
+
+    def put(self, chunks: Iterable[bytes]) -> str:
+        """Write the chunks as one new file and return its key."""
+        ...
+
+    def open(self, key: str) -> BinaryIO:
+        """Open the file under ``key`` for reading."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the file under ``key``; a missing file is not an error."""
+        ...
+
+    def size(self, key: str) -> int:
+        """Return the size in bytes of the file under ``key``."""
+        ...
+
+
+class FilesystemStore:
+    """A :class:`FileStore` on a local folder.
+
+    Parameters
+    ----------
+    root : pathlib.Path
+        The folder; created when missing.
+    fsync : bool
+        Whether to fsync each file and its folder before :meth:`put` returns. Turning it off
+        trades durability on power loss for speed (``storage.durability: relaxed``).
+    """
+
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / TEMP_DIR).mkdir(exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        """Return the path of ``key``, refusing anything that is not a key we made."""
+        if not _KEY_RE.match(key):
+            raise StorageError(f"not a file store key: {key!r}")
+        return self.root / key[0:2] / key[2:4] / key
+
+    def put(self, chunks: Iterable[bytes]) -> str:
+        """Write ``chunks`` to a new file and return its key.
+
+        Raises
+        ------
+        StorageFull
+            When the file cannot be written (no space, read-only, I/O error); nothing is
+            left behind.
+        """
+        key = uuid.uuid4().hex
+        final = self.path(key)
+        tmp = self.root / TEMP_DIR / f"{key}.part"
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StorageFull(f"cannot write to the file store: {exc.strerror or exc}") from exc
+        return key
+
+    def open(self, key: str) -> BinaryIO:
+        """Open the file under ``key`` for reading in binary mode."""
+        return open(self.path(key), "rb")
+
+    def delete(self, key: str) -> None:
+        """Remove the file under ``key`` if it is there."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path(key).unlink()
+
+    def size(self, key: str) -> int:
+        """Return the size of the file under ``key``."""
+        return self.path(key).stat().st_size
+
+    def keys(self) -> Iterator[str]:
+        """Yield every key in the store (for verify and reindex)."""
+        for path in self.root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*"):
+            if _KEY_RE.match(path.name):
+                yield path.name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,279 @@
+"""Writes and lookups on the index: one transaction per stored instance, exact counters.
+
+:func:`write_instance` upserts patient, study and series, inserts (or replaces) the instance
+and changes every counter in the same transaction, so a reader sees either all of an
+instance or none of it. Writers are serialised by the caller's lock and, on SQLite, by a
+``BEGIN IMMEDIATE`` transaction (no lost update between two processes either).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import peewee as pw
+from playhouse.db_url import connect as db_url_connect
+
+from .errors import DuplicateRejected, StorageError
+from .models import MODELS, SCHEMA_VERSION, Instance, Patient, SchemaVersion, Series, Study
+from .models import database_proxy as db
+
+logger = logging.getLogger(__name__)
+
+
+class DuplicatePolicy(enum.Enum):
+    """What to do with a different instance under an already stored SOP Instance UID."""
+
+    REPLACE = "replace"
+    KEEP = "keep"
+    REJECT = "reject"
+
+
+class WriteResult(enum.Enum):
+    STORED = "stored"
+    REPLACED = "replaced"
+    IDENTICAL = "identical"
+    KEPT = "kept"
+
+
+@dataclass
+class InstanceRecord:
+    """What the archive extracted from one header: column values and DICOM JSON per level."""
+
+    patient: dict[str, Any]
+    study: dict[str, Any]
+    series: dict[str, Any]
+    instance: dict[str, Any]
+
+
+@dataclass
+class WriteOutcome:
+    result: WriteResult
+    old_file_key: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def connect(url: str, synchronous_full: bool = True) -> pw.Database:
+    """Open the index at ``url`` (``sqlite:///path`` or ``postgresql://...``) and create the
+    schema when it is new.
+
+    SQLite gets WAL mode, foreign keys, a 30 s busy timeout, and ``synchronous=FULL`` when
+    durability is full, so that a committed instance survives a power loss.
+    """
+    if url.startswith("sqlite"):
+        database = db_url_connect(
+            url,
+            pragmas={
+                "journal_mode": "wal",
+                "foreign_keys": 1,
+                "synchronous": 2 if synchronous_full else 1,
+                "cache_size": -32000,
+            },
+            timeout=30,
+        )
+    else:
+        database = db_url_connect(url)
+    db.initialize(database)
+    with database.connection_context():
+        database.create_tables(MODELS, safe=True)
+        row = SchemaVersion.select().first()
+        if row is None:
+            SchemaVersion.create(version=SCHEMA_VERSION)
+        elif row.version != SCHEMA_VERSION:
+            raise StorageError(
+                f"index schema version {row.version} is not the supported {SCHEMA_VERSION}"
+            )
+    return database
+
+
+def close() -> None:
+    """Close this thread's connection to the index, if any."""
+    if db.obj is not None and not db.is_closed():
+        db.close()
+
+
+@contextlib.contextmanager
+def write_transaction() -> Iterator[None]:
+    """A write transaction that takes the write lock at once on SQLite."""
+    database = db.obj
+    if isinstance(database, pw.SqliteDatabase):
+        with database.atomic("IMMEDIATE"):
+            yield
+    else:
+        with database.atomic():
+            yield
+
+
+def lookup(sop_instance_uid: str) -> tuple[str, str] | None:
+    """Return ``(content_hash, file_key)`` of a stored instance, or ``None``."""
+    row = (
+        Instance.select(Instance.content_hash, Instance.file_key)
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+        .tuples()
+        .first()
+    )
+    return (row[0], row[1]) if row else None
+
+
+def _append(values: str, value: str) -> str:
+    """Add ``value`` to a backslash-joined set, keeping first-seen order."""
+    if not value:
+        return values
+    parts = values.split("\\") if values else []
+    if value in parts:
+        return values
+    return "\\".join([*parts, value])
+
+
+def write_instance(record: InstanceRecord, policy: DuplicatePolicy) -> WriteOutcome:
+    """Index one instance in one transaction (DESIGN.md, C-STORE step 3).
+
+    Identity follows the UIDs: a study is its StudyInstanceUID, a series its
+    SeriesInstanceUID. An instance whose study is already filed under another patient, or
+    whose series is under another study, is filed where the existing study or series is, and
+    a warning says so (the rule is in the README).
+
+    Raises
+    ------
+    DuplicateRejected
+        When a different instance has this SOP Instance UID and the policy is ``reject``.
+    """
+    outcome = WriteOutcome(WriteResult.STORED)
+    inst = record.instance
+    with write_transaction():
+        existing = Instance.get_or_none(Instance.sop_instance_uid == inst["sop_instance_uid"])
+        stale_studies: set[int] = set()
+        if existing is not None:
+            if existing.content_hash == inst["content_hash"]:
+                return WriteOutcome(WriteResult.IDENTICAL)
+            if policy is DuplicatePolicy.KEEP:
+                return WriteOutcome(WriteResult.KEPT)
+            if policy is DuplicatePolicy.REJECT:
+                raise DuplicateRejected(
+                    f"SOP Instance {inst['sop_instance_uid']} is already stored with other content"
+                )
+            outcome = WriteOutcome(WriteResult.REPLACED, old_file_key=existing.file_key)
+            stale_studies.add(existing.study_id)
+            existing.delete_instance()
+
+        study = Study.get_or_none(Study.study_instance_uid == record.study["study_instance_uid"])
+        if study is None:
+            patient = _patient(record.patient)
+            study = Study.create(patient=patient, created_at=_now(), **record.study)
+            Patient.update(num_studies=Patient.num_studies + 1).where(
+                Patient.id == patient.id
+            ).execute()
+        elif (study.patient.patient_id, study.patient.issuer_of_patient_id) != (
+            record.patient["patient_id"],
+            record.patient["issuer_of_patient_id"],
+        ):
+            outcome.warnings.append(
+                f"study {study.study_instance_uid} belongs to PatientID "
+                f"{study.patient.patient_id!r}; instance with PatientID "
+                f"{record.patient['patient_id']!r} filed under it"
+            )
+
+        series = Series.get_or_none(
+            Series.series_instance_uid == record.series["series_instance_uid"]
+        )
+        if series is None:
+            series = Series.create(study=study, **record.series)
+            Study.update(
+                num_series=Study.num_series + 1,
+                modalities=_append(study.modalities, record.series["modality"]),
+            ).where(Study.id == study.id).execute()
+            Patient.update(num_series=Patient.num_series + 1).where(
+                Patient.id == study.patient_id
+            ).execute()
+            study = Study.get_by_id(study.id)
+        elif series.study_id != study.id:
+            outcome.warnings.append(
+                f"series {series.series_instance_uid} belongs to study "
+                f"{series.study.study_instance_uid}; instance filed under it"
+            )
+            stale_studies.add(study.id)
+            study = series.study
+
+        Instance.create(series=series, study=study, received_at=_now(), **inst)
+        Series.update(num_instances=Series.num_instances + 1).where(
+            Series.id == series.id
+        ).execute()
+        Study.update(
+            num_instances=Study.num_instances + 1,
+            sop_classes=_append(study.sop_classes, inst["sop_class_uid"]),
+        ).where(Study.id == study.id).execute()
+        Patient.update(num_instances=Patient.num_instances + 1).where(
+            Patient.id == study.patient_id
+        ).execute()
+        if outcome.result is WriteResult.REPLACED or stale_studies:
+            recompute_counters(stale_studies | {study.id})
+    return outcome
+
+
+def _patient(values: dict[str, Any]) -> Patient:
+    patient = Patient.get_or_none(
+        (Patient.patient_id == values["patient_id"])
+        & (Patient.issuer_of_patient_id == values["issuer_of_patient_id"])
+    )
+    return patient if patient is not None else Patient.create(**values)
+
+
+def recompute_counters(study_ids: set[int]) -> None:
+    """Recount the given studies (and their patients) from the rows themselves.
+
+    Used after a replacement moved or removed an instance, and by ``verify``; empty series,
+    studies and patients are removed. Must run inside a write transaction.
+    """
+    patient_ids: set[int] = set()
+    for study in Study.select().where(Study.id.in_(list(study_ids))):
+        patient_ids.add(study.patient_id)
+        modalities = ""
+        series_count = 0
+        for series in study.series.order_by(Series.id):
+            n = Instance.select().where(Instance.series == series.id).count()
+            if n == 0:
+                series.delete_instance()
+                continue
+            series_count += 1
+            Series.update(num_instances=n).where(Series.id == series.id).execute()
+            modalities = _append(modalities, series.modality)
+        sop_classes = ""
+        rows: Any = (
+            Instance.select(Instance.sop_class_uid)
+            .where(Instance.study == study.id)
+            .group_by(Instance.sop_class_uid)
+            .order_by(pw.fn.MIN(Instance.id))
+            .tuples()
+        )
+        for row in rows:
+            sop_classes = _append(sop_classes, str(row[0]))
+        n_instances = Instance.select().where(Instance.study == study.id).count()
+        if n_instances == 0:
+            study.delete_instance()
+            continue
+        Study.update(
+            num_series=series_count,
+            num_instances=n_instances,
+            modalities=modalities,
+            sop_classes=sop_classes,
+        ).where(Study.id == study.id).execute()
+    for patient in Patient.select().where(Patient.id.in_(list(patient_ids))):
+        studies = Study.select(Study.id).where(Study.patient == patient.id)
+        n_studies = studies.count()
+        if n_studies == 0:
+            patient.delete_instance()
+            continue
+        Patient.update(
+            num_studies=n_studies,
+            num_series=Series.select().where(Series.study.in_(studies)).count(),
+            num_instances=Instance.select().where(Instance.study.in_(studies)).count(),
+        ).where(Patient.id == patient.id).execute()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)

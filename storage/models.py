@@ -1,0 +1,107 @@
+"""The index schema: one table per query level, on a peewee ``DatabaseProxy``.
+
+Each row holds the attributes that are matched often as real, indexed columns, the rest of
+its level's attributes as DICOM JSON (``attrs``), and the counters behind the computed query
+keys (PS3.4 C.3.2 to C.3.4). PN columns used for case- and accent-insensitive matching have a
+``_folded`` twin. The backend is chosen at run time by :func:`storage.index.connect`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import peewee as pw
+
+SCHEMA_VERSION = 1
+
+database_proxy: Any = pw.DatabaseProxy()
+
+
+class BaseModel(pw.Model):
+    id = pw.AutoField()
+
+    class Meta:
+        database = database_proxy
+        legacy_table_names = False
+
+
+class SchemaVersion(BaseModel):
+    version = pw.IntegerField()
+
+
+class Patient(BaseModel):
+    patient_id = pw.CharField(max_length=64, default="")
+    issuer_of_patient_id = pw.CharField(max_length=64, default="")
+    patient_name = pw.TextField(default="")
+    patient_name_folded = pw.TextField(default="", index=True)
+    patient_birth_date = pw.CharField(max_length=8, default="", index=True)
+    patient_sex = pw.CharField(max_length=16, default="")
+    attrs = pw.TextField(default="{}")
+    num_studies = pw.IntegerField(default=0)
+    num_series = pw.IntegerField(default=0)
+    num_instances = pw.IntegerField(default=0)
+
+    class Meta:
+        indexes = ((("patient_id", "issuer_of_patient_id"), True),)
+
+
+class Study(BaseModel):
+    patient = pw.ForeignKeyField(Patient, backref="studies", on_delete="CASCADE")
+    study_instance_uid = pw.CharField(max_length=64, unique=True)
+    study_date = pw.CharField(max_length=8, default="", index=True)
+    study_time = pw.CharField(max_length=13, default="")
+    accession_number = pw.CharField(max_length=64, default="", index=True)
+    study_id = pw.CharField(max_length=64, default="")
+    referring_physician_name = pw.TextField(default="")
+    referring_physician_name_folded = pw.TextField(default="")
+    study_description = pw.TextField(default="")
+    attrs = pw.TextField(default="{}")
+    num_series = pw.IntegerField(default=0)
+    num_instances = pw.IntegerField(default=0)
+    modalities = pw.TextField(default="")
+    sop_classes = pw.TextField(default="")
+    created_at = pw.DateTimeField()
+
+    if TYPE_CHECKING:
+        patient_id: int
+        series: Any  # backref
+
+
+class Series(BaseModel):
+    study = pw.ForeignKeyField(Study, backref="series", on_delete="CASCADE")
+    series_instance_uid = pw.CharField(max_length=64, unique=True)
+    modality = pw.CharField(max_length=16, default="")
+    series_number = pw.CharField(max_length=12, default="")
+    series_description = pw.TextField(default="")
+    attrs = pw.TextField(default="{}")
+    num_instances = pw.IntegerField(default=0)
+
+    if TYPE_CHECKING:
+        study_id: int
+
+    class Meta:
+        indexes = ((("study", "modality"), False),)
+
+
+class Instance(BaseModel):
+    series = pw.ForeignKeyField(Series, backref="instances", on_delete="CASCADE")
+    study = pw.ForeignKeyField(Study, on_delete="CASCADE", index=False)
+    sop_instance_uid = pw.CharField(max_length=64, unique=True)
+    sop_class_uid = pw.CharField(max_length=64)
+    instance_number = pw.CharField(max_length=12, default="")
+    transfer_syntax_uid = pw.CharField(max_length=64)
+    file_key = pw.CharField(max_length=64, unique=True)
+    file_size = pw.BigIntegerField()
+    content_hash = pw.CharField(max_length=64)
+    received_at = pw.DateTimeField()
+    attrs = pw.TextField(default="{}")
+
+    if TYPE_CHECKING:
+        study_id: int
+        series_id: int
+
+    class Meta:
+        indexes = ((("study", "sop_class_uid"), False),)
+
+
+MODELS: tuple[type[BaseModel], ...] = (SchemaVersion, Patient, Study, Series, Instance)

@@ -1,0 +1,747 @@
+"""The query model: identifier -> constraints -> SQL + residual matching -> responses.
+
+Parsing (:func:`parse_identifier`) checks the identifier against the hierarchical rules of
+PS3.4 C.4.1.2.1 and turns every key into a :class:`Constraint` made of OR'ed :class:`Term`
+objects, one kind per matching rule of PS3.4 C.2.2.2. Execution pushes into SQL what the
+index columns can answer (:func:`sql_conditions`), as a filter that may let extra rows
+through but never drops a match, then checks every constraint again in Python
+(:func:`row_matches`) and builds the response identifiers (:func:`build_response`).
+Nothing here knows the network: DICOMweb or the command line can reuse all of it.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import operator
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import peewee as pw
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from . import models
+from .errors import InvalidQuery
+from .keys import KEYS, UNIQUE_KEY, Key, Level, Model, level_of
+from .values import (
+    NUMERIC_VRS,
+    WILDCARD_VRS,
+    fold,
+    json_strings,
+    norm_da,
+    norm_dt,
+    norm_pn,
+    norm_tm,
+    strip,
+)
+
+QUERY_RETRIEVE_LEVEL = 0x00080052
+SPECIFIC_CHARACTER_SET = 0x00080005
+UTF8 = "ISO_IR 192"
+
+
+class Op(enum.Enum):
+    """How one term of a constraint compares a stored value."""
+
+    EQ = "eq"  # PS3.4 C.2.2.2.1 Single Value Matching (and each item of C.2.2.2.2 UID lists)
+    WILDCARD = "wildcard"  # PS3.4 C.2.2.2.4 Wild Card Matching
+    RANGE = "range"  # PS3.4 C.2.2.2.5 Range Matching (and TM single values, see parse)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One alternative of a constraint; values are normalised for the key's VR."""
+
+    op: Op
+    value: str = ""
+    upper: str = ""  # RANGE only: inclusive upper bound, "" = open
+
+
+class Kind(enum.Enum):
+    TERMS = "terms"  # any of the terms matches
+    EMPTY = "empty"  # PS3.4 C.2.2.2.7 Empty Value Matching
+    SEQUENCE = "sequence"  # PS3.4 C.2.2.2.6 Sequence Matching
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A non-universal key of the identifier, ready to match."""
+
+    tag: int
+    vr: str
+    level: Level
+    kind: Kind
+    terms: tuple[Term, ...] = ()
+    items: tuple[Constraint, ...] = ()
+    key: Key | None = None
+
+    @property
+    def keyword(self) -> str:
+        return keyword_for_tag(self.tag) or f"({self.tag >> 16:04X},{self.tag & 0xFFFF:04X})"
+
+
+@dataclass(frozen=True)
+class Requested:
+    """A key to return: its tag, VR (as the SCU sent it), level and, for a sequence, the
+    item keys asked for (empty: the whole sequence)."""
+
+    tag: int
+    vr: str
+    level: Level
+    item_tags: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Query:
+    """A parsed, validated C-FIND identifier."""
+
+    model: Model
+    level: Level
+    constraints: tuple[Constraint, ...]
+    requested: tuple[Requested, ...]
+    charset: tuple[str, ...] = ()
+    fold_pn: bool = True
+    ignored: tuple[str, ...] = field(default=())  # keys with a value we cannot match
+
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        """The levels whose rows a response needs, top down to the query level."""
+        return tuple(lv for lv in Level if lv <= self.level)
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing
+
+
+def parse_identifier(identifier: Dataset, model: Model, fold_pn: bool = True) -> Query:
+    """Turn a C-FIND identifier into a :class:`Query`.
+
+    Parameters
+    ----------
+    identifier : pydicom.dataset.Dataset
+        The identifier as received; it is not modified.
+    model : Model
+        The information model of the request's SOP Class.
+    fold_pn : bool
+        Match PN case- and accent-insensitively (our default; PS3.4 C.2.2.2.1 leaves it to
+        the implementation).
+
+    Raises
+    ------
+    InvalidQuery
+        When the identifier breaks PS3.4 C.4.1.2.1 or holds a malformed value.
+    """
+    try:
+        raw_level = identifier.get("QueryRetrieveLevel", None)
+    except Exception as exc:
+        raise InvalidQuery(f"identifier cannot be decoded: {exc}") from exc
+    if not raw_level:
+        raise InvalidQuery("QueryRetrieveLevel (0008,0052) is missing")
+    name = str(raw_level).strip().upper()
+    if name not in Level.__members__:
+        raise InvalidQuery(f"unknown QueryRetrieveLevel {name!r}")
+    level = Level[name]
+    # PS3.4 C.6.2: Study Root has no PATIENT level
+    if level not in model.levels:
+        raise InvalidQuery(f"level {name} is not part of the {model.value} model")
+
+    charset = _charset_of(identifier)
+    constraints: list[Constraint] = []
+    requested: list[Requested] = []
+    ignored: list[str] = []
+    seen: set[int] = set()
+    try:
+        elements = list(identifier)
+    except Exception as exc:
+        raise InvalidQuery(f"identifier cannot be decoded: {exc}") from exc
+    for elem in elements:
+        tag = int(elem.tag)
+        if tag in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET):
+            continue
+        if (tag >> 16) == 0x0002 or (tag & 0xFFFF) == 0 or elem.tag.is_private:
+            continue
+        seen.add(tag)
+        key_level = _key_level(tag, model)
+        key = _key_for(tag)
+        if key_level > level:
+            # PS3.4 C.4.1.2.1: keys below the query level are not allowed. We refuse the
+            # Unique keys (a clear hierarchy error) and ignore other lower-level keys, which
+            # common viewers send at STUDY level; they come back empty.
+            if key is not None and key.unique:
+                raise InvalidQuery(f"{key.keyword} is below the query level {name}")
+            if _has_value(elem):
+                ignored.append(elem.keyword or str(elem.tag))
+            requested.append(Requested(tag, elem.VR, key_level))
+            continue
+        requested.append(_requested(elem, key_level))
+        constraint = _constraint(elem, key_level, key, fold_pn)
+        if constraint is not None:
+            constraints.append(constraint)
+
+    # PS3.4 C.4.1.2.1: the Unique key of each level above the query level is present and
+    # holds a single value (or, PS3.4 C.2.2.2.2, a list of UIDs).
+    for upper in model.levels:
+        if upper >= level:
+            break
+        keyword = UNIQUE_KEY[upper]
+        match = next((c for c in constraints if c.key and c.key.keyword == keyword), None)
+        if match is None or match.kind is not Kind.TERMS or any(
+            t.op is not Op.EQ for t in match.terms
+        ):
+            raise InvalidQuery(f"{keyword} must hold a single value for a {name} level query")
+
+    return Query(
+        model=model,
+        level=level,
+        constraints=tuple(constraints),
+        requested=tuple(requested),
+        charset=charset,
+        fold_pn=fold_pn,
+        ignored=tuple(ignored),
+    )
+
+
+def _charset_of(identifier: Dataset) -> tuple[str, ...]:
+    value = identifier.get("SpecificCharacterSet", None)
+    if not value:
+        return ()
+    if isinstance(value, str):
+        return (value.strip(),)
+    return tuple(str(v).strip() for v in value)
+
+
+def _key_for(tag: int) -> Key | None:
+    keyword = keyword_for_tag(tag)
+    return KEYS.get(keyword) if keyword else None
+
+
+def _key_level(tag: int, model: Model) -> Level:
+    key = _key_for(tag)
+    level = key.level if key else level_of(tag)
+    # PS3.4 C.6.2.1: in Study Root the patient attributes are STUDY level keys
+    if model is Model.STUDY_ROOT and level is Level.PATIENT:
+        return Level.STUDY
+    return level
+
+
+def _has_value(elem: DataElement) -> bool:
+    value = elem.value
+    if elem.VR == "SQ":
+        return bool(value) and any(len(item) for item in value)
+    return value not in (None, "", b"") and not (isinstance(value, list) and not value)
+
+
+def _requested(elem: DataElement, level: Level) -> Requested:
+    item_tags: tuple[int, ...] = ()
+    if elem.VR == "SQ" and elem.value:
+        item_tags = tuple(int(e.tag) for e in elem.value[0])
+    return Requested(int(elem.tag), elem.VR, level, item_tags)
+
+
+def _texts(elem: DataElement) -> list[str]:
+    value = elem.value
+    if value is None:
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v) for v in value]
+    if isinstance(value, bytes):
+        raise InvalidQuery(f"{elem.keyword or elem.tag}: binary values cannot be matched")
+    return [str(value)]
+
+
+def _constraint(
+    elem: DataElement, level: Level, key: Key | None, fold_pn: bool
+) -> Constraint | None:
+    """Return the constraint for one element, or ``None`` for universal matching."""
+    tag = int(elem.tag)
+    vr = elem.VR
+    if vr == "SQ":
+        return _sequence_constraint(elem, level, key, fold_pn)
+    if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+        return None  # not matchable: returned only
+    texts = _texts(elem)
+    # PS3.4 C.2.2.2.3 Universal Matching: a zero-length value
+    if not texts or all(t == "" for t in texts):
+        return None
+    # PS3.4 C.2.2.2.7 Empty Value Matching: the value is two quotation marks
+    if len(texts) == 1 and texts[0].strip() == '""':
+        return Constraint(tag, vr, level, Kind.EMPTY, key=key)
+    terms: list[Term] = []
+    for text in texts:
+        term = _term(vr, text, elem.keyword or str(elem.tag), fold_pn)
+        if term is None:  # a lone "*": PS3.4 C.2.2.2.4, equivalent to Universal Matching
+            return None
+        terms.append(term)
+    return Constraint(tag, vr, level, Kind.TERMS, tuple(terms), key=key)
+
+
+def _term(vr: str, text: str, name: str, fold_pn: bool) -> Term | None:
+    value = strip(vr, text)
+    if value and set(value) == {"*"}:
+        return None
+    if vr in ("DA", "TM", "DT"):
+        return _date_term(vr, value, name)
+    if vr == "PN":
+        value = norm_pn(value)
+        if fold_pn:
+            value = fold(value)
+    # PS3.4 C.2.2.2.4: "*" and "?" are wildcards only for these VRs
+    if vr in WILDCARD_VRS and ("*" in value or "?" in value):
+        return Term(Op.WILDCARD, value)
+    if vr in NUMERIC_VRS:
+        try:
+            float(value)
+        except ValueError:
+            raise InvalidQuery(f"{name}: {text!r} is not a number") from None
+    return Term(Op.EQ, value)
+
+
+def _date_term(vr: str, value: str, name: str) -> Term:
+    norm = {"DA": norm_da, "TM": norm_tm, "DT": norm_dt}[vr]
+    if vr == "DT":
+        # DT ranges: "-" also starts a UTC offset, so split only a "-" that is followed by
+        # a digit string of a date-time or nothing (offsets are refined in issue 3).
+        parts = re.split(r"(?<=\d)-(?=\d{4}|$)|^-", value, maxsplit=1)
+    else:
+        parts = value.split("-") if "-" in value else [value]
+    if len(parts) > 2:
+        raise InvalidQuery(f"{name}: malformed range {value!r}")
+    if len(parts) == 2:
+        lower_text, upper_text = (p.strip() for p in parts)
+        lower = norm(lower_text) if lower_text else ""
+        upper = (norm_tm(upper_text, upper=True) if vr == "TM" else norm(upper_text)) \
+            if upper_text else ""
+        if vr == "DT" and upper:
+            upper = upper + "\uffff"  # any more precise value still falls inside
+        if (lower_text and not lower) or (upper_text and not upper) or not (lower or upper):
+            raise InvalidQuery(f"{name}: malformed {vr} range {value!r}")
+        return Term(Op.RANGE, lower, upper)
+    single = norm(value)
+    if not single:
+        raise InvalidQuery(f"{name}: malformed {vr} value {value!r}")
+    if vr == "TM":
+        # A time is matched over its stated precision: "1200" is 12:00:00 to 12:00:59.999999.
+        return Term(Op.RANGE, single, norm_tm(value, upper=True))
+    return Term(Op.EQ, single)
+
+
+def _sequence_constraint(
+    elem: DataElement, level: Level, key: Key | None, fold_pn: bool
+) -> Constraint | None:
+    # PS3.4 C.2.2.2.6: one item whose keys are matched against each stored item
+    items = elem.value
+    if not items:
+        return None
+    if len(items) > 1:
+        raise InvalidQuery(f"{elem.keyword}: a sequence key holds one item")
+    sub: list[Constraint] = []
+    for sub_elem in items[0]:
+        c = _constraint(sub_elem, level, None, fold_pn)
+        if c is not None:
+            sub.append(c)
+    if not sub:
+        return None
+    return Constraint(int(elem.tag), "SQ", level, Kind.SEQUENCE, items=tuple(sub), key=key)
+
+
+# ---------------------------------------------------------------------------------------
+# Matching (the reference: every constraint is checked here, whatever SQL already did)
+
+
+def normalise(vr: str, value: str, fold_pn: bool) -> str:
+    """Normalise a stored value the way :func:`_term` normalises a query value."""
+    if vr == "PN":
+        name = norm_pn(value)
+        return fold(name) if fold_pn else name
+    if vr == "DA":
+        return norm_da(value)
+    if vr == "TM":
+        return norm_tm(value)
+    if vr == "DT":
+        return norm_dt(value)
+    return strip(vr, value)
+
+
+def _wildcard_regex(pattern: str) -> re.Pattern[str]:
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")  # one character, not one byte
+        else:
+            out.append(re.escape(ch))
+    return re.compile("".join(out), re.DOTALL)
+
+
+def _term_matches(term: Term, vr: str, stored: str) -> bool:
+    if term.op is Op.RANGE:
+        # PS3.4 C.2.2.2.5: inclusive at both ends, open where a bound is missing
+        return (not term.value or stored >= term.value) and (
+            not term.upper or stored <= term.upper
+        )
+    if vr == "PN":
+        return _pn_matches(term, stored)
+    if term.op is Op.WILDCARD:
+        return _wildcard_regex(term.value).fullmatch(stored) is not None
+    if vr in NUMERIC_VRS:
+        try:
+            return float(stored) == float(term.value)
+        except ValueError:
+            return False
+    return stored == term.value
+
+
+def _pn_matches(term: Term, stored: str) -> bool:
+    """Match a name group by group (PS3.5 6.2.1: alphabetic=ideographic=phonetic).
+
+    A query value without "=" matches a name if any of its groups matches; a value with
+    groups matches group by group, an empty query group matching anything.
+    """
+    def one(q: str, s: str) -> bool:
+        if term.op is Op.WILDCARD:
+            return _wildcard_regex(q).fullmatch(s) is not None
+        return q == s
+
+    groups = stored.split("=")
+    if "=" not in term.value:
+        return any(one(term.value, g) for g in groups if g)
+    wanted = term.value.split("=")
+    return all(
+        not q or (i < len(groups) and one(q, groups[i])) for i, q in enumerate(wanted)
+    )
+
+
+def constraint_matches(c: Constraint, stored: Sequence[str], fold_pn: bool = True) -> bool:
+    """Whether the stored values of one attribute satisfy ``c`` (not for sequences).
+
+    A stored attribute that is absent or empty matches only Universal and Empty Value
+    matching: we do not treat an unknown value as a match (a choice PS3.4 C.2.2.1.2 leaves
+    open, documented in the README).
+    """
+    present = [normalise(c.vr, v, fold_pn) for v in stored if v not in ("", None)]
+    if c.kind is Kind.EMPTY:
+        return not present
+    if not present:
+        return False
+    # A multi-valued stored attribute matches if any of its values does.
+    return any(_term_matches(t, c.vr, v) for t in c.terms for v in present)
+
+
+def _item_matches(constraints: Sequence[Constraint], item: dict[str, Any], fold_pn: bool) -> bool:
+    for c in constraints:
+        element = item.get(f"{c.tag:08X}", {})
+        if c.kind is Kind.SEQUENCE:
+            sub_items = [v for v in element.get("Value", []) if isinstance(v, dict)]
+            if not any(_item_matches(c.items, s, fold_pn) for s in sub_items):
+                return False
+        elif not constraint_matches(c, json_strings(element), fold_pn):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Rows: the level rows of one match, and their values
+
+
+_LEVEL_MODEL: dict[Level, type[models.BaseModel]] = {
+    Level.PATIENT: models.Patient,
+    Level.STUDY: models.Study,
+    Level.SERIES: models.Series,
+    Level.IMAGE: models.Instance,
+}
+
+
+class Row:
+    """The rows of one match, one per level down to the query level."""
+
+    def __init__(self, rows: dict[Level, Any]) -> None:
+        self.rows = rows
+        self._attrs: dict[Level, dict[str, Any]] = {}
+
+    def attrs(self, level: Level) -> dict[str, Any]:
+        if level not in self._attrs:
+            self._attrs[level] = json.loads(self.rows[level].attrs or "{}")
+        return self._attrs[level]
+
+    def element(self, tag: int, level: Level) -> dict[str, Any] | None:
+        """The DICOM JSON of ``tag`` at ``level`` (computed keys included)."""
+        key = _key_for(tag)
+        if key is not None and key.computed:
+            return _computed_json(key, self.rows[key.level])
+        return self.attrs(level).get(f"{tag:08X}")
+
+
+def _computed_json(key: Key, row: Any) -> dict[str, Any]:
+    value = getattr(row, key.computed or "")
+    if isinstance(value, int):
+        return {"vr": "IS", "Value": [value]}
+    values = [v for v in str(value).split("\\") if v]
+    return {"vr": key.vr, "Value": values} if values else {"vr": key.vr}
+
+
+def row_matches(query: Query, row: Row) -> bool:
+    """Check every constraint of ``query`` against one match (the residual matching)."""
+    for c in query.constraints:
+        element = row.element(c.tag, _storage_level(c.tag)) or {}
+        if c.kind is Kind.SEQUENCE:
+            items = [v for v in element.get("Value", []) if isinstance(v, dict)]
+            if not any(_item_matches(c.items, item, query.fold_pn) for item in items):
+                return False
+        elif not constraint_matches(c, json_strings(element), query.fold_pn):
+            return False
+    return True
+
+
+def _storage_level(tag: int) -> Level:
+    """The level whose row keeps the attribute (Study Root patient keys: the patient row)."""
+    key = _key_for(tag)
+    return key.level if key else level_of(tag)
+
+
+# ---------------------------------------------------------------------------------------
+# SQL push-down
+
+
+def _dialect() -> str:
+    db = models.database_proxy.obj
+    return "postgres" if isinstance(db, pw.PostgresqlDatabase) else "sqlite"
+
+
+def wildcard_sql(column: Any, pattern: str) -> Any:
+    """SQL for "``column`` matches the DICOM wildcard ``pattern``", case-sensitively.
+
+    The one place that knows each backend's pattern syntax (like Orthanc's
+    ``ISqlLookupFormatter``): SQLite's GLOB is case-sensitive with ``*``/``?`` and ``[``
+    classes; PostgreSQL's LIKE needs ``%``/``_`` and an escape character. Characters that
+    are special to the backend but literal in DICOM are escaped, so ``%``, ``_`` and ``[``
+    in a value never act as wildcards.
+    """
+    if _dialect() == "postgres":
+        def esc(text: str) -> str:
+            return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+        like = esc(pattern).replace("*", "%").replace("?", "_")
+        return pw.NodeList((column, pw.SQL("LIKE"), like, pw.SQL("ESCAPE '\\'")))
+    glob = "".join("[[]" if ch == "[" else ch for ch in pattern)
+    return pw.Expression(column, "GLOB", glob)
+
+
+def _framed_pn_sql(column: Any, term: Term) -> Any | None:
+    # PN columns hold "=group1=group2=" (values.pn_framed): a value without "=" may match
+    # any group. A value with groups is matched group by group in Python only.
+    if "=" in term.value:
+        return None
+    return wildcard_sql(column, "*=" + term.value + "=*")
+
+
+def _term_sql(column: Any, term: Term) -> Any:
+    if term.op is Op.RANGE:
+        cond = column != ""
+        if term.value:
+            cond &= column >= term.value
+        if term.upper:
+            cond &= column <= term.upper
+        return cond
+    if term.op is Op.WILDCARD:
+        return wildcard_sql(column, term.value)
+    return column == term.value
+
+
+def _constraint_sql(c: Constraint, query: Query) -> Any | None:
+    key = c.key
+    if key is None or c.kind is Kind.SEQUENCE:
+        return None
+    model = _LEVEL_MODEL[key.level]
+    if key.computed in ("modalities", "sop_classes"):
+        return _exists_sql(c, key)
+    if key.column is None or c.vr in NUMERIC_VRS:
+        return None
+    column = getattr(model, key.column)
+    if c.kind is Kind.EMPTY:
+        return column == ""
+    conds = []
+    for term in c.terms:
+        if c.vr == "PN":
+            if not query.fold_pn or key.column is None or not key.column.endswith("_folded"):
+                return None
+            cond = _framed_pn_sql(column, term)
+            if cond is None:
+                return None
+        else:
+            cond = _term_sql(column, term)
+        conds.append(cond)
+    return _or(conds)
+
+
+def _or(conds: list[Any]) -> Any:
+    return functools.reduce(operator.or_, conds)
+
+
+def _exists_sql(c: Constraint, key: Key) -> Any | None:
+    """ModalitiesInStudy / SOPClassesInStudy: a study matches if any of its series (or
+    instances) does, through an indexed EXISTS rather than the stored list."""
+    if c.kind is not Kind.TERMS:
+        return None
+    model: type[models.BaseModel]
+    if key.computed == "modalities":
+        model, column = models.Series, models.Series.modality
+        link = models.Series.study == models.Study.id
+    else:
+        model, column = models.Instance, models.Instance.sop_class_uid
+        link = models.Instance.study == models.Study.id
+    cond = _or([_term_sql(column, t) for t in c.terms])
+    return pw.fn.EXISTS(model.select(pw.SQL("1")).where(link & cond))
+
+
+def sql_conditions(query: Query) -> list[Any]:
+    """The SQL filters of ``query``: a superset of the matches, never fewer."""
+    out = []
+    for c in query.constraints:
+        cond = _constraint_sql(c, query)
+        if cond is not None:
+            out.append(cond)
+    return out
+
+
+def select_rows(query: Query, page_size: int = 500) -> Iterator[Row]:
+    """Yield the candidate rows of ``query`` page by page.
+
+    Each page is its own short read: no transaction stays open while the caller sends
+    responses, and a cancelled query stops reading.
+    """
+    levels = query.levels
+    base = _LEVEL_MODEL[query.level]
+    selected = [_LEVEL_MODEL[lv] for lv in levels]
+    select = base.select(*selected)
+    child = base
+    for lv in reversed(levels[:-1]):
+        parent = _LEVEL_MODEL[lv]
+        fk = {models.Study: models.Study.patient, models.Series: models.Series.study,
+              models.Instance: models.Instance.series}[child]
+        select = select.join(parent, on=(fk == parent.id))
+        child = parent
+    conds = sql_conditions(query)
+    last = 0
+    while True:
+        page_query = select.where(base.id > last, *conds).order_by(base.id).limit(page_size)
+        page = list(page_query)
+        if not page:
+            return
+        last = page[-1].id
+        for obj in page:
+            yield Row(_unpack(obj, query.level))
+
+
+def _unpack(obj: Any, level: Level) -> dict[Level, Any]:
+    rows: dict[Level, Any] = {level: obj}
+    current = obj
+    for lv in reversed(range(level)):
+        attr = {Level.IMAGE: "series", Level.SERIES: "study", Level.STUDY: "patient"}[
+            Level(lv + 1)
+        ]
+        current = getattr(current, attr)
+        rows[Level(lv)] = current
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Responses
+
+
+def build_response(query: Query, row: Row) -> Dataset:
+    """The response identifier of one match (PS3.4 C.4.1.1.3.2).
+
+    It holds exactly the requested keys (zero-length where the match has no value),
+    QueryRetrieveLevel, and SpecificCharacterSet naming the encoding of its values.
+    """
+    ds = Dataset()
+    ds.QueryRetrieveLevel = query.level.name
+    texts: list[str] = []
+    for req in query.requested:
+        element = None
+        if req.level <= query.level:
+            element = row.element(req.tag, _storage_level(req.tag))
+        ds.add(_element(req, element, texts))
+    ds.SpecificCharacterSet = response_charset(query.charset, texts)
+    return ds
+
+
+def _element(req: Requested, element: dict[str, Any] | None, texts: list[str]) -> DataElement:
+    tag = f"{req.tag:08X}"
+    if not element or ("Value" not in element and "InlineBinary" not in element):
+        vr = req.vr if req.vr not in ("UN", "") else _dictionary_vr(req.tag)
+        return DataElement(req.tag, vr, [] if vr == "SQ" else None)
+    vr = element.get("vr", req.vr)
+    value: Any = element.get("Value", element.get("InlineBinary"))
+    if vr == "SQ" and req.item_tags:
+        wanted = {f"{t:08X}" for t in req.item_tags}
+        value = [{k: v for k, v in item.items() if k in wanted} for item in value]
+    value_key = "Value" if "Value" in element else "InlineBinary"
+    texts.extend(_all_text(value))
+    return DataElement.from_json(Dataset, tag, vr, value, value_key)
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        vr = str(dictionary_VR(tag))
+    except KeyError:
+        return "UN"
+    return vr.split(" or ")[0]
+
+
+def _all_text(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _all_text(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _all_text(v)
+
+
+def response_charset(query_charset: Sequence[str], texts: Sequence[str]) -> str | list[str]:
+    """The SpecificCharacterSet of a response.
+
+    The query's own character set when it can encode every value of the response (and is a
+    single-byte or UTF-8 set), else ISO_IR 192 (UTF-8), so no character is ever lost.
+    """
+    if all(t.isascii() for t in texts):
+        if not query_charset:
+            return UTF8
+        return list(query_charset) if len(query_charset) > 1 else query_charset[0]
+    if len(query_charset) == 1 and query_charset[0]:
+        try:
+            codec = convert_encodings([query_charset[0]])[0]
+            for t in texts:
+                t.encode(codec)
+        except (LookupError, UnicodeEncodeError, ValueError):
+            return UTF8
+        return query_charset[0]
+    return UTF8
+
+
+__all__ = [
+    "Constraint",
+    "Kind",
+    "Op",
+    "Query",
+    "Requested",
+    "Row",
+    "Term",
+    "build_response",
+    "constraint_matches",
+    "parse_identifier",
+    "row_matches",
+    "select_rows",
+    "sql_conditions",
+    "wildcard_sql",
+]

@@ -1,0 +1,116 @@
+"""Value normalisation shared by the index writer and the query matcher.
+
+Stored values and query values pass through the same functions, so that matching compares
+like with like: padding the VR allows is removed (PS3.5 6.2), dates and times are put into a
+fixed-width form that sorts as it compares (PS3.4 C.2.2.2.5), and person names are folded for
+case- and accent-insensitive matching when configured.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any
+
+# PS3.5 6.2: for these VRs only trailing spaces are insignificant; for the other string VRs
+# leading spaces are insignificant too.
+_TRAILING_ONLY = frozenset({"ST", "LT", "UT", "UC", "UR"})
+TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                      "TM", "UC", "UI", "UR", "UT"})
+NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
+WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+
+_DA_RE = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
+_TM_RE = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
+
+
+def strip(vr: str, value: str) -> str:
+    """Remove the padding that ``vr`` makes insignificant (PS3.5 6.2)."""
+    if vr == "UI":
+        return value.rstrip("\0 ")
+    if vr in _TRAILING_ONLY:
+        return value.rstrip(" ")
+    return value.strip(" ")
+
+
+def fold(text: str) -> str:
+    """Fold case and accents: ``"Müller"`` and ``"MULLER"`` fold alike."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def norm_pn(value: str) -> str:
+    """Normalise a person name: trim each component, drop empty trailing ones (PS3.5 6.2.1)."""
+    groups = []
+    for group in value.split("="):
+        parts = [p.strip(" ") for p in group.split("^")]
+        while parts and not parts[-1]:
+            parts.pop()
+        groups.append("^".join(parts))
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups)
+
+
+def pn_framed(value: str, folded: bool) -> str:
+    """Return the form of a name kept in a PN index column: ``=group1=group2=``.
+
+    Framing every component group with ``=`` lets one SQL pattern ``*=<q>=*`` find a name
+    whatever group the query value is written in.
+    """
+    name = norm_pn(value)
+    if folded:
+        name = fold(name)
+    return f"={name}=" if name else ""
+
+
+def norm_da(value: str) -> str:
+    """Return a DA value as ``YYYYMMDD``, or ``""`` if it is not a date.
+
+    The ACR-NEMA form ``YYYY.MM.DD`` is accepted (PS3.5 6.2, retired).
+    """
+    m = _DA_RE.match(value.strip())
+    return "".join(m.groups()) if m else ""
+
+
+def norm_tm(value: str, upper: bool = False) -> str:
+    """Return a TM value as ``HHMMSS.FFFFFF``, or ``""`` if it is not a time.
+
+    Parts the value leaves out are filled with zeros, or with their largest value when
+    ``upper`` is set, so that ``"1200"`` as the upper end of a range includes 12:00:59.9
+    (PS3.4 C.2.2.2.5: ranges are inclusive of the whole stated precision).
+    The ACR-NEMA form ``HH:MM:SS`` is accepted.
+    """
+    m = _TM_RE.match(value.strip())
+    if not m:
+        return ""
+    hh, mm, ss, frac = m.groups()
+    fill = "59" if upper else "00"
+    frac_fill = "9" if upper else "0"
+    frac = ("999999" if upper else "000000") if frac is None else frac.ljust(6, frac_fill)
+    return f"{hh}{mm or fill}{ss or fill}.{frac}"
+
+
+def norm_dt(value: str) -> str:
+    """Return a DT value with its offset removed, for ordering (offsets: issue 3)."""
+    text = value.strip()
+    for sign in "+-":
+        pos = text.find(sign, 4)
+        if pos != -1:
+            text = text[:pos]
+    return text
+
+
+def json_strings(element: dict[str, Any]) -> list[str]:
+    """Return the values of one DICOM JSON element as strings (PN as ``a=i=p``)."""
+    values = element.get("Value") or []
+    if element.get("vr") == "PN":
+        out = []
+        for v in values:
+            if isinstance(v, dict):
+                groups = [v.get(g, "") for g in ("Alphabetic", "Ideographic", "Phonetic")]
+                out.append(norm_pn("=".join(groups)))
+            else:
+                out.append("")
+        return out
+    return ["" if v is None else str(v) for v in values if not isinstance(v, dict)]
