@@ -143,7 +143,8 @@ class Archive:
         InvalidInstance
             The data set cannot be parsed or lacks a required UID (PS3.4 B.2.3 Cxxx).
         SOPClassMismatch
-            Its SOP Class differs from the request's (PS3.4 B.2.3 A900).
+            Its SOP Class differs from the request's (PS3.4 B.2.3 A900). A differing SOP
+            Instance UID is stored under the data set's own UID, with a warning.
         DuplicateRejected
             Policy ``reject`` and other content is stored under the UID (PS3.7 C 0111).
         StorageFull
@@ -158,9 +159,11 @@ class Archive:
                 f"{sop_class_uid}"
             )
         if sop_instance_uid and parsed.sop_instance_uid != strip("UI", sop_instance_uid):
-            raise InvalidInstance(
-                f"data set SOP Instance {parsed.sop_instance_uid} differs from the request's "
-                f"{sop_instance_uid}"
+            # The data set's own UID is authoritative (it is what every query and retrieve
+            # will name); the mismatch is worth a line in the log, not a lost image.
+            parsed.warnings.append(
+                f"request named SOP Instance {strip('UI', sop_instance_uid)}; "
+                "stored under the data set's own UID"
             )
         content_hash = hashlib.sha256(transfer_syntax_uid.encode() + b"\0" + data).hexdigest()
         uid = parsed.sop_instance_uid

@@ -1,0 +1,138 @@
+"""Shared fixtures: a real minipacs server on a free loopback port over a real SQLite file,
+pynetdicom associations to it, and DCMTK's command-line tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pynetdicom import AE, AllStoragePresentationContexts, build_context
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from scp.config import Config, load_config
+from scp.server import Server
+
+DCMTK_TOOLS = ("storescu", "findscu", "echoscu")
+
+
+@dataclass
+class Running:
+    """A server started by a test."""
+
+    server: Server
+    config: Config
+    data_dir: Path
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def archive(self) -> Any:
+        return self.server.archive
+
+    @property
+    def ae_title(self) -> str:
+        return self.config.ae.title
+
+
+def server_config(data_dir: Path, **overrides: Any) -> Config:
+    values = {"ae.port": 0, "ae.bind": "127.0.0.1", "storage.data_dir": str(data_dir)}
+    values.update(overrides)
+    return load_config(None, values)
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    """Start servers on free ports (``start_server(**config_overrides)``); all are stopped
+    at the end of the test."""
+    started: list[Server] = []
+
+    def start(data_dir: Path | None = None, **overrides: Any) -> Running:
+        data_dir = data_dir or tmp_path / "data"
+        config = server_config(data_dir, **overrides)
+        server = Server(config)
+        server.start()
+        started.append(server)
+        return Running(server, config, data_dir)
+
+    yield start
+    for server in started:
+        if server._server is not None:
+            server.stop(grace=5)
+
+
+@pytest.fixture
+def server(start_server: Callable[..., Running]) -> Running:
+    """A running server with the default configuration on an empty data folder."""
+    return start_server()
+
+
+def client_ae(storage: bool = True) -> AE:
+    """A pynetdicom SCU proposing verification, the FIND models and (optionally) storage."""
+    ae = AE(ae_title="PYTEST")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    if storage:
+        # 128 contexts at most: the uncompressed storage contexts that fit
+        for cx in AllStoragePresentationContexts[: 128 - 3]:
+            ae.add_requested_context(cx.abstract_syntax)
+    return ae
+
+
+def associate(running: Running, ae: AE | None = None, contexts: list[Any] | None = None) -> Association:
+    """An established association to ``running``."""
+    ae = ae or client_ae()
+    if contexts is not None:
+        ae.requested_contexts = contexts
+    assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title)
+    assert assoc.is_established, "association to minipacs was not established"
+    return assoc
+
+
+def context(sop_class: str, *transfer_syntaxes: str) -> Any:
+    return build_context(sop_class, list(transfer_syntaxes) or None)
+
+
+@pytest.fixture
+def dcmtk() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run a DCMTK tool: ``dcmtk("findscu", *args)``.
+
+    Without DCMTK the test is skipped, or fails with a clear message when ``CI`` is set.
+    """
+    missing = [tool for tool in DCMTK_TOOLS if shutil.which(tool) is None]
+    if missing:
+        message = (
+            f"DCMTK is not installed (missing {', '.join(missing)}): "
+            "install the Debian package 'dcmtk' (make test does it when run as root)"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+    def run(tool: str, *args: str, check: bool = True, timeout: float = 120,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, TCP_NODELAY="1")
+        proc = subprocess.run(
+            [tool, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{tool} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
+        return proc
+
+    return run

@@ -1,0 +1,104 @@
+"""The configuration: defaults, config.yaml and the README stay in step; every problem is
+reported at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from scp.config import SECTIONS, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def code_defaults() -> dict[str, Any]:
+    out = {}
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            value = getattr(cls(), f.name)
+            out[f"{name}.{f.name}"] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def test_config_yaml_holds_every_key_with_the_code_default() -> None:
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    from_yaml = {f"{section}.{key}": value for section, keys in raw.items()
+                 for key, value in keys.items()}
+    assert from_yaml == code_defaults()
+
+
+def test_readme_documents_every_key_with_its_default() -> None:
+    readme = (REPO / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| `([^`]*)` \|", readme, re.M))
+    expected = {k: str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in code_defaults().items()}
+    assert rows == expected
+
+
+def test_repository_config_loads_and_resolves_paths_against_its_folder() -> None:
+    config = load_config(REPO / "config.yaml")
+    assert config.ae.title == "MINIPACS" and config.ae.port == 11112
+    assert config.storage.data_dir == REPO / "data"
+    assert config.index_url == f"sqlite:///{REPO / 'data' / 'index.sqlite'}"
+    assert config.files_path == REPO / "data" / "files"
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "ae:\n  title: 'THIS TITLE IS FAR TOO LONG'\n  port: 70000\n  bind: nowhere\n"
+        "  max_associations: 0\n  dimse_timeout: -1\n"
+        "storage:\n  on_duplicate: overwrite\n  durability: maybe\n  index_url: mysql://x\n"
+        "  colour: blue\n"
+        "query:\n  pn_case_insensitive: 'yes'\n"
+        "tls: {}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    for fragment in ("ae.title", "ae.port", "ae.bind", "ae.max_associations", "ae.dimse_timeout",
+                     "storage.on_duplicate", "storage.durability", "storage.index_url",
+                     "unknown key storage.colour", "query.pn_case_insensitive",
+                     "unknown section 'tls'"):
+        assert any(fragment in p for p in problems), (fragment, problems)
+    assert len(problems) == 11
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("ae: [1, 2]\n", "ae: must be a mapping"),
+    ("ae:\n  port: '11112'\n", "ae.port: must be a whole number"),
+    ("ae: {title: 'A\\\\B'}\n", "ae.title: must be ASCII without backslash"),
+    ("ae: {\n", "not valid YAML"),
+])
+def test_single_problems(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_relative_paths_and_sqlite_urls_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    path = folder / "c.yaml"
+    path.write_text("storage:\n  data_dir: store\n  index_url: sqlite:///db/index.sqlite\n")
+    config = load_config(path)
+    assert config.storage.data_dir == folder / "store"
+    assert config.index_url == f"sqlite:///{folder / 'db' / 'index.sqlite'}"
+
+
+def test_overrides_apply_over_the_file(tmp_path: Path) -> None:
+    config = load_config(REPO / "config.yaml", {"ae.port": 4242, "ae.title": "OTHER",
+                                                "storage.data_dir": str(tmp_path)})
+    assert (config.ae.port, config.ae.title, config.storage.data_dir) == (4242, "OTHER", tmp_path)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")

@@ -1,0 +1,285 @@
+"""The archive over a real SQLite file and file store: the store path, duplicates,
+counters and queries, without the network."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import peewee as pw
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage
+
+from storage import (
+    Archive,
+    ArchiveOptions,
+    DuplicatePolicy,
+    DuplicateRejected,
+    InvalidInstance,
+    Model,
+    Origin,
+    SOPClassMismatch,
+    StorageFull,
+    WriteResult,
+    index,
+    open_archive,
+)
+from tests.factory import encode, expected_table, hierarchy, make_ds, study_counts, uid
+
+STUDY_KEYS = ("StudyInstanceUID", "PatientID", "PatientName", "NumberOfStudyRelatedInstances",
+              "NumberOfStudyRelatedSeries", "ModalitiesInStudy", "SOPClassesInStudy")
+
+
+def options(tmp_path: Path, **kw: Any) -> ArchiveOptions:
+    return ArchiveOptions(files_path=tmp_path / "files",
+                          index_url=f"sqlite:///{tmp_path / 'index.sqlite'}", **kw)
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Any:
+    a = open_archive(options(tmp_path))
+    yield a
+    a.close()
+
+
+def put(archive: Archive, ds: Dataset, ts: str = "1.2.840.10008.1.2.1", **kw: Any) -> Any:
+    return archive.store(encode(ds, ts), ts, **kw)
+
+
+def study_query(archive: Archive, **keys: Any) -> list[Dataset]:
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    for k in STUDY_KEYS:
+        setattr(q, k, "")
+    for k, v in keys.items():
+        setattr(q, k, v)
+    return list(archive.find(archive.parse_query(q, Model.STUDY_ROOT)))
+
+
+def check_counts(archive: Archive, datasets: list[Dataset]) -> None:
+    got = {r.StudyInstanceUID: study_counts(r) for r in study_query(archive)}
+    assert got == expected_table(datasets)
+
+
+def stored_files(tmp_path: Path) -> list[Path]:
+    return [p for p in (tmp_path / "files").rglob("*") if p.is_file() and p.parent.name != "tmp"]
+
+
+def test_store_writes_the_senders_bytes_behind_a_file_meta_header(archive: Archive, tmp_path: Path) -> None:
+    ds = make_ds()
+    data = encode(ds, ImplicitVRLittleEndian)
+    outcome = archive.store(data, ImplicitVRLittleEndian, origin=Origin("MODALITY", "127.0.0.1"))
+    assert outcome.result is WriteResult.STORED
+    [path] = stored_files(tmp_path)
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM"
+    assert raw.endswith(data)  # byte for byte as received
+    assert ds.SOPInstanceUID not in str(path)  # opaque key, never a UID
+    saved = dcmread(path)
+    assert saved.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert saved.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert saved.file_meta.SourceApplicationEntityTitle == "MODALITY"
+    assert saved.PatientName == "Doe^John"
+    assert len(path.relative_to(tmp_path / "files").parts) == 3  # ab/cd/<key>
+    assert not list((tmp_path / "files" / "tmp").iterdir())
+
+
+def test_counters_match_the_stored_hierarchy(archive: Archive) -> None:
+    datasets = hierarchy()
+    for ds in datasets:
+        assert put(archive, ds).result is WriteResult.STORED
+    check_counts(archive, datasets)
+
+
+@pytest.mark.parametrize(("policy", "result", "kept_description"), [
+    (DuplicatePolicy.REPLACE, WriteResult.REPLACED, "second"),
+    (DuplicatePolicy.KEEP, WriteResult.KEPT, "first"),
+])
+def test_duplicates_replace_or_keep(tmp_path: Path, policy: DuplicatePolicy, result: WriteResult,
+                                    kept_description: str) -> None:
+    archive = open_archive(options(tmp_path, on_duplicate=policy))
+    first = make_ds(SeriesDescription="first")
+    second = make_ds(SOPInstanceUID=first.SOPInstanceUID, StudyInstanceUID=first.StudyInstanceUID,
+                     SeriesInstanceUID=first.SeriesInstanceUID, SeriesDescription="second")
+    assert put(archive, first).result is WriteResult.STORED
+    assert put(archive, first).result is WriteResult.IDENTICAL  # a resend changes nothing
+    assert put(archive, second).result is result
+    files = stored_files(tmp_path)
+    assert len(files) == 1
+    assert dcmread(files[0]).SeriesDescription == kept_description
+    check_counts(archive, [first])
+    archive.close()
+
+
+def test_duplicate_reject(tmp_path: Path) -> None:
+    archive = open_archive(options(tmp_path, on_duplicate=DuplicatePolicy.REJECT))
+    first = make_ds()
+    put(archive, first)
+    assert put(archive, first).result is WriteResult.IDENTICAL
+    with pytest.raises(DuplicateRejected):
+        put(archive, make_ds(SOPInstanceUID=first.SOPInstanceUID))
+    assert len(stored_files(tmp_path)) == 1
+    check_counts(archive, [first])
+    archive.close()
+
+
+def test_replacement_that_moves_an_instance_keeps_counts_exact(archive: Archive, tmp_path: Path) -> None:
+    a = make_ds(Modality="CT")
+    b = make_ds(StudyInstanceUID=a.StudyInstanceUID, SeriesInstanceUID=a.SeriesInstanceUID)
+    moved = make_ds(SOPInstanceUID=b.SOPInstanceUID, Modality="MR", SOPClassUID=MRImageStorage)
+    lone = make_ds()
+    relocated = make_ds(SOPInstanceUID=lone.SOPInstanceUID, StudyInstanceUID=a.StudyInstanceUID)
+    for ds in (a, b, moved, lone, relocated):
+        put(archive, ds)
+    check_counts(archive, [a, b, moved, lone, relocated])
+    assert len(stored_files(tmp_path)) == 3
+    # the study `lone` was in is gone, and so is its patient row's count of it
+    assert index.Patient.get(index.Patient.patient_id == "PID1").num_studies == 2
+
+
+def test_study_under_another_patient_is_filed_with_a_warning(archive: Archive) -> None:
+    a = make_ds(PatientID="P-A")
+    b = make_ds(PatientID="P-B", StudyInstanceUID=a.StudyInstanceUID)
+    put(archive, a)
+    outcome = put(archive, b)
+    assert outcome.result is WriteResult.STORED
+    assert any("belongs to PatientID 'P-A'" in w for w in outcome.warnings)
+    [rsp] = study_query(archive)
+    assert rsp.PatientID == "P-A" and int(rsp.NumberOfStudyRelatedInstances) == 2
+    assert study_query(archive, PatientID="P-B") == []
+
+
+def test_series_under_another_study_is_filed_with_a_warning(archive: Archive) -> None:
+    a = make_ds()
+    b = make_ds(SeriesInstanceUID=a.SeriesInstanceUID)  # a new study UID
+    put(archive, a)
+    outcome = put(archive, b)
+    assert any("belongs to study" in w for w in outcome.warnings)
+    [rsp] = study_query(archive)
+    assert rsp.StudyInstanceUID == a.StudyInstanceUID
+    assert int(rsp.NumberOfStudyRelatedInstances) == 2
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"\x00garbage" * 3, "cannot be parsed|is missing"),
+    (b"", "empty"),
+])
+def test_unparseable_data_is_refused(archive: Archive, data: bytes, message: str) -> None:
+    with pytest.raises(InvalidInstance, match=message):
+        archive.store(data, "1.2.840.10008.1.2.1")
+
+
+@pytest.mark.parametrize("missing", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                     "SOPClassUID"])
+def test_missing_uid_is_refused(archive: Archive, tmp_path: Path, missing: str) -> None:
+    with pytest.raises(InvalidInstance, match=f"{missing} is missing"):
+        put(archive, make_ds(**{missing: None}))
+    assert stored_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "1.2.abc", "1." + "2" * 70])
+def test_malformed_uid_is_refused(archive: Archive, bad: str) -> None:
+    with pytest.raises(InvalidInstance, match="not a valid UID"):
+        put(archive, make_ds(SOPInstanceUID=bad))
+
+
+def test_sop_class_mismatch(archive: Archive) -> None:
+    with pytest.raises(SOPClassMismatch):
+        put(archive, make_ds(), sop_class_uid=MRImageStorage)
+
+
+def test_truncated_data_set_is_refused(archive: Archive, tmp_path: Path) -> None:
+    data = encode(make_ds(PatientComments="x" * 500))
+    with pytest.raises(InvalidInstance):
+        archive.store(data[:300], "1.2.840.10008.1.2.1")
+    assert stored_files(tmp_path) == []
+
+
+def test_index_failure_removes_the_new_file(archive: Archive, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise pw.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(index, "write_instance", broken)
+    with pytest.raises(StorageFull, match="index"):
+        put(archive, make_ds())
+    assert stored_files(tmp_path) == []
+    monkeypatch.undo()
+    assert study_query(archive) == []
+
+
+def test_file_store_write_error_is_out_of_resources(archive: Archive, tmp_path: Path) -> None:
+    # a regular file where the temporary folder should be: every write fails, as when full
+    tmp = tmp_path / "files" / "tmp"
+    tmp.rmdir()
+    tmp.write_text("in the way")
+    with pytest.raises(StorageFull, match="cannot write"):
+        put(archive, make_ds())
+    assert study_query(archive) == []
+
+
+def test_matching_with_sql_special_characters_on_a_real_index(archive: Archive) -> None:
+    for acc in ("A%1", "AX1", "A_1", "A[1]", "a%1"):
+        put(archive, make_ds(AccessionNumber=acc))
+    def accessions(value: str) -> list[str]:
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.AccessionNumber = value
+        return sorted(r.AccessionNumber for r in archive.find(archive.parse_query(q, Model.STUDY_ROOT)))
+    assert accessions("A%1") == ["A%1"]
+    assert accessions("A_1") == ["A_1"]
+    assert accessions("A[1]") == ["A[1]"]
+    assert accessions("A?1") == ["A%1", "AX1", "A_1"]
+    assert accessions("A*") == ["A%1", "AX1", "A[1]", "A_1"]
+    assert accessions("a*") == ["a%1"]
+
+
+def test_study_level_matching_on_a_real_index(archive: Archive) -> None:
+    datasets = hierarchy()
+    for ds in datasets:
+        put(archive, ds)
+    def studies(**keys: Any) -> set[str]:
+        return {str(r.AccessionNumber) for r in study_query(archive, AccessionNumber="", **keys)}
+    assert studies() == {"A1", "A2", "A3", "A4", "A5"}
+    assert studies(ModalitiesInStudy="CT") == {"A1", "A2", "A4"}
+    assert studies(ModalitiesInStudy="CT\\MR") == {"A1", "A2", "A3", "A4", "A5"}
+    assert studies(ModalitiesInStudy="OT") == {"A1", "A3"}
+    assert studies(SOPClassesInStudy=MRImageStorage) == {"A1", "A3", "A5"}
+    assert studies(PatientName="doe^john") == {"A1", "A2"}
+    assert studies(PatientName="MULLER*") == {"A4"}
+    assert studies(PatientName='""') == {"A5"}
+    assert studies(PatientID="PID1") == {"A1", "A2"}
+    assert studies(PatientID="pid1") == set()
+    assert studies(StudyDate="20240101-") == {"A1", "A2"}
+    assert studies(StudyDate="-20231231") == {"A3", "A4"}
+    assert studies(StudyDate="20231120") == {"A3"}
+    assert studies(StudyTime="1000-1100") == {"A1", "A2", "A3", "A4", "A5"}
+    assert studies(StudyTime="1016-") == set()
+    assert studies(StudyInstanceUID=f"{datasets[0].StudyInstanceUID}\\{uid()}") == {"A1"}
+    assert studies(StudyDescription="Study ?") == {"A1", "A2", "A3", "A4", "A5"}
+    [a4] = study_query(archive, AccessionNumber="A4")
+    assert a4.PatientName == "Müller^Jürgen"
+    assert a4.SpecificCharacterSet == "ISO_IR 192"
+
+
+def test_restart_gives_the_same_answers(tmp_path: Path) -> None:
+    datasets = hierarchy()
+    first = open_archive(options(tmp_path))
+    for ds in datasets:
+        put(first, ds)
+    before = [r.to_json_dict() for r in study_query(first)]
+    first.close()
+    second = open_archive(options(tmp_path))
+    assert [r.to_json_dict() for r in study_query(second)] == before
+    check_counts(second, datasets)
+    second.close()
+
+
+def test_index_uses_wal_and_foreign_keys(archive: Archive, tmp_path: Path) -> None:
+    put(archive, make_ds())
+    con = sqlite3.connect(tmp_path / "index.sqlite")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()

@@ -1,0 +1,302 @@
+"""The query model without a database: parsing (PS3.4 C.4.1.2.1) and matching (C.2.2.2)
+as tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+
+from storage import InvalidQuery, Level, Model
+from storage.query import (
+    Constraint,
+    Kind,
+    Op,
+    build_response,
+    constraint_matches,
+    parse_identifier,
+    response_charset,
+)
+from storage.values import fold, norm_da, norm_pn, norm_tm, pn_framed, strip
+
+
+def identifier(level: str | None = "STUDY", **keys: Any) -> Dataset:
+    ds = Dataset()
+    if level is not None:
+        ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def constraint_for(keyword: str, value: Any, fold_pn: bool = True) -> Constraint:
+    query = parse_identifier(identifier(**{keyword: value}), Model.STUDY_ROOT, fold_pn)
+    assert len(query.constraints) == 1, query.constraints
+    return query.constraints[0]
+
+
+# -- identifier validation --------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("ds", "model", "message"),
+    [
+        (identifier(None, PatientID=""), Model.STUDY_ROOT, "QueryRetrieveLevel (0008,0052) is missing"),
+        (identifier("", PatientID=""), Model.STUDY_ROOT, "QueryRetrieveLevel (0008,0052) is missing"),
+        (identifier("STUDIES"), Model.STUDY_ROOT, "unknown QueryRetrieveLevel 'STUDIES'"),
+        (identifier("PATIENT"), Model.STUDY_ROOT, "level PATIENT is not part of the STUDY_ROOT"),
+        (identifier("STUDY", SeriesInstanceUID="1.2"), Model.STUDY_ROOT,
+         "SeriesInstanceUID is below the query level STUDY"),
+        (identifier("STUDY", SOPInstanceUID=""), Model.STUDY_ROOT,
+         "SOPInstanceUID is below the query level STUDY"),
+        (identifier("STUDY", StudyInstanceUID=""), Model.PATIENT_ROOT,
+         "PatientID must hold a single value for a STUDY level query"),
+        (identifier("STUDY", PatientID="P*"), Model.PATIENT_ROOT,
+         "PatientID must hold a single value"),
+        (identifier("SERIES", Modality=""), Model.STUDY_ROOT,
+         "StudyInstanceUID must hold a single value for a SERIES level query"),
+        (identifier("STUDY", StudyDate="2024-2025-2026"), Model.STUDY_ROOT, "malformed range"),
+        (identifier("STUDY", StudyDate="2024XX01"), Model.STUDY_ROOT, "malformed DA value"),
+        (identifier("STUDY", StudyDate="20240101-20XX"), Model.STUDY_ROOT, "malformed DA range"),
+        (identifier("STUDY", StudyTime="25h"), Model.STUDY_ROOT, "malformed TM value"),
+    ],
+)
+def test_invalid_identifiers_are_refused_with_a_reason(ds: Dataset, model: Model, message: str) -> None:
+    with pytest.raises(InvalidQuery, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_identifier(ds, model)
+
+
+def test_study_root_study_level_accepts_patient_keys_and_lists_requested_keys() -> None:
+    ds = identifier(PatientName="Doe*", PatientID="", StudyInstanceUID="",
+                    NumberOfStudyRelatedInstances="", ModalitiesInStudy="CT")
+    query = parse_identifier(ds, Model.STUDY_ROOT)
+    assert query.level is Level.STUDY
+    assert [c.keyword for c in query.constraints] == ["ModalitiesInStudy", "PatientName"]
+    assert {r.tag for r in query.requested} == {e.tag for e in ds if e.keyword != "QueryRetrieveLevel"}
+    assert query.ignored == ()
+
+
+def test_identifier_is_not_modified() -> None:
+    ds = identifier(PatientName="Doe*", StudyDate="20200101-")
+    before = ds.to_json_dict()
+    parse_identifier(ds, Model.STUDY_ROOT)
+    assert ds.to_json_dict() == before
+
+
+def test_lower_level_optional_keys_are_ignored_and_reported() -> None:
+    query = parse_identifier(identifier(Modality="CT", InstitutionName=""), Model.STUDY_ROOT)
+    assert query.constraints == ()
+    assert query.ignored == ("Modality",)  # a value we could not match: FF01
+    assert {r.level for r in query.requested} == {Level.SERIES}
+
+
+def test_patient_root_study_query_with_patient_id() -> None:
+    query = parse_identifier(identifier(PatientID="P1", StudyDate=""), Model.PATIENT_ROOT)
+    assert [c.keyword for c in query.constraints] == ["PatientID"]
+
+
+# -- constraint kinds --------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "kind", "terms"),
+    [
+        ("PatientID", "P1", Kind.TERMS, [(Op.EQ, "P1", "")]),
+        ("PatientID", "  P1 ", Kind.TERMS, [(Op.EQ, "P1", "")]),  # PS3.5 6.2 padding
+        ("PatientID", "P*", Kind.TERMS, [(Op.WILDCARD, "P*", "")]),
+        ("PatientID", "P?", Kind.TERMS, [(Op.WILDCARD, "P?", "")]),
+        ("PatientID", '""', Kind.EMPTY, []),
+        ("StudyInstanceUID", "1.2\\1.3", Kind.TERMS, [(Op.EQ, "1.2", ""), (Op.EQ, "1.3", "")]),
+        ("StudyInstanceUID", "1.2*", Kind.TERMS, [(Op.EQ, "1.2*", "")]),  # no wildcards on UI
+        ("StudyDate", "20240101", Kind.TERMS, [(Op.EQ, "20240101", "")]),
+        ("StudyDate", "2024.01.01", Kind.TERMS, [(Op.EQ, "20240101", "")]),
+        ("StudyDate", "20240101-20240131", Kind.TERMS, [(Op.RANGE, "20240101", "20240131")]),
+        ("StudyDate", "-20240131", Kind.TERMS, [(Op.RANGE, "", "20240131")]),
+        ("StudyDate", "20240101-", Kind.TERMS, [(Op.RANGE, "20240101", "")]),
+        ("StudyTime", "0800-1200", Kind.TERMS, [(Op.RANGE, "080000.000000", "120059.999999")]),
+        ("StudyTime", "1015", Kind.TERMS, [(Op.RANGE, "101500.000000", "101559.999999")]),
+        ("StudyTime", "101530.5-", Kind.TERMS, [(Op.RANGE, "101530.500000", "")]),
+        ("PatientName", "DOE^JOHN", Kind.TERMS, [(Op.EQ, "doe^john", "")]),
+        ("ModalitiesInStudy", "CT\\MR", Kind.TERMS, [(Op.EQ, "CT", ""), (Op.EQ, "MR", "")]),
+    ],
+)
+def test_constraint_kinds(keyword: str, value: str, kind: Kind, terms: list[tuple[Op, str, str]]) -> None:
+    c = constraint_for(keyword, value)
+    assert c.kind is kind
+    assert [(t.op, t.value, t.upper) for t in c.terms] == terms
+
+
+@pytest.mark.parametrize(("keyword", "value"), [
+    ("PatientID", ""), ("PatientName", "*"), ("PatientName", "**"), ("StudyDate", ""),
+    ("StudyDate", "*"), ("StudyInstanceUID", ""),
+])
+def test_universal_matching_gives_no_constraint(keyword: str, value: str) -> None:
+    query = parse_identifier(identifier(**{keyword: value}), Model.STUDY_ROOT)
+    assert query.constraints == ()
+    assert len(query.requested) == 1
+
+
+# -- matching ----------------------------------------------------------------------------
+
+MATCHES = [
+    # PS3.4 C.2.2.2.1 Single Value: exact, case-sensitive except PN
+    ("PatientID", "P1", ["P1"], True),
+    ("PatientID", "P1", ["p1"], False),
+    ("PatientID", "P1", ["P10"], False),
+    ("PatientID", "P1", ["P1 "], True),
+    ("AccessionNumber", "A%1", ["A%1"], True),
+    ("AccessionNumber", "A%1", ["AX1"], False),   # % is no wildcard
+    ("AccessionNumber", "A_1", ["AX1"], False),   # _ is no wildcard
+    ("StudyDescription", "a.b", ["axb"], False),   # regex characters are literal
+    ("StudyDescription", "[CT]", ["[CT]"], True),
+    ("StudyDescription", "[CT]", ["C"], False),
+    # PN: case and accent insensitive by default
+    ("PatientName", "doe^john", ["Doe^John"], True),
+    ("PatientName", "MULLER^JURGEN", ["Müller^Jürgen"], True),
+    ("PatientName", "Doe^John", ["Doe^John^^^"], True),    # empty trailing components
+    ("PatientName", "Doe", ["Doe^John"], False),
+    ("PatientName", "山田^太郎", ["Yamada^Tarou=山田^太郎=やまだ^たろう"], True),
+    ("PatientName", "Yamada^Tarou", ["Yamada^Tarou=山田^太郎=やまだ^たろう"], True),
+    ("PatientName", "Yamada^Tarou=山田^太郎", ["Yamada^Tarou=山田^太郎=やまだ^たろう"], True),
+    ("PatientName", "Yamada^Tarou=山田^花子", ["Yamada^Tarou=山田^太郎=やまだ^たろう"], False),
+    # PS3.4 C.2.2.2.4 Wild Card
+    ("PatientName", "doe*", ["Doe^John"], True),
+    ("PatientName", "*john", ["Doe^John"], True),
+    ("PatientName", "d?e^john", ["Doe^John"], True),
+    ("PatientName", "d?e^john", ["Dooe^John"], False),
+    ("PatientName", "m?ller*", ["Müller^Jürgen"], True),   # ? is one character, not one byte
+    ("PatientName", "山?*", ["山田^太郎"], True),
+    ("PatientID", "P*", ["p1"], False),   # case-sensitive outside PN
+    ("PatientID", "P*", ["P1"], True),
+    ("PatientID", "P?", ["P"], False),
+    ("StudyDescription", "*.*", ["a.b"], True),
+    ("StudyDescription", "*.*", ["ab"], False),
+    ("StudyDescription", "%*", ["%abc"], True),
+    ("StudyDescription", "%*", ["abc"], False),
+    ("StudyDescription", "a\nb*", ["a\nbc"], True),
+    # PS3.4 C.2.2.2.5 Range, inclusive
+    ("StudyDate", "20240101-20240131", ["20240101"], True),
+    ("StudyDate", "20240101-20240131", ["20240131"], True),
+    ("StudyDate", "20240101-20240131", ["20240201"], False),
+    ("StudyDate", "-20240131", ["19000101"], True),
+    ("StudyDate", "20240101-", ["20991231"], True),
+    ("StudyDate", "20240101-", ["20231231"], False),
+    ("StudyDate", "20240101", ["2024.01.01"], True),
+    ("StudyTime", "0800-1200", ["120059"], True),
+    ("StudyTime", "0800-1200", ["1201"], False),
+    ("StudyTime", "0800-1200", ["075959.999"], False),
+    ("StudyTime", "0800-1200", ["08"], True),
+    ("StudyTime", "1015", ["101530.25"], True),
+    ("StudyTime", "101530.25", ["101530.25"], True),
+    ("StudyTime", "101530.25", ["101530.26"], False),
+    # PS3.4 C.2.2.2.2 List of UID
+    ("StudyInstanceUID", "1.2.3\\1.2.4", ["1.2.4"], True),
+    ("StudyInstanceUID", "1.2.3\\1.2.4", ["1.2.5"], False),
+    ("StudyInstanceUID", "1.2.3", ["1.2.3\0"], True),
+    # multi-valued stored attributes and OR semantics for several query values
+    ("ModalitiesInStudy", "CT", ["MR", "CT"], True),
+    ("ModalitiesInStudy", "CT\\MR", ["MR"], True),
+    ("ModalitiesInStudy", "CT\\MR", ["US"], False),
+    ("ModalitiesInStudy", "C?", ["PT", "CT"], True),
+    # PS3.4 C.2.2.2.7 Empty Value, and our choice for empty stored values
+    ("PatientID", '""', [], True),
+    ("PatientID", '""', [""], True),
+    ("PatientID", '""', ["P1"], False),
+    ("PatientID", "P1", [], False),
+    ("PatientName", "*x*", [""], False),
+]
+
+
+@pytest.mark.parametrize(("keyword", "value", "stored", "expected"), MATCHES)
+def test_matching(keyword: str, value: str, stored: list[str], expected: bool) -> None:
+    c = constraint_for(keyword, value)
+    assert constraint_matches(c, stored) is expected
+
+
+@pytest.mark.parametrize(("value", "stored", "expected"), [
+    ("doe^john", ["Doe^John"], False),
+    ("Doe^John", ["Doe^John"], True),
+    ("D*", ["doe"], False),
+])
+def test_pn_matching_can_be_case_sensitive(value: str, stored: list[str], expected: bool) -> None:
+    c = constraint_for("PatientName", value, fold_pn=False)
+    assert constraint_matches(c, stored, fold_pn=False) is expected
+
+
+# -- values ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("vr", "value", "expected"), [
+    ("LO", "  P1  ", "P1"), ("ST", "  text  ", "  text"), ("UI", "1.2\0", "1.2"),
+    ("CS", "CT ", "CT"),
+])
+def test_strip(vr: str, value: str, expected: str) -> None:
+    assert strip(vr, value) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("20240101", "20240101"), ("2024.01.01", "20240101"), ("2024010", ""), ("", ""),
+])
+def test_norm_da(value: str, expected: str) -> None:
+    assert norm_da(value) == expected
+
+
+@pytest.mark.parametrize(("value", "upper", "expected"), [
+    ("10", False, "100000.000000"), ("10", True, "105959.999999"),
+    ("1015", False, "101500.000000"), ("101530.5", False, "101530.500000"),
+    ("101530.5", True, "101530.599999"), ("10:15:30", False, "101530.000000"),
+    ("x", False, ""),
+])
+def test_norm_tm(value: str, upper: bool, expected: str) -> None:
+    assert norm_tm(value, upper=upper) == expected
+
+
+def test_pn_forms() -> None:
+    assert norm_pn(" Doe ^ John ^^^") == "Doe^John"
+    assert norm_pn("Doe^John==") == "Doe^John"
+    assert fold("Müller") == fold("MULLER") == "muller"
+    assert pn_framed("Yamada^Tarou=山田^太郎", folded=True) == "=yamada^tarou=山田^太郎="
+    assert pn_framed("", folded=True) == ""
+
+
+# -- responses ---------------------------------------------------------------------------
+
+class _FakeRow:
+    def __init__(self, elements: dict[int, dict[str, Any]]) -> None:
+        self.elements = elements
+
+    def element(self, tag: int, level: Level) -> dict[str, Any] | None:
+        return self.elements.get(tag)
+
+
+def test_response_holds_exactly_the_requested_keys() -> None:
+    query = parse_identifier(
+        identifier(PatientName="", StudyInstanceUID="", StudyDescription="", IssuerOfPatientID="",
+                   SpecificCharacterSet="ISO_IR 100"),
+        Model.STUDY_ROOT,
+    )
+    row = _FakeRow({
+        0x00100010: {"vr": "PN", "Value": [{"Alphabetic": "Müller^Jürgen"}]},
+        0x0020000D: {"vr": "UI", "Value": ["1.2.3"]},
+        0x00081030: {"vr": "LO"},
+        0x00100020: {"vr": "LO", "Value": ["not requested"]},
+    })
+    rsp = build_response(query, row)  # type: ignore[arg-type]
+    assert sorted(e.keyword for e in rsp) == sorted([
+        "SpecificCharacterSet", "QueryRetrieveLevel", "PatientName", "StudyInstanceUID",
+        "StudyDescription", "IssuerOfPatientID"])
+    assert rsp.PatientName == "Müller^Jürgen"
+    assert rsp.StudyDescription in ("", None)
+    assert rsp.IssuerOfPatientID in ("", None)
+    assert rsp.SpecificCharacterSet == "ISO_IR 100"  # the query's set can encode it
+
+
+@pytest.mark.parametrize(("query_charset", "texts", "expected"), [
+    ((), ["abc"], "ISO_IR 192"),
+    (("ISO_IR 100",), ["abc"], "ISO_IR 100"),
+    (("ISO_IR 100",), ["Müller"], "ISO_IR 100"),
+    (("ISO_IR 100",), ["Иванов"], "ISO_IR 192"),
+    ((), ["Иванов"], "ISO_IR 192"),
+    (("ISO_IR 144",), ["Иванов"], "ISO_IR 144"),
+])
+def test_response_charset_never_loses_characters(query_charset: tuple[str, ...], texts: list[str],
+                                                 expected: str) -> None:
+    assert response_charset(query_charset, texts) == expected

@@ -1,0 +1,102 @@
+"""The README's path: the installed ``minipacs serve`` command as a subprocess, with the
+repository's config.yaml and port / data-dir overrides, stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from scp import status
+from tests.conftest import client_ae
+from tests.factory import make_ds
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def minipacs_command() -> list[str]:
+    exe = Path(sys.executable).parent / "minipacs"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("minipacs")
+    assert found, "the minipacs console script is not installed (pip install -e .)"
+    return [found]
+
+
+def wait_until_echo(port: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    """Poll with C-ECHO until the server answers (no fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    ae = client_ae(storage=False)
+    ae.acse_timeout = ae.network_timeout = 2
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"minipacs exited early with {proc.returncode}"
+        assoc = ae.associate("127.0.0.1", port, ae_title="CLITEST")
+        if assoc.is_established:
+            ok = assoc.send_c_echo().Status == status.SUCCESS
+            assoc.release()
+            if ok:
+                return
+        time.sleep(0.05)  # poll interval, not a wait for readiness
+    raise AssertionError(f"minipacs did not answer C-ECHO on port {port} within {timeout} s")
+
+
+def test_serve_store_query_and_stop_with_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [*minipacs_command(), "serve", "--config", str(REPO / "config.yaml"), "--port", str(port),
+         "--data-dir", str(data), "--ae-title", "CLITEST", "--bind", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        env=dict(os.environ),
+    )
+    try:
+        wait_until_echo(port, proc)
+        ae = client_ae()
+        assoc = ae.associate("127.0.0.1", port, ae_title="CLITEST")
+        assert assoc.is_established
+        ds = make_ds()
+        assert assoc.send_c_store(ds).Status == status.SUCCESS
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = ""
+        q.NumberOfStudyRelatedInstances = ""
+        rsps = list(assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind))
+        assoc.release()
+        assert [int(s.Status) for s, _ in rsps] == [status.PENDING, status.SUCCESS]
+        assert rsps[0][1].StudyInstanceUID == ds.StudyInstanceUID
+        assert int(rsps[0][1].NumberOfStudyRelatedInstances) == 1
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert f"AE title CLITEST on 127.0.0.1:{port}" in out
+    assert str(data / "index.sqlite") in out and str(data / "files") in out
+    assert "minipacs stopped" in out
+    assert (data / "index.sqlite").exists()
+
+
+def test_bad_config_is_reported_and_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ae:\n  title: ''\n  port: 99999\n  colour: blue\n")
+    proc = subprocess.run([*minipacs_command(), "serve", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "3 problem(s)" in proc.stderr
+    assert "ae.colour" in proc.stderr and "ae.port" in proc.stderr and "ae.title" in proc.stderr
