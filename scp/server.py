@@ -35,6 +35,7 @@ class Server:
         self.activity = Activity(on_association_end=self.archive.release)
         self.ae = self._build_ae()
         self._server: Any = None
+        self._port = config.ae.port
 
     def _build_ae(self) -> AE:
         cfg = self.config.ae
@@ -66,6 +67,7 @@ class Server:
         self._server = self.ae.start_server(
             (cfg.bind, cfg.port), block=False, evt_handlers=self._handlers()
         )
+        self._port = int(self._server.server_address[1])
         logger.info(
             "minipacs serving AE title %s on %s:%d; index %s; file store %s",
             cfg.title,
@@ -77,8 +79,8 @@ class Server:
 
     @property
     def port(self) -> int:
-        """The port actually bound."""
-        return int(self._server.server_address[1]) if self._server else self.config.ae.port
+        """The port actually bound (kept after :meth:`stop`)."""
+        return self._port
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let operations in flight finish (up to ``grace`` seconds), abort

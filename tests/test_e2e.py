@@ -389,3 +389,54 @@ def test_restart_on_the_same_data_gives_the_same_answers(
     assert final == status.SUCCESS
     assert [m.to_json_dict() for m in after] == [m.to_json_dict() for m in before]
     assert {m.StudyInstanceUID: study_counts(m) for m in after} == expected_table(datasets)
+
+
+def test_unwritable_file_store_answers_out_of_resources(server: Running) -> None:
+    # a regular file where the store's temporary folder should be: every write fails
+    tmp = server.data_dir / "files" / "tmp"
+    tmp.rmdir()
+    tmp.write_text("in the way")
+    assoc = associate(server)
+    rsp = assoc.send_c_store(make_ds())
+    assert rsp.Status == status.STORE_OUT_OF_RESOURCES
+    assert "cannot write" in rsp.ErrorComment
+    assert assoc.send_c_echo().Status == status.SUCCESS
+    assoc.release()
+    matches, final = find(server, QueryRetrieveLevel="STUDY", StudyInstanceUID="")
+    assert (matches, final) == ([], status.SUCCESS)
+
+
+def test_stop_lets_a_store_in_flight_finish_and_refuses_new_associations(server: Running) -> None:
+    entered, release = threading.Event(), threading.Event()
+    original = server.archive.store
+
+    def held_store(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        assert release.wait(30)
+        return original(*args, **kwargs)
+
+    server.archive.store = held_store  # type: ignore[method-assign]
+    result: list[int] = []
+    assoc = associate(server)
+    sender = threading.Thread(target=lambda: result.append(int(assoc.send_c_store(make_ds()).Status)))
+    sender.start()
+    assert entered.wait(30)
+    port = server.port
+    stopper = threading.Thread(target=server.server.stop, kwargs={"grace": 30})
+    stopper.start()
+    deadline = time.monotonic() + 30
+    refused = False
+    ae = client_ae(storage=False)
+    ae.acse_timeout = ae.network_timeout = 2
+    while time.monotonic() < deadline and not refused:  # poll until the listener is gone
+        probe = ae.associate("127.0.0.1", port, ae_title=server.ae_title)
+        refused = not probe.is_established
+        if probe.is_established:
+            probe.release()
+    assert refused, "new associations are still accepted while stopping"
+    assert stopper.is_alive()  # still waiting for the store in flight
+    release.set()
+    sender.join(30)
+    stopper.join(30)
+    assert result == [status.SUCCESS]
+    assert not stopper.is_alive()
