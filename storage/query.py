@@ -156,7 +156,6 @@ def parse_identifier(identifier: Dataset, model: Model, fold_pn: bool = True) ->
     constraints: list[Constraint] = []
     requested: list[Requested] = []
     ignored: list[str] = []
-    seen: set[int] = set()
     try:
         elements = list(identifier)
     except Exception as exc:
@@ -165,9 +164,8 @@ def parse_identifier(identifier: Dataset, model: Model, fold_pn: bool = True) ->
         tag = int(elem.tag)
         if tag in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET):
             continue
-        if (tag >> 16) == 0x0002 or (tag & 0xFFFF) == 0 or elem.tag.is_private:
-            continue
-        seen.add(tag)
+        if (tag >> 16) == 0x0002 or (tag & 0xFFFF) == 0:
+            continue  # never group lengths or file meta (PS3.4 C.4.1.1.3.2)
         key_level = _key_level(tag, model)
         key = _key_for(tag)
         if key_level > level:
@@ -369,6 +367,7 @@ def normalise(vr: str, value: str, fold_pn: bool) -> str:
     return strip(vr, value)
 
 
+@functools.lru_cache(maxsize=256)
 def _wildcard_regex(pattern: str) -> re.Pattern[str]:
     out = []
     for ch in pattern:

@@ -300,3 +300,14 @@ def test_response_holds_exactly_the_requested_keys() -> None:
 def test_response_charset_never_loses_characters(query_charset: tuple[str, ...], texts: list[str],
                                                  expected: str) -> None:
     assert response_charset(query_charset, texts) == expected
+
+
+def test_private_and_unknown_keys_come_back_empty() -> None:
+    ds = identifier(StudyInstanceUID="")
+    ds.add_new(0x00091010, "LO", "")
+    ds.add_new(0x00091011, "LO", "x")
+    query = parse_identifier(ds, Model.STUDY_ROOT)
+    assert {r.tag for r in query.requested} == {0x0020000D, 0x00091010, 0x00091011}
+    assert query.ignored == ("(0009,1011)",)
+    rsp = build_response(query, _FakeRow({}))  # type: ignore[arg-type]
+    assert rsp[0x00091010].value in ("", None) and rsp[0x00091011].value in ("", None)
