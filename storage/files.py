@@ -87,10 +87,14 @@ class FilesystemStore:
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
+            new_folders = not final.parent.is_dir()
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
             if self.fsync:
                 _fsync_dir(final.parent)
+                if new_folders:  # the new ab/ and ab/cd/ entries must be durable too
+                    _fsync_dir(final.parent.parent)
+                    _fsync_dir(self.root)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
