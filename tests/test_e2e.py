@@ -440,3 +440,13 @@ def test_stop_lets_a_store_in_flight_finish_and_refuses_new_associations(server:
     stopper.join(30)
     assert result == [status.SUCCESS]
     assert not stopper.is_alive()
+
+
+def test_accepted_connections_have_nagle_off(server: Running) -> None:
+    import socket
+
+    assoc = associate(server)
+    [acceptor] = server.server.ae.active_associations
+    sock = acceptor.dul.socket.socket  # type: ignore[union-attr]
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assoc.release()
