@@ -27,6 +27,7 @@ from tests.conftest import Running, associate, client_ae
 from tests.factory import (
     encode,
     expected_table,
+    file_parts,
     hierarchy,
     make_ds,
     save,
@@ -144,6 +145,18 @@ def test_store_and_query_with_pynetdicom_and_dcmtk(server: Running, dcmtk: Calla
 
     everything = [ds for _, ds in files] + synthetic
     expected = expected_table(everything)
+
+    # what was kept is the sender's data set byte for byte, whatever its transfer syntax
+    from storage.models import Instance
+
+    last_sent = {str(ds.SOPInstanceUID): path for path, ds in files}
+    syntaxes = set()
+    for row in Instance.select():
+        if row.sop_instance_uid in last_sent:
+            stored = server.data_dir / "files" / row.file_key[:2] / row.file_key[2:4] / row.file_key
+            assert file_parts(stored) == file_parts(last_sent[row.sop_instance_uid])
+            syntaxes.add(row.transfer_syntax_uid)
+    assert len(syntaxes) >= 8  # implicit, explicit, big endian, deflated, JPEG, JPEG-LS, J2K, RLE
 
     matches, final = find(server, QueryRetrieveLevel="STUDY", **{k: "" for k in STUDY_KEYS})
     assert final == status.SUCCESS

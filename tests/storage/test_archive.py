@@ -283,3 +283,29 @@ def test_index_uses_wal_and_foreign_keys(archive: Archive, tmp_path: Path) -> No
     con = sqlite3.connect(tmp_path / "index.sqlite")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.close()
+
+
+def test_no_transaction_is_open_between_responses(archive: Archive, tmp_path: Path) -> None:
+    from storage import query as query_module
+    from storage.models import database_proxy
+
+    other = sqlite3.connect(tmp_path / "index.sqlite", timeout=0)
+    datasets = hierarchy()
+    for ds in datasets:
+        put(archive, ds)
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = ""
+    parsed = archive.parse_query(q, Model.STUDY_ROOT)
+    rows = 0
+    for _ in query_module.select_rows(parsed, page_size=2):  # several pages
+        rows += 1
+        db = database_proxy.obj
+        assert not db.in_transaction()
+        # a write (into a known study, so the result set does not grow) lands in the WAL...
+        put(archive, make_ds(StudyInstanceUID=datasets[0].StudyInstanceUID,
+                             SeriesInstanceUID=datasets[0].SeriesInstanceUID))
+        busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0  # ...and can be checkpointed: no reader holds a snapshot open
+    assert rows == 5
+    other.close()
