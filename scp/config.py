@@ -161,9 +161,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     problems: list[str] = []
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split(".", 1)
-        if not isinstance(raw.get(section), dict):
-            raw[section] = {} if raw.get(section) is None else raw[section]
-        raw[section][key] = value
+        if raw.get(section) is None:
+            raw[section] = {}
+        if isinstance(raw[section], dict):  # else the section's own problem is reported
+            raw[section][key] = value
 
     sections: dict[str, Any] = {}
     for name in raw:

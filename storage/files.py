@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -59,8 +60,16 @@ class FilesystemStore:
     def __init__(self, root: Path, fsync: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / TEMP_DIR).mkdir(exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / TEMP_DIR).mkdir(exist_ok=True)
+            # what a crash left half-written is no one's file: no index row points to it
+            for leftover in (self.root / TEMP_DIR).glob("*.part"):
+                leftover.unlink()
+        except OSError as exc:
+            raise StorageError(f"cannot use {self.root} as the file store: {exc}") from exc
+        self._durable: set[Path] = set()  # fan-out folders whose own entries were fsync'd
+        self._durable_lock = threading.Lock()
 
     def path(self, key: str) -> Path:
         """Return the path of ``key``, refusing anything that is not a key we made."""
@@ -87,19 +96,30 @@ class FilesystemStore:
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
-            new_folders = not final.parent.is_dir()
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
             if self.fsync:
                 _fsync_dir(final.parent)
-                if new_folders:  # the new ab/ and ab/cd/ entries must be durable too
-                    _fsync_dir(final.parent.parent)
-                    _fsync_dir(self.root)
+                self._make_folder_durable(final.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise StorageFull(f"cannot write to the file store: {exc.strerror or exc}") from exc
         return key
+
+    def _make_folder_durable(self, folder: Path) -> None:
+        """fsync the entries of ``ab/`` and ``ab/cd/`` once per folder and process.
+
+        Whichever thread created a folder, no put into it returns before the folder's own
+        entry is on disk: a thread that finds it unmarked fsyncs the chain itself.
+        """
+        with self._durable_lock:
+            if folder in self._durable:
+                return
+        _fsync_dir(folder.parent)
+        _fsync_dir(self.root)
+        with self._durable_lock:
+            self._durable.add(folder)
 
     def open(self, key: str) -> BinaryIO:
         """Open the file under ``key`` for reading in binary mode."""

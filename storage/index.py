@@ -58,13 +58,41 @@ class WriteOutcome:
     warnings: list[str] = field(default_factory=list)
 
 
+_open_url: str | None = None
+
+
 def connect(url: str, synchronous_full: bool = True) -> pw.Database:
     """Open the index at ``url`` (``sqlite:///path`` or ``postgresql://...``) and create the
     schema when it is new.
 
     SQLite gets WAL mode, foreign keys, a 30 s busy timeout, and ``synchronous=FULL`` when
-    durability is full, so that a committed instance survives a power loss.
+    durability is full, so that a committed instance survives a power loss. The models are
+    bound to one database per process: a second index cannot be opened until
+    :func:`disconnect`.
+
+    Raises
+    ------
+    StorageError
+        When another index is open in this process, or this one cannot be opened.
     """
+    global _open_url
+    if _open_url is not None:
+        raise StorageError(f"an index is already open in this process: {_open_url}")
+    try:
+        database = _open(url, synchronous_full)
+    except (pw.DatabaseError, OSError) as exc:
+        raise StorageError(f"cannot open the index {url}: {exc}") from exc
+    _open_url = url
+    return database
+
+
+def disconnect() -> None:
+    """Forget the open index, so that another may be opened."""
+    global _open_url
+    _open_url = None
+
+
+def _open(url: str, synchronous_full: bool) -> pw.Database:
     if url.startswith("sqlite"):
         database = db_url_connect(
             url,
@@ -163,15 +191,12 @@ def write_instance(record: InstanceRecord, policy: DuplicatePolicy) -> WriteOutc
 
         study = Study.get_or_none(Study.study_instance_uid == record.study["study_instance_uid"])
         if study is None:
-            patient = _patient(record.patient)
+            patient = _patient(record.patient, outcome.warnings)
             study = Study.create(patient=patient, created_at=_now(), **record.study)
             Patient.update(num_studies=Patient.num_studies + 1).where(
                 Patient.id == patient.id
             ).execute()
-        elif (study.patient.patient_id, study.patient.issuer_of_patient_id) != (
-            record.patient["patient_id"],
-            record.patient["issuer_of_patient_id"],
-        ):
+        elif study.patient.patient_key != record.patient["patient_key"]:
             outcome.warnings.append(
                 f"study {study.study_instance_uid} belongs to PatientID "
                 f"{study.patient.patient_id!r}; instance with PatientID "
@@ -210,17 +235,43 @@ def write_instance(record: InstanceRecord, policy: DuplicatePolicy) -> WriteOutc
         Patient.update(num_instances=Patient.num_instances + 1).where(
             Patient.id == study.patient_id
         ).execute()
+        if outcome.result is WriteResult.REPLACED:
+            _refresh(record, series.id, study)
         if outcome.result is WriteResult.REPLACED or stale_studies:
             recompute_counters(stale_studies | {study.id})
     return outcome
 
 
-def _patient(values: dict[str, Any]) -> Patient:
-    patient = Patient.get_or_none(
-        (Patient.patient_id == values["patient_id"])
-        & (Patient.issuer_of_patient_id == values["issuer_of_patient_id"])
-    )
-    return patient if patient is not None else Patient.create(**values)
+_IDENTITY = frozenset({"patient_key", "patient_id", "issuer_of_patient_id",
+                       "study_instance_uid", "series_instance_uid"})
+
+
+def _refresh(record: InstanceRecord, series_id: int, study: Study) -> None:
+    """A replacing instance is the newest word on its series, study and patient: their
+    columns and attributes are rewritten from it (a corrected resend corrects the index)."""
+    def values(level: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in level.items() if k not in _IDENTITY}
+
+    Series.update(**values(record.series)).where(Series.id == series_id).execute()
+    Study.update(**values(record.study)).where(Study.id == study.id).execute()
+    if study.patient.patient_key == record.patient["patient_key"]:
+        Patient.update(**values(record.patient)).where(Patient.id == study.patient_id).execute()
+
+
+_DEMOGRAPHICS = ("patient_name", "patient_birth_date", "patient_sex")
+
+
+def _patient(values: dict[str, Any], warnings: list[str]) -> Patient:
+    patient = Patient.get_or_none(Patient.patient_key == values["patient_key"])
+    if patient is None:
+        return Patient.create(**values)
+    differ = [k for k in _DEMOGRAPHICS if getattr(patient, k) != values[k]]
+    if differ:
+        warnings.append(
+            f"PatientID {values['patient_id']!r} is already filed with other "
+            f"{', '.join(differ)} ({patient.patient_name!r}); the new study is filed under it"
+        )
+    return patient
 
 
 def recompute_counters(study_ids: set[int]) -> None:

@@ -30,7 +30,9 @@ class SchemaVersion(BaseModel):
 
 
 class Patient(BaseModel):
-    patient_id = pw.CharField(max_length=64, default="")
+    # identity: IssuerOfPatientID + PatientID, or, without a PatientID, the one study
+    patient_key = pw.TextField(unique=True)
+    patient_id = pw.CharField(max_length=64, default="", index=True)
     issuer_of_patient_id = pw.CharField(max_length=64, default="")
     patient_name = pw.TextField(default="")
     patient_name_folded = pw.TextField(default="", index=True)
@@ -40,9 +42,6 @@ class Patient(BaseModel):
     num_studies = pw.IntegerField(default=0)
     num_series = pw.IntegerField(default=0)
     num_instances = pw.IntegerField(default=0)
-
-    class Meta:
-        indexes = ((("patient_id", "issuer_of_patient_id"), True),)
 
 
 class Study(BaseModel):

@@ -12,16 +12,14 @@ Nothing here knows the network: DICOMweb or the command line can reuse all of it
 from __future__ import annotations
 
 import enum
-import functools
 import json
-import operator
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import peewee as pw
-from pydicom.charset import convert_encodings
+from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -236,6 +234,16 @@ def _has_value(elem: DataElement) -> bool:
     return value not in (None, "", b"") and not (isinstance(value, list) and not value)
 
 
+def _vr_of(elem: DataElement) -> str:
+    """The dictionary VR of a known key (an SCU may send PatientName as LO), else the VR
+    the element came with (private keys, and the ambiguous "US or SS" kind)."""
+    try:
+        vr = str(dictionary_VR(elem.tag))
+    except KeyError:
+        return str(elem.VR)
+    return str(elem.VR) if " or " in vr else vr
+
+
 def _requested(elem: DataElement, level: Level) -> Requested:
     item_tags: tuple[int, ...] = ()
     if elem.VR == "SQ" and elem.value:
@@ -259,7 +267,7 @@ def _constraint(
 ) -> Constraint | None:
     """Return the constraint for one element, or ``None`` for universal matching."""
     tag = int(elem.tag)
-    vr = elem.VR
+    vr = _vr_of(elem)
     if vr == "SQ":
         return _sequence_constraint(elem, level, key, fold_pn)
     if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
@@ -367,17 +375,31 @@ def normalise(vr: str, value: str, fold_pn: bool) -> str:
     return strip(vr, value)
 
 
-@functools.lru_cache(maxsize=256)
-def _wildcard_regex(pattern: str) -> re.Pattern[str]:
-    out = []
-    for ch in pattern:
-        if ch == "*":
-            out.append(".*")
-        elif ch == "?":
-            out.append(".")  # one character, not one byte
+def wildcard_match(pattern: str, text: str) -> bool:
+    """Whether ``text`` matches a DICOM wildcard ``pattern`` (PS3.4 C.2.2.2.4).
+
+    ``*`` is any run of characters (also none), ``?`` exactly one character; everything else
+    is literal. Two pointers with one backtrack point: O(len(pattern) * len(text)) at worst,
+    so a hostile pattern cannot make a regular expression backtrack for minutes.
+    """
+    p = t = 0
+    star, mark = -1, 0
+    while t < len(text):
+        if p < len(pattern) and pattern[p] != "*" and (pattern[p] == "?" or pattern[p] == text[t]):
+            p += 1
+            t += 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, mark = p, t
+            p += 1
+        elif star != -1:
+            p = star + 1
+            mark += 1
+            t = mark
         else:
-            out.append(re.escape(ch))
-    return re.compile("".join(out), re.DOTALL)
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
 
 
 def _term_matches(term: Term, vr: str, stored: str) -> bool:
@@ -389,7 +411,7 @@ def _term_matches(term: Term, vr: str, stored: str) -> bool:
     if vr == "PN":
         return _pn_matches(term, stored)
     if term.op is Op.WILDCARD:
-        return _wildcard_regex(term.value).fullmatch(stored) is not None
+        return wildcard_match(term.value, stored)
     if vr in NUMERIC_VRS:
         try:
             return float(stored) == float(term.value)
@@ -406,7 +428,7 @@ def _pn_matches(term: Term, stored: str) -> bool:
     """
     def one(q: str, s: str) -> bool:
         if term.op is Op.WILDCARD:
-            return _wildcard_regex(q).fullmatch(s) is not None
+            return wildcard_match(q, s)
         return q == s
 
     groups = stored.split("=")
@@ -541,6 +563,18 @@ def _framed_pn_sql(column: Any, term: Term) -> Any | None:
     return wildcard_sql(column, "*=" + term.value + "=*")
 
 
+_IN_CHUNK = 500  # values per IN (...): well below every backend's parameter limit
+
+
+def _terms_sql(column: Any, terms: Sequence[Term]) -> Any:
+    """OR of the terms: equalities as IN lists (a C.2.2.2.2 list of thousands of UIDs
+    stays one flat expression), the rest OR'ed flat, never nested."""
+    equal = [t.value for t in terms if t.op is Op.EQ]
+    conds = [column.in_(equal[i:i + _IN_CHUNK]) for i in range(0, len(equal), _IN_CHUNK)]
+    conds += [_term_sql(column, t) for t in terms if t.op is not Op.EQ]
+    return _or(conds)
+
+
 def _term_sql(column: Any, term: Term) -> Any:
     if term.op is Op.RANGE:
         cond = column != ""
@@ -566,22 +600,17 @@ def _constraint_sql(c: Constraint, query: Query) -> Any | None:
     column = getattr(model, key.column)
     if c.kind is Kind.EMPTY:
         return column == ""
-    conds = []
-    for term in c.terms:
-        if c.vr == "PN":
-            if not query.fold_pn or key.column is None or not key.column.endswith("_folded"):
-                return None
-            cond = _framed_pn_sql(column, term)
-            if cond is None:
-                return None
-        else:
-            cond = _term_sql(column, term)
-        conds.append(cond)
-    return _or(conds)
+    if c.vr != "PN":
+        return _terms_sql(column, c.terms)
+    if not query.fold_pn or not key.column.endswith("_folded"):
+        return None
+    conds = [_framed_pn_sql(column, term) for term in c.terms]
+    return None if any(cond is None for cond in conds) else _or(conds)
 
 
 def _or(conds: list[Any]) -> Any:
-    return functools.reduce(operator.or_, conds)
+    """One flat, parenthesised OR (nested binary ORs overflow SQLite's parser)."""
+    return conds[0] if len(conds) == 1 else pw.NodeList(conds, " OR ", parens=True)
 
 
 def _exists_sql(c: Constraint, key: Key) -> Any | None:
@@ -596,7 +625,7 @@ def _exists_sql(c: Constraint, key: Key) -> Any | None:
     else:
         model, column = models.Instance, models.Instance.sop_class_uid
         link = models.Instance.study == models.Study.id
-    cond = _or([_term_sql(column, t) for t in c.terms])
+    cond = _terms_sql(column, c.terms)
     return pw.fn.EXISTS(model.select(pw.SQL("1")).where(link & cond))
 
 
@@ -707,22 +736,26 @@ def _all_text(value: Any) -> Iterator[str]:
             yield from _all_text(v)
 
 
-def response_charset(query_charset: Sequence[str], texts: Sequence[str]) -> str | list[str]:
-    """The SpecificCharacterSet of a response.
+_ASCII_TERMS = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
 
-    The query's own character set when it can encode every value of the response (and is a
-    single-byte or UTF-8 set), else ISO_IR 192 (UTF-8), so no character is ever lost.
+
+def response_charset(query_charset: Sequence[str], texts: Sequence[str]) -> str | list[str]:
+    """The SpecificCharacterSet of a response (PS3.5 6.1; PS3.4 C.4.1.1.3.2).
+
+    The query's own character set when pydicom knows it and it can encode every value of
+    the response, else ISO_IR 192 (UTF-8), so that no character is lost and the declared set
+    is always true of the bytes. The default repertoire (empty, ISO_IR 6) only covers ASCII.
     """
+    known = bool(query_charset) and all(term in python_encoding for term in query_charset)
     if all(t.isascii() for t in texts):
-        if not query_charset:
+        if not known:
             return UTF8
         return list(query_charset) if len(query_charset) > 1 else query_charset[0]
-    if len(query_charset) == 1 and query_charset[0]:
+    if known and len(query_charset) == 1 and query_charset[0] not in _ASCII_TERMS:
         try:
-            codec = convert_encodings([query_charset[0]])[0]
             for t in texts:
-                t.encode(codec)
-        except (LookupError, UnicodeEncodeError, ValueError):
+                t.encode(python_encoding[query_charset[0]])
+        except UnicodeEncodeError:
             return UTF8
         return query_charset[0]
     return UTF8

@@ -8,6 +8,7 @@ case- and accent-insensitive matching when configured.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from typing import Any
@@ -33,10 +34,35 @@ def strip(vr: str, value: str) -> str:
     return value.strip(" ")
 
 
+_FOLDED_SCRIPTS = ("LATIN", "GREEK", "CYRILLIC")
+
+
+@functools.lru_cache(maxsize=4096)
+def _accents_fold(base: str) -> bool:
+    try:
+        return unicodedata.name(base).startswith(_FOLDED_SCRIPTS)
+    except ValueError:
+        return False
+
+
 def fold(text: str) -> str:
-    """Fold case and accents: ``"Müller"`` and ``"MULLER"`` fold alike."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+    """Fold case and accents: ``"Müller"`` and ``"MULLER"`` fold alike.
+
+    Accents are dropped only from Latin, Greek and Cyrillic letters: a Japanese voiced
+    mark (が / か) or a Hangul syllable is part of the letter, not an accent. Case is
+    lowered character by character (``ß`` stays one character), and the result is NFC, so
+    ``?`` still stands for exactly one character of the folded text.
+    """
+    out: list[str] = []
+    base = ""
+    for ch in unicodedata.normalize("NFD", text):
+        if unicodedata.combining(ch):
+            if base and _accents_fold(base):
+                continue
+        else:
+            base = ch
+        out.append(ch)
+    return unicodedata.normalize("NFC", "".join(out).lower())
 
 
 def norm_pn(value: str) -> str:

@@ -100,3 +100,14 @@ def test_bad_config_is_reported_and_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "3 problem(s)" in proc.stderr
     assert "ae.colour" in proc.stderr and "ae.port" in proc.stderr and "ae.title" in proc.stderr
+
+
+def test_unusable_data_dir_is_reported_and_exits_1(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = subprocess.run([*minipacs_command(), "serve", "--port", str(free_port()),
+                           "--data-dir", str(blocker / "data")],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "cannot use" in proc.stderr or "cannot open the index" in proc.stderr

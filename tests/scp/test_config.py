@@ -102,3 +102,10 @@ def test_overrides_apply_over_the_file(tmp_path: Path) -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_override_of_a_broken_section_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("ae: [1, 2]\n")
+    with pytest.raises(ConfigError, match="ae: must be a mapping"):
+        load_config(path, {"ae.port": 5000})

@@ -3,6 +3,7 @@ counters and queries, without the network."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from storage import (
     Model,
     Origin,
     SOPClassMismatch,
+    StorageError,
     StorageFull,
     WriteResult,
     index,
@@ -39,10 +41,23 @@ def options(tmp_path: Path, **kw: Any) -> ArchiveOptions:
 
 
 @pytest.fixture
-def archive(tmp_path: Path) -> Any:
-    a = open_archive(options(tmp_path))
-    yield a
-    a.close()
+def make_archive(tmp_path: Path) -> Any:
+    """Open archives (``make_archive(**options)``); all are closed after the test."""
+    opened: list[Archive] = []
+
+    def make(**kw: Any) -> Archive:
+        a = open_archive(options(tmp_path, **kw))
+        opened.append(a)
+        return a
+
+    yield make
+    for a in opened:
+        a.close()
+
+
+@pytest.fixture
+def archive(make_archive: Any) -> Archive:
+    return make_archive()
 
 
 def put(archive: Archive, ds: Dataset, ts: str = "1.2.840.10008.1.2.1", **kw: Any) -> Any:
@@ -98,9 +113,9 @@ def test_counters_match_the_stored_hierarchy(archive: Archive) -> None:
     (DuplicatePolicy.REPLACE, WriteResult.REPLACED, "second"),
     (DuplicatePolicy.KEEP, WriteResult.KEPT, "first"),
 ])
-def test_duplicates_replace_or_keep(tmp_path: Path, policy: DuplicatePolicy, result: WriteResult,
-                                    kept_description: str) -> None:
-    archive = open_archive(options(tmp_path, on_duplicate=policy))
+def test_duplicates_replace_or_keep(tmp_path: Path, make_archive: Any, policy: DuplicatePolicy,
+                                    result: WriteResult, kept_description: str) -> None:
+    archive = make_archive(on_duplicate=policy)
     first = make_ds(SeriesDescription="first")
     second = make_ds(SOPInstanceUID=first.SOPInstanceUID, StudyInstanceUID=first.StudyInstanceUID,
                      SeriesInstanceUID=first.SeriesInstanceUID, SeriesDescription="second")
@@ -111,11 +126,10 @@ def test_duplicates_replace_or_keep(tmp_path: Path, policy: DuplicatePolicy, res
     assert len(files) == 1
     assert dcmread(files[0]).SeriesDescription == kept_description
     check_counts(archive, [first])
-    archive.close()
 
 
-def test_duplicate_reject(tmp_path: Path) -> None:
-    archive = open_archive(options(tmp_path, on_duplicate=DuplicatePolicy.REJECT))
+def test_duplicate_reject(tmp_path: Path, make_archive: Any) -> None:
+    archive = make_archive(on_duplicate=DuplicatePolicy.REJECT)
     first = make_ds()
     put(archive, first)
     assert put(archive, first).result is WriteResult.IDENTICAL
@@ -123,7 +137,6 @@ def test_duplicate_reject(tmp_path: Path) -> None:
         put(archive, make_ds(SOPInstanceUID=first.SOPInstanceUID))
     assert len(stored_files(tmp_path)) == 1
     check_counts(archive, [first])
-    archive.close()
 
 
 def test_replacement_that_moves_an_instance_keeps_counts_exact(archive: Archive, tmp_path: Path) -> None:
@@ -265,17 +278,16 @@ def test_study_level_matching_on_a_real_index(archive: Archive) -> None:
     assert a4.SpecificCharacterSet == "ISO_IR 192"
 
 
-def test_restart_gives_the_same_answers(tmp_path: Path) -> None:
+def test_restart_gives_the_same_answers(make_archive: Any) -> None:
     datasets = hierarchy()
-    first = open_archive(options(tmp_path))
+    first = make_archive()
     for ds in datasets:
         put(first, ds)
     before = [r.to_json_dict() for r in study_query(first)]
     first.close()
-    second = open_archive(options(tmp_path))
+    second = make_archive()
     assert [r.to_json_dict() for r in study_query(second)] == before
     check_counts(second, datasets)
-    second.close()
 
 
 def test_index_uses_wal_and_foreign_keys(archive: Archive, tmp_path: Path) -> None:
@@ -283,6 +295,135 @@ def test_index_uses_wal_and_foreign_keys(archive: Archive, tmp_path: Path) -> No
     con = sqlite3.connect(tmp_path / "index.sqlite")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.close()
+    assert archive.database.execute_sql("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize(("durability", "fsyncs", "synchronous"), [
+    (True, True, 2),    # storage.durability: full -> fsync, synchronous=FULL
+    (False, False, 1),  # relaxed -> no fsync, synchronous=NORMAL
+])
+def test_durability_setting(make_archive: Any, monkeypatch: pytest.MonkeyPatch, durability: bool,
+                            fsyncs: bool, synchronous: int) -> None:
+    import storage.files
+
+    archive = make_archive(durable=durability)
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(storage.files.os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    put(archive, make_ds())
+    assert (len(calls) >= 2) is fsyncs  # the file and its folder
+    assert archive.database.execute_sql("PRAGMA synchronous").fetchone()[0] == synchronous
+
+
+def test_a_second_archive_in_one_process_is_refused(archive: Archive, tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="already open"):
+        open_archive(options(tmp_path / "other"))
+
+
+def test_leftover_temporary_files_are_removed_on_open(make_archive: Any, tmp_path: Path) -> None:
+    first = make_archive()
+    part = tmp_path / "files" / "tmp" / "deadbeef.part"
+    part.write_bytes(b"half a file")
+    first.close()
+    make_archive()
+    assert not part.exists()
+
+
+def test_long_uid_list_on_a_real_index(archive: Archive) -> None:
+    stored = [make_ds() for _ in range(3)]
+    for ds in stored:
+        put(archive, ds)
+    wanted = [stored[0].StudyInstanceUID, stored[2].StudyInstanceUID]
+    uids = [uid() for _ in range(2999)] + wanted
+    got = study_query(archive, StudyInstanceUID="\\".join(uids))
+    assert sorted(r.StudyInstanceUID for r in got) == sorted(wanted)
+    many = "\\".join(["XX"] * 1000 + ["CT"])
+    assert len(study_query(archive, ModalitiesInStudy=many)) == 3
+
+
+def test_studies_without_patient_id_keep_their_own_demographics(archive: Archive) -> None:
+    put(archive, make_ds(PatientID="", PatientName="Alpha^Anna", PatientSex="F"))
+    put(archive, make_ds(PatientID=None, PatientName="Beta^Bob", PatientSex="M"))
+    got = {str(r.PatientName) for r in study_query(archive)}
+    assert got == {"Alpha^Anna", "Beta^Bob"}
+    [beta] = study_query(archive, PatientName="Beta*")
+    assert beta.PatientName == "Beta^Bob"
+
+
+def test_other_demographics_under_a_known_patient_id_are_reported(archive: Archive) -> None:
+    put(archive, make_ds(PatientID="P7", PatientName="Alpha^Anna"))
+    outcome = put(archive, make_ds(PatientID="P7", PatientName="Other^Name"))
+    assert outcome.result is WriteResult.STORED
+    assert any("already filed with other patient_name" in w for w in outcome.warnings)
+
+
+def test_replacement_refreshes_the_index(archive: Archive) -> None:
+    first = make_ds(PatientName="Wrong^Name", StudyDescription="typo 1", Modality="CT")
+    fixed = make_ds(SOPInstanceUID=first.SOPInstanceUID, StudyInstanceUID=first.StudyInstanceUID,
+                    SeriesInstanceUID=first.SeriesInstanceUID, PatientName="Right^Name",
+                    StudyDescription="Chest CT", Modality="MR", SOPClassUID=MRImageStorage)
+    put(archive, first)
+    assert put(archive, fixed).result is WriteResult.REPLACED
+    [rsp] = study_query(archive, StudyDescription="")
+    assert (rsp.PatientName, rsp.StudyDescription) == ("Right^Name", "Chest CT")
+    assert study_counts(rsp) == (1, 1, {"MR"}, {MRImageStorage})
+    assert len(study_query(archive, PatientName="right*")) == 1
+    assert study_query(archive, PatientName="wrong*") == []
+
+
+def test_first_value_of_a_multi_valued_single_value_key_is_matched(archive: Archive) -> None:
+    put(archive, make_ds(AccessionNumber=["A1", "A2"]))
+    [rsp] = study_query(archive, AccessionNumber="A1")
+    assert list(rsp.AccessionNumber) == ["A1", "A2"]  # returned as received
+    assert study_query(archive, AccessionNumber="A2") == []  # the README's documented rule
+
+
+def test_truncated_pixel_data_is_refused(archive: Archive, tmp_path: Path) -> None:
+    data = encode(make_ds(PixelData=bytes(512)))
+    with pytest.raises(InvalidInstance, match=r"\(7FE0,0010\) is truncated"):
+        archive.store(data[:-300], "1.2.840.10008.1.2.1")
+    assert stored_files(tmp_path) == []
+
+
+def test_unterminated_encapsulated_pixel_data_is_refused(archive: Archive) -> None:
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = make_ds(PixelData=encapsulate([b"\xff\xd8" + bytes(100) + b"\xff\xd9"]))
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    data = encode(ds)  # explicit VR little endian bytes, the same layout as JPEG's
+    assert archive.store(data, JPEGBaseline8Bit).result is WriteResult.STORED
+    other = make_ds(PixelData=encapsulate([bytes(100)]))
+    other["PixelData"].VR = "OB"
+    other["PixelData"].is_undefined_length = True
+    cut = encode(other)[:-8]  # no sequence delimiter
+    with pytest.raises(InvalidInstance, match="never ends"):
+        archive.store(cut, JPEGBaseline8Bit)
+
+
+def _deflate(data: bytes) -> bytes:
+    import zlib
+
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+def test_deflated_data_sets_are_inflated_only_as_far_as_the_header(
+        archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED
+
+    import storage.parsing
+
+    monkeypatch.setattr(storage.parsing, "HEADER_LIMIT", 64 * 1024)
+    monkeypatch.setattr(storage.parsing, "INFLATED_LIMIT", 4 * 1024 * 1024)
+    big = make_ds(Rows=1024, Columns=1024, PixelData=bytes(2 * 1024 * 1024))
+    assert archive.store(_deflate(encode(big)), DEFLATED).result is WriteResult.STORED
+    bomb = make_ds(Rows=2048, Columns=2048, PixelData=bytes(8 * 1024 * 1024))
+    with pytest.raises(InvalidInstance, match="inflates beyond"):
+        archive.store(_deflate(encode(bomb)), DEFLATED)
+    with pytest.raises(InvalidInstance, match="truncated"):
+        archive.store(_deflate(encode(make_ds()))[:-20], DEFLATED)
 
 
 def test_no_transaction_is_open_between_responses(archive: Archive, tmp_path: Path) -> None:

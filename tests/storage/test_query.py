@@ -165,6 +165,13 @@ MATCHES = [
     ("PatientName", "d?e^john", ["Dooe^John"], False),
     ("PatientName", "m?ller*", ["Müller^Jürgen"], True),   # ? is one character, not one byte
     ("PatientName", "山?*", ["山田^太郎"], True),
+    ("PatientName", "김?", ["김철"], True),          # Hangul: ? is one syllable
+    ("PatientName", "??", ["김철"], True),
+    ("PatientName", "かとう", ["がとう"], False),     # a voiced mark is no accent
+    ("PatientName", "stra?e", ["Straße"], True),    # ß stays one character
+    ("PatientName", "ΣΩΚΡΆΤΗΣ", ["σωκρατης"], True),
+    ("PatientName", "иванов", ["ИВАНОВ"], True),
+    ("PatientName", "Dvořák", ["DVORAK"], True),
     ("PatientID", "P*", ["p1"], False),   # case-sensitive outside PN
     ("PatientID", "P*", ["P1"], True),
     ("PatientID", "P?", ["P"], False),
@@ -210,6 +217,31 @@ MATCHES = [
 def test_matching(keyword: str, value: str, stored: list[str], expected: bool) -> None:
     c = constraint_for(keyword, value)
     assert constraint_matches(c, stored) is expected
+
+
+@pytest.mark.parametrize("n", [1, 89, 90, 500, 3000])
+def test_long_uid_lists_parse(n: int) -> None:
+    uids = "\\".join(f"1.2.3.{i}" for i in range(n))
+    c = constraint_for("StudyInstanceUID", uids)
+    assert len(c.terms) == n
+    assert constraint_matches(c, [f"1.2.3.{n - 1}"])
+
+
+@pytest.mark.timeout(60)  # a hang guard: a backtracking regex takes hours here
+def test_hostile_wildcards_do_not_hang() -> None:
+    c = constraint_for("StudyDescription", "*a" * 40 + "*b")
+    assert not constraint_matches(c, ["a" * 2000])
+
+
+@pytest.mark.parametrize(("pattern", "text", "expected"), [
+    ("", "", True), ("*", "", True), ("?", "", False), ("a*b?c", "aXXbYc", True),
+    ("a*b?c", "abc", False), ("*b*", "abc", True), ("a**", "a", True), ("*a", "ba", True),
+    ("*a", "ab", False), ("a?", "ab\n", False),
+])
+def test_wildcard_match(pattern: str, text: str, expected: bool) -> None:
+    from storage.query import wildcard_match
+
+    assert wildcard_match(pattern, text) is expected
 
 
 @pytest.mark.parametrize(("value", "stored", "expected"), [
@@ -296,6 +328,13 @@ def test_response_holds_exactly_the_requested_keys() -> None:
     (("ISO_IR 100",), ["Иванов"], "ISO_IR 192"),
     ((), ["Иванов"], "ISO_IR 192"),
     (("ISO_IR 144",), ["Иванов"], "ISO_IR 144"),
+    (("ISO_IR 6",), ["Müller"], "ISO_IR 192"),      # the default repertoire is ASCII only
+    (("ISO 2022 IR 6",), ["Müller"], "ISO_IR 192"),
+    (("",), ["Müller"], "ISO_IR 192"),
+    (("ISO_IR 999",), ["Müller"], "ISO_IR 192"),    # an unknown term is never echoed
+    (("ISO_IR 999",), ["abc"], "ISO_IR 192"),
+    (("ISO_IR 6",), ["abc"], "ISO_IR 6"),
+    (("", "ISO 2022 IR 87"), ["山田"], "ISO_IR 192"),
 ])
 def test_response_charset_never_loses_characters(query_charset: tuple[str, ...], texts: list[str],
                                                  expected: str) -> None:
@@ -311,3 +350,11 @@ def test_private_and_unknown_keys_come_back_empty() -> None:
     assert query.ignored == ("(0009,1011)",)
     rsp = build_response(query, _FakeRow({}))  # type: ignore[arg-type]
     assert rsp[0x00091010].value in ("", None) and rsp[0x00091011].value in ("", None)
+
+
+def test_known_keys_are_matched_by_their_dictionary_vr() -> None:
+    ds = identifier()
+    ds.add_new(0x00100010, "LO", "DOE^JOHN")  # PatientName sent with the wrong VR
+    [c] = parse_identifier(ds, Model.STUDY_ROOT).constraints
+    assert c.vr == "PN"
+    assert constraint_matches(c, ["Doe^John"])

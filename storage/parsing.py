@@ -1,0 +1,281 @@
+"""Reading what the index needs from an incoming data set, and writing its File Meta.
+
+Only the header is parsed (up to the pixel data); what follows is walked, not decoded, to
+make sure it is complete. Every value needed for an index column and the per-level DICOM
+JSON come from here; nothing is re-encoded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
+
+from .errors import InvalidInstance
+from .index import InstanceRecord
+from .keys import Level, level_of
+from .values import norm_da, norm_pn, norm_tm, pn_framed, strip
+
+IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["minipacs"])
+IMPLEMENTATION_VERSION_NAME = "MINIPACS_01"
+BULK_THRESHOLD = 1024
+"""Binary values longer than this many bytes are bulk data: kept in the file, not the index."""
+HEADER_LIMIT = 64 * 1024 * 1024
+"""Most bytes of a deflated data set inflated to read its header."""
+INFLATED_LIMIT = 4 * 1024 * 1024 * 1024
+"""Most bytes a deflated data set may inflate to (a "deflate bomb" is refused)."""
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+# explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+@dataclass
+class Parsed:
+    """What one header gives the index."""
+
+    record: InstanceRecord
+    sop_class_uid: str
+    sop_instance_uid: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_header(data: bytes, transfer_syntax_uid: str) -> Dataset:
+    """Parse a data set up to its pixel data, and check that the rest is complete.
+
+    Raises
+    ------
+    InvalidInstance
+        When the bytes are not a complete data set in that transfer syntax (PS3.4 B.2.3
+        "Cannot understand").
+    """
+    ts = UID(transfer_syntax_uid)
+    try:
+        implicit = ts.is_implicit_VR
+        little = ts.is_little_endian
+    except ValueError:
+        implicit, little = False, True  # an unknown (private) syntax: explicit little endian
+    deflated = ts == DeflatedExplicitVRLittleEndian
+    if deflated:
+        data = _inflate_header(data)
+    fp = io.BytesIO(data)
+    stopped = []
+
+    def at_pixel_data(tag: Any, vr: Any, length: int) -> bool:
+        if int(tag) in _PIXEL_TAGS:
+            stopped.append(True)
+            return True
+        return False
+
+    try:
+        ds = read_dataset(fp, implicit, little, stop_when=at_pixel_data)
+        # Decoding happens lazily: touch the elements now so a broken one fails here.
+        for elem in ds:
+            _ = elem.value
+    except Exception as exc:  # pydicom raises many kinds on malformed input
+        raise InvalidInstance(f"data set cannot be parsed: {exc}") from exc
+    if len(ds) == 0:
+        raise InvalidInstance("data set is empty")
+    if stopped and not deflated:  # a deflate stream's own end was checked on inflating
+        _check_complete(data, fp.tell(), implicit, "<" if little else ">")
+    elif not stopped and fp.tell() < len(data):
+        raise InvalidInstance(f"data set cannot be parsed past byte {fp.tell()}")
+    return ds
+
+
+def _inflate_header(data: bytes) -> bytes:
+    """Inflate at most :data:`HEADER_LIMIT` bytes to parse; stream through the rest without
+    keeping it, to check the deflate stream is whole and not a bomb."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        head = inflater.decompress(data, HEADER_LIMIT)
+        total = len(head)
+        while inflater.unconsumed_tail and total <= INFLATED_LIMIT:
+            total += len(inflater.decompress(inflater.unconsumed_tail, 1 << 20))
+    except zlib.error as exc:
+        raise InvalidInstance(f"deflated data set cannot be inflated: {exc}") from exc
+    if total > INFLATED_LIMIT:
+        raise InvalidInstance(f"deflated data set inflates beyond {INFLATED_LIMIT} bytes")
+    if not inflater.eof:
+        raise InvalidInstance("deflated data set is truncated")
+    return head
+
+
+def _check_complete(data: bytes, pos: int, implicit: bool, order: str) -> None:
+    """Walk the elements from ``pos`` to the end (pixel data and anything after it) by their
+    lengths, without decoding them: a value cut short is refused, not stored."""
+    end = _walk(data, pos, implicit, order, until=None)
+    if end != len(data):  # pragma: no cover - _walk stops only at the end or raises
+        raise InvalidInstance("data set has trailing bytes")
+
+
+def _walk(data: bytes, pos: int, implicit: bool, order: str, until: int | None) -> int:
+    size = len(data)
+    while pos < size:
+        if pos + 8 > size:
+            raise InvalidInstance(f"data set is truncated at byte {pos}")
+        group, elem = struct.unpack_from(order + "HH", data, pos)
+        tag = group << 16 | elem
+        if tag in (_ITEM_END, _SEQUENCE_END):
+            if tag != until:
+                raise InvalidInstance(f"unexpected delimiter at byte {pos}")
+            return pos + 8
+        vr = data[pos + 4:pos + 6]
+        if implicit or group == 0xFFFE or not (vr.isalpha() and vr.isupper()):
+            # items and delimiters have no VR; like pydicom, take an element whose VR bytes
+            # are not a VR as implicitly encoded (some writers do this for pixel data)
+            (length,) = struct.unpack_from(order + "L", data, pos + 4)
+            pos += 8
+        elif vr in _LONG_VRS:
+            if pos + 12 > size:
+                raise InvalidInstance(f"data set is truncated at byte {pos}")
+            (length,) = struct.unpack_from(order + "L", data, pos + 8)
+            pos += 12
+        else:
+            (length,) = struct.unpack_from(order + "H", data, pos + 6)
+            pos += 8
+        if length == _UNDEFINED:
+            # an undefined-length value (encapsulated pixel data, a sequence, an item) runs
+            # to its delimiter; items are walked as nested data sets
+            pos = _walk(data, pos, implicit, order,
+                        until=_ITEM_END if tag == _ITEM else _SEQUENCE_END)
+        else:
+            if pos + length > size:
+                raise InvalidInstance(
+                    f"value of ({group:04X},{elem:04X}) is truncated: {length} bytes "
+                    f"announced, {size - pos} sent"
+                )
+            pos += length
+    if until is not None:
+        raise InvalidInstance("data set is truncated: a sequence or item never ends")
+    return pos
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    text = strip("UI", str(value)) if value else ""
+    if not text:
+        raise InvalidInstance(f"{keyword} is missing")
+    if len(text) > 64 or not _UID_RE.match(text):
+        raise InvalidInstance(f"{keyword} is not a valid UID: {text[:80]!r}")
+    return text
+
+
+def _text(ds: Dataset, keyword: str, vr: str = "LO") -> str:
+    """The value of a single-valued key for its index column: the first value, should the
+    sender have sent several (the README documents it)."""
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else ""
+    return strip(vr, str(value))
+
+
+def extract(ds: Dataset) -> Parsed:
+    """Column values and per-level DICOM JSON of one header.
+
+    Raises
+    ------
+    InvalidInstance
+        When a required UID is missing or malformed.
+    """
+    sop_class_uid = _uid(ds, "SOPClassUID")
+    sop_instance_uid = _uid(ds, "SOPInstanceUID")
+    study_uid = _uid(ds, "StudyInstanceUID")
+    series_uid = _uid(ds, "SeriesInstanceUID")
+    attrs, warnings = _level_json(ds)
+    patient_id = _text(ds, "PatientID")
+    issuer = _text(ds, "IssuerOfPatientID")
+    patient_name = _text(ds, "PatientName", "PN")
+    referring = _text(ds, "ReferringPhysicianName", "PN")
+    record = InstanceRecord(
+        patient={
+            # PS3.4 C.6.1.1.1: PatientID is the patient's Unique key. An instance without
+            # one is a patient of its own, per study, never merged with other anonymous ones.
+            "patient_key": f"{issuer}\\{patient_id}" if patient_id else f"\\\\{study_uid}",
+            "patient_id": patient_id,
+            "issuer_of_patient_id": issuer,
+            "patient_name": norm_pn(patient_name),
+            "patient_name_folded": pn_framed(patient_name, folded=True),
+            "patient_birth_date": norm_da(_text(ds, "PatientBirthDate", "DA")),
+            "patient_sex": _text(ds, "PatientSex", "CS"),
+            "attrs": attrs[Level.PATIENT],
+        },
+        study={
+            "study_instance_uid": study_uid,
+            "study_date": norm_da(_text(ds, "StudyDate", "DA")),
+            "study_time": norm_tm(_text(ds, "StudyTime", "TM")),
+            "accession_number": _text(ds, "AccessionNumber", "SH"),
+            "study_id": _text(ds, "StudyID", "SH"),
+            "referring_physician_name": norm_pn(referring),
+            "referring_physician_name_folded": pn_framed(referring, folded=True),
+            "study_description": _text(ds, "StudyDescription"),
+            "attrs": attrs[Level.STUDY],
+        },
+        series={
+            "series_instance_uid": series_uid,
+            "modality": _text(ds, "Modality", "CS"),
+            "series_number": _text(ds, "SeriesNumber", "IS"),
+            "series_description": _text(ds, "SeriesDescription"),
+            "attrs": attrs[Level.SERIES],
+        },
+        instance={
+            "sop_instance_uid": sop_instance_uid,
+            "sop_class_uid": sop_class_uid,
+            "instance_number": _text(ds, "InstanceNumber", "IS"),
+            "attrs": attrs[Level.IMAGE],
+        },
+    )
+    return Parsed(record, sop_class_uid, sop_instance_uid, warnings)
+
+
+def _bulk_uri(elem: DataElement) -> str:
+    return ""  # bulk data stays in the file
+
+
+def _level_json(ds: Dataset) -> tuple[dict[Level, str], list[str]]:
+    out: dict[Level, dict[str, Any]] = {lv: {} for lv in Level}
+    warnings: list[str] = []
+    for elem in ds:
+        tag = int(elem.tag)
+        if (tag >> 16) == 0x0002 or tag in _PIXEL_TAGS or (tag & 0xFFFF) == 0:
+            continue
+        if elem.VR in _BINARY_VRS and elem.value is not None and len(elem.value) > BULK_THRESHOLD:
+            continue
+        try:
+            out[level_of(tag)][f"{tag:08X}"] = elem.to_json_dict(_bulk_uri, BULK_THRESHOLD)
+        except Exception as exc:  # one malformed optional element does not refuse the image
+            warnings.append(f"{elem.keyword or elem.tag} not indexed: {exc}")
+    return {lv: json.dumps(v, separators=(",", ":")) for lv, v in out.items()}, warnings
+
+
+def file_meta(parsed: Parsed, transfer_syntax_uid: str, source_ae_title: str) -> bytes:
+    """Preamble, prefix and File Meta Information (PS3.10 7.1) for the stored file."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(parsed.sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(parsed.sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_ae_title.strip():
+        meta.SourceApplicationEntityTitle = source_ae_title.strip()[:16]
+    buf = io.BytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buf.getvalue()
