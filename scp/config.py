@@ -59,6 +59,7 @@ class QueryConfig:
     """``query``: C-FIND behaviour."""
 
     pn_case_insensitive: bool = True
+    max_results: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class Config:
             on_duplicate=DuplicatePolicy(self.storage.on_duplicate),
             durable=self.storage.durability == "full",
             fold_pn=self.query.pn_case_insensitive,
+            max_results=self.query.max_results,
         )
 
 
@@ -264,6 +266,8 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
         for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
             if key in values and values[key] <= 0:
                 problems.append(f"ae.{key}: must be a positive number of seconds")
+    if section == "query" and values.get("max_results", 0) < 0:
+        problems.append("query.max_results: must not be negative (0 = no limit)")
     if section == "storage":
         url = values.get("index_url")
         if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):

@@ -20,6 +20,7 @@ from storage import (
     StorageError,
     StorageFull,
     StoreOutcome,
+    TooManyMatches,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ def find_error_status(exc: Exception) -> Dataset:
     """Map an error raised while answering a C-FIND to its PS3.4 C.4.1.1.4 status."""
     if isinstance(exc, InvalidQuery):
         return with_comment(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    if isinstance(exc, TooManyMatches):
+        return with_comment(FIND_OUT_OF_RESOURCES, str(exc))
     if isinstance(exc, QueryFailed):
         return with_comment(UNABLE_TO_PROCESS, str(exc))
     return with_comment(UNABLE_TO_PROCESS, f"internal error: {type(exc).__name__}")

@@ -15,6 +15,7 @@ from .errors import (
     SOPClassMismatch,
     StorageError,
     StorageFull,
+    TooManyMatches,
 )
 from .index import DuplicatePolicy, WriteResult
 from .keys import Level, Model
@@ -38,6 +39,7 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "StoreOutcome",
+    "TooManyMatches",
     "WriteResult",
     "open_archive",
 ]

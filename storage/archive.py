@@ -27,6 +27,7 @@ from .errors import (
     SOPClassMismatch,
     StorageError,
     StorageFull,
+    TooManyMatches,
 )
 from .files import FileStore, FilesystemStore
 from .index import DuplicatePolicy, WriteResult
@@ -69,6 +70,8 @@ class ArchiveOptions:
         fsync files and folders and use ``synchronous=FULL`` (``storage.durability: full``).
     fold_pn : bool
         PN matching ignores case and accents.
+    max_results : int
+        Most matches one query returns (0 = no limit).
     """
 
     files_path: Path
@@ -76,6 +79,7 @@ class ArchiveOptions:
     on_duplicate: DuplicatePolicy = DuplicatePolicy.REPLACE
     durable: bool = True
     fold_pn: bool = True
+    max_results: int = 0
 
 
 class Archive:
@@ -217,10 +221,19 @@ class Archive:
         ------
         QueryFailed
             The index could not be read.
+        TooManyMatches
+            After ``max_results`` responses, when there is one more match.
         """
+        limit = self.options.max_results
+        sent = 0
         try:
             for row in query.select_rows(parsed):
                 if query.row_matches(parsed, row):
+                    if limit and sent == limit:
+                        raise TooManyMatches(
+                            f"more than {limit} matches (query.max_results): refine the query"
+                        )
+                    sent += 1
                     yield query.build_response(parsed, row)
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc

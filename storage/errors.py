@@ -46,6 +46,13 @@ class InvalidQuery(StorageError):
     """
 
 
+class TooManyMatches(StorageError):
+    """A query matched more than ``query.max_results`` entities; the first ones were sent.
+
+    Answered with "Refused: Out of Resources" (A700) after those matches.
+    """
+
+
 class QueryFailed(StorageError):
     """A valid query that could not be carried out (the index could not be read).
 

@@ -111,6 +111,7 @@ KEYS: dict[str, Key] = {
         Key("SOPInstanceUID", IM, unique=True, column="sop_instance_uid"),
         Key("SOPClassUID", IM, column="sop_class_uid"),
         Key("InstanceNumber", IM),
+        Key("AvailableTransferSyntaxUID", IM, computed="transfer_syntax_uid"),
     )
 }
 

@@ -743,22 +743,40 @@ def response_charset(query_charset: Sequence[str], texts: Sequence[str]) -> str 
     """The SpecificCharacterSet of a response (PS3.5 6.1; PS3.4 C.4.1.1.3.2).
 
     The query's own character set when pydicom knows it and it can encode every value of
-    the response, else ISO_IR 192 (UTF-8), so that no character is lost and the declared set
-    is always true of the bytes. The default repertoire (empty, ISO_IR 6) only covers ASCII.
+    the response (with ISO 2022 code extensions, every character by one of the sets), else
+    ISO_IR 192 (UTF-8), so that no character is lost and the declared set is always true of
+    the bytes. The default repertoire (empty, ISO_IR 6) only covers ASCII.
     """
     known = bool(query_charset) and all(term in python_encoding for term in query_charset)
+    echo: str | list[str] = (
+        list(query_charset) if len(query_charset) > 1 else (query_charset or ("",))[0]
+    )
     if all(t.isascii() for t in texts):
-        if not known:
-            return UTF8
-        return list(query_charset) if len(query_charset) > 1 else query_charset[0]
-    if known and len(query_charset) == 1 and query_charset[0] not in _ASCII_TERMS:
+        return echo if known else UTF8
+    codecs = [python_encoding[t] for t in query_charset if t not in _ASCII_TERMS] if known else []
+    if not codecs:
+        return UTF8
+    if len(codecs) == 1 and len(query_charset) == 1:
         try:
             for t in texts:
-                t.encode(python_encoding[query_charset[0]])
+                t.encode(codecs[0])
         except UnicodeEncodeError:
             return UTF8
-        return query_charset[0]
-    return UTF8
+        return echo
+    # ISO 2022 code extensions: pydicom switches sets run by run, so each character
+    # needs one set that can encode it
+    for ch in {c for t in texts for c in t if not c.isascii()}:
+        if not any(_encodes(ch, codec) for codec in codecs):
+            return UTF8
+    return echo
+
+
+def _encodes(ch: str, codec: str) -> bool:
+    try:
+        ch.encode(codec)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 __all__ = [

@@ -334,10 +334,19 @@ def test_response_holds_exactly_the_requested_keys() -> None:
     (("ISO_IR 999",), ["Müller"], "ISO_IR 192"),    # an unknown term is never echoed
     (("ISO_IR 999",), ["abc"], "ISO_IR 192"),
     (("ISO_IR 6",), ["abc"], "ISO_IR 6"),
-    (("", "ISO 2022 IR 87"), ["山田"], "ISO_IR 192"),
+    (("", "ISO 2022 IR 87"), ["山田^太郎=やまだ"], ["", "ISO 2022 IR 87"]),
+    (("ISO 2022 IR 6", "ISO 2022 IR 87"), ["Yamada^Tarou=山田^太郎"], ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+    (("", "ISO 2022 IR 87"), ["Иванов"], ["", "ISO 2022 IR 87"]),  # JIS X 0208 has Cyrillic
+    (("", "ISO 2022 IR 87"), ["Müller"], "ISO_IR 192"),
+    (("", "ISO 2022 IR 149"), ["김철수"], ["", "ISO 2022 IR 149"]),
+    (("", "ISO 2022 IR 149"), ["洪吉洞"], ["", "ISO 2022 IR 149"]),  # KS X 1001 has Hanja
+    (("", "ISO 2022 IR 149"), ["かとう"], ["", "ISO 2022 IR 149"]),
+    (("", "ISO 2022 IR 149"), ["Ü"], "ISO_IR 192"),
+    (("GB18030",), ["张三"], "GB18030"),
+    (("ISO_IR 192",), ["Müller^山田"], "ISO_IR 192"),
 ])
 def test_response_charset_never_loses_characters(query_charset: tuple[str, ...], texts: list[str],
-                                                 expected: str) -> None:
+                                                 expected: str | list[str]) -> None:
     assert response_charset(query_charset, texts) == expected
 
 

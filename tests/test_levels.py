@@ -1,0 +1,180 @@
+"""C-FIND at every level of both information models, with pynetdicom and DCMTK findscu,
+and every computed key at every level it belongs to, against the stored set."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from scp import status
+from tests.conftest import Running, associate, client_ae
+from tests.factory import encode, hierarchy
+
+PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
+STUDY_ROOT = StudyRootQueryRetrieveInformationModelFind
+
+
+@pytest.fixture
+def corpus(server: Running) -> list[Dataset]:
+    """The synthetic hierarchy, every other instance in implicit VR, stored over the network."""
+    datasets = hierarchy()
+    ae = client_ae(storage=False)
+    for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
+        for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):  # one context each
+            ae.add_requested_context(sop_class, syntax)
+    assoc = associate(server, ae)
+    for i, ds in enumerate(datasets):
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if i % 2 else ExplicitVRLittleEndian
+        assert assoc.send_c_store(ds).Status == status.SUCCESS
+    assoc.release()
+    return datasets
+
+
+def c_find(running: Running, model: Any, **keys: Any) -> list[Dataset]:
+    q = Dataset()
+    for k, v in keys.items():
+        setattr(q, k, v)
+    assoc = associate(running)
+    out, final = [], None
+    for rsp, identifier in assoc.send_c_find(q, model):
+        if rsp.Status in (status.PENDING, status.PENDING_WARNING):
+            out.append(identifier)
+        else:
+            final = int(rsp.Status)
+    assoc.release()
+    assert final == status.SUCCESS
+    return out
+
+
+def findscu(dcmtk: Callable[..., Any], running: Running, out: Path, root: str,
+            **keys: str) -> list[Dataset]:
+    out.mkdir(parents=True, exist_ok=True)
+    args = [root, "-aec", running.ae_title, "-X", "-od", str(out)]
+    for k, v in keys.items():
+        args += ["-k", f"{k}={v}" if v else k]
+    dcmtk("findscu", *args, "127.0.0.1", str(running.port))
+    return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def by_patient(datasets: list[Dataset]) -> dict[str, tuple[int, int, int]]:
+    studies, series, instances = defaultdict(set), defaultdict(set), defaultdict(set)
+    for ds in datasets:
+        studies[ds.PatientID].add(ds.StudyInstanceUID)
+        series[ds.PatientID].add(ds.SeriesInstanceUID)
+        instances[ds.PatientID].add(ds.SOPInstanceUID)
+    return {p: (len(studies[p]), len(series[p]), len(instances[p])) for p in studies}
+
+
+def patient_answers(rsps: list[Dataset]) -> dict[str, tuple[int, int, int]]:
+    return {r.PatientID: (int(r.NumberOfPatientRelatedStudies), int(r.NumberOfPatientRelatedSeries),
+                          int(r.NumberOfPatientRelatedInstances)) for r in rsps}
+
+
+PATIENT_KEYS = {"QueryRetrieveLevel": "PATIENT", "PatientID": "", "PatientName": "",
+                "NumberOfPatientRelatedStudies": "", "NumberOfPatientRelatedSeries": "",
+                "NumberOfPatientRelatedInstances": ""}
+
+
+def test_patient_level(server: Running, corpus: list[Dataset], dcmtk: Callable[..., Any],
+                       tmp_path: Path) -> None:
+    expected = by_patient(corpus)
+    rsps = c_find(server, PATIENT_ROOT, **PATIENT_KEYS)
+    assert patient_answers(rsps) == expected
+    assert {str(r.PatientName) for r in rsps if r.PatientID == "PID3"} == {"Müller^Jürgen"}
+    assert patient_answers(findscu(dcmtk, server, tmp_path / "p", "-P", **PATIENT_KEYS)) == expected
+    # matching at PATIENT level
+    [one] = c_find(server, PATIENT_ROOT, **{**PATIENT_KEYS, "PatientName": "smith*"})
+    assert one.PatientID == "PID2"
+
+
+def test_patient_keys_at_study_root_study_level(server: Running, corpus: list[Dataset]) -> None:
+    rsps = c_find(server, STUDY_ROOT, QueryRetrieveLevel="STUDY", PatientID="PID1",
+                  NumberOfPatientRelatedStudies="", NumberOfPatientRelatedInstances="")
+    assert [(int(r.NumberOfPatientRelatedStudies), int(r.NumberOfPatientRelatedInstances))
+            for r in rsps] == [(2, 10), (2, 10)]
+
+
+@pytest.mark.parametrize(("root", "model"), [("-P", PATIENT_ROOT), ("-S", STUDY_ROOT)])
+def test_series_and_image_levels(server: Running, corpus: list[Dataset], dcmtk: Callable[..., Any],
+                                 tmp_path: Path, root: str, model: Any) -> None:
+    study = corpus[0].StudyInstanceUID
+    in_study = [ds for ds in corpus if ds.StudyInstanceUID == study]
+    above = {"PatientID": corpus[0].PatientID} if model is PATIENT_ROOT else {}
+
+    series_keys = {"QueryRetrieveLevel": "SERIES", **above, "StudyInstanceUID": study,
+                   "SeriesInstanceUID": "", "Modality": "", "SeriesNumber": "",
+                   "NumberOfSeriesRelatedInstances": ""}
+    expected_series: dict[str, tuple[str, int, int]] = {}
+    for ds in in_study:
+        modality, number, n = expected_series.get(ds.SeriesInstanceUID, (ds.Modality, ds.SeriesNumber, 0))
+        expected_series[ds.SeriesInstanceUID] = (modality, int(number), n + 1)
+
+    def series_answers(rsps: list[Dataset]) -> dict[str, tuple[str, int, int]]:
+        return {r.SeriesInstanceUID: (r.Modality, int(r.SeriesNumber),
+                                      int(r.NumberOfSeriesRelatedInstances)) for r in rsps}
+
+    assert series_answers(c_find(server, model, **series_keys)) == expected_series
+    assert series_answers(findscu(dcmtk, server, tmp_path / "s", root, **series_keys)) == expected_series
+    assert series_answers(c_find(server, model, **{**series_keys, "Modality": "MR"})) == {
+        uid: v for uid, v in expected_series.items() if v[0] == "MR"}
+
+    series = corpus[0].SeriesInstanceUID
+    image_keys = {"QueryRetrieveLevel": "IMAGE", **above, "StudyInstanceUID": study,
+                  "SeriesInstanceUID": series, "SOPInstanceUID": "", "InstanceNumber": "",
+                  "SOPClassUID": "", "AvailableTransferSyntaxUID": ""}
+    expected_images = {
+        ds.SOPInstanceUID: (int(ds.InstanceNumber), str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        for ds in in_study if ds.SeriesInstanceUID == series}
+
+    def image_answers(rsps: list[Dataset]) -> dict[str, tuple[int, str, str]]:
+        return {r.SOPInstanceUID: (int(r.InstanceNumber), str(r.SOPClassUID),
+                                   str(r.AvailableTransferSyntaxUID)) for r in rsps}
+
+    assert image_answers(c_find(server, model, **image_keys)) == expected_images
+    assert image_answers(findscu(dcmtk, server, tmp_path / "i", root, **image_keys)) == expected_images
+    assert len({v[2] for v in expected_images.values()}) == 2  # both syntaxes really occur
+
+
+@pytest.mark.parametrize(("model", "keys", "comment"), [
+    (PATIENT_ROOT, {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": "1.2"}, "PatientID"),
+    (STUDY_ROOT, {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": "1.2"}, "SeriesInstanceUID"),
+])
+def test_unique_keys_above_the_level_are_required(server: Running, model: Any,
+                                                  keys: dict[str, str], comment: str) -> None:
+    q = Dataset()
+    for k, v in keys.items():
+        setattr(q, k, v)
+    assoc = associate(server)
+    [(rsp, _)] = list(assoc.send_c_find(q, model))
+    assoc.release()
+    assert rsp.Status == status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert comment in rsp.ErrorComment
+
+
+def test_max_results(start_server: Callable[..., Running], dcmtk: Callable[..., Any]) -> None:
+    running = start_server(**{"query.max_results": 3, "storage.durability": "relaxed"})
+    for ds in hierarchy():
+        running.archive.store(encode(ds), ExplicitVRLittleEndian)
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = ""
+    assoc = associate(running)
+    codes = [(int(rsp.Status), rsp.get("ErrorComment")) for rsp, _ in assoc.send_c_find(q, STUDY_ROOT)]
+    assoc.release()
+    assert [c for c, _ in codes] == [status.PENDING] * 3 + [status.FIND_OUT_OF_RESOURCES]
+    assert "more than 3 matches" in codes[-1][1]
+    proc = dcmtk("findscu", "-v", "-S", "-aec", running.ae_title, "-k", "QueryRetrieveLevel=STUDY",
+                 "-k", "StudyInstanceUID", "127.0.0.1", str(running.port))
+    log = proc.stdout + proc.stderr
+    assert log.count("(Pending)") == 3 and "Refused: OutOfResources" in log, log[-1500:]
