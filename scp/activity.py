@@ -36,6 +36,7 @@ class Activity:
         self._lock = threading.Condition()
         self._in_flight = 0
         self._stats: dict[int, _AssocStats] = {}
+        self._extended: dict[int, dict[str, bytes]] = {}
         self._on_end = on_association_end
 
     @contextlib.contextmanager
@@ -65,10 +66,19 @@ class Activity:
         stats = self._stats.setdefault(id(event.assoc), _AssocStats())
         stats.counts[service if ok else f"{service} failed"] += 1
 
+    def set_extended(self, event: evt.Event, accepted: dict[str, bytes]) -> None:
+        """Remember the SOP Class Extended Negotiation accepted for ``event``'s association."""
+        self._extended[id(event.assoc)] = accepted
+
+    def extended(self, event: evt.Event, sop_class_uid: str) -> bytes:
+        """What was accepted for ``sop_class_uid`` on ``event``'s association (b"" if none)."""
+        return self._extended.get(id(event.assoc), {}).get(sop_class_uid, b"")
+
     def handle_established(self, event: evt.Event) -> None:
         self._stats[id(event.assoc)] = _AssocStats()
 
     def handle_closed(self, event: evt.Event) -> None:
+        self._extended.pop(id(event.assoc), None)
         stats = self._stats.pop(id(event.assoc), None)
         if stats is not None:
             how = "aborted" if event.event is evt.EVT_ABORTED else "released"

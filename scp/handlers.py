@@ -30,6 +30,30 @@ def handle_echo(event: evt.Event, activity: Activity) -> int:
     return status.SUCCESS
 
 
+# PS3.4 C.5.1.1 (Table C.5-1): bytes of the C-FIND Service Class Application Information
+RELATIONAL_QUERIES = 0
+COMBINED_DATETIME = 1
+_SUPPORTED_EXTENSIONS = (RELATIONAL_QUERIES, COMBINED_DATETIME)
+
+
+def handle_sop_extended(event: evt.Event, activity: Activity) -> dict[str, bytes]:
+    """SOP Class Extended Negotiation (PS3.7 D.3.3.5) for the FIND models: we accept
+    relational queries and combined date-time matching when asked; fuzzy semantic matching
+    of names and timezone adjustment are answered 0 (not supported)."""
+    accepted: dict[str, bytes] = {}
+    requested: dict[Any, bytes] = getattr(event, "app_info", {})
+    for uid, info in requested.items():
+        if str(uid) not in FIND_MODELS or not info:
+            continue
+        reply = bytearray(len(info))
+        for i in _SUPPORTED_EXTENSIONS:
+            if i < len(info) and info[i] == 1:
+                reply[i] = 1
+        accepted[str(uid)] = bytes(reply)
+    activity.set_extended(event, accepted)
+    return accepted
+
+
 def handle_store(event: evt.Event, archive: Archive, activity: Activity) -> int | Dataset:
     """C-STORE (PS3.4 B.2): store the sender's bytes, answer only once they are indexed."""
     req = cast(C_STORE, event.request)
@@ -53,10 +77,17 @@ def handle_store(event: evt.Event, archive: Archive, activity: Activity) -> int 
 
 def handle_find(event: evt.Event, archive: Archive, activity: Activity) -> Iterator[Any]:
     """C-FIND (PS3.4 C.4.1): one Pending per match, produced lazily so C-CANCEL works."""
-    model = FIND_MODELS[str(event.request.AffectedSOPClassUID)]
+    sop_class = str(event.request.AffectedSOPClassUID)
+    model = FIND_MODELS[sop_class]
+    extended = activity.extended(event, sop_class)
     with activity.operation():
         try:
-            query = archive.parse_query(event.identifier, model)
+            query = archive.parse_query(
+                event.identifier,
+                model,
+                relational=extended[RELATIONAL_QUERIES:RELATIONAL_QUERIES + 1] == b"\x01",
+                combined_datetime=extended[COMBINED_DATETIME:COMBINED_DATETIME + 1] == b"\x01",
+            )
             pending = status.PENDING_WARNING if query.ignored else status.PENDING
             for identifier in archive.find(query):
                 if event.is_cancelled:

@@ -14,7 +14,7 @@ from storage import Archive, open_archive
 from .activity import Activity
 from .config import Config
 from .contexts import SUPPORTED
-from .handlers import handle_echo, handle_find, handle_store
+from .handlers import handle_echo, handle_find, handle_sop_extended, handle_store
 
 logger = logging.getLogger("minipacs")
 
@@ -54,6 +54,7 @@ class Server:
         a, act = self.archive, self.activity
         return [
             (evt.EVT_CONN_OPEN, _disable_nagle),
+            (evt.EVT_SOP_EXTENDED, handle_sop_extended, [act]),
             (evt.EVT_C_ECHO, handle_echo, [act]),
             (evt.EVT_C_STORE, handle_store, [a, act]),
             (evt.EVT_C_FIND, handle_find, [a, act]),

@@ -210,9 +210,25 @@ class Archive:
 
     # -- C-FIND --------------------------------------------------------------------------
 
-    def parse_query(self, identifier: Dataset, model: Model) -> query.Query:
-        """Validate a C-FIND identifier (raises :class:`~storage.errors.InvalidQuery`)."""
-        return query.parse_identifier(identifier, model, fold_pn=self.options.fold_pn)
+    def parse_query(
+        self,
+        identifier: Dataset,
+        model: Model,
+        *,
+        relational: bool = False,
+        combined_datetime: bool = False,
+    ) -> query.Query:
+        """Validate a C-FIND identifier (raises :class:`~storage.errors.InvalidQuery`).
+
+        ``relational`` and ``combined_datetime`` say what the SCU negotiated (PS3.4 C.5.1.1).
+        """
+        return query.parse_identifier(
+            identifier,
+            model,
+            fold_pn=self.options.fold_pn,
+            relational=relational,
+            combined_datetime=combined_datetime,
+        )
 
     def find(self, parsed: query.Query) -> Iterator[Dataset]:
         """Yield one response identifier per match, reading the index page by page.

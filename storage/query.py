@@ -66,6 +66,19 @@ class Kind(enum.Enum):
     TERMS = "terms"  # any of the terms matches
     EMPTY = "empty"  # PS3.4 C.2.2.2.7 Empty Value Matching
     SEQUENCE = "sequence"  # PS3.4 C.2.2.2.6 Sequence Matching
+    DATETIME = "datetime"  # PS3.4 C.2.2.2.5.1 combined date and time range matching
+
+
+# Date and time attributes matched as one date-time when combined matching is negotiated.
+DATE_TIME_PAIRS: dict[int, int] = {
+    0x00080020: 0x00080030,  # StudyDate, StudyTime
+    0x00080021: 0x00080031,  # SeriesDate, SeriesTime
+    0x00080022: 0x00080032,  # AcquisitionDate, AcquisitionTime
+    0x00080023: 0x00080033,  # ContentDate, ContentTime
+    0x00100030: 0x00100032,  # PatientBirthDate, PatientBirthTime
+    0x00400244: 0x00400245,  # PerformedProcedureStepStartDate, ...StartTime
+    0x00080012: 0x00080013,  # InstanceCreationDate, InstanceCreationTime
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,7 @@ class Constraint:
     terms: tuple[Term, ...] = ()
     items: tuple[Constraint, ...] = ()
     key: Key | None = None
+    pair: tuple[int, int] = (0, 0)  # DATETIME: the (date, time) tags matched together
 
     @property
     def keyword(self) -> str:
@@ -118,7 +132,14 @@ class Query:
 # Parsing
 
 
-def parse_identifier(identifier: Dataset, model: Model, fold_pn: bool = True) -> Query:
+def parse_identifier(
+    identifier: Dataset,
+    model: Model,
+    fold_pn: bool = True,
+    *,
+    relational: bool = False,
+    combined_datetime: bool = False,
+) -> Query:
     """Turn a C-FIND identifier into a :class:`Query`.
 
     Parameters
@@ -130,6 +151,11 @@ def parse_identifier(identifier: Dataset, model: Model, fold_pn: bool = True) ->
     fold_pn : bool
         Match PN case- and accent-insensitively (our default; PS3.4 C.2.2.2.1 leaves it to
         the implementation).
+    relational : bool
+        Relational queries were negotiated (PS3.4 C.4.1.2.2): the Unique keys of the levels
+        above need not be given.
+    combined_datetime : bool
+        Combined date and time range matching was negotiated (PS3.4 C.2.2.2.5.1).
 
     Raises
     ------
@@ -181,10 +207,14 @@ def parse_identifier(identifier: Dataset, model: Model, fold_pn: bool = True) ->
         if constraint is not None:
             constraints.append(constraint)
 
+    if combined_datetime:
+        constraints = _combine_date_time(constraints)
+
     # PS3.4 C.4.1.2.1: the Unique key of each level above the query level is present and
-    # holds a single value (or, PS3.4 C.2.2.2.2, a list of UIDs).
+    # holds a single value (or, PS3.4 C.2.2.2.2, a list of UIDs). A relational query
+    # (PS3.4 C.4.1.2.2) may leave them out.
     for upper in model.levels:
-        if upper >= level:
+        if upper >= level or relational:
             break
         keyword = UNIQUE_KEY[upper]
         match = next((c for c in constraints if c.key and c.key.keyword == keyword), None)
@@ -202,6 +232,31 @@ def parse_identifier(identifier: Dataset, model: Model, fold_pn: bool = True) ->
         fold_pn=fold_pn,
         ignored=tuple(ignored),
     )
+
+
+def _combine_date_time(constraints: list[Constraint]) -> list[Constraint]:
+    """PS3.4 C.2.2.2.5.1: with combined matching negotiated, a date key and its time key
+    that both hold one value or range are matched together: ``StudyDate=20240101-20240102``
+    with ``StudyTime=2200-0600`` is 1 January 22:00 to 2 January 06:00. The date constraint
+    stays too (every match satisfies it, and it can use the index)."""
+    by_tag = {c.tag: c for c in constraints}
+    for date_tag, time_tag in DATE_TIME_PAIRS.items():
+        date, time = by_tag.get(date_tag), by_tag.get(time_tag)
+        if date is None or time is None or len(date.terms) != 1 or len(time.terms) != 1:
+            continue
+        d, t = date.terms[0], time.terms[0]
+        if d.op is Op.EQ:
+            d = Term(Op.RANGE, d.value, d.value)
+        # a time bound without a date bound has no meaning in a combined range
+        lower = d.value + t.value if d.value and t.value else d.value
+        upper = d.upper + t.upper if d.upper and t.upper else (
+            d.upper + "235959.999999" if d.upper else "")
+        if d.value and not t.value:
+            lower = d.value + "000000.000000"
+        combined = Constraint(time_tag, "DT", time.level, Kind.DATETIME,
+                              (Term(Op.RANGE, lower, upper),), pair=(date_tag, time_tag))
+        constraints = [combined if c is time else c for c in constraints]
+    return constraints
 
 
 def _charset_of(identifier: Dataset) -> tuple[str, ...]:
@@ -511,6 +566,10 @@ def _computed_json(key: Key, row: Any) -> dict[str, Any]:
 def row_matches(query: Query, row: Row) -> bool:
     """Check every constraint of ``query`` against one match (the residual matching)."""
     for c in query.constraints:
+        if c.kind is Kind.DATETIME:
+            if not _datetime_matches(c, row):
+                return False
+            continue
         element = row.element(c.tag, _storage_level(c.tag)) or {}
         if c.kind is Kind.SEQUENCE:
             items = [v for v in element.get("Value", []) if isinstance(v, dict)]
@@ -519,6 +578,17 @@ def row_matches(query: Query, row: Row) -> bool:
         elif not constraint_matches(c, json_strings(element), query.fold_pn):
             return False
     return True
+
+
+def _datetime_matches(c: Constraint, row: Row) -> bool:
+    date_tag, time_tag = c.pair
+    dates = json_strings(row.element(date_tag, _storage_level(date_tag)) or {})
+    times = json_strings(row.element(time_tag, _storage_level(time_tag)) or {})
+    date = norm_da(dates[0]) if dates else ""
+    if not date:
+        return False  # no date: nothing to place in the range
+    time = (norm_tm(times[0]) if times else "") or "000000.000000"
+    return _term_matches(c.terms[0], "DT", date + time)
 
 
 def _storage_level(tag: int) -> Level:

@@ -178,3 +178,51 @@ def test_max_results(start_server: Callable[..., Running], dcmtk: Callable[..., 
                  "-k", "StudyInstanceUID", "127.0.0.1", str(running.port))
     log = proc.stdout + proc.stderr
     assert log.count("(Pending)") == 3 and "Refused: OutOfResources" in log, log[-1500:]
+
+
+def _negotiating_ae(info: bytes) -> Any:
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+
+    item = SOPClassExtendedNegotiation()
+    item.sop_class_uid = STUDY_ROOT
+    item.service_class_application_information = info
+    return item
+
+
+def test_relational_and_combined_date_time_when_negotiated(server: Running,
+                                                          corpus: list[Dataset]) -> None:
+    image_query = Dataset()
+    image_query.QueryRetrieveLevel = "IMAGE"
+    image_query.PatientName = "Smith*"
+    image_query.SOPInstanceUID = ""
+
+    # without negotiation: hierarchical, so the missing StudyInstanceUID is an error
+    assoc = associate(server)
+    [(rsp, _)] = list(assoc.send_c_find(image_query, STUDY_ROOT))
+    assoc.release()
+    assert rsp.Status == status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+
+    ae = client_ae()
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title,
+                         ext_neg=[_negotiating_ae(b"\x01\x01\x01\x01")])
+    assert assoc.is_established
+    accepted = assoc.acceptor.sop_class_extended
+    assert accepted[STUDY_ROOT] == b"\x01\x01\x00\x00"  # relational, combined; not fuzzy, tz
+    got = {str(i.SOPInstanceUID) for r, i in assoc.send_c_find(image_query, STUDY_ROOT)
+           if r.Status == status.PENDING}
+    assert got == {ds.SOPInstanceUID for ds in corpus if ds.PatientName == "Smith^Anna"}
+
+    # combined: studies from 2023-11-20 10:00 to 2024-01-02 10:00 (times are all 10:15)
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyDate = "20231120-20240102"
+    q.StudyTime = "1000-1000"
+    q.AccessionNumber = ""
+    combined = {str(i.AccessionNumber) for r, i in assoc.send_c_find(q, STUDY_ROOT)
+                if r.Status == status.PENDING}
+    assoc.release()
+    assert combined == {"A3"}  # 2023-11-20 10:15 is inside, 2024-01-02 10:15 is after
+    separate = {str(i.AccessionNumber) for i in c_find(server, STUDY_ROOT, **{
+        "QueryRetrieveLevel": "STUDY", "StudyDate": "20231120-20240102",
+        "StudyTime": "1000-1000", "AccessionNumber": ""})}
+    assert separate == set()  # not combined: a time 10:00-10:00:59 on any day, and all are 10:15

@@ -367,3 +367,46 @@ def test_known_keys_are_matched_by_their_dictionary_vr() -> None:
     [c] = parse_identifier(ds, Model.STUDY_ROOT).constraints
     assert c.vr == "PN"
     assert constraint_matches(c, ["Doe^John"])
+
+
+def test_relational_queries_need_no_unique_keys_above() -> None:
+    ds = identifier("IMAGE", SOPInstanceUID="", PatientName="Doe*")
+    with pytest.raises(InvalidQuery, match="StudyInstanceUID must hold a single value"):
+        parse_identifier(ds, Model.STUDY_ROOT)
+    query = parse_identifier(ds, Model.STUDY_ROOT, relational=True)
+    assert [c.keyword for c in query.constraints] == ["PatientName"]
+    with pytest.raises(InvalidQuery, match="below the query level"):  # still hierarchical below
+        parse_identifier(identifier("STUDY", SOPInstanceUID="1.2"), Model.STUDY_ROOT,
+                         relational=True)
+
+
+class _Stored:
+    def __init__(self, date: str, time: str) -> None:
+        self.values = {0x00080020: {"vr": "DA", "Value": [date]} if date else {},
+                       0x00080030: {"vr": "TM", "Value": [time]} if time else {}}
+
+    def element(self, tag: int, level: Level) -> dict[str, Any] | None:
+        return self.values.get(tag)
+
+
+@pytest.mark.parametrize(("date", "time", "stored_date", "stored_time", "separate", "combined"), [
+    # PS3.4 C.2.2.2.5.1: 1 January 22:00 to 2 January 06:00
+    ("20240101-20240102", "2200-0600", "20240101", "2300", False, True),
+    ("20240101-20240102", "2200-0600", "20240102", "0500", False, True),
+    ("20240101-20240102", "2200-0600", "20240101", "0500", False, False),
+    ("20240101-20240102", "2200-0600", "20240102", "0601", False, False),
+    ("20240101-", "1200-", "20240101", "1100", False, False),
+    ("20240101-", "1200-", "20240102", "1100", False, True),
+    ("-20240102", "-1200", "20240101", "2300", False, True),
+    ("20240101", "1015", "20240101", "101530", True, True),
+    ("20240101-20240102", "2200-0600", "20240101", "", False, False),  # no time: 00:00
+])
+def test_combined_date_time_matching(date: str, time: str, stored_date: str, stored_time: str,
+                                     separate: bool, combined: bool) -> None:
+    from storage.query import row_matches
+
+    ds = identifier(StudyDate=date, StudyTime=time)
+    row = _Stored(stored_date, stored_time)
+    assert row_matches(parse_identifier(ds, Model.STUDY_ROOT), row) is separate  # type: ignore[arg-type]
+    assert row_matches(parse_identifier(ds, Model.STUDY_ROOT, combined_datetime=True),
+                       row) is combined  # type: ignore[arg-type]
