@@ -367,9 +367,10 @@ def _term(vr: str, text: str, name: str, fold_pn: bool) -> Term | None:
 def _date_term(vr: str, value: str, name: str) -> Term:
     norm = {"DA": norm_da, "TM": norm_tm, "DT": norm_dt}[vr]
     if vr == "DT":
-        # DT ranges: "-" also starts a UTC offset, so split only a "-" that is followed by
-        # a digit string of a date-time or nothing (offsets are refined in issue 3).
-        parts = re.split(r"(?<=\d)-(?=\d{4}|$)|^-", value, maxsplit=1)
+        # "-" also starts a negative UTC offset: a value that reads as one date-time
+        # (offset at most 14 hours) is one; otherwise "-" separates a range.
+        match = None if norm_dt(value) else _DT_RANGE_RE.match(value)
+        parts = [value] if match is None else [match.group(1) or "", match.group(2) or ""]
     else:
         parts = value.split("-") if "-" in value else [value]
     if len(parts) > 2:
@@ -377,20 +378,31 @@ def _date_term(vr: str, value: str, name: str) -> Term:
     if len(parts) == 2:
         lower_text, upper_text = (p.strip() for p in parts)
         lower = norm(lower_text) if lower_text else ""
-        upper = (norm_tm(upper_text, upper=True) if vr == "TM" else norm(upper_text)) \
-            if upper_text else ""
-        if vr == "DT" and upper:
-            upper = upper + "\uffff"  # any more precise value still falls inside
+        upper = _upper(vr, upper_text) if upper_text else ""
         if (lower_text and not lower) or (upper_text and not upper) or not (lower or upper):
             raise InvalidQuery(f"{name}: malformed {vr} range {value!r}")
         return Term(Op.RANGE, lower, upper)
     single = norm(value)
     if not single:
         raise InvalidQuery(f"{name}: malformed {vr} value {value!r}")
-    if vr == "TM":
-        # A time is matched over its stated precision: "1200" is 12:00:00 to 12:00:59.999999.
-        return Term(Op.RANGE, single, norm_tm(value, upper=True))
+    if vr in ("TM", "DT"):
+        # A time is matched over its stated precision: "1200" is 12:00:00 to 12:00:59.999999,
+        # a DT "2024" all of 2024.
+        return Term(Op.RANGE, single, _upper(vr, value))
     return Term(Op.EQ, single)
+
+
+_DT_TOKEN = r"\d{4}(?:\d{2}){0,5}(?:\.\d{1,6})?(?:[+-]\d{4})?"
+_DT_RANGE_RE = re.compile(rf"^({_DT_TOKEN})?-({_DT_TOKEN})?$")
+
+
+def _upper(vr: str, text: str) -> str:
+    """The inclusive upper end of a value's stated precision (PS3.4 C.2.2.2.5)."""
+    if vr == "TM":
+        return norm_tm(text, upper=True)
+    if vr == "DT":
+        return norm_dt(text, upper=True)
+    return norm_da(text)
 
 
 def _sequence_constraint(

@@ -8,6 +8,8 @@ case- and accent-insensitive matching when configured.
 
 from __future__ import annotations
 
+import calendar
+import datetime
 import functools
 import re
 import unicodedata
@@ -117,14 +119,49 @@ def norm_tm(value: str, upper: bool = False) -> str:
     return f"{hh}{mm or fill}{ss or fill}.{frac}"
 
 
-def norm_dt(value: str) -> str:
-    """Return a DT value with its offset removed, for ordering (offsets: issue 3)."""
-    text = value.strip()
-    for sign in "+-":
-        pos = text.find(sign, 4)
-        if pos != -1:
-            text = text[:pos]
-    return text
+_DT_RE = re.compile(
+    r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?)?)?)?"
+    r"([+-]\d{4})?$"
+)
+
+
+def norm_dt(value: str, upper: bool = False) -> str:
+    """Return a DT value as ``YYYYMMDDHHMMSS.FFFFFF``, in UTC when it has an offset; ``""``
+    if it is not a date-time.
+
+    Parts the value leaves out are filled with their smallest value, or their largest when
+    ``upper`` is set (``"2024"`` as an upper bound is the last microsecond of 2024). A value
+    with a UTC offset (``&ZZXX``, PS3.5 Table 6.2-1) is moved to UTC so that values written
+    in different offsets compare as instants; one without is compared as written.
+    """
+    m = _DT_RE.match(value.strip())
+    if not m:
+        return ""
+    year, month, day, hour, minute, second, frac, offset = m.groups()
+    try:
+        y = int(year)
+        mo = int(month) if month else (12 if upper else 1)
+        last_day = calendar.monthrange(y, mo)[1]
+        d = int(day) if day else (last_day if upper else 1)
+        top = 23 if upper else 0
+        edge = 59 if upper else 0
+        micro = int(frac.ljust(6, "9" if upper else "0")) if frac else (999999 if upper else 0)
+        instant = datetime.datetime(
+            y, mo, d,
+            int(hour) if hour else top,
+            int(minute) if minute else edge,
+            int(second) if second else edge,
+            micro,
+        )
+        if offset:
+            hours, minutes = int(offset[1:3]), int(offset[3:5])
+            if hours > 14 or minutes > 59:
+                return ""
+            shift = datetime.timedelta(hours=hours, minutes=minutes)
+            instant = instant - shift if offset[0] == "+" else instant + shift
+    except (ValueError, OverflowError):
+        return ""
+    return instant.strftime("%Y%m%d%H%M%S.%f").rjust(21, "0")
 
 
 def json_strings(element: dict[str, Any]) -> list[str]:

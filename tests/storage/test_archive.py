@@ -450,3 +450,45 @@ def test_no_transaction_is_open_between_responses(archive: Archive, tmp_path: Pa
         assert busy == 0  # ...and can be checkpointed: no reader holds a snapshot open
     assert rows == 5
     other.close()
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def test_sequence_matching_on_a_real_index(archive: Archive) -> None:
+    """PS3.4 C.2.2.2.6: one item; its keys matched item by item; an empty item returns the
+    whole sequence; returned items hold only the requested item keys."""
+    chest = make_ds(AccessionNumber="S1", ProcedureCodeSequence=[
+        _code("CT-CHEST", "LOCAL", "CT Chest"), _code("CT-ABD", "LOCAL", "CT Abdomen")])
+    head = make_ds(AccessionNumber="S2", ProcedureCodeSequence=[_code("MR-HEAD", "LOCAL", "MR Head")])
+    none = make_ds(AccessionNumber="S3")
+    for ds in (chest, head, none):
+        put(archive, ds)
+
+    def query(**item_keys: str) -> dict[str, Any]:
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.AccessionNumber = ""
+        item = Dataset()
+        for k, v in item_keys.items():
+            setattr(item, k, v)
+        q.ProcedureCodeSequence = [item]
+        return {str(r.AccessionNumber): r.ProcedureCodeSequence
+                for r in archive.find(archive.parse_query(q, Model.STUDY_ROOT))}
+
+    got = query(CodeValue="CT-ABD", CodeMeaning="")
+    assert list(got) == ["S1"]
+    assert [(i.CodeValue, i.CodeMeaning) for i in got["S1"]] == [
+        ("CT-CHEST", "CT Chest"), ("CT-ABD", "CT Abdomen")]
+    assert all("CodingSchemeDesignator" not in i for i in got["S1"])  # not requested
+    assert list(query(CodeValue="CT-*", CodingSchemeDesignator="LOCAL")) == ["S1"]
+    assert query(CodeValue="CT-CHEST", CodeMeaning="MR Head") == {}  # one item must match all
+    everything = query()  # an empty item: universal, the whole sequence comes back
+    assert sorted(everything) == ["S1", "S2", "S3"]
+    assert len(everything["S1"]) == 2 and everything["S1"][0].CodingSchemeDesignator == "LOCAL"
+    assert len(everything["S3"]) == 0

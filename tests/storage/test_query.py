@@ -410,3 +410,39 @@ def test_combined_date_time_matching(date: str, time: str, stored_date: str, sto
     assert row_matches(parse_identifier(ds, Model.STUDY_ROOT), row) is separate  # type: ignore[arg-type]
     assert row_matches(parse_identifier(ds, Model.STUDY_ROOT, combined_datetime=True),
                        row) is combined  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("value", "upper", "expected"), [
+    ("2024", False, "20240101000000.000000"),
+    ("2024", True, "20241231235959.999999"),
+    ("202402", True, "20240229235959.999999"),
+    ("20240101101530.5", False, "20240101101530.500000"),
+    ("20240101120000+0100", False, "20240101110000.000000"),  # moved to UTC
+    ("20240101060000-0500", False, "20240101110000.000000"),
+    ("20240101-0500", False, "20240101050000.000000"),
+    ("20241301", False, ""), ("2024010", False, ""), ("20240101+2400", False, ""),
+])
+def test_norm_dt(value: str, upper: bool, expected: str) -> None:
+    from storage.values import norm_dt
+
+    assert norm_dt(value, upper=upper) == expected
+
+
+@pytest.mark.parametrize(("query", "stored", "expected"), [
+    ("20240101-20240131", "20240115", True),
+    ("20240101-20240131", "20240131235959", True),   # the whole last day is inside
+    ("20240101-20240131", "20240201", False),
+    ("2024-", "20240101000000", True),
+    ("-2023", "20231231235959.999", True),
+    ("-2023", "20240101", False),
+    ("2020-2024", "2022", True),                      # a range of years, not an offset
+    ("20240101120000+0100", "20240101110000+0000", True),   # the same instant
+    ("20240101120000+0100", "20240101120000+0000", False),
+    ("20240101100000-20240101120000", "20240101130000+0200", True),  # 11:00 UTC
+    ("20240101-0500", "20240101120000-0500", True),   # one day in UTC-5, not a range
+])
+def test_dt_matching(query: str, stored: str, expected: bool) -> None:
+    ds = identifier("IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.3",
+                    AcquisitionDateTime=query)
+    [c] = [c for c in parse_identifier(ds, Model.STUDY_ROOT).constraints if c.vr == "DT"]
+    assert constraint_matches(c, [stored]) is expected
