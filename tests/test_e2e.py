@@ -340,10 +340,26 @@ def test_unsupported_lower_level_keys_give_pending_warning(server: Running) -> N
     assert codes == [status.PENDING_WARNING, status.SUCCESS]
 
 
-def _fill(running: Running, studies: int) -> None:
-    for i in range(studies):
-        ds = make_ds(PatientID=f"P{i:04d}")
-        running.archive.store(encode(ds), ExplicitVRLittleEndian)
+def _fill(running: Running, level: str, n: int) -> Dataset:
+    """Store ``n`` entities of ``level`` (each its own patient, study, series or instance
+    under one parent) and return a query that matches them all."""
+    study, series = uid(), uid()
+    for i in range(n):
+        keys: dict[str, Any] = {"PatientID": f"P{i:04d}"}
+        if level in ("SERIES", "IMAGE"):
+            keys = {"PatientID": "P", "StudyInstanceUID": study}
+        if level == "IMAGE":
+            keys["SeriesInstanceUID"] = series
+        running.archive.store(encode(make_ds(**keys)), ExplicitVRLittleEndian)
+    q = Dataset()
+    q.QueryRetrieveLevel = level
+    q.PatientID = "P" if level in ("SERIES", "IMAGE") else ""
+    if level in ("SERIES", "IMAGE"):
+        q.StudyInstanceUID = study
+        q.SeriesInstanceUID = series if level == "IMAGE" else ""
+    if level == "IMAGE":
+        q.SOPInstanceUID = ""
+    return q
 
 
 def _hold_after_first_match(running: Running) -> None:
@@ -363,26 +379,32 @@ def _hold_after_first_match(running: Running) -> None:
     running.archive.find = find  # type: ignore[method-assign]
 
 
+@pytest.mark.parametrize(("level", "model"), [
+    ("PATIENT", PatientRootQueryRetrieveInformationModelFind),
+    ("STUDY", StudyRootQueryRetrieveInformationModelFind),
+    ("SERIES", PatientRootQueryRetrieveInformationModelFind),
+    ("IMAGE", StudyRootQueryRetrieveInformationModelFind),
+])
 def test_c_cancel_stops_the_stream(start_server: Callable[..., Running],
-                                   dcmtk: Callable[..., Any]) -> None:
+                                   dcmtk: Callable[..., Any], level: str, model: Any) -> None:
     server = start_server(**{"storage.durability": "relaxed"})
-    _fill(server, 300)
+    q = _fill(server, level, 300)
     _hold_after_first_match(server)
-    q = Dataset()
-    q.QueryRetrieveLevel = "STUDY"
-    q.PatientID = ""
     assoc = associate(server)
-    responses = assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind, msg_id=7)
+    responses = assoc.send_c_find(q, model, msg_id=7)
     codes = []
     for rsp, _ in responses:
         codes.append(int(rsp.Status))
         if len(codes) == 1:
-            cx = assoc._get_valid_context(StudyRootQueryRetrieveInformationModelFind, "", "scu")
+            cx = assoc._get_valid_context(model, "", "scu")
             assoc.send_c_cancel(7, cx.context_id)
+    assert codes[0] == status.PENDING
     assert codes[-1] == status.CANCEL
     assert len(codes) < 300
     assert assoc.send_c_echo().Status == status.SUCCESS
     assoc.release()
+    if level != "STUDY":
+        return
     # DCMTK's findscu --cancel sends C-CANCEL after the first response
     proc = dcmtk("findscu", "-v", "-S", "-aec", server.ae_title, "--cancel", "1", "-k",
                  "QueryRetrieveLevel=STUDY", "-k", "PatientID", "127.0.0.1", str(server.port))
