@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, build_context
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
@@ -20,6 +21,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from scp import status
 from scp.config import Config, load_config
 from scp.server import Server
 
@@ -136,3 +138,21 @@ def dcmtk() -> Callable[..., subprocess.CompletedProcess[str]]:
         return proc
 
     return run
+
+
+def find(running: Running, model: Any = StudyRootQueryRetrieveInformationModelFind,
+         **keys: Any) -> tuple[list[Dataset], int]:
+    """A C-FIND with pynetdicom: the matches and the final status."""
+    q = Dataset()
+    for k, v in keys.items():
+        setattr(q, k, v)
+    assoc = associate(running)
+    matches, final = [], -1
+    for rsp_status, identifier in assoc.send_c_find(q, model):
+        code = int(rsp_status.Status)
+        if code in (status.PENDING, status.PENDING_WARNING):
+            matches.append(identifier)
+        else:
+            final = code
+    assoc.release()
+    return matches, final

@@ -23,7 +23,7 @@ from pynetdicom.sop_class import (
 )
 
 from scp import status
-from tests.conftest import Running, associate, client_ae
+from tests.conftest import Running, associate, client_ae, find
 from tests.factory import (
     encode,
     expected_table,
@@ -100,24 +100,6 @@ def send_files(running: Running, files: list[tuple[Path, Dataset]]) -> list[int]
         batch.append((path, ds))
     flush()
     return statuses
-
-
-def find(running: Running, model: Any = StudyRootQueryRetrieveInformationModelFind,
-         **keys: Any) -> tuple[list[Dataset], int]:
-    """A C-FIND with pynetdicom: the matches and the final status."""
-    q = Dataset()
-    for k, v in keys.items():
-        setattr(q, k, v)
-    assoc = associate(running)
-    matches, final = [], -1
-    for rsp_status, identifier in assoc.send_c_find(q, model):
-        code = int(rsp_status.Status)
-        if code in (status.PENDING, status.PENDING_WARNING):
-            matches.append(identifier)
-        else:
-            final = code
-    assoc.release()
-    return matches, final
 
 
 def findscu_study(dcmtk: Callable[..., Any], running: Running, out: Path,

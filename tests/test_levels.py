@@ -18,7 +18,7 @@ from pynetdicom.sop_class import (
 )
 
 from scp import status
-from tests.conftest import Running, associate, client_ae
+from tests.conftest import Running, associate, client_ae, find
 from tests.factory import encode, hierarchy
 
 PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
@@ -42,19 +42,10 @@ def corpus(server: Running) -> list[Dataset]:
 
 
 def c_find(running: Running, model: Any, **keys: Any) -> list[Dataset]:
-    q = Dataset()
-    for k, v in keys.items():
-        setattr(q, k, v)
-    assoc = associate(running)
-    out, final = [], None
-    for rsp, identifier in assoc.send_c_find(q, model):
-        if rsp.Status in (status.PENDING, status.PENDING_WARNING):
-            out.append(identifier)
-        else:
-            final = int(rsp.Status)
-    assoc.release()
+    """The matches of a C-FIND that must end in Success."""
+    matches, final = find(running, model, **keys)
     assert final == status.SUCCESS
-    return out
+    return matches
 
 
 def findscu(dcmtk: Callable[..., Any], running: Running, out: Path, root: str,
