@@ -2,8 +2,9 @@
 """Benchmark minipacs against Orthanc and DCMTK storescp on this machine.
 
 Measures C-STORE ingest (DCMTK ``storescu``, one association and four in parallel, small and
-CT-sized instances) and STUDY-level C-FIND latency (a fresh ``findscu`` process, and one
-pynetdicom association kept open). Run it from anywhere with the project's virtualenv::
+CT-sized instances) and C-FIND latency at the STUDY, SERIES and IMAGE levels (a fresh
+``findscu`` process, and one pynetdicom association kept open). Run it from anywhere with the
+project's virtualenv::
 
     .venv/bin/python bench/run.py             # full run: 10,000 small + 1,000 CT, 20 reps
     .venv/bin/python bench/run.py --quick     # 2,000 small + 200 CT, 5 reps
@@ -32,6 +33,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -69,6 +71,10 @@ STUDY_KEYS = (
     "NumberOfStudyRelatedSeries",
     "ModalitiesInStudy",
 )
+SERIES_KEYS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "NumberOfSeriesRelatedInstances")
+IMAGE_KEYS = ("SOPInstanceUID", "InstanceNumber", "SOPClassUID")
+FIND_LABELS = ("all studies", "one PatientID", "series of a study", "images of a series")
+"""The C-FIND queries measured, in table order (see :func:`find_queries`)."""
 RESULTS_START = "<!-- results:start -->"
 RESULTS_END = "<!-- results:end -->"
 READY_TIMEOUT = 60.0
@@ -93,6 +99,16 @@ class Study:
 
 
 @dataclass
+class Series:
+    """What was generated for one series."""
+
+    study_uid: str
+    number: int
+    instances: dict[str, int] = field(default_factory=dict)
+    """SOP Instance UID -> InstanceNumber."""
+
+
+@dataclass
 class DataSet:
     """A generated set of instances, split over :data:`PARALLEL` folders."""
 
@@ -101,6 +117,7 @@ class DataSet:
     count: int = 0
     total_bytes: int = 0
     studies: dict[str, Study] = field(default_factory=dict)
+    series: dict[str, Series] = field(default_factory=dict)
 
     @property
     def parts(self) -> list[Path]:
@@ -158,9 +175,12 @@ def generate(
         ds.save_as(path, enforce_file_format=True)
         data.count += 1
         data.total_bytes += path.stat().st_size
-        study = data.studies.setdefault(str(ds.StudyInstanceUID), Study(str(ds.PatientID)))
+        in_study, in_series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+        study = data.studies.setdefault(in_study, Study(str(ds.PatientID)))
         study.instances += 1
-        study.series.add(str(ds.SeriesInstanceUID))
+        study.series.add(in_series)
+        info = data.series.setdefault(in_series, Series(in_study, int(ds.SeriesNumber)))
+        info.instances[sop_uid] = number
     return data
 
 
@@ -557,14 +577,66 @@ def send(receiver: Receiver, data: DataSet, parallel: int, log_dir: Path, tag: s
     return cell
 
 
+@dataclass
+class FindQuery:
+    """One C-FIND measured (Study Root): its level, its keys and how to check the matches."""
+
+    label: str
+    level: str
+    keys: list[tuple[str, str]]
+    """(keyword, value) pairs in command-line order; an empty value is a return key."""
+    check: Callable[[list[Dataset]], list[str]]
+    """Compares the matches with the generated data; returns the differences found."""
+
+    def identifier(self) -> Dataset:
+        """The identifier sent by pynetdicom."""
+        return make_identifier(self.level, self.keys)
+
+
+def make_identifier(level: str, keys: Sequence[tuple[str, str]]) -> Dataset:
+    """A C-FIND identifier: QueryRetrieveLevel ``level`` and every (keyword, value) of ``keys``."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys:
+        setattr(ds, keyword, value)
+    return ds
+
+
+def study_keys(patient_id: str = "") -> list[tuple[str, str]]:
+    """:data:`STUDY_KEYS` as return keys, PatientID matching ``patient_id`` when given."""
+    return [(keyword, patient_id if keyword == "PatientID" else "") for keyword in STUDY_KEYS]
+
+
 def study_query(patient_id: str = "") -> Dataset:
     """A STUDY-level identifier asking for :data:`STUDY_KEYS` (optionally one PatientID)."""
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
-    for keyword in STUDY_KEYS:
-        setattr(ds, keyword, "")
-    ds.PatientID = patient_id
-    return ds
+    return make_identifier("STUDY", study_keys(patient_id))
+
+
+def find_queries(data: DataSet, patient_id: str) -> list[FindQuery]:
+    """The queries of :data:`FIND_LABELS`: every study; the studies of ``patient_id``; the
+    series of that patient's first study (by StudyInstanceUID); the images of that study's
+    first series (by StudyInstanceUID and SeriesInstanceUID)."""
+    study_uid = next(iter(data.studies_of(patient_id)))
+    series_uid = next(uid for uid, s in data.series.items() if s.study_uid == study_uid)
+    series_keys = [("StudyInstanceUID", study_uid), *((k, "") for k in SERIES_KEYS)]
+    image_keys = [("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)]
+    image_keys += [(keyword, "") for keyword in IMAGE_KEYS]
+    labels = iter(FIND_LABELS)
+    return [
+        FindQuery(next(labels), "STUDY", study_keys(), partial(check_studies, data=data)),
+        FindQuery(
+            next(labels),
+            "STUDY",
+            study_keys(patient_id),
+            partial(check_studies, data=data, patient_id=patient_id),
+        ),
+        FindQuery(
+            next(labels), "SERIES", series_keys, partial(check_series, data=data, study=study_uid)
+        ),
+        FindQuery(
+            next(labels), "IMAGE", image_keys, partial(check_images, data=data, series=series_uid)
+        ),
+    ]
 
 
 def _find_ae() -> AE:
@@ -614,19 +686,37 @@ def find_once(aet: str, port: int, query: Dataset) -> list[Dataset]:
         assoc.release()
 
 
-def check_answers(answers: list[Dataset], data: DataSet, patient_id: str) -> list[str]:
-    """Compare C-FIND matches with what was generated; return the differences found."""
+def _int(value: Any) -> int | None:
+    """An IS or US value as an int; ``None`` when absent, empty or not a number."""
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _match_problems(answers: int, got: set[str], expected: set[str]) -> list[str]:
+    """A problem when the matches are not exactly the ``expected`` UIDs, once each."""
+    if got == expected and answers == len(expected):
+        return []
+    return [
+        f"{answers} matches, expected {len(expected)} ({len(expected - got)} expected UIDs "
+        f"missing, {len(got - expected)} unexpected)"
+    ]
+
+
+def check_studies(answers: list[Dataset], data: DataSet, patient_id: str = "") -> list[str]:
+    """Compare STUDY-level matches with the studies generated (for ``patient_id``, or all)."""
     expected = data.studies_of(patient_id)
-    got = {str(a.StudyInstanceUID): a for a in answers}
-    problems = []
-    if set(got) != set(expected) or len(answers) != len(expected):
-        problems.append(f"{len(answers)} matches, expected {len(expected)}")
+    got = {str(a.get("StudyInstanceUID", "")): a for a in answers}
+    problems = _match_problems(len(answers), set(got), set(expected))
     for uid, answer in got.items():
         study = expected.get(uid)
         if study is None:
             continue
-        n = int(answer.get("NumberOfStudyRelatedInstances") or -1)
-        series = int(answer.get("NumberOfStudyRelatedSeries") or -1)
+        n = _int(answer.get("NumberOfStudyRelatedInstances"))
+        series = _int(answer.get("NumberOfStudyRelatedSeries"))
         if (n, series) != (study.instances, len(study.series)):
             problems.append(
                 f"study {uid}: {n} instances / {series} series, expected "
@@ -642,21 +732,82 @@ def check_answers(answers: list[Dataset], data: DataSet, patient_id: str) -> lis
     return problems
 
 
-def findscu_command(receiver: Receiver, patient_id: str, verbose: bool = False) -> list[str]:
-    """The ``findscu -S`` command line of :func:`study_query`."""
+def check_series(answers: list[Dataset], data: DataSet, study: str) -> list[str]:
+    """Compare SERIES-level matches with the series generated for the study ``study``.
+
+    A NumberOfSeriesRelatedInstances left out or empty is reported once, as such."""
+    expected = {uid: s for uid, s in data.series.items() if s.study_uid == study}
+    got = {str(a.get("SeriesInstanceUID", "")): a for a in answers}
+    problems = _match_problems(len(answers), set(got), set(expected))
+    unanswered: list[str] = []
+    for uid, answer in got.items():
+        series = expected.get(uid)
+        if series is None:
+            continue
+        if str(answer.get("StudyInstanceUID", "")) != study:
+            problems.append(f"series {uid}: StudyInstanceUID {answer.get('StudyInstanceUID')!r}")
+        if str(answer.get("Modality", "")) != "CT":
+            problems.append(f"series {uid}: Modality {answer.get('Modality')!r}")
+        if _int(answer.get("SeriesNumber")) != series.number:
+            problems.append(
+                f"series {uid}: SeriesNumber {answer.get('SeriesNumber')!r}, "
+                f"expected {series.number}"
+            )
+        n = _int(answer.get("NumberOfSeriesRelatedInstances"))
+        if n is None:
+            unanswered.append(
+                "absent" if "NumberOfSeriesRelatedInstances" not in answer else "empty"
+            )
+        elif n != len(series.instances):
+            problems.append(
+                f"series {uid}: NumberOfSeriesRelatedInstances {n}, "
+                f"expected {len(series.instances)}"
+            )
+    if unanswered:
+        problems.append(
+            f"NumberOfSeriesRelatedInstances not answered in {len(unanswered)} of {len(got)} "
+            f"matches ({', '.join(sorted(set(unanswered)))})"
+        )
+    return problems
+
+
+def check_images(answers: list[Dataset], data: DataSet, series: str) -> list[str]:
+    """Compare IMAGE-level matches with the instances generated for the series ``series``."""
+    expected = data.series[series].instances
+    got = {str(a.get("SOPInstanceUID", "")): a for a in answers}
+    problems = _match_problems(len(answers), set(got), set(expected))
+    for uid, answer in got.items():
+        number = expected.get(uid)
+        if number is None:
+            continue
+        if str(answer.get("SeriesInstanceUID", "")) != series:
+            problems.append(f"image {uid}: SeriesInstanceUID {answer.get('SeriesInstanceUID')!r}")
+            break
+        if _int(answer.get("InstanceNumber")) != number:
+            problems.append(
+                f"image {uid}: InstanceNumber {answer.get('InstanceNumber')!r}, expected {number}"
+            )
+            break
+        if str(answer.get("SOPClassUID", "")) != CTImageStorage:
+            problems.append(f"image {uid}: SOPClassUID {answer.get('SOPClassUID')!r}")
+            break
+    return problems
+
+
+def findscu_command(receiver: Receiver, query: FindQuery, verbose: bool = False) -> list[str]:
+    """The ``findscu -S`` command line of ``query``."""
     cmd = ["findscu", "-S", *(["-v"] if verbose else []), "-aet", SCU_AET, "-aec", receiver.aet]
-    cmd += [HOST, str(receiver.port), "-k", "QueryRetrieveLevel=STUDY"]
-    for keyword in STUDY_KEYS:
-        value = patient_id if keyword == "PatientID" else ""
+    cmd += [HOST, str(receiver.port), "-k", f"QueryRetrieveLevel={query.level}"]
+    for keyword, value in query.keys:
         cmd += ["-k", f"{keyword}={value}" if value else keyword]
     return cmd
 
 
-def time_find(receiver: Receiver, data: DataSet, patient_id: str, reps: int) -> FindTiming:
+def time_find(receiver: Receiver, query: FindQuery, reps: int) -> FindTiming:
     """Time ``reps`` C-FINDs with fresh findscu processes, then ``reps`` on one association;
     check the matches against the generated data."""
     timing = FindTiming()
-    cmd = findscu_command(receiver, patient_id)
+    cmd = findscu_command(receiver, query)
     for _ in range(reps):
         start = time.perf_counter()
         result = run(cmd, 60)
@@ -665,18 +816,19 @@ def time_find(receiver: Receiver, data: DataSet, patient_id: str, reps: int) -> 
             timing.problems.append(f"findscu exit code {result.returncode}: {result.stderr[-300:]}")
             break
     # count findscu's matches once, verbosely, outside the timing
-    verbose = run(findscu_command(receiver, patient_id, verbose=True), 60)
+    verbose = run(findscu_command(receiver, query, verbose=True), 60)
     findscu_matches = len(re.findall(r"Find Response: \d+ \(Pending", verbose.stderr))
     assoc = associate(_find_ae(), receiver.aet, receiver.port)
     answers: list[Dataset] = []
     try:
         for _ in range(reps):
+            identifier = query.identifier()
             start = time.perf_counter()
-            answers = _collect(assoc, study_query(patient_id))
+            answers = _collect(assoc, identifier)
             timing.assoc.append(time.perf_counter() - start)
     finally:
         assoc.release()
-    timing.problems += check_answers(answers, data, patient_id)
+    timing.problems += query.check(answers)
     if findscu_matches != len(answers):
         timing.problems.append(f"findscu got {findscu_matches} matches, pynetdicom {len(answers)}")
     return timing
@@ -716,8 +868,8 @@ class Results:
     """Everything measured in one run."""
 
     ingest: dict[tuple[str, str, int], Ingest] = field(default_factory=dict)
-    find_all: dict[str, FindTiming] = field(default_factory=dict)
-    find_one: dict[str, FindTiming] = field(default_factory=dict)
+    find: dict[tuple[str, str], FindTiming] = field(default_factory=dict)
+    """(query label of :data:`FIND_LABELS`, receiver) -> timings."""
     errors: list[str] = field(default_factory=list)
     server_logs: list[Path] = field(default_factory=list)
     server_exit_codes: dict[str, list[int | None]] = field(default_factory=dict)
@@ -741,7 +893,7 @@ def benchmark(
     results = Results()
     work.mkdir(parents=True, exist_ok=True)
     patients = sorted({study.patient_id for study in small.studies.values()})
-    patient_id = patients[len(patients) // 2]
+    queries = find_queries(small, patients[len(patients) // 2])
     for name in receivers:
         receiver = make_receiver(name, log_dir, work)
         for data in (small, ct):
@@ -760,11 +912,8 @@ def benchmark(
                     if data is small and parallel == 1:
                         results.association[name] = time_association(receiver, reps)
                     if receiver.supports_find and data is small and parallel == 1:
-                        results.find_all[name] = time_find(receiver, small, "", reps)
-                        results.find_one[name] = time_find(receiver, small, patient_id, reps)
-                        for timing in (results.find_all[name], results.find_one[name]):
-                            for problem in timing.problems:
-                                print(f"    ! C-FIND: {problem}", flush=True)
+                        for query in queries:
+                            find_cell(receiver, query, reps, results)
                 except Exception as exc:  # one broken cell must not lose the others
                     results.errors.append(f"{name} {tag}: {type(exc).__name__}: {exc}")
                     print(f"    ! {results.errors[-1]}", flush=True)
@@ -774,6 +923,26 @@ def benchmark(
                     os.sync()  # the next cell must not pay for this one's writeback
         results.server_exit_codes[name] = receiver.exit_codes
     return results
+
+
+def find_cell(receiver: Receiver, query: FindQuery, reps: int, results: Results) -> None:
+    """Measure ``query`` on ``receiver`` into ``results``; a failure is recorded as an error
+    and does not keep the other queries from being measured."""
+    try:
+        timing = time_find(receiver, query, reps)
+    except Exception as exc:
+        results.errors.append(f"{receiver.name} C-FIND {query.label}: {type(exc).__name__}: {exc}")
+        print(f"    ! {results.errors[-1]}", flush=True)
+        return
+    results.find[(query.label, receiver.name)] = timing
+    med = statistics.median
+    print(
+        f"    C-FIND {query.label}: {med(timing.findscu) * 1000:.1f} ms / "
+        f"{med(timing.assoc) * 1000:.1f} ms",
+        flush=True,
+    )
+    for problem in timing.problems:
+        print(f"    ! C-FIND {query.label}: {problem}", flush=True)
 
 
 # -- report -------------------------------------------------------------------------------
@@ -804,9 +973,10 @@ def table(results: Results, receivers: Sequence[str]) -> str:
     """The results as a Markdown table, one row per receiver."""
     header = (
         "| receiver | small 64x64, 1 assoc | small, 4 parallel | CT 512x512, 1 assoc "
-        "| CT, 4 parallel | C-FIND all studies (findscu / open assoc) | C-FIND one PatientID |"
+        "| CT, 4 parallel | C-FIND all studies (findscu / open assoc) | C-FIND one PatientID "
+        "| C-FIND series of a study | C-FIND images of a series |"
     )
-    lines = [header, "|" + "---|" * 7]
+    lines = [header, "|" + "---|" * (5 + len(FIND_LABELS))]
     for name in receivers:
         supported = name != "storescp"
         cells = [
@@ -815,8 +985,7 @@ def table(results: Results, receivers: Sequence[str]) -> str:
             _ingest_cell(results.ingest.get((name, "small", PARALLEL)), False),
             _ingest_cell(results.ingest.get((name, "ct", 1)), True),
             _ingest_cell(results.ingest.get((name, "ct", PARALLEL)), True),
-            _find_cell(results.find_all.get(name), supported),
-            _find_cell(results.find_one.get(name), supported),
+            *(_find_cell(results.find.get((label, name)), supported) for label in FIND_LABELS),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -837,8 +1006,10 @@ def details(results: Results) -> list[str]:
             f"{statistics.median(setups) * 1000:.1f} ms; C-ECHO on an open association: median "
             f"{statistics.median(echoes) * 1000:.2f} ms"
         )
-    for label, timings in (("all studies", results.find_all), ("one PatientID", results.find_one)):
-        for name, t in timings.items():
+    for label in FIND_LABELS:
+        for (of, name), t in results.find.items():
+            if of != label:
+                continue
             for how, values in (("findscu", t.findscu), ("open assoc", t.assoc)):
                 if values:
                     lines.append(
@@ -854,9 +1025,13 @@ def anomalies(results: Results) -> list[str]:
     found = list(results.errors)
     for (name, data, parallel), cell in results.ingest.items():
         found += [f"{name}, {data}, {parallel} assoc: {p}" for p in cell.problems]
-    for label, timings in (("all studies", results.find_all), ("one PatientID", results.find_one)):
-        for name, t in timings.items():
-            found += [f"{name}, C-FIND {label}: {p}" for p in t.problems]
+    for label in FIND_LABELS:
+        found += [
+            f"{name}, C-FIND {label}: {p}"
+            for (of, name), t in results.find.items()
+            if of == label
+            for p in t.problems
+        ]
     for name, codes in results.server_exit_codes.items():
         normal = (0, -signal.SIGTERM) if name == "storescp" else (0,)  # storescp: no handler
         if any(code not in normal for code in codes):
