@@ -24,7 +24,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
 from .errors import InvalidInstance
 from .index import InstanceRecord
 from .keys import Level, level_of
-from .values import norm_da, norm_pn, norm_tm, pn_framed, strip
+from .values import clean_text, norm_da, norm_pn, norm_tm, pn_framed, strip
 
 IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["minipacs"])
 IMPLEMENTATION_VERSION_NAME = "MINIPACS_01"
@@ -184,7 +184,7 @@ def _text(ds: Dataset, keyword: str, vr: str = "LO") -> str:
         return ""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
         value = value[0] if len(value) else ""
-    return strip(vr, str(value))
+    return strip(vr, clean_text(str(value)))
 
 
 def extract(ds: Dataset) -> Parsed:
@@ -259,10 +259,22 @@ def _level_json(ds: Dataset) -> tuple[dict[Level, str], list[str]]:
         if elem.VR in _BINARY_VRS and elem.value is not None and len(elem.value) > BULK_THRESHOLD:
             continue
         try:
-            out[level_of(tag)][f"{tag:08X}"] = elem.to_json_dict(_bulk_uri, BULK_THRESHOLD)
+            out[level_of(tag)][f"{tag:08X}"] = _clean_json(
+                elem.to_json_dict(_bulk_uri, BULK_THRESHOLD)
+            )
         except Exception as exc:  # one malformed optional element does not refuse the image
             warnings.append(f"{elem.keyword or elem.tag} not indexed: {exc}")
     return {lv: json.dumps(v, separators=(",", ":")) for lv, v in out.items()}, warnings
+
+
+def _clean_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [_clean_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean_json(v) for k, v in value.items()}
+    return value
 
 
 def file_meta(parsed: Parsed, transfer_syntax_uid: str, source_ae_title: str) -> bytes:

@@ -31,6 +31,7 @@ from .keys import KEYS, UNIQUE_KEY, Key, Level, Model, level_of
 from .values import (
     NUMERIC_VRS,
     WILDCARD_VRS,
+    clean_text,
     fold,
     json_strings,
     norm_da,
@@ -311,10 +312,10 @@ def _texts(elem: DataElement) -> list[str]:
     if value is None:
         return []
     if isinstance(value, MultiValue | list | tuple):
-        return [str(v) for v in value]
+        return [clean_text(str(v)) for v in value]
     if isinstance(value, bytes):
         raise InvalidQuery(f"{elem.keyword or elem.tag}: binary values cannot be matched")
-    return [str(value)]
+    return [clean_text(str(value))]
 
 
 def _constraint(
@@ -819,6 +820,8 @@ def _all_text(value: Any) -> Iterator[str]:
 
 
 _ASCII_TERMS = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
+# sets pydicom 3.0 cannot encode correctly (it writes IR 58 without its escape sequence)
+_NOT_ECHOED = frozenset({"ISO 2022 IR 58"})
 
 
 def response_charset(query_charset: Sequence[str], texts: Sequence[str]) -> str | list[str]:
@@ -829,7 +832,9 @@ def response_charset(query_charset: Sequence[str], texts: Sequence[str]) -> str 
     ISO_IR 192 (UTF-8), so that no character is lost and the declared set is always true of
     the bytes. The default repertoire (empty, ISO_IR 6) only covers ASCII.
     """
-    known = bool(query_charset) and all(term in python_encoding for term in query_charset)
+    known = bool(query_charset) and all(
+        term in python_encoding and term not in _NOT_ECHOED for term in query_charset
+    )
     echo: str | list[str] = (
         list(query_charset) if len(query_charset) > 1 else (query_charset or ("",))[0]
     )

@@ -27,6 +27,16 @@ _DA_RE = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
 _TM_RE = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
 
 
+# pydicom 3.0 decodes ISO 2022 IR 58 (GB 2312) text but leaves its escape sequence in the
+# decoded string; an ESC is never a character of a DICOM text value, so it is removed here.
+_IR58_ESCAPE = "\x1b$)A"
+
+
+def clean_text(value: str) -> str:
+    """Remove what a decoder left of ISO 2022 escape sequences (see ``_IR58_ESCAPE``)."""
+    return value.replace(_IR58_ESCAPE, "") if "\x1b" in value else value
+
+
 def strip(vr: str, value: str) -> str:
     """Remove the padding that ``vr`` makes insignificant (PS3.5 6.2)."""
     if vr == "UI":

@@ -45,11 +45,13 @@ def as_instance(ds: Dataset) -> Dataset:
     return ds
 
 
-def find_names(running: Running, name: str, charset: Any) -> list[tuple[str, Any]]:
+def find_names(running: Running, name: str | bytes, charset: Any) -> list[tuple[str, Any]]:
+    from pydicom.dataelem import DataElement
+
     q = Dataset()
     q.SpecificCharacterSet = charset
     q.QueryRetrieveLevel = "STUDY"
-    q.PatientName = name
+    q.add(DataElement(0x00100010, "PN", name))  # bytes: already encoded in ``charset``
     q.PatientID = ""
     assoc = associate(running)
     out = []
@@ -80,7 +82,22 @@ def synthetic(charset: Any, name: str) -> Dataset:
     return ds
 
 
-CASES = SAMPLES + [(f"{c}", synthetic(c, n)) for c, n in SYNTHETIC]
+def gb2312_sample() -> Dataset:
+    """ISO 2022 IR 58 written by hand: pydicom 3.0.2 writes it without the escape sequence
+    ESC $ ) A that designates GB 2312 (PS3.3 Table C.12-4), so its bytes are built here."""
+    from pydicom.dataelem import DataElement
+
+    escape = b"\x1b$)A"
+    raw = (b"Zhang^Sanfeng=" + escape + "张".encode("gb2312") + b"^" + escape
+           + "三丰".encode("gb2312"))
+    ds = synthetic(["", "ISO 2022 IR 58"], "")
+    ds.add(DataElement(0x00100010, "PN", raw))
+    return ds
+
+
+GB2312_CASE = "['', 'ISO 2022 IR 58']"
+CASES = SAMPLES + [(f"{c}", synthetic(c, n)) for c, n in SYNTHETIC] + [
+    (GB2312_CASE, gb2312_sample())]
 
 
 def _terms(ds: Dataset) -> set[str]:
@@ -93,9 +110,8 @@ def test_cases_cover_the_character_sets() -> None:
     for expected in ("ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126",
                      "ISO_IR 127", "ISO_IR 138", "ISO_IR 144", "ISO_IR 148", "ISO_IR 166",
                      "ISO_IR 192", "GB18030", "GBK", "ISO 2022 IR 87", "ISO 2022 IR 149",
-                     "ISO 2022 IR 13"):
-        # ISO 2022 IR 58 (GB 2312) is missing: pydicom 3.0.2 writes it without its escape
-        # sequence and keeps the escape in decoded text, so neither side can round-trip it
+                     "ISO 2022 IR 13", "ISO 2022 IR 58"):
+
         assert expected in covered, expected
 
 
@@ -103,13 +119,16 @@ def test_cases_cover_the_character_sets() -> None:
 def test_names_round_trip_in_every_character_set(server: Running, filename: str,
                                                  sample: Dataset) -> None:
     ds = as_instance(sample)
-    name = str(ds.PatientName)
+    name = "Zhang^Sanfeng=张^三丰" if filename == GB2312_CASE else str(ds.PatientName)
     assoc = associate(server)
     assert assoc.send_c_store(ds).Status == status.SUCCESS
     assoc.release()
     own = ds.SpecificCharacterSet
     for charset in ("ISO_IR 192", own):
-        found = find_names(server, name, charset)
+        value: str | bytes = name
+        if filename == GB2312_CASE and charset == own:
+            value = sample["PatientName"].value  # pydicom cannot write IR 58 itself
+        found = find_names(server, value, charset)
         assert [n for n, _ in found] == [name], (charset, found)
         [(_, declared)] = found
         # declared is what the bytes were encoded with: ours, or UTF-8 when ours cannot

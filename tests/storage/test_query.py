@@ -281,6 +281,13 @@ def test_norm_tm(value: str, upper: bool, expected: str) -> None:
     assert norm_tm(value, upper=upper) == expected
 
 
+def test_clean_text_drops_a_left_over_ir58_escape() -> None:
+    from storage.values import clean_text
+
+    assert clean_text("Zhang=\x1b$)A张^\x1b$)A三") == "Zhang=张^三"
+    assert clean_text("plain") == "plain"
+
+
 def test_pn_forms() -> None:
     assert norm_pn(" Doe ^ John ^^^") == "Doe^John"
     assert norm_pn("Doe^John==") == "Doe^John"
@@ -343,6 +350,7 @@ def test_response_holds_exactly_the_requested_keys() -> None:
     (("", "ISO 2022 IR 149"), ["かとう"], ["", "ISO 2022 IR 149"]),
     (("", "ISO 2022 IR 149"), ["Ü"], "ISO_IR 192"),
     (("GB18030",), ["张三"], "GB18030"),
+    (("", "ISO 2022 IR 58"), ["张三"], "ISO_IR 192"),  # pydicom cannot write IR 58
     (("ISO_IR 192",), ["Müller^山田"], "ISO_IR 192"),
 ])
 def test_response_charset_never_loses_characters(query_charset: tuple[str, ...], texts: list[str],
