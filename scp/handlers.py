@@ -30,16 +30,22 @@ def handle_echo(event: evt.Event, activity: Activity) -> int:
     return status.SUCCESS
 
 
-# PS3.4 C.5.1.1 (Table C.5-1): bytes of the C-FIND Service Class Application Information
+# PS3.4 C.5.1.1 (Table C.5-1): bytes of the C-FIND Service Class Application Information,
+# counted from 0: relational-queries, combined date-time matching, fuzzy semantic matching
+# of person names (2, not supported), timezone query adjustment (3, not supported),
+# enhanced multi-frame image conversion (4, not supported), empty value matching,
+# multiple value matching
 RELATIONAL_QUERIES = 0
 COMBINED_DATETIME = 1
-_SUPPORTED_EXTENSIONS = (RELATIONAL_QUERIES, COMBINED_DATETIME)
+EMPTY_VALUE = 5  # always performed; accepted when asked
+MULTIPLE_VALUES = 6
+_SUPPORTED_EXTENSIONS = (RELATIONAL_QUERIES, COMBINED_DATETIME, EMPTY_VALUE, MULTIPLE_VALUES)
 
 
 def handle_sop_extended(event: evt.Event, activity: Activity) -> dict[str, bytes]:
     """SOP Class Extended Negotiation (PS3.7 D.3.3.5) for the FIND models: we accept
-    relational queries and combined date-time matching when asked; fuzzy semantic matching
-    of names and timezone adjustment are answered 0 (not supported)."""
+    relational queries, combined date-time matching, empty value matching and multiple
+    value matching when asked; the other options are answered 0 (not supported)."""
     accepted: dict[str, bytes] = {}
     requested: dict[Any, bytes] = getattr(event, "app_info", {})
     for uid, info in requested.items():
@@ -85,8 +91,9 @@ def handle_find(event: evt.Event, archive: Archive, activity: Activity) -> Itera
             query = archive.parse_query(
                 event.identifier,
                 model,
-                relational=extended[RELATIONAL_QUERIES:RELATIONAL_QUERIES + 1] == b"\x01",
-                combined_datetime=extended[COMBINED_DATETIME:COMBINED_DATETIME + 1] == b"\x01",
+                relational=_accepted(extended, RELATIONAL_QUERIES),
+                combined_datetime=_accepted(extended, COMBINED_DATETIME),
+                multiple_values=_accepted(extended, MULTIPLE_VALUES),
             )
             pending = status.PENDING_WARNING if query.ignored else status.PENDING
             for identifier in archive.find(query):
@@ -100,6 +107,10 @@ def handle_find(event: evt.Event, archive: Archive, activity: Activity) -> Itera
             yield status.find_error_status(exc), None
             return
     activity.count(event, "find", ok=True)
+
+
+def _accepted(extended: bytes, option: int) -> bool:
+    return extended[option:option + 1] == b"\x01"
 
 
 def _log_failure(service: str, event: evt.Event, exc: Exception) -> None:

@@ -217,10 +217,12 @@ class Archive:
         *,
         relational: bool = False,
         combined_datetime: bool = False,
+        multiple_values: bool = False,
     ) -> query.Query:
         """Validate a C-FIND identifier (raises :class:`~storage.errors.InvalidQuery`).
 
-        ``relational`` and ``combined_datetime`` say what the SCU negotiated (PS3.4 C.5.1.1).
+        ``relational``, ``combined_datetime`` and ``multiple_values`` say what the SCU
+        negotiated (PS3.4 C.5.1.1).
         """
         return query.parse_identifier(
             identifier,
@@ -228,6 +230,7 @@ class Archive:
             fold_pn=self.options.fold_pn,
             relational=relational,
             combined_datetime=combined_datetime,
+            multiple_values=multiple_values,
         )
 
     def find(self, parsed: query.Query) -> Iterator[Dataset]:

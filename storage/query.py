@@ -11,6 +11,7 @@ Nothing here knows the network: DICOMweb or the command line can reuse all of it
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import re
@@ -61,6 +62,7 @@ class Term:
     op: Op
     value: str = ""
     upper: str = ""  # RANGE only: inclusive upper bound, "" = open
+    written_range: bool = False  # RANGE written with "-" (not a single value's precision)
 
 
 class Kind(enum.Enum):
@@ -94,6 +96,7 @@ class Constraint:
     items: tuple[Constraint, ...] = ()
     key: Key | None = None
     pair: tuple[int, int] = (0, 0)  # DATETIME: the (date, time) tags matched together
+    all_terms: bool = False  # PS3.4 C.2.2.2.8 Multiple Value Matching, when negotiated
 
     @property
     def keyword(self) -> str:
@@ -140,6 +143,7 @@ def parse_identifier(
     *,
     relational: bool = False,
     combined_datetime: bool = False,
+    multiple_values: bool = False,
 ) -> Query:
     """Turn a C-FIND identifier into a :class:`Query`.
 
@@ -157,6 +161,10 @@ def parse_identifier(
         above need not be given.
     combined_datetime : bool
         Combined date and time range matching was negotiated (PS3.4 C.2.2.2.5.1).
+    multiple_values : bool
+        Multiple value matching was negotiated (PS3.4 C.2.2.2.8): an entity matches a key
+        with several values only if each of them matches one of its values. Without it,
+        several values are OR'ed (our documented choice; UID lists are always OR'ed).
 
     Raises
     ------
@@ -206,6 +214,8 @@ def parse_identifier(
         requested.append(_requested(elem, key_level))
         constraint = _constraint(elem, key_level, key, fold_pn)
         if constraint is not None:
+            if multiple_values and len(constraint.terms) > 1 and constraint.vr != "UI":
+                constraint = dataclasses.replace(constraint, all_terms=True)
             constraints.append(constraint)
 
     if combined_datetime:
@@ -236,8 +246,8 @@ def parse_identifier(
 
 
 def _combine_date_time(constraints: list[Constraint]) -> list[Constraint]:
-    """PS3.4 C.2.2.2.5.1: with combined matching negotiated, a date key and its time key
-    that both hold one value or range are matched together: ``StudyDate=20240101-20240102``
+    """PS3.4 C.2.2.2.5.4: with combined matching negotiated, a date key and its time key
+    that hold the same form of range are matched together: ``StudyDate=20240101-20240102``
     with ``StudyTime=2200-0600`` is 1 January 22:00 to 2 January 06:00. The date constraint
     stays too (every match satisfies it, and it can use the index)."""
     by_tag = {c.tag: c for c in constraints}
@@ -246,8 +256,12 @@ def _combine_date_time(constraints: list[Constraint]) -> list[Constraint]:
         if date is None or time is None or len(date.terms) != 1 or len(time.terms) != 1:
             continue
         d, t = date.terms[0], time.terms[0]
-        if d.op is Op.EQ:
-            d = Term(Op.RANGE, d.value, d.value)
+        # only "both of which specify the same form of Range Matching" (D1-D2 with T1-T2,
+        # -D with -T, D- with T-); single values are matched each on its own
+        if not (d.written_range and t.written_range) or (
+            bool(d.value) != bool(t.value) or bool(d.upper) != bool(t.upper)
+        ):
+            continue
         # a time bound without a date bound has no meaning in a combined range
         lower = d.value + t.value if d.value and t.value else d.value
         upper = d.upper + t.upper if d.upper and t.upper else (
@@ -382,7 +396,7 @@ def _date_term(vr: str, value: str, name: str) -> Term:
         upper = _upper(vr, upper_text) if upper_text else ""
         if (lower_text and not lower) or (upper_text and not upper) or not (lower or upper):
             raise InvalidQuery(f"{name}: malformed {vr} range {value!r}")
-        return Term(Op.RANGE, lower, upper)
+        return Term(Op.RANGE, lower, upper, written_range=True)
     single = norm(value)
     if not single:
         raise InvalidQuery(f"{name}: malformed {vr} value {value!r}")
@@ -520,7 +534,9 @@ def constraint_matches(c: Constraint, stored: Sequence[str], fold_pn: bool = Tru
         return not present
     if not present:
         return False
-    # A multi-valued stored attribute matches if any of its values does.
+    # PS3.4 C.2.2.3: a multi-valued stored attribute matches if any of its values does
+    if c.all_terms:
+        return all(any(_term_matches(t, c.vr, v) for v in present) for t in c.terms)
     return any(_term_matches(t, c.vr, v) for t in c.terms for v in present)
 
 

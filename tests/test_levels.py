@@ -180,7 +180,7 @@ def _negotiating_ae(info: bytes) -> Any:
     return item
 
 
-def test_relational_and_combined_date_time_when_negotiated(server: Running,
+def test_extended_negotiation_options(server: Running,
                                                           corpus: list[Dataset]) -> None:
     image_query = Dataset()
     image_query.QueryRetrieveLevel = "IMAGE"
@@ -195,10 +195,12 @@ def test_relational_and_combined_date_time_when_negotiated(server: Running,
 
     ae = client_ae()
     assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title,
-                         ext_neg=[_negotiating_ae(b"\x01\x01\x01\x01")])
+                         ext_neg=[_negotiating_ae(b"\x01" * 7)])
     assert assoc.is_established
     accepted = assoc.acceptor.sop_class_extended
-    assert accepted[STUDY_ROOT] == b"\x01\x01\x00\x00"  # relational, combined; not fuzzy, tz
+    # relational, combined date-time; not fuzzy names, timezone adjustment, enhanced
+    # multi-frame conversion; empty value and multiple value matching
+    assert accepted[STUDY_ROOT] == b"\x01\x01\x00\x00\x00\x01\x01"
     got = {str(i.SOPInstanceUID) for r, i in assoc.send_c_find(image_query, STUDY_ROOT)
            if r.Status == status.PENDING}
     assert got == {ds.SOPInstanceUID for ds in corpus if ds.PatientName == "Smith^Anna"}
@@ -211,7 +213,19 @@ def test_relational_and_combined_date_time_when_negotiated(server: Running,
     q.AccessionNumber = ""
     combined = {str(i.AccessionNumber) for r, i in assoc.send_c_find(q, STUDY_ROOT)
                 if r.Status == status.PENDING}
+
+    # multiple value matching: every value must match (AND); without it they are OR'ed
+    m = Dataset()
+    m.QueryRetrieveLevel = "STUDY"
+    m.ModalitiesInStudy = ["CT", "MR"]
+    m.AccessionNumber = ""
+    both = {str(i.AccessionNumber) for r, i in assoc.send_c_find(m, STUDY_ROOT)
+            if r.Status == status.PENDING}
     assoc.release()
+    assert both == {"A1"}  # the only study with a CT and an MR series
+    either = {str(i.AccessionNumber) for i in c_find(server, STUDY_ROOT, **{
+        "QueryRetrieveLevel": "STUDY", "ModalitiesInStudy": ["CT", "MR"], "AccessionNumber": ""})}
+    assert either == {"A1", "A2", "A3", "A4", "A5"}
     assert combined == {"A3"}  # 2023-11-20 10:15 is inside, 2024-01-02 10:15 is after
     separate = {str(i.AccessionNumber) for i in c_find(server, STUDY_ROOT, **{
         "QueryRetrieveLevel": "STUDY", "StudyDate": "20231120-20240102",

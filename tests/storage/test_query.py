@@ -454,3 +454,30 @@ def test_dt_matching(query: str, stored: str, expected: bool) -> None:
                     AcquisitionDateTime=query)
     [c] = [c for c in parse_identifier(ds, Model.STUDY_ROOT).constraints if c.vr == "DT"]
     assert constraint_matches(c, [stored]) is expected
+
+
+@pytest.mark.parametrize(("value", "stored", "any_of", "all_of"), [
+    (["CT", "MR"], ["MR", "CT", "OT"], True, True),
+    (["CT", "MR"], ["CT"], True, False),
+    (["CT", "MR"], ["US"], False, False),
+    (["C*", "M?"], ["CT", "MR"], True, True),
+])
+def test_multiple_value_matching_when_negotiated(value: list[str], stored: list[str],
+                                                 any_of: bool, all_of: bool) -> None:
+    ds = identifier(ModalitiesInStudy=value)
+    [plain] = parse_identifier(ds, Model.STUDY_ROOT).constraints
+    [negotiated] = parse_identifier(ds, Model.STUDY_ROOT, multiple_values=True).constraints
+    assert constraint_matches(plain, stored) is any_of
+    assert constraint_matches(negotiated, stored) is all_of
+
+
+def test_uid_lists_stay_lists_with_multiple_value_matching() -> None:
+    ds = identifier(StudyInstanceUID=["1.2", "1.3"])
+    [c] = parse_identifier(ds, Model.STUDY_ROOT, multiple_values=True).constraints
+    assert constraint_matches(c, ["1.3"])
+
+
+def test_combined_date_time_needs_the_same_form_of_range() -> None:
+    ds = identifier(StudyDate="20240101-20240102", StudyTime="2200-")
+    query = parse_identifier(ds, Model.STUDY_ROOT, combined_datetime=True)
+    assert all(c.kind is not Kind.DATETIME for c in query.constraints)
