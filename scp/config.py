@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from storage import ArchiveOptions, DuplicatePolicy
+from storage.query import response_charset_problem
 
 
 class ConfigError(Exception):
@@ -60,6 +61,7 @@ class QueryConfig:
 
     pn_case_insensitive: bool = True
     max_results: int = 0
+    response_charset: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class Config:
             durable=self.storage.durability == "full",
             fold_pn=self.query.pn_case_insensitive,
             max_results=self.query.max_results,
+            response_charset=self.query.response_charset,
         )
 
 
@@ -268,6 +271,10 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
                 problems.append(f"ae.{key}: must be a positive number of seconds")
     if section == "query" and values.get("max_results", 0) < 0:
         problems.append("query.max_results: must not be negative (0 = no limit)")
+    if section == "query" and "response_charset" in values:
+        why = response_charset_problem(values["response_charset"])
+        if why:
+            problems.append(f"query.response_charset: {why}, not {values['response_charset']!r}")
     if section == "storage":
         url = values.get("index_url")
         if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):

@@ -72,6 +72,9 @@ class ArchiveOptions:
         PN matching ignores case and accents.
     max_results : int
         Most matches one query returns (0 = no limit).
+    response_charset : str
+        "auto" (answer in the query's character set when it can) or a character set to
+        answer in when it can; ISO_IR 192 otherwise.
     """
 
     files_path: Path
@@ -80,6 +83,7 @@ class ArchiveOptions:
     durable: bool = True
     fold_pn: bool = True
     max_results: int = 0
+    response_charset: str = "auto"
 
 
 class Archive:
@@ -253,7 +257,7 @@ class Archive:
                             f"more than {limit} matches (query.max_results): refine the query"
                         )
                     sent += 1
-                    yield query.build_response(parsed, row)
+                    yield query.build_response(parsed, row, self.options.response_charset)
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
 

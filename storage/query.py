@@ -783,11 +783,16 @@ def _unpack(obj: Any, level: Level) -> dict[Level, Any]:
 # Responses
 
 
-def build_response(query: Query, row: Row) -> Dataset:
+AUTO = "auto"
+
+
+def build_response(query: Query, row: Row, charset: str = AUTO) -> Dataset:
     """The response identifier of one match (PS3.4 C.4.1.1.3.2).
 
     It holds exactly the requested keys (zero-length where the match has no value),
-    QueryRetrieveLevel, and SpecificCharacterSet naming the encoding of its values.
+    QueryRetrieveLevel, and SpecificCharacterSet naming the encoding of its values:
+    ``charset`` "auto" answers in the query's character set when it can, another value
+    (``query.response_charset``) in that set when it can; else ISO_IR 192.
     """
     ds = Dataset()
     ds.QueryRetrieveLevel = query.level.name
@@ -797,7 +802,8 @@ def build_response(query: Query, row: Row) -> Dataset:
         if req.level <= query.level:
             element = row.element(req.tag, _storage_level(req.tag))
         ds.add(_element(req, element, texts))
-    ds.SpecificCharacterSet = response_charset(query.charset, texts)
+    wanted = query.charset if charset == AUTO else (charset,)
+    ds.SpecificCharacterSet = response_charset(wanted, texts)
     return ds
 
 
@@ -872,6 +878,15 @@ def response_charset(query_charset: Sequence[str], texts: Sequence[str]) -> str 
         if not any(_encodes(ch, codec) for codec in codecs):
             return UTF8
     return echo
+
+
+def response_charset_problem(value: str) -> str | None:
+    """Why ``value`` cannot be ``query.response_charset`` (None if it can)."""
+    if value == AUTO or (value in python_encoding and value not in _NOT_ECHOED
+                         and not value.startswith("ISO 2022")):
+        return None
+    return ("must be auto or a single-byte or stand-alone character set pydicom knows "
+            "(ISO_IR 100, ISO_IR 192, GB18030, ...)")
 
 
 def _encodes(ch: str, codec: str) -> bool:

@@ -75,6 +75,8 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     ("ae:\n  port: '11112'\n", "ae.port: must be a whole number"),
     ("ae: {title: 'A\\\\B'}\n", "ae.title: must be ASCII without backslash"),
     ("ae: {\n", "not valid YAML"),
+    ("query: {response_charset: 'ISO 2022 IR 87'}\n", "query.response_charset: must be auto"),
+    ("query: {response_charset: KOI8}\n", "query.response_charset: must be auto"),
 ])
 def test_single_problems(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "c.yaml"
