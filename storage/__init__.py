@@ -9,6 +9,7 @@ import logging
 from .archive import Archive, ArchiveOptions, Origin, StoreOutcome, open_archive
 from .errors import (
     DuplicateRejected,
+    InstanceUnavailable,
     InvalidInstance,
     InvalidQuery,
     QueryFailed,
@@ -17,7 +18,7 @@ from .errors import (
     StorageFull,
     TooManyMatches,
 )
-from .index import DuplicatePolicy, WriteResult
+from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .keys import Level, Model
 from .query import Query
 
@@ -28,6 +29,7 @@ __all__ = [
     "ArchiveOptions",
     "DuplicatePolicy",
     "DuplicateRejected",
+    "InstanceUnavailable",
     "InvalidInstance",
     "InvalidQuery",
     "Level",
@@ -39,6 +41,7 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "StoreOutcome",
+    "StoredInstance",
     "TooManyMatches",
     "WriteResult",
     "open_archive",

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import peewee as pw
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from . import index, query
 from .errors import (
     DuplicateRejected,
+    InstanceUnavailable,
     QueryFailed,
     SOPClassMismatch,
     StorageError,
@@ -30,7 +33,7 @@ from .errors import (
     TooManyMatches,
 )
 from .files import FileStore, FilesystemStore
-from .index import DuplicatePolicy, WriteResult
+from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .keys import Model
 from .parsing import extract, file_meta, read_header
 from .values import strip
@@ -260,6 +263,44 @@ class Archive:
                     yield query.build_response(parsed, row, self.options.response_charset)
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
+
+    # -- C-MOVE / C-GET -------------------------------------------------------------------
+
+    def retrieve(self, parsed: query.Query) -> list[StoredInstance]:
+        """The instances below every entity that ``parsed`` matches (PS3.4 C.4.2.2, C.4.3.2:
+        a retrieve names entities at its level, usually by their Unique keys or UID lists).
+
+        Only index rows are read; open each file with :meth:`read_instance` when it is sent,
+        so memory stays flat however large the retrieve.
+
+        Raises
+        ------
+        QueryFailed
+            The index could not be read.
+        """
+        try:
+            ids = [row.rows[parsed.level].id for row in query.select_rows(parsed)
+                   if query.row_matches(parsed, row)]
+            return index.instances_under(parsed.level, ids)
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not be read: {exc}") from exc
+
+    def read_instance(self, item: StoredInstance) -> Dataset:
+        """Read one stored instance, File Meta included, for sending.
+
+        Raises
+        ------
+        InstanceUnavailable
+            Its file is missing or cannot be read (the sub-operation fails; ``verify``
+            finds why).
+        """
+        try:
+            with self.files.open(item.file_key) as fp:
+                return dcmread(fp)
+        except (OSError, InvalidDicomError) as exc:
+            raise InstanceUnavailable(
+                f"file of {item.sop_instance_uid} cannot be read: {exc}"
+            ) from exc
 
     # -- life cycle ----------------------------------------------------------------------
 

@@ -53,6 +53,10 @@ class TooManyMatches(StorageError):
     """
 
 
+class InstanceUnavailable(StorageError):
+    """A stored instance's file is missing or unreadable; its retrieve sub-operation fails."""
+
+
 class QueryFailed(StorageError):
     """A valid query that could not be carried out (the index could not be read).
 

@@ -20,6 +20,7 @@ import peewee as pw
 from playhouse.db_url import connect as db_url_connect
 
 from .errors import DuplicateRejected, StorageError
+from .keys import Level
 from .models import MODELS, SCHEMA_VERSION, Instance, Patient, SchemaVersion, Series, Study
 from .models import database_proxy as db
 
@@ -328,3 +329,39 @@ def recompute_counters(study_ids: set[int]) -> None:
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What a retrieve needs of one stored instance (no file is opened to list them)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    file_key: str
+    file_size: int
+
+
+_CHUNK = 500
+
+
+def instances_under(level: Level, ids: list[int]) -> list[StoredInstance]:
+    """The instances of the given patients, studies, series or instances (by row id), in
+    the order they were stored."""
+    column: Any = {
+        Level.PATIENT: Study.patient,
+        Level.STUDY: Instance.study,
+        Level.SERIES: Instance.series,
+        Level.IMAGE: Instance.id,
+    }[level]
+    out: list[StoredInstance] = []
+    for i in range(0, len(ids), _CHUNK):
+        select = Instance.select(
+            Instance.sop_class_uid, Instance.sop_instance_uid, Instance.transfer_syntax_uid,
+            Instance.file_key, Instance.file_size,
+        )
+        if level is Level.PATIENT:
+            select = select.join(Study, on=(Instance.study == Study.id))
+        rows: Any = select.where(column.in_(ids[i:i + _CHUNK])).order_by(Instance.id).tuples()
+        out.extend(StoredInstance(*row) for row in rows)
+    return out

@@ -19,6 +19,7 @@ from storage import (
     ArchiveOptions,
     DuplicatePolicy,
     DuplicateRejected,
+    InstanceUnavailable,
     InvalidInstance,
     Model,
     Origin,
@@ -492,3 +493,43 @@ def test_sequence_matching_on_a_real_index(archive: Archive) -> None:
     assert sorted(everything) == ["S1", "S2", "S3"]
     assert len(everything["S1"]) == 2 and everything["S1"][0].CodingSchemeDesignator == "LOCAL"
     assert len(everything["S3"]) == 0
+
+
+def test_retrieve_lists_the_instances_below_each_match(archive: Archive, tmp_path: Path) -> None:
+    datasets = hierarchy()
+    for ds in datasets:
+        put(archive, ds)
+
+    def retrieve(level: str, model: Model = Model.STUDY_ROOT, **keys: Any) -> set[str]:
+        q = Dataset()
+        q.QueryRetrieveLevel = level
+        for k, v in keys.items():
+            setattr(q, k, v)
+        return {i.sop_instance_uid for i in archive.retrieve(archive.parse_query(q, model))}
+
+    def uids(pred: Any) -> set[str]:
+        return {ds.SOPInstanceUID for ds in datasets if pred(ds)}
+
+    first, other = datasets[0], datasets[-1]
+    assert retrieve("PATIENT", Model.PATIENT_ROOT, PatientID="PID1") == uids(
+        lambda d: d.PatientID == "PID1")
+    both = f"{first.StudyInstanceUID}\\\\{other.StudyInstanceUID}"  # a UID list
+    assert retrieve("STUDY", StudyInstanceUID=both) == uids(
+        lambda d: d.StudyInstanceUID in (first.StudyInstanceUID, other.StudyInstanceUID))
+    assert retrieve("SERIES", StudyInstanceUID=first.StudyInstanceUID,
+                    SeriesInstanceUID=first.SeriesInstanceUID) == uids(
+        lambda d: d.SeriesInstanceUID == first.SeriesInstanceUID)
+    assert retrieve("IMAGE", StudyInstanceUID=first.StudyInstanceUID,
+                    SeriesInstanceUID=first.SeriesInstanceUID,
+                    SOPInstanceUID=first.SOPInstanceUID) == {first.SOPInstanceUID}
+    assert retrieve("STUDY", StudyInstanceUID=uid()) == set()
+
+    [item] = archive.retrieve(archive.parse_query(
+        Dataset.from_json({"00080052": {"vr": "CS", "Value": ["STUDY"]},
+                           "0020000D": {"vr": "UI", "Value": [other.StudyInstanceUID]}}),
+        Model.STUDY_ROOT))
+    assert archive.read_instance(item).SOPInstanceUID == other.SOPInstanceUID
+    for path in stored_files(tmp_path):
+        path.unlink()
+    with pytest.raises(InstanceUnavailable, match="cannot be read"):
+        archive.read_instance(item)
