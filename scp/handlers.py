@@ -96,11 +96,13 @@ def handle_find(event: evt.Event, archive: Archive, activity: Activity) -> Itera
                 multiple_values=_accepted(extended, MULTIPLE_VALUES),
             )
             pending = status.PENDING_WARNING if query.ignored else status.PENDING
-            for identifier in archive.find(query):
+            for identifier in archive.find(query, cancelled=lambda: event.is_cancelled):
                 if event.is_cancelled:
-                    yield status.CANCEL, None  # PS3.4 C.4.1.1.4 Cancel
-                    return
+                    break
                 yield pending, identifier
+            if event.is_cancelled:
+                yield status.CANCEL, None  # PS3.4 C.4.1.1.4 Cancel
+                return
         except Exception as exc:
             _log_failure("C-FIND", event, exc)
             activity.count(event, "find", ok=False)

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,8 +240,13 @@ class Archive:
             multiple_values=multiple_values,
         )
 
-    def find(self, parsed: query.Query) -> Iterator[Dataset]:
+    def find(
+        self, parsed: query.Query, cancelled: Callable[[], bool] | None = None
+    ) -> Iterator[Dataset]:
         """Yield one response identifier per match, reading the index page by page.
+
+        ``cancelled`` is asked before every candidate row, so a C-CANCEL also stops a scan
+        through rows that do not match (PS3.4 C.4.1.3.1); the caller then answers Cancel.
 
         Raises
         ------
@@ -254,6 +259,8 @@ class Archive:
         sent = 0
         try:
             for row in query.select_rows(parsed):
+                if cancelled is not None and cancelled():
+                    return
                 if query.row_matches(parsed, row):
                     if limit and sent == limit:
                         raise TooManyMatches(

@@ -11,10 +11,8 @@ Nothing here knows the network: DICOMweb or the command line can reuse all of it
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +42,7 @@ from .values import (
 
 QUERY_RETRIEVE_LEVEL = 0x00080052
 SPECIFIC_CHARACTER_SET = 0x00080005
+TIMEZONE_OFFSET_FROM_UTC = 0x00080201
 UTF8 = "ISO_IR 192"
 
 
@@ -195,7 +194,8 @@ def parse_identifier(
         raise InvalidQuery(f"identifier cannot be decoded: {exc}") from exc
     for elem in elements:
         tag = int(elem.tag)
-        if tag in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET):
+        if tag in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET, TIMEZONE_OFFSET_FROM_UTC):
+            # control attributes of the request (PS3.4 C.4.1.1.3.1), not keys
             continue
         if (tag >> 16) == 0x0002 or (tag & 0xFFFF) == 0:
             continue  # never group lengths or file meta (PS3.4 C.4.1.1.3.2)
@@ -212,11 +212,12 @@ def parse_identifier(
             requested.append(Requested(tag, elem.VR, key_level))
             continue
         requested.append(_requested(elem, key_level))
-        constraint = _constraint(elem, key_level, key, fold_pn)
+        and_values = multiple_values and _vr_of(elem) != "UI"
+        constraint = _constraint(elem, key_level, key, fold_pn, and_values)
         if constraint is not None:
-            if multiple_values and len(constraint.terms) > 1 and constraint.vr != "UI":
-                constraint = dataclasses.replace(constraint, all_terms=True)
             constraints.append(constraint)
+        elif _vr_of(elem) in _UNMATCHABLE_VRS and _has_value(elem):
+            ignored.append(elem.keyword or str(elem.tag))  # 10: reported with FF01
 
     if combined_datetime:
         constraints = _combine_date_time(constraints)
@@ -304,6 +305,9 @@ def _has_value(elem: DataElement) -> bool:
     return value not in (None, "", b"") and not (isinstance(value, list) and not value)
 
 
+_UNMATCHABLE_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+
+
 def _vr_of(elem: DataElement) -> str:
     """The dictionary VR of a known key (an SCU may send PatientName as LO), else the VR
     the element came with (private keys, and the ambiguous "US or SS" kind)."""
@@ -325,6 +329,9 @@ def _texts(elem: DataElement) -> list[str]:
     value = elem.value
     if value is None:
         return []
+    if elem.VR == "AT":  # as DICOM JSON stores them: "00100010"
+        tags = value if isinstance(value, MultiValue | list | tuple) else [value]
+        return [f"{int(t):08X}" for t in tags]
     if isinstance(value, MultiValue | list | tuple):
         return [clean_text(str(v)) for v in value]
     if isinstance(value, bytes):
@@ -333,15 +340,15 @@ def _texts(elem: DataElement) -> list[str]:
 
 
 def _constraint(
-    elem: DataElement, level: Level, key: Key | None, fold_pn: bool
+    elem: DataElement, level: Level, key: Key | None, fold_pn: bool, all_values: bool = False
 ) -> Constraint | None:
     """Return the constraint for one element, or ``None`` for universal matching."""
     tag = int(elem.tag)
     vr = _vr_of(elem)
     if vr == "SQ":
         return _sequence_constraint(elem, level, key, fold_pn)
-    if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
-        return None  # not matchable: returned only
+    if vr in _UNMATCHABLE_VRS:
+        return None  # not matchable: returned only (and reported, see parse_identifier)
     texts = _texts(elem)
     # PS3.4 C.2.2.2.3 Universal Matching: a zero-length value
     if not texts or all(t == "" for t in texts):
@@ -353,9 +360,14 @@ def _constraint(
     for text in texts:
         term = _term(vr, text, elem.keyword or str(elem.tag), fold_pn)
         if term is None:  # a lone "*": PS3.4 C.2.2.2.4, equivalent to Universal Matching
+            if all_values:
+                continue  # under AND semantics it only drops out of the list
             return None
         terms.append(term)
-    return Constraint(tag, vr, level, Kind.TERMS, tuple(terms), key=key)
+    if not terms:
+        return None
+    return Constraint(tag, vr, level, Kind.TERMS, tuple(terms), key=key,
+                      all_terms=all_values and len(terms) > 1)
 
 
 def _term(vr: str, text: str, name: str, fold_pn: bool) -> Term | None:
@@ -381,13 +393,9 @@ def _term(vr: str, text: str, name: str, fold_pn: bool) -> Term | None:
 
 def _date_term(vr: str, value: str, name: str) -> Term:
     norm = {"DA": norm_da, "TM": norm_tm, "DT": norm_dt}[vr]
-    if vr == "DT":
-        # "-" also starts a negative UTC offset: a value that reads as one date-time
-        # (offset at most 14 hours) is one; otherwise "-" separates a range.
-        match = None if norm_dt(value) else _DT_RANGE_RE.match(value)
-        parts = [value] if match is None else [match.group(1) or "", match.group(2) or ""]
-    else:
-        parts = value.split("-") if "-" in value else [value]
+    # PS3.4 C.2.2.2.5: "-" separates a range; a single DT value cannot carry a negative UTC
+    # offset in a query (PS3.4 C.2.2.2.1.3), so "-" always means a range here too.
+    parts = value.split("-") if "-" in value else [value]
     if len(parts) > 2:
         raise InvalidQuery(f"{name}: malformed range {value!r}")
     if len(parts) == 2:
@@ -405,10 +413,6 @@ def _date_term(vr: str, value: str, name: str) -> Term:
         # a DT "2024" all of 2024.
         return Term(Op.RANGE, single, _upper(vr, value))
     return Term(Op.EQ, single)
-
-
-_DT_TOKEN = r"\d{4}(?:\d{2}){0,5}(?:\.\d{1,6})?(?:[+-]\d{4})?"
-_DT_RANGE_RE = re.compile(rf"^({_DT_TOKEN})?-({_DT_TOKEN})?$")
 
 
 def _upper(vr: str, text: str) -> str:
@@ -461,27 +465,53 @@ def wildcard_match(pattern: str, text: str) -> bool:
     """Whether ``text`` matches a DICOM wildcard ``pattern`` (PS3.4 C.2.2.2.4).
 
     ``*`` is any run of characters (also none), ``?`` exactly one character; everything else
-    is literal. Two pointers with one backtrack point: O(len(pattern) * len(text)) at worst,
-    so a hostile pattern cannot make a regular expression backtrack for minutes.
+    is literal. The pattern is cut at each ``*``: the first piece must match at the start,
+    the last at the end, and each piece between at its leftmost place after the previous
+    one (leftmost is always right). Pieces without ``?`` are found with ``str.find``, so no
+    pattern makes the matcher backtrack.
     """
-    p = t = 0
-    star, mark = -1, 0
-    while t < len(text):
-        if p < len(pattern) and pattern[p] != "*" and (pattern[p] == "?" or pattern[p] == text[t]):
-            p += 1
-            t += 1
-        elif p < len(pattern) and pattern[p] == "*":
-            star, mark = p, t
-            p += 1
-        elif star != -1:
-            p = star + 1
-            mark += 1
-            t = mark
-        else:
+    pieces = pattern.split("*")
+    if len(pieces) == 1:
+        return len(text) == len(pattern) and _piece_at(pattern, text, 0)
+    first, *middle, last = pieces
+    if len(first) + len(last) > len(text):
+        return False
+    if not _piece_at(first, text, 0) or not _piece_at(last, text, len(text) - len(last)):
+        return False
+    pos, end = len(first), len(text) - len(last)
+    for piece in middle:
+        found = _find_piece(piece, text, pos, end)
+        if found < 0:
             return False
-    while p < len(pattern) and pattern[p] == "*":
-        p += 1
-    return p == len(pattern)
+        pos = found + len(piece)
+    return True
+
+
+def _piece_at(piece: str, text: str, at: int) -> bool:
+    """Whether ``piece`` (literals and ``?``) matches ``text`` at position ``at``."""
+    if "?" not in piece:
+        return text.startswith(piece, at)
+    return all(p == "?" or p == text[at + i] for i, p in enumerate(piece))
+
+
+def _find_piece(piece: str, text: str, start: int, end: int) -> int:
+    """The leftmost position in ``text[start:end]`` where ``piece`` matches, or -1."""
+    if "?" not in piece:
+        return text.find(piece, start, end)
+    # anchor on the longest literal run of the piece, then check the ``?`` around it
+    run = max(piece.split("?"), key=len)
+    offset = piece.find(run) if run else 0
+    pos = start
+    while pos + len(piece) <= end:
+        if run:
+            hit = text.find(run, pos + offset, end - (len(piece) - offset - len(run)))
+            if hit < 0:
+                return -1
+            pos = hit - offset
+        if _piece_at(piece, text, pos):
+            return pos
+        pos += 1
+    return -1
 
 
 def _term_matches(term: Term, vr: str, stored: str) -> bool:
@@ -509,16 +539,18 @@ def _pn_matches(term: Term, stored: str) -> bool:
     groups matches group by group, an empty query group matching anything.
     """
     def one(q: str, s: str) -> bool:
-        if term.op is Op.WILDCARD:
-            return wildcard_match(q, s)
-        return q == s
+        if term.op is not Op.WILDCARD:
+            return q == s
+        # trailing empty components are insignificant (PS3.5 6.2.1): "Doe^John^*" matches
+        # "Doe^John", which may be written "Doe^John^^^"
+        return any(wildcard_match(q, s + "^" * k) for k in range(5 - min(s.count("^"), 4)))
 
     groups = stored.split("=")
     if "=" not in term.value:
         return any(one(term.value, g) for g in groups if g)
     wanted = term.value.split("=")
     return all(
-        not q or (i < len(groups) and one(q, groups[i])) for i, q in enumerate(wanted)
+        not q or one(q, groups[i] if i < len(groups) else "") for i, q in enumerate(wanted)
     )
 
 
@@ -529,7 +561,8 @@ def constraint_matches(c: Constraint, stored: Sequence[str], fold_pn: bool = Tru
     matching: we do not treat an unknown value as a match (a choice PS3.4 C.2.2.1.2 leaves
     open, documented in the README).
     """
-    present = [normalise(c.vr, v, fold_pn) for v in stored if v not in ("", None)]
+    # a stored DA/TM/DT that is not a date or time normalises to "": it is no value
+    present = [n for v in stored if v not in ("", None) if (n := normalise(c.vr, v, fold_pn))]
     if c.kind is Kind.EMPTY:
         return not present
     if not present:
@@ -657,9 +690,15 @@ def wildcard_sql(column: Any, pattern: str) -> Any:
 def _framed_pn_sql(column: Any, term: Term) -> Any | None:
     # PN columns hold "=group1=group2=" (values.pn_framed): a value without "=" may match
     # any group. A value with groups is matched group by group in Python only.
-    if "=" in term.value:
+    if "=" in term.value or len(term.value) > _PATTERN_LIMIT:
         return None
-    return wildcard_sql(column, "*=" + term.value + "=*")
+    value = term.value
+    if term.op is Op.WILDCARD and "^" in value:
+        value = value.replace("^", "*")  # omitted trailing components still match
+    return wildcard_sql(column, "*=" + value + "=*")
+
+
+_PATTERN_LIMIT = 10000  # longer patterns are matched in Python only (SQLite caps GLOB)
 
 
 _IN_CHUNK = 500  # values per IN (...): well below every backend's parameter limit
@@ -683,6 +722,8 @@ def _term_sql(column: Any, term: Term) -> Any:
             cond &= column <= term.upper
         return cond
     if term.op is Op.WILDCARD:
+        if len(term.value) > _PATTERN_LIMIT:
+            return column == column  # no filter: Python matches it
         return wildcard_sql(column, term.value)
     return column == term.value
 

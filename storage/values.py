@@ -74,7 +74,10 @@ def fold(text: str) -> str:
         else:
             base = ch
         out.append(ch)
-    return unicodedata.normalize("NFC", "".join(out).lower())
+    # lowered letter by letter: str.lower() on a whole string writes a final sigma as ς,
+    # so "ΑΣ*" and "ΑΣΠΡΟΣ" would fold differently
+    lowered = "".join(ch.lower() for ch in out).replace("ς", "σ")
+    return unicodedata.normalize("NFC", lowered)
 
 
 def norm_pn(value: str) -> str:

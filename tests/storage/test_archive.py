@@ -533,3 +533,19 @@ def test_retrieve_lists_the_instances_below_each_match(archive: Archive, tmp_pat
         path.unlink()
     with pytest.raises(InstanceUnavailable, match="cannot be read"):
         archive.read_instance(item)
+
+
+def test_find_stops_scanning_when_cancelled(archive: Archive) -> None:
+    for i in range(5):
+        put(archive, make_ds(PatientID=f"C{i}", AdditionalPatientHistory="no match"))
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.AdditionalPatientHistory = "never"  # matched in Python only: every row is scanned
+    asked: list[int] = []
+
+    def cancelled() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    assert list(archive.find(archive.parse_query(q, Model.STUDY_ROOT), cancelled)) == []
+    assert len(asked) == 3  # it stopped at the third row instead of scanning all five

@@ -447,7 +447,8 @@ def test_norm_dt(value: str, upper: bool, expected: str) -> None:
     ("20240101120000+0100", "20240101110000+0000", True),   # the same instant
     ("20240101120000+0100", "20240101120000+0000", False),
     ("20240101100000-20240101120000", "20240101130000+0200", True),  # 11:00 UTC
-    ("20240101-0500", "20240101120000-0500", True),   # one day in UTC-5, not a range
+    ("20240101-0500", "20240101120000-0500", False),  # "-" is a range (to year 500), as
+    # PS3.4 C.2.2.2.1.3 says: a query's single DT value carries no negative offset
 ])
 def test_dt_matching(query: str, stored: str, expected: bool) -> None:
     ds = identifier("IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.3",
@@ -481,3 +482,64 @@ def test_combined_date_time_needs_the_same_form_of_range() -> None:
     ds = identifier(StudyDate="20240101-20240102", StudyTime="2200-")
     query = parse_identifier(ds, Model.STUDY_ROOT, combined_datetime=True)
     assert all(c.kind is not Kind.DATETIME for c in query.constraints)
+
+
+def test_wildcard_match_agrees_with_a_regular_expression() -> None:
+    import random
+    import re
+
+    from storage.query import wildcard_match
+
+    rng = random.Random(7)
+    for _ in range(20000):
+        pattern = "".join(rng.choice("ab*?") for _ in range(rng.randint(0, 7)))
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 8)))
+        regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+        expected = re.fullmatch(regex, text, re.DOTALL) is not None
+        assert wildcard_match(pattern, text) is expected, (pattern, text)
+
+
+@pytest.mark.timeout(60)  # a hang guard, not a speed target
+def test_long_wildcard_patterns_do_not_stall() -> None:
+    from storage.query import wildcard_match
+
+    assert not wildcard_match("*" + "a" * 2000 + "b", "a" * 20000)
+    assert not wildcard_match("*a?" * 300 + "*b", "a" * 20000)
+
+
+@pytest.mark.parametrize(("keyword", "value", "stored", "expected"), [
+    ("PatientName", "ΑΣ*", ["ΑΣΠΡΟΣ"], True),          # no final-sigma surprise
+    ("PatientName", "Doe*^*", ["Doe"], True),           # omitted trailing components
+    ("PatientName", "Doe^John^*", ["Doe^John"], True),
+    ("PatientName", "Yamada*=*", ["Yamada^Tarou"], True),
+    ("PatientName", "*=*=*", ["Yamada^Tarou"], True),
+    ("SeriesDate", "-19000101", ["2024-06-30"], False),  # not a date: no value
+])
+def test_review_cases(keyword: str, value: str, stored: list[str], expected: bool) -> None:
+    ds = identifier("SERIES", StudyInstanceUID="1.2", **{keyword: value})
+    [c] = [c for c in parse_identifier(ds, Model.STUDY_ROOT).constraints if c.keyword == keyword]
+    assert constraint_matches(c, stored) is expected
+
+
+def test_control_attributes_and_unmatchable_keys() -> None:
+    ds = identifier("IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.3",
+                    TimezoneOffsetFromUTC="+0100")
+    ds.add_new(0x00091010, "UN", b"other value")
+    query = parse_identifier(ds, Model.STUDY_ROOT)
+    assert [c.keyword for c in query.constraints] == ["StudyInstanceUID", "SeriesInstanceUID"]
+    assert 0x00080201 not in {r.tag for r in query.requested}  # never echoed empty
+    assert query.ignored == ("(0009,1010)",)  # FF01
+
+
+def test_star_among_values_under_and_semantics() -> None:
+    ds = identifier(ModalitiesInStudy=["CT", "*"])
+    [c] = parse_identifier(ds, Model.STUDY_ROOT, multiple_values=True).constraints
+    assert not constraint_matches(c, ["MR"]) and constraint_matches(c, ["CT", "MR"])
+    assert parse_identifier(ds, Model.STUDY_ROOT).constraints == ()  # OR: universal
+
+
+def test_at_keys_match() -> None:
+    ds = identifier("IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.3")
+    ds.add_new(0x00209165, "AT", [0x00100010])  # DimensionIndexPointer
+    c = [c for c in parse_identifier(ds, Model.STUDY_ROOT).constraints if c.vr == "AT"][0]
+    assert constraint_matches(c, ["00100010"])
