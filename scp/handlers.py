@@ -96,11 +96,12 @@ def handle_find(event: evt.Event, archive: Archive, activity: Activity) -> Itera
                 multiple_values=_accepted(extended, MULTIPLE_VALUES),
             )
             pending = status.PENDING_WARNING if query.ignored else status.PENDING
-            for identifier in archive.find(query, cancelled=lambda: event.is_cancelled):
-                if event.is_cancelled:
+            cancel = _CancelFlag(event)
+            for identifier in archive.find(query, cancelled=cancel):
+                if cancel():
                     break
                 yield pending, identifier
-            if event.is_cancelled:
+            if cancel():
                 yield status.CANCEL, None  # PS3.4 C.4.1.1.4 Cancel
                 return
         except Exception as exc:
@@ -109,6 +110,18 @@ def handle_find(event: evt.Event, archive: Archive, activity: Activity) -> Itera
             yield status.find_error_status(exc), None
             return
     activity.count(event, "find", ok=True)
+
+
+class _CancelFlag:
+    """``event.is_cancelled``, remembered: pynetdicom forgets a C-CANCEL once asked."""
+
+    def __init__(self, event: evt.Event) -> None:
+        self._event = event
+        self._cancelled = False
+
+    def __call__(self) -> bool:
+        self._cancelled = self._cancelled or bool(self._event.is_cancelled)
+        return self._cancelled
 
 
 def _accepted(extended: bytes, option: int) -> bool:

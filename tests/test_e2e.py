@@ -349,8 +349,8 @@ def _hold_after_first_match(running: Running) -> None:
     so the test does not race the client (a poll with a deadline, not a fixed sleep)."""
     original = running.archive.find
 
-    def find(parsed: Any) -> Iterator[Dataset]:
-        matches = original(parsed)
+    def find(parsed: Any, cancelled: Any = None) -> Iterator[Dataset]:
+        matches = original(parsed, cancelled)
         yield next(matches)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(
