@@ -12,13 +12,15 @@ Nothing here knows the network: DICOMweb or the command line can reuse all of it
 from __future__ import annotations
 
 import enum
+import functools
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import peewee as pw
-from pydicom.charset import python_encoding
+from pydicom.charset import convert_encodings, decode_bytes, encode_string, python_encoding
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -903,22 +905,34 @@ def response_charset(query_charset: Sequence[str], texts: Sequence[str]) -> str 
     )
     if all(t.isascii() for t in texts):
         return echo if known else UTF8
-    codecs = [python_encoding[t] for t in query_charset if t not in _ASCII_TERMS] if known else []
-    if not codecs:
-        return UTF8
-    if len(codecs) == 1 and len(query_charset) == 1:
-        try:
-            for t in texts:
-                t.encode(codecs[0])
-        except UnicodeEncodeError:
-            return UTF8
+    if known and all(_pydicom_keeps(t, tuple(query_charset)) for t in texts if not t.isascii()):
         return echo
-    # ISO 2022 code extensions: pydicom switches sets run by run, so each character
-    # needs one set that can encode it
-    for ch in {c for t in texts for c in t if not c.isascii()}:
-        if not any(_encodes(ch, codec) for codec in codecs):
-            return UTF8
-    return echo
+    return UTF8
+
+
+@functools.lru_cache(maxsize=4096)
+def _pydicom_keeps(text: str, charset: tuple[str, ...]) -> bool:
+    """Whether pydicom, encoding ``text`` in ``charset`` as it will for the response, keeps
+    every character and writes bytes that ``charset`` allows.
+
+    pydicom's own encoder decides (its choices differ from Python's codecs: it tries the
+    first set first, writes JIS X 0208 only through ESC $ B, JIS X 0201 single-byte only).
+    Each PN component is checked on its own, as escape sequences end at delimiters. A value
+    outside ASCII under a default first set (``""``, ISO_IR 6) needs an escape sequence.
+    """
+    encodings = convert_encodings(list(charset))
+    ascii_first = charset[0] in _ASCII_TERMS
+    for piece in re.split(r"[\^=]", text):
+        if piece.isascii():
+            continue
+        try:  # on failure pydicom warns (once) and replaces: the round trip shows it
+            raw = encode_string(piece, encodings)
+            back = decode_bytes(raw, encodings, set())
+        except (UnicodeError, LookupError, ValueError):
+            return False
+        if back != piece or (ascii_first and b"\x1b" not in raw):
+            return False
+    return True
 
 
 def response_charset_problem(value: str) -> str | None:

@@ -350,6 +350,12 @@ def test_response_holds_exactly_the_requested_keys() -> None:
     (("", "ISO 2022 IR 149"), ["かとう"], ["", "ISO 2022 IR 149"]),
     (("", "ISO 2022 IR 149"), ["Ü"], "ISO_IR 192"),
     (("GB18030",), ["张三"], "GB18030"),
+    # what pydicom would write must be what the response declares (second review):
+    (("ISO_IR 13",), ["ﾔﾏﾀﾞ"], "ISO_IR 13"),
+    (("ISO_IR 13",), ["山田"], "ISO_IR 192"),             # pydicom writes JIS X 0201 only
+    (("", "ISO 2022 IR 87"), ["CT 5×5 mm ±2°"], "ISO_IR 192"),  # would go out as raw Latin-1
+    (("", "ISO 2022 IR 100"), ["Søren"], "ISO_IR 192"),  # no ESC - A would be written
+    (("", "ISO 2022 IR 149"), ["Søren"], "ISO_IR 192"),
     (("", "ISO 2022 IR 58"), ["张三"], "ISO_IR 192"),  # pydicom cannot write IR 58
     (("ISO_IR 192",), ["Müller^山田"], "ISO_IR 192"),
 ])
