@@ -107,12 +107,12 @@ class Constraint:
 @dataclass(frozen=True)
 class Requested:
     """A key to return: its tag, VR (as the SCU sent it), level and, for a sequence, the
-    item keys asked for (empty: the whole sequence)."""
+    item keys asked for, themselves perhaps sequences (empty: the whole sequence)."""
 
     tag: int
     vr: str
     level: Level
-    item_tags: tuple[int, ...] = ()
+    items: tuple[Requested, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -321,10 +321,10 @@ def _vr_of(elem: DataElement) -> str:
 
 
 def _requested(elem: DataElement, level: Level) -> Requested:
-    item_tags: tuple[int, ...] = ()
+    items: tuple[Requested, ...] = ()
     if elem.VR == "SQ" and elem.value:
-        item_tags = tuple(int(e.tag) for e in elem.value[0])
-    return Requested(int(elem.tag), elem.VR, level, item_tags)
+        items = tuple(_requested(e, level) for e in elem.value[0])
+    return Requested(int(elem.tag), elem.VR, level, items)
 
 
 def _texts(elem: DataElement) -> list[str]:
@@ -840,10 +840,13 @@ def build_response(query: Query, row: Row, charset: str = AUTO) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = query.level.name
     texts: list[str] = []
+    sequences = {c.tag: c for c in query.constraints if c.kind is Kind.SEQUENCE}
     for req in query.requested:
         element = None
         if req.level <= query.level:
             element = row.element(req.tag, _storage_level(req.tag))
+        if element and req.tag in sequences:
+            element = _matching_items(element, sequences[req.tag], query.fold_pn)
         ds.add(_element(req, element, texts))
     wanted = query.charset if charset == AUTO else (charset,)
     ds.SpecificCharacterSet = response_charset(wanted, texts)
@@ -857,12 +860,33 @@ def _element(req: Requested, element: dict[str, Any] | None, texts: list[str]) -
         return DataElement(req.tag, vr, [] if vr == "SQ" else None)
     vr = element.get("vr", req.vr)
     value: Any = element.get("Value", element.get("InlineBinary"))
-    if vr == "SQ" and req.item_tags:
-        wanted = {f"{t:08X}" for t in req.item_tags}
-        value = [{k: v for k, v in item.items() if k in wanted} for item in value]
+    if vr == "SQ" and req.items:
+        value = [_requested_only(item, req.items) for item in value if isinstance(item, dict)]
     value_key = "Value" if "Value" in element else "InlineBinary"
     texts.extend(_all_text(value))
     return DataElement.from_json(Dataset, tag, vr, value, value_key)
+
+
+def _matching_items(element: dict[str, Any], c: Constraint, fold_pn: bool) -> dict[str, Any]:
+    """PS3.4 C.2.2.2.6: "a sequence of matching Items" is returned, not every stored item."""
+    items = [i for i in element.get("Value", []) if isinstance(i, dict)]
+    return {**element, "Value": [i for i in items if _item_matches(c.items, i, fold_pn)]}
+
+
+def _requested_only(item: dict[str, Any], wanted: tuple[Requested, ...]) -> dict[str, Any]:
+    """An item holding only the requested item keys, nested sequences filtered alike."""
+    out: dict[str, Any] = {}
+    for req in wanted:
+        key = f"{req.tag:08X}"
+        if key not in item:
+            continue
+        element = item[key]
+        if req.items and element.get("vr") == "SQ":
+            sub = [_requested_only(i, req.items) for i in element.get("Value", [])
+                   if isinstance(i, dict)]
+            element = {**element, "Value": sub}
+        out[key] = element
+    return out
 
 
 def _dictionary_vr(tag: int) -> str:

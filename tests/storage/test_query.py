@@ -549,3 +549,26 @@ def test_at_keys_match() -> None:
     ds.add_new(0x00209165, "AT", [0x00100010])  # DimensionIndexPointer
     c = [c for c in parse_identifier(ds, Model.STUDY_ROOT).constraints if c.vr == "AT"][0]
     assert constraint_matches(c, ["00100010"])
+
+
+def test_sequence_responses_hold_matching_items_and_requested_nested_keys() -> None:
+    def code(value: str, nested: str) -> dict[str, Any]:
+        return {"00080100": {"vr": "SH", "Value": [value]},
+                "00080104": {"vr": "LO", "Value": [f"meaning {value}"]},
+                "00080121": {"vr": "SQ", "Value": [{
+                    "00080100": {"vr": "SH", "Value": [nested]},
+                    "00080102": {"vr": "SH", "Value": ["X"]}}]}}
+
+    stored = {0x00081032: {"vr": "SQ", "Value": [code("A", "A1"), code("B", "B1")]}}
+    nested = Dataset()
+    nested.CodeValue = ""
+    item = Dataset()
+    item.CodeValue = "B"
+    item.EquivalentCodeSequence = [nested]
+    ds = identifier()
+    ds.ProcedureCodeSequence = [item]
+    rsp = build_response(parse_identifier(ds, Model.STUDY_ROOT), _FakeRow(stored))  # type: ignore[arg-type]
+    [only] = rsp.ProcedureCodeSequence  # the item that matched, not A
+    assert only.CodeValue == "B" and "CodeMeaning" not in only
+    [inner] = only.EquivalentCodeSequence
+    assert inner.CodeValue == "B1" and "CodingSchemeDesignator" not in inner
