@@ -51,11 +51,6 @@ class Activity:
                 self._in_flight -= 1
                 self._lock.notify_all()
 
-    @property
-    def in_flight(self) -> int:
-        with self._lock:
-            return self._in_flight
-
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no operation is in flight; ``False`` if ``timeout`` ran out first."""
         with self._lock:

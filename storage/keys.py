@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 
 class Level(enum.IntEnum):
@@ -194,9 +194,3 @@ LEVEL_OF: dict[int, Level] = _level_table()
 def level_of(tag: int) -> Level:
     """Return the level whose row keeps the attribute ``tag`` (PS3.3 modules)."""
     return LEVEL_OF.get(int(tag), Level.IMAGE)
-
-
-def key_for_tag(tag: int) -> Key | None:
-    """Return the supported :class:`Key` for ``tag``, or ``None``."""
-    keyword = keyword_for_tag(tag)
-    return KEYS.get(keyword) if keyword else None

@@ -968,14 +968,6 @@ def response_charset_problem(value: str) -> str | None:
             "(ISO_IR 100, ISO_IR 192, GB18030, ...)")
 
 
-def _encodes(ch: str, codec: str) -> bool:
-    try:
-        ch.encode(codec)
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 __all__ = [
     "Constraint",
     "Kind",
