@@ -3,8 +3,8 @@
 Every Storage SOP Class pynetdicom knows, each with every transfer syntax pydicom knows
 (uncompressed, deflated, big endian, the JPEG family, JPEG-LS, JPEG 2000, HTJ2K, RLE,
 MPEG-2/4, HEVC, SMPTE ST 2110): the bytes are stored as received, so we need no codec to
-accept them. Verification, and the Query/Retrieve FIND models with the query model each
-stands for.
+accept them. Verification, and the Query/Retrieve FIND and GET models with the query
+model each stands for.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     Verification,
 )
 
@@ -30,6 +32,11 @@ FIND_MODELS: dict[str, Model] = {
     str(PatientRootQueryRetrieveInformationModelFind): Model.PATIENT_ROOT,
 }
 
+GET_MODELS: dict[str, Model] = {
+    str(StudyRootQueryRetrieveInformationModelGet): Model.STUDY_ROOT,
+    str(PatientRootQueryRetrieveInformationModelGet): Model.PATIENT_ROOT,
+}
+
 VERIFICATION: str = str(Verification)
 
 # (abstract syntax, transfer syntaxes) for everything we act as SCP for
@@ -37,4 +44,9 @@ SUPPORTED: list[tuple[str, list[str]]] = (
     [(VERIFICATION, TRANSFER_SYNTAXES)]
     + [(uid, TRANSFER_SYNTAXES) for uid in STORAGE_SOP_CLASSES]
     + [(uid, TRANSFER_SYNTAXES) for uid in FIND_MODELS]
+    + [(uid, TRANSFER_SYNTAXES) for uid in GET_MODELS]
 )
+
+STORAGE: frozenset[str] = frozenset(STORAGE_SOP_CLASSES)
+"""Storage SOP classes: accepted in both roles, so a C-GET requestor may act as their SCP
+(SCP/SCU Role Selection, PS3.7 D.3.3.4) while modalities keep sending to us as SCU."""

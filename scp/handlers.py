@@ -11,15 +11,16 @@ import logging
 from collections.abc import Iterator
 from typing import Any, cast
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import events as evt
 from pynetdicom.dimse_primitives import C_STORE
 
-from storage import Archive, Origin
+from storage import Archive, InstanceUnavailable, Origin, StoredInstance
 
 from . import status
 from .activity import Activity
-from .contexts import FIND_MODELS
+from .contexts import FIND_MODELS, GET_MODELS
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,54 @@ def handle_find(event: evt.Event, archive: Archive, activity: Activity) -> Itera
             yield status.find_error_status(exc), None
             return
     activity.count(event, "find", ok=True)
+
+
+def handle_get(event: evt.Event, archive: Archive, activity: Activity) -> Iterator[Any]:
+    """C-GET (PS3.4 C.4.3): the matching instances go back over this association, one file
+    read at a time; pynetdicom runs the C-STORE sub-operations and counts them."""
+    model = GET_MODELS[str(event.request.AffectedSOPClassUID)]
+    with activity.operation():
+        try:
+            items = archive.retrieve(archive.parse_query(event.identifier, model))
+        except Exception as exc:
+            _log_failure("C-GET", event, exc)
+            activity.count(event, "get", ok=False)
+            yield 1  # pynetdicom takes the number of sub-operations first
+            yield status.retrieve_error_status(exc), None
+            return
+        yield len(items)
+        cancel = _CancelFlag(event)
+        for item in items:
+            if cancel():
+                yield status.CANCEL, None  # pynetdicom adds the failed and remaining counts
+                return
+            try:
+                ds = archive.read_instance(item)
+            except InstanceUnavailable as exc:
+                logger.error("C-GET sub-operation for %s fails: %s", item.sop_instance_uid, exc)
+                ds = _unsendable(item)
+            yield status.PENDING, ds
+    activity.count(event, "get", ok=True)
+
+
+# a SOP Class no presentation context carries: see _unsendable
+_UNSENDABLE_SOP_CLASS = generate_uid(entropy_srcs=["minipacs", "unsendable"])
+
+
+def _unsendable(item: StoredInstance) -> Dataset:
+    """A stand-in for an instance whose file cannot be read.
+
+    pynetdicom counts a sub-operation as failed, with its SOP Instance UID in the final
+    FailedSOPInstanceUIDList (PS3.4 C.4.3.3.1), only when sending fails; this data set names
+    a SOP Class that no presentation context carries, so sending fails before any byte
+    leaves, and the peer never receives it.
+    """
+    ds = Dataset()
+    ds.SOPClassUID = _UNSENDABLE_SOP_CLASS
+    ds.SOPInstanceUID = item.sop_instance_uid
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
 
 
 class _CancelFlag:

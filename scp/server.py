@@ -13,8 +13,8 @@ from storage import Archive, open_archive
 
 from .activity import Activity
 from .config import Config
-from .contexts import SUPPORTED
-from .handlers import handle_echo, handle_find, handle_sop_extended, handle_store
+from .contexts import STORAGE, SUPPORTED
+from .handlers import handle_echo, handle_find, handle_get, handle_sop_extended, handle_store
 
 logger = logging.getLogger("minipacs")
 
@@ -47,7 +47,12 @@ class Server:
         ae.dimse_timeout = cfg.dimse_timeout
         ae.network_timeout = cfg.network_timeout
         for abstract_syntax, transfer_syntaxes in SUPPORTED:
-            ae.add_supported_context(abstract_syntax, transfer_syntaxes)
+            if abstract_syntax in STORAGE:
+                ae.add_supported_context(
+                    abstract_syntax, transfer_syntaxes, scu_role=True, scp_role=True
+                )
+            else:
+                ae.add_supported_context(abstract_syntax, transfer_syntaxes)
         return ae
 
     def _handlers(self) -> list[Any]:
@@ -58,6 +63,7 @@ class Server:
             (evt.EVT_C_ECHO, handle_echo, [act]),
             (evt.EVT_C_STORE, handle_store, [a, act]),
             (evt.EVT_C_FIND, handle_find, [a, act]),
+            (evt.EVT_C_GET, handle_get, [a, act]),
             (evt.EVT_ESTABLISHED, act.handle_established),
             (evt.EVT_RELEASED, act.handle_closed),
             (evt.EVT_ABORTED, act.handle_closed),

@@ -44,6 +44,10 @@ FIND_OUT_OF_RESOURCES = 0xA700
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNABLE_TO_PROCESS = 0xC001
 
+# PS3.4 C.4.3.1.4, C-GET
+RETRIEVE_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+RETRIEVE_UNABLE_TO_PROCESS = 0xC001
+
 _ERROR_COMMENT_MAX = 64  # LO
 
 
@@ -85,3 +89,12 @@ def find_error_status(exc: Exception) -> Dataset:
     if isinstance(exc, QueryFailed):
         return with_comment(UNABLE_TO_PROCESS, str(exc))
     return with_comment(UNABLE_TO_PROCESS, f"internal error: {type(exc).__name__}")
+
+
+def retrieve_error_status(exc: Exception) -> Dataset:
+    """Map an error raised before a C-GET's sub-operations to its PS3.4 C.4.3.1.4 status."""
+    if isinstance(exc, InvalidQuery):
+        return with_comment(RETRIEVE_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    if isinstance(exc, QueryFailed):
+        return with_comment(RETRIEVE_UNABLE_TO_PROCESS, str(exc))
+    return with_comment(RETRIEVE_UNABLE_TO_PROCESS, f"internal error: {type(exc).__name__}")

@@ -1,0 +1,147 @@
+"""C-GET: what a query finds comes back over the same association, byte for byte, with
+counts, failures and cancel as PS3.4 C.4.3 says (C-MOVE comes with the peers config)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, build_role
+from pynetdicom import events as evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+from scp import status
+from tests.conftest import Running
+from tests.factory import encode, hierarchy
+
+
+@pytest.fixture
+def stored(server: Running) -> list[Dataset]:
+    datasets = hierarchy()
+    for ds in datasets:
+        server.archive.store(encode(ds), ExplicitVRLittleEndian)
+    return datasets
+
+
+def c_get(running: Running, model: Any, **keys: Any) -> tuple[list[bytes], list[Dataset]]:
+    """A C-GET with pynetdicom acting as the Storage SCP of the sub-operations: the data
+    sets received (as encoded bytes) and every C-GET response."""
+    received: list[bytes] = []
+
+    def on_store(event: Any) -> int:
+        received.append(event.encoded_dataset(include_meta=False))
+        return 0x0000
+
+    ae = AE(ae_title="GETSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(model)
+    classes = sorted({str(ds.SOPClassUID) for ds in hierarchy()})
+    for uid in classes:
+        ae.add_requested_context(uid, ExplicitVRLittleEndian)
+    roles = [build_role(uid, scp_role=True) for uid in classes]
+    assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title,
+                         ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    q = Dataset()
+    for k, v in keys.items():
+        setattr(q, k, v)
+    responses = [rsp for rsp, _ in assoc.send_c_get(q, model)]
+    assoc.release()
+    return received, responses
+
+
+def test_get_a_study_byte_for_byte(server: Running, stored: list[Dataset]) -> None:
+    study = stored[0].StudyInstanceUID
+    received, responses = c_get(server, StudyRootQueryRetrieveInformationModelGet,
+                                QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+    wanted = [ds for ds in stored if ds.StudyInstanceUID == study]
+    assert sorted(received) == sorted(encode(ds) for ds in wanted)  # the stored bytes
+    final = responses[-1]
+    assert final.Status == status.SUCCESS
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (
+        len(wanted), 0)
+    pending = [r for r in responses if r.Status == status.PENDING]
+    assert [r.NumberOfRemainingSuboperations for r in pending] == list(
+        range(len(wanted) - 1, -1, -1))
+
+
+def test_get_at_patient_level_and_missing_files(server: Running, stored: list[Dataset]) -> None:
+    wanted = [ds for ds in stored if ds.PatientID == "PID2"]
+    # lose one file: its sub-operation fails and is listed, the others still go
+    from storage.models import Instance
+
+    lost = Instance.get(Instance.sop_instance_uid == wanted[0].SOPInstanceUID)
+    (server.data_dir / "files" / lost.file_key[:2] / lost.file_key[2:4] / lost.file_key).unlink()
+    received, responses = c_get(server, PatientRootQueryRetrieveInformationModelGet,
+                                QueryRetrieveLevel="PATIENT", PatientID="PID2")
+    assert len(received) == len(wanted) - 1
+    final = responses[-1]
+    assert final.Status == 0xB000  # PS3.4 C.4.3.1.4: sub-operations complete, one failure
+    assert final.NumberOfFailedSuboperations == 1
+    assert final.NumberOfCompletedSuboperations == len(wanted) - 1
+
+
+def test_get_with_an_invalid_identifier(server: Running, stored: list[Dataset]) -> None:
+    received, responses = c_get(server, StudyRootQueryRetrieveInformationModelGet,
+                                QueryRetrieveLevel="SERIES", SeriesInstanceUID="1.2")
+    assert received == []
+    assert responses[-1].Status == status.RETRIEVE_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+
+
+def test_getscu(server: Running, stored: list[Dataset], dcmtk: Callable[..., Any],
+                tmp_path: Path) -> None:
+    study = stored[0].StudyInstanceUID
+    out = tmp_path / "got"
+    out.mkdir()
+    dcmtk("getscu", "-S", "-aec", server.ae_title, "-od", str(out), "-k",
+          "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+          "127.0.0.1", str(server.port))
+    got = {dcmread(p).SOPInstanceUID for p in out.iterdir()}
+    assert got == {ds.SOPInstanceUID for ds in stored if ds.StudyInstanceUID == study}
+
+
+def test_get_cancel(server: Running, stored: list[Dataset]) -> None:
+    """C-CANCEL stops the sub-operations after the current instance (FE00)."""
+    import time
+
+    original = server.archive.read_instance
+    calls: list[int] = []
+
+    def held(item: Any) -> Dataset:
+        calls.append(1)
+        if len(calls) == 2:  # wait (polling, with a deadline) until the C-CANCEL is in
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(
+                    a.dimse.cancel_req for a in server.server.ae.active_associations):
+                time.sleep(0.005)
+        return original(item)
+
+    server.archive.read_instance = held  # type: ignore[method-assign]
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelGet)
+    classes = sorted({str(ds.SOPClassUID) for ds in stored})
+    for uid in classes:
+        ae.add_requested_context(uid, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title,
+                         ext_neg=[build_role(uid, scp_role=True) for uid in classes],
+                         evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    q = Dataset()
+    q.QueryRetrieveLevel = "PATIENT"
+    q.PatientID = "PID1"
+    codes = []
+    for rsp, _ in assoc.send_c_get(q, PatientRootQueryRetrieveInformationModelGet, msg_id=9):
+        codes.append(int(rsp.Status))
+        if len(codes) == 1:
+            cx = assoc._get_valid_context(PatientRootQueryRetrieveInformationModelGet, "", "scu")
+            assoc.send_c_cancel(9, cx.context_id)
+    assoc.release()
+    assert codes[-1] == status.CANCEL
+    assert codes.count(status.PENDING) < len([ds for ds in stored if ds.PatientID == "PID1"])
