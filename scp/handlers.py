@@ -98,9 +98,7 @@ def handle_find(event: evt.Event, archive: Archive, activity: Activity) -> Itera
             )
             pending = status.PENDING_WARNING if query.ignored else status.PENDING
             cancel = _CancelFlag(event)
-            for identifier in archive.find(query, cancelled=cancel):
-                if cancel():
-                    break
+            for identifier in archive.find(query, cancelled=cancel):  # checked every row
                 yield pending, identifier
             if cancel():
                 yield status.CANCEL, None  # PS3.4 C.4.1.1.4 Cancel
@@ -124,7 +122,7 @@ def handle_get(event: evt.Event, archive: Archive, activity: Activity) -> Iterat
             _log_failure("C-GET", event, exc)
             activity.count(event, "get", ok=False)
             yield 1  # pynetdicom takes the number of sub-operations first
-            yield status.retrieve_error_status(exc), None
+            yield status.find_error_status(exc), None
             return
         yield len(items)
         cancel = _CancelFlag(event)

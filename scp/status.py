@@ -36,17 +36,13 @@ STORE_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STORE_CANNOT_UNDERSTAND = 0xC000
 STORE_PROCESSING_FAILURE = 0xC001  # an unexpected fault of ours, still "Error: Cannot understand"
 
-# PS3.4 C.4.1.1.4, C-FIND
+# PS3.4 C.4.1.1.4, C-FIND (C-GET, PS3.4 C.4.3.1.4, uses the same failure codes)
 PENDING = 0xFF00
 PENDING_WARNING = 0xFF01  # some optional keys were not matched
 CANCEL = 0xFE00
 FIND_OUT_OF_RESOURCES = 0xA700
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNABLE_TO_PROCESS = 0xC001
-
-# PS3.4 C.4.3.1.4, C-GET
-RETRIEVE_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-RETRIEVE_UNABLE_TO_PROCESS = 0xC001
 
 _ERROR_COMMENT_MAX = 64  # LO
 
@@ -81,7 +77,8 @@ def store_error_status(exc: Exception) -> Dataset:
 
 
 def find_error_status(exc: Exception) -> Dataset:
-    """Map an error raised while answering a C-FIND to its PS3.4 C.4.1.1.4 status."""
+    """Map an error raised while answering a C-FIND (PS3.4 C.4.1.1.4) or before a C-GET's
+    sub-operations (PS3.4 C.4.3.1.4: the same A900 and Cxxx codes) to its status."""
     if isinstance(exc, InvalidQuery):
         return with_comment(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
     if isinstance(exc, TooManyMatches):
@@ -90,11 +87,3 @@ def find_error_status(exc: Exception) -> Dataset:
         return with_comment(UNABLE_TO_PROCESS, str(exc))
     return with_comment(UNABLE_TO_PROCESS, f"internal error: {type(exc).__name__}")
 
-
-def retrieve_error_status(exc: Exception) -> Dataset:
-    """Map an error raised before a C-GET's sub-operations to its PS3.4 C.4.3.1.4 status."""
-    if isinstance(exc, InvalidQuery):
-        return with_comment(RETRIEVE_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
-    if isinstance(exc, QueryFailed):
-        return with_comment(RETRIEVE_UNABLE_TO_PROCESS, str(exc))
-    return with_comment(RETRIEVE_UNABLE_TO_PROCESS, f"internal error: {type(exc).__name__}")

@@ -92,7 +92,9 @@ def read_header(data: bytes, transfer_syntax_uid: str) -> Dataset:
     if len(ds) == 0:
         raise InvalidInstance("data set is empty")
     if stopped and not deflated:  # a deflate stream's own end was checked on inflating
-        _check_complete(data, fp.tell(), implicit, "<" if little else ">")
+        # walk the rest (pixel data and anything after it) by element lengths, without
+        # decoding it: a value cut short is refused, not stored
+        _walk(data, fp.tell(), implicit, "<" if little else ">", until=None)
     elif not stopped and fp.tell() < len(data):
         raise InvalidInstance(f"data set cannot be parsed past byte {fp.tell()}")
     return ds
@@ -114,14 +116,6 @@ def _inflate_header(data: bytes) -> bytes:
     if not inflater.eof:
         raise InvalidInstance("deflated data set is truncated")
     return head
-
-
-def _check_complete(data: bytes, pos: int, implicit: bool, order: str) -> None:
-    """Walk the elements from ``pos`` to the end (pixel data and anything after it) by their
-    lengths, without decoding them: a value cut short is refused, not stored."""
-    end = _walk(data, pos, implicit, order, until=None)
-    if end != len(data):  # pragma: no cover - _walk stops only at the end or raises
-        raise InvalidInstance("data set has trailing bytes")
 
 
 def _walk(data: bytes, pos: int, implicit: bool, order: str, until: int | None) -> int:

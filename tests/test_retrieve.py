@@ -93,7 +93,7 @@ def test_get_with_an_invalid_identifier(server: Running, stored: list[Dataset]) 
     received, responses = c_get(server, StudyRootQueryRetrieveInformationModelGet,
                                 QueryRetrieveLevel="SERIES", SeriesInstanceUID="1.2")
     assert received == []
-    assert responses[-1].Status == status.RETRIEVE_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert responses[-1].Status == status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
 
 
 def test_getscu(server: Running, stored: list[Dataset], dcmtk: Callable[..., Any],
