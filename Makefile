@@ -1,5 +1,5 @@
 # minipacs: the README's commands.
-#   make run    create .venv if missing, install minipacs, serve with config.yaml
+#   make run    create .venv if missing, install minipacs (with codecs), serve with config.yaml
 #   make test   install test extras and DCMTK, then ruff, mypy and pytest
 #   make lint   ruff and mypy only
 #   make bench  the benchmark (not part of make test); see bench/README.md
@@ -16,10 +16,10 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[codecs]'
 
 install-test: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,codecs]'
 
 run: install
 	$(BIN)/minipacs serve --config $(CONFIG)

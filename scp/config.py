@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from storage import ArchiveOptions, DuplicatePolicy
 from storage.query import response_charset_problem
@@ -72,6 +77,32 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class PeerConfig:
+    """One entry of ``peers``: a remote AE we know, by its AE title.
+
+    A C-MOVE may name it as its Move Destination; we then open an association to
+    ``host``:``port`` calling it ``ae_title``.
+    """
+
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+    max_pdu_size: int = 0
+    transfer_syntax: str = ""
+
+
+PEER_REQUIRED: tuple[str, ...] = ("ae_title", "host")
+
+# what ``peers[].transfer_syntax`` may name: syntaxes we can always produce from any stored
+# instance whose pixel data can be decoded
+PEER_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    str(ExplicitVRLittleEndian),
+    str(ImplicitVRLittleEndian),
+    str(DeflatedExplicitVRLittleEndian),
+)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -79,6 +110,12 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    peers: tuple[PeerConfig, ...] = ()
+
+    def peer(self, ae_title: str) -> PeerConfig | None:
+        """The peer called ``ae_title`` (trailing spaces ignored, PS3.5 AE), if configured."""
+        wanted = ae_title.strip(" ")
+        return next((p for p in self.peers if p.ae_title.strip(" ") == wanted), None)
 
     @property
     def files_path(self) -> Path:
@@ -102,6 +139,7 @@ class Config:
             fold_pn=self.query.pn_case_insensitive,
             max_results=self.query.max_results,
             response_charset=self.query.response_charset,
+            retrieve_ae_title=self.ae.title,
         )
 
 
@@ -111,6 +149,11 @@ SECTIONS: dict[str, type] = {
     "query": QueryConfig,
     "logging": LoggingConfig,
 }
+
+LIST_SECTIONS: dict[str, type] = {
+    "peers": PeerConfig,
+}
+"""Sections that hold a list of mappings, each one entry."""
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("storage", "on_duplicate"): tuple(p.value for p in DuplicatePolicy),
@@ -165,6 +208,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raw = loaded
     problems: list[str] = []
     for dotted, value in (overrides or {}).items():
+        if "." not in dotted:  # a whole section, e.g. "peers"
+            raw[dotted] = value
+            continue
         section, key = dotted.split(".", 1)
         if raw.get(section) is None:
             raw[section] = {}
@@ -172,14 +218,38 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raw[section][key] = value
 
     sections: dict[str, Any] = {}
+    known = [*SECTIONS, *LIST_SECTIONS]
     for name in raw:
-        if name not in SECTIONS:
-            problems.append(f"unknown section {name!r} (known: {', '.join(SECTIONS)})")
+        if name not in known:
+            problems.append(f"unknown section {name!r} (known: {', '.join(known)})")
     for name, cls in SECTIONS.items():
         sections[name] = _section(name, cls, raw.get(name), base, problems)
+    for name, cls in LIST_SECTIONS.items():
+        sections[name] = _list_section(name, cls, raw.get(name), base, problems)
     if problems:
         raise ConfigError(problems, source)
     return Config(**sections)
+
+
+def _list_section(
+    name: str, cls: type, raw: Any, base: Path, problems: list[str]
+) -> tuple[Any, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append(f"{name}: must be a list")
+        return ()
+    entries = tuple(
+        _section(f"{name}[{i}]", cls, item, base, problems) for i, item in enumerate(raw)
+    )
+    if name == "peers":
+        seen: set[str] = set()
+        for entry in entries:
+            title = entry.ae_title.strip(" ")
+            if title and title in seen:
+                problems.append(f"peers: AE title {title!r} is listed more than once")
+            seen.add(title)
+    return entries
 
 
 def _section(name: str, cls: type, raw: Any, base: Path, problems: list[str]) -> Any:
@@ -275,9 +345,32 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
         why = response_charset_problem(values["response_charset"])
         if why:
             problems.append(f"query.response_charset: {why}, not {values['response_charset']!r}")
+    if section.startswith("peers["):
+        _check_peer(section, values, problems)
     if section == "storage":
         url = values.get("index_url")
         if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
             problems.append(
                 "storage.index_url: must start with sqlite:/// or postgresql:// (or be empty)"
             )
+
+
+def _check_peer(section: str, values: dict[str, Any], problems: list[str]) -> None:
+    for key in PEER_REQUIRED:
+        if not str(values.get(key, "")).strip(" "):
+            problems.append(f"{section}.{key}: is required")
+    title = values.get("ae_title")
+    if title and (why := validate_ae_title(title)):
+        problems.append(f"{section}.ae_title: {why}")
+    port = values.get("port")
+    if port is not None and not 1 <= port <= 65535:
+        problems.append(f"{section}.port: must be between 1 and 65535, not {port}")
+    if values.get("max_pdu_size", 0) < 0:
+        problems.append(f"{section}.max_pdu_size: must not be negative (0 = ae.max_pdu_size)")
+    syntax = values.get("transfer_syntax")
+    if syntax and syntax not in PEER_TRANSFER_SYNTAXES:
+        allowed = ", ".join(PEER_TRANSFER_SYNTAXES)
+        problems.append(
+            f"{section}.transfer_syntax: must be empty (as stored) or one of {allowed},"
+            f" not {syntax!r}"
+        )

@@ -3,7 +3,7 @@
 Every Storage SOP Class pynetdicom knows, each with every transfer syntax pydicom knows
 (uncompressed, deflated, big endian, the JPEG family, JPEG-LS, JPEG 2000, HTJ2K, RLE,
 MPEG-2/4, HEVC, SMPTE ST 2110): the bytes are stored as received, so we need no codec to
-accept them. Verification, and the Query/Retrieve FIND and GET models with the query
+accept them. Verification, and the Query/Retrieve FIND, GET and MOVE models with the query
 model each stands for.
 """
 
@@ -14,8 +14,10 @@ from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
@@ -37,6 +39,11 @@ GET_MODELS: dict[str, Model] = {
     str(PatientRootQueryRetrieveInformationModelGet): Model.PATIENT_ROOT,
 }
 
+MOVE_MODELS: dict[str, Model] = {
+    str(StudyRootQueryRetrieveInformationModelMove): Model.STUDY_ROOT,
+    str(PatientRootQueryRetrieveInformationModelMove): Model.PATIENT_ROOT,
+}
+
 VERIFICATION: str = str(Verification)
 
 # (abstract syntax, transfer syntaxes) for everything we act as SCP for
@@ -45,6 +52,7 @@ SUPPORTED: list[tuple[str, list[str]]] = (
     + [(uid, TRANSFER_SYNTAXES) for uid in STORAGE_SOP_CLASSES]
     + [(uid, TRANSFER_SYNTAXES) for uid in FIND_MODELS]
     + [(uid, TRANSFER_SYNTAXES) for uid in GET_MODELS]
+    + [(uid, TRANSFER_SYNTAXES) for uid in MOVE_MODELS]
 )
 
 STORAGE: frozenset[str] = frozenset(STORAGE_SOP_CLASSES)

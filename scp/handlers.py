@@ -7,20 +7,23 @@ exception ever reaches pynetdicom's catch-all.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import events as evt
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_MOVE, C_STORE
 
-from storage import Archive, InstanceUnavailable, Origin, StoredInstance
+from storage import Archive, CannotConvert, InstanceUnavailable, Origin, StoredInstance
 
 from . import status
 from .activity import Activity
-from .contexts import FIND_MODELS, GET_MODELS
+from .config import Config
+from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
+from .retrieve import MoveDestination, accepted_syntaxes
 
 logger = logging.getLogger(__name__)
 
@@ -125,18 +128,67 @@ def handle_get(event: evt.Event, archive: Archive, activity: Activity) -> Iterat
             yield status.find_error_status(exc), None
             return
         yield len(items)
-        cancel = _CancelFlag(event)
-        for item in items:
-            if cancel():
-                yield status.CANCEL, None  # pynetdicom adds the failed and remaining counts
-                return
-            try:
-                ds = archive.read_instance(item)
-            except InstanceUnavailable as exc:
-                logger.error("C-GET sub-operation for %s fails: %s", item.sop_instance_uid, exc)
-                ds = _unsendable(item)
-            yield status.PENDING, ds
+        accepted = functools.partial(accepted_syntaxes, event.assoc)
+        yield from _sub_operations(event, archive, items, accepted, "C-GET")
     activity.count(event, "get", ok=True)
+
+
+def handle_move(
+    event: evt.Event, archive: Archive, activity: Activity, config: Config
+) -> Iterator[Any]:
+    """C-MOVE (PS3.4 C.4.2): the matching instances go to the Move Destination, a peer of
+    the configuration, over an association pynetdicom opens to the address we yield."""
+    req = cast(C_MOVE, event.request)
+    model = MOVE_MODELS[str(req.AffectedSOPClassUID)]
+    peer = config.peer(str(req.MoveDestination))
+    with activity.operation():
+        if peer is None:
+            logger.warning("C-MOVE from %s: Move Destination %r is not in peers",
+                           _peer_name(event), str(req.MoveDestination))
+            activity.count(event, "move", ok=False)
+            yield None, None  # pynetdicom answers A801, Move Destination unknown
+            return
+        destination = MoveDestination(peer, config.ae.max_pdu_size)
+        destination.correct_status(event.assoc, req)
+        try:  # finally: also when pynetdicom drops us because the destination did not answer
+            try:
+                items = archive.retrieve(archive.parse_query(event.identifier, model))
+            except Exception as exc:
+                _log_failure("C-MOVE", event, exc)
+                activity.count(event, "move", ok=False)
+                destination.refuse(status.find_error_status(exc))
+                yield None, None  # answered with the refusal, not A801 (see MoveDestination)
+                return
+            yield peer.host, peer.port, destination.associate_kwargs(items)
+            yield len(items)
+            yield from _sub_operations(event, archive, items, destination.accepted, "C-MOVE")
+        finally:
+            destination.restore(event.assoc)
+    activity.count(event, "move", ok=True)
+
+
+def _sub_operations(
+    event: evt.Event,
+    archive: Archive,
+    items: list[StoredInstance],
+    accepted: Callable[[str], list[str]],
+    service: str,
+) -> Iterator[Any]:
+    """One (Pending, data set) per instance for pynetdicom to send, read one at a time and
+    converted to a syntax the receiver ``accepted``; stops at a C-CANCEL (PS3.4 C.4.2.3.1,
+    C.4.3.3.1: after the current sub-operation, status FE00)."""
+    cancel = _CancelFlag(event)
+    for item in items:
+        if cancel():
+            yield status.CANCEL, None  # pynetdicom adds the failed and remaining counts
+            return
+        try:
+            ds = archive.read_instance(item, accepted(item.sop_class_uid))
+        except (InstanceUnavailable, CannotConvert) as exc:
+            logger.error("%s sub-operation for %s fails: %s", service, item.sop_instance_uid,
+                         exc)
+            ds = _unsendable(item)
+        yield status.PENDING, ds
 
 
 # a SOP Class no presentation context carries: see _unsendable
@@ -175,8 +227,12 @@ def _accepted(extended: bytes, option: int) -> bool:
     return extended[option:option + 1] == b"\x01"
 
 
+def _peer_name(event: evt.Event) -> str:
+    return f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+
+
 def _log_failure(service: str, event: evt.Event, exc: Exception) -> None:
-    peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+    peer = _peer_name(event)
     if isinstance(exc, ValueError | LookupError | OSError) or type(exc).__module__.startswith(
         "storage"
     ):

@@ -14,7 +14,14 @@ from storage import Archive, open_archive
 from .activity import Activity
 from .config import Config
 from .contexts import STORAGE, SUPPORTED
-from .handlers import handle_echo, handle_find, handle_get, handle_sop_extended, handle_store
+from .handlers import (
+    handle_echo,
+    handle_find,
+    handle_get,
+    handle_move,
+    handle_sop_extended,
+    handle_store,
+)
 
 logger = logging.getLogger("minipacs")
 
@@ -46,6 +53,7 @@ class Server:
         ae.acse_timeout = cfg.acse_timeout
         ae.dimse_timeout = cfg.dimse_timeout
         ae.network_timeout = cfg.network_timeout
+        ae.connection_timeout = cfg.acse_timeout  # TCP connect to a C-MOVE destination
         for abstract_syntax, transfer_syntaxes in SUPPORTED:
             if abstract_syntax in STORAGE:
                 ae.add_supported_context(
@@ -64,6 +72,7 @@ class Server:
             (evt.EVT_C_STORE, handle_store, [a, act]),
             (evt.EVT_C_FIND, handle_find, [a, act]),
             (evt.EVT_C_GET, handle_get, [a, act]),
+            (evt.EVT_C_MOVE, handle_move, [a, act, self.config]),
             (evt.EVT_ESTABLISHED, act.handle_established),
             (evt.EVT_RELEASED, act.handle_closed),
             (evt.EVT_ABORTED, act.handle_closed),

@@ -1,6 +1,7 @@
 """DIMSE statuses: named codes, and the one place storage outcomes and errors become them.
 
-Codes are from PS3.4 B.2.3 (Storage), C.4.1.1.4 (C-FIND) and PS3.7 Annex C (general).
+Codes are from PS3.4 B.2.3 (Storage), C.4.1.1.4 (C-FIND), C.4.2.1.5 (C-MOVE), C.4.3.1.4
+(C-GET) and PS3.7 Annex C (general).
 Failure statuses carry an ErrorComment (0000,0902) saying why, so that the sender's log
 shows the reason and not only a number.
 """
@@ -43,16 +44,27 @@ CANCEL = 0xFE00
 FIND_OUT_OF_RESOURCES = 0xA700
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNABLE_TO_PROCESS = 0xC001
+PENDING_CODES = frozenset({PENDING, PENDING_WARNING})
+
+# PS3.4 C.4.2.1.5, C-MOVE (and C.4.3.1.4, C-GET)
+SUBOPERATIONS_WITH_FAILURES = 0xB000  # warning: sub-operations complete, some failed
+MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS = 0xA702
+MOVE_DESTINATION_UNKNOWN = 0xA801
 
 _ERROR_COMMENT_MAX = 64  # LO
+
+
+def trim_comment(comment: str) -> str:
+    """``comment`` made a valid ErrorComment (LO: 64 characters, no backslash, ASCII)."""
+    text = comment.encode("ascii", "replace").decode("ascii").replace("\\", "/")
+    return text[:_ERROR_COMMENT_MAX]
 
 
 def with_comment(code: int, comment: str) -> Dataset:
     """A status data set: ``Status`` plus an ErrorComment trimmed to fit its VR."""
     ds = Dataset()
     ds.Status = code
-    text = comment.encode("ascii", "replace").decode("ascii").replace("\\", "/")
-    ds.ErrorComment = text[:_ERROR_COMMENT_MAX]
+    ds.ErrorComment = trim_comment(comment)
     return ds
 
 

@@ -8,6 +8,7 @@ import logging
 
 from .archive import Archive, ArchiveOptions, Origin, StoreOutcome, open_archive
 from .errors import (
+    CannotConvert,
     DuplicateRejected,
     InstanceUnavailable,
     InvalidInstance,
@@ -27,6 +28,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __all__ = [
     "Archive",
     "ArchiveOptions",
+    "CannotConvert",
     "DuplicatePolicy",
     "DuplicateRejected",
     "InstanceUnavailable",

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from . import index, query
+from .convert import as_stored, to_accepted
 from .errors import (
     DuplicateRejected,
     InstanceUnavailable,
@@ -78,6 +79,8 @@ class ArchiveOptions:
     response_charset : str
         "auto" (answer in the query's character set when it can) or a character set to
         answer in when it can; ISO_IR 192 otherwise.
+    retrieve_ae_title : str
+        The AE title every C-FIND response names as RetrieveAETitle (our own); "" = none.
     """
 
     files_path: Path
@@ -87,6 +90,7 @@ class ArchiveOptions:
     fold_pn: bool = True
     max_results: int = 0
     response_charset: str = "auto"
+    retrieve_ae_title: str = ""
 
 
 class Archive:
@@ -267,7 +271,9 @@ class Archive:
                             f"more than {limit} matches (query.max_results): refine the query"
                         )
                     sent += 1
-                    yield query.build_response(parsed, row, self.options.response_charset)
+                    yield query.build_response(
+                        parsed, row, self.options.response_charset, self.options.retrieve_ae_title
+                    )
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
 
@@ -292,22 +298,36 @@ class Archive:
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
 
-    def read_instance(self, item: StoredInstance) -> Dataset:
+    def read_instance(
+        self, item: StoredInstance, accepted: Collection[str] | None = None
+    ) -> Dataset:
         """Read one stored instance, File Meta included, for sending.
+
+        Parameters
+        ----------
+        item : StoredInstance
+            One of :meth:`retrieve`'s instances.
+        accepted : collection of str, optional
+            The transfer syntaxes the receiver accepted for its SOP Class; the instance
+            comes back as stored when that syntax is among them, else converted
+            (:func:`storage.convert.to_accepted`). ``None``: as stored.
 
         Raises
         ------
         InstanceUnavailable
             Its file is missing or cannot be read (the sub-operation fails; ``verify``
             finds why).
+        CannotConvert
+            It cannot be sent in any of ``accepted``.
         """
         try:
             with self.files.open(item.file_key) as fp:
-                return dcmread(fp)
+                ds = as_stored(dcmread(fp))
         except (OSError, InvalidDicomError) as exc:
             raise InstanceUnavailable(
                 f"file of {item.sop_instance_uid} cannot be read: {exc}"
             ) from exc
+        return ds if accepted is None else to_accepted(ds, accepted)
 
     # -- life cycle ----------------------------------------------------------------------
 

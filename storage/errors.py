@@ -62,3 +62,9 @@ class QueryFailed(StorageError):
 
     Answered with "Unable to process" (C001).
     """
+
+
+class CannotConvert(StorageError):
+    """A stored instance cannot be sent in any transfer syntax the receiver accepted (its
+    pixel data cannot be decoded here, or the conversion is not one we make); its retrieve
+    sub-operation fails and the others go on."""

@@ -45,6 +45,7 @@ from .values import (
 QUERY_RETRIEVE_LEVEL = 0x00080052
 SPECIFIC_CHARACTER_SET = 0x00080005
 TIMEZONE_OFFSET_FROM_UTC = 0x00080201
+RETRIEVE_AE_TITLE = 0x00080054
 UTF8 = "ISO_IR 192"
 
 
@@ -198,6 +199,10 @@ def parse_identifier(
         tag = int(elem.tag)
         if tag in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET, TIMEZONE_OFFSET_FROM_UTC):
             # control attributes of the request (PS3.4 C.4.1.1.3.1), not keys
+            continue
+        if tag == RETRIEVE_AE_TITLE:
+            # not an attribute of the stored entities: every response names where its
+            # entity can be retrieved from (PS3.4 C.4.1.1.3.2), whatever the request holds
             continue
         if (tag >> 16) == 0x0002 or (tag & 0xFFFF) == 0:
             continue  # never group lengths or file meta (PS3.4 C.4.1.1.3.2)
@@ -829,16 +834,22 @@ def _unpack(obj: Any, level: Level) -> dict[Level, Any]:
 AUTO = "auto"
 
 
-def build_response(query: Query, row: Row, charset: str = AUTO) -> Dataset:
+def build_response(
+    query: Query, row: Row, charset: str = AUTO, retrieve_ae_title: str = ""
+) -> Dataset:
     """The response identifier of one match (PS3.4 C.4.1.1.3.2).
 
     It holds exactly the requested keys (zero-length where the match has no value),
-    QueryRetrieveLevel, and SpecificCharacterSet naming the encoding of its values:
-    ``charset`` "auto" answers in the query's character set when it can, another value
-    (``query.response_charset``) in that set when it can; else ISO_IR 192.
+    QueryRetrieveLevel, RetrieveAETitle (0008,0054) naming ``retrieve_ae_title`` (the AE a
+    C-MOVE or C-GET of the entity goes to) when given, and SpecificCharacterSet naming
+    the encoding of its values: ``charset`` "auto" answers in the query's character set
+    when it can, another value (``query.response_charset``) in that set when it can; else
+    ISO_IR 192.
     """
     ds = Dataset()
     ds.QueryRetrieveLevel = query.level.name
+    if retrieve_ae_title:
+        ds.RetrieveAETitle = retrieve_ae_title
     texts: list[str] = []
     sequences = {c.tag: c for c in query.constraints if c.kind is Kind.SEQUENCE}
     for req in query.requested:

@@ -152,7 +152,9 @@ def test_store_and_query_with_pynetdicom_and_dcmtk(server: Running, dcmtk: Calla
     for m in matches:
         assert m.QueryRetrieveLevel == "STUDY"
         assert "SpecificCharacterSet" in m
-        assert {e.keyword for e in m} == {*STUDY_KEYS, "QueryRetrieveLevel", "SpecificCharacterSet"}
+        assert {e.keyword for e in m} == {*STUDY_KEYS, "QueryRetrieveLevel", "SpecificCharacterSet",
+                                          "RetrieveAETitle"}
+        assert m.RetrieveAETitle == server.ae_title  # PS3.4 C.4.1.1.3.2: where to retrieve from
 
     responses = findscu_study(dcmtk, server, tmp_path / "rsp")
     assert {r.StudyInstanceUID: study_counts(r) for r in responses} == expected

@@ -1,5 +1,5 @@
 """C-GET: what a query finds comes back over the same association, byte for byte, with
-counts, failures and cancel as PS3.4 C.4.3 says (C-MOVE comes with the peers config)."""
+counts, failures and cancel as PS3.4 C.4.3 says (C-MOVE: tests/test_move.py)."""
 
 from __future__ import annotations
 
@@ -115,14 +115,14 @@ def test_get_cancel(server: Running, stored: list[Dataset]) -> None:
     original = server.archive.read_instance
     calls: list[int] = []
 
-    def held(item: Any) -> Dataset:
+    def held(item: Any, accepted: Any = None) -> Dataset:
         calls.append(1)
         if len(calls) == 2:  # wait (polling, with a deadline) until the C-CANCEL is in
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not any(
                     a.dimse.cancel_req for a in server.server.ae.active_associations):
                 time.sleep(0.005)
-        return original(item)
+        return original(item, accepted)
 
     server.archive.read_instance = held  # type: ignore[method-assign]
     ae = AE(ae_title="GETSCU")

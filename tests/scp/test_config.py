@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from scp.config import SECTIONS, ConfigError, load_config
+from scp.config import LIST_SECTIONS, PEER_REQUIRED, SECTIONS, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,18 +25,36 @@ def code_defaults() -> dict[str, Any]:
     return out
 
 
+def list_defaults() -> dict[str, Any]:
+    """``peers[].port`` -> its default; required keys -> "(required)"."""
+    return {f"{name}[].{f.name}": "(required)" if f.name in PEER_REQUIRED else getattr(cls(), f.name)
+            for name, cls in LIST_SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
 def test_config_yaml_holds_every_key_with_the_code_default() -> None:
-    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    text = (REPO / "config.yaml").read_text()
+    raw = yaml.safe_load(text)
     from_yaml = {f"{section}.{key}": value for section, keys in raw.items()
-                 for key, value in keys.items()}
+                 if section not in LIST_SECTIONS for key, value in keys.items()}
     assert from_yaml == code_defaults()
+    assert {name: raw[name] for name in LIST_SECTIONS} == {name: [] for name in LIST_SECTIONS}
+    # the commented example entry names every key of a list entry, with its default
+    example = yaml.safe_load("\n".join(
+        line.replace("#   ", "  ", 1).replace("# - ", "- ", 1)
+        for line in text.splitlines() if line.startswith(("#   ", "# - "))))
+    cls = LIST_SECTIONS["peers"]
+    entry = example[0]
+    assert set(entry) == {f.name for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if f.name not in PEER_REQUIRED:
+            assert entry[f.name] == getattr(cls(), f.name), f.name
 
 
 def test_readme_documents_every_key_with_its_default() -> None:
     readme = (REPO / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| `([^`]*)` \|", readme, re.M))
+    rows = dict(re.findall(r"^\| `([a-z_]+(?:\[\])?\.[a-z_]+)` \| `?([^`|]*)`? \|", readme, re.M))
     expected = {k: str(v).lower() if isinstance(v, bool) else str(v)
-                for k, v in code_defaults().items()}
+                for k, v in {**code_defaults(), **list_defaults()}.items()}
     assert rows == expected
 
 
@@ -111,3 +129,41 @@ def test_override_of_a_broken_section_is_a_config_error(tmp_path: Path) -> None:
     path.write_text("ae: [1, 2]\n")
     with pytest.raises(ConfigError, match="ae: must be a mapping"):
         load_config(path, {"ae.port": 5000})
+
+
+def test_peers_are_loaded_and_looked_up_by_ae_title(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("peers:\n  - ae_title: VIEWER\n    host: 10.0.0.5\n    port: 11113\n"
+                    "  - {ae_title: WS, host: ws.example.org, max_pdu_size: 65536,"
+                    " transfer_syntax: 1.2.840.10008.1.2}\n")
+    config = load_config(path)
+    assert [p.ae_title for p in config.peers] == ["VIEWER", "WS"]
+    viewer = config.peer("VIEWER  ")  # AE titles compare without trailing spaces
+    assert viewer is not None and (viewer.host, viewer.port) == ("10.0.0.5", 11113)
+    ws = config.peer("WS")
+    assert ws is not None and (ws.port, ws.max_pdu_size, ws.transfer_syntax) == (
+        104, 65536, "1.2.840.10008.1.2")
+    assert config.peer("NOBODY") is None
+
+
+def test_every_peer_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("peers:\n  - {host: a, port: 0}\n  - {ae_title: X, host: b, colour: red}\n"
+                    "  - {ae_title: X, host: c, transfer_syntax: 1.2.840.10008.1.2.4.50,"
+                    " max_pdu_size: -1}\n  - just a string\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    for fragment in ("peers[0].ae_title: is required", "peers[0].port: must be between 1",
+                     "unknown key peers[1].colour", "peers[2].transfer_syntax: must be empty",
+                     "peers[2].max_pdu_size", "peers[3]: must be a mapping",
+                     "AE title 'X' is listed more than once"):
+        assert any(fragment in p for p in problems), (fragment, problems)
+    assert len(problems) == 7
+
+
+def test_peers_must_be_a_list(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("peers: {ae_title: X}\n")
+    with pytest.raises(ConfigError, match="peers: must be a list"):
+        load_config(path)

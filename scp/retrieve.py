@@ -1,0 +1,173 @@
+"""The network side of retrieves: which transfer syntaxes a receiver took, what to propose
+to a C-MOVE destination, and how the outcome of that association is reported.
+
+pynetdicom runs the C-STORE sub-operations of C-GET (on the requesting association) and
+C-MOVE (on an association it opens with the address our handler yields); this module
+holds what our handlers need around that, so that the handlers stay short.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context
+from pynetdicom import events as evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.presentation import PresentationContext
+
+from storage import StoredInstance
+
+from . import status
+from .config import PeerConfig
+
+logger = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: odd presentation context IDs 1 to 255
+
+
+def accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[str]:
+    """The transfer syntaxes ``assoc``'s peer accepted for receiving ``sop_class_uid`` from
+    us (we are the C-STORE SCU on it, PS3.7 D.3.3.4 for C-GET's role selection)."""
+    return [
+        str(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if str(cx.abstract_syntax) == sop_class_uid and cx.as_scu
+    ]
+
+
+def proposed_contexts(
+    items: Iterable[StoredInstance], peer: PeerConfig
+) -> list[PresentationContext]:
+    """The presentation contexts a C-MOVE proposes to ``peer`` for ``items``.
+
+    For every SOP Class one context with the uncompressed syntaxes we can always produce
+    (the peer's ``transfer_syntax`` first when it names one), so that every instance has a
+    way through; then, unless ``transfer_syntax`` is set, one context per stored syntax, so
+    that instances go as stored when the peer takes that syntax. When more than 128 would
+    be needed, the stored-syntax contexts of the least frequent pairs are left out
+    (those instances are converted); SOP Classes beyond 128 cannot be proposed at all
+    and their sub-operations fail (logged).
+    """
+    pairs = Counter((i.sop_class_uid, i.transfer_syntax_uid) for i in items)
+    classes = list(dict.fromkeys(cls for cls, _ in pairs))
+    plain = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+    fallback = list(dict.fromkeys([peer.transfer_syntax, *plain] if peer.transfer_syntax
+                                  else plain))
+    contexts = [build_context(cls, fallback) for cls in classes[:MAX_CONTEXTS]]
+    if len(classes) > MAX_CONTEXTS:
+        logger.error("C-MOVE to %s: %d SOP Classes, only %d can be proposed; the instances of"
+                     " the others fail", peer.ae_title, len(classes), MAX_CONTEXTS)
+    if not peer.transfer_syntax:
+        for (cls, syntax), _ in pairs.most_common():
+            if len(contexts) >= MAX_CONTEXTS:
+                break
+            if syntax not in fallback:
+                contexts.append(build_context(cls, syntax))
+    return contexts
+
+
+class MoveDestination:
+    """The association pynetdicom opens to a C-MOVE destination, as our handler sees it.
+
+    :meth:`associate_kwargs` is what the handler yields to pynetdicom with the address: it
+    proposes :func:`proposed_contexts` and registers :meth:`_capture`, so that the handler
+    learns which syntaxes the destination accepted, and, when the association fails, why.
+
+    pynetdicom answers A801 (Move Destination unknown) in two cases where PS3.4 C.4.2.1.5
+    has a better status: a destination that cannot be reached, though it is known (it is
+    in ``peers``), gets A702 (Refused: Out of Resources - Unable to perform
+    sub-operations), as dcm4chee answers; and a request we refuse before any sub-operation
+    (an invalid identifier: A900) would otherwise be answered only after an association to
+    the destination is open. :meth:`correct_status` wraps the requesting association's
+    DIMSE ``send_msg`` for the length of the move and rewrites that one A801 response;
+    tests pin this against the pynetdicom version we ship with.
+    """
+
+    def __init__(self, peer: PeerConfig, max_pdu_size: int) -> None:
+        self.peer = peer
+        self.max_pdu_size = peer.max_pdu_size or max_pdu_size
+        self.assoc: Association | None = None
+        self.answered = False  # an A-ASSOCIATE-AC or -RJ came back
+        self.count = 0
+        self.refusal: Dataset | None = None
+        self._original: Callable[[Any, int], None] | None = None
+
+    def associate_kwargs(self, items: list[StoredInstance]) -> dict[str, Any]:
+        """Keyword arguments for pynetdicom's ``AE.associate`` to the destination."""
+        self.count = len(items)
+        handlers = [(e, self._capture) for e in (evt.EVT_ACCEPTED, evt.EVT_REJECTED,
+                                                 evt.EVT_ABORTED)]
+        return {
+            "contexts": proposed_contexts(items, self.peer),
+            "max_pdu": self.max_pdu_size,
+            "evt_handlers": handlers,
+        }
+
+    def _capture(self, event: evt.Event) -> None:
+        self.assoc = event.assoc
+        self.answered = self.answered or event.event in (evt.EVT_ACCEPTED, evt.EVT_REJECTED)
+
+    def accepted(self, sop_class_uid: str) -> list[str]:
+        """What the destination accepted for ``sop_class_uid`` (none before it answered)."""
+        return [] if self.assoc is None else accepted_syntaxes(self.assoc, sop_class_uid)
+
+    def failure(self) -> str:
+        """Why the association to the destination was not established."""
+        where = f"{self.peer.ae_title} at {self.peer.host}:{self.peer.port}"
+        if self.assoc is None or not self.answered:
+            return f"{where} did not answer (connection refused, unreachable or timed out)"
+        if self.assoc.is_rejected:
+            return f"{where} rejected the association"
+        if not self.assoc.accepted_contexts:
+            return f"{where} accepted none of the proposed presentation contexts"
+        return f"{where} aborted the association"
+
+    def refuse(self, refusal: Dataset) -> None:
+        """Answer the move with ``refusal`` (Status, ErrorComment) instead of A801: the
+        handler then yields ``(None, None)``, so that no association is opened."""
+        self.refusal = refusal
+
+    def correct_status(self, requesting: Association, request: C_MOVE) -> None:
+        """Rewrite pynetdicom's A801 for this move (see above)."""
+        dimse = requesting.dimse
+        send = dimse.send_msg
+        message_id = request.MessageID
+
+        def send_msg(primitive: Any, context_id: int) -> None:
+            if (
+                isinstance(primitive, C_MOVE)
+                and primitive.MessageIDBeingRespondedTo == message_id
+                and primitive.Status == status.MOVE_DESTINATION_UNKNOWN
+            ):
+                if self.refusal is not None:
+                    primitive.Status = int(self.refusal.Status)
+                    primitive.ErrorComment = self.refusal.get("ErrorComment")
+                else:
+                    reason = self.failure()
+                    logger.error("C-MOVE to %s: %s", self.peer.ae_title, reason)
+                    # PS3.4 C.4.2.1.5: A702, no sub-operation was performed
+                    primitive.Status = status.MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS
+                    primitive.ErrorComment = status.trim_comment(reason)  # type: ignore[assignment]
+                    primitive.NumberOfFailedSuboperations = self.count
+                    primitive.NumberOfCompletedSuboperations = 0
+                    primitive.NumberOfWarningSuboperations = 0
+            if isinstance(primitive, C_MOVE) and primitive.Status not in status.PENDING_CODES:
+                self.restore(requesting)
+            send(primitive, context_id)
+
+        self._original = send
+        dimse.send_msg = send_msg  # type: ignore[method-assign]
+
+    def restore(self, requesting: Association) -> None:
+        """Put the requesting association's ``send_msg`` back (idempotent)."""
+        original = self._original
+        if original is not None:
+            requesting.dimse.send_msg = original  # type: ignore[method-assign, assignment]
+            self._original = None
+

@@ -1,0 +1,100 @@
+"""Transfer syntax conversion for retrieves: send as stored when the receiver accepted the
+stored syntax, else decode to an uncompressed one it accepted.
+
+PS3.4 C.4.2.3.1 / C.4.3.3.1 leave the choice of encoding to the SCP within what the C-STORE
+association accepted. We keep the stored bytes whenever we may; compressed pixel data is
+decoded with pydicom's own decoders (the ``codecs`` extra installs pylibjpeg, its
+OpenJPEG and RLE plugins, and GDCM) into Explicit VR Little Endian, which the network
+layer re-encodes losslessly into any other uncompressed little endian syntax the receiver
+took (Implicit VR, deflated). Nothing is ever re-compressed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
+
+from .errors import CannotConvert
+
+
+class AsStored(FileDataset):
+    """A data set read from the file store that keeps every element as read.
+
+    pydicom converts an element when it is first read (``ds.SOPClassUID``) and keeps the
+    converted form, which is written back in pydicom's own way: a known tag stored with VR
+    UN gets its dictionary VR, a UID padded with a space gets a NUL. pynetdicom reads the
+    SOP Class and Instance UIDs of every data set it sends, so the receiver would not get
+    the bytes we stored. Here a read converts a copy and leaves the element as read, so
+    pydicom's writer (used by pynetdicom) writes the stored bytes again.
+    """
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            return super().__getitem__(key)
+        tag = key if isinstance(key, BaseTag) else Tag(key)
+        elem = self._dict.get(tag)
+        if isinstance(elem, RawDataElement) and (elem.value is not None or elem.length == 0):
+            charset = self.original_character_set or self._character_set
+            converted: DataElement = convert_raw_data_element(elem, encoding=charset, ds=self)
+            if converted.VR not in ("SQ", "US or SS", "OB or OW", "US or OW", "US or SS or OW"):
+                return converted
+        return super().__getitem__(key)
+
+
+def as_stored(ds: FileDataset) -> FileDataset:
+    """``ds``, from :func:`pydicom.dcmread`, made an :class:`AsStored`."""
+    ds.__class__ = AsStored
+    return ds
+
+
+def _plain_little_endian(uid: UID) -> bool:
+    """Native (not encapsulated) little endian: Implicit, Explicit, Deflated Explicit."""
+    return uid.is_little_endian and not uid.is_encapsulated
+
+
+def to_accepted(ds: Dataset, accepted: Collection[str]) -> Dataset:
+    """``ds`` ready to be sent to a receiver that accepted ``accepted`` for its SOP Class.
+
+    Returns ``ds`` itself when its stored syntax was accepted, or when both it and one of
+    ``accepted`` are native little endian (the network layer converts among those without
+    touching a value); otherwise ``ds`` with its pixel data decoded into Explicit VR Little
+    Endian.
+
+    Raises
+    ------
+    CannotConvert
+        No accepted syntax can be produced: nothing was accepted, the receiver wants only
+        other compressed syntaxes, the stored syntax is big endian, or decoding failed (no
+        codec installed, corrupt pixel data).
+    """
+    stored = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    syntaxes = [UID(s) for s in accepted]
+    if stored in syntaxes:
+        return ds
+    names = ", ".join(s.name for s in syntaxes) or "nothing"
+    plain = [s for s in syntaxes if _plain_little_endian(s)]
+    if not plain:
+        raise CannotConvert(
+            f"stored as {stored.name}; the receiver accepted {names}, and we do not"
+            " compress into another syntax"
+        )
+    if _plain_little_endian(stored):
+        return ds
+    if not stored.is_little_endian:
+        raise CannotConvert(f"stored as {stored.name}; converting to {names} is not supported")
+    if isinstance(ds, AsStored):
+        # decoded anyway: let pydicom keep what it converts
+        ds.__class__ = FileDataset  # type: ignore[assignment]
+    try:
+        ds.decompress(generate_instance_uid=False)
+    except Exception as exc:  # any decoder failure: no plugin, corrupt or unsupported data
+        raise CannotConvert(
+            f"cannot decode {stored.name} pixel data for a receiver that accepted {names}:"
+            f" {exc} (is the codecs extra installed?)"
+        ) from exc
+    return ds

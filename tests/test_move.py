@@ -1,0 +1,477 @@
+"""C-MOVE: what a query finds goes to a configured peer, byte for byte when the peer takes
+the stored transfer syntax, decoded when it does not, with counts, failures and cancel as
+PS3.4 C.4.2 says. The peers are real Storage SCPs on loopback: pynetdicom and DCMTK's
+storescp."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+)
+from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom import events as evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from scp import status
+from tests.conftest import Running
+from tests.factory import ROOT, encode, file_parts, hierarchy
+
+PATIENT_ROOT = PatientRootQueryRetrieveInformationModelMove
+STUDY_ROOT = StudyRootQueryRetrieveInformationModelMove
+
+
+@dataclass
+class Peer:
+    """A pynetdicom Storage SCP started by a test: what it received, as sent."""
+
+    ae_title: str
+    port: int
+    received: list[tuple[bytes, str]] = field(default_factory=list)  # (data set, syntax)
+    datasets: list[Dataset] = field(default_factory=list)
+    associations: int = 0
+
+    def entry(self) -> dict[str, Any]:
+        return {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
+
+
+@pytest.fixture
+def start_peer() -> Iterator[Callable[..., Peer]]:
+    servers: list[Any] = []
+
+    def start(ae_title: str = "DEST", syntaxes: list[str] | None = None,
+              require_called_aet: bool = False) -> Peer:
+        ae = AE(ae_title=ae_title)
+        ae.require_called_aet = require_called_aet
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, syntaxes or ALL_SYNTAXES)
+        peer = Peer(ae_title, 0)
+
+        def on_store(event: Any) -> int:
+            syntax = str(event.context.transfer_syntax)
+            peer.received.append((event.encoded_dataset(include_meta=False), syntax))
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            peer.datasets.append(ds)
+            return 0x0000
+
+        def on_accepted(event: Any) -> None:
+            peer.associations += 1
+
+        server = ae.start_server(("127.0.0.1", 0), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, on_store),
+                                               (evt.EVT_ACCEPTED, on_accepted)])
+        servers.append(server)
+        peer.port = int(server.server_address[1])
+        return peer
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+ALL_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless,
+                "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.5",
+                "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.81"]
+
+
+@pytest.fixture
+def stored_and_peer(start_server: Callable[..., Running],
+                    start_peer: Callable[..., Peer]) -> tuple[Running, Peer, list[Dataset]]:
+    peer = start_peer()
+    running = start_server(peers=[peer.entry()])
+    datasets = hierarchy()
+    for ds in datasets:
+        running.archive.store(encode(ds), ExplicitVRLittleEndian)
+    return running, peer, datasets
+
+
+def c_move(running: Running, model: Any, destination: str, msg_id: int = 1,
+           on_response: Callable[[Any, Any], None] | None = None,
+           **keys: Any) -> list[Dataset]:
+    """A C-MOVE with pynetdicom: every response (status data set, identifier merged)."""
+    ae = AE(ae_title="MOVESCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title)
+    assert assoc.is_established
+    q = Dataset()
+    for k, v in keys.items():
+        setattr(q, k, v)
+    responses = []
+    for rsp, identifier in assoc.send_c_move(q, destination, model, msg_id=msg_id):
+        if identifier is not None:
+            for elem in identifier:
+                rsp.add(elem)
+        responses.append(rsp)
+        if on_response is not None:
+            on_response(assoc, rsp)
+    assoc.release()
+    return responses
+
+
+def _levels(datasets: list[Dataset]) -> list[tuple[Any, dict[str, Any], Callable[[Dataset], bool]]]:
+    """(model, identifier, which stored instances it names) for every level of both models;
+    at each query level a list of two UIDs."""
+    a, b = datasets[0], datasets[-1]  # first and last instance: different patients
+    pid1 = [ds for ds in datasets if ds.PatientID == "PID1"]
+    s1, s2 = pid1[0].StudyInstanceUID, pid1[-1].StudyInstanceUID
+    series = [ds.SeriesInstanceUID for ds in datasets if ds.StudyInstanceUID == s1]
+    se1, se2 = series[0], series[-1]
+    sops = [ds.SOPInstanceUID for ds in datasets if ds.SeriesInstanceUID == se1][:2]
+    return [
+        (PATIENT_ROOT, {"QueryRetrieveLevel": "PATIENT", "PatientID": "PID2"},
+         lambda ds: ds.PatientID == "PID2"),
+        (PATIENT_ROOT, {"QueryRetrieveLevel": "STUDY", "PatientID": "PID1",
+                        "StudyInstanceUID": [s1, s2]},
+         lambda ds: ds.StudyInstanceUID in (s1, s2)),
+        (PATIENT_ROOT, {"QueryRetrieveLevel": "SERIES", "PatientID": "PID1",
+                        "StudyInstanceUID": s1, "SeriesInstanceUID": [se1, se2]},
+         lambda ds: ds.SeriesInstanceUID in (se1, se2)),
+        (PATIENT_ROOT, {"QueryRetrieveLevel": "IMAGE", "PatientID": "PID1", "StudyInstanceUID": s1,
+                        "SeriesInstanceUID": se1, "SOPInstanceUID": sops},
+         lambda ds: ds.SOPInstanceUID in sops),
+        (STUDY_ROOT, {"QueryRetrieveLevel": "STUDY",
+                      "StudyInstanceUID": [a.StudyInstanceUID, b.StudyInstanceUID]},
+         lambda ds: ds.StudyInstanceUID in (a.StudyInstanceUID, b.StudyInstanceUID)),
+        (STUDY_ROOT, {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": s1,
+                      "SeriesInstanceUID": se2},
+         lambda ds: ds.SeriesInstanceUID == se2),
+        (STUDY_ROOT, {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": s1,
+                      "SeriesInstanceUID": se1, "SOPInstanceUID": sops[0]},
+         lambda ds: ds.SOPInstanceUID == sops[0]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7), ids=["patient-PATIENT", "patient-STUDY",
+                                                 "patient-SERIES", "patient-IMAGE", "study-STUDY",
+                                                 "study-SERIES", "study-IMAGE"])
+def test_move_every_level_byte_for_byte(stored_and_peer: Any, case: int) -> None:
+    running, peer, datasets = stored_and_peer
+    model, keys, named = _levels(datasets)[case]
+    wanted = [ds for ds in datasets if named(ds)]
+    assert wanted
+    responses = c_move(running, model, peer.ae_title, **keys)
+    assert sorted(peer.received) == sorted((encode(ds), ExplicitVRLittleEndian) for ds in wanted)
+    final = responses[-1]
+    assert final.Status == status.SUCCESS
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations,
+            final.NumberOfWarningSuboperations) == (len(wanted), 0, 0)
+    assert peer.associations == 1
+    pending = [r for r in responses if r.Status == status.PENDING]
+    assert [r.NumberOfRemainingSuboperations for r in pending] == list(
+        range(len(wanted) - 1, -1, -1))
+    assert [r.NumberOfCompletedSuboperations for r in pending] == list(range(1, len(wanted) + 1))
+
+
+def test_move_matching_nothing_is_success_with_no_sub_operations(stored_and_peer: Any) -> None:
+    running, peer, _ = stored_and_peer
+    responses = c_move(running, STUDY_ROOT, peer.ae_title,
+                       QueryRetrieveLevel="STUDY", StudyInstanceUID="1.2.3.4.5.6")
+    assert [int(r.Status) for r in responses] == [status.SUCCESS]
+    assert peer.received == []
+
+
+def test_unknown_destination_is_a801(stored_and_peer: Any, caplog: Any) -> None:
+    running, peer, datasets = stored_and_peer
+    with caplog.at_level(logging.WARNING):
+        responses = c_move(running, STUDY_ROOT, "NOBODY", QueryRetrieveLevel="STUDY",
+                           StudyInstanceUID=datasets[0].StudyInstanceUID)
+    assert [int(r.Status) for r in responses] == [status.MOVE_DESTINATION_UNKNOWN]
+    assert peer.received == []
+    assert "'NOBODY' is not in peers" in caplog.text
+
+
+def test_invalid_identifier_is_a900_without_reaching_the_destination(stored_and_peer: Any) -> None:
+    running, peer, _ = stored_and_peer
+    responses = c_move(running, STUDY_ROOT, peer.ae_title,
+                       QueryRetrieveLevel="SERIES", SeriesInstanceUID="1.2.3")
+    assert [int(r.Status) for r in responses] == [status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS]
+    assert "StudyInstanceUID" in responses[0].ErrorComment
+    assert peer.associations == 0
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:  # bound and closed again: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_destination_down_is_a702_with_the_reason(start_server: Callable[..., Running],
+                                                 caplog: Any) -> None:
+    running = start_server(peers=[{"ae_title": "DOWN", "host": "127.0.0.1",
+                                   "port": _closed_port()}])
+    datasets = hierarchy()[:3]
+    for ds in datasets:
+        running.archive.store(encode(ds), ExplicitVRLittleEndian)
+    with caplog.at_level(logging.ERROR):
+        responses = c_move(running, STUDY_ROOT, "DOWN", QueryRetrieveLevel="STUDY",
+                           StudyInstanceUID=datasets[0].StudyInstanceUID)
+    final = responses[-1]
+    assert len(responses) == 1
+    # PS3.4 C.4.2.1.5: Refused: Out of Resources - Unable to perform sub-operations
+    assert final.Status == status.MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS
+    assert "DOWN at 127.0.0.1" in final.ErrorComment
+    assert final.NumberOfFailedSuboperations == 3
+    assert "did not answer" in caplog.text
+    # the association still serves the next request: a move to a known, live peer works
+    later = c_move(running, STUDY_ROOT, "NOBODY", QueryRetrieveLevel="STUDY",
+                   StudyInstanceUID=datasets[0].StudyInstanceUID)
+    assert int(later[-1].Status) == status.MOVE_DESTINATION_UNKNOWN
+
+
+def test_destination_that_rejects_is_a702(start_server: Callable[..., Running],
+                                          start_peer: Callable[..., Peer]) -> None:
+    picky = start_peer("PICKY", require_called_aet=True)
+    # configured under another AE title: the peer rejects being called by it
+    running = start_server(peers=[{**picky.entry(), "ae_title": "WRONGNAME"}])
+    ds = hierarchy()[0]
+    running.archive.store(encode(ds), ExplicitVRLittleEndian)
+    responses = c_move(running, STUDY_ROOT, "WRONGNAME", QueryRetrieveLevel="STUDY",
+                       StudyInstanceUID=ds.StudyInstanceUID)
+    assert len(responses) == 1
+    assert responses[0].Status == status.MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS
+    assert "rejected the association" in responses[0].ErrorComment
+    assert picky.received == []
+
+
+def test_missing_file_is_counted_listed_and_logged(stored_and_peer: Any, caplog: Any) -> None:
+    running, peer, datasets = stored_and_peer
+    wanted = [ds for ds in datasets if ds.PatientID == "PID2"]
+    from storage.models import Instance
+
+    lost = Instance.get(Instance.sop_instance_uid == wanted[1].SOPInstanceUID)
+    (running.data_dir / "files" / lost.file_key[:2] / lost.file_key[2:4] / lost.file_key).unlink()
+    with caplog.at_level(logging.ERROR):
+        responses = c_move(running, PATIENT_ROOT, peer.ae_title,
+                           QueryRetrieveLevel="PATIENT", PatientID="PID2")
+    final = responses[-1]
+    assert final.Status == status.SUBOPERATIONS_WITH_FAILURES  # PS3.4 C.4.2.1.5 B000
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (
+        len(wanted) - 1, 1)
+    assert list(final.FailedSOPInstanceUIDList) == [wanted[1].SOPInstanceUID] or (
+        final.FailedSOPInstanceUIDList == wanted[1].SOPInstanceUID)
+    assert len(peer.received) == len(wanted) - 1
+    assert f"C-MOVE sub-operation for {wanted[1].SOPInstanceUID} fails" in caplog.text
+
+
+def test_cancel_stops_after_the_current_instance(stored_and_peer: Any) -> None:
+    running, peer, datasets = stored_and_peer
+    wanted = [ds for ds in datasets if ds.PatientID == "PID1"]
+    original = running.archive.read_instance
+    calls: list[int] = []
+
+    def held(item: Any, accepted: Any = None) -> Dataset:
+        calls.append(1)
+        if len(calls) == 2:  # wait (polling, with a deadline) until the C-CANCEL is in
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(
+                    a.dimse.cancel_req for a in running.server.ae.active_associations):
+                time.sleep(0.005)
+        return original(item, accepted)
+
+    running.archive.read_instance = held  # type: ignore[method-assign]
+
+    def cancel_once(assoc: Any, rsp: Any) -> None:
+        if rsp.Status == status.PENDING and rsp.NumberOfCompletedSuboperations == 1:
+            cx = assoc._get_valid_context(PATIENT_ROOT, "", "scu")
+            assoc.send_c_cancel(7, cx.context_id)
+
+    responses = c_move(running, PATIENT_ROOT, peer.ae_title, msg_id=7, on_response=cancel_once,
+                       QueryRetrieveLevel="PATIENT", PatientID="PID1")
+    final = responses[-1]
+    assert final.Status == status.CANCEL
+    done = final.NumberOfCompletedSuboperations
+    assert 1 <= done < len(wanted)
+    assert final.NumberOfRemainingSuboperations == len(wanted) - done
+    assert len(peer.received) == done
+
+
+# -- transfer syntaxes ---------------------------------------------------------------------
+
+# JPEG 2000, RLE (one and 15 frames), JPEG lossless, JPEG baseline (YBR), JPEG-LS: all
+# decoded by the codecs extra; each file a different SOP Instance
+COMPRESSED = ["JPEG2000.dcm", "MR_small_RLE.dcm", "rtdose_rle.dcm", "SC_rgb_jpeg_gdcm.dcm",
+              "SC_rgb_jpeg_dcmtk.dcm", "MR_small_jpeg_ls_lossless.dcm"]
+JPEG2000 = "1.2.840.10008.1.2.4.91"
+
+
+@pytest.fixture
+def compressed(start_server: Callable[..., Running], start_peer: Callable[..., Peer]) -> Any:
+    plain = start_peer("PLAIN", [ImplicitVRLittleEndian])
+    anything = start_peer("ANY")
+    only_j2k = start_peer("J2KONLY", [JPEG2000])
+    running = start_server(peers=[plain.entry(), anything.entry(), only_j2k.entry()])
+    originals = []
+    for n, name in enumerate(COMPRESSED):
+        ds = dcmread(get_testdata_file(name))
+        ds.SOPInstanceUID = f"{ROOT}90.{n}"  # two of the files share one
+        ds.StudyInstanceUID = ds.get("StudyInstanceUID") or f"{ROOT}91"
+        running.archive.store(encode(ds), str(ds.file_meta.TransferSyntaxUID))
+        originals.append(ds)
+    return running, plain, anything, only_j2k, originals
+
+
+def _move_all(running: Running, destination: str, originals: list[Dataset]) -> Dataset:
+    uids = [str(ds.StudyInstanceUID) for ds in originals]
+    return c_move(running, STUDY_ROOT, destination, QueryRetrieveLevel="STUDY",
+                  StudyInstanceUID=list(dict.fromkeys(uids)))[-1]
+
+
+def test_compressed_to_a_peer_taking_only_uncompressed_arrives_decoded(compressed: Any) -> None:
+    running, plain, _, _, originals = compressed
+    final = _move_all(running, "PLAIN", originals)
+    assert final.Status == status.SUCCESS, final
+    assert final.NumberOfCompletedSuboperations == len(originals)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in plain.datasets}
+    assert {s for _, s in plain.received} == {ImplicitVRLittleEndian}
+    for original in originals:
+        got = by_uid[str(original.SOPInstanceUID)]
+        # pixel-identical to pydicom's own decode of the stored file
+        assert np.array_equal(got.pixel_array, original.pixel_array), original.filename
+        assert got.PhotometricInterpretation == ("RGB" if original.SamplesPerPixel == 3
+                                                 else original.PhotometricInterpretation)
+
+
+def test_compressed_to_a_peer_taking_it_arrives_as_stored(compressed: Any) -> None:
+    running, _, anything, _, originals = compressed
+    final = _move_all(running, "ANY", originals)
+    assert final.Status == status.SUCCESS
+    sent = {(encode(ds), str(ds.file_meta.TransferSyntaxUID)) for ds in originals}
+    assert sent == set(anything.received)  # every one as stored, byte for byte
+
+
+def test_undecodable_pixel_data_fails_that_sub_operation_only(
+        compressed: Any, caplog: Any) -> None:
+    running, plain, _, _, originals = compressed
+    broken = dcmread(get_testdata_file("JPEG2000.dcm"))
+    syntax = str(broken.file_meta.TransferSyntaxUID)
+    broken.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    broken.PixelData = encapsulate([b"not a JPEG 2000 codestream" * 4])
+    running.archive.store(encode(broken), syntax)
+    with caplog.at_level(logging.ERROR):
+        final = c_move(running, STUDY_ROOT, "PLAIN", QueryRetrieveLevel="IMAGE",
+                       StudyInstanceUID=broken.StudyInstanceUID,
+                       SeriesInstanceUID=broken.SeriesInstanceUID,
+                       SOPInstanceUID=[broken.SOPInstanceUID, originals[0].SOPInstanceUID])[-1]
+    assert final.Status == status.SUBOPERATIONS_WITH_FAILURES
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 1)
+    assert final.FailedSOPInstanceUIDList == broken.SOPInstanceUID
+    assert "cannot decode JPEG 2000" in caplog.text
+    assert [str(ds.SOPInstanceUID) for ds in plain.datasets] == [originals[0].SOPInstanceUID]
+
+
+def test_no_possible_conversion_fails_that_sub_operation_only(compressed: Any,
+                                                              caplog: Any) -> None:
+    running, _, _, only_j2k, originals = compressed
+    with caplog.at_level(logging.ERROR):
+        final = _move_all(running, "J2KONLY", originals)
+    j2k = [ds for ds in originals if ds.file_meta.TransferSyntaxUID == JPEG2000]
+    assert j2k
+    assert final.Status == status.SUBOPERATIONS_WITH_FAILURES
+    assert final.NumberOfCompletedSuboperations == len(j2k)
+    assert final.NumberOfFailedSuboperations == len(originals) - len(j2k)
+    assert "we do not compress into another syntax" in caplog.text
+
+
+# -- DCMTK movescu to DCMTK storescp -----------------------------------------------------
+
+def _free_port() -> int:
+    return _closed_port()
+
+
+def test_movescu_to_storescp(start_server: Callable[..., Running], dcmtk: Callable[..., Any],
+                             tmp_path: Path) -> None:
+    out = tmp_path / "storescp"
+    out.mkdir()
+    port = _free_port()
+    running = start_server(peers=[{"ae_title": "STORESCP", "host": "127.0.0.1", "port": port}])
+    datasets = hierarchy()
+    for ds in datasets:
+        running.archive.store(encode(ds), ExplicitVRLittleEndian)
+    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), "+xa", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30  # poll until storescp answers an echo
+        while dcmtk("echoscu", "-aec", "STORESCP", "127.0.0.1", str(port),
+                    check=False).returncode != 0:
+            assert time.monotonic() < deadline and proc.poll() is None, "storescp did not start"
+            time.sleep(0.05)
+        study = datasets[0].StudyInstanceUID
+        result = dcmtk("movescu", "-v", "-S", "-aec", running.ae_title, "-aem", "STORESCP",
+                       "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                       "127.0.0.1", str(running.port))
+        wanted = {ds.SOPInstanceUID: ds for ds in datasets if ds.StudyInstanceUID == study}
+        files = list(out.iterdir())
+        assert len(files) == len(wanted), result.stdout + result.stderr
+        for path in files:
+            raw, syntax = file_parts(path)
+            uid = str(dcmread(path).SOPInstanceUID)
+            assert (raw, syntax) == (encode(wanted[uid]), ExplicitVRLittleEndian)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# -- retrieves beside stores and queries ---------------------------------------------------
+
+def test_moves_run_while_others_store_and_query(stored_and_peer: Any) -> None:
+    from tests.conftest import associate, find
+    from tests.factory import make_ds
+
+    running, peer, datasets = stored_and_peer
+    errors: list[BaseException] = []
+    stored_codes: list[int] = []
+
+    def storer() -> None:
+        try:
+            assoc = associate(running)
+            for _ in range(40):
+                ds = make_ds(PatientID="BUSY")
+                stored_codes.append(int(assoc.send_c_store(ds).Status))
+            assoc.release()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    def querier() -> None:
+        try:
+            for _ in range(10):
+                matches, final = find(running, QueryRetrieveLevel="STUDY", StudyInstanceUID="")
+                assert final == status.SUCCESS and len(matches) >= 5
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=storer), threading.Thread(target=querier)]
+    for t in threads:
+        t.start()
+    finals = [c_move(running, PATIENT_ROOT, peer.ae_title, QueryRetrieveLevel="PATIENT",
+                     PatientID="PID1")[-1] for _ in range(3)]
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert stored_codes == [status.SUCCESS] * 40
+    wanted = len([ds for ds in datasets if ds.PatientID == "PID1"])
+    assert [(f.Status, f.NumberOfCompletedSuboperations) for f in finals] == [
+        (status.SUCCESS, wanted)] * 3
