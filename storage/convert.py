@@ -45,6 +45,15 @@ class AsStored(FileDataset):
                 return converted
         return super().__getitem__(key)
 
+    def get_item(self, key: Any, *, keep_deferred: bool = False) -> Any:
+        """What pydicom's writer writes: a zero-length element as read (pydicom would
+        convert it first, giving a UN element its dictionary VR)."""
+        if not isinstance(key, slice):
+            elem = self._dict.get(Tag(key))
+            if isinstance(elem, RawDataElement) and elem.length == 0 and elem.value is None:
+                return elem._replace(value=b"")
+        return super().get_item(key, keep_deferred=keep_deferred)
+
 
 def as_stored(ds: FileDataset) -> FileDataset:
     """``ds``, from :func:`pydicom.dcmread`, made an :class:`AsStored`."""

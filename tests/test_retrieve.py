@@ -145,3 +145,51 @@ def test_get_cancel(server: Running, stored: list[Dataset]) -> None:
     assoc.release()
     assert codes[-1] == status.CANCEL
     assert codes.count(status.PENDING) < len([ds for ds in stored if ds.PatientID == "PID1"])
+
+
+def test_get_converts_for_what_the_requestor_accepted(server: Running, caplog: Any) -> None:
+    """A compressed instance comes back decoded when the C-GET SCU proposed only an
+    uncompressed syntax for its SOP Class; an instance whose SOP Class it did not propose at
+    all fails its sub-operation, logged, and the others still go."""
+    import logging
+
+    import numpy as np
+    from pydicom.data import get_testdata_file
+
+    from tests.factory import file_parts, make_ds
+
+    original = dcmread(get_testdata_file("SC_rgb_rle.dcm"))
+    raw, syntax = file_parts(get_testdata_file("SC_rgb_rle.dcm"))
+    server.archive.store(raw, syntax)
+    other = make_ds(StudyInstanceUID=original.StudyInstanceUID,
+                    SOPClassUID="1.2.840.10008.5.1.4.1.1.481.2")  # RT Dose: not proposed
+    server.archive.store(encode(other), ExplicitVRLittleEndian)
+
+    got: list[Dataset] = []
+
+    def on_store(event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        got.append(ds)
+        return 0x0000
+
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(original.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title,
+                         ext_neg=[build_role(original.SOPClassUID, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = original.StudyInstanceUID
+    with caplog.at_level(logging.ERROR):
+        responses = [rsp for rsp, _ in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet)]
+    assoc.release()
+    final = responses[-1]
+    assert final.Status == 0xB000
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 1)
+    assert [str(ds.SOPInstanceUID) for ds in got] == [original.SOPInstanceUID]
+    assert got[0].file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(got[0].pixel_array, original.pixel_array)
+    assert f"C-GET sub-operation for {other.SOPInstanceUID} fails" in caplog.text
+    assert "accepted nothing" in caplog.text

@@ -328,6 +328,18 @@ def test_response_holds_exactly_the_requested_keys() -> None:
     assert rsp.SpecificCharacterSet == "ISO_IR 100"  # the query's set can encode it
 
 
+def test_retrieve_ae_title_is_answered_not_matched() -> None:
+    """PS3.4 C.4.1.1.3.2: every response names the AE to retrieve from; a value in the
+    request is not a constraint on the stored entities."""
+    query = parse_identifier(identifier(StudyInstanceUID="", RetrieveAETitle="ELSEWHERE"),
+                             Model.STUDY_ROOT)
+    assert query.constraints == () and query.ignored == ()
+    row = _FakeRow({0x0020000D: {"vr": "UI", "Value": ["1.2.3"]}})
+    rsp = build_response(query, row, retrieve_ae_title="MINIPACS")  # type: ignore[arg-type]
+    assert rsp.RetrieveAETitle == "MINIPACS"
+    assert "RetrieveAETitle" not in build_response(query, row)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("query_charset", "texts", "expected"), [
     ((), ["abc"], "ISO_IR 192"),
     (("ISO_IR 100",), ["abc"], "ISO_IR 100"),

@@ -1,0 +1,126 @@
+"""Retrieve-side reads: an instance read back for sending re-encodes to exactly the stored
+bytes (whatever pynetdicom reads of it), and is converted only when the receiver did not
+accept its stored transfer syntax."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
+from pynetdicom.dsutils import encode as pynetdicom_encode
+
+from storage import Archive, ArchiveOptions, CannotConvert, open_archive
+from storage.index import StoredInstance
+from storage.models import Instance
+from tests.factory import encode, file_parts, make_ds
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Any:
+    a = open_archive(ArchiveOptions(files_path=tmp_path / "files",
+                                    index_url=f"sqlite:///{tmp_path / 'index.sqlite'}"))
+    yield a
+    a.close()
+
+
+def item(uid: str) -> StoredInstance:
+    row = Instance.get(Instance.sop_instance_uid == uid)
+    return StoredInstance(row.sop_class_uid, row.sop_instance_uid, row.transfer_syntax_uid,
+                          row.file_key, row.file_size)
+
+
+def sent_bytes(ds: Dataset, syntax: str) -> bytes:
+    """What pynetdicom puts on the wire for ``ds`` in ``syntax``, after reading the UIDs
+    it reads in send_c_store."""
+    assert ds.SOPClassUID and ds.SOPInstanceUID
+    ts = ds.file_meta.TransferSyntaxUID
+    assert str(ts) == syntax
+    out = pynetdicom_encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    assert out is not None
+    return out
+
+
+@pytest.mark.parametrize("case", ["un-vrs", "implicit", "big-endian", "sequence",
+                                  "compressed", "space-padded-uid"])
+def test_read_back_for_sending_gives_the_stored_bytes(archive: Archive, case: str) -> None:
+    if case == "un-vrs":  # a file whose known elements are stored with VR UN
+        raw, syntax = file_parts(get_testdata_file("rtdose_rle.dcm"))
+    elif case == "compressed":
+        raw, syntax = file_parts(get_testdata_file("JPEG2000.dcm"))
+    elif case == "implicit":
+        syntax = ImplicitVRLittleEndian
+        raw = encode(make_ds(), syntax)
+    elif case == "big-endian":
+        syntax = ExplicitVRBigEndian
+        raw = encode(make_ds(Rows=2, Columns=2, BitsAllocated=16, BitsStored=16, HighBit=15,
+                             PixelData=b"\x01\x02\x03\x04\x05\x06\x07\x08"), syntax)
+    elif case == "sequence":
+        inner = Dataset()
+        inner.CodeValue, inner.CodingSchemeDesignator, inner.CodeMeaning = "T-1", "SRT", "odd"
+        syntax = ExplicitVRLittleEndian
+        raw = encode(make_ds(ProcedureCodeSequence=[inner]), syntax)
+    else:
+        syntax = ExplicitVRLittleEndian
+        ds = make_ds(SOPInstanceUID="1.2.826.0.1.3680043.8.498.123")  # odd length
+        raw = encode(ds, syntax)
+        nul = b"1.2.826.0.1.3680043.8.498.123\x00"
+        assert raw.count(nul) == 1
+        raw = raw.replace(nul, b"1.2.826.0.1.3680043.8.498.123 ")  # padded with a space
+    outcome = archive.store(raw, str(syntax))
+    ds = archive.read_instance(item(outcome.sop_instance_uid), [str(syntax)])
+    assert sent_bytes(ds, str(syntax)) == raw
+
+
+def test_compressed_to_an_uncompressed_receiver_is_decoded(archive: Archive) -> None:
+    original = dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))  # JPEG baseline, YBR
+    raw, syntax = file_parts(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    archive.store(raw, syntax)
+    ds = archive.read_instance(item(original.SOPInstanceUID), [ImplicitVRLittleEndian])
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian  # pynetdicom goes implicit
+    assert ds.PhotometricInterpretation == "RGB"
+    assert ds.SOPInstanceUID == original.SOPInstanceUID
+    assert np.array_equal(ds.pixel_array, original.pixel_array)
+
+
+@pytest.mark.parametrize(("stored", "accepted"), [
+    (ExplicitVRLittleEndian, [ImplicitVRLittleEndian]),  # pynetdicom re-encodes it
+    (ImplicitVRLittleEndian, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+])
+def test_native_little_endian_is_never_touched(archive: Archive, stored: str,
+                                               accepted: list[str]) -> None:
+    ds = make_ds()
+    archive.store(encode(ds, stored), stored)
+    got = archive.read_instance(item(ds.SOPInstanceUID), accepted)
+    assert str(got.file_meta.TransferSyntaxUID) == stored
+
+
+@pytest.mark.parametrize(("name", "accepted", "message"), [
+    ("JPEG2000.dcm", [RLELossless], "we do not compress into another syntax"),
+    ("JPEG2000.dcm", [], "accepted nothing"),
+    (None, [ExplicitVRLittleEndian], "Big Endian"),
+    (None, [JPEG2000Lossless], "we do not compress"),
+])
+def test_impossible_conversions_are_clear_errors(archive: Archive, name: str | None,
+                                                 accepted: list[str], message: str) -> None:
+    if name is None:
+        ds = make_ds()
+        archive.store(encode(ds, ExplicitVRBigEndian), ExplicitVRBigEndian)
+        uid = ds.SOPInstanceUID
+    else:
+        raw, syntax = file_parts(get_testdata_file(name))
+        archive.store(raw, syntax)
+        uid = dcmread(get_testdata_file(name)).SOPInstanceUID
+    with pytest.raises(CannotConvert, match=message):
+        archive.read_instance(item(uid), accepted)
