@@ -15,7 +15,7 @@ from typing import Any, cast
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import events as evt
-from pynetdicom.dimse_primitives import C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 
 from storage import Archive, CannotConvert, InstanceUnavailable, Origin, StoredInstance
 
@@ -23,7 +23,7 @@ from . import status
 from .activity import Activity
 from .config import Config
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
-from .retrieve import MoveDestination, accepted_syntaxes
+from .retrieve import MoveDestination, Responses, accepted_syntaxes
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +127,15 @@ def handle_get(event: evt.Event, archive: Archive, activity: Activity) -> Iterat
             yield 1  # pynetdicom takes the number of sub-operations first
             yield status.find_error_status(exc), None
             return
-        yield len(items)
-        accepted = functools.partial(accepted_syntaxes, event.assoc)
-        yield from _sub_operations(event, archive, items, accepted, "C-GET")
+        responses = Responses(event.assoc, cast(C_GET, event.request))
+        responses.total = len(items)
+        responses.install()
+        try:
+            yield len(items)
+            accepted = functools.partial(accepted_syntaxes, event.assoc)
+            yield from _sub_operations(event, archive, items, accepted, "C-GET")
+        finally:  # also when pynetdicom drops us (the association went away)
+            responses.restore()
     activity.count(event, "get", ok=True)
 
 
@@ -149,7 +155,8 @@ def handle_move(
             yield None, None  # pynetdicom answers A801, Move Destination unknown
             return
         destination = MoveDestination(peer, config.ae.max_pdu_size)
-        destination.correct_status(event.assoc, req)
+        responses = Responses(event.assoc, req, rewrite=destination.rewrite)
+        responses.install()
         try:  # finally: also when pynetdicom drops us because the destination did not answer
             try:
                 items = archive.retrieve(archive.parse_query(event.identifier, model))
@@ -159,11 +166,12 @@ def handle_move(
                 destination.refuse(status.find_error_status(exc))
                 yield None, None  # answered with the refusal, not A801 (see MoveDestination)
                 return
+            responses.total = len(items)
             yield peer.host, peer.port, destination.associate_kwargs(items)
             yield len(items)
             yield from _sub_operations(event, archive, items, destination.accepted, "C-MOVE")
         finally:
-            destination.restore(event.assoc)
+            responses.restore()
     activity.count(event, "move", ok=True)
 
 

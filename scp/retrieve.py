@@ -9,6 +9,7 @@ holds what our handlers need around that, so that the handlers stay short.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 from pynetdicom import events as evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.presentation import PresentationContext
 
 from storage import StoredInstance
@@ -72,6 +73,75 @@ def proposed_contexts(
     return contexts
 
 
+PENDING_EVERY_SUBOPERATION_UP_TO = 1000
+"""Retrieves of up to this many instances get a Pending response after every one."""
+PENDING_INTERVAL = 0.5
+"""Larger ones get one Pending response per this many seconds at most."""
+
+
+class Responses:
+    """The responses of one C-MOVE or C-GET on their way out of pynetdicom.
+
+    pynetdicom sends a Pending response after every sub-operation and answers A801 itself
+    in cases where we want another status. While installed (:meth:`install`, until the
+    final response or :meth:`restore`), this wraps the requesting association's DIMSE
+    ``send_msg`` and, for this request's responses only:
+
+    - lets every Pending through for retrieves of up to
+      :data:`PENDING_EVERY_SUBOPERATION_UP_TO` instances, and at most one per
+      :data:`PENDING_INTERVAL` seconds for larger ones (PS3.4 C.4.2.3.1 and C.4.3.3.1:
+      Pending responses are optional), so that a large retrieve does not spend its time
+      reporting;
+    - hands the final response to ``rewrite`` (see :class:`MoveDestination`).
+
+    Each association serves one request at a time in its own thread, so nothing else is
+    sent on it meanwhile. Tests pin this against the pynetdicom version we ship with.
+    """
+
+    def __init__(
+        self,
+        requesting: Association,
+        request: C_MOVE | C_GET,
+        rewrite: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.requesting = requesting
+        self.kind = type(request)
+        self.message_id = request.MessageID
+        self.rewrite = rewrite
+        self.total = 0
+        self._last_pending = -PENDING_INTERVAL
+        self._original: Callable[[Any, int], None] | None = None
+
+    def install(self) -> None:
+        """Start filtering this request's responses."""
+        dimse = self.requesting.dimse
+        self._original = dimse.send_msg
+        dimse.send_msg = self._send  # type: ignore[method-assign]
+
+    def restore(self) -> None:
+        """Put the association's ``send_msg`` back (idempotent)."""
+        original, self._original = self._original, None
+        if original is not None:
+            self.requesting.dimse.send_msg = original  # type: ignore[method-assign, assignment]
+
+    def _send(self, primitive: Any, context_id: int) -> None:
+        original = self._original
+        assert original is not None  # we are installed
+        ours = isinstance(primitive, self.kind) and (
+            primitive.MessageIDBeingRespondedTo == self.message_id)
+        if ours and primitive.Status in status.PENDING_CODES:
+            now = time.monotonic()
+            if (self.total > PENDING_EVERY_SUBOPERATION_UP_TO
+                    and now - self._last_pending < PENDING_INTERVAL):
+                return
+            self._last_pending = now
+        elif ours:
+            if self.rewrite is not None:
+                self.rewrite(primitive)
+            self.restore()
+        original(primitive, context_id)
+
+
 class MoveDestination:
     """The association pynetdicom opens to a C-MOVE destination, as our handler sees it.
 
@@ -80,13 +150,12 @@ class MoveDestination:
     learns which syntaxes the destination accepted, and, when the association fails, why.
 
     pynetdicom answers A801 (Move Destination unknown) in two cases where PS3.4 C.4.2.1.5
-    has a better status: a destination that cannot be reached, though it is known (it is
-    in ``peers``), gets A702 (Refused: Out of Resources - Unable to perform
-    sub-operations), as dcm4chee answers; and a request we refuse before any sub-operation
-    (an invalid identifier: A900) would otherwise be answered only after an association to
-    the destination is open. :meth:`correct_status` wraps the requesting association's
-    DIMSE ``send_msg`` for the length of the move and rewrites that one A801 response;
-    tests pin this against the pynetdicom version we ship with.
+    has a better status; :meth:`rewrite`, given to :class:`Responses`, corrects them: a
+    destination that cannot be reached, though it is known (it is in ``peers``), gets
+    A702 (Refused: Out of Resources - Unable to perform sub-operations), as dcm4chee
+    answers; and a request we refuse before any sub-operation (an invalid identifier:
+    A900, see :meth:`refuse`) is answered without opening an association to the
+    destination, which pynetdicom would otherwise do first.
     """
 
     def __init__(self, peer: PeerConfig, max_pdu_size: int) -> None:
@@ -96,7 +165,6 @@ class MoveDestination:
         self.answered = False  # an A-ASSOCIATE-AC or -RJ came back
         self.count = 0
         self.refusal: Dataset | None = None
-        self._original: Callable[[Any, int], None] | None = None
 
     def associate_kwargs(self, items: list[StoredInstance]) -> dict[str, Any]:
         """Keyword arguments for pynetdicom's ``AE.associate`` to the destination."""
@@ -133,41 +201,19 @@ class MoveDestination:
         handler then yields ``(None, None)``, so that no association is opened."""
         self.refusal = refusal
 
-    def correct_status(self, requesting: Association, request: C_MOVE) -> None:
-        """Rewrite pynetdicom's A801 for this move (see above)."""
-        dimse = requesting.dimse
-        send = dimse.send_msg
-        message_id = request.MessageID
-
-        def send_msg(primitive: Any, context_id: int) -> None:
-            if (
-                isinstance(primitive, C_MOVE)
-                and primitive.MessageIDBeingRespondedTo == message_id
-                and primitive.Status == status.MOVE_DESTINATION_UNKNOWN
-            ):
-                if self.refusal is not None:
-                    primitive.Status = int(self.refusal.Status)
-                    primitive.ErrorComment = self.refusal.get("ErrorComment")
-                else:
-                    reason = self.failure()
-                    logger.error("C-MOVE to %s: %s", self.peer.ae_title, reason)
-                    # PS3.4 C.4.2.1.5: A702, no sub-operation was performed
-                    primitive.Status = status.MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS
-                    primitive.ErrorComment = status.trim_comment(reason)  # type: ignore[assignment]
-                    primitive.NumberOfFailedSuboperations = self.count
-                    primitive.NumberOfCompletedSuboperations = 0
-                    primitive.NumberOfWarningSuboperations = 0
-            if isinstance(primitive, C_MOVE) and primitive.Status not in status.PENDING_CODES:
-                self.restore(requesting)
-            send(primitive, context_id)
-
-        self._original = send
-        dimse.send_msg = send_msg  # type: ignore[method-assign]
-
-    def restore(self, requesting: Association) -> None:
-        """Put the requesting association's ``send_msg`` back (idempotent)."""
-        original = self._original
-        if original is not None:
-            requesting.dimse.send_msg = original  # type: ignore[method-assign, assignment]
-            self._original = None
-
+    def rewrite(self, primitive: Any) -> None:
+        """Correct pynetdicom's A801 for this move (see above); other statuses pass."""
+        if primitive.Status != status.MOVE_DESTINATION_UNKNOWN:
+            return
+        if self.refusal is not None:
+            primitive.Status = int(self.refusal.Status)
+            primitive.ErrorComment = self.refusal.get("ErrorComment")
+            return
+        reason = self.failure()
+        logger.error("C-MOVE to %s: %s", self.peer.ae_title, reason)
+        # PS3.4 C.4.2.1.5: A702, no sub-operation was performed
+        primitive.Status = status.MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS
+        primitive.ErrorComment = status.trim_comment(reason)
+        primitive.NumberOfFailedSuboperations = self.count
+        primitive.NumberOfCompletedSuboperations = 0
+        primitive.NumberOfWarningSuboperations = 0

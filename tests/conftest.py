@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,3 +157,21 @@ def find(running: Running, model: Any = StudyRootQueryRetrieveInformationModelFi
             final = code
     assoc.release()
     return matches, final
+
+
+def hold_second_read_until_cancelled(running: Running) -> None:
+    """Make ``running``'s second instance read of a retrieve wait (polling, with a
+    deadline) until a C-CANCEL has arrived, so that a cancel test is not a race."""
+    original = running.archive.read_instance
+    calls: list[int] = []
+
+    def held(item: Any, accepted: Any = None) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(
+                    a.dimse.cancel_req for a in running.server.ae.active_associations):
+                time.sleep(0.005)
+        return original(item, accepted)
+
+    running.archive.read_instance = held

@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (
 )
 
 from scp import status
-from tests.conftest import Running
+from tests.conftest import Running, hold_second_read_until_cancelled
 from tests.factory import ROOT, encode, file_parts, hierarchy
 
 PATIENT_ROOT = PatientRootQueryRetrieveInformationModelMove
@@ -280,19 +280,7 @@ def test_missing_file_is_counted_listed_and_logged(stored_and_peer: Any, caplog:
 def test_cancel_stops_after_the_current_instance(stored_and_peer: Any) -> None:
     running, peer, datasets = stored_and_peer
     wanted = [ds for ds in datasets if ds.PatientID == "PID1"]
-    original = running.archive.read_instance
-    calls: list[int] = []
-
-    def held(item: Any, accepted: Any = None) -> Dataset:
-        calls.append(1)
-        if len(calls) == 2:  # wait (polling, with a deadline) until the C-CANCEL is in
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not any(
-                    a.dimse.cancel_req for a in running.server.ae.active_associations):
-                time.sleep(0.005)
-        return original(item, accepted)
-
-    running.archive.read_instance = held  # type: ignore[method-assign]
+    hold_second_read_until_cancelled(running)
 
     def cancel_once(assoc: Any, rsp: Any) -> None:
         if rsp.Status == status.PENDING and rsp.NumberOfCompletedSuboperations == 1:
@@ -475,3 +463,22 @@ def test_moves_run_while_others_store_and_query(stored_and_peer: Any) -> None:
     wanted = len([ds for ds in datasets if ds.PatientID == "PID1"])
     assert [(f.Status, f.NumberOfCompletedSuboperations) for f in finals] == [
         (status.SUCCESS, wanted)] * 3
+
+
+def test_large_retrieves_get_pending_responses_at_a_bounded_rate(
+        stored_and_peer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to PENDING_EVERY_SUBOPERATION_UP_TO instances: a Pending after each (tested above);
+    more: at most one per PENDING_INTERVAL. Here the limits are made small."""
+    from scp import retrieve
+
+    running, peer, datasets = stored_and_peer
+    monkeypatch.setattr(retrieve, "PENDING_EVERY_SUBOPERATION_UP_TO", 3)
+    monkeypatch.setattr(retrieve, "PENDING_INTERVAL", 3600.0)
+    wanted = [ds for ds in datasets if ds.PatientID == "PID1"]
+    assert len(wanted) > 3
+    responses = c_move(running, PATIENT_ROOT, peer.ae_title, QueryRetrieveLevel="PATIENT",
+                       PatientID="PID1")
+    assert [int(r.Status) for r in responses] == [status.PENDING, status.SUCCESS]
+    assert responses[0].NumberOfCompletedSuboperations == 1
+    assert responses[-1].NumberOfCompletedSuboperations == len(wanted)
+    assert len(peer.received) == len(wanted)

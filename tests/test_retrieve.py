@@ -19,7 +19,7 @@ from pynetdicom.sop_class import (
 )
 
 from scp import status
-from tests.conftest import Running
+from tests.conftest import Running, hold_second_read_until_cancelled
 from tests.factory import encode, hierarchy
 
 
@@ -110,21 +110,7 @@ def test_getscu(server: Running, stored: list[Dataset], dcmtk: Callable[..., Any
 
 def test_get_cancel(server: Running, stored: list[Dataset]) -> None:
     """C-CANCEL stops the sub-operations after the current instance (FE00)."""
-    import time
-
-    original = server.archive.read_instance
-    calls: list[int] = []
-
-    def held(item: Any, accepted: Any = None) -> Dataset:
-        calls.append(1)
-        if len(calls) == 2:  # wait (polling, with a deadline) until the C-CANCEL is in
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not any(
-                    a.dimse.cancel_req for a in server.server.ae.active_associations):
-                time.sleep(0.005)
-        return original(item, accepted)
-
-    server.archive.read_instance = held  # type: ignore[method-assign]
+    hold_second_read_until_cancelled(server)
     ae = AE(ae_title="GETSCU")
     ae.add_requested_context(PatientRootQueryRetrieveInformationModelGet)
     classes = sorted({str(ds.SOPClassUID) for ds in stored})
@@ -193,3 +179,17 @@ def test_get_converts_for_what_the_requestor_accepted(server: Running, caplog: A
     assert np.array_equal(got[0].pixel_array, original.pixel_array)
     assert f"C-GET sub-operation for {other.SOPInstanceUID} fails" in caplog.text
     assert "accepted nothing" in caplog.text
+
+
+def test_get_pending_responses_at_a_bounded_rate(server: Running, stored: list[Dataset],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from scp import retrieve
+
+    monkeypatch.setattr(retrieve, "PENDING_EVERY_SUBOPERATION_UP_TO", 3)
+    monkeypatch.setattr(retrieve, "PENDING_INTERVAL", 3600.0)
+    wanted = [ds for ds in stored if ds.PatientID == "PID2"]
+    received, responses = c_get(server, PatientRootQueryRetrieveInformationModelGet,
+                                QueryRetrieveLevel="PATIENT", PatientID="PID2")
+    assert len(received) == len(wanted) > 3
+    assert [int(r.Status) for r in responses] == [status.PENDING, status.SUCCESS]
+    assert responses[-1].NumberOfCompletedSuboperations == len(wanted)
