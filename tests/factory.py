@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,3 +181,42 @@ def expected_table(datasets: Iterable[Dataset]) -> dict[str, tuple[int, int, set
     """What :func:`study_counts` should give for each study of a stored sequence."""
     return {study: (len(c.series), len(c.instances), c.modalities, c.sop_classes)
             for study, c in expected_counts(datasets).items()}
+
+
+def retrieve_levels(
+    datasets: list[Dataset],
+) -> list[tuple[str, dict[str, Any], Callable[[Dataset], bool]]]:
+    """("patient" or "study" root, identifier, which of ``datasets`` (a :func:`hierarchy`)
+    it names) for every level of both models; at the query level a list of two UIDs."""
+    a, b = datasets[0], datasets[-1]  # first and last instance: different patients
+    pid1 = [ds for ds in datasets if ds.PatientID == "PID1"]
+    s1, s2 = pid1[0].StudyInstanceUID, pid1[-1].StudyInstanceUID
+    series = [ds.SeriesInstanceUID for ds in datasets if ds.StudyInstanceUID == s1]
+    se1, se2 = series[0], series[-1]
+    sops = [ds.SOPInstanceUID for ds in datasets if ds.SeriesInstanceUID == se1][:2]
+    return [
+        ("patient", {"QueryRetrieveLevel": "PATIENT", "PatientID": "PID2"},
+         lambda ds: ds.PatientID == "PID2"),
+        ("patient", {"QueryRetrieveLevel": "STUDY", "PatientID": "PID1",
+                        "StudyInstanceUID": [s1, s2]},
+         lambda ds: ds.StudyInstanceUID in (s1, s2)),
+        ("patient", {"QueryRetrieveLevel": "SERIES", "PatientID": "PID1",
+                        "StudyInstanceUID": s1, "SeriesInstanceUID": [se1, se2]},
+         lambda ds: ds.SeriesInstanceUID in (se1, se2)),
+        ("patient", {"QueryRetrieveLevel": "IMAGE", "PatientID": "PID1", "StudyInstanceUID": s1,
+                        "SeriesInstanceUID": se1, "SOPInstanceUID": sops},
+         lambda ds: ds.SOPInstanceUID in sops),
+        ("study", {"QueryRetrieveLevel": "STUDY",
+                      "StudyInstanceUID": [a.StudyInstanceUID, b.StudyInstanceUID]},
+         lambda ds: ds.StudyInstanceUID in (a.StudyInstanceUID, b.StudyInstanceUID)),
+        ("study", {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": s1,
+                      "SeriesInstanceUID": se2},
+         lambda ds: ds.SeriesInstanceUID == se2),
+        ("study", {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": s1,
+                      "SeriesInstanceUID": se1, "SOPInstanceUID": sops[0]},
+         lambda ds: ds.SOPInstanceUID == sops[0]),
+    ]
+
+
+LEVEL_CASE_IDS = ["patient-PATIENT", "patient-STUDY", "patient-SERIES", "patient-IMAGE",
+                  "study-STUDY", "study-SERIES", "study-IMAGE"]

@@ -36,7 +36,7 @@ from pynetdicom.sop_class import (
 
 from scp import status
 from tests.conftest import Running, hold_second_read_until_cancelled
-from tests.factory import ROOT, encode, file_parts, hierarchy
+from tests.factory import LEVEL_CASE_IDS, ROOT, encode, file_parts, hierarchy, retrieve_levels
 
 PATIENT_ROOT = PatientRootQueryRetrieveInformationModelMove
 STUDY_ROOT = StudyRootQueryRetrieveInformationModelMove
@@ -132,45 +132,11 @@ def c_move(running: Running, model: Any, destination: str, msg_id: int = 1,
     return responses
 
 
-def _levels(datasets: list[Dataset]) -> list[tuple[Any, dict[str, Any], Callable[[Dataset], bool]]]:
-    """(model, identifier, which stored instances it names) for every level of both models;
-    at each query level a list of two UIDs."""
-    a, b = datasets[0], datasets[-1]  # first and last instance: different patients
-    pid1 = [ds for ds in datasets if ds.PatientID == "PID1"]
-    s1, s2 = pid1[0].StudyInstanceUID, pid1[-1].StudyInstanceUID
-    series = [ds.SeriesInstanceUID for ds in datasets if ds.StudyInstanceUID == s1]
-    se1, se2 = series[0], series[-1]
-    sops = [ds.SOPInstanceUID for ds in datasets if ds.SeriesInstanceUID == se1][:2]
-    return [
-        (PATIENT_ROOT, {"QueryRetrieveLevel": "PATIENT", "PatientID": "PID2"},
-         lambda ds: ds.PatientID == "PID2"),
-        (PATIENT_ROOT, {"QueryRetrieveLevel": "STUDY", "PatientID": "PID1",
-                        "StudyInstanceUID": [s1, s2]},
-         lambda ds: ds.StudyInstanceUID in (s1, s2)),
-        (PATIENT_ROOT, {"QueryRetrieveLevel": "SERIES", "PatientID": "PID1",
-                        "StudyInstanceUID": s1, "SeriesInstanceUID": [se1, se2]},
-         lambda ds: ds.SeriesInstanceUID in (se1, se2)),
-        (PATIENT_ROOT, {"QueryRetrieveLevel": "IMAGE", "PatientID": "PID1", "StudyInstanceUID": s1,
-                        "SeriesInstanceUID": se1, "SOPInstanceUID": sops},
-         lambda ds: ds.SOPInstanceUID in sops),
-        (STUDY_ROOT, {"QueryRetrieveLevel": "STUDY",
-                      "StudyInstanceUID": [a.StudyInstanceUID, b.StudyInstanceUID]},
-         lambda ds: ds.StudyInstanceUID in (a.StudyInstanceUID, b.StudyInstanceUID)),
-        (STUDY_ROOT, {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": s1,
-                      "SeriesInstanceUID": se2},
-         lambda ds: ds.SeriesInstanceUID == se2),
-        (STUDY_ROOT, {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": s1,
-                      "SeriesInstanceUID": se1, "SOPInstanceUID": sops[0]},
-         lambda ds: ds.SOPInstanceUID == sops[0]),
-    ]
-
-
-@pytest.mark.parametrize("case", range(7), ids=["patient-PATIENT", "patient-STUDY",
-                                                 "patient-SERIES", "patient-IMAGE", "study-STUDY",
-                                                 "study-SERIES", "study-IMAGE"])
+@pytest.mark.parametrize("case", range(len(LEVEL_CASE_IDS)), ids=LEVEL_CASE_IDS)
 def test_move_every_level_byte_for_byte(stored_and_peer: Any, case: int) -> None:
     running, peer, datasets = stored_and_peer
-    model, keys, named = _levels(datasets)[case]
+    root, keys, named = retrieve_levels(datasets)[case]
+    model = PATIENT_ROOT if root == "patient" else STUDY_ROOT
     wanted = [ds for ds in datasets if named(ds)]
     assert wanted
     responses = c_move(running, model, peer.ae_title, **keys)

@@ -20,7 +20,7 @@ from pynetdicom.sop_class import (
 
 from scp import status
 from tests.conftest import Running, hold_second_read_until_cancelled
-from tests.factory import encode, hierarchy
+from tests.factory import LEVEL_CASE_IDS, encode, hierarchy, retrieve_levels
 
 
 @pytest.fixture
@@ -71,6 +71,18 @@ def test_get_a_study_byte_for_byte(server: Running, stored: list[Dataset]) -> No
     pending = [r for r in responses if r.Status == status.PENDING]
     assert [r.NumberOfRemainingSuboperations for r in pending] == list(
         range(len(wanted) - 1, -1, -1))
+
+
+@pytest.mark.parametrize("case", range(len(LEVEL_CASE_IDS)), ids=LEVEL_CASE_IDS)
+def test_get_every_level_byte_for_byte(server: Running, stored: list[Dataset], case: int) -> None:
+    root, keys, named = retrieve_levels(stored)[case]
+    model = (PatientRootQueryRetrieveInformationModelGet if root == "patient"
+             else StudyRootQueryRetrieveInformationModelGet)
+    wanted = [ds for ds in stored if named(ds)]
+    received, responses = c_get(server, model, **keys)
+    assert sorted(received) == sorted(encode(ds) for ds in wanted)
+    assert responses[-1].Status == status.SUCCESS
+    assert responses[-1].NumberOfCompletedSuboperations == len(wanted)
 
 
 def test_get_at_patient_level_and_missing_files(server: Running, stored: list[Dataset]) -> None:
