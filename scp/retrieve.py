@@ -26,6 +26,7 @@ from storage import StoredInstance
 
 from . import status
 from .config import PeerConfig
+from .sockets import disable_nagle
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +170,9 @@ class MoveDestination:
     def associate_kwargs(self, items: list[StoredInstance]) -> dict[str, Any]:
         """Keyword arguments for pynetdicom's ``AE.associate`` to the destination."""
         self.count = len(items)
-        handlers = [(e, self._capture) for e in (evt.EVT_ACCEPTED, evt.EVT_REJECTED,
-                                                 evt.EVT_ABORTED)]
+        handlers: list[Any] = [(evt.EVT_CONN_OPEN, disable_nagle)]
+        handlers += [(e, self._capture) for e in (evt.EVT_ACCEPTED, evt.EVT_REJECTED,
+                                                  evt.EVT_ABORTED)]
         return {
             "contexts": proposed_contexts(items, self.peer),
             "max_pdu": self.max_pdu_size,

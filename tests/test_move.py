@@ -448,3 +448,24 @@ def test_large_retrieves_get_pending_responses_at_a_bounded_rate(
     assert responses[0].NumberOfCompletedSuboperations == 1
     assert responses[-1].NumberOfCompletedSuboperations == len(wanted)
     assert len(peer.received) == len(wanted)
+
+
+def test_the_association_to_the_destination_has_nagle_off(
+        stored_and_peer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else every C-STORE sub-operation waits for a delayed acknowledgement (~45 ms)."""
+    from scp import retrieve
+
+    running, peer, datasets = stored_and_peer
+    seen: list[int] = []
+    original = retrieve.MoveDestination.accepted
+
+    def accepted(self: Any, sop_class_uid: str) -> list[str]:
+        sock = self.assoc.dul.socket.socket
+        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        return original(self, sop_class_uid)
+
+    monkeypatch.setattr(retrieve.MoveDestination, "accepted", accepted)
+    final = c_move(running, STUDY_ROOT, peer.ae_title, QueryRetrieveLevel="STUDY",
+                   StudyInstanceUID=datasets[0].StudyInstanceUID)[-1]
+    assert final.Status == status.SUCCESS
+    assert seen and all(seen)
