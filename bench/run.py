@@ -2,12 +2,15 @@
 """Benchmark minipacs against Orthanc and DCMTK storescp on this machine.
 
 Measures C-STORE ingest (DCMTK ``storescu``, one association and four in parallel, small and
-CT-sized instances) and C-FIND latency at the STUDY, SERIES and IMAGE levels (a fresh
-``findscu`` process, and one pynetdicom association kept open). Run it from anywhere with the
-project's virtualenv::
+CT-sized instances), C-FIND latency at the STUDY, SERIES and IMAGE levels (a fresh
+``findscu`` process, and one pynetdicom association kept open), and retrieve throughput
+(``movescu`` to a DCMTK ``storescp``, and ``getscu``, of the whole small and CT sets, with
+the server's memory during the CT move). Run it from anywhere with the project's
+virtualenv::
 
     .venv/bin/python bench/run.py             # full run: 10,000 small + 1,000 CT, 20 reps
     .venv/bin/python bench/run.py --quick     # 2,000 small + 200 CT, 5 reps
+    .venv/bin/python bench/run.py --no-retrieve   # ingest and C-FIND only
     make bench BENCH_ARGS="--write-readme"    # also record the results in bench/README.md
 
 See bench/README.md for what is measured and how.
@@ -29,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -62,6 +66,11 @@ HOST = "127.0.0.1"
 SCU_AET = "BENCHSCU"
 PARALLEL = 4
 RECEIVERS = ("minipacs", "orthanc", "storescp")
+DEST_AET = "BENCHDEST"
+"""AE title of the DCMTK ``storescp`` that C-MOVE sends to (a peer of both servers)."""
+RETRIEVES = ("C-MOVE", "C-GET")
+RSS_INTERVAL = 0.05
+"""Seconds between two reads of the server's VmRSS during a retrieve."""
 STUDY_KEYS = (
     "PatientName",
     "PatientID",
@@ -348,6 +357,7 @@ class Receiver:
     name = ""
     aet = ""
     supports_find = False
+    supports_retrieve = False
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
@@ -387,19 +397,24 @@ class Receiver:
 
 
 class Minipacs(Receiver):
-    """minipacs with ``storage.durability: full`` and SQLite, logging at WARNING."""
+    """minipacs with ``storage.durability: full`` and SQLite, logging at WARNING; the move
+    destination (when there is one) is its only peer."""
 
     name = "minipacs"
     aet = "MINIPACS"
     supports_find = True
+    supports_retrieve = True
 
-    def __init__(self, log_dir: Path, config_dir: Path) -> None:
+    def __init__(self, log_dir: Path, config_dir: Path, dest_port: int | None = None) -> None:
         super().__init__(log_dir)
         self.config = config_dir / "minipacs.yaml"
+        peers = "peers: []\n"
+        if dest_port is not None:
+            peers = f"peers:\n  - ae_title: {DEST_AET}\n    host: {HOST}\n    port: {dest_port}\n"
         self.config.write_text(
             "ae:\n  bind: 127.0.0.1\n"
             "storage:\n  durability: full\n  on_duplicate: replace\n"
-            "logging:\n  level: WARNING\n"
+            "logging:\n  level: WARNING\n" + peers
         )
 
     def command(self) -> list[str | Path]:
@@ -432,20 +447,23 @@ class Minipacs(Receiver):
 
 
 class Orthanc(Receiver):
-    """Orthanc with its default SQLite index and file storage, no plugins."""
+    """Orthanc with its default SQLite index and file storage, no plugins; the move
+    destination (when there is one) is its only DICOM modality."""
 
     name = "orthanc"
     aet = "ORTHANC"
     supports_find = True
+    supports_retrieve = True
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, dest_port: int | None = None) -> None:
         super().__init__(log_dir)
         self.http_port = 0
+        self.dest_port = dest_port
 
     def command(self) -> list[str | Path]:
         """``Orthanc <config.json>`` with a config written next to the data folder."""
         self.http_port = free_port()
-        config = {
+        config: dict[str, Any] = {
             "Name": "minipacs-bench",
             "StorageDirectory": str(self.data_dir / "storage"),
             "IndexDirectory": str(self.data_dir / "index"),
@@ -454,10 +472,14 @@ class Orthanc(Receiver):
             "HttpPort": self.http_port,
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowMove": True,
+            "DicomAlwaysAllowGet": True,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "Plugins": [],
         }
+        if self.dest_port is not None:
+            config["DicomModalities"] = {DEST_AET: [DEST_AET, HOST, self.dest_port]}
         path = self.data_dir.parent / f"{self.data_dir.name}-orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         return ["Orthanc", path]
@@ -498,11 +520,67 @@ class Storescp(Receiver):
         return files, "files in the output directory"
 
 
+class Destination:
+    """DCMTK ``storescp`` as the C-MOVE destination of the whole run: AE title
+    :data:`DEST_AET`, on a port chosen when it is built (so that the servers' configurations
+    can name it). It runs with ``--ignore`` (receives every data set and answers Success,
+    writes nothing) and ``-v``, so that its log names every C-STORE request it received."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.log = log_dir / "storescp-destination.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = 0
+
+    def start(self) -> None:
+        """Start it and return once it answers C-ECHO."""
+        cmd = ["storescp", "--ignore", "-v", "-aet", DEST_AET, str(self.port)]
+        with open(self.log, "wb") as log:
+            self.proc = spawn(cmd, log)
+        ready = partial(echo_ok, DEST_AET, self.port)
+        wait_until(ready, self.proc, "storescp (move destination)", self.log)
+
+    def log_size(self) -> int:
+        """The length of its log so far, for :meth:`received_since`."""
+        return self.log.stat().st_size
+
+    def received_since(self, offset: int) -> int:
+        """The C-STORE requests its log names after ``offset`` (a :meth:`log_size`)."""
+        with open(self.log, "rb") as log:
+            log.seek(offset)
+            return log.read().count(b"Received Store Request")
+
+    def stop(self) -> None:
+        """SIGTERM it and wait; remember its exit code."""
+        if self.proc is not None:
+            self.exit_code = end_process(self.proc)
+            self.proc = None
+
+
 # -- measurements -------------------------------------------------------------------------
 
 
+class _Throughput:
+    """``rate`` and ``mbps`` of a cell with ``expected`` instances of ``total_bytes`` moved in
+    ``seconds``."""
+
+    expected: int
+    total_bytes: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        """Instances per second."""
+        return self.expected / self.seconds if self.seconds else 0.0
+
+    @property
+    def mbps(self) -> float:
+        """Megabytes (10^6 bytes) of DICOM files per second."""
+        return self.total_bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+
 @dataclass
-class Ingest:
+class Ingest(_Throughput):
     """One ingest cell: a data set sent to one receiver over 1 or 4 associations."""
 
     receiver: str
@@ -515,16 +593,6 @@ class Ingest:
     how_counted: str = ""
     exit_codes: list[int | None] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        """Instances per second."""
-        return self.expected / self.seconds if self.seconds else 0.0
-
-    @property
-    def mbps(self) -> float:
-        """Megabytes (10^6 bytes) of DICOM files per second."""
-        return self.total_bytes / 1e6 / self.seconds if self.seconds else 0.0
 
 
 @dataclass
@@ -860,6 +928,148 @@ def time_association(receiver: Receiver, reps: int) -> tuple[list[float], list[f
     return setups, echoes
 
 
+@dataclass
+class Retrieve(_Throughput):
+    """One retrieve cell: a whole data set moved (C-MOVE) or fetched (C-GET) from a receiver
+    with one DCMTK process, and the receiver's resident memory meanwhile."""
+
+    receiver: str
+    data: str
+    service: str
+    """One of :data:`RETRIEVES`."""
+    expected: int
+    total_bytes: int
+    """Bytes of the generated files of the data set (what MB/s counts)."""
+    seconds: float = 0.0
+    received: int = -1
+    """Instances that arrived (C-STORE requests seen by the destination or getscu)."""
+    exit_code: int | None = None
+    rss_before: int = 0
+    """VmRSS of the receiver just before the retrieve, kB (0 = could not be read)."""
+    rss_peak: int = 0
+    """Largest VmRSS seen during the retrieve, kB."""
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def growth(self) -> float:
+        """Peak minus before, MiB."""
+        return (self.rss_peak - self.rss_before) / 1024
+
+
+def vm_rss(pid: int) -> int:
+    """VmRSS of the process ``pid`` in kB, from /proc; 0 when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class RssSampler:
+    """Reads a process's VmRSS once on entry, then every :data:`RSS_INTERVAL` seconds in a
+    thread until exit (and once more then); keeps the first value and the largest."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.before = 0
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        rss = vm_rss(self.pid)
+        self.peak = max(self.peak, rss)
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(RSS_INTERVAL):
+            self._sample()
+
+    def __enter__(self) -> RssSampler:
+        self.before = vm_rss(self.pid)
+        self.peak = self.before
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def retrieve(
+    receiver: Receiver, data: DataSet, service: str, destination: Destination | None, log_dir: Path
+) -> Retrieve:
+    """Retrieve every study of ``data`` from ``receiver`` with one DCMTK process, timed from
+    its start to its exit: ``movescu`` to ``destination`` for C-MOVE, ``getscu --ignore``
+    for C-GET; Study Root, STUDY level, the StudyInstanceUIDs as one UID list. The receiver's
+    VmRSS is sampled meanwhile. Then check the exit code, the final status and how many
+    instances arrived (C-STORE requests in the destination's log, or in getscu's output)."""
+    cell = Retrieve(receiver.name, data.name, service, data.count, data.total_bytes)
+    if receiver.proc is None:
+        raise RuntimeError(f"{receiver.name} is not running")
+    uids = "\\".join(data.studies)
+    if service == "C-MOVE" and destination is None:
+        raise RuntimeError("no move destination")
+    dest = destination if service == "C-MOVE" else None
+    if dest is not None:
+        cmd = ["movescu", "-v", "-S", "-aet", SCU_AET, "-aec", receiver.aet, "-aem", DEST_AET]
+        final = "Received Final Move Response (Success)"
+    else:
+        cmd = ["getscu", "-v", "--ignore", "-S", "-aet", SCU_AET, "-aec", receiver.aet]
+        final = "Received C-GET Response (Success)"
+    cmd += [HOST, str(receiver.port), "-k", "QueryRetrieveLevel=STUDY"]
+    cmd += ["-k", f"StudyInstanceUID={uids}"]
+    timeout = 120 + data.count * 0.2  # gives up below roughly 5 instances/s
+    os.sync()  # the ingest's write-back must not land in the retrieve
+    offset = dest.log_size() if dest is not None else 0
+    with RssSampler(receiver.proc.pid) as rss:
+        start = time.perf_counter()
+        try:
+            result: subprocess.CompletedProcess[str] | None = run(cmd, timeout)
+        except subprocess.TimeoutExpired:
+            result = None
+        cell.seconds = time.perf_counter() - start
+    cell.rss_before, cell.rss_peak, cell.samples = rss.before, rss.peak, rss.samples
+    tool = cmd[0]
+    output = "" if result is None else result.stdout + result.stderr
+    log_path = log_dir / f"{receiver.name}-{data.name}-{tool}.log"
+    log_path.write_text(output)
+    if result is None:
+        cell.problems.append(f"{tool} still running after {timeout:.0f} s: killed")
+    else:
+        cell.exit_code = result.returncode
+        if result.returncode != 0:
+            cell.problems.append(f"{tool} exit code {result.returncode}")
+        if final not in output:
+            finals = re.findall(r"Received (?:Final Move|C-GET) Response \([^P].*", output)
+            cell.problems.append(
+                f"{tool}: no '{final}' in {log_path.name}; "
+                + (f"last: {finals[-1]}" if finals else "no final response")
+            )
+        odd = [line for line in output.splitlines() if re.match(r"[WEF]: ", line)]
+        if odd:
+            cell.problems.append(
+                f"{tool} printed {len(odd)} warning/error line(s) in {log_path.name}, "
+                f"first: {odd[0]}"
+            )
+    if dest is not None:
+        cell.received = dest.received_since(offset)
+        where = f"C-STORE requests in {dest.log.name}"
+    else:
+        cell.received = output.count("Received C-STORE Request")
+        where = f"C-STORE requests in {log_path.name}"
+    if cell.received != data.count:
+        cell.problems.append(f"{cell.received} {where}, expected {data.count}")
+    if not cell.rss_before:
+        cell.problems.append(f"could not read VmRSS of {receiver.name} (pid {receiver.proc.pid})")
+    return cell
+
+
 # -- one run ------------------------------------------------------------------------------
 
 
@@ -874,55 +1084,147 @@ class Results:
     server_logs: list[Path] = field(default_factory=list)
     server_exit_codes: dict[str, list[int | None]] = field(default_factory=dict)
     association: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    retrieve: dict[tuple[str, str, str], Retrieve] = field(default_factory=dict)
+    """(receiver, data set name, service of :data:`RETRIEVES`) -> the cell."""
 
 
-def make_receiver(name: str, log_dir: Path, work: Path) -> Receiver:
-    """Build the receiver called ``name``."""
+def make_receiver(name: str, log_dir: Path, work: Path, dest_port: int | None) -> Receiver:
+    """Build the receiver called ``name``; ``dest_port`` is the move destination's port."""
     if name == "minipacs":
-        return Minipacs(log_dir, work)
+        return Minipacs(log_dir, work, dest_port)
     if name == "orthanc":
-        return Orthanc(log_dir)
+        return Orthanc(log_dir, dest_port)
     return Storescp(log_dir)
 
 
 def benchmark(
-    receivers: Sequence[str], small: DataSet, ct: DataSet, reps: int, work: Path, log_dir: Path
+    receivers: Sequence[str],
+    small: DataSet,
+    ct: DataSet,
+    reps: int,
+    work: Path,
+    log_dir: Path,
+    services: Sequence[str] = RETRIEVES,
 ) -> Results:
     """Run every cell: for each receiver, data set and 1 / 4 associations, a fresh server on
-    an empty folder; C-FIND timings on the small set after its one-association ingest."""
+    an empty folder; C-FIND timings on the small set after its one-association ingest; the
+    retrieves of ``services`` (a subset of :data:`RETRIEVES`) of each set after its
+    one-association ingest, C-MOVE to one DCMTK storescp started for the whole run."""
     results = Results()
     work.mkdir(parents=True, exist_ok=True)
     patients = sorted({study.patient_id for study in small.studies.values()})
     queries = find_queries(small, patients[len(patients) // 2])
-    for name in receivers:
-        receiver = make_receiver(name, log_dir, work)
-        for data in (small, ct):
-            for parallel in (1, PARALLEL):
-                tag = f"{data.name}-{parallel}"
-                data_dir = work / f"{name}-{tag}"
-                print(f"  {name}: {data.name} x{data.count}, {parallel} assoc ...", flush=True)
-                try:
-                    receiver.start(data_dir, tag)
-                    results.server_logs.append(receiver.log)
-                    cell = send(receiver, data, parallel, log_dir, tag)
-                    results.ingest[(name, data.name, parallel)] = cell
-                    print(f"    {cell.seconds:.1f} s, {cell.rate:,.0f} inst/s", flush=True)
-                    for problem in cell.problems:
-                        print(f"    ! {problem}", flush=True)
-                    if data is small and parallel == 1:
-                        results.association[name] = time_association(receiver, reps)
-                    if receiver.supports_find and data is small and parallel == 1:
-                        for query in queries:
-                            find_cell(receiver, query, reps, results)
-                except Exception as exc:  # one broken cell must not lose the others
-                    results.errors.append(f"{name} {tag}: {type(exc).__name__}: {exc}")
-                    print(f"    ! {results.errors[-1]}", flush=True)
-                finally:
-                    receiver.stop()
-                    shutil.rmtree(data_dir, ignore_errors=True)
-                    os.sync()  # the next cell must not pay for this one's writeback
-        results.server_exit_codes[name] = receiver.exit_codes
+    destination: Destination | None = None
+    if "C-MOVE" in services and any(name != "storescp" for name in receivers):
+        destination = Destination(log_dir)
+        try:
+            destination.start()
+        except Exception as exc:  # no C-MOVE then (each one fails), but everything else
+            results.errors.append(f"move destination: {type(exc).__name__}: {exc}")
+            print(f"  ! {results.errors[-1]}", flush=True)
+            destination.stop()
+            destination = None
+    try:
+        for name in receivers:
+            dest_port = destination.port if destination else None
+            receiver = make_receiver(name, log_dir, work, dest_port)
+            for data in (small, ct):
+                for parallel in (1, PARALLEL):
+                    cells = Cells(data is small and parallel == 1, parallel == 1)
+                    run_cell(
+                        receiver, data, parallel, cells, queries, reps, work, log_dir, services,
+                        destination, results,
+                    )
+            results.server_exit_codes[name] = receiver.exit_codes
+    finally:
+        if destination is not None:
+            destination.stop()
+            results.server_exit_codes["storescp (move destination)"] = [destination.exit_code]
+            results.server_logs.append(destination.log)
     return results
+
+
+@dataclass
+class Cells:
+    """What is measured after an ingest, besides the ingest itself."""
+
+    find: bool
+    """Association set-up and the C-FIND queries (where supported)."""
+    retrieve: bool
+    """The retrieves (where supported)."""
+
+
+def run_cell(
+    receiver: Receiver,
+    data: DataSet,
+    parallel: int,
+    cells: Cells,
+    queries: Sequence[FindQuery],
+    reps: int,
+    work: Path,
+    log_dir: Path,
+    services: Sequence[str],
+    destination: Destination | None,
+    results: Results,
+) -> None:
+    """One fresh server on an empty folder: ingest ``data`` over ``parallel`` associations,
+    then what ``cells`` asks for, with the retrieves of ``services`` (C-MOVE to
+    ``destination``). Results and errors go into ``results``."""
+    name = receiver.name
+    tag = f"{data.name}-{parallel}"
+    data_dir = work / f"{name}-{tag}"
+    print(f"  {name}: {data.name} x{data.count}, {parallel} assoc ...", flush=True)
+    try:
+        receiver.start(data_dir, tag)
+        results.server_logs.append(receiver.log)
+        cell = send(receiver, data, parallel, log_dir, tag)
+        results.ingest[(name, data.name, parallel)] = cell
+        print(f"    {cell.seconds:.1f} s, {cell.rate:,.0f} inst/s", flush=True)
+        for problem in cell.problems:
+            print(f"    ! {problem}", flush=True)
+        if cells.find:
+            results.association[name] = time_association(receiver, reps)
+        if cells.find and receiver.supports_find:
+            for query in queries:
+                find_cell(receiver, query, reps, results)
+        if cells.retrieve and receiver.supports_retrieve:
+            for service in services:
+                retrieve_cell(receiver, data, service, destination, log_dir, results)
+    except Exception as exc:  # one broken cell must not lose the others
+        results.errors.append(f"{name} {tag}: {type(exc).__name__}: {exc}")
+        print(f"    ! {results.errors[-1]}", flush=True)
+    finally:
+        receiver.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        os.sync()  # the next cell must not pay for this one's writeback
+
+
+def retrieve_cell(
+    receiver: Receiver,
+    data: DataSet,
+    service: str,
+    destination: Destination | None,
+    log_dir: Path,
+    results: Results,
+) -> None:
+    """Measure one retrieve (see :func:`retrieve`) into ``results``; a failure is recorded
+    as an error and does not keep the other retrieves from being measured."""
+    try:
+        cell = retrieve(receiver, data, service, destination, log_dir)
+    except Exception as exc:
+        results.errors.append(f"{receiver.name} {service} {data.name}: {type(exc).__name__}: {exc}")
+        print(f"    ! {results.errors[-1]}", flush=True)
+        return
+    results.retrieve[(receiver.name, data.name, service)] = cell
+    print(
+        f"    {service} {data.name} x{data.count}: {cell.seconds:.1f} s, "
+        f"{cell.rate:,.0f} inst/s, {cell.mbps:,.1f} MB/s; {receiver.name} RSS "
+        f"{cell.rss_before / 1024:,.1f} MiB before, peak {cell.rss_peak / 1024:,.1f} MiB "
+        f"({cell.growth:+,.1f} MiB)",
+        flush=True,
+    )
+    for problem in cell.problems:
+        print(f"    ! {service} {data.name}: {problem}", flush=True)
 
 
 def find_cell(receiver: Receiver, query: FindQuery, reps: int, results: Results) -> None:
@@ -967,6 +1269,43 @@ def _find_cell(timing: FindTiming | None, supported: bool) -> str:
     if timing is None:
         return "failed"
     return f"{_ms(timing.findscu)} / {_ms(timing.assoc)}" + (" (!)" if timing.problems else "")
+
+
+def _retrieve_cell(cell: Retrieve | None) -> str:
+    if cell is None:
+        return "failed"
+    text = f"{cell.rate:,.0f} inst/s ({cell.mbps:,.1f} MB/s)"
+    return text + (" (!)" if cell.problems else "")
+
+
+def _memory_cell(cell: Retrieve | None) -> str:
+    if cell is None or not cell.rss_before:
+        return "failed"
+    return (
+        f"{cell.rss_before / 1024:,.0f} → {cell.rss_peak / 1024:,.0f} MiB "
+        f"({cell.growth:+,.0f} MiB)"
+    )
+
+
+def retrieve_table(results: Results, receivers: Sequence[str], services: Sequence[str]) -> str:
+    """The retrieve results as a Markdown table, one row per receiver that retrieves."""
+    header = ["receiver"]
+    for service in services:
+        header += [f"{service} small 64x64", f"{service} CT 512x512"]
+    header += [f"RSS during CT {service}: before → peak (growth)" for service in services]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in receivers:
+        if name == "storescp":
+            continue
+        cells = [name]
+        for service in services:
+            cells += [
+                _retrieve_cell(results.retrieve.get((name, data, service)))
+                for data in ("small", "ct")
+            ]
+        cells += [_memory_cell(results.retrieve.get((name, "ct", service))) for service in services]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(results: Results, receivers: Sequence[str]) -> str:
@@ -1017,6 +1356,14 @@ def details(results: Results) -> list[str]:
                         f"median {statistics.median(values) * 1000:.1f} / "
                         f"max {max(values) * 1000:.1f} ms over {len(values)}"
                     )
+    for (name, data, service), r in results.retrieve.items():
+        tool = "movescu" if service == "C-MOVE" else "getscu"
+        lines.append(
+            f"- {name}, {service} {data} x{r.expected}: {r.seconds:.2f} s, "
+            f"{r.total_bytes / 1e6:.0f} MB, {r.received} instances arrived, {tool} exit "
+            f"{r.exit_code}; {name} VmRSS {r.rss_before / 1024:.1f} MiB "
+            f"before, peak {r.rss_peak / 1024:.1f} MiB ({r.samples} samples)"
+        )
     return lines
 
 
@@ -1032,8 +1379,11 @@ def anomalies(results: Results) -> list[str]:
             if of == label
             for p in t.problems
         ]
+    for (name, data, service), r in results.retrieve.items():
+        found += [f"{name}, {service} {data}: {p}" for p in r.problems]
     for name, codes in results.server_exit_codes.items():
-        normal = (0, -signal.SIGTERM) if name == "storescp" else (0,)  # storescp: no handler
+        # storescp has no SIGTERM handler
+        normal = (0, -signal.SIGTERM) if name.startswith("storescp") else (0,)
         if any(code not in normal for code in codes):
             found.append(f"{name} exit codes on SIGTERM: {codes} (None = had to be killed)")
     for log in results.server_logs:
@@ -1099,6 +1449,7 @@ def report(
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     command = " ".join([".venv/bin/python bench/run.py", *sys.argv[1:]])
     found = anomalies(results)
+    retrieves = ["", retrieve_table(results, receivers, args.retrieve)] if args.retrieve else []
     lines = [
         f"Recorded {when} with `{command}` ({args.small:,} small instances, {args.ct:,} CT "
         f"instances, {args.reps} C-FIND repetitions); the run took {seconds / 60:.1f} min.",
@@ -1106,6 +1457,7 @@ def report(
         *machine,
         "",
         table(results, receivers),
+        *retrieves,
         "",
         "Raw numbers:",
         "",
@@ -1152,6 +1504,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the generated data (logs are always kept)"
     )
+    parser.add_argument(
+        "--retrieve",
+        default=",".join(RETRIEVES),
+        help="comma-separated retrieves to measure, of " + ",".join(RETRIEVES) + " ('' = none)",
+    )
+    parser.add_argument(
+        "--no-retrieve",
+        action="store_const",
+        const="",
+        dest="retrieve",
+        help="measure no retrieve (= --retrieve '')",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.small, args.ct, args.reps = 2_000, 200, 5
@@ -1159,16 +1523,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.receivers) - set(RECEIVERS)
     if unknown or not args.receivers:
         parser.error(f"--receivers: unknown {sorted(unknown)}; choose from {RECEIVERS}")
+    args.retrieve = [s.strip().upper() for s in args.retrieve.split(",") if s.strip()]
+    if set(args.retrieve) - set(RETRIEVES):
+        parser.error(f"--retrieve: choose from {RETRIEVES}")
+    args.retrieve = [s for s in RETRIEVES if s in args.retrieve]
     if min(args.small, args.ct, args.reps) < 1:
         parser.error("--small, --ct and --reps must be positive")
     return args
 
 
-def check_tools(receivers: Sequence[str]) -> None:
+def check_tools(receivers: Sequence[str], services: Sequence[str]) -> None:
     """Fail early when a needed program is missing."""
     needed = ["storescu", "findscu", "echoscu"]
     needed += ["Orthanc"] if "orthanc" in receivers else []
-    needed += ["storescp"] if "storescp" in receivers else []
+    needed += ["storescp"] if "storescp" in receivers or "C-MOVE" in services else []
+    needed += ["movescu"] if "C-MOVE" in services else []
+    needed += ["getscu"] if "C-GET" in services else []
     missing = [tool for tool in needed if shutil.which(tool) is None]
     if "minipacs" in receivers and not (VENV_BIN / "minipacs").exists():
         missing.append(str(VENV_BIN / "minipacs"))
@@ -1194,7 +1564,7 @@ def terminate_on_signal() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Generate the data, run every cell, print (and optionally record) the table."""
     args = parse_args(argv)
-    check_tools(args.receivers)
+    check_tools(args.receivers, args.retrieve)
     began = time.perf_counter()
     machine = machine_info()  # before the run: the minipacs tree may change meanwhile
     WORK_ROOT.mkdir(exist_ok=True)
@@ -1216,7 +1586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"logs in {log_dir}",
                 flush=True,
             )
-            results = benchmark(args.receivers, small, ct, args.reps, work / "servers", log_dir)
+            results = benchmark(
+                args.receivers, small, ct, args.reps, work / "servers", log_dir, args.retrieve
+            )
         finally:
             cleanup()
             if not args.keep:
