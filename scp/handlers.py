@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, cast
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -118,25 +118,26 @@ def handle_get(event: evt.Event, archive: Archive, activity: Activity) -> Iterat
     """C-GET (PS3.4 C.4.3): the matching instances go back over this association, one file
     read at a time; pynetdicom runs the C-STORE sub-operations and counts them."""
     model = GET_MODELS[str(event.request.AffectedSOPClassUID)]
+    outcome = "get failed"
     with activity.operation():
-        try:
-            items = archive.retrieve(archive.parse_query(event.identifier, model))
-        except Exception as exc:
-            _log_failure("C-GET", event, exc)
-            activity.count(event, "get", ok=False)
-            yield 1  # pynetdicom takes the number of sub-operations first
-            yield status.find_error_status(exc), None
-            return
         responses = Responses(event.assoc, cast(C_GET, event.request))
-        responses.total = len(items)
-        responses.install()
-        try:
+        try:  # finally: also when pynetdicom drops us (the association went away)
+            try:
+                items = archive.retrieve(archive.parse_query(event.identifier, model))
+            except Exception as exc:
+                _log_failure("C-GET", event, exc)
+                yield 1  # pynetdicom takes the number of sub-operations first
+                yield status.find_error_status(exc), None
+                return
+            responses.total = len(items)
+            responses.install()
             yield len(items)
             accepted = functools.partial(accepted_syntaxes, event.assoc)
-            yield from _sub_operations(event, archive, items, accepted, "C-GET")
-        finally:  # also when pynetdicom drops us (the association went away)
+            outcome = yield from _sub_operations(
+                event, archive, items, accepted, lambda: event.assoc.is_established, "get")
+        finally:
             responses.restore()
-    activity.count(event, "get", ok=True)
+            activity.count(event, outcome, ok=True)
 
 
 def handle_move(
@@ -147,32 +148,33 @@ def handle_move(
     req = cast(C_MOVE, event.request)
     model = MOVE_MODELS[str(req.AffectedSOPClassUID)]
     peer = config.peer(str(req.MoveDestination))
+    outcome = "move failed"
     with activity.operation():
-        if peer is None:
-            logger.warning("C-MOVE from %s: Move Destination %r is not in peers",
-                           _peer_name(event), str(req.MoveDestination))
-            activity.count(event, "move", ok=False)
-            yield None, None  # pynetdicom answers A801, Move Destination unknown
-            return
-        destination = MoveDestination(peer, config.ae.max_pdu_size)
+        destination = MoveDestination(peer, config.ae.max_pdu_size, event.assoc)
         responses = Responses(event.assoc, req, rewrite=destination.rewrite)
-        responses.install()
         try:  # finally: also when pynetdicom drops us because the destination did not answer
+            if peer is None:
+                logger.warning("C-MOVE from %s: Move Destination %r is not in peers",
+                               _peer_name(event), str(req.MoveDestination))
+                yield None, None  # pynetdicom answers A801, Move Destination unknown
+                return
+            responses.install()
             try:
                 items = archive.retrieve(archive.parse_query(event.identifier, model))
             except Exception as exc:
                 _log_failure("C-MOVE", event, exc)
-                activity.count(event, "move", ok=False)
                 destination.refuse(status.find_error_status(exc))
                 yield None, None  # answered with the refusal, not A801 (see MoveDestination)
                 return
             responses.total = len(items)
             yield peer.host, peer.port, destination.associate_kwargs(items)
             yield len(items)
-            yield from _sub_operations(event, archive, items, destination.accepted, "C-MOVE")
+            outcome = yield from _sub_operations(
+                event, archive, items, destination.accepted, destination.is_established,
+                "move")
         finally:
             responses.restore()
-    activity.count(event, "move", ok=True)
+            activity.count(event, outcome, ok=True)
 
 
 def _sub_operations(
@@ -180,23 +182,38 @@ def _sub_operations(
     archive: Archive,
     items: list[StoredInstance],
     accepted: Callable[[str], list[str]],
+    receiving: Callable[[], bool],
     service: str,
-) -> Iterator[Any]:
+) -> Generator[Any, None, str]:
     """One (Pending, data set) per instance for pynetdicom to send, read one at a time and
     converted to a syntax the receiver ``accepted``; stops at a C-CANCEL (PS3.4 C.4.2.3.1,
-    C.4.3.3.1: after the current sub-operation, status FE00)."""
+    C.4.3.3.1: after the current sub-operation, status FE00). Returns what happened, for
+    the association's log line: ``service``, or "``service`` cancelled".
+
+    An instance that cannot be read or converted fails its sub-operation, logged, and the
+    others go on; once the receiver is gone (``receiving`` false) the remaining files are
+    not read: pynetdicom counts each of them failed.
+    """
     cancel = _CancelFlag(event)
+    label = "C-MOVE" if service == "move" else "C-GET"
     for item in items:
         if cancel():
             yield status.CANCEL, None  # pynetdicom adds the failed and remaining counts
-            return
+            return f"{service} cancelled"
+        if not receiving():
+            yield status.PENDING, _unsendable(item)
+            continue
         try:
             ds = archive.read_instance(item, accepted(item.sop_class_uid))
         except (InstanceUnavailable, CannotConvert) as exc:
-            logger.error("%s sub-operation for %s fails: %s", service, item.sop_instance_uid,
-                         exc)
+            logger.error("%s sub-operation for %s fails: %s", label, item.sop_instance_uid, exc)
+            ds = _unsendable(item)
+        except Exception:  # a fault of ours: this sub-operation fails, not the retrieve
+            logger.exception("%s sub-operation for %s fails unexpectedly", label,
+                             item.sop_instance_uid)
             ds = _unsendable(item)
         yield status.PENDING, ds
+    return service
 
 
 # a SOP Class no presentation context carries: see _unsendable

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 from pynetdicom import events as evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.presentation import PresentationContext
 
 from storage import StoredInstance
@@ -49,7 +49,7 @@ def proposed_contexts(
     """The presentation contexts a C-MOVE proposes to ``peer`` for ``items``.
 
     For every SOP Class one context with the uncompressed syntaxes we can always produce
-    (the peer's ``transfer_syntax`` first when it names one), so that every instance has a
+    (only the peer's ``transfer_syntax`` when it names one), so that every instance has a
     way through; then, unless ``transfer_syntax`` is set, one context per stored syntax, so
     that instances go as stored when the peer takes that syntax. When more than 128 would
     be needed, the stored-syntax contexts of the least frequent pairs are left out
@@ -59,8 +59,7 @@ def proposed_contexts(
     pairs = Counter((i.sop_class_uid, i.transfer_syntax_uid) for i in items)
     classes = list(dict.fromkeys(cls for cls, _ in pairs))
     plain = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
-    fallback = list(dict.fromkeys([peer.transfer_syntax, *plain] if peer.transfer_syntax
-                                  else plain))
+    fallback = [peer.transfer_syntax] if peer.transfer_syntax else plain
     contexts = [build_context(cls, fallback) for cls in classes[:MAX_CONTEXTS]]
     if len(classes) > MAX_CONTEXTS:
         logger.error("C-MOVE to %s: %d SOP Classes, only %d can be proposed; the instances of"
@@ -159,9 +158,12 @@ class MoveDestination:
     destination, which pynetdicom would otherwise do first.
     """
 
-    def __init__(self, peer: PeerConfig, max_pdu_size: int) -> None:
-        self.peer = peer
-        self.max_pdu_size = peer.max_pdu_size or max_pdu_size
+    def __init__(
+        self, peer: PeerConfig | None, max_pdu_size: int, requesting: Association
+    ) -> None:
+        self.peer = peer or PeerConfig()
+        self.max_pdu_size = self.peer.max_pdu_size or max_pdu_size
+        self.originator = requesting.requestor.ae_title
         self.assoc: Association | None = None
         self.answered = False  # an A-ASSOCIATE-AC or -RJ came back
         self.count = 0
@@ -182,6 +184,26 @@ class MoveDestination:
     def _capture(self, event: evt.Event) -> None:
         self.assoc = event.assoc
         self.answered = self.answered or event.event in (evt.EVT_ACCEPTED, evt.EVT_REJECTED)
+        if event.event is evt.EVT_ACCEPTED:
+            self._set_move_originator(event.assoc)
+
+    def _set_move_originator(self, assoc: Association) -> None:
+        """PS3.7 9.3.1.1: a C-STORE sub-operation's Move Originator AE Title is the AE that
+        asked for the move; pynetdicom puts our own title there. Set it on the way out."""
+        dimse = assoc.dimse
+        send = dimse.send_msg
+        originator = self.originator
+
+        def send_msg(primitive: Any, context_id: int) -> None:
+            if isinstance(primitive, C_STORE):
+                primitive.MoveOriginatorApplicationEntityTitle = originator
+            send(primitive, context_id)
+
+        dimse.send_msg = send_msg  # type: ignore[method-assign]
+
+    def is_established(self) -> bool:
+        """The association to the destination is (still) up."""
+        return self.assoc is not None and self.assoc.is_established
 
     def accepted(self, sop_class_uid: str) -> list[str]:
         """What the destination accepted for ``sop_class_uid`` (none before it answered)."""
@@ -191,12 +213,14 @@ class MoveDestination:
         """Why the association to the destination was not established."""
         where = f"{self.peer.ae_title} at {self.peer.host}:{self.peer.port}"
         if self.assoc is None or not self.answered:
-            return f"{where} did not answer (connection refused, unreachable or timed out)"
-        if self.assoc.is_rejected:
-            return f"{where} rejected the association"
-        if not self.assoc.accepted_contexts:
-            return f"{where} accepted none of the proposed presentation contexts"
-        return f"{where} aborted the association"
+            why = "no answer"  # refused, unreachable, timed out: pynetdicom logs which
+        elif self.assoc.is_rejected:
+            why = "association rejected"
+        elif not self.assoc.accepted_contexts:
+            why = "no presentation context accepted"
+        else:
+            why = "association aborted"
+        return f"{why}: {where}"
 
     def refuse(self, refusal: Dataset) -> None:
         """Answer the move with ``refusal`` (Status, ErrorComment) instead of A801: the

@@ -20,7 +20,6 @@ from pathlib import Path
 import peewee as pw
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from . import index, query
 from .convert import as_stored, to_accepted
@@ -315,17 +314,17 @@ class Archive:
         Raises
         ------
         InstanceUnavailable
-            Its file is missing or cannot be read (the sub-operation fails; ``verify``
-            finds why).
+            Its file is missing, cannot be read or is damaged (the sub-operation fails;
+            ``verify`` finds why).
         CannotConvert
             It cannot be sent in any of ``accepted``.
         """
         try:
             with self.files.open(item.file_key) as fp:
                 ds = as_stored(dcmread(fp))
-        except (OSError, InvalidDicomError) as exc:
+        except Exception as exc:  # missing, unreadable, or damaged (zlib, struct, ... errors)
             raise InstanceUnavailable(
-                f"file of {item.sop_instance_uid} cannot be read: {exc}"
+                f"file of {item.sop_instance_uid} cannot be read: {exc!r}"
             ) from exc
         return ds if accepted is None else to_accepted(ds, accepted)
 
