@@ -573,3 +573,28 @@ def test_every_retrieve_is_in_the_association_log_line(stored_and_peer: Any, cap
         while "association from MOVESCU" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.01)
     assert "1 move, 1 move failed" in caplog.text
+
+
+def test_only_the_sender_reads_responses_on_the_destination_association(
+        stored_and_peer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's reactor could take a C-STORE response before send_c_store did (a race
+    in pausing it), losing the association after a DIMSE timeout: on the association to a
+    destination the reactor's non-blocking reads get nothing."""
+    from scp import retrieve
+
+    running, peer, datasets = stored_and_peer
+    seen: list[Any] = []
+    original = retrieve.MoveDestination.accepted
+
+    def accepted(self: Any, sop_class_uid: str) -> list[str]:
+        queue = self.assoc.dimse.msg_queue
+        queue.put((1, "a message"))
+        seen.append(self.assoc.dimse.get_msg(block=False))  # what the reactor would get
+        seen.append(queue.get_nowait())  # still there for the sender
+        return original(self, sop_class_uid)
+
+    monkeypatch.setattr(retrieve.MoveDestination, "accepted", accepted)
+    final = c_move(running, STUDY_ROOT, peer.ae_title, QueryRetrieveLevel="STUDY",
+                   StudyInstanceUID=datasets[0].StudyInstanceUID)[-1]
+    assert final.Status == status.SUCCESS
+    assert seen[:2] == [(None, None), (1, "a message")]
