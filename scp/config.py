@@ -76,22 +76,52 @@ class LoggingConfig:
     level: str = "INFO"
 
 
+SERVICES: tuple[str, ...] = ("echo", "find", "get", "move", "store")
+"""What a peer may be allowed to do (``peers[].services``)."""
+
+
 @dataclass(frozen=True)
 class PeerConfig:
     """One entry of ``peers``: a remote AE we know, by its AE title.
 
-    A C-MOVE may name it as its Move Destination; we then open an association to
-    ``host``:``port`` calling it ``ae_title``.
+    It may use the ``services`` listed, from any address or only from ``network``. A C-MOVE
+    may name it as its Move Destination when it has a ``host``; we then open an
+    association to ``host``:``port`` calling it ``ae_title``.
     """
 
     ae_title: str = ""
     host: str = ""
     port: int = 104
+    network: str = ""
+    services: tuple[str, ...] = SERVICES
     max_pdu_size: int = 0
     transfer_syntax: str = ""
 
 
-PEER_REQUIRED: tuple[str, ...] = ("ae_title", "host")
+@dataclass(frozen=True)
+class TLSConfig:
+    """``tls``: a DICOM TLS listener (PS3.15 B.9, the BCP 195 profile) beside the plain one."""
+
+    enabled: bool = False
+    port: int = 2762
+    certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    require_client_cert: bool = True
+
+
+TLS_FILES: tuple[str, ...] = ("certificate", "private_key", "ca_certificates")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """``security``: who may associate with us."""
+
+    allow_unknown_peers: bool = True
+    require_called_ae_title: bool = False
+
+
+PEER_REQUIRED: tuple[str, ...] = ("ae_title",)
 
 # what ``peers[].transfer_syntax`` may name: syntaxes we can always produce from any stored
 # instance whose pixel data can be decoded
@@ -110,12 +140,20 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
     peers: tuple[PeerConfig, ...] = ()
 
     def peer(self, ae_title: str) -> PeerConfig | None:
-        """The peer called ``ae_title`` (trailing spaces ignored, PS3.5 AE), if configured."""
+        """The peer called ``ae_title`` (leading and trailing spaces ignored, PS3.5 AE), if
+        configured."""
         wanted = ae_title.strip(" ")
         return next((p for p in self.peers if p.ae_title.strip(" ") == wanted), None)
+
+    def destination(self, ae_title: str) -> PeerConfig | None:
+        """The peer called ``ae_title`` if a C-MOVE may send to it (it has a host)."""
+        peer = self.peer(ae_title)
+        return peer if peer is not None and peer.host else None
 
     @property
     def files_path(self) -> Path:
@@ -148,6 +186,8 @@ SECTIONS: dict[str, type] = {
     "storage": StorageConfig,
     "query": QueryConfig,
     "logging": LoggingConfig,
+    "security": SecurityConfig,
+    "tls": TLSConfig,
 }
 
 LIST_SECTIONS: dict[str, type] = {
@@ -273,6 +313,10 @@ def _section(name: str, cls: type, raw: Any, base: Path, problems: list[str]) ->
         value = _convert(f"{name}.{f.name}", hints[f.name], raw[f.name], base, problems)
         if value is not None:
             values[f.name] = value
+    if name == "tls":  # file names resolve against the config's folder, as paths do
+        for key in TLS_FILES:
+            if values.get(key):
+                values[key] = str((base / Path(values[key]).expanduser()).resolve())
     url = values.get("index_url")
     if isinstance(url, str) and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         values["index_url"] = f"sqlite:///{(base / url[len('sqlite:///'):]).resolve()}"
@@ -303,6 +347,10 @@ def _convert(dotted: str, hint: Any, value: Any, base: Path, problems: list[str]
         if isinstance(value, str):
             return value
         problems.append(f"{dotted}: must be a string, not {value!r}")
+    elif typing.get_origin(hint) is tuple:  # tuple[str, ...]: a YAML list of strings
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        problems.append(f"{dotted}: must be a list of strings, not {value!r}")
     elif hint is Path:
         if isinstance(value, str) and value:
             p = Path(value).expanduser()
@@ -347,6 +395,8 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
             problems.append(f"query.response_charset: {why}, not {values['response_charset']!r}")
     if section.startswith("peers["):
         _check_peer(section, values, problems)
+    if section == "tls":
+        _check_tls(values, problems)
     if section == "storage":
         url = values.get("index_url")
         if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
@@ -367,6 +417,17 @@ def _check_peer(section: str, values: dict[str, Any], problems: list[str]) -> No
         problems.append(f"{section}.port: must be between 1 and 65535, not {port}")
     if values.get("max_pdu_size", 0) < 0:
         problems.append(f"{section}.max_pdu_size: must not be negative (0 = ae.max_pdu_size)")
+    network = values.get("network")
+    if network:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            problems.append(f"{section}.network: must be an address or network such as"
+                            f" 10.1.2.0/24, not {network!r}")
+    unknown = [v for v in values.get("services", ()) if v not in SERVICES]
+    if unknown:
+        problems.append(f"{section}.services: unknown {', '.join(map(repr, unknown))}"
+                        f" (known: {', '.join(SERVICES)})")
     syntax = values.get("transfer_syntax")
     if syntax and syntax not in PEER_TRANSFER_SYNTAXES:
         allowed = ", ".join(PEER_TRANSFER_SYNTAXES)
@@ -374,3 +435,24 @@ def _check_peer(section: str, values: dict[str, Any], problems: list[str]) -> No
             f"{section}.transfer_syntax: must be empty (as stored) or one of {allowed},"
             f" not {syntax!r}"
         )
+
+
+def _check_tls(values: dict[str, Any], problems: list[str]) -> None:
+    port = values.get("port", TLSConfig.port)
+    if not 0 <= port <= 65535:
+        problems.append(f"tls.port: must be between 0 and 65535, not {port}")
+    if not values.get("enabled", False):
+        return
+    missing = [k for k in ("certificate", "private_key") if not values.get(k)]
+    if values.get("require_client_cert", True) and not values.get("ca_certificates"):
+        missing.append("ca_certificates")
+    for key in missing:
+        problems.append(f"tls.{key}: is required when tls.enabled is true")
+    if missing:
+        return
+    from .tls import server_context  # ssl is only needed when TLS is on
+
+    try:
+        server_context(TLSConfig(**values))
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        problems.append(f"tls: the certificate, key or CA file cannot be used: {exc}")

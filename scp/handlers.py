@@ -20,16 +20,19 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from storage import Archive, CannotConvert, InstanceUnavailable, Origin, StoredInstance
 
 from . import status
+from .access import Access
 from .activity import Activity
-from .config import Config
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from .retrieve import MoveDestination, Responses, accepted_syntaxes
 
 logger = logging.getLogger(__name__)
 
 
-def handle_echo(event: evt.Event, activity: Activity) -> int:
-    """C-ECHO (PS3.4 A.4): always Success."""
+def handle_echo(event: evt.Event, activity: Activity, access: Access) -> int | Dataset:
+    """C-ECHO (PS3.4 A.4): Success, unless the peer may not use it (0124)."""
+    if not access.allows(event, "echo"):
+        activity.count(event, "echo", ok=False)
+        return status.not_authorised("echo")
     activity.count(event, "echo", ok=True)
     return status.SUCCESS
 
@@ -64,9 +67,14 @@ def handle_sop_extended(event: evt.Event, activity: Activity) -> dict[str, bytes
     return accepted
 
 
-def handle_store(event: evt.Event, archive: Archive, activity: Activity) -> int | Dataset:
+def handle_store(
+    event: evt.Event, archive: Archive, activity: Activity, access: Access
+) -> int | Dataset:
     """C-STORE (PS3.4 B.2): store the sender's bytes, answer only once they are indexed."""
     req = cast(C_STORE, event.request)
+    if not access.allows(event, "store"):
+        activity.count(event, "store", ok=False)
+        return status.not_authorised("store")
     with activity.operation():
         try:
             outcome = archive.store(
@@ -85,8 +93,14 @@ def handle_store(event: evt.Event, archive: Archive, activity: Activity) -> int 
     return status.store_status(outcome)
 
 
-def handle_find(event: evt.Event, archive: Archive, activity: Activity) -> Iterator[Any]:
+def handle_find(
+    event: evt.Event, archive: Archive, activity: Activity, access: Access
+) -> Iterator[Any]:
     """C-FIND (PS3.4 C.4.1): one Pending per match, produced lazily so C-CANCEL works."""
+    if not access.allows(event, "find"):
+        activity.count(event, "find", ok=False)
+        yield status.not_authorised("find"), None
+        return
     sop_class = str(event.request.AffectedSOPClassUID)
     model = FIND_MODELS[sop_class]
     extended = activity.extended(event, sop_class)
@@ -114,7 +128,9 @@ def handle_find(event: evt.Event, archive: Archive, activity: Activity) -> Itera
     activity.count(event, "find", ok=True)
 
 
-def handle_get(event: evt.Event, archive: Archive, activity: Activity) -> Iterator[Any]:
+def handle_get(
+    event: evt.Event, archive: Archive, activity: Activity, access: Access
+) -> Iterator[Any]:
     """C-GET (PS3.4 C.4.3): the matching instances go back over this association, one file
     read at a time; pynetdicom runs the C-STORE sub-operations and counts them."""
     model = GET_MODELS[str(event.request.AffectedSOPClassUID)]
@@ -122,6 +138,10 @@ def handle_get(event: evt.Event, archive: Archive, activity: Activity) -> Iterat
     with activity.operation():
         responses = Responses(event.assoc, cast(C_GET, event.request))
         try:  # finally: also when pynetdicom drops us (the association went away)
+            if not access.allows(event, "get"):
+                yield 1  # pynetdicom takes the number of sub-operations first
+                yield status.not_authorised("get"), None
+                return
             try:
                 items = archive.retrieve(archive.parse_query(event.identifier, model))
             except Exception as exc:
@@ -141,24 +161,30 @@ def handle_get(event: evt.Event, archive: Archive, activity: Activity) -> Iterat
 
 
 def handle_move(
-    event: evt.Event, archive: Archive, activity: Activity, config: Config
+    event: evt.Event, archive: Archive, activity: Activity, access: Access
 ) -> Iterator[Any]:
     """C-MOVE (PS3.4 C.4.2): the matching instances go to the Move Destination, a peer of
     the configuration, over an association pynetdicom opens to the address we yield."""
     req = cast(C_MOVE, event.request)
     model = MOVE_MODELS[str(req.AffectedSOPClassUID)]
-    peer = config.peer(str(req.MoveDestination))
+    config = access.config
+    peer = config.destination(str(req.MoveDestination))
     outcome = "move failed"
     with activity.operation():
         destination = MoveDestination(peer, config.ae.max_pdu_size, event.assoc)
         responses = Responses(event.assoc, req, rewrite=destination.rewrite)
         try:  # finally: also when pynetdicom drops us because the destination did not answer
-            if peer is None:
-                logger.warning("C-MOVE from %s: Move Destination %r is not in peers",
-                               _peer_name(event), str(req.MoveDestination))
-                yield None, None  # pynetdicom answers A801, Move Destination unknown
-                return
             responses.install()
+            if not access.allows(event, "move"):
+                destination.refuse(status.not_authorised("move"))
+                yield None, None  # answered with the refusal, not A801 (see MoveDestination)
+                return
+            if peer is None:
+                logger.warning("C-MOVE from %s: Move Destination %r is not in peers (or has"
+                               " no host)", _peer_name(event), str(req.MoveDestination))
+                responses.restore()  # pynetdicom's A801, Move Destination unknown, stands
+                yield None, None
+                return
             try:
                 items = archive.retrieve(archive.parse_query(event.identifier, model))
             except Exception as exc:

@@ -10,6 +10,7 @@ from pynetdicom import events as evt
 
 from storage import Archive, open_archive
 
+from .access import Access
 from .activity import Activity
 from .config import Config
 from .contexts import STORAGE, SUPPORTED
@@ -22,6 +23,7 @@ from .handlers import (
     handle_store,
 )
 from .sockets import disable_nagle
+from .tls import server_context
 
 logger = logging.getLogger("minipacs")
 
@@ -41,9 +43,12 @@ class Server:
         self.config = config
         self.archive = archive or open_archive(config.archive_options())
         self.activity = Activity(on_association_end=self.archive.release)
+        self.access = Access(config)
         self.ae = self._build_ae()
         self._server: Any = None
+        self._tls_server: Any = None
         self._port = config.ae.port
+        self._tls_port = config.tls.port
 
     def _build_ae(self) -> AE:
         cfg = self.config.ae
@@ -64,15 +69,16 @@ class Server:
         return ae
 
     def _handlers(self) -> list[Any]:
-        a, act = self.archive, self.activity
+        a, act, acc = self.archive, self.activity, self.access
         return [
             (evt.EVT_CONN_OPEN, disable_nagle),
+            (evt.EVT_REQUESTED, acc.handle_requested),
             (evt.EVT_SOP_EXTENDED, handle_sop_extended, [act]),
-            (evt.EVT_C_ECHO, handle_echo, [act]),
-            (evt.EVT_C_STORE, handle_store, [a, act]),
-            (evt.EVT_C_FIND, handle_find, [a, act]),
-            (evt.EVT_C_GET, handle_get, [a, act]),
-            (evt.EVT_C_MOVE, handle_move, [a, act, self.config]),
+            (evt.EVT_C_ECHO, handle_echo, [act, acc]),
+            (evt.EVT_C_STORE, handle_store, [a, act, acc]),
+            (evt.EVT_C_FIND, handle_find, [a, act, acc]),
+            (evt.EVT_C_GET, handle_get, [a, act, acc]),
+            (evt.EVT_C_MOVE, handle_move, [a, act, acc]),
             (evt.EVT_ESTABLISHED, act.handle_established),
             (evt.EVT_RELEASED, act.handle_closed),
             (evt.EVT_ABORTED, act.handle_closed),
@@ -94,18 +100,41 @@ class Server:
             self.config.index_url,
             self.config.files_path,
         )
+        tls = self.config.tls
+        if tls.enabled:
+            self._tls_server = self.ae.start_server(
+                (cfg.bind, tls.port), block=False, evt_handlers=self._handlers(),
+                ssl_context=server_context(tls),
+            )
+            self._tls_port = int(self._tls_server.server_address[1])
+            logger.info(
+                "minipacs serving DICOM TLS on %s:%d (client certificate %s)", cfg.bind,
+                self.tls_port, "required" if tls.require_client_cert else "not required",
+            )
+        if self.config.security.allow_unknown_peers:
+            logger.warning(
+                "security.allow_unknown_peers is true: any AE title may store, query and"
+                " retrieve; list your modalities and viewers under peers and set it to false"
+                " (README: Locking the server down)"
+            )
 
     @property
     def port(self) -> int:
         """The port actually bound (kept after :meth:`stop`)."""
         return self._port
 
+    @property
+    def tls_port(self) -> int:
+        """The TLS listener's port (kept after :meth:`stop`)."""
+        return self._tls_port
+
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let operations in flight finish (up to ``grace`` seconds), abort
         associations left idle, and close the archive."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for listener in (self._server, self._tls_server):
+            if listener is not None:
+                listener.shutdown()
+        self._server = self._tls_server = None
         if not self.activity.wait_idle(grace):
             logger.warning("operations still in flight after %.0f s; aborting them", grace)
         self.ae.shutdown()

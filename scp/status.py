@@ -30,6 +30,7 @@ SUCCESS = 0x0000
 
 # PS3.7 Annex C, general statuses
 DUPLICATE_SOP_INSTANCE = 0x0111
+NOT_AUTHORISED = 0x0124  # Refused: Not Authorised
 
 # PS3.4 B.2.3, Storage
 STORE_OUT_OF_RESOURCES = 0xA700
@@ -66,6 +67,11 @@ def with_comment(code: int, comment: str) -> Dataset:
     ds.Status = code
     ds.ErrorComment = trim_comment(comment)
     return ds
+
+
+def not_authorised(service: str) -> Dataset:
+    """0124 Refused: Not Authorised, for a service the peer may not use."""
+    return with_comment(NOT_AUTHORISED, f"{service} is not allowed for this AE title")
 
 
 def store_status(outcome: StoreOutcome) -> int:

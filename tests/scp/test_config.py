@@ -26,8 +26,11 @@ def code_defaults() -> dict[str, Any]:
 
 
 def list_defaults() -> dict[str, Any]:
-    """``peers[].port`` -> its default; required keys -> "(required)"."""
-    return {f"{name}[].{f.name}": "(required)" if f.name in PEER_REQUIRED else getattr(cls(), f.name)
+    """``peers[].port`` -> its default; required keys -> "(required)"; lists as YAML."""
+    def shown(value: Any) -> Any:
+        return f"[{', '.join(value)}]" if isinstance(value, tuple) else value
+    return {f"{name}[].{f.name}": "(required)" if f.name in PEER_REQUIRED
+            else shown(getattr(cls(), f.name))
             for name, cls in LIST_SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
@@ -47,7 +50,8 @@ def test_config_yaml_holds_every_key_with_the_code_default() -> None:
     assert set(entry) == {f.name for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         if f.name not in PEER_REQUIRED:
-            assert entry[f.name] == getattr(cls(), f.name), f.name
+            value = entry[f.name]
+            assert (tuple(value) if isinstance(value, list) else value) == getattr(cls(), f.name)
 
 
 def test_readme_documents_every_key_with_its_default() -> None:
@@ -74,7 +78,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "storage:\n  on_duplicate: overwrite\n  durability: maybe\n  index_url: mysql://x\n"
         "  colour: blue\n"
         "query:\n  pn_case_insensitive: 'yes'\n"
-        "tls: {}\n"
+        "colours: {}\n"
     )
     with pytest.raises(ConfigError) as info:
         load_config(path)
@@ -82,7 +86,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     for fragment in ("ae.title", "ae.port", "ae.bind", "ae.max_associations", "ae.dimse_timeout",
                      "storage.on_duplicate", "storage.durability", "storage.index_url",
                      "unknown key storage.colour", "query.pn_case_insensitive",
-                     "unknown section 'tls'"):
+                     "unknown section 'colours'"):
         assert any(fragment in p for p in problems), (fragment, problems)
     assert len(problems) == 11
 
@@ -167,3 +171,20 @@ def test_peers_must_be_a_list(tmp_path: Path) -> None:
     path.write_text("peers: {ae_title: X}\n")
     with pytest.raises(ConfigError, match="peers: must be a list"):
         load_config(path)
+
+
+def test_peer_network_and_services_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("peers:\n  - {ae_title: A, network: 10.0.0.0/33, services: [echo, delete]}\n"
+                    "  - {ae_title: B, services: store}\n"
+                    "  - {ae_title: C, network: 10.1.2.0/24, services: [find]}\n"
+                    "security: {allow_unknown_peers: 'no'}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    for fragment in ("peers[0].network: must be an address or network",
+                     "peers[0].services: unknown 'delete'",
+                     "peers[1].services: must be a list of strings",
+                     "security.allow_unknown_peers: must be true or false"):
+        assert any(fragment in p for p in problems), (fragment, problems)
+    assert len(problems) == 4

@@ -1,0 +1,112 @@
+"""Who may associate with us, and what each peer may do.
+
+Two levels, as PS3.7 and PS3.8 give them:
+
+- the association: in EVT_REQUESTED, before any negotiation, an A-ASSOCIATE-RQ is rejected
+  (A-ASSOCIATE-RJ, rejected-permanent, source DICOM UL service-user, PS3.8 9.3.4) with
+  "called AE title not recognised" when ``security.require_called_ae_title`` is on and
+  the request does not call ``ae.title``, and with "calling AE title not recognised"
+  when the calling AE title is not in ``peers`` (and ``security.allow_unknown_peers`` is
+  off), or is, but the connection comes from outside its ``network``. pynetdicom skips its
+  own negotiation once a handler of EVT_REQUESTED has rejected (association.py: "User used
+  EVT_REQUESTED to send an A-ABORT or A-ASSOCIATE-RJ");
+- the service: a known peer may use only its ``services``; any other request is answered
+  0124 Refused: Not Authorised (PS3.7 C.5.x general status) by the handlers.
+
+Both are logged with the peer, its address and the reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from pynetdicom import events as evt
+
+from .config import Config
+
+logger = logging.getLogger(__name__)
+
+# PS3.8 Table 9-21, A-ASSOCIATE-RJ
+REJECTED_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+CALLING_AE_NOT_RECOGNISED = 0x03
+CALLED_AE_NOT_RECOGNISED = 0x07
+
+
+class Access:
+    """The ``security`` and ``peers`` settings, applied to associations and requests."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._networks = {
+            p.ae_title.strip(" "): ipaddress.ip_network(p.network, strict=False)
+            for p in config.peers if p.network
+        }
+
+    def refusal(self, calling: str, called: str, address: str) -> tuple[int, str] | None:
+        """Why an association from ``calling`` at ``address`` to ``called`` is rejected
+        (the A-ASSOCIATE-RJ reason and a sentence for the log), or ``None``."""
+        security = self.config.security
+        calling, called = calling.strip(" "), called.strip(" ")
+        if security.require_called_ae_title and called != self.config.ae.title.strip(" "):
+            return CALLED_AE_NOT_RECOGNISED, (
+                f"it calls {called!r}, not {self.config.ae.title!r}"
+                " (security.require_called_ae_title)")
+        peer = self.config.peer(calling)
+        if peer is None:
+            if security.allow_unknown_peers:
+                return None
+            return CALLING_AE_NOT_RECOGNISED, (
+                f"{calling!r} is not in peers (security.allow_unknown_peers is false)")
+        network = self._networks.get(peer.ae_title.strip(" "))
+        if network is not None and not _within(address, network):
+            return CALLING_AE_NOT_RECOGNISED, (
+                f"{calling!r} may connect from {network} only (peers[].network)")
+        return None
+
+    def handle_requested(self, event: evt.Event) -> None:
+        """EVT_REQUESTED: reject an association that :meth:`refusal` refuses."""
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        if request is None:  # pragma: no cover - pynetdicom always sets it first
+            return
+        calling = _text(request.calling_ae_title)
+        called = _text(request.called_ae_title)
+        address = assoc.requestor.address
+        refused = self.refusal(calling, called, address)
+        if refused is None:
+            return
+        reason, why = refused
+        logger.warning("association from %s@%s to %s rejected: %s", calling, address, called,
+                       why)
+        # as pynetdicom's own rejections do: send, then wait until the DUL has sent it
+        assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
+        assoc.kill()
+
+    def allows(self, event: evt.Event, service: str) -> bool:
+        """May ``event``'s peer use ``service`` (one of ``config.SERVICES``)? Logs a
+        refusal. An unknown peer got in only if unknown peers are allowed: it may do
+        everything."""
+        calling = event.assoc.requestor.ae_title
+        peer = self.config.peer(calling)
+        if peer is None or service in peer.services:
+            return True
+        logger.warning("%s from %s@%s refused: not in its peers[].services (%s)",
+                       service, calling.strip(" "), event.assoc.requestor.address,
+                       ", ".join(peer.services) or "none")
+        return False
+
+
+def _within(address: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 peer on a dual-stack listener
+    return ip in network
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
