@@ -1,4 +1,5 @@
-"""The command line: ``minipacs serve``. The only place that configures logging or exits."""
+"""The command line: ``minipacs serve | verify | reindex | import``. The only place that
+configures logging or exits."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import logging
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from storage import StorageError
+from storage import Archive, StorageError, open_archive
 
 from .config import Config, ConfigError, load_config
 from .server import Server
@@ -31,6 +34,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ae-title", help="override ae.title")
     serve.add_argument("--bind", help="override ae.bind")
     serve.add_argument("--data-dir", help="override storage.data_dir")
+    verify = commands.add_parser(
+        "verify", help="check every index row against its file, stray files and counters")
+    verify.add_argument("--repair", action="store_true",
+                        help="fix what is found (run with the server stopped)")
+    commands.add_parser(
+        "reindex", help="rebuild the whole index from the file store (server stopped)")
+    importer = commands.add_parser(
+        "import", help="store a folder of DICOM files through the C-STORE path")
+    importer.add_argument("folder", type=Path)
+    for sub in (verify, commands.choices["reindex"], importer):
+        sub.add_argument("--config", type=Path, help=f"configuration file (default: ./"
+                         f"{DEFAULT_CONFIG} if present, else built-ins)")
+        sub.add_argument("--data-dir", help="override storage.data_dir")
     return parser
 
 
@@ -39,11 +55,11 @@ def _config(args: argparse.Namespace) -> Config:
     if path is None and Path(DEFAULT_CONFIG).is_file():
         path = Path(DEFAULT_CONFIG)
     overrides: dict[str, Any] = {}
-    if args.port is not None:
+    if getattr(args, "port", None) is not None:
         overrides["ae.port"] = args.port
-    if args.ae_title is not None:
+    if getattr(args, "ae_title", None) is not None:
         overrides["ae.title"] = args.ae_title
-    if args.bind is not None:
+    if getattr(args, "bind", None) is not None:
         overrides["ae.bind"] = args.bind
     if args.data_dir is not None:
         overrides["storage.data_dir"] = str(Path(args.data_dir).resolve())
@@ -85,6 +101,74 @@ def serve(config: Config) -> int:
     return 0
 
 
+class _ProgressBar:
+    """``done/total`` on one line of standard error, redrawn at most 10 times a second."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._last = 0.0
+        self._shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < 0.1:
+            return
+        self._last = now
+        width = 30
+        filled = width * done // total if total else width
+        bar = "#" * filled + "." * (width - filled)
+        print(f"\r{self.what} [{bar}] {done}/{total}", end="", file=sys.stderr, flush=True)
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            print(file=sys.stderr)
+
+
+def _maintain(config: Config, what: str, work: Callable[[Archive, _ProgressBar], Any]) -> Any:
+    """Open the archive, run ``work`` with a progress bar, close it again."""
+    archive = open_archive(config.archive_options())
+    bar = _ProgressBar(what)
+    try:
+        return work(archive, bar)
+    finally:
+        bar.close()
+        archive.close()
+
+
+def verify(config: Config, repair: bool) -> int:
+    """Report (and with ``repair`` fix) what disagrees; 0 when nothing is left to fix."""
+    report = _maintain(config, "verify", lambda a, bar: a.verify(repair=repair, progress=bar))
+    for problem in report.problems:
+        print(problem)
+    left = len(report.unrepaired)
+    print(f"{report.instances} indexed instances, {report.files} files: "
+          f"{len(report.problems)} problem(s), {len(report.problems) - left} repaired, "
+          f"{left} left")
+    return 1 if left else 0
+
+
+def reindex(config: Config) -> int:
+    report = _maintain(config, "reindex", lambda a, bar: a.reindex(progress=bar))
+    for name, why in report.rejected:
+        print(f"not indexed: {name}: {why}")
+    print(f"indexed {report.stored} files; {report.duplicates} superseded by a newer file "
+          f"of the same instance (removed); {len(report.rejected)} not indexed")
+    return 1 if report.rejected else 0
+
+
+def import_folder(config: Config, folder: Path) -> int:
+    if not folder.is_dir():
+        print(f"minipacs: {folder} is not a folder", file=sys.stderr)
+        return 2
+    report = _maintain(config, "import", lambda a, bar: a.import_folder(folder, progress=bar))
+    for name, why in report.rejected:
+        print(f"rejected: {name}: {why}")
+    print(f"stored {report.stored}, duplicates {report.duplicates}, "
+          f"rejected {len(report.rejected)}")
+    return 1 if report.rejected else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -94,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(config.logging.level)
     try:
+        if args.command == "verify":
+            return verify(config, args.repair)
+        if args.command == "reindex":
+            return reindex(config)
+        if args.command == "import":
+            return import_folder(config, args.folder)
         return serve(config)
     except StorageError as exc:
         logging.getLogger("minipacs").error("%s", exc)

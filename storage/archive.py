@@ -10,7 +10,6 @@ the new file is removed, and a replaced file is removed only after the commit.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterator
@@ -21,7 +20,7 @@ import peewee as pw
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from . import index, query
+from . import index, maintenance, query
 from .convert import as_stored, to_accepted
 from .errors import (
     DuplicateRejected,
@@ -35,7 +34,7 @@ from .errors import (
 from .files import FileStore, FilesystemStore
 from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .keys import Model
-from .parsing import extract, file_meta, read_header
+from .parsing import content_hash, extract, file_meta, read_header, split_part10
 from .values import strip
 
 logger = logging.getLogger(__name__)
@@ -153,9 +152,7 @@ class Archive:
                 f"request named SOP Instance {strip('UI', sop_instance_uid)}; "
                 "stored under the data set's own UID"
             )
-        digest = hashlib.sha256(transfer_syntax_uid.encode() + b"\0")
-        digest.update(data)
-        content_hash = digest.hexdigest()
+        digest = content_hash(transfer_syntax_uid, data)
         uid = parsed.sop_instance_uid
 
         # A cheap look before writing anything: resends and refused duplicates cost no I/O.
@@ -164,7 +161,7 @@ class Archive:
         except pw.DatabaseError as exc:
             raise StorageFull(f"cannot read the index: {exc}") from exc
         if existing is not None:
-            early = self._early_duplicate(existing[0], content_hash, uid)
+            early = self._early_duplicate(existing[0], digest, uid)
             if early is not None:
                 return early
 
@@ -175,7 +172,7 @@ class Archive:
             transfer_syntax_uid=transfer_syntax_uid,
             file_key=key,
             file_size=len(meta) + len(data),
-            content_hash=content_hash,
+            content_hash=digest,
         )
         try:
             with self._write_lock:
@@ -327,6 +324,66 @@ class Archive:
                 f"file of {item.sop_instance_uid} cannot be read: {exc!r}"
             ) from exc
         return ds if accepted is None else to_accepted(ds, accepted)
+
+    # -- maintenance (verify, reindex, import) ------------------------------------------
+
+    @contextlib.contextmanager
+    def writing(self, commit: bool = True) -> Iterator[None]:
+        """One index write transaction under the archive's write lock; ``commit=False``
+        rolls it back at the end (to compute what a repair would change)."""
+        with self._write_lock, index.write_transaction() as txn:
+            yield
+            if not commit:
+                txn.rollback()
+
+    def index_file(self, key: str) -> WriteResult:
+        """Index the stored file ``key`` where it is (``reindex``): no new file is written.
+        Of two files of one SOP Instance the later indexed replaces the earlier, whose
+        file is removed.
+
+        Raises
+        ------
+        InvalidInstance
+            The file is not a stored instance we can parse.
+        StorageFull
+            The index cannot be written.
+        """
+        try:
+            with self.files.open(key) as fp:
+                raw = fp.read()
+        except OSError as exc:
+            raise InstanceUnavailable(f"file {key} cannot be read: {exc}") from exc
+        syntax, data = split_part10(raw)
+        parsed = extract(read_header(data, syntax))
+        parsed.record.instance.update(
+            transfer_syntax_uid=syntax, file_key=key, file_size=len(raw),
+            content_hash=content_hash(syntax, data),
+        )
+        try:
+            with self._write_lock:
+                written = index.write_instance(parsed.record, DuplicatePolicy.REPLACE)
+        except pw.DatabaseError as exc:
+            raise StorageFull(f"cannot write to the index: {exc}") from exc
+        if written.old_file_key and written.old_file_key != key:
+            self._discard(written.old_file_key)
+        return written.result
+
+    def verify(
+        self, repair: bool = False, progress: maintenance.Progress | None = None
+    ) -> maintenance.VerifyReport:
+        """Check (and with ``repair`` fix) the index against the files:
+        :func:`storage.maintenance.verify`."""
+        return maintenance.verify(self, repair, progress)
+
+    def reindex(self, progress: maintenance.Progress | None = None) -> maintenance.ImportReport:
+        """Rebuild the index from the files: :func:`storage.maintenance.reindex`."""
+        return maintenance.reindex(self, progress)
+
+    def import_folder(
+        self, folder: Path, progress: maintenance.Progress | None = None
+    ) -> maintenance.ImportReport:
+        """Store every DICOM file under ``folder``: :func:`storage.maintenance.import_folder`."""
+        return maintenance.import_folder(self, folder, progress)
 
     # -- life cycle ----------------------------------------------------------------------
 

@@ -44,6 +44,14 @@ class FileStore(Protocol):
         """Return the size in bytes of the file under ``key``."""
         ...
 
+    def keys(self) -> Iterator[str]:
+        """Yield the key of every file in the store."""
+        ...
+
+    def modified(self, key: str) -> float:
+        """When the file under ``key`` was written (seconds since the epoch)."""
+        ...
+
 
 class FilesystemStore:
     """A :class:`FileStore` on a local folder.
@@ -139,6 +147,11 @@ class FilesystemStore:
         for path in self.root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*"):
             if _KEY_RE.match(path.name):
                 yield path.name
+
+    def modified(self, key: str) -> float:
+        """The file's modification time (reindex: of two files of one instance, the newer
+        wins)."""
+        return self.path(key).stat().st_mtime
 
 
 def _fsync_dir(path: Path) -> None:

@@ -127,15 +127,16 @@ def close() -> None:
 
 
 @contextlib.contextmanager
-def write_transaction() -> Iterator[None]:
-    """A write transaction that takes the write lock at once on SQLite."""
+def write_transaction() -> Iterator[Any]:
+    """A write transaction that takes the write lock at once on SQLite; yields peewee's
+    transaction (``.rollback()`` undoes what was done in it)."""
     database = db.obj
     if isinstance(database, pw.SqliteDatabase):
-        with database.atomic("IMMEDIATE"):
-            yield
+        with database.atomic("IMMEDIATE") as txn:
+            yield txn
     else:
-        with database.atomic():
-            yield
+        with database.atomic() as txn:
+            yield txn
 
 
 def lookup(sop_instance_uid: str) -> tuple[str, str] | None:

@@ -7,6 +7,7 @@ JSON come from here; nothing is re-encoded.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -285,3 +286,51 @@ def file_meta(parsed: Parsed, transfer_syntax_uid: str, source_ae_title: str) ->
     buf.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
     return buf.getvalue()
+
+
+def content_hash(transfer_syntax_uid: str, data: bytes) -> str:
+    """What the index records of an instance's content: SHA-256 of its transfer syntax UID,
+    a NUL, and its data set bytes (the File Meta header we write is not part of it)."""
+    digest = hashlib.sha256(transfer_syntax_uid.encode() + b"\0")
+    digest.update(data)
+    return digest.hexdigest()
+
+
+_PART10_MAGIC_AT = 128
+
+
+def split_part10(raw: bytes) -> tuple[str, bytes]:
+    """The transfer syntax and data set bytes of a DICOM Part 10 file (PS3.10 7.1: a
+    128-byte preamble, "DICM", the File Meta group 0002 in Explicit VR Little Endian).
+
+    Raises
+    ------
+    InvalidInstance
+        It is not a Part 10 file, or its File Meta group is damaged or names no
+        Transfer Syntax UID.
+    """
+    if raw[_PART10_MAGIC_AT:_PART10_MAGIC_AT + 4] != b"DICM":
+        raise InvalidInstance("not a DICOM Part 10 file (no DICM after the preamble)")
+    pos = _PART10_MAGIC_AT + 4
+    syntax = ""
+    while pos + 8 <= len(raw):
+        group, elem = struct.unpack_from("<HH", raw, pos)
+        if group != 0x0002:
+            break
+        vr = raw[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            if pos + 12 > len(raw):
+                break
+            (length,) = struct.unpack_from("<I", raw, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", raw, pos + 6)
+            start = pos + 8
+        if length == 0xFFFFFFFF or start + length > len(raw):
+            raise InvalidInstance("damaged File Meta Information (bad element length)")
+        if elem == 0x0010:
+            syntax = raw[start:start + length].decode("ascii", "replace").rstrip("\0 ")
+        pos = start + length
+    if not syntax:
+        raise InvalidInstance("the File Meta Information names no Transfer Syntax UID")
+    return syntax, raw[pos:]

@@ -111,3 +111,34 @@ def test_unusable_data_dir_is_reported_and_exits_1(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "cannot use" in proc.stderr or "cannot open the index" in proc.stderr
+
+
+def test_import_reindex_and_verify_commands(tmp_path: Path) -> None:
+    from tests.factory import hierarchy, save
+
+    folder = tmp_path / "incoming"
+    datasets = hierarchy()[:5]
+    for n, ds in enumerate(datasets):
+        save(ds, folder / f"{n}.dcm")
+    (folder / "README.txt").write_text("not DICOM")
+    data = tmp_path / "data"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*minipacs_command(), *args, "--data-dir", str(data)],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    imported = run("import", str(folder))
+    assert imported.returncode == 1  # one file was rejected
+    assert "stored 5, duplicates 0, rejected 1" in imported.stdout
+    assert "README.txt: not a DICOM Part 10 file" in imported.stdout
+    assert "import [" in imported.stderr and "6/6" in imported.stderr  # the progress bar
+    again = run("import", str(folder))
+    assert "stored 0, duplicates 5, rejected 1" in again.stdout
+
+    rebuilt = run("reindex")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert "indexed 5 files" in rebuilt.stdout
+    checked = run("verify")
+    assert checked.returncode == 0
+    assert "5 indexed instances, 5 files: 0 problem(s)" in checked.stdout
+    assert run("import", str(tmp_path / "absent")).returncode == 2

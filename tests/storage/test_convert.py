@@ -4,9 +4,6 @@ accept its stored transfer syntax."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pytest
 from pydicom import dcmread
@@ -21,18 +18,15 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import encode as pynetdicom_encode
 
-from storage import Archive, ArchiveOptions, CannotConvert, open_archive
+from storage import Archive, CannotConvert
 from storage.index import StoredInstance
 from storage.models import Instance
 from tests.factory import encode, file_parts, make_ds
 
 
 @pytest.fixture
-def archive(tmp_path: Path) -> Any:
-    a = open_archive(ArchiveOptions(files_path=tmp_path / "files",
-                                    index_url=f"sqlite:///{tmp_path / 'index.sqlite'}"))
-    yield a
-    a.close()
+def archive(new_archive: Archive) -> Archive:
+    return new_archive
 
 
 def item(uid: str) -> StoredInstance:
