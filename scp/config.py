@@ -58,6 +58,8 @@ class StorageConfig:
     index_url: str = ""
     on_duplicate: str = "replace"
     durability: str = "full"
+    max_instance_mb: int = 2048
+    min_free_disk_mb: int = 200
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,8 @@ class Config:
             max_results=self.query.max_results,
             response_charset=self.query.response_charset,
             retrieve_ae_title=self.ae.title,
+            max_instance_bytes=self.storage.max_instance_mb * 1024 * 1024,
+            min_free_bytes=self.storage.min_free_disk_mb * 1024 * 1024,
         )
 
 
@@ -398,6 +402,9 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
     if section == "tls":
         _check_tls(values, problems)
     if section == "storage":
+        for key in ("max_instance_mb", "min_free_disk_mb"):
+            if values.get(key, 0) < 0:
+                problems.append(f"storage.{key}: must not be negative (0 = no limit)")
         url = values.get("index_url")
         if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
             problems.append(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import threading
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -79,6 +80,10 @@ class ArchiveOptions:
         answer in when it can; ISO_IR 192 otherwise.
     retrieve_ae_title : str
         The AE title every C-FIND response names as RetrieveAETitle (our own); "" = none.
+    max_instance_bytes : int
+        Largest data set :meth:`Archive.store` accepts (0 = no limit).
+    min_free_bytes : int
+        Free space the file store's disk must keep after a store (0 = no check).
     """
 
     files_path: Path
@@ -89,6 +94,8 @@ class ArchiveOptions:
     max_results: int = 0
     response_charset: str = "auto"
     retrieve_ae_title: str = ""
+    max_instance_bytes: int = 0
+    min_free_bytes: int = 0
 
 
 class Archive:
@@ -135,9 +142,12 @@ class Archive:
         DuplicateRejected
             Policy ``reject`` and other content is stored under the UID (PS3.7 C 0111).
         StorageFull
-            The file or the index cannot be written (PS3.4 B.2.3 A700).
+            The file or the index cannot be written, the instance is larger than
+            ``max_instance_bytes``, or storing it would leave less than ``min_free_bytes``
+            on the disk (PS3.4 B.2.3 A700); in the last two cases nothing is written.
         """
         origin = origin or Origin()
+        self._check_room(len(data))
         header = read_header(data, transfer_syntax_uid)
         parsed = extract(header)
         if sop_class_uid and parsed.sop_class_uid != strip("UI", sop_class_uid):
@@ -195,6 +205,27 @@ class Archive:
         for warning in warnings:
             logger.warning("%s: %s", uid, warning)
         return StoreOutcome(written.result, uid, warnings)
+
+    def _check_room(self, size: int) -> None:
+        """Refuse, before anything is written, an instance over ``max_instance_bytes`` or
+        one that would leave less than ``min_free_bytes`` on the file store's disk."""
+        limit = self.options.max_instance_bytes
+        if limit and size > limit:
+            raise StorageFull(
+                f"instance of {size / 2**20:.0f} MB exceeds storage.max_instance_mb"
+                f" ({limit // 2**20} MB)"
+            )
+        floor = self.options.min_free_bytes
+        if floor:
+            try:
+                free = shutil.disk_usage(self.options.files_path).free
+            except OSError as exc:
+                raise StorageFull(f"cannot read the free disk space: {exc}") from exc
+            if free - size < floor:
+                raise StorageFull(
+                    f"disk almost full: {free // 2**20} MB free, storage.min_free_disk_mb is"
+                    f" {floor // 2**20} MB"
+                )
 
     def _discard(self, key: str) -> None:
         """Remove a file no index row points to; a failure is logged (``verify`` finds it)."""
