@@ -16,7 +16,7 @@ from typing import Any
 from storage import Archive, StorageError, open_archive
 
 from .config import Config, ConfigError, load_config
-from .server import Server
+from .server import ListenError, Server
 
 DEFAULT_CONFIG = "config.yaml"
 
@@ -89,10 +89,8 @@ def serve(config: Config) -> int:
     server = Server(config)
     try:
         server.start()
-    except OSError as exc:
-        logging.getLogger("minipacs").error(
-            "cannot listen on %s:%d: %s", config.ae.bind, config.ae.port, exc.strerror or exc
-        )
+    except ListenError as exc:  # the listeners are closed again
+        logging.getLogger("minipacs").error("%s", exc)
         server.archive.close()
         return 1
     while not stop.wait(0.5):

@@ -7,7 +7,8 @@ Two levels, as PS3.7 and PS3.8 give them:
   "called AE title not recognised" when ``security.require_called_ae_title`` is on and
   the request does not call ``ae.title``, and with "calling AE title not recognised"
   when the calling AE title is not in ``peers`` (and ``security.allow_unknown_peers`` is
-  off), or is, but the connection comes from outside its ``network``. pynetdicom skips its
+  off), or is, but the connection comes from outside its ``network`` (by default, for a
+  peer with a ``host``, from anywhere but that host). pynetdicom skips its
   own negotiation once a handler of EVT_REQUESTED has rejected (association.py: "User used
   EVT_REQUESTED to send an A-ABORT or A-ASSOCIATE-RJ");
 - the service: a known peer may use only its ``services``; any other request is answered
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 
 from pynetdicom import events as evt
 
-from .config import Config
+from .config import Config, PeerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,7 @@ class Access:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._networks = {
-            p.ae_title.strip(" "): ipaddress.ip_network(p.network, strict=False)
-            for p in config.peers if p.network
+            p.ae_title.strip(" "): _networks(p) for p in config.peers if p.network or p.host
         }
 
     def refusal(self, calling: str, called: str, address: str) -> tuple[int, str] | None:
@@ -59,10 +60,12 @@ class Access:
                 return None
             return CALLING_AE_NOT_RECOGNISED, (
                 f"{calling!r} is not in peers (security.allow_unknown_peers is false)")
-        network = self._networks.get(peer.ae_title.strip(" "))
-        if network is not None and not _within(address, network):
+        networks = self._networks.get(peer.ae_title.strip(" "))
+        if networks is not None and not any(_within(address, n) for n in networks):
+            allowed = ", ".join(map(str, networks)) or f"{peer.host} (not resolvable)"
             return CALLING_AE_NOT_RECOGNISED, (
-                f"{calling!r} may connect from {network} only (peers[].network)")
+                f"{calling!r} may connect from {allowed} only"
+                f" (peers[].{'network' if peer.network else 'host'})")
         return None
 
     def handle_requested(self, event: evt.Event) -> None:
@@ -98,7 +101,38 @@ class Access:
         return False
 
 
-def _within(address: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(peer: PeerConfig) -> list[Network]:
+    """Where ``peer`` may connect from: its ``network``; without one, its ``host`` (the
+    address, or every address the name resolves to now): a peer listed as a C-MOVE
+    destination does not lend its AE title to anyone elsewhere."""
+    if peer.network:
+        return [_unmapped(ipaddress.ip_network(peer.network, strict=False))]
+    try:
+        return [_unmapped(ipaddress.ip_network(peer.host))]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(peer.host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        logger.warning("peers: cannot resolve %s (%s): %s cannot associate until restart",
+                       peer.host, exc, peer.ae_title)
+        return []
+    return sorted({_unmapped(ipaddress.ip_network(info[4][0])) for info in infos}, key=str)
+
+
+def _unmapped(network: Network) -> Network:
+    """``::ffff:10.0.0.0/104`` as ``10.0.0.0/8``: addresses are compared unmapped too."""
+    if isinstance(network, ipaddress.IPv6Network):
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None and network.prefixlen >= 96:
+            return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}", strict=False)
+    return network
+
+
+def _within(address: str, network: Network) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

@@ -110,6 +110,7 @@ class TLSConfig:
     private_key: str = ""
     ca_certificates: str = ""
     require_client_cert: bool = True
+    only: bool = False
 
 
 TLS_FILES: tuple[str, ...] = ("certificate", "private_key", "ca_certificates")
@@ -270,6 +271,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         sections[name] = _section(name, cls, raw.get(name), base, problems)
     for name, cls in LIST_SECTIONS.items():
         sections[name] = _list_section(name, cls, raw.get(name), base, problems)
+    tls, ae = sections["tls"], sections["ae"]
+    if tls.enabled and not tls.only and tls.port == ae.port and ae.port != 0:
+        problems.append(f"tls.port: {tls.port} is ae.port too; give the TLS listener its own")
     if problems:
         raise ConfigError(problems, source)
     return Config(**sections)
@@ -449,6 +453,8 @@ def _check_tls(values: dict[str, Any], problems: list[str]) -> None:
     if not 0 <= port <= 65535:
         problems.append(f"tls.port: must be between 0 and 65535, not {port}")
     if not values.get("enabled", False):
+        if values.get("only"):
+            problems.append("tls.only: needs tls.enabled (else nothing would listen)")
         return
     missing = [k for k in ("certificate", "private_key") if not values.get(k)]
     if values.get("require_client_cert", True) and not values.get("ca_certificates"):

@@ -28,6 +28,10 @@ from .tls import server_context
 logger = logging.getLogger("minipacs")
 
 
+class ListenError(OSError):
+    """A listener could not bind its address and port."""
+
+
 class Server:
     """A running minipacs: the archive and one DICOM listener.
 
@@ -47,6 +51,7 @@ class Server:
         self.ae = self._build_ae()
         self._server: Any = None
         self._tls_server: Any = None
+        self._stopped = False
         self._port = config.ae.port
         self._tls_port = config.tls.port
 
@@ -86,37 +91,58 @@ class Server:
         ]
 
     def start(self) -> None:
-        """Start listening (returns at once; associations run in their own threads)."""
-        cfg = self.config.ae
-        self._server = self.ae.start_server(
-            (cfg.bind, cfg.port), block=False, evt_handlers=self._handlers()
-        )
-        self._port = int(self._server.server_address[1])
-        logger.info(
-            "minipacs serving AE title %s on %s:%d; index %s; file store %s",
-            cfg.title,
-            cfg.bind,
-            self.port,
-            self.config.index_url,
-            self.config.files_path,
-        )
-        tls = self.config.tls
-        if tls.enabled:
-            self._tls_server = self.ae.start_server(
-                (cfg.bind, tls.port), block=False, evt_handlers=self._handlers(),
-                ssl_context=server_context(tls),
+        """Start listening (returns at once; associations run in their own threads).
+
+        Raises
+        ------
+        ListenError
+            A listener could not bind its port; none is left running.
+        """
+        cfg, tls = self.config.ae, self.config.tls
+        if not tls.only:
+            self._server = self._listen(cfg.port)
+            self._port = int(self._server.server_address[1])
+            logger.info(
+                "minipacs serving AE title %s on %s:%d; index %s; file store %s",
+                cfg.title,
+                cfg.bind,
+                self.port,
+                self.config.index_url,
+                self.config.files_path,
             )
+        if tls.enabled:
+            try:
+                self._tls_server = self._listen(
+                    tls.port, ssl_context=server_context(tls, cfg.acse_timeout))
+            except ListenError:
+                if self._server is not None:  # leave nothing half started
+                    self._server.shutdown()
+                    self._server = None
+                raise
             self._tls_port = int(self._tls_server.server_address[1])
             logger.info(
-                "minipacs serving DICOM TLS on %s:%d (client certificate %s)", cfg.bind,
-                self.tls_port, "required" if tls.require_client_cert else "not required",
+                "minipacs serving AE title %s with DICOM TLS on %s:%d (client certificate"
+                " %s)", cfg.title, cfg.bind, self.tls_port,
+                "required" if tls.require_client_cert else "not required",
             )
         if self.config.security.allow_unknown_peers:
             logger.warning(
                 "security.allow_unknown_peers is true: any AE title may store, query and"
-                " retrieve; list your modalities and viewers under peers and set it to false"
-                " (README: Locking the server down)"
+                " retrieve (the limits of peers bind only the AE titles listed there); list"
+                " your modalities and viewers under peers and set it to false (README:"
+                " Locking the server down)"
             )
+
+    def _listen(self, port: int, **kwargs: Any) -> Any:
+        try:
+            return self.ae.start_server(
+                (self.config.ae.bind, port), block=False, evt_handlers=self._handlers(),
+                **kwargs,
+            )
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {self.config.ae.bind}:{port}: {exc.strerror or exc}"
+            ) from exc
 
     @property
     def port(self) -> int:
@@ -130,7 +156,10 @@ class Server:
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let operations in flight finish (up to ``grace`` seconds), abort
-        associations left idle, and close the archive."""
+        associations left idle, and close the archive (once; later calls do nothing)."""
+        if self._stopped:
+            return
+        self._stopped = True
         for listener in (self._server, self._tls_server):
             if listener is not None:
                 listener.shutdown()

@@ -8,6 +8,7 @@ present a certificate signed by one of ``tls.ca_certificates``.
 from __future__ import annotations
 
 import ssl
+from typing import Any
 
 from .config import TLSConfig
 
@@ -19,18 +20,43 @@ BCP195_TLS12_CIPHERS = ":".join([
 ])
 
 
-def server_context(tls: TLSConfig) -> ssl.SSLContext:
+class _HandshakeInTheAssociation(ssl.SSLContext):
+    """An SSL context whose server sockets do their handshake later, with a time limit.
+
+    pynetdicom wraps each accepted socket in its accept loop (``AssociationServer.
+    get_request``) with ``do_handshake_on_connect=True`` and no timeout: one client that
+    connects and sends nothing would hold the TLS listener, and a stop, forever. Wrapped
+    here without the handshake, the socket makes it on its first read, in the
+    association's own thread (OpenSSL's SSL_read completes a pending server handshake),
+    and every read and write is bounded by ``timeout`` (``ae.acse_timeout``).
+    """
+
+    timeout: float = 30.0
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        sock.settimeout(self.timeout)
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def _no_password() -> str:
+    raise ValueError("tls.private_key is encrypted: give an unencrypted key file")
+
+
+def server_context(tls: TLSConfig, timeout: float = 30.0) -> ssl.SSLContext:
     """The SSL context of the TLS listener.
 
     Raises
     ------
     OSError, ValueError
-        A file is missing or unusable (ssl.SSLError is an OSError).
+        A file is missing or unusable, or the key is encrypted (ssl.SSLError is an
+        OSError).
     """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = _HandshakeInTheAssociation(ssl.PROTOCOL_TLS_SERVER)
+    ctx.timeout = timeout
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(BCP195_TLS12_CIPHERS)
-    ctx.load_cert_chain(tls.certificate, tls.private_key)
+    ctx.load_cert_chain(tls.certificate, tls.private_key, password=_no_password)
     if tls.ca_certificates:
         ctx.load_verify_locations(cafile=tls.ca_certificates)
     ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE

@@ -66,14 +66,13 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Running]]:
         data_dir = data_dir or tmp_path / "data"
         config = server_config(data_dir, **overrides)
         server = Server(config)
+        started.append(server)  # stopped (its archive closed) even if start fails
         server.start()
-        started.append(server)
         return Running(server, config, data_dir)
 
     yield start
     for server in started:
-        if server._server is not None:
-            server.stop(grace=5)
+        server.stop(grace=5)
 
 
 @pytest.fixture

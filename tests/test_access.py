@@ -90,11 +90,17 @@ def test_wrong_called_ae_is_accepted_by_default(start_server: Callable[..., Runn
     assoc.release()
 
 
-@pytest.mark.parametrize(("network", "accepted"), [
-    ("127.0.0.0/8", True), ("127.0.0.1", True), ("10.0.0.0/8", False), ("::1/128", False)])
-def test_a_peer_may_be_bound_to_a_network(start_server: Callable[..., Running], network: str,
-                                          accepted: bool) -> None:
-    running = start_server(peers=[{"ae_title": "WARD", "network": network}])
+@pytest.mark.parametrize(("where", "accepted"), [
+    ({"network": "127.0.0.0/8"}, True), ({"network": "127.0.0.1"}, True),
+    ({"network": "10.0.0.0/8"}, False), ({"network": "::1/128"}, False),
+    ({"network": "::ffff:127.0.0.0/104"}, True),  # IPv4-mapped, as on a dual-stack socket
+    # a peer with a host but no network may connect from that host only: listing a C-MOVE
+    # destination does not lend its AE title to anyone elsewhere
+    ({"host": "127.0.0.1"}, True), ({"host": "localhost"}, True),
+    ({"host": "10.9.9.9"}, False), ({"host": "10.9.9.9", "network": "127.0.0.1"}, True)])
+def test_a_peer_may_be_bound_to_a_network(start_server: Callable[..., Running],
+                                          where: dict[str, str], accepted: bool) -> None:
+    running = start_server(peers=[{"ae_title": "WARD", **where}])
     assoc = connect(running, "WARD")
     if accepted:
         assert assoc.is_established

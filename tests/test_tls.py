@@ -4,9 +4,11 @@ command: a throwaway CA, a server and a client certificate it signs, and a stran
 
 from __future__ import annotations
 
+import logging
 import shutil
 import ssl
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,11 +102,16 @@ def test_tls_beside_plain(start_server: Callable[..., Running], pki: Pki) -> Non
 
 @pytest.mark.parametrize("who", ["no certificate", "stranger"])
 def test_client_certificate_is_required(start_server: Callable[..., Running], pki: Pki,
-                                        who: str) -> None:
+                                        who: str, caplog: Any) -> None:
     running = tls_server(start_server, pki)
     cert, key = (None, None) if who == "no certificate" else (pki.stranger_cert, pki.stranger_key)
-    assoc = tls_associate(running, client_context(pki, cert, key))
-    assert not assoc.is_established
+    with caplog.at_level(logging.ERROR, logger="pynetdicom.dul"):
+        assoc = tls_associate(running, client_context(pki, cert, key))
+        assert not assoc.is_established
+        deadline = time.monotonic() + 30  # the server's thread logs the refusal
+        while "[SSL: " not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert "[SSL: " in caplog.text  # e.g. PEER_DID_NOT_RETURN_A_CERTIFICATE
 
 
 def test_client_certificate_may_be_optional(start_server: Callable[..., Running],
@@ -153,3 +160,66 @@ def test_tls_config_problems(tmp_path: Path, pki: Pki) -> None:
                     " private_key: certs/server.key, ca_certificates: certs/ca.pem}\n")
     config = load_config(path)  # relative to the config file's folder
     assert config.tls.certificate == str(tmp_path / "certs" / "server.pem")
+
+
+def test_a_silent_client_holds_up_no_one(start_server: Callable[..., Running], pki: Pki) -> None:
+    """A TCP connection to the TLS port that never starts the handshake: other TLS clients
+    are served, and the server stops at once."""
+    import socket
+
+    running = tls_server(start_server, pki, **{"ae.acse_timeout": 5.0})
+    with socket.create_connection(("127.0.0.1", running.server.tls_port)):
+        started = time.monotonic()
+        assoc = tls_associate(running, client_context(pki, pki.client_cert, pki.client_key))
+        assert assoc.is_established and assoc.send_c_echo().Status == status.SUCCESS
+        assoc.release()
+        assert time.monotonic() - started < 4  # not after the silent one's timeout
+        started = time.monotonic()
+        running.server.stop(grace=1)
+        assert time.monotonic() - started < 4
+
+
+def test_tls_only_starts_no_plain_listener(start_server: Callable[..., Running], pki: Pki) -> None:
+    import socket
+
+    running = tls_server(start_server, pki, **{"tls.only": True})
+    assert running.server._server is None
+    assoc = tls_associate(running, client_context(pki, pki.client_cert, pki.client_key))
+    assert assoc.is_established
+    assoc.release()
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", running.config.ae.port or 1),
+                                                          timeout=5):
+        pass
+
+
+def test_a_busy_tls_port_leaves_nothing_listening(start_server: Callable[..., Running],
+                                                  pki: Pki) -> None:
+    import socket
+
+    from scp.server import ListenError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}"):
+            tls_server(start_server, pki, **{"tls.port": port})
+
+
+def test_more_tls_config_problems(tmp_path: Path, pki: Pki) -> None:
+    encrypted = tmp_path / "encrypted.key"
+    _openssl("pkey", "-in", str(pki.server_key), "-aes256", "-passout", "pass:secret",
+             "-out", str(encrypted), cwd=tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"tls: {{enabled: true, certificate: {pki.server_cert},"
+                    f" private_key: {encrypted}, ca_certificates: {pki.ca}}}\n")
+    with pytest.raises(ConfigError, match="encrypted"):
+        load_config(path)
+    path.write_text(f"ae: {{port: 4000}}\ntls: {{enabled: true, port: 4000, certificate:"
+                    f" {pki.server_cert}, private_key: {pki.server_key}, ca_certificates:"
+                    f" {pki.ca}}}\n")
+    with pytest.raises(ConfigError, match="is ae.port too"):
+        load_config(path)
+    path.write_text("tls: {only: true}\n")
+    with pytest.raises(ConfigError, match="tls.only: needs tls.enabled"):
+        load_config(path)
