@@ -138,16 +138,20 @@ def handle_get(
     with activity.operation():
         responses = Responses(event.assoc, cast(C_GET, event.request))
         try:  # finally: also when pynetdicom drops us (the association went away)
-            if not access.allows(event, "get"):
-                yield 1  # pynetdicom takes the number of sub-operations first
-                yield status.not_authorised("get"), None
-                return
-            try:
-                items = archive.retrieve(archive.parse_query(event.identifier, model))
-            except Exception as exc:
-                _log_failure("C-GET", event, exc)
-                yield 1  # pynetdicom takes the number of sub-operations first
-                yield status.find_error_status(exc), None
+            refusal = None if access.allows(event, "get") else status.not_authorised("get")
+            if refusal is None:
+                try:
+                    items = archive.retrieve(archive.parse_query(event.identifier, model))
+                except Exception as exc:
+                    _log_failure("C-GET", event, exc)
+                    refusal = status.find_error_status(exc)
+            if refusal is not None:
+                # pynetdicom takes a number of sub-operations first, and would report that
+                # one as failed: none was attempted
+                responses.rewrite = _no_sub_operations
+                responses.install()
+                yield 1
+                yield refusal, None
                 return
             responses.total = len(items)
             responses.install()
@@ -201,6 +205,11 @@ def handle_move(
         finally:
             responses.restore()
             activity.count(event, outcome, ok=True)
+
+
+def _no_sub_operations(primitive: Any) -> None:
+    primitive.NumberOfFailedSuboperations = 0
+    primitive.NumberOfRemainingSuboperations = None
 
 
 def _sub_operations(

@@ -132,6 +132,7 @@ def test_services_a_peer_may_not_use_are_refused_0124(
     assoc.release()
     assert stored.Status == status.NOT_AUTHORISED
     assert got[-1].Status == status.NOT_AUTHORISED
+    assert got[-1].get("NumberOfFailedSuboperations", 0) == 0  # none was attempted
     assert [int(r.Status) for r in moved] == [status.NOT_AUTHORISED]
     assert "not allowed" in moved[0].ErrorComment
     for service in ("store", "get", "move"):

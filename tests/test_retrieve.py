@@ -106,6 +106,7 @@ def test_get_with_an_invalid_identifier(server: Running, stored: list[Dataset]) 
                                 QueryRetrieveLevel="SERIES", SeriesInstanceUID="1.2")
     assert received == []
     assert responses[-1].Status == status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert responses[-1].get("NumberOfFailedSuboperations", 0) == 0  # none was attempted
 
 
 def test_getscu(server: Running, stored: list[Dataset], dcmtk: Callable[..., Any],
