@@ -150,8 +150,9 @@ def reindex(config: Config) -> int:
     report = _maintain(config, "reindex", lambda a, bar: a.reindex(progress=bar))
     for name, why in report.rejected:
         print(f"not indexed: {name}: {why}")
-    print(f"indexed {report.stored} files; {report.duplicates} superseded by a newer file "
-          f"of the same instance (removed); {len(report.rejected)} not indexed")
+    print(f"indexed {report.stored} files; {report.duplicates} superseded (another file of"
+          f" the instance is indexed; left for verify --repair); {len(report.rejected)} not"
+          " indexed")
     return 1 if report.rejected else 0
 
 

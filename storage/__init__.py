@@ -17,6 +17,7 @@ from .errors import (
     SOPClassMismatch,
     StorageError,
     StorageFull,
+    StoreInUse,
     TooManyMatches,
 )
 from .index import DuplicatePolicy, StoredInstance, WriteResult
@@ -42,6 +43,7 @@ __all__ = [
     "SOPClassMismatch",
     "StorageError",
     "StorageFull",
+    "StoreInUse",
     "StoreOutcome",
     "StoredInstance",
     "TooManyMatches",

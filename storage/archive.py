@@ -104,7 +104,11 @@ class Archive:
     def __init__(self, options: ArchiveOptions, files: FileStore | None = None) -> None:
         self.options = options
         self.files: FileStore = files or FilesystemStore(options.files_path, options.durable)
-        self.database = index.connect(options.index_url, synchronous_full=options.durable)
+        try:
+            self.database = index.connect(options.index_url, synchronous_full=options.durable)
+        except BaseException:
+            self.files.close()
+            raise
         self._write_lock = threading.Lock()
 
     # -- C-STORE -------------------------------------------------------------------------
@@ -147,7 +151,12 @@ class Archive:
             on the disk (PS3.4 B.2.3 A700); in the last two cases nothing is written.
         """
         origin = origin or Origin()
-        self._check_room(len(data))
+        limit = self.options.max_instance_bytes
+        if limit and len(data) > limit:
+            raise StorageFull(
+                f"instance of {len(data) / 2**20:.0f} MB exceeds storage.max_instance_mb"
+                f" ({limit // 2**20} MB)"
+            )
         header = read_header(data, transfer_syntax_uid)
         parsed = extract(header)
         if sop_class_uid and parsed.sop_class_uid != strip("UI", sop_class_uid):
@@ -175,6 +184,7 @@ class Archive:
             if early is not None:
                 return early
 
+        self._check_free_space(len(data))  # after the resend check: a resend writes nothing
         meta = file_meta(parsed, transfer_syntax_uid, origin.ae_title)
         key = self.files.put((meta, data))
         record = parsed.record
@@ -206,15 +216,9 @@ class Archive:
             logger.warning("%s: %s", uid, warning)
         return StoreOutcome(written.result, uid, warnings)
 
-    def _check_room(self, size: int) -> None:
-        """Refuse, before anything is written, an instance over ``max_instance_bytes`` or
-        one that would leave less than ``min_free_bytes`` on the file store's disk."""
-        limit = self.options.max_instance_bytes
-        if limit and size > limit:
-            raise StorageFull(
-                f"instance of {size / 2**20:.0f} MB exceeds storage.max_instance_mb"
-                f" ({limit // 2**20} MB)"
-            )
+    def _check_free_space(self, size: int) -> None:
+        """Refuse, before anything is written, an instance that would leave less than
+        ``min_free_bytes`` on the file store's disk."""
         floor = self.options.min_free_bytes
         if floor:
             try:
@@ -368,12 +372,14 @@ class Archive:
                 txn.rollback()
 
     def index_file(self, key: str) -> WriteResult:
-        """Index the stored file ``key`` where it is (``reindex``): no new file is written.
-        Of two files of one SOP Instance the later indexed replaces the earlier, whose
-        file is removed.
+        """Index the stored file ``key`` where it is (``reindex``, ``verify --repair``): no
+        new file is written, and an instance already indexed from another file stays as
+        it is (:attr:`WriteResult.KEPT`; the file is left alone).
 
         Raises
         ------
+        InstanceUnavailable
+            The file cannot be read.
         InvalidInstance
             The file is not a stored instance we can parse.
         StorageFull
@@ -392,12 +398,9 @@ class Archive:
         )
         try:
             with self._write_lock:
-                written = index.write_instance(parsed.record, DuplicatePolicy.REPLACE)
+                return index.write_instance(parsed.record, DuplicatePolicy.KEEP).result
         except pw.DatabaseError as exc:
             raise StorageFull(f"cannot write to the index: {exc}") from exc
-        if written.old_file_key and written.old_file_key != key:
-            self._discard(written.old_file_key)
-        return written.result
 
     def verify(
         self, repair: bool = False, progress: maintenance.Progress | None = None
@@ -427,6 +430,7 @@ class Archive:
         with contextlib.suppress(pw.DatabaseError):
             self.database.close()
         index.disconnect()
+        self.files.close()
 
 
 def open_archive(options: ArchiveOptions) -> Archive:

@@ -68,3 +68,7 @@ class CannotConvert(StorageError):
     """A stored instance cannot be sent in any transfer syntax the receiver accepted (its
     pixel data cannot be decoded here, or the conversion is not one we make); its retrieve
     sub-operation fails and the others go on."""
+
+
+class StoreInUse(StorageError):
+    """Another process (a server, verify, reindex or import) has the file store open."""

@@ -11,6 +11,7 @@ whole file under its key.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import threading
@@ -19,10 +20,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from .errors import StorageError, StorageFull
+from .errors import StorageError, StorageFull, StoreInUse
 
 _KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 TEMP_DIR = "tmp"
+LOCK_FILE = ".lock"
 
 
 class FileStore(Protocol):
@@ -52,6 +54,10 @@ class FileStore(Protocol):
         """When the file under ``key`` was written (seconds since the epoch)."""
         ...
 
+    def close(self) -> None:
+        """Give the store back."""
+        ...
+
 
 class FilesystemStore:
     """A :class:`FileStore` on a local folder.
@@ -68,16 +74,46 @@ class FilesystemStore:
     def __init__(self, root: Path, fsync: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self._lock_fd: int | None = None
+        self._durable: set[Path] = set()  # fan-out folders whose own entries were fsync'd
+        self._durable_lock = threading.Lock()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            self._lock()
             (self.root / TEMP_DIR).mkdir(exist_ok=True)
             # what a crash left half-written is no one's file: no index row points to it
             for leftover in (self.root / TEMP_DIR).glob("*.part"):
                 leftover.unlink()
         except OSError as exc:
+            self.close()
             raise StorageError(f"cannot use {self.root} as the file store: {exc}") from exc
-        self._durable: set[Path] = set()  # fan-out folders whose own entries were fsync'd
-        self._durable_lock = threading.Lock()
+
+    def _lock(self) -> None:
+        """Take the store for this process alone (``flock`` on ``<root>/.lock``, released
+        by :meth:`close` or when the process dies, even by SIGKILL).
+
+        A server, ``verify``, ``reindex`` and ``import`` each assume that no one else
+        writes: ``verify`` would take a file being written for a stray, or remove another
+        process's temporary file.
+        """
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreInUse(
+                f"{self.root} is in use by another minipacs process (a server, verify,"
+                " reindex or import): stop it first"
+            ) from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Give the store back (idempotent)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def path(self, key: str) -> Path:
         """Return the path of ``key``, refusing anything that is not a key we made."""

@@ -9,10 +9,12 @@ cause: a row whose file is gone or changed, and counters that do not match the r
 - :func:`verify` checks every index row against its file (exists, size, SHA-256 of the
   stored transfer syntax and data set, as :meth:`Archive.store` computed it), finds
   files no row points to, and recounts every study, series and patient. With ``repair``
-  it removes rows whose file is gone, removes a stray file whose SOP Instance is indexed
-  under another file (the index wins), indexes a stray file whose instance is not indexed
-  (through the C-STORE path), and rewrites the counters. A file whose content changed is
-  reported, never deleted.
+  it makes them agree without ever deleting the only intact copy of an instance (see
+  :func:`_repair_strays`), removes rows whose file is gone for good, and rewrites the
+  counters. A file whose content changed is reported, never deleted.
+
+Each runs with the file store to itself: the store's lock keeps a server (or another of
+these) out meanwhile.
 - :func:`reindex` rebuilds the whole index from the files.
 - :func:`import_folder` stores every DICOM file of a folder through the C-STORE path.
 """
@@ -21,12 +23,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import index
-from .errors import StorageError
+from .errors import InvalidInstance, StorageError
 from .index import WriteResult
 from .models import Instance, Patient, Series, Study
 from .parsing import content_hash, extract, read_header, split_part10
@@ -74,37 +76,38 @@ def verify(
 ) -> VerifyReport:
     """Check the index against the file store, and with ``repair`` make them agree."""
     report = VerifyReport()
-    files = archive.files
-    keys = set(files.keys())
+    keys = set(archive.files.keys())
     report.files = len(keys)
     total = Instance.select().count() + len(keys)
     done = 0
-    gone: list[int] = []
-    studies: set[int] = set()
+    damaged: dict[str, tuple[Any, int]] = {}  # SOP Instance UID -> (row, its problem's index)
     indexed_keys: set[str] = set()
     for row in _rows():
         report.instances += 1
         indexed_keys.add(row.file_key)
         problem = _check_row(archive, row, row.file_key in keys)
         if problem is not None:
-            if problem.kind == "missing file":
-                gone.append(row.id)
-                studies.add(row.study_id)
-                problem = Problem(problem.kind, problem.subject, problem.detail, repair)
+            damaged[row.sop_instance_uid] = (row, len(report.problems))
             report.problems.append(problem)
         done += 1
         if progress:
             progress(done, total)
-    if repair and gone:
-        with archive.writing():
-            for start in range(0, len(gone), _PAGE):
-                Instance.delete().where(Instance.id.in_(gone[start:start + _PAGE])).execute()
-            index.recompute_counters(studies)
-    for key in sorted(keys - indexed_keys):
-        report.problems.append(_stray(archive, key, repair))
-        done += 1
+    for uid, copies in _strays(archive, keys - indexed_keys, report).items():
+        _repair_strays(archive, uid, copies, damaged, report, repair)
+        done += len(copies)
         if progress:
             progress(done, total)
+    if repair:
+        gone = [row for row, i in damaged.values()
+                if report.problems[i].kind == "missing file" and not report.problems[i].repaired]
+        with archive.writing():
+            for row in gone:
+                Instance.delete().where(Instance.id == row.id).execute()
+            index.recompute_counters({row.study_id for row in gone})
+        for row in gone:
+            i = damaged[row.sop_instance_uid][1]
+            report.problems[i] = replace(report.problems[i], repaired=True,
+                                         detail=report.problems[i].detail + "; row removed")
     report.problems.extend(_counters(archive, repair))
     return report
 
@@ -145,25 +148,93 @@ def _check_row(archive: Archive, row: Any, present: bool) -> Problem | None:
     return None
 
 
-def _stray(archive: Archive, key: str, repair: bool) -> Problem:
-    """A file no row points to: an instance stored but not yet indexed when the server
-    stopped (never acknowledged), or one replaced but not yet removed."""
-    try:
-        with archive.files.open(key) as fp:
-            syntax, data = split_part10(fp.read())
-        uid = extract(read_header(data, syntax)).sop_instance_uid
-    except (OSError, StorageError) as exc:
-        return Problem("stray file", key, f"not readable as a stored instance: {exc}; kept")
+@dataclass(frozen=True)
+class _Copy:
+    key: str
+    content_hash: str
+    modified: float
+    size: int
+
+
+def _strays(archive: Archive, keys: Iterable[str], report: VerifyReport
+            ) -> dict[str, list[_Copy]]:
+    """The files no row points to, by the SOP Instance UID they hold (unreadable ones are
+    reported and kept)."""
+    out: dict[str, list[_Copy]] = {}
+    for key in sorted(keys):
+        try:
+            with archive.files.open(key) as fp:
+                raw = fp.read()
+            syntax, data = split_part10(raw)
+            uid = extract(read_header(data, syntax)).sop_instance_uid
+            copy = _Copy(key, content_hash(syntax, data), archive.files.modified(key), len(raw))
+        except (OSError, StorageError) as exc:
+            report.problems.append(
+                Problem("stray file", key, f"not readable as a stored instance: {exc}; kept"))
+            continue
+        out.setdefault(uid, []).append(copy)
+    return out
+
+
+def _repair_strays(archive: Archive, uid: str, copies: list[_Copy],
+                   damaged: dict[str, tuple[Any, int]], report: VerifyReport,
+                   repair: bool) -> None:
+    """What a crash (or a restore) left: files of ``uid`` no row points to.
+
+    - ``uid`` indexed, its file intact: the copies are older versions or unacknowledged
+      resends; repair removes them.
+    - ``uid`` indexed, its file missing or changed: a copy with the indexed content becomes
+      the indexed file; other copies are kept and reported.
+    - ``uid`` not indexed: the newest copy is indexed where it is and older ones removed;
+      when several are equally new none is chosen (kept, reported).
+    """
+    problems = report.problems
     if index.lookup(uid) is not None:
-        if repair:
-            archive.files.delete(key)
-        return Problem("stray file", key, f"{uid} is indexed under another file: removed"
-                       if repair else f"{uid} is indexed under another file", repair)
+        if uid not in damaged:
+            for c in copies:
+                if repair:
+                    archive.files.delete(c.key)
+                problems.append(Problem("stray file", c.key, f"{uid} is indexed under another,"
+                                        " intact file" + (": removed" if repair else ""), repair))
+            return
+        row, i = damaged[uid]
+        same = next((c for c in copies if c.content_hash == row.content_hash), None)
+        for c in copies:
+            if c is same and repair:
+                with archive.writing():
+                    Instance.update(file_key=c.key, file_size=c.size).where(
+                        Instance.id == row.id).execute()
+                problems[i] = replace(problems[i], repaired=True, detail=problems[i].detail
+                                      + f"; its intact copy {c.key} is indexed instead")
+            problems.append(Problem(
+                "stray file", c.key,
+                f"a copy of {uid}, whose indexed file is damaged or missing: "
+                + ("indexed" if c is same and repair else "kept"), c is same and repair))
+        return
+    newest = max(c.modified for c in copies)
+    latest = [c for c in copies if c.modified == newest]
+    if len(latest) > 1:
+        for c in copies:
+            problems.append(Problem("stray file", c.key, f"{uid} is not indexed and"
+                                    f" {len(latest)} copies are equally new: kept; import the"
+                                    " right one"))
+        return
+    chosen = latest[0]
     if repair:
-        archive.store(data, syntax)  # written anew through the C-STORE path, then indexed
-        archive.files.delete(key)
-    return Problem("stray file", key, f"{uid} is not indexed"
-                   + (": indexed it" if repair else ""), repair)
+        try:
+            archive.index_file(chosen.key)
+        except StorageError as exc:
+            problems.append(Problem("stray file", chosen.key,
+                                    f"{uid} is not indexed; indexing it failed: {exc}"))
+            return
+    problems.append(Problem("stray file", chosen.key, f"{uid} is not indexed"
+                            + (": indexed where it is" if repair else ""), repair))
+    for c in copies:
+        if c is not chosen:
+            if repair:
+                archive.files.delete(c.key)
+            problems.append(Problem("stray file", c.key, f"an older copy of {uid}"
+                                    + (": removed" if repair else ""), repair))
 
 
 def _counters(archive: Archive, repair: bool) -> list[Problem]:
@@ -210,6 +281,9 @@ def import_folder(archive: Archive, folder: Path, progress: Progress | None = No
     """Store every file under ``folder`` through the C-STORE path (files that are not
     DICOM Part 10 files are rejected and listed)."""
     def store(path: Path) -> bool:
+        with open(path, "rb") as fp:  # look at the first bytes before reading it all
+            if fp.read(132)[128:] != b"DICM":
+                raise InvalidInstance("not a DICOM Part 10 file (no DICM after the preamble)")
         syntax, data = split_part10(path.read_bytes())
         result = archive.store(data, syntax).result
         return result in (WriteResult.IDENTICAL, WriteResult.KEPT)
@@ -219,14 +293,28 @@ def import_folder(archive: Archive, folder: Path, progress: Progress | None = No
 
 
 def reindex(archive: Archive, progress: Progress | None = None) -> ImportReport:
-    """Rebuild the index from the file store: every row is removed, then every file is
-    indexed where it is (oldest first, so that of two files of one instance the newer
-    wins, as it did when it replaced the other; the older is removed)."""
-    keys = _by_age(archive, archive.files.keys())
+    """Rebuild the index from the file store, every file indexed where it is.
+
+    The files the index named are indexed first, so that what was acknowledged last stays
+    current; then the others, newest first. A file of an instance already indexed from
+    another file is left alone (counted as a duplicate; ``verify --repair`` removes it once
+    the indexed file is known to be intact). Nothing is deleted.
+    """
+    keys = set(archive.files.keys())
+    current = {r.file_key for r in Instance.select(Instance.file_key)} & keys
+    others = sorted(keys - current, key=lambda k: -_modified(archive, k))
     with archive.writing():
         for model in (Instance, Series, Study, Patient):
             model.delete().execute()
-    return _tally(keys, lambda key: archive.index_file(key) is WriteResult.REPLACED, progress)
+    return _tally([*sorted(current), *others],
+                  lambda key: archive.index_file(key) is WriteResult.KEPT, progress)
+
+
+def _modified(archive: Archive, key: str) -> float:
+    try:
+        return archive.files.modified(key)
+    except OSError:
+        return 0.0
 
 
 def _tally(items: list[Any], action: Callable[[Any], bool], progress: Progress | None
@@ -246,15 +334,6 @@ def _tally(items: list[Any], action: Callable[[Any], bool], progress: Progress |
         if progress:
             progress(n, len(items))
     return report
-
-
-def _by_age(archive: Archive, keys: Iterable[str]) -> list[str]:
-    def mtime(key: str) -> float:
-        try:
-            return archive.files.modified(key)
-        except OSError:
-            return 0.0
-    return sorted(keys, key=lambda k: (mtime(k), k))
 
 
 __all__ = ["ImportReport", "Problem", "VerifyReport", "import_folder", "reindex", "verify"]

@@ -142,3 +142,22 @@ def test_import_reindex_and_verify_commands(tmp_path: Path) -> None:
     assert checked.returncode == 0
     assert "5 indexed instances, 5 files: 0 problem(s)" in checked.stdout
     assert run("import", str(tmp_path / "absent")).returncode == 2
+
+
+def test_maintenance_refuses_a_data_folder_a_server_uses(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [*minipacs_command(), "serve", "--port", str(port), "--data-dir", str(data),
+         "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        text=True, cwd=tmp_path)
+    try:
+        wait_until_echo(port, proc)
+        for command in (["verify"], ["verify", "--repair"], ["reindex"]):
+            done = subprocess.run([*minipacs_command(), *command, "--data-dir", str(data)],
+                                  capture_output=True, text=True, timeout=60, cwd=tmp_path)
+            assert done.returncode == 1, command
+            assert "in use by another minipacs process" in done.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)

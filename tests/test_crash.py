@@ -1,4 +1,5 @@
-"""Crash safety: the server is killed with SIGKILL while 4 associations store; every
+"""Crash safety: the server is killed with SIGKILL while 4 associations store (several
+times over); every
 instance that was answered Success is there after a restart, indexed, byte for byte and
 counted, and `minipacs verify --repair` leaves no stray or temporary file."""
 
@@ -11,7 +12,9 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
@@ -63,37 +66,45 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=300, env=dict(os.environ))
 
 
+CYCLES = 4
+
+
 def test_sigkill_during_stores_loses_no_acknowledged_instance(tmp_path: Path) -> None:
+    """CYCLES times: start, store from 4 associations, SIGKILL at a random moment; then
+    check every instance acknowledged in any cycle."""
     seed = int(os.environ.get("MINIPACS_CRASH_SEED", random.randrange(1 << 30)))
-    kill_after = random.Random(seed).uniform(0.5, 3.0)
-    print(f"crash test: seed {seed}, SIGKILL {kill_after:.2f} s into the stores")
+    rng = random.Random(seed)
     data = tmp_path / "data"
     port = free_port()
-    proc = serve(data, port)
     acknowledged: dict[str, tuple[str, Dataset]] = {}
     lock = threading.Lock()
-    stop = threading.Event()
     studies = [uid() for _ in range(SENDERS)]
-    try:
-        wait_until_echo(port, proc)
-        threads = [threading.Thread(target=sender, args=(port, s, acknowledged, lock, stop))
-                   for s in studies]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60  # wait (polling) until stores are flowing
-        while len(acknowledged) < 20 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(kill_after)  # the random moment of the crash, not a wait for readiness
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert len(acknowledged) >= 20, "the stores never got going"
+    for cycle in range(CYCLES):
+        kill_after = rng.uniform(0.2, 2.0)
+        print(f"crash test: seed {seed}, cycle {cycle}: SIGKILL {kill_after:.2f} s in")
+        proc = serve(data, port)
+        stop = threading.Event()
+        before = len(acknowledged)
+        try:
+            wait_until_echo(port, proc)
+            threads = [threading.Thread(target=sender, args=(port, s, acknowledged, lock, stop))
+                       for s in studies]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 60  # wait (polling) until stores are flowing
+            while len(acknowledged) < before + 10 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(kill_after)  # the random moment of the crash, not a wait for readiness
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert len(acknowledged) >= before + 10, f"cycle {cycle}: the stores never got going"
 
     # every acknowledged instance: indexed, its file byte for byte, counted
     archive = open_archive(ArchiveOptions(files_path=data / "files",
@@ -148,3 +159,38 @@ def test_sigkill_during_stores_loses_no_acknowledged_instance(tmp_path: Path) ->
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_no_success_before_the_index_commit(start_server: Any,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministic: while the index write of an instance is held, its C-STORE gets no
+    response; released, it gets Success."""
+    from storage import index
+
+    running = start_server()
+    entered, release = threading.Event(), threading.Event()
+    real = index.write_instance
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(index, "write_instance", held)
+    answered = threading.Event()
+    result: list[Any] = []
+
+    def store() -> None:
+        ae = client_ae()
+        assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title)
+        result.append(assoc.send_c_store(make_ds()))
+        answered.set()
+        assoc.release()
+
+    t = threading.Thread(target=store)
+    t.start()
+    assert entered.wait(60)  # the file is written, the commit not yet made
+    assert not answered.wait(1.0)  # and nothing was answered meanwhile
+    release.set()
+    t.join(60)
+    assert result[0].Status == status.SUCCESS

@@ -86,7 +86,7 @@ def test_stray_files_are_indexed_or_removed(archive: Archive) -> None:
     strays = {p.subject: p.detail for p in report.problems if p.kind == "stray file"}
     assert set(strays) == {unindexed, superseded}
     assert "is not indexed" in strays[unindexed]
-    assert "indexed under another file" in strays[superseded]
+    assert "indexed under another, intact file" in strays[superseded]
 
     archive.verify(repair=True)
     assert set(archive.files.keys()) == {r.file_key for r in Instance.select()}
@@ -118,3 +118,68 @@ def test_import_a_folder(archive: Archive, tmp_path: Path) -> None:
     assert [Path(name).name for name, _ in report.rejected] == ["notes.txt"]
     assert "not a DICOM Part 10 file" in report.rejected[0][1]
     assert Instance.select().count() == 6
+
+
+def _put_copy(archive: Archive, ds: Any, mtime: float | None = None) -> str:
+    """A file of ``ds`` no row points to, as a crash or a restore leaves one."""
+    parsed = extract(read_header(encode(ds), ExplicitVRLittleEndian))
+    key = archive.files.put((file_meta(parsed, ExplicitVRLittleEndian, "X"), encode(ds)))
+    if mtime is not None:
+        import os
+
+        os.utime(archive.files.path(key), (mtime, mtime))  # type: ignore[attr-defined]
+    return key
+
+
+def test_the_only_intact_copy_is_never_deleted(archive: Archive) -> None:
+    """The indexed file is damaged, a stray file holds the same instance intact: repair
+    indexes the intact copy; nothing is deleted."""
+    datasets = stored(archive)
+    ds = datasets[0]
+    damaged = path_of(archive, ds.SOPInstanceUID)
+    intact = _put_copy(archive, ds)
+    raw = bytearray(damaged.read_bytes())
+    raw[-1] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    report = archive.verify(repair=True)
+    assert [p.kind for p in report.unrepaired] == []
+    assert Instance.get(Instance.sop_instance_uid == ds.SOPInstanceUID).file_key == intact
+    assert damaged.exists()  # kept: now a stray of an intact instance, removed next time
+    assert any(p.subject == intact and "indexed" in p.detail for p in report.problems)
+
+
+def test_copies_of_an_unindexed_instance_newest_wins_ties_are_kept(archive: Archive) -> None:
+    v1, v2 = make_ds(), None
+    v2 = make_ds(SOPInstanceUID=v1.SOPInstanceUID, StudyInstanceUID=v1.StudyInstanceUID,
+                 SeriesInstanceUID=v1.SeriesInstanceUID, PatientID=v1.PatientID,
+                 InstanceNumber="99")
+    older, newer = _put_copy(archive, v1, 1_000_000), _put_copy(archive, v2, 2_000_000)
+    archive.verify(repair=True)
+    row = Instance.get(Instance.sop_instance_uid == v1.SOPInstanceUID)
+    assert row.file_key == newer and not archive.files.path(older).exists()  # type: ignore[attr-defined]
+
+    w1 = make_ds()
+    w2 = make_ds(SOPInstanceUID=w1.SOPInstanceUID, StudyInstanceUID=w1.StudyInstanceUID,
+                 SeriesInstanceUID=w1.SeriesInstanceUID, PatientID=w1.PatientID,
+                 InstanceNumber="7")
+    a, b = _put_copy(archive, w1, 3_000_000), _put_copy(archive, w2, 3_000_000)
+    report = archive.verify(repair=True)
+    tied = [p for p in report.unrepaired if p.kind == "stray file"]
+    assert {p.subject for p in tied} == {a, b} and "equally new" in tied[0].detail
+    assert not Instance.select().where(Instance.sop_instance_uid == w1.SOPInstanceUID).exists()
+
+
+def test_reindex_keeps_the_file_the_index_named(archive: Archive) -> None:
+    """An old version's file left by a crash (or restored from a backup with newer times)
+    does not win over the acknowledged version the index named; nothing is deleted."""
+    datasets = stored(archive)
+    ds = datasets[0]
+    current = Instance.get(Instance.sop_instance_uid == ds.SOPInstanceUID).file_key
+    old = make_ds(SOPInstanceUID=ds.SOPInstanceUID, StudyInstanceUID=ds.StudyInstanceUID,
+                  SeriesInstanceUID=ds.SeriesInstanceUID, PatientID=ds.PatientID,
+                  InstanceNumber="1234")
+    stale = _put_copy(archive, old, 4_000_000_000)  # newer time than everything
+    report = archive.reindex()
+    assert (report.stored, report.duplicates) == (len(datasets), 1)
+    assert Instance.get(Instance.sop_instance_uid == ds.SOPInstanceUID).file_key == current
+    assert archive.files.path(stale).exists()  # type: ignore[attr-defined]
