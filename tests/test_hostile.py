@@ -586,6 +586,14 @@ RECURSION_DEFECT = (
     "outside read_header()'s try, so RecursionError reaches the handler's catch-all"
 )
 
+VR_SWITCH_DEFECT = (
+    "Success for implicit VR bytes on an Explicit VR Little Endian context: pydicom's "
+    "read_dataset() silently switches to implicit VR ('Expected explicit VR, but found "
+    "implicit VR') and storage/parsing.py read_header() accepts it, so the file is stored "
+    "with TransferSyntaxUID Explicit VR Little Endian over implicit VR bytes (the converse "
+    "is refused with C000)"
+)
+
 CONTEXT_DEFECT = (
     "Success for a C-STORE whose SOP Class is not the presentation context's abstract "
     "syntax: pynetdicom picks the service from the command's Affected SOP Class UID and "
@@ -678,6 +686,8 @@ REFUSED_DATA_SETS = [
     _store_case("big-endian-bytes-on-a-little-endian-context",
                 lambda: encode(make_ds(), "1.2.840.10008.1.2.2"), C000),
     _store_case("explicit-vr-bytes-on-an-implicit-vr-context", image, C000, syntax=IMPLICIT),
+    _store_case("implicit-vr-bytes-on-an-explicit-vr-context",
+                lambda: encode(make_ds(), IMPLICIT), C000, defect=VR_SWITCH_DEFECT),
     # SOP class and context
     _store_case("sop-class-uid-missing", lambda: encode(make_ds(SOPClassUID=None)), C000),
     _store_case("sop-class-uid-traversal", lambda: replace_value(
