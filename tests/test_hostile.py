@@ -47,6 +47,9 @@ from scp.server import Server
 from tests.conftest import Running, server_config
 from tests.factory import encode, file_parts, make_ds, uid
 
+# hostile values make pydicom warn by design
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
+
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -1077,6 +1080,7 @@ def test_malformed_pdu_before_association_is_rejected(
 
 
 def test_unsupported_protocol_version_is_rejected_with_its_reason(pacs: Running) -> None:
+    before = snapshot(pacs)
     with Peer(pacs.port) as peer:
         peer.send(_rq(version=2))
         assert peer.answer() == RJ
@@ -1084,6 +1088,7 @@ def test_unsupported_protocol_version_is_rejected_with_its_reason(pacs: Running)
         # PS3.8 9.3.4: rejected-permanent, DICOM UL service-provider (ACSE related),
         # protocol-version-not-supported
         assert tuple(peer.last_pdu[1][1:4]) == (1, 2, 2)
+    assert_nothing_written(pacs, before)
     assert_serving(pacs)
 
 
@@ -1168,11 +1173,13 @@ def test_undecodable_command_set_leaves_the_server_serving(pacs: Running, cmd: b
 def test_p_data_without_pdv_is_ignored(pacs: Running) -> None:
     """A P-DATA-TF with no PDV item carries nothing: it is ignored (an A-ABORT would be
     right too) and the association stays usable."""
+    before = snapshot(pacs)
     with established(pacs) as peer:
         peer.send(pdu(0x04, b""))
         peer.request(VER_ID, c_echo_rq(7))
         assert peer.reply(timeout=10).outcome == status.SUCCESS
         assert peer.release() == "A-RELEASE-RP"
+    assert_nothing_written(pacs, before)
     assert_serving(pacs)
 
 
