@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Any, cast
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import events as evt
-from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 
-from storage import Archive, CannotConvert, InstanceUnavailable, Origin, StoredInstance
+from storage import (
+    Archive,
+    CannotConvert,
+    InstanceUnavailable,
+    Model,
+    Origin,
+    Query,
+    StoredInstance,
+)
 
 from . import status
 from .access import Access
@@ -75,6 +83,9 @@ def handle_store(
     if not access.allows(event, "store"):
         activity.count(event, "store", ok=False)
         return status.not_authorised("store")
+    if (mismatch := _context_mismatch(event)) is not None:
+        activity.count(event, "store", ok=False)
+        return mismatch
     with activity.operation():
         try:
             outcome = archive.store(
@@ -102,12 +113,17 @@ def handle_find(
         yield status.not_authorised("find"), None
         return
     sop_class = str(event.request.AffectedSOPClassUID)
-    model = FIND_MODELS[sop_class]
+    model = _model(event, FIND_MODELS)
+    if isinstance(model, Dataset):
+        activity.count(event, "find", ok=False)
+        yield model, None
+        return
     extended = activity.extended(event, sop_class)
     with activity.operation():
         try:
-            query = archive.parse_query(
-                event.identifier,
+            query = _parse_query(
+                archive,
+                event,
                 model,
                 relational=_accepted(extended, RELATIONAL_QUERIES),
                 combined_datetime=_accepted(extended, COMBINED_DATETIME),
@@ -133,15 +149,17 @@ def handle_get(
 ) -> Iterator[Any]:
     """C-GET (PS3.4 C.4.3): the matching instances go back over this association, one file
     read at a time; pynetdicom runs the C-STORE sub-operations and counts them."""
-    model = GET_MODELS[str(event.request.AffectedSOPClassUID)]
+    model = _model(event, GET_MODELS)
     outcome = "get failed"
     with activity.operation():
         responses = Responses(event.assoc, cast(C_GET, event.request))
         try:  # finally: also when pynetdicom drops us (the association went away)
             refusal = None if access.allows(event, "get") else status.not_authorised("get")
-            if refusal is None:
+            if refusal is None and isinstance(model, Dataset):
+                refusal = model
+            elif refusal is None and isinstance(model, Model):
                 try:
-                    items = archive.retrieve(archive.parse_query(event.identifier, model))
+                    items = archive.retrieve(_parse_query(archive, event, model))
                 except Exception as exc:
                     _log_failure("C-GET", event, exc)
                     refusal = status.find_error_status(exc)
@@ -170,7 +188,7 @@ def handle_move(
     """C-MOVE (PS3.4 C.4.2): the matching instances go to the Move Destination, a peer of
     the configuration, over an association pynetdicom opens to the address we yield."""
     req = cast(C_MOVE, event.request)
-    model = MOVE_MODELS[str(req.AffectedSOPClassUID)]
+    model = _model(event, MOVE_MODELS)
     config = access.config
     peer = config.destination(str(req.MoveDestination))
     outcome = "move failed"
@@ -183,6 +201,10 @@ def handle_move(
                 destination.refuse(status.not_authorised("move"))
                 yield None, None  # answered with the refusal, not A801 (see MoveDestination)
                 return
+            if isinstance(model, Dataset):
+                destination.refuse(model)
+                yield None, None  # answered with the refusal, not A801 (see MoveDestination)
+                return
             if peer is None:
                 logger.warning("C-MOVE from %s: Move Destination %r is not in peers (or has"
                                " no host)", _peer_name(event), str(req.MoveDestination))
@@ -190,7 +212,7 @@ def handle_move(
                 yield None, None
                 return
             try:
-                items = archive.retrieve(archive.parse_query(event.identifier, model))
+                items = archive.retrieve(_parse_query(archive, event, model))
             except Exception as exc:
                 _log_failure("C-MOVE", event, exc)
                 destination.refuse(status.find_error_status(exc))
@@ -281,6 +303,37 @@ class _CancelFlag:
     def __call__(self) -> bool:
         self._cancelled = self._cancelled or bool(self._event.is_cancelled)
         return self._cancelled
+
+
+def _context_mismatch(event: evt.Event) -> Dataset | None:
+    """The refusal of a request whose Affected SOP Class UID is not the abstract syntax of
+    the presentation context it came on (PS3.8 7.1.1.13: a context carries one abstract
+    syntax, the SOP Class of the messages on it; pynetdicom picks the service from the
+    command's), ``None`` when they agree:
+    A900, the data set / identifier does not match the SOP Class (PS3.4 B.2.3, C.4.1.1.4).
+    """
+    command = str(event.request.AffectedSOPClassUID)
+    context = str(event.context.abstract_syntax)
+    return status.sop_class_mismatch(command, context) if command != context else None
+
+
+def _model(event: evt.Event, models: Mapping[str, Model]) -> Model | Dataset:
+    """The query model of a C-FIND / C-GET / C-MOVE, or the refusal to answer with: A900
+    for a context mismatch (see :func:`_context_mismatch`), 0122 SOP Class not supported
+    (PS3.7 C.5) for a model we do not have, such as the retired Patient/Study Only."""
+    refusal = _context_mismatch(event)
+    if refusal is not None:
+        return refusal
+    sop_class = str(event.request.AffectedSOPClassUID)
+    return models.get(sop_class) or status.sop_class_not_supported(sop_class)
+
+
+def _parse_query(archive: Archive, event: evt.Event, model: Model, **negotiated: bool) -> Query:
+    """The request's identifier, as received, checked and parsed by the archive."""
+    raw = cast(C_FIND | C_GET | C_MOVE, event.request).Identifier
+    return archive.parse_query(raw.getvalue() if raw is not None else b"", model,
+                               transfer_syntax_uid=str(event.context.transfer_syntax),
+                               **negotiated)
 
 
 def _accepted(extended: bytes, option: int) -> bool:

@@ -30,6 +30,7 @@ SUCCESS = 0x0000
 
 # PS3.7 Annex C, general statuses
 DUPLICATE_SOP_INSTANCE = 0x0111
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
 NOT_AUTHORISED = 0x0124  # Refused: Not Authorised
 
 # PS3.4 B.2.3, Storage
@@ -72,6 +73,18 @@ def with_comment(code: int, comment: str) -> Dataset:
 def not_authorised(service: str) -> Dataset:
     """0124 Refused: Not Authorised, for a service the peer may not use."""
     return with_comment(NOT_AUTHORISED, f"{service} is not allowed for this AE title")
+
+
+def sop_class_mismatch(command: str, context: str) -> Dataset:
+    """A900: the request names SOP Class ``command`` on a presentation context for
+    ``context`` (PS3.4 B.2.3 / C.4.1.1.4, "does not match SOP Class")."""
+    return with_comment(STORE_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                        f"SOP Class {command} is not the context's {context}")
+
+
+def sop_class_not_supported(sop_class: str) -> Dataset:
+    """0122 Refused: SOP Class not supported (PS3.7 C.5.1)."""
+    return with_comment(SOP_CLASS_NOT_SUPPORTED, f"SOP Class {sop_class} is not supported")
 
 
 def store_status(outcome: StoreOutcome) -> int:

@@ -20,12 +20,15 @@ from pathlib import Path
 import peewee as pw
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from . import index, maintenance, query
 from .convert import as_stored, to_accepted
 from .errors import (
     DuplicateRejected,
     InstanceUnavailable,
+    InvalidInstance,
+    InvalidQuery,
     QueryFailed,
     SOPClassMismatch,
     StorageError,
@@ -35,7 +38,14 @@ from .errors import (
 from .files import FileStore, FilesystemStore
 from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .keys import Model
-from .parsing import content_hash, extract, file_meta, read_header, split_part10
+from .parsing import (
+    content_hash,
+    extract,
+    file_meta,
+    read_header,
+    read_identifier,
+    split_part10,
+)
 from .values import strip
 
 logger = logging.getLogger(__name__)
@@ -83,7 +93,8 @@ class ArchiveOptions:
     max_instance_bytes : int
         Largest data set :meth:`Archive.store` accepts (0 = no limit).
     min_free_bytes : int
-        Free space the file store's disk must keep after a store (0 = no check).
+        Free space the file store's disk (and the SQLite index's, when another) must keep
+        after a store, counting the stores in flight (0 = no check).
     """
 
     files_path: Path
@@ -110,6 +121,8 @@ class Archive:
             self.files.close()
             raise
         self._write_lock = threading.Lock()
+        self._reserve_lock = threading.Lock()
+        self._reserved = 0  # bytes of the stores in flight (see _reserving)
 
     # -- C-STORE -------------------------------------------------------------------------
 
@@ -184,9 +197,9 @@ class Archive:
             if early is not None:
                 return early
 
-        self._check_free_space(len(data))  # after the resend check: a resend writes nothing
         meta = file_meta(parsed, transfer_syntax_uid, origin.ae_title)
-        key = self.files.put((meta, data))
+        with self._reserving(len(meta) + len(data)):  # after the resend check: it writes nothing
+            key = self.files.put((meta, data))
         record = parsed.record
         record.instance.update(
             transfer_syntax_uid=transfer_syntax_uid,
@@ -216,20 +229,46 @@ class Archive:
             logger.warning("%s: %s", uid, warning)
         return StoreOutcome(written.result, uid, warnings)
 
-    def _check_free_space(self, size: int) -> None:
+    @contextlib.contextmanager
+    def _reserving(self, size: int) -> Iterator[None]:
         """Refuse, before anything is written, an instance that would leave less than
-        ``min_free_bytes`` on the file store's disk."""
+        ``min_free_bytes`` on the file store's disk (or the SQLite index's, when that is
+        another disk), counting the stores in flight: their bytes are reserved until their
+        file is written, so four parallel stores cannot all pass with room for one."""
         floor = self.options.min_free_bytes
-        if floor:
-            try:
-                free = shutil.disk_usage(self.options.files_path).free
-            except OSError as exc:
-                raise StorageFull(f"cannot read the free disk space: {exc}") from exc
-            if free - size < floor:
-                raise StorageFull(
-                    f"disk almost full: {free // 2**20} MB free, storage.min_free_disk_mb is"
-                    f" {floor // 2**20} MB"
-                )
+        if not floor:
+            yield
+            return
+        with self._reserve_lock:
+            for path in self._watched_disks():
+                try:
+                    free = shutil.disk_usage(path).free
+                except OSError as exc:
+                    raise StorageFull(f"cannot read the free disk space: {exc}") from exc
+                if free - self._reserved - size < floor:
+                    in_flight = f", {self._reserved // 2**20} MB of it reserved by stores in " \
+                        "flight" if self._reserved else ""
+                    raise StorageFull(
+                        f"disk almost full: {free // 2**20} MB free{in_flight}, "
+                        f"storage.min_free_disk_mb is {floor // 2**20} MB"
+                    )
+            self._reserved += size
+        try:
+            yield
+        finally:
+            with self._reserve_lock:
+                self._reserved -= size
+
+    def _watched_disks(self) -> list[Path]:
+        """The file store's folder, and the SQLite index's when it is on another device."""
+        paths = [self.options.files_path]
+        db_file = getattr(self.database, "database", None)
+        if isinstance(self.database, pw.SqliteDatabase) and db_file and db_file != ":memory:":
+            folder = Path(db_file).resolve().parent
+            with contextlib.suppress(OSError):
+                if folder.stat().st_dev != self.options.files_path.stat().st_dev:
+                    paths.append(folder)
+        return paths
 
     def _discard(self, key: str) -> None:
         """Remove a file no index row points to; a failure is logged (``verify`` finds it)."""
@@ -254,18 +293,28 @@ class Archive:
 
     def parse_query(
         self,
-        identifier: Dataset,
+        identifier: Dataset | bytes,
         model: Model,
         *,
+        transfer_syntax_uid: str = ExplicitVRLittleEndian,
         relational: bool = False,
         combined_datetime: bool = False,
         multiple_values: bool = False,
     ) -> query.Query:
-        """Validate a C-FIND identifier (raises :class:`~storage.errors.InvalidQuery`).
+        """Validate a C-FIND / C-MOVE / C-GET identifier (raises
+        :class:`~storage.errors.InvalidQuery`).
 
+        ``identifier`` is a data set, or its bytes as received in ``transfer_syntax_uid``:
+        those are checked to be one complete data set first (a value cut short is refused,
+        PS3.4 C.4.1.1.4 A900, where a lenient decoder would query with what is left).
         ``relational``, ``combined_datetime`` and ``multiple_values`` say what the SCU
         negotiated (PS3.4 C.5.1.1).
         """
+        if isinstance(identifier, bytes):
+            try:
+                identifier = read_identifier(identifier, transfer_syntax_uid)
+            except InvalidInstance as exc:
+                raise InvalidQuery(f"identifier: {exc}") from exc
         return query.parse_identifier(
             identifier,
             model,

@@ -13,9 +13,11 @@ import json
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
@@ -36,7 +38,7 @@ HEADER_LIMIT = 64 * 1024 * 1024
 INFLATED_LIMIT = 4 * 1024 * 1024 * 1024
 """Most bytes a deflated data set may inflate to (a "deflate bomb" is refused)."""
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 # explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
@@ -57,7 +59,7 @@ class Parsed:
 
 
 def read_header(data: bytes, transfer_syntax_uid: str) -> Dataset:
-    """Parse a data set up to its pixel data, and check that the rest is complete.
+    """Parse a data set up to its pixel data, after checking that all of it is complete.
 
     Raises
     ------
@@ -65,45 +67,62 @@ def read_header(data: bytes, transfer_syntax_uid: str) -> Dataset:
         When the bytes are not a complete data set in that transfer syntax (PS3.4 B.2.3
         "Cannot understand").
     """
+    return _read(data, transfer_syntax_uid, stop_at_pixel_data=True, check_raw=_check_raw_uids)
+
+
+def read_identifier(data: bytes, transfer_syntax_uid: str) -> Dataset:
+    """Parse a whole C-FIND / C-MOVE / C-GET identifier, after checking it is complete.
+
+    Raises
+    ------
+    InvalidInstance
+        When the bytes are not a complete data set in that transfer syntax.
+    """
+    return _read(data, transfer_syntax_uid, stop_at_pixel_data=False)
+
+
+def _read(data: bytes, transfer_syntax_uid: str, stop_at_pixel_data: bool,
+          check_raw: Callable[[Dataset], None] | None = None) -> Dataset:
     ts = UID(transfer_syntax_uid)
     try:
         implicit = ts.is_implicit_VR
         little = ts.is_little_endian
     except ValueError:
         implicit, little = False, True  # an unknown (private) syntax: explicit little endian
-    deflated = ts == DeflatedExplicitVRLittleEndian
-    if deflated:
-        data = _inflate_header(data)
+    complete = True
+    if ts == DeflatedExplicitVRLittleEndian:
+        data, complete = _inflate_header(data)
+    if not data:
+        raise InvalidInstance("data set is empty")
+    # pydicom's reader stops silently where the bytes end, ends the data set at a stray
+    # delimiter and switches to implicit VR when the VRs look wrong: walk the structure
+    # first (PS3.5 7.1, 7.5), so that whatever it parses is all there is
+    check_structure(data, implicit, little, complete=complete)
     fp = io.BytesIO(data)
-    stopped = []
 
     def at_pixel_data(tag: Any, vr: Any, length: int) -> bool:
-        if int(tag) in _PIXEL_TAGS:
-            stopped.append(True)
-            return True
-        return False
+        return stop_at_pixel_data and int(tag) in _PIXEL_TAGS
 
     try:
         ds = read_dataset(fp, implicit, little, stop_when=at_pixel_data)
+        if check_raw is not None:
+            check_raw(ds)  # before decoding: it reads the values as sent
         # Decoding happens lazily: touch the elements now so a broken one fails here.
         for elem in ds:
             _ = elem.value
+    except InvalidInstance:
+        raise
     except Exception as exc:  # pydicom raises many kinds on malformed input
         raise InvalidInstance(f"data set cannot be parsed: {exc}") from exc
     if len(ds) == 0:
         raise InvalidInstance("data set is empty")
-    if stopped and not deflated:  # a deflate stream's own end was checked on inflating
-        # walk the rest (pixel data and anything after it) by element lengths, without
-        # decoding it: a value cut short is refused, not stored
-        _walk(data, fp.tell(), implicit, "<" if little else ">", until=None)
-    elif not stopped and fp.tell() < len(data):
-        raise InvalidInstance(f"data set cannot be parsed past byte {fp.tell()}")
     return ds
 
 
-def _inflate_header(data: bytes) -> bytes:
+def _inflate_header(data: bytes) -> tuple[bytes, bool]:
     """Inflate at most :data:`HEADER_LIMIT` bytes to parse; stream through the rest without
-    keeping it, to check the deflate stream is whole and not a bomb."""
+    keeping it, to check the deflate stream is whole and not a bomb. Returns the bytes
+    inflated and whether they are the whole data set."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
         head = inflater.decompress(data, HEADER_LIMIT)
@@ -116,59 +135,163 @@ def _inflate_header(data: bytes) -> bytes:
         raise InvalidInstance(f"deflated data set inflates beyond {INFLATED_LIMIT} bytes")
     if not inflater.eof:
         raise InvalidInstance("deflated data set is truncated")
-    return head
+    return head, total == len(head)
 
 
-def _walk(data: bytes, pos: int, implicit: bool, order: str, until: int | None) -> int:
+MAX_DEPTH = 64
+"""Most sequences nested in one another in a data set we accept (real IODs nest a few)."""
+
+_DATASET, _SEQUENCE, _FRAGMENTS = 0, 1, 2
+
+
+@dataclass
+class _Frame:
+    """One open container of the structure walk: a data set (the top one or an item), a
+    sequence's items, or encapsulated pixel data's fragments."""
+
+    kind: int
+    end: int  # where its bytes must end (a defined length, or its parent's end)
+    until: int | None  # the delimiter that closes it (undefined length), else None
+    implicit: bool
+
+
+def check_structure(data: bytes, implicit: bool, little: bool, complete: bool = True) -> None:
+    """Check that ``data`` is one complete data set: every element header whole, every
+    value inside its container, every undefined length closed by its delimiter, no stray
+    delimiter, and in an explicit VR syntax a VR on every element (PS3.5 7.1, 7.5, A.4).
+
+    Values are not decoded; sequences and items are followed iteratively, at most
+    :data:`MAX_DEPTH` deep. With ``complete`` false (the first bytes of a longer data set)
+    the walk ends at the top-level pixel data.
+
+    Raises
+    ------
+    InvalidInstance
+        Naming the first fault and its byte offset.
+    """
+    order = "<" if little else ">"
+    tag_of = struct.Struct(order + "HH").unpack_from
+    u16 = struct.Struct(order + "H").unpack_from
+    u32 = struct.Struct(order + "L").unpack_from
     size = len(data)
-    while pos < size:
-        if pos + 8 > size:
-            raise InvalidInstance(f"data set is truncated at byte {pos}")
-        group, elem = struct.unpack_from(order + "HH", data, pos)
-        tag = group << 16 | elem
-        if tag in (_ITEM_END, _SEQUENCE_END):
-            if tag != until:
-                raise InvalidInstance(f"unexpected delimiter at byte {pos}")
-            return pos + 8
-        vr = data[pos + 4:pos + 6]
-        if implicit or group == 0xFFFE or not (vr.isalpha() and vr.isupper()):
-            # items and delimiters have no VR; like pydicom, take an element whose VR bytes
-            # are not a VR as implicitly encoded (some writers do this for pixel data)
-            (length,) = struct.unpack_from(order + "L", data, pos + 4)
-            pos += 8
-        elif vr in _LONG_VRS:
-            if pos + 12 > size:
-                raise InvalidInstance(f"data set is truncated at byte {pos}")
-            (length,) = struct.unpack_from(order + "L", data, pos + 8)
-            pos += 12
-        else:
-            (length,) = struct.unpack_from(order + "H", data, pos + 6)
-            pos += 8
-        if length == _UNDEFINED:
-            # an undefined-length value (encapsulated pixel data, a sequence, an item) runs
-            # to its delimiter; items are walked as nested data sets
-            pos = _walk(data, pos, implicit, order,
-                        until=_ITEM_END if tag == _ITEM else _SEQUENCE_END)
-        else:
-            if pos + length > size:
+    stack = [_Frame(_DATASET, size, None, implicit)]
+    pos = 0
+    while stack:
+        frame = stack[-1]
+        if pos == frame.end:
+            if frame.until is not None:
                 raise InvalidInstance(
-                    f"value of ({group:04X},{elem:04X}) is truncated: {length} bytes "
-                    f"announced, {size - pos} sent"
-                )
-            pos += length
-    if until is not None:
-        raise InvalidInstance("data set is truncated: a sequence or item never ends")
-    return pos
+                    f"data set is truncated at byte {pos}: a sequence or item never ends")
+            stack.pop()
+            continue
+        if pos + 8 > frame.end:
+            raise InvalidInstance(f"data set is truncated at byte {pos}: element header "
+                                  f"cut short")
+        group, elem = tag_of(data, pos)
+        tag = group << 16 | elem
+        name = f"({group:04X},{elem:04X})"
+        if frame.kind != _DATASET:
+            # a sequence holds items and its delimiter; pixel data, fragments (PS3.5 A.4)
+            if tag == _SEQUENCE_END and frame.until == _SEQUENCE_END:
+                pos += 8
+                stack.pop()
+                continue
+            if tag != _ITEM:
+                raise InvalidInstance(f"unexpected {name} at byte {pos}, where an item "
+                                      f"must be")
+            (length,) = u32(data, pos + 4)
+            pos += 8
+            if length == _UNDEFINED and frame.kind == _SEQUENCE:
+                stack.append(_Frame(_DATASET, frame.end, _ITEM_END, frame.implicit))
+            elif length == _UNDEFINED or pos + length > frame.end:
+                raise InvalidInstance(f"item at byte {pos - 8} runs past its end")
+            elif frame.kind == _SEQUENCE:
+                stack.append(_Frame(_DATASET, pos + length, None, frame.implicit))
+            else:
+                pos += length
+        else:
+            if group == 0xFFFE:
+                if tag == _ITEM_END and frame.until == _ITEM_END:
+                    pos += 8
+                    stack.pop()
+                    continue
+                raise InvalidInstance(f"unexpected delimiter {name} at byte {pos}")
+            if len(stack) == 1 and not complete and tag in _PIXEL_TAGS:
+                return
+            vr = b""
+            if frame.implicit:
+                (length,) = u32(data, pos + 4)
+                pos += 8
+            else:
+                vr = data[pos + 4:pos + 6]
+                if not (vr.isalpha() and vr.isupper()):
+                    raise InvalidInstance(f"element {name} at byte {pos} has no VR, in an "
+                                          f"explicit VR transfer syntax")
+                if vr in _LONG_VRS:
+                    if pos + 12 > frame.end:
+                        raise InvalidInstance(f"data set is truncated at byte {pos}: "
+                                              f"element header cut short")
+                    (length,) = u32(data, pos + 8)
+                    pos += 12
+                else:
+                    (length,) = u16(data, pos + 6)
+                    pos += 8
+            sequence = vr == b"SQ" or (frame.implicit and _is_sequence(tag))
+            if length == _UNDEFINED:
+                if tag in _PIXEL_TAGS or vr in (b"OB", b"OW"):
+                    stack.append(_Frame(_FRAGMENTS, frame.end, _SEQUENCE_END, frame.implicit))
+                elif sequence or vr == b"UN" or frame.implicit:
+                    # UN of undefined length is a sequence in implicit VR (PS3.5 6.2.2)
+                    stack.append(_Frame(_SEQUENCE, frame.end, _SEQUENCE_END,
+                                        frame.implicit or vr == b"UN"))
+                else:
+                    raise InvalidInstance(f"element {name} ({vr.decode()}) at byte {pos} "
+                                          f"has an undefined length")
+            elif pos + length > frame.end:
+                raise InvalidInstance(
+                    f"value of {name} is truncated: {length} bytes announced, "
+                    f"{frame.end - pos} left")
+            elif sequence:
+                stack.append(_Frame(_SEQUENCE, pos + length, None, frame.implicit))
+            else:
+                pos += length
+        if len(stack) > 2 * MAX_DEPTH + 1:
+            raise InvalidInstance(f"sequences are nested more than {MAX_DEPTH} deep")
+
+
+def _is_sequence(tag: int) -> bool:
+    """Whether an implicit VR element is a sequence, by the data dictionary."""
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False
+
+
+_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _check_raw_uids(ds: Dataset) -> None:
+    """Check the required UIDs as sent: pydicom's UID strips surrounding whitespace and
+    control characters, which would index ``1.2.3`` for a value stored as ``\\t1.2.3``. Only
+    trailing NUL padding (and, leniently, spaces) is insignificant (PS3.5 6.2, 9.1)."""
+    for keyword in _REQUIRED_UIDS:
+        elem = ds.get_item(keyword)
+        raw = elem.value if elem is not None else None
+        if isinstance(raw, bytes):
+            _valid_uid(keyword, raw.decode("latin-1").rstrip("\0 "))
+
+
+def _valid_uid(keyword: str, text: str) -> str:
+    if not text:
+        raise InvalidInstance(f"{keyword} is missing")
+    if len(text) > 64 or not _UID_RE.fullmatch(text):
+        raise InvalidInstance(f"{keyword} is not a valid UID: {text[:80]!r}")
+    return text
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
-    text = strip("UI", str(value)) if value else ""
-    if not text:
-        raise InvalidInstance(f"{keyword} is missing")
-    if len(text) > 64 or not _UID_RE.match(text):
-        raise InvalidInstance(f"{keyword} is not a valid UID: {text[:80]!r}")
-    return text
+    return _valid_uid(keyword, strip("UI", str(value)) if value else "")
 
 
 def _text(ds: Dataset, keyword: str, vr: str = "LO") -> str:
