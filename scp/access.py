@@ -72,7 +72,7 @@ class Access:
         """EVT_REQUESTED: reject an association that :meth:`refusal` refuses."""
         assoc = event.assoc
         request = assoc.requestor.primitive
-        if request is None:  # pragma: no cover - pynetdicom always sets it first
+        if request is None or assoc.is_aborted:  # aborted by scp.guards: malformed
             return
         calling = _text(request.calling_ae_title)
         called = _text(request.called_ae_title)

@@ -14,6 +14,7 @@ from .access import Access
 from .activity import Activity
 from .config import Config
 from .contexts import STORAGE, SUPPORTED
+from .guards import Guards, close_unassociated
 from .handlers import (
     handle_echo,
     handle_find,
@@ -75,7 +76,9 @@ class Server:
 
     def _handlers(self) -> list[Any]:
         a, act, acc = self.archive, self.activity, self.access
+        guards = Guards(self.config.ae.network_timeout, self.config.ae.max_pdu_size)
         return [
+            *guards.handlers(),  # first: EVT_REQUESTED's aborts before any access check
             (evt.EVT_CONN_OPEN, disable_nagle),
             (evt.EVT_REQUESTED, acc.handle_requested),
             (evt.EVT_SOP_EXTENDED, handle_sop_extended, [act]),
@@ -166,6 +169,7 @@ class Server:
         self._server = self._tls_server = None
         if not self.activity.wait_idle(grace):
             logger.warning("operations still in flight after %.0f s; aborting them", grace)
+        close_unassociated(self.ae)
         self.ae.shutdown()
         self.archive.close()
         logger.info("minipacs stopped")

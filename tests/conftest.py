@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ from scp.config import Config, load_config
 from scp.server import Server
 
 DCMTK_TOOLS = ("storescu", "findscu", "echoscu")
+
+
+def dcmtk_tool(name: str) -> str | None:
+    """The path of DCMTK's ``name``, looked up on PATH without the virtualenv's bin folder:
+    pynetdicom installs Python tools of the same names there (echoscu, findscu, storescp,
+    storescu, getscu, movescu), which an activated venv would put first."""
+    venv_bin = os.path.realpath(os.path.join(sys.prefix, "bin"))
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and os.path.realpath(p) != venv_bin)
+    return shutil.which(name, path=path)
 
 
 @dataclass
@@ -115,7 +126,7 @@ def dcmtk() -> Callable[..., subprocess.CompletedProcess[str]]:
 
     Without DCMTK the test is skipped, or fails with a clear message when ``CI`` is set.
     """
-    missing = [tool for tool in DCMTK_TOOLS if shutil.which(tool) is None]
+    missing = [tool for tool in DCMTK_TOOLS if dcmtk_tool(tool) is None]
     if missing:
         message = (
             f"DCMTK is not installed (missing {', '.join(missing)}): "
@@ -129,7 +140,7 @@ def dcmtk() -> Callable[..., subprocess.CompletedProcess[str]]:
             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, TCP_NODELAY="1")
         proc = subprocess.run(
-            [tool, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+            [dcmtk_tool(tool) or tool, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
         )
         if check and proc.returncode != 0:
             raise AssertionError(

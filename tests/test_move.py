@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (
 )
 
 from scp import status
-from tests.conftest import Running, hold_second_read_until_cancelled
+from tests.conftest import Running, dcmtk_tool, hold_second_read_until_cancelled
 from tests.factory import (
     LEVEL_CASE_IDS,
     ROOT,
@@ -380,7 +380,7 @@ def test_movescu_to_storescp(start_server: Callable[..., Running], dcmtk: Callab
     datasets = hierarchy()
     for ds in datasets:
         running.archive.store(encode(ds), ExplicitVRLittleEndian)
-    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), "+xa", str(port)],
+    proc = subprocess.Popen([dcmtk_tool("storescp") or "storescp", "-aet", "STORESCP", "-od", str(out), "+xa", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30  # poll until storescp answers an echo
