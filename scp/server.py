@@ -10,6 +10,7 @@ from pynetdicom import events as evt
 
 from storage import Archive, open_archive
 
+from . import reactor
 from .access import Access
 from .activity import Activity
 from .config import Config
@@ -80,6 +81,8 @@ class Server:
         return [
             *guards.handlers(),  # first: EVT_REQUESTED's aborts before any access check
             (evt.EVT_CONN_OPEN, disable_nagle),
+            (evt.EVT_CONN_OPEN, reactor.handle_conn_open),
+            (evt.EVT_CONN_CLOSE, reactor.handle_conn_close),
             (evt.EVT_REQUESTED, acc.handle_requested),
             (evt.EVT_SOP_EXTENDED, handle_sop_extended, [act]),
             (evt.EVT_C_ECHO, handle_echo, [act, acc]),
@@ -102,6 +105,7 @@ class Server:
             A listener could not bind its port; none is left running.
         """
         cfg, tls = self.config.ae, self.config.tls
+        reactor.install()
         if not tls.only:
             self._server = self._listen(cfg.port)
             self._port = int(self._server.server_address[1])

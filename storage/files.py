@@ -15,6 +15,7 @@ import fcntl
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -130,7 +131,7 @@ class FilesystemStore:
             When the file cannot be written (no space, read-only, I/O error); nothing is
             left behind.
         """
-        key = uuid.uuid4().hex
+        key = new_key()
         final = self.path(key)
         tmp = self.root / TEMP_DIR / f"{key}.part"
         try:
@@ -188,6 +189,22 @@ class FilesystemStore:
         """The file's modification time (reindex: of two files of one instance, the newer
         wins)."""
         return self.path(key).stat().st_mtime
+
+
+FOLDER_MINUTES = 1
+"""Minutes during which new files go to one ``ab/cd`` folder (see :func:`new_key`)."""
+
+
+def new_key(now: float | None = None) -> str:
+    """A new file key: 32 hex digits, the first four from the current minute (so they cycle
+    through the 65,536 ``ab/cd`` folders in 45 days), the other 112 bits random.
+
+    Files stored together share a folder: a random first four would make nearly every file
+    of the first tens of thousands create its folder, and a new folder costs a mkdir and two
+    more fsyncs (its own entry, and its parent's) before the store may answer.
+    """
+    minute = int((time.time() if now is None else now) // (60 * FOLDER_MINUTES))
+    return f"{minute & 0xFFFF:04x}{uuid.uuid4().hex[4:]}"
 
 
 def _fsync_dir(path: Path) -> None:

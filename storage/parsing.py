@@ -19,9 +19,8 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
 
 from .errors import InvalidInstance
@@ -396,19 +395,42 @@ def _clean_json(value: Any) -> Any:
 
 
 def file_meta(parsed: Parsed, transfer_syntax_uid: str, source_ae_title: str) -> bytes:
-    """Preamble, prefix and File Meta Information (PS3.10 7.1) for the stored file."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(parsed.sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(parsed.sop_instance_uid)
-    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if source_ae_title.strip():
-        meta.SourceApplicationEntityTitle = source_ae_title.strip()[:16]
-    buf = io.BytesIO()
-    buf.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
-    return buf.getvalue()
+    """Preamble, prefix and File Meta Information (PS3.10 7.1) for the stored file.
+
+    Encoded here (Explicit VR Little Endian, PS3.10 Table 7.1-1) rather than with pydicom's
+    writer, which cost as much as the rest of the header work; the bytes are the same
+    (tests/storage/test_parsing.py compares them).
+    """
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _ui(parsed.sop_class_uid)),
+        _meta_element(0x0003, b"UI", _ui(parsed.sop_instance_uid)),
+        _meta_element(0x0010, b"UI", _ui(transfer_syntax_uid)),
+        _meta_element(0x0012, b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
+        _meta_element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME)),
+    ]
+    ae_title = source_ae_title.strip()[:16]
+    if ae_title:
+        elements.append(_meta_element(0x0016, b"AE", _padded(ae_title)))
+    body = b"".join(elements)
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<L", len(body)))
+    return b"\0" * 128 + b"DICM" + group_length + body
+
+
+def _ui(uid: str) -> bytes:
+    value = uid.encode("ascii")
+    return value + b"\0" if len(value) % 2 else value
+
+
+def _padded(text: str) -> bytes:
+    value = text.encode("ascii", "replace")
+    return value + b" " if len(value) % 2 else value
+
+
+def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHL", 0x0002, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
 
 
 def content_hash(transfer_syntax_uid: str, data: bytes) -> str:

@@ -1,0 +1,183 @@
+"""Wake pynetdicom's reactor threads when there is work, instead of polling every 1 ms.
+
+Each pynetdicom association runs two loops: the DUL reactor (socket and state machine) and
+the association reactor (DIMSE messages), and each sleeps 1 ms whenever it found nothing to
+do. A C-STORE crosses them twice (request in, response out), so a sender that waits for
+each response (storescu, every modality) loses up to ~2 ms per instance to sleeping, and the
+idle loops burn CPU that the handlers need. Measured with bench/profile_ingest.py (see
+bench/README.md).
+
+Here the two sleeps of *our* associations (registered from EVT_CONN_OPEN) become waits that
+end as soon as there is work:
+
+- the DUL reactor waits in ``select`` on its socket and on a wake-up pipe written whenever a
+  primitive is queued for it, or an event is queued by another thread;
+- the association reactor waits on an event set whenever a DIMSE message or an ACSE
+  primitive is queued for it.
+
+Both waits are capped at :data:`IDLE_WAIT`, so the timers those loops check (ARTIM, the
+network idle timeout, a kill from another thread) keep a resolution of a few milliseconds.
+Every other sleep in pynetdicom, and the loops of associations we did not register (the
+ones we open as a requestor), are untouched: the modules' ``time`` is replaced by a proxy
+that changes ``sleep`` only for a registered thread at the loop's own sleep.
+
+Pinned to pynetdicom 3.0 (the loops in dul.py ``run_reactor`` and association.py
+``_run_reactor``); with another version nothing is installed and a warning says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+import time
+import weakref
+from typing import Any
+
+import pynetdicom
+from pynetdicom import association as _association
+from pynetdicom import dul as _dul
+from pynetdicom import events as evt
+
+logger = logging.getLogger(__name__)
+
+TESTED_VERSIONS = ("3.0.",)
+"""pynetdicom versions whose reactor loops this module was written against and tested with."""
+IDLE_WAIT = 0.02
+"""Longest wait of a reactor with nothing to do, in seconds."""
+ASSOCIATION_LOOP_SLEEP = 0.001
+"""The sleep at the top of pynetdicom 3.0's Association._run_reactor loop."""
+
+_wakers: weakref.WeakKeyDictionary[threading.Thread, _Waker] = weakref.WeakKeyDictionary()
+_installed = False
+
+
+class _Waker:
+    """The wake-ups of one association: its reactor's event, its DUL's pipe."""
+
+    def __init__(self, assoc: Any) -> None:
+        self.assoc = assoc
+        self.dul = assoc.dul
+        self.event = threading.Event()
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        self.closed = False
+        self._lock = threading.Lock()  # no write to a closed (and perhaps reused) fd
+
+    def wake_dul(self) -> None:
+        with self._lock, contextlib.suppress(OSError):  # full pipe: already woken
+            if not self.closed:
+                os.write(self.write_fd, b"\0")
+
+    def wake_association(self) -> None:
+        self.event.set()
+
+    def wait_association(self) -> None:
+        """The association reactor's sleep: until a message or primitive is queued."""
+        self.event.clear()
+        if self.assoc.dimse.msg_queue.qsize() or self.dul.to_user_queue.qsize():
+            return
+        self.event.wait(IDLE_WAIT)
+
+    def wait_dul(self) -> None:
+        """The DUL reactor's sleep: until the socket has data or work is queued."""
+        dul = self.dul
+        if dul.to_provider_queue.qsize() or dul.event_queue.qsize():
+            return
+        transport = dul.socket
+        sock = getattr(transport, "socket", None)
+        if sock is not None and getattr(sock, "pending", None) and sock.pending():
+            return  # TLS: bytes already decrypted, invisible to select
+        watched = [self.read_fd] + ([sock] if sock is not None else [])
+        try:
+            select.select(watched, [], [], IDLE_WAIT)
+        except (OSError, ValueError):  # closed under us: pynetdicom notices on its own
+            time.sleep(ASSOCIATION_LOOP_SLEEP)
+            return
+        with contextlib.suppress(OSError):
+            os.read(self.read_fd, 4096)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                for fd in (self.read_fd, self.write_fd):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+
+class _TimeProxy:
+    """The ``time`` module as one pynetdicom module sees it: ``sleep`` of a registered
+    thread at its loop's own sleep becomes a wait for work; all else is ``time``'s."""
+
+    def __init__(self, module: str) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        waker = _wakers.get(threading.current_thread())
+        if waker is None or waker.closed:
+            time.sleep(seconds)
+        elif self._module == "dul" and threading.current_thread() is waker.dul:
+            waker.wait_dul()
+        elif (self._module == "association" and threading.current_thread() is waker.assoc
+              and seconds == ASSOCIATION_LOOP_SLEEP):
+            waker.wait_association()
+        else:
+            time.sleep(seconds)
+
+
+def install() -> bool:
+    """Put the proxies in pynetdicom's dul and association modules (once); ``False`` when
+    this pynetdicom is not a tested version, and nothing was changed."""
+    global _installed
+    if _installed:
+        return True
+    version = str(getattr(pynetdicom, "__version__", ""))
+    if not version.startswith(TESTED_VERSIONS):
+        logger.warning("pynetdicom %s is not a version scp/reactor.py was tested with (%s): "
+                       "its reactors poll every 1 ms", version, ", ".join(TESTED_VERSIONS))
+        return False
+    _dul.time = _TimeProxy("dul")  # type: ignore[assignment]
+    _association.time = _TimeProxy("association")  # type: ignore[assignment]
+    _installed = True
+    return True
+
+
+def handle_conn_open(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: wake this association's reactors when work is queued for them."""
+    if not _installed:
+        return
+    assoc = event.assoc
+    waker = _Waker(assoc)
+    dul = assoc.dul
+    _wrap_put(dul.to_provider_queue, waker.wake_dul)
+    _wrap_put(dul.event_queue, waker.wake_dul)
+    _wrap_put(dul.to_user_queue, waker.wake_association)
+    _wrap_put(assoc.dimse.msg_queue, waker.wake_association)
+    _wakers[assoc] = waker
+    _wakers[dul] = waker
+
+
+def handle_conn_close(event: evt.Event) -> None:
+    """EVT_CONN_CLOSE: back to plain sleeps, and the pipe closed."""
+    waker = _wakers.pop(event.assoc, None)
+    if waker is not None:
+        _wakers.pop(waker.dul, None)
+        waker.wake_association()
+        waker.close()
+
+
+def _wrap_put(queue: Any, wake: Any) -> None:
+    put = queue.put
+
+    def put_and_wake(*args: Any, **kwargs: Any) -> None:
+        put(*args, **kwargs)
+        wake()
+
+    queue.put = put_and_wake
