@@ -86,7 +86,8 @@ class Guards:
         if transport is None or transport.socket is None:  # pragma: no cover - closed already
             return
         if self.network_timeout and transport.socket.gettimeout() is None:
-            transport.socket.settimeout(self.network_timeout)  # TLS sockets have theirs
+            # TLS sockets already have ae.acse_timeout, from scp/tls.py
+            transport.socket.settimeout(self.network_timeout)
         transport.recv = _PDUReader(transport, self.max_pdu_size, _peer(event))  # type: ignore[method-assign]
         dimse = assoc.dimse
         dimse.receive_primitive = _DecodeGuard(  # type: ignore[method-assign]
@@ -216,11 +217,16 @@ class _ActionGuard:
             logger.warning("association with %s aborted: %s in state %s (%s: %s)",
                            self._peer, event, self._assoc.dul.state_machine.current_state,
                            type(exc).__name__, exc)
-            transport = self._assoc.dul.socket
+            dul = self._assoc.dul
+            transport = dul.socket
             with contextlib.suppress(AttributeError, OSError):
                 transport.socket.sendall(abort_pdu(INVALID_PDU_PARAMETER_VALUE))
             with contextlib.suppress(AttributeError, OSError):
                 transport.close()  # queues Evt17
+            # pynetdicom's do_action has told the DUL loop to stop before raising, which
+            # would leave Evt17 unprocessed (no EVT_CONN_CLOSE, no A-P-ABORT to the
+            # association: its slot held until acse_timeout); let it run until Sta1
+            dul._kill_thread = False
 
 
 def _peer(event: evt.Event) -> str:

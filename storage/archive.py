@@ -440,7 +440,7 @@ class Archive:
         except OSError as exc:
             raise InstanceUnavailable(f"file {key} cannot be read: {exc}") from exc
         syntax, data = split_part10(raw)
-        parsed = extract(read_header(data, syntax))
+        parsed = extract(read_header(data, syntax, strict=False))
         parsed.record.instance.update(
             transfer_syntax_uid=syntax, file_key=key, file_size=len(raw),
             content_hash=content_hash(syntax, data),

@@ -166,7 +166,7 @@ def _strays(archive: Archive, keys: Iterable[str], report: VerifyReport
             with archive.files.open(key) as fp:
                 raw = fp.read()
             syntax, data = split_part10(raw)
-            uid = extract(read_header(data, syntax)).sop_instance_uid
+            uid = extract(read_header(data, syntax, strict=False)).sop_instance_uid
             copy = _Copy(key, content_hash(syntax, data), archive.files.modified(key), len(raw))
         except (OSError, StorageError) as exc:
             report.problems.append(

@@ -57,8 +57,12 @@ class Parsed:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_header(data: bytes, transfer_syntax_uid: str) -> Dataset:
+def read_header(data: bytes, transfer_syntax_uid: str, strict: bool = True) -> Dataset:
     """Parse a data set up to its pixel data, after checking that all of it is complete.
+
+    ``strict`` false is for files already in the store (``reindex``, ``verify``): they are
+    parsed as pydicom reads them, without the structure walk and the check of the UIDs as
+    sent, so that a file stored before those checks existed stays indexable.
 
     Raises
     ------
@@ -66,6 +70,8 @@ def read_header(data: bytes, transfer_syntax_uid: str) -> Dataset:
         When the bytes are not a complete data set in that transfer syntax (PS3.4 B.2.3
         "Cannot understand").
     """
+    if not strict:
+        return _read(data, transfer_syntax_uid, stop_at_pixel_data=True, walk=False)
     return _read(data, transfer_syntax_uid, stop_at_pixel_data=True, check_raw=_check_raw_uids)
 
 
@@ -81,7 +87,7 @@ def read_identifier(data: bytes, transfer_syntax_uid: str) -> Dataset:
 
 
 def _read(data: bytes, transfer_syntax_uid: str, stop_at_pixel_data: bool,
-          check_raw: Callable[[Dataset], None] | None = None) -> Dataset:
+          check_raw: Callable[[Dataset], None] | None = None, walk: bool = True) -> Dataset:
     ts = UID(transfer_syntax_uid)
     try:
         implicit = ts.is_implicit_VR
@@ -96,7 +102,8 @@ def _read(data: bytes, transfer_syntax_uid: str, stop_at_pixel_data: bool,
     # pydicom's reader stops silently where the bytes end, ends the data set at a stray
     # delimiter and switches to implicit VR when the VRs look wrong: walk the structure
     # first (PS3.5 7.1, 7.5), so that whatever it parses is all there is
-    check_structure(data, implicit, little, complete=complete)
+    if walk:
+        check_structure(data, implicit, little, complete=complete)
     fp = io.BytesIO(data)
 
     def at_pixel_data(tag: Any, vr: Any, length: int) -> bool:
@@ -126,8 +133,12 @@ def _inflate_header(data: bytes) -> tuple[bytes, bool]:
     try:
         head = inflater.decompress(data, HEADER_LIMIT)
         total = len(head)
-        while inflater.unconsumed_tail and total <= INFLATED_LIMIT:
-            total += len(inflater.decompress(inflater.unconsumed_tail, 1 << 20))
+        while not inflater.eof and total <= INFLATED_LIMIT:
+            # output the limit held back may be pending with no input left to consume
+            chunk = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
+            if not chunk and not inflater.unconsumed_tail:
+                break  # nothing left: a stream cut short
+            total += len(chunk)
     except zlib.error as exc:
         raise InvalidInstance(f"deflated data set cannot be inflated: {exc}") from exc
     if total > INFLATED_LIMIT:
@@ -151,17 +162,31 @@ class _Frame:
     kind: int
     end: int  # where its bytes must end (a defined length, or its parent's end)
     until: int | None  # the delimiter that closes it (undefined length), else None
-    implicit: bool
+    implicit: bool | None  # None: an item whose first element tells (see check_structure)
+
+
+_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS",
+                  b"LO", b"LT", b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH",
+                  b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
+                  b"UR", b"US", b"UT", b"UV"})
 
 
 def check_structure(data: bytes, implicit: bool, little: bool, complete: bool = True) -> None:
     """Check that ``data`` is one complete data set: every element header whole, every
     value inside its container, every undefined length closed by its delimiter, no stray
-    delimiter, and in an explicit VR syntax a VR on every element (PS3.5 7.1, 7.5, A.4).
+    delimiter, and in an explicit VR syntax a VR on every top-level element (PS3.5 7.1,
+    7.5, A.4).
 
     Values are not decoded; sequences and items are followed iteratively, at most
     :data:`MAX_DEPTH` deep. With ``complete`` false (the first bytes of a longer data set)
-    the walk ends at the top-level pixel data.
+    the walk ends at the top-level pixel data or where the bytes end.
+
+    What pydicom and other toolkits read, and devices write, is accepted: an item of an
+    explicit VR sequence encoded in implicit VR (and the items of an undefined-length UN
+    in explicit VR, written before CP-246), told by its first element; top-level pixel
+    data whose element header is implicit in an explicit VR data set; an implicit VR
+    element the dictionary calls a sequence whose value is not items (a text, as some
+    anonymisers write); and a delimiter inside a defined-length item or sequence.
 
     Raises
     ------
@@ -179,11 +204,15 @@ def check_structure(data: bytes, implicit: bool, little: bool, complete: bool = 
         frame = stack[-1]
         if pos == frame.end:
             if frame.until is not None:
+                if not complete and pos == size:
+                    return
                 raise InvalidInstance(
                     f"data set is truncated at byte {pos}: a sequence or item never ends")
             stack.pop()
             continue
         if pos + 8 > frame.end:
+            if not complete and pos + 8 > size:
+                return
             raise InvalidInstance(f"data set is truncated at byte {pos}: element header "
                                   f"cut short")
         group, elem = tag_of(data, pos)
@@ -191,71 +220,89 @@ def check_structure(data: bytes, implicit: bool, little: bool, complete: bool = 
         name = f"({group:04X},{elem:04X})"
         if frame.kind != _DATASET:
             # a sequence holds items and its delimiter; pixel data, fragments (PS3.5 A.4)
-            if tag == _SEQUENCE_END and frame.until == _SEQUENCE_END:
+            if tag == _SEQUENCE_END and (frame.until == _SEQUENCE_END or frame.until is None):
                 pos += 8
-                stack.pop()
-                continue
+                if frame.until is not None:
+                    stack.pop()
+                continue  # in a defined-length sequence: a redundant delimiter
             if tag != _ITEM:
                 raise InvalidInstance(f"unexpected {name} at byte {pos}, where an item "
                                       f"must be")
             (length,) = u32(data, pos + 4)
             pos += 8
+            item_syntax = frame.implicit if implicit else None  # explicit: ask the item
             if length == _UNDEFINED and frame.kind == _SEQUENCE:
-                stack.append(_Frame(_DATASET, frame.end, _ITEM_END, frame.implicit))
+                stack.append(_Frame(_DATASET, frame.end, _ITEM_END, item_syntax))
             elif length == _UNDEFINED or pos + length > frame.end:
+                if not complete and length != _UNDEFINED and pos + length > size:
+                    return
                 raise InvalidInstance(f"item at byte {pos - 8} runs past its end")
             elif frame.kind == _SEQUENCE:
-                stack.append(_Frame(_DATASET, pos + length, None, frame.implicit))
+                stack.append(_Frame(_DATASET, pos + length, None, item_syntax))
             else:
                 pos += length
-        else:
-            if group == 0xFFFE:
-                if tag == _ITEM_END and frame.until == _ITEM_END:
-                    pos += 8
-                    stack.pop()
-                    continue
-                raise InvalidInstance(f"unexpected delimiter {name} at byte {pos}")
-            if len(stack) == 1 and not complete and tag in _PIXEL_TAGS:
-                return
-            vr = b""
-            if frame.implicit:
-                (length,) = u32(data, pos + 4)
+            continue
+        if group == 0xFFFE:
+            if tag == _ITEM_END and (frame.until == _ITEM_END
+                                     or (frame.until is None and len(stack) > 1)):
                 pos += 8
+                if frame.until is not None:
+                    stack.pop()
+                continue  # in a defined-length item: a redundant delimiter
+            raise InvalidInstance(f"unexpected delimiter {name} at byte {pos}")
+        top = len(stack) == 1
+        if top and not complete and tag in _PIXEL_TAGS:
+            return
+        vr = data[pos + 4:pos + 6]
+        if frame.implicit is None:  # an item's first element: explicit if it has a VR
+            frame.implicit = vr not in _VRS
+        element_implicit = frame.implicit
+        if not element_implicit and not (vr.isalpha() or vr == b"  "):  # as pydicom reads
+            if not (top and tag in _PIXEL_TAGS):
+                raise InvalidInstance(f"element {name} at byte {pos} has no VR, in an "
+                                      f"explicit VR transfer syntax")
+            element_implicit = True  # some writers encode the pixel data header so
+        if element_implicit:
+            vr = b""
+            (length,) = u32(data, pos + 4)
+            pos += 8
+        elif vr in _LONG_VRS:
+            if pos + 12 > frame.end:
+                if not complete and pos + 12 > size:
+                    return
+                raise InvalidInstance(f"data set is truncated at byte {pos}: "
+                                      f"element header cut short")
+            (length,) = u32(data, pos + 8)
+            pos += 12
+        else:
+            (length,) = u16(data, pos + 6)
+            pos += 8
+        sequence = vr == b"SQ" or (element_implicit and _is_sequence(tag))
+        if length == _UNDEFINED:
+            if tag in _PIXEL_TAGS or vr in (b"OB", b"OW"):
+                stack.append(_Frame(_FRAGMENTS, frame.end, _SEQUENCE_END, frame.implicit))
+            elif sequence or vr == b"UN" or element_implicit:
+                # UN of undefined length is a sequence in implicit VR (PS3.5 6.2.2)
+                stack.append(_Frame(_SEQUENCE, frame.end, _SEQUENCE_END,
+                                    True if vr == b"UN" else frame.implicit))
             else:
-                vr = data[pos + 4:pos + 6]
-                if not (vr.isalpha() and vr.isupper()):
-                    raise InvalidInstance(f"element {name} at byte {pos} has no VR, in an "
-                                          f"explicit VR transfer syntax")
-                if vr in _LONG_VRS:
-                    if pos + 12 > frame.end:
-                        raise InvalidInstance(f"data set is truncated at byte {pos}: "
-                                              f"element header cut short")
-                    (length,) = u32(data, pos + 8)
-                    pos += 12
-                else:
-                    (length,) = u16(data, pos + 6)
-                    pos += 8
-            sequence = vr == b"SQ" or (frame.implicit and _is_sequence(tag))
-            if length == _UNDEFINED:
-                if tag in _PIXEL_TAGS or vr in (b"OB", b"OW"):
-                    stack.append(_Frame(_FRAGMENTS, frame.end, _SEQUENCE_END, frame.implicit))
-                elif sequence or vr == b"UN" or frame.implicit:
-                    # UN of undefined length is a sequence in implicit VR (PS3.5 6.2.2)
-                    stack.append(_Frame(_SEQUENCE, frame.end, _SEQUENCE_END,
-                                        frame.implicit or vr == b"UN"))
-                else:
-                    raise InvalidInstance(f"element {name} ({vr.decode()}) at byte {pos} "
-                                          f"has an undefined length")
-            elif pos + length > frame.end:
-                raise InvalidInstance(
-                    f"value of {name} is truncated: {length} bytes announced, "
-                    f"{frame.end - pos} left")
-            elif sequence:
-                stack.append(_Frame(_SEQUENCE, pos + length, None, frame.implicit))
-            else:
-                pos += length
+                raise InvalidInstance(f"element {name} ({vr.decode()}) at byte {pos} "
+                                      f"has an undefined length")
+        elif pos + length > frame.end:
+            if not complete and pos + length > size:
+                return
+            raise InvalidInstance(
+                f"value of {name} is truncated: {length} bytes announced, "
+                f"{frame.end - pos} left")
+        elif sequence and (vr == b"SQ" or length == 0 or data[pos:pos + 4] in _ITEM_TAGS):
+            stack.append(_Frame(_SEQUENCE, pos + length, None, frame.implicit))
+        else:
+            pos += length  # a value; an implicit "sequence" that holds no items is one too
         if len(stack) > 2 * MAX_DEPTH + 1:
             raise InvalidInstance(f"sequences are nested more than {MAX_DEPTH} deep")
+
+
+_ITEM_TAGS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")  # (FFFE,E000), little and big endian
 
 
 def _is_sequence(tag: int) -> bool:

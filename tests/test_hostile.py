@@ -963,6 +963,19 @@ def _unknown_item() -> bytes:
     return pdu(0x01, body[:at] + ul_item(0x99, b"xyz!") + body[at:])
 
 
+def _rq_that_raises_in_an_action() -> bytes:
+    """An A-ASSOCIATE-RQ that decodes, but whose conversion to a primitive raises inside
+    pynetdicom's state machine action (AE-6): a User Identity sub-item of type 9."""
+    body = struct.pack(">HH", 1, 0) + b"MINIPACS".ljust(16) + b"HOSTILE".ljust(16) + bytes(32)
+    body += ul_item(0x10, APPLICATION_CONTEXT.encode())
+    body += ul_item(0x20, bytes([1, 0, 0, 0]) + ul_item(0x30, uid_bytes(VERIFICATION))
+                    + ul_item(0x40, uid_bytes(IMPLICIT)))
+    identity = ul_item(0x58, bytes([9, 0]) + struct.pack(">H", 3) + b"bob" + struct.pack(">H", 0))
+    user = (ul_item(0x51, struct.pack(">L", 65536))
+            + ul_item(0x52, uid_bytes("1.2.826.0.1.3680043.8.498.1")) + identity)
+    return pdu(0x01, body + ul_item(0x50, user))
+
+
 TLS_CLIENT_HELLO = (bytes.fromhex("160301002f") + bytes.fromhex("0100002b0303") + bytes(32)
                     + bytes.fromhex("000002002f0100"))
 
@@ -987,6 +1000,7 @@ PRE_ASSOCIATION = [
     pytest.param(associate_rq([(VERIFICATION, [])]), {ABORT, RJ},
                  id="context-without-transfer-syntax"),
     pytest.param(pdu(0x09, b"abcd"), {ABORT}, id="unknown-pdu-type-first"),
+    pytest.param(_rq_that_raises_in_an_action(), {ABORT}, id="associate-rq-that-raises"),
 ]
 
 
@@ -1140,8 +1154,9 @@ def test_a_stalled_peer_is_dropped_after_the_timeout(own_server: Callable[..., R
 
 
 
-@pytest.mark.parametrize("probe_sends", [b"GET / HTTP/1.1\r\n\r\n", b""],
-                         ids=["http-request", "connect-and-close"])
+@pytest.mark.parametrize("probe_sends", [b"GET / HTTP/1.1\r\n\r\n", b"",
+                                         _rq_that_raises_in_an_action()],
+                         ids=["http-request", "connect-and-close", "associate-rq-that-raises"])
 def test_connections_that_never_associate_do_not_hold_association_slots(
         own_server: Callable[..., Running], probe_sends: bytes) -> None:
     running = own_server(**{"ae.acse_timeout": 8})  # 16 slots, the default
