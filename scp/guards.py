@@ -36,7 +36,7 @@ import contextlib
 import logging
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import events as evt
 
@@ -105,7 +105,7 @@ class Guards:
         assoc = event.assoc
         if (assoc.is_acceptor and not assoc.is_established
                 and assoc.requestor.primitive is None and assoc.dul.to_user_queue.empty()):
-            assoc.dul.to_user_queue.put(None)
+            cast(Any, assoc.dul.to_user_queue).put(None)  # see the docstring
 
     def handle_requested(self, event: evt.Event) -> None:
         """EVT_REQUESTED: abort a request with a presentation context that proposes no
