@@ -71,6 +71,8 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--nagle", action="store_true",
+                        help="storescu without TCP_NODELAY=1 (Debian's DCMTK default)")
     parser.add_argument("--idle", action="store_true",
                         help="count threads that wait too (where the wall-clock time goes)")
     args = parser.parse_args()
@@ -92,11 +94,14 @@ def main() -> int:
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)  # py-spy attaches
         parts = data.parts if args.parallel == 4 else [data.root]
+        sender_env = dict(bench.DCMTK_ENV)
+        if args.nagle:
+            sender_env.pop("TCP_NODELAY", None)
         started = time.perf_counter()
         senders = [subprocess.Popen(
             ["storescu", "-aet", bench.SCU_AET, "-aec", server.aet, "-ta", "300", "+sd", "+r",
              bench.HOST, str(server.port), str(part)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=bench.DCMTK_ENV)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=sender_env)
             for part in parts]
         codes = [s.wait() for s in senders]
         elapsed = time.perf_counter() - started
@@ -105,8 +110,9 @@ def main() -> int:
             spy.wait(60)
         held, how = server.count()
         server.stop()
+        nagle = ", sender with Nagle on" if args.nagle else ""
         print(f"{args.count} instances of {args.size}x{args.size}, {args.parallel} "
-              f"association(s): {elapsed:.2f} s, {args.count / elapsed:.0f} inst/s; "
+              f"association(s){nagle}: {elapsed:.2f} s, {args.count / elapsed:.0f} inst/s; "
               f"storescu exit {codes}; server holds {held} ({how})")
         if spy is not None and raw.exists():
             total, own, inclusive = parse_collapsed(raw)

@@ -408,12 +408,15 @@ class Minipacs(Receiver):
     def __init__(self, log_dir: Path, config_dir: Path, dest_port: int | None = None) -> None:
         super().__init__(log_dir)
         self.config = config_dir / "minipacs.yaml"
-        peers = "peers: []\n"
+        # locked down as the README advises (no startup warning): the benchmark's SCU and
+        # the move destination are the only peers
+        peers = f"peers:\n  - ae_title: {SCU_AET}\n    host: {HOST}\n"
         if dest_port is not None:
-            peers = f"peers:\n  - ae_title: {DEST_AET}\n    host: {HOST}\n    port: {dest_port}\n"
+            peers += f"  - ae_title: {DEST_AET}\n    host: {HOST}\n    port: {dest_port}\n"
         self.config.write_text(
             "ae:\n  bind: 127.0.0.1\n"
             "storage:\n  durability: full\n  on_duplicate: replace\n"
+            "security:\n  allow_unknown_peers: false\n"
             "logging:\n  level: WARNING\n" + peers
         )
 

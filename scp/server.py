@@ -24,7 +24,7 @@ from .handlers import (
     handle_sop_extended,
     handle_store,
 )
-from .sockets import disable_nagle
+from .sockets import disable_nagle, quick_ack
 from .tls import server_context
 
 logger = logging.getLogger("minipacs")
@@ -81,6 +81,7 @@ class Server:
         return [
             *guards.handlers(),  # first: EVT_REQUESTED's aborts before any access check
             (evt.EVT_CONN_OPEN, disable_nagle),
+            (evt.EVT_CONN_OPEN, quick_ack),  # after the guards: wraps their reader
             (evt.EVT_CONN_OPEN, reactor.handle_conn_open),
             (evt.EVT_CONN_CLOSE, reactor.handle_conn_close),
             (evt.EVT_REQUESTED, acc.handle_requested),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from typing import Any
@@ -25,3 +26,33 @@ def disable_nagle(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError) as exc:  # another pynetdicom layout, or a closed socket
         logger.debug("cannot set TCP_NODELAY: %s", exc)
+
+
+def quick_ack(event: evt.Event) -> None:
+    """Acknowledge every read at once (TCP_QUICKACK, Linux), bound to EVT_CONN_OPEN.
+
+    A sender that leaves Nagle's algorithm on (Debian's DCMTK tools unless TCP_NODELAY=1 is
+    in their environment) holds its next small segment until the previous one is
+    acknowledged, and Linux delays acknowledgements by up to 40 ms: one stall per C-STORE.
+    Linux leaves quick-ack mode on its own after a while, so it is set again after every
+    read of the connection (a setsockopt per read). Measured with bench/profile_ingest.py
+    --nagle (bench/README.md).
+    """
+    option = getattr(socket, "TCP_QUICKACK", None)
+    try:
+        transport: Any = event.assoc.dul.socket
+        sock = transport.socket
+        recv = transport.recv
+    except AttributeError as exc:  # another pynetdicom layout
+        logger.debug("cannot set TCP_QUICKACK: %s", exc)
+        return
+    if option is None or sock is None:
+        return
+
+    def recv_and_ack(nr_bytes: int) -> Any:
+        data = recv(nr_bytes)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+        return data
+
+    transport.recv = recv_and_ack
