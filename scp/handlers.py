@@ -24,6 +24,7 @@ from storage import (
     Model,
     Origin,
     Query,
+    Spooled,
     StoredInstance,
 )
 
@@ -89,7 +90,7 @@ def handle_store(
     with activity.operation():
         try:
             outcome = archive.store(
-                event.encoded_dataset(include_meta=False),
+                _received(event),
                 str(event.context.transfer_syntax),
                 sop_class_uid=str(req.AffectedSOPClassUID),
                 sop_instance_uid=str(req.AffectedSOPInstanceUID),
@@ -303,6 +304,26 @@ class _CancelFlag:
     def __call__(self) -> bool:
         self._cancelled = self._cancelled or bool(self._event.is_cancelled)
         return self._cancelled
+
+
+def _received(event: evt.Event) -> bytes | Spooled:
+    """The C-STORE data set as received: in the file pynetdicom spooled it to (see
+    scp/reactor.py, _SpoolingConfig), or in memory."""
+    try:
+        path = event.dataset_path
+    except AttributeError:  # pynetdicom without spooling
+        path = None
+    if path is None:  # not spooled
+        return event.encoded_dataset(include_meta=False)
+    _, spooled = Spooled.part10(path)  # the syntax is the context's, as written there
+    if spooled.length <= _IN_MEMORY_UP_TO:
+        return b"".join(spooled.chunks(size=_IN_MEMORY_UP_TO))  # one read: cheaper
+    return spooled
+
+
+_IN_MEMORY_UP_TO = 4 * 1024 * 1024
+"""Spooled data sets up to this size are read into memory at once (not mapped and
+streamed): cheaper for the common small instance, and bounded."""
 
 
 def _context_mismatch(event: evt.Event) -> Dataset | None:

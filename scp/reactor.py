@@ -21,8 +21,13 @@ Every other sleep in pynetdicom, and the loops of associations we did not regist
 ones we open as a requestor), are untouched: the modules' ``time`` is replaced by a proxy
 that changes ``sleep`` only for a registered thread at the loop's own sleep.
 
+The same registry makes pynetdicom's DIMSE decoder spool the C-STORE data sets of our
+associations to a temporary file as they arrive (:class:`_SpoolingConfig`), behind a
+minimal File Meta group (:func:`_write_spool_meta`).
+
 Pinned to pynetdicom 3.0 (the loops in dul.py ``run_reactor`` and association.py
-``_run_reactor``); with another version nothing is installed and a warning says so.
+``_run_reactor``, the ``_config`` lookup of dimse_messages.py ``decode_msg``); with another
+version nothing is installed and a warning says so (and data sets stay in memory).
 """
 
 from __future__ import annotations
@@ -31,13 +36,16 @@ import contextlib
 import logging
 import os
 import select
+import struct
 import threading
 import time
 import weakref
 from typing import Any
 
 import pynetdicom
+from pynetdicom import _config as _pynetdicom_config
 from pynetdicom import association as _association
+from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dul as _dul
 from pynetdicom import events as evt
 
@@ -65,6 +73,7 @@ class _Waker:
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self.write_fd, False)
         self.closed = False
+        self.reactor_waiting = False
         self._lock = threading.Lock()  # no write to a closed (and perhaps reused) fd
 
     def wake_dul(self) -> None:
@@ -80,7 +89,15 @@ class _Waker:
         self.event.clear()
         if self.assoc.dimse.msg_queue.qsize() or self.dul.to_user_queue.qsize():
             return
-        self.event.wait(IDLE_WAIT)
+        self.reactor_waiting = True
+        try:
+            self.event.wait(IDLE_WAIT)
+        finally:
+            self.reactor_waiting = False
+
+    def settled(self) -> bool:
+        """Nothing in flight: the reactor waits for work and the DUL has sent all it had."""
+        return self.reactor_waiting and not self.dul.to_provider_queue.qsize()
 
     def wait_dul(self) -> None:
         """The DUL reactor's sleep: until the socket has data or work is queued."""
@@ -132,6 +149,40 @@ class _TimeProxy:
             time.sleep(seconds)
 
 
+class _SpoolingConfig:
+    """pynetdicom's ``_config`` as its DIMSE decoder sees it: STORE_RECV_CHUNKED_DATASET is
+    true in the DUL thread of our own associations, so the data set of every C-STORE they
+    receive goes to a temporary file as it arrives (scp/handlers.py hands it to the archive
+    as :class:`storage.Spooled`: a 1 GB multi-frame is never in memory), and false
+    elsewhere (associations we open, other pynetdicom users in the process)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_pynetdicom_config, name)
+
+    @property
+    def STORE_RECV_CHUNKED_DATASET(self) -> bool:  # noqa: N802  (pynetdicom's name)
+        waker = _wakers.get(threading.current_thread())
+        return waker is not None and threading.current_thread() is waker.dul
+
+
+def _spool_meta(*, sop_class_uid: Any = None, sop_instance_uid: Any = None,
+                transfer_syntax: Any = None, **_: Any) -> str:
+    """What dimse_messages.py ``decode_msg`` builds the spool's File Meta from (it calls
+    pydicom's ``create_file_meta``, then ``write_file_meta_info``: together ~1 ms per
+    C-STORE, about as much as storing a small instance): only the transfer syntax, which is
+    all :meth:`storage.Spooled.part10` reads back."""
+    return str(transfer_syntax)
+
+
+def _write_spool_meta(fp: Any, transfer_syntax: str, *_: Any, **__: Any) -> None:
+    """A minimal File Meta group (Explicit VR Little Endian, PS3.10 7.1): its group length
+    and Transfer Syntax UID, after the preamble and prefix pynetdicom has written."""
+    uid = transfer_syntax.encode("ascii")
+    uid += b"\0" * (len(uid) % 2)
+    element = struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(uid)) + uid
+    fp.write(struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(element)) + element)
+
+
 def install() -> bool:
     """Put the proxies in pynetdicom's dul and association modules (once); ``False`` when
     this pynetdicom is not a tested version, and nothing was changed."""
@@ -145,6 +196,9 @@ def install() -> bool:
         return False
     _dul.time = _TimeProxy("dul")  # type: ignore[assignment]
     _association.time = _TimeProxy("association")  # type: ignore[assignment]
+    _dimse_messages._config = _SpoolingConfig()  # type: ignore[assignment]
+    _dimse_messages.create_file_meta = _spool_meta  # type: ignore[assignment]
+    _dimse_messages.write_file_meta_info = _write_spool_meta  # type: ignore[assignment]
     _installed = True
     return True
 
@@ -171,6 +225,20 @@ def handle_conn_close(event: evt.Event) -> None:
         _wakers.pop(waker.dul, None)
         waker.wake_association()
         waker.close()
+
+
+def settle(associations: list[Any], timeout: float) -> None:
+    """Wait (up to ``timeout`` seconds) until each of ``associations`` has answered what it
+    was serving: its reactor is back waiting for work and its DUL has sent every queued
+    response. A server that stops aborts its associations next; an operation's handler
+    returns before pynetdicom sends its response (for a C-STORE, after deleting the
+    spooled data set), and an abort then would cut that response off."""
+    deadline = time.monotonic() + timeout
+    wakers = [w for w in (_wakers.get(a) for a in associations) if w is not None]
+    while any(not w.closed and not w.settled() for w in wakers):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.005)
 
 
 def _wrap_put(queue: Any, wake: Any) -> None:

@@ -106,7 +106,7 @@ class Server:
             A listener could not bind its port; none is left running.
         """
         cfg, tls = self.config.ae, self.config.tls
-        reactor.install()
+        reactor.install()  # also: C-STORE data sets spooled to files (storage.Spooled)
         if not tls.only:
             self._server = self._listen(cfg.port)
             self._port = int(self._server.server_address[1])
@@ -175,6 +175,7 @@ class Server:
         if not self.activity.wait_idle(grace):
             logger.warning("operations still in flight after %.0f s; aborting them", grace)
         close_unassociated(self.ae)
+        reactor.settle(self.ae.active_associations, timeout=min(grace, 5.0))
         self.ae.shutdown()
         self.archive.close()
         logger.info("minipacs stopped")

@@ -22,6 +22,7 @@ from .errors import (
 )
 from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .keys import Level, Model
+from .parsing import Spooled
 from .query import Query
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -39,6 +40,7 @@ __all__ = [
     "Model",
     "Origin",
     "Query",
+    "Spooled",
     "QueryFailed",
     "SOPClassMismatch",
     "StorageError",

@@ -10,6 +10,7 @@ the new file is removed, and a replaced file is removed only after the commit.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import shutil
 import threading
@@ -39,6 +40,7 @@ from .files import FileStore, FilesystemStore
 from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .keys import Model
 from .parsing import (
+    Spooled,
     content_hash,
     extract,
     file_meta,
@@ -128,7 +130,7 @@ class Archive:
 
     def store(
         self,
-        data: bytes,
+        data: bytes | Spooled,
         transfer_syntax_uid: str,
         *,
         sop_class_uid: str | None = None,
@@ -139,8 +141,9 @@ class Archive:
 
         Parameters
         ----------
-        data : bytes
-            The data set exactly as the sender encoded it.
+        data : bytes or Spooled
+            The data set exactly as the sender encoded it, in memory or in a file (then
+            it is read a chunk at a time, and only its header is parsed in memory).
         transfer_syntax_uid : str
             Its transfer syntax (the presentation context's).
         sop_class_uid, sop_instance_uid : str, optional
@@ -164,13 +167,18 @@ class Archive:
             on the disk (PS3.4 B.2.3 A700); in the last two cases nothing is written.
         """
         origin = origin or Origin()
+        size = data.length if isinstance(data, Spooled) else len(data)
         limit = self.options.max_instance_bytes
-        if limit and len(data) > limit:
+        if limit and size > limit:
             raise StorageFull(
-                f"instance of {len(data) / 2**20:.0f} MB exceeds storage.max_instance_mb"
+                f"instance of {size / 2**20:.0f} MB exceeds storage.max_instance_mb"
                 f" ({limit // 2**20} MB)"
             )
-        header = read_header(data, transfer_syntax_uid)
+        if isinstance(data, Spooled):
+            with data.view() as view:
+                header = read_header(view, transfer_syntax_uid)
+        else:
+            header = read_header(data, transfer_syntax_uid)
         parsed = extract(header)
         if sop_class_uid and parsed.sop_class_uid != strip("UI", sop_class_uid):
             raise SOPClassMismatch(
@@ -198,13 +206,14 @@ class Archive:
                 return early
 
         meta = file_meta(parsed, transfer_syntax_uid, origin.ae_title)
-        with self._reserving(len(meta) + len(data)):  # after the resend check: it writes nothing
-            key = self.files.put((meta, data))
+        chunks = itertools.chain((meta,), data.chunks() if isinstance(data, Spooled) else (data,))
+        with self._reserving(len(meta) + size):  # after the resend check: it writes nothing
+            key = self.files.put(chunks)
         record = parsed.record
         record.instance.update(
             transfer_syntax_uid=transfer_syntax_uid,
             file_key=key,
-            file_size=len(meta) + len(data),
+            file_size=len(meta) + size,
             content_hash=digest,
         )
         try:

@@ -7,14 +7,18 @@ JSON come from here; nothing is re-encoded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import mmap
+import os
 import re
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom.datadict import dictionary_VR
@@ -57,7 +61,7 @@ class Parsed:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_header(data: bytes, transfer_syntax_uid: str, strict: bool = True) -> Dataset:
+def read_header(data: Buffer, transfer_syntax_uid: str, strict: bool = True) -> Dataset:
     """Parse a data set up to its pixel data, after checking that all of it is complete.
 
     ``strict`` false is for files already in the store (``reindex``, ``verify``): they are
@@ -86,7 +90,7 @@ def read_identifier(data: bytes, transfer_syntax_uid: str) -> Dataset:
     return _read(data, transfer_syntax_uid, stop_at_pixel_data=False)
 
 
-def _read(data: bytes, transfer_syntax_uid: str, stop_at_pixel_data: bool,
+def _read(data: Buffer, transfer_syntax_uid: str, stop_at_pixel_data: bool,
           check_raw: Callable[[Dataset], None] | None = None, walk: bool = True) -> Dataset:
     ts = UID(transfer_syntax_uid)
     try:
@@ -102,9 +106,13 @@ def _read(data: bytes, transfer_syntax_uid: str, stop_at_pixel_data: bool,
     # pydicom's reader stops silently where the bytes end, ends the data set at a stray
     # delimiter and switches to implicit VR when the VRs look wrong: walk the structure
     # first (PS3.5 7.1, 7.5), so that whatever it parses is all there is
+    header_end = len(data)
     if walk:
-        check_structure(data, implicit, little, complete=complete)
-    fp = io.BytesIO(data)
+        header_end = check_structure(data, implicit, little, complete=complete)
+    if isinstance(data, bytes):
+        fp = io.BytesIO(data)  # shares the bytes
+    else:  # a view of a spooled file: copy only the header (and the pixel data's tag)
+        fp = io.BytesIO(bytes(data[:header_end + 12 if stop_at_pixel_data else len(data)]))
 
     def at_pixel_data(tag: Any, vr: Any, length: int) -> bool:
         return stop_at_pixel_data and int(tag) in _PIXEL_TAGS
@@ -125,7 +133,7 @@ def _read(data: bytes, transfer_syntax_uid: str, stop_at_pixel_data: bool,
     return ds
 
 
-def _inflate_header(data: bytes) -> tuple[bytes, bool]:
+def _inflate_header(data: Buffer) -> tuple[bytes, bool]:
     """Inflate at most :data:`HEADER_LIMIT` bytes to parse; stream through the rest without
     keeping it, to check the deflate stream is whole and not a bomb. Returns the bytes
     inflated and whether they are the whole data set."""
@@ -171,7 +179,7 @@ _VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL",
                   b"UR", b"US", b"UT", b"UV"})
 
 
-def check_structure(data: bytes, implicit: bool, little: bool, complete: bool = True) -> None:
+def check_structure(data: Buffer, implicit: bool, little: bool, complete: bool = True) -> int:
     """Check that ``data`` is one complete data set: every element header whole, every
     value inside its container, every undefined length closed by its delimiter, no stray
     delimiter, and in an explicit VR syntax a VR on every top-level element (PS3.5 7.1,
@@ -188,6 +196,9 @@ def check_structure(data: bytes, implicit: bool, little: bool, complete: bool = 
     element the dictionary calls a sequence whose value is not items (a text, as some
     anonymisers write); and a delimiter inside a defined-length item or sequence.
 
+    Returns the offset of the top-level pixel data element (the length of ``data`` when it
+    has none): what precedes it is the header.
+
     Raises
     ------
     InvalidInstance
@@ -200,19 +211,20 @@ def check_structure(data: bytes, implicit: bool, little: bool, complete: bool = 
     size = len(data)
     stack = [_Frame(_DATASET, size, None, implicit)]
     pos = 0
+    pixel_at = size
     while stack:
         frame = stack[-1]
         if pos == frame.end:
             if frame.until is not None:
                 if not complete and pos == size:
-                    return
+                    return pixel_at
                 raise InvalidInstance(
                     f"data set is truncated at byte {pos}: a sequence or item never ends")
             stack.pop()
             continue
         if pos + 8 > frame.end:
             if not complete and pos + 8 > size:
-                return
+                return pixel_at
             raise InvalidInstance(f"data set is truncated at byte {pos}: element header "
                                   f"cut short")
         group, elem = tag_of(data, pos)
@@ -235,7 +247,7 @@ def check_structure(data: bytes, implicit: bool, little: bool, complete: bool = 
                 stack.append(_Frame(_DATASET, frame.end, _ITEM_END, item_syntax))
             elif length == _UNDEFINED or pos + length > frame.end:
                 if not complete and length != _UNDEFINED and pos + length > size:
-                    return
+                    return pixel_at
                 raise InvalidInstance(f"item at byte {pos - 8} runs past its end")
             elif frame.kind == _SEQUENCE:
                 stack.append(_Frame(_DATASET, pos + length, None, item_syntax))
@@ -251,9 +263,11 @@ def check_structure(data: bytes, implicit: bool, little: bool, complete: bool = 
                 continue  # in a defined-length item: a redundant delimiter
             raise InvalidInstance(f"unexpected delimiter {name} at byte {pos}")
         top = len(stack) == 1
-        if top and not complete and tag in _PIXEL_TAGS:
-            return
-        vr = data[pos + 4:pos + 6]
+        if top and tag in _PIXEL_TAGS and pixel_at == size:
+            pixel_at = pos
+            if not complete:
+                return pixel_at
+        vr = bytes(data[pos + 4:pos + 6])
         if frame.implicit is None:  # an item's first element: explicit if it has a VR
             frame.implicit = vr not in _VRS
         element_implicit = frame.implicit
@@ -269,7 +283,7 @@ def check_structure(data: bytes, implicit: bool, little: bool, complete: bool = 
         elif vr in _LONG_VRS:
             if pos + 12 > frame.end:
                 if not complete and pos + 12 > size:
-                    return
+                    return pixel_at
                 raise InvalidInstance(f"data set is truncated at byte {pos}: "
                                       f"element header cut short")
             (length,) = u32(data, pos + 8)
@@ -290,16 +304,17 @@ def check_structure(data: bytes, implicit: bool, little: bool, complete: bool = 
                                       f"has an undefined length")
         elif pos + length > frame.end:
             if not complete and pos + length > size:
-                return
+                return pixel_at
             raise InvalidInstance(
                 f"value of {name} is truncated: {length} bytes announced, "
                 f"{frame.end - pos} left")
-        elif sequence and (vr == b"SQ" or length == 0 or data[pos:pos + 4] in _ITEM_TAGS):
+        elif sequence and (vr == b"SQ" or length == 0 or bytes(data[pos:pos + 4]) in _ITEM_TAGS):
             stack.append(_Frame(_SEQUENCE, pos + length, None, frame.implicit))
         else:
             pos += length  # a value; an implicit "sequence" that holds no items is one too
         if len(stack) > 2 * MAX_DEPTH + 1:
             raise InvalidInstance(f"sequences are nested more than {MAX_DEPTH} deep")
+    return pixel_at
 
 
 _ITEM_TAGS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")  # (FFFE,E000), little and big endian
@@ -480,12 +495,81 @@ def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
 
 
-def content_hash(transfer_syntax_uid: str, data: bytes) -> str:
+def content_hash(transfer_syntax_uid: str, data: bytes | Spooled) -> str:
     """What the index records of an instance's content: SHA-256 of its transfer syntax UID,
     a NUL, and its data set bytes (the File Meta header we write is not part of it)."""
     digest = hashlib.sha256(transfer_syntax_uid.encode() + b"\0")
-    digest.update(data)
+    for chunk in data.chunks() if isinstance(data, Spooled) else (data,):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+SPOOL_CHUNK = 1 << 20
+"""Bytes read at a time from a spooled data set."""
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A data set waiting in a file rather than in memory: ``length`` bytes at ``offset``
+    of ``path`` (pynetdicom spools every received C-STORE data set to a file; a 1 GB
+    multi-frame then never has to be in memory)."""
+
+    path: Path
+    offset: int
+    length: int
+
+    @classmethod
+    def part10(cls, path: Path) -> tuple[str, Spooled]:
+        """The transfer syntax and data set of the Part 10 file ``path`` (read up to the end
+        of its File Meta Information only).
+
+        Raises
+        ------
+        InvalidInstance
+            Not a Part 10 file, or its File Meta group is damaged.
+        """
+        with open(path, "rb") as f:
+            head = f.read(64 * 1024)
+            size = os.fstat(f.fileno()).st_size
+        syntax, rest = split_part10(head)
+        offset = len(head) - len(rest)
+        return syntax, cls(path, offset, size - offset)
+
+    def chunks(self, size: int = SPOOL_CHUNK) -> Iterator[bytes]:
+        """The data set's bytes, ``size`` at a time."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            left = self.length
+            while left > 0:
+                chunk = f.read(min(size, left))
+                if not chunk:
+                    raise InvalidInstance(f"{self.path} is shorter than announced")
+                left -= len(chunk)
+                yield chunk
+
+    @contextlib.contextmanager
+    def view(self) -> Iterator[memoryview]:
+        """The data set's bytes as a read-only view of the file, mapped, not read: only
+        the pages looked at are loaded (the structure walk touches element headers)."""
+        with open(self.path, "rb") as f:
+            if self.length == 0:
+                yield memoryview(b"")
+                return
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                whole = memoryview(mapped)
+                view = whole[self.offset:self.offset + self.length]
+                try:
+                    yield view
+                finally:
+                    view.release()
+                    whole.release()
+            finally:
+                mapped.close()
+
+
+Buffer = bytes | memoryview
+"""Data set bytes: in memory, or a view of a spooled file (:meth:`Spooled.view`)."""
 
 
 _PART10_MAGIC_AT = 128

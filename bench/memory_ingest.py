@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""minipacs' memory while it receives one very large instance (issue 6, target 5).
+
+Generates one multi-frame CT instance of ``--mb`` MiB of pixel data (1024 MiB by default:
+512 frames of 1024x1024, 16 bits), starts ``minipacs serve`` (the benchmark's configuration)
+on an empty folder, records its idle VmRSS, sends the instance with DCMTK ``storescu`` while
+sampling VmRSS every 20 ms, and prints idle, peak and growth, and whether the instance was
+stored whole (C-FIND count and the stored file's size)::
+
+    .venv/bin/python bench/memory_ingest.py            # 1 GiB
+    .venv/bin/python bench/memory_ingest.py --mb 256
+
+Not part of ``make test``; the numbers go to bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench  # noqa: E402  (bench/run.py: data generation and process helpers)
+
+MIB = 1 << 20
+
+
+def rss_mib(pid: int) -> float:
+    """The process' VmRSS in MiB (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def write_instance(path: Path, mib: int) -> int:
+    """One multi-frame CT of ``mib`` MiB of pixel data; returns the file's size."""
+    data = bench.generate(path.parent / "gen", "big", 1, 64, 1, 1, 1, seed=3)
+    [source] = sorted((path.parent / "gen").rglob("*.dcm"))
+    from pydicom import dcmread  # the generator's template, enlarged
+
+    ds = dcmread(source)
+    frames = mib // 2
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 1024, 1024, frames
+    ds.PixelData = bytes(frames * 1024 * 1024 * 2)
+    ds.save_as(path, enforce_file_format=True)
+    del ds
+    shutil.rmtree(path.parent / "gen")
+    assert data.count == 1
+    return path.stat().st_size
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=int, default=1024, help="MiB of pixel data (1024)")
+    args = parser.parse_args()
+    bench.WORK_ROOT.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="memory-", dir=bench.WORK_ROOT))
+    try:
+        instance = work / "in" / "big.dcm"
+        instance.parent.mkdir()
+        size = write_instance(instance, args.mb)
+        server = bench.Minipacs(work, work)
+        server.start(work / "pacs", "memory")
+        assert server.proc is not None
+        pid = server.proc.pid
+        time.sleep(1.0)
+        idle = rss_mib(pid)
+        samples: list[float] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                samples.append(rss_mib(pid))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        started = time.perf_counter()
+        sender = subprocess.run(
+            ["storescu", "-aet", bench.SCU_AET, "-aec", server.aet, "-ta", "600",
+             bench.HOST, str(server.port), str(instance)],
+            capture_output=True, text=True, env=bench.DCMTK_ENV, check=False)
+        elapsed = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        held, how = server.count()
+        stored = [p.stat().st_size for p in (work / "pacs" / "files").glob("*/*/*")
+                  if p.is_file()]
+        server.stop()
+        peak = max(samples, default=idle)
+        print(f"one instance, {size / MIB:.0f} MiB file ({args.mb} MiB of pixel data): "
+              f"storescu exit {sender.returncode} in {elapsed:.1f} s "
+              f"({size / MIB / elapsed:.0f} MiB/s)")
+        print(f"minipacs VmRSS: idle {idle:.1f} MiB, peak {peak:.1f} MiB, growth "
+              f"{peak - idle:.1f} MiB ({len(samples)} samples)")
+        print(f"stored: {held} instance(s) ({how}); file sizes {stored}")
+        return 0 if sender.returncode == 0 and held == 1 else 1
+    finally:
+        bench.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
