@@ -32,7 +32,7 @@ from . import status
 from .access import Access
 from .activity import Activity
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
-from .retrieve import MoveDestination, Responses, accepted_syntaxes
+from .retrieve import MoveDestination, Responses, accepted_syntaxes, transferring
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def handle_get(
             yield len(items)
             accepted = functools.partial(accepted_syntaxes, event.assoc)
             outcome = yield from _sub_operations(
-                event, archive, items, accepted, lambda: event.assoc.is_established, "get")
+                event, archive, items, accepted, lambda: transferring(event.assoc), "get")
         finally:
             responses.restore()
             activity.count(event, outcome, ok=True)

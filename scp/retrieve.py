@@ -33,6 +33,14 @@ logger = logging.getLogger(__name__)
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: odd presentation context IDs 1 to 255
 
 
+def transferring(assoc: Association) -> bool:
+    """Whether ``assoc`` can still carry a sub-operation: established, and its DUL still in
+    Sta6 (data transfer). An A-ABORT from the peer moves the DUL to Sta1 at once, while
+    ``is_established`` turns false only when the association's reactor gets to it: in
+    between, a sub-operation sent would wait the whole DIMSE timeout for its response."""
+    return bool(assoc.is_established) and assoc.dul.state_machine.current_state == "Sta6"
+
+
 def accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[str]:
     """The transfer syntaxes ``assoc``'s peer accepted for receiving ``sop_class_uid`` from
     us (we are the C-STORE SCU on it, PS3.7 D.3.3.4 for C-GET's role selection)."""
@@ -224,7 +232,7 @@ class MoveDestination:
 
     def is_established(self) -> bool:
         """The association to the destination is (still) up."""
-        return self.assoc is not None and self.assoc.is_established
+        return self.assoc is not None and transferring(self.assoc)
 
     def accepted(self, sop_class_uid: str) -> list[str]:
         """What the destination accepted for ``sop_class_uid`` (none before it answered)."""
