@@ -184,8 +184,8 @@ def _write_spool_meta(fp: Any, transfer_syntax: str, *_: Any, **__: Any) -> None
 
 
 def install() -> bool:
-    """Put the proxies in pynetdicom's dul and association modules (once); ``False`` when
-    this pynetdicom is not a tested version, and nothing was changed."""
+    """Put the proxies in pynetdicom's dul, association and dimse_messages modules (once);
+    ``False`` when this pynetdicom is not a tested version, and nothing was changed."""
     global _installed
     if _installed:
         return True
