@@ -219,12 +219,20 @@ def handle_conn_open(event: evt.Event) -> None:
 
 
 def handle_conn_close(event: evt.Event) -> None:
-    """EVT_CONN_CLOSE: back to plain sleeps, and the pipe closed."""
+    """EVT_CONN_CLOSE: back to plain sleeps, the pipe closed, and the spool of a C-STORE
+    cut off by the closing removed (pynetdicom deletes a spool only once its handler ran:
+    a data set that never arrived whole would stay in ``$TMPDIR``)."""
     waker = _wakers.pop(event.assoc, None)
     if waker is not None:
         _wakers.pop(waker.dul, None)
         waker.wake_association()
         waker.close()
+    message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+    spool = getattr(message, "_data_set_file", None)
+    if spool is not None:
+        with contextlib.suppress(OSError):
+            spool.close()
+            os.unlink(spool.name)
 
 
 def settle(associations: list[Any], timeout: float) -> None:

@@ -27,6 +27,7 @@ import re
 import socket
 import sqlite3
 import struct
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1083,6 +1084,31 @@ def test_malformed_pdu_on_an_association_is_aborted(pacs: Running,
         peer.send(build())
         answer = peer.answer(timeout=10)
     assert answer == ABORT
+    assert_nothing_written(pacs, before)
+    assert_serving(pacs)
+
+
+def _spools() -> set[Path]:
+    """pynetdicom's C-STORE spool files (NamedTemporaryFile(suffix=".dcm") in $TMPDIR)."""
+    return set(Path(tempfile.gettempdir()).glob("tmp*.dcm"))
+
+
+def test_a_store_cut_off_leaves_no_spool_file(pacs: Running) -> None:
+    """The data set of a C-STORE goes to a temporary file as it arrives (scp/reactor.py);
+    one whose association ends before the last fragment must not stay there."""
+    before = snapshot(pacs)
+    spools = _spools()
+    with established(pacs) as peer:
+        peer.send(p_data(CT_ID, 0x03, c_store_rq(CT, uid())))
+        peer.send(p_data(CT_ID, 0x00, image()[:200]))  # not the last fragment
+        deadline = time.monotonic() + 10
+        while not _spools() - spools and time.monotonic() < deadline:
+            time.sleep(0.01)  # the server has started its spool
+        assert _spools() - spools, "no spool file appeared"
+    deadline = time.monotonic() + 10  # the connection is closed: the server cleans up
+    while _spools() - spools and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _spools() - spools
     assert_nothing_written(pacs, before)
     assert_serving(pacs)
 
