@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import struct
 from collections.abc import Callable
 from typing import Any, cast
@@ -193,8 +194,21 @@ class _DecodeGuard:
         except Exception as exc:
             logger.warning("association with %s aborted: undecodable DIMSE message (%s: %s)",
                            self._peer, type(exc).__name__, exc)
+            discard_spool(self._assoc.dimse.message)
             self._assoc.dimse.message = None
             self._assoc.dul.event_queue.put("Evt19")
+
+
+def discard_spool(message: Any) -> None:
+    """Close and remove the file pynetdicom spools a C-STORE data set to, when the message
+    will never reach a handler (pynetdicom removes it only after the handler ran)."""
+    spool = getattr(message, "_data_set_file", None)
+    if spool is None:
+        return
+    with contextlib.suppress(OSError):  # a full disk fails the flush of close()
+        spool.close()
+    with contextlib.suppress(OSError):
+        os.unlink(spool.name)
 
 
 class _ActionGuard:

@@ -49,6 +49,8 @@ from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dul as _dul
 from pynetdicom import events as evt
 
+from . import guards
+
 logger = logging.getLogger(__name__)
 
 TESTED_VERSIONS = ("3.0.",)
@@ -227,12 +229,7 @@ def handle_conn_close(event: evt.Event) -> None:
         _wakers.pop(waker.dul, None)
         waker.wake_association()
         waker.close()
-    message = getattr(getattr(event.assoc, "dimse", None), "message", None)
-    spool = getattr(message, "_data_set_file", None)
-    if spool is not None:
-        with contextlib.suppress(OSError):
-            spool.close()
-            os.unlink(spool.name)
+    guards.discard_spool(getattr(getattr(event.assoc, "dimse", None), "message", None))
 
 
 def settle(associations: list[Any], timeout: float) -> None:

@@ -531,6 +531,15 @@ class Spooled:
         with open(path, "rb") as f:
             head = f.read(64 * 1024)
             size = os.fstat(f.fileno()).st_size
+        # the group ends where its (0002,0000) group length says: a data set that itself
+        # starts with group 0002 elements (some senders) must not be taken for File Meta
+        at = _PART10_MAGIC_AT + 4
+        if head[at:at + 6] == b"\x02\x00\x00\x00UL" and len(head) >= at + 12:
+            (group_length,) = struct.unpack_from("<L", head, at + 8)
+            end = at + 12 + group_length
+            if end <= len(head):
+                syntax, _ = split_part10(head[:end])
+                return syntax, cls(path, end, size - end)
         syntax, rest = split_part10(head)
         offset = len(head) - len(rest)
         return syntax, cls(path, offset, size - offset)

@@ -3,6 +3,7 @@ exactly as the same bytes in memory would be, reading the file a chunk at a time
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,16 @@ def test_a_spooled_data_set_cut_short_is_refused(new_archive: Archive, tmp_path:
     data = encode(make_ds(Rows=64, Columns=64, PixelData=bytes(8192)))
     with pytest.raises(InvalidInstance, match="truncated"):
         new_archive.store(spool(tmp_path, data[:-100]), EXPLICIT)
+
+
+def test_a_data_set_starting_with_group_0002_keeps_it(new_archive: Archive,
+                                                      tmp_path: Path) -> None:
+    """Some senders put group 0002 elements in the data set itself: the spool's File Meta
+    ends where its group length says, so they stay part of the stored bytes."""
+    stray = struct.pack("<HH2sH", 0x0002, 0x0013, b"SH", 2) + b"X "
+    data = stray + encode(make_ds(Rows=64, Columns=64, PixelData=bytes(8192)))
+    spooled = spool(tmp_path, data)
+    assert b"".join(spooled.chunks()) == data
+    new_archive.store(spooled, EXPLICIT)
+    [stored] = [p for p in (tmp_path / "files").glob("*/*/*") if p.is_file()]
+    assert stored.read_bytes().endswith(data)
