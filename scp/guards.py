@@ -89,13 +89,14 @@ class Guards:
         if self.network_timeout and transport.socket.gettimeout() is None:
             # TLS sockets already have ae.acse_timeout, from scp/tls.py
             transport.socket.settimeout(self.network_timeout)
-        transport.recv = _PDUReader(transport, self.max_pdu_size, _peer(event))  # type: ignore[method-assign]
+        peer = _peer(event)
+        transport.recv = _PDUReader(transport, self.max_pdu_size, peer)  # type: ignore[method-assign]
         dimse = assoc.dimse
         dimse.receive_primitive = _DecodeGuard(  # type: ignore[method-assign]
-            dimse.receive_primitive, assoc, _peer(event))
+            dimse.receive_primitive, assoc, peer)
         machine = assoc.dul.state_machine
         machine.do_action = _ActionGuard(  # type: ignore[method-assign]
-            machine.do_action, assoc, _peer(event))
+            machine.do_action, assoc, peer)
 
     def handle_conn_close(self, event: evt.Event) -> None:
         """EVT_CONN_CLOSE: end the acceptor's wait for an A-ASSOCIATE-RQ that cannot come.
@@ -104,8 +105,7 @@ class Guards:
         that queue is what it gets when the wait times out, and it then ends the
         association as for a timeout. Only when nothing is queued and no request came."""
         assoc = event.assoc
-        if (assoc.is_acceptor and not assoc.is_established
-                and assoc.requestor.primitive is None and assoc.dul.to_user_queue.empty()):
+        if _awaiting_request(assoc) and assoc.dul.to_user_queue.empty():
             cast(Any, assoc.dul.to_user_queue).put(None)  # see the docstring
 
     def handle_requested(self, event: evt.Event) -> None:
@@ -128,13 +128,18 @@ def close_unassociated(ae: Any, timeout: float = 2.0) -> None:
     aborts every association, and an A-ABORT request in state Sta2 (no A-ASSOCIATE-RQ yet)
     is an invalid event that kills the DUL thread (pynetdicom fsm.py InvalidEventError).
     A closed connection is Evt17 there, and :meth:`Guards.handle_conn_close` ends the wait."""
-    waiting = [a for a in ae.active_associations
-               if a.is_acceptor and not a.is_established and a.requestor.primitive is None]
+    waiting = [a for a in ae.active_associations if _awaiting_request(a)]
     for assoc in waiting:
         with contextlib.suppress(AttributeError, OSError):
             assoc.dul.socket.close()
     for assoc in waiting:
         assoc.join(timeout)
+
+
+def _awaiting_request(assoc: Any) -> bool:
+    """An association we accept that has not received its A-ASSOCIATE-RQ yet (Sta2)."""
+    return bool(assoc.is_acceptor and not assoc.is_established
+                and assoc.requestor.primitive is None)
 
 
 class _PDUReader:
@@ -177,20 +182,24 @@ class _PDUReader:
         return bytearray()
 
 
-class _DecodeGuard:
+class _Wrapped:
+    """One pynetdicom method of one association, replaced by a guard that calls it."""
+
+    def __init__(self, wrapped: Callable[[Any], None], assoc: Any, peer: str) -> None:
+        self._wrapped = wrapped
+        self._assoc = assoc
+        self._peer = peer
+
+
+class _DecodeGuard(_Wrapped):
     """``DIMSEServiceProvider.receive_primitive`` of one association: a P-DATA whose
     command set cannot be decoded aborts the association (pynetdicom's Evt19, "invalid
     PDU", as it does itself for a message it cannot convert) instead of killing the
     reactor thread."""
 
-    def __init__(self, receive: Callable[[Any], None], assoc: Any, peer: str) -> None:
-        self._receive = receive
-        self._assoc = assoc
-        self._peer = peer
-
     def __call__(self, primitive: Any) -> None:
         try:
-            self._receive(primitive)
+            self._wrapped(primitive)
         except Exception as exc:
             logger.warning("association with %s aborted: undecodable DIMSE message (%s: %s)",
                            self._peer, type(exc).__name__, exc)
@@ -211,7 +220,7 @@ def discard_spool(message: Any) -> None:
         os.unlink(spool.name)
 
 
-class _ActionGuard:
+class _ActionGuard(_Wrapped):
     """``StateMachine.do_action`` of one association: an action that raises (pynetdicom
     converts a received PDU to a primitive inside the action, and raises on values it
     cannot represent, such as an A-ABORT source of 255 or an undecodable AE title) sends an
@@ -219,14 +228,9 @@ class _ActionGuard:
     connection open. The state is unchanged (the action did not complete), so the closed
     connection's Evt17 takes the association down the standard way (PS3.8 9.2, AA-4/AA-5)."""
 
-    def __init__(self, do_action: Callable[[str], None], assoc: Any, peer: str) -> None:
-        self._do_action = do_action
-        self._assoc = assoc
-        self._peer = peer
-
     def __call__(self, event: str) -> None:
         try:
-            self._do_action(event)
+            self._wrapped(event)
         except Exception as exc:
             logger.warning("association with %s aborted: %s in state %s (%s: %s)",
                            self._peer, event, self._assoc.dul.state_machine.current_state,

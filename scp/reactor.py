@@ -139,16 +139,23 @@ class _TimeProxy:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        waker = _wakers.get(threading.current_thread())
-        if waker is None or waker.closed:
-            time.sleep(seconds)
-        elif self._module == "dul" and threading.current_thread() is waker.dul:
+        if self._module == "dul" and (waker := _waker_of("dul")) is not None:
             waker.wait_dul()
-        elif (self._module == "association" and threading.current_thread() is waker.assoc
-              and seconds == ASSOCIATION_LOOP_SLEEP):
+        elif (self._module == "association" and seconds == ASSOCIATION_LOOP_SLEEP
+              and (waker := _waker_of("assoc")) is not None):
             waker.wait_association()
         else:
             time.sleep(seconds)
+
+
+def _waker_of(role: str) -> _Waker | None:
+    """The waker of the running thread when it is the ``role`` ("dul" or "assoc") thread
+    of one of our open associations."""
+    thread = threading.current_thread()
+    waker = _wakers.get(thread)
+    if waker is None or waker.closed or getattr(waker, role) is not thread:
+        return None
+    return waker
 
 
 class _SpoolingConfig:
@@ -163,8 +170,7 @@ class _SpoolingConfig:
 
     @property
     def STORE_RECV_CHUNKED_DATASET(self) -> bool:  # noqa: N802  (pynetdicom's name)
-        waker = _wakers.get(threading.current_thread())
-        return waker is not None and threading.current_thread() is waker.dul
+        return _waker_of("dul") is not None
 
 
 def _spool_meta(*, sop_class_uid: Any = None, sop_instance_uid: Any = None,
