@@ -317,13 +317,14 @@ def _received(event: evt.Event) -> bytes | Spooled:
         return event.encoded_dataset(include_meta=False)
     _, spooled = Spooled.part10(path)  # the syntax is the context's, as written there
     if spooled.length <= _IN_MEMORY_UP_TO:
-        return b"".join(spooled.chunks(size=_IN_MEMORY_UP_TO))  # one read: cheaper
+        return b"".join(spooled.chunks(size=_IN_MEMORY_UP_TO))  # one read
     return spooled
 
 
 _IN_MEMORY_UP_TO = 4 * 1024 * 1024
-"""Spooled data sets up to this size are read into memory at once (not mapped and
-streamed): cheaper for the common small instance, and bounded."""
+"""Spooled data sets up to this size are read into memory at once and stored like any
+bytes, not mapped and streamed (bounded; measured no faster nor slower on small
+instances: 167-171 vs 165-173 inst/s, bench/profile_ingest.py, 2,000 64x64)."""
 
 
 def _context_mismatch(event: evt.Event) -> Dataset | None:

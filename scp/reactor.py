@@ -36,7 +36,6 @@ import contextlib
 import logging
 import os
 import select
-import struct
 import threading
 import time
 import weakref
@@ -48,6 +47,8 @@ from pynetdicom import association as _association
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dul as _dul
 from pynetdicom import events as evt
+
+from storage.parsing import transfer_syntax_group
 
 from . import guards
 
@@ -183,12 +184,9 @@ def _spool_meta(*, sop_class_uid: Any = None, sop_instance_uid: Any = None,
 
 
 def _write_spool_meta(fp: Any, transfer_syntax: str, *_: Any, **__: Any) -> None:
-    """A minimal File Meta group (Explicit VR Little Endian, PS3.10 7.1): its group length
-    and Transfer Syntax UID, after the preamble and prefix pynetdicom has written."""
-    uid = transfer_syntax.encode("ascii")
-    uid += b"\0" * (len(uid) % 2)
-    element = struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(uid)) + uid
-    fp.write(struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(element)) + element)
+    """A minimal File Meta group (its group length and Transfer Syntax UID), after the
+    preamble and prefix pynetdicom has written."""
+    fp.write(transfer_syntax_group(transfer_syntax))
 
 
 def install() -> bool:

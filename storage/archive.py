@@ -41,6 +41,7 @@ from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .keys import Model
 from .parsing import (
     Spooled,
+    chunks_of,
     content_hash,
     extract,
     file_meta,
@@ -206,7 +207,7 @@ class Archive:
                 return early
 
         meta = file_meta(parsed, transfer_syntax_uid, origin.ae_title)
-        chunks = itertools.chain((meta,), data.chunks() if isinstance(data, Spooled) else (data,))
+        chunks = itertools.chain((meta,), chunks_of(data))
         with self._reserving(len(meta) + size):  # after the resend check: it writes nothing
             key = self.files.put(chunks)
         record = parsed.record

@@ -16,7 +16,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -464,19 +464,30 @@ def file_meta(parsed: Parsed, transfer_syntax_uid: str, source_ae_title: str) ->
     (tests/storage/test_parsing.py compares them).
     """
     elements = [
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", _ui(parsed.sop_class_uid)),
-        _meta_element(0x0003, b"UI", _ui(parsed.sop_instance_uid)),
-        _meta_element(0x0010, b"UI", _ui(transfer_syntax_uid)),
-        _meta_element(0x0012, b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
-        _meta_element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME)),
+        (0x0001, b"OB", b"\x00\x01"),
+        (0x0002, b"UI", _ui(parsed.sop_class_uid)),
+        (0x0003, b"UI", _ui(parsed.sop_instance_uid)),
+        (0x0010, b"UI", _ui(transfer_syntax_uid)),
+        (0x0012, b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
+        (0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME)),
     ]
     ae_title = source_ae_title.strip()[:16]
     if ae_title:
-        elements.append(_meta_element(0x0016, b"AE", _padded(ae_title)))
-    body = b"".join(elements)
-    group_length = _meta_element(0x0000, b"UL", struct.pack("<L", len(body)))
-    return b"\0" * 128 + b"DICM" + group_length + body
+        elements.append((0x0016, b"AE", _padded(ae_title)))
+    return b"\0" * 128 + b"DICM" + meta_group(elements)
+
+
+def meta_group(elements: list[tuple[int, bytes, bytes]]) -> bytes:
+    """Group 0002 in Explicit VR Little Endian (PS3.10 7.1): its group length, then the
+    elements, each (element number, VR, value padded to even length)."""
+    body = b"".join(_meta_element(elem, vr, value) for elem, vr, value in elements)
+    return _meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body
+
+
+def transfer_syntax_group(transfer_syntax_uid: str) -> bytes:
+    """The smallest File Meta group :func:`split_part10` reads back: the Transfer Syntax
+    UID (a spool's, see scp/reactor.py)."""
+    return meta_group([(0x0010, b"UI", _ui(transfer_syntax_uid))])
 
 
 def _ui(uid: str) -> bytes:
@@ -499,9 +510,14 @@ def content_hash(transfer_syntax_uid: str, data: bytes | Spooled) -> str:
     """What the index records of an instance's content: SHA-256 of its transfer syntax UID,
     a NUL, and its data set bytes (the File Meta header we write is not part of it)."""
     digest = hashlib.sha256(transfer_syntax_uid.encode() + b"\0")
-    for chunk in data.chunks() if isinstance(data, Spooled) else (data,):
+    for chunk in chunks_of(data):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+def chunks_of(data: bytes | Spooled) -> Iterable[bytes]:
+    """The data set's bytes: as they are in memory, or a spooled file's a chunk at a time."""
+    return data.chunks() if isinstance(data, Spooled) else (data,)
 
 
 SPOOL_CHUNK = 1 << 20
