@@ -28,7 +28,7 @@ from storage import (
     StoredInstance,
 )
 
-from . import status
+from . import responses, status
 from .access import Access
 from .activity import Activity
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
@@ -132,8 +132,10 @@ def handle_find(
             )
             pending = status.PENDING_WARNING if query.ignored else status.PENDING
             cancel = _CancelFlag(event)
-            for identifier in archive.find(query, cancelled=cancel):  # checked every row
-                yield pending, identifier
+            syntax = str(event.context.transfer_syntax)
+            for identifier in responses.identifiers(archive, query, cancel, event.assoc,
+                                                    syntax):
+                yield pending, identifier  # cancel is checked before every row
             if cancel():
                 yield status.CANCEL, None  # PS3.4 C.4.1.1.4 Cancel
                 return

@@ -189,16 +189,24 @@ def _write_spool_meta(fp: Any, transfer_syntax: str, *_: Any, **__: Any) -> None
     fp.write(transfer_syntax_group(transfer_syntax))
 
 
+def tested_pynetdicom(module: str, otherwise: str) -> bool:
+    """Whether this pynetdicom is one of :data:`TESTED_VERSIONS`, the versions whose
+    internals ``module`` changes; if not, a warning says what happens ``otherwise``."""
+    version = str(getattr(pynetdicom, "__version__", ""))
+    if version.startswith(TESTED_VERSIONS):
+        return True
+    logger.warning("pynetdicom %s is not a version %s was tested with (%s): %s",
+                   version, module, ", ".join(TESTED_VERSIONS), otherwise)
+    return False
+
+
 def install() -> bool:
     """Put the proxies in pynetdicom's dul, association and dimse_messages modules (once);
     ``False`` when this pynetdicom is not a tested version, and nothing was changed."""
     global _installed
     if _installed:
         return True
-    version = str(getattr(pynetdicom, "__version__", ""))
-    if not version.startswith(TESTED_VERSIONS):
-        logger.warning("pynetdicom %s is not a version scp/reactor.py was tested with (%s): "
-                       "its reactors poll every 1 ms", version, ", ".join(TESTED_VERSIONS))
+    if not tested_pynetdicom("scp/reactor.py", "its reactors poll every 1 ms"):
         return False
     _dul.time = _TimeProxy("dul")  # type: ignore[assignment]
     _association.time = _TimeProxy("association")  # type: ignore[assignment]

@@ -10,7 +10,7 @@ from pynetdicom import events as evt
 
 from storage import Archive, open_archive
 
-from . import reactor
+from . import reactor, responses
 from .access import Access
 from .activity import Activity
 from .config import Config
@@ -107,6 +107,7 @@ class Server:
         """
         cfg, tls = self.config.ae, self.config.tls
         reactor.install()  # also: C-STORE data sets spooled to files (storage.Spooled)
+        responses.install()  # C-FIND responses encoded by storage, packed in one PDU
         if not tls.only:
             self._server = self._listen(cfg.port)
             self._port = int(self._server.server_address[1])

@@ -349,6 +349,27 @@ class Archive:
         TooManyMatches
             After ``max_results`` responses, when there is one more match.
         """
+        for row in self._matches(parsed, cancelled):
+            yield query.build_response(
+                parsed, row, self.options.response_charset, self.options.retrieve_ae_title)
+
+    def find_encoded(
+        self,
+        parsed: query.Query,
+        cancelled: Callable[[], bool] | None = None,
+        *,
+        implicit_vr: bool = False,
+    ) -> Iterator[bytes]:
+        """:meth:`find`, each response already encoded in Implicit (or Explicit) VR Little
+        Endian (:func:`storage.query.encode_response`): what a DIMSE front end sends."""
+        for row in self._matches(parsed, cancelled):
+            yield query.encode_response(
+                parsed, row, self.options.response_charset, self.options.retrieve_ae_title,
+                implicit_vr=implicit_vr)
+
+    def _matches(
+        self, parsed: query.Query, cancelled: Callable[[], bool] | None
+    ) -> Iterator[query.Row]:
         limit = self.options.max_results
         sent = 0
         try:
@@ -361,9 +382,7 @@ class Archive:
                             f"more than {limit} matches (query.max_results): refine the query"
                         )
                     sent += 1
-                    yield query.build_response(
-                        parsed, row, self.options.response_charset, self.options.retrieve_ae_title
-                    )
+                    yield row
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
 

@@ -15,15 +15,18 @@ import enum
 import functools
 import json
 import re
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import peewee as pw
 from pydicom.charset import convert_encodings, decode_bytes, encode_string, python_encoding
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 
 from . import models
@@ -291,6 +294,7 @@ def _charset_of(identifier: Dataset) -> tuple[str, ...]:
     return tuple(str(v).strip() for v in value)
 
 
+@functools.lru_cache(maxsize=1024)
 def _key_for(tag: int) -> Key | None:
     keyword = keyword_for_tag(tag)
     return KEYS.get(keyword) if keyword else None
@@ -604,17 +608,28 @@ _LEVEL_MODEL: dict[Level, type[models.BaseModel]] = {
 }
 
 
+class Entity:
+    """One index row of one level, as a query reads it: its ``id``, its DICOM JSON
+    (``attrs``, decoded once, on first use) and the counters of its computed keys."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+        self.id: int = values["id"]
+        self.attrs: str = values["attrs"]
+        self.decoded: dict[str, Any] | None = None
+
+
 class Row:
     """The rows of one match, one per level down to the query level."""
 
     def __init__(self, rows: dict[Level, Any]) -> None:
         self.rows = rows
-        self._attrs: dict[Level, dict[str, Any]] = {}
 
     def attrs(self, level: Level) -> dict[str, Any]:
-        if level not in self._attrs:
-            self._attrs[level] = json.loads(self.rows[level].attrs or "{}")
-        return self._attrs[level]
+        entity = self.rows[level]
+        if entity.decoded is None:
+            entity.decoded = json.loads(entity.attrs or "{}")
+        return cast(dict[str, Any], entity.decoded)
 
     def element(self, tag: int, level: Level) -> dict[str, Any] | None:
         """The DICOM JSON of ``tag`` at ``level`` (computed keys included)."""
@@ -790,41 +805,64 @@ def select_rows(query: Query, page_size: int = 500) -> Iterator[Row]:
     """Yield the candidate rows of ``query`` page by page.
 
     Each page is its own short read: no transaction stays open while the caller sends
-    responses, and a cancelled query stops reading.
+    responses, and a cancelled query stops reading. Rows are plain tuples (building peewee
+    models for every level of every row cost more than the query); a page's rows share
+    their parents' :class:`Entity`, so a study's JSON is decoded once for all its images.
     """
-    levels = query.levels
+    names = {lv: _entity_columns(lv) for lv in query.levels}
+    last = 0
+    while True:
+        page = list(page_select(query, last, page_size))
+        if not page:
+            return
+        last = page[-1][0]
+        parents: dict[tuple[Level, int], Entity] = {}
+        for values in page:
+            rows: dict[Level, Any] = {}
+            at = 0
+            for lv in reversed(query.levels):  # the query level's columns come first
+                width = len(names[lv])
+                part = values[at:at + width]
+                at += width
+                if lv == query.level:
+                    rows[lv] = Entity(dict(zip(names[lv], part, strict=True)))
+                    continue
+                entity = parents.get((lv, part[0]))
+                if entity is None:
+                    entity = parents[lv, part[0]] = Entity(dict(zip(names[lv], part,
+                                                                    strict=True)))
+                rows[lv] = entity
+            yield Row(rows)
+
+
+@functools.cache
+def _entity_columns(level: Level) -> tuple[str, ...]:
+    """The columns a query reads of a level: id, attrs, and its computed keys' counters."""
+    computed = (k.computed for k in KEYS.values() if k.level == level and k.computed)
+    return ("id", "attrs", *dict.fromkeys(c for c in computed if c))
+
+
+def page_select(query: Query, after: int = 0, page_size: int = 500) -> Any:
+    """The SELECT of one page of candidates: rows of the query's level with an id above
+    ``after``, joined to their parents, filtered by :func:`sql_conditions`, in id order,
+    as tuples of :func:`_entity_columns` from the query level up.
+
+    Public so that the benchmark can show its plan (``EXPLAIN QUERY PLAN``) for each query.
+    """
     base = _LEVEL_MODEL[query.level]
-    selected = [_LEVEL_MODEL[lv] for lv in levels]
-    select = base.select(*selected)
+    columns = [getattr(_LEVEL_MODEL[lv], name)
+               for lv in reversed(query.levels) for name in _entity_columns(lv)]
+    select = base.select(*columns)
     child = base
-    for lv in reversed(levels[:-1]):
+    for lv in reversed(query.levels[:-1]):
         parent = _LEVEL_MODEL[lv]
         fk = {models.Study: models.Study.patient, models.Series: models.Series.study,
               models.Instance: models.Instance.series}[child]
         select = select.join(parent, on=(fk == parent.id))
         child = parent
     conds = sql_conditions(query)
-    last = 0
-    while True:
-        page_query = select.where(base.id > last, *conds).order_by(base.id).limit(page_size)
-        page = list(page_query)
-        if not page:
-            return
-        last = page[-1].id
-        for obj in page:
-            yield Row(_unpack(obj, query.level))
-
-
-def _unpack(obj: Any, level: Level) -> dict[Level, Any]:
-    rows: dict[Level, Any] = {level: obj}
-    current = obj
-    for lv in reversed(range(level)):
-        attr = {Level.IMAGE: "series", Level.SERIES: "study", Level.STUDY: "patient"}[
-            Level(lv + 1)
-        ]
-        current = getattr(current, attr)
-        rows[Level(lv)] = current
-    return rows
+    return (select.where(base.id > after, *conds).order_by(base.id).limit(page_size)
+            .tuples())
 
 
 # ---------------------------------------------------------------------------------------
@@ -846,10 +884,141 @@ def build_response(
     when it can, another value (``query.response_charset``) in that set when it can; else
     ISO_IR 192.
     """
+    elements, specific_charset = _response_elements(query, row, charset, retrieve_ae_title)
     ds = Dataset()
-    ds.QueryRetrieveLevel = query.level.name
+    for element in elements.values():
+        ds.add(element.data_element())
+    ds.SpecificCharacterSet = specific_charset
+    return ds
+
+
+def encode_response(
+    query: Query,
+    row: Row,
+    charset: str = AUTO,
+    retrieve_ae_title: str = "",
+    *,
+    implicit_vr: bool = False,
+) -> bytes:
+    """:func:`build_response`, encoded in Implicit (or Explicit) VR Little Endian.
+
+    The same bytes as pydicom's writer gives for :func:`build_response`'s data set (pinned
+    by tests/storage/test_response_encoding.py), made faster: elements whose value is plain
+    ASCII text (most of every response) are packed here; every other one (sequences,
+    binary VRs, DS, text outside ASCII) is written by pydicom on its own. Streaming
+    responses is bound by this (issue 6, bench/README.md "Scale").
+    """
+    elements, specific_charset = _response_elements(query, row, charset, retrieve_ae_title)
+    charset_value = (None if not specific_charset
+                     else [specific_charset] if isinstance(specific_charset, str)
+                     else list(specific_charset))
+    elements[SPECIFIC_CHARACTER_SET] = _Out(SPECIFIC_CHARACTER_SET, "CS", charset_value)
+    out = []
+    for tag in sorted(elements):
+        if tag & 0xFFFF == 0 and tag >> 16 > 6:
+            continue  # pydicom never writes retired group lengths (PS3.5 7.2)
+        out.append(elements[tag].encode(implicit_vr, specific_charset))
+    return b"".join(out)
+
+
+@dataclass
+class _Out:
+    """One element of a response, as DICOM JSON, before it is encoded."""
+
+    tag: int
+    vr: str
+    value: list[Any] | None  # None: zero length
+    value_key: str = "Value"
+
+    def data_element(self) -> DataElement:
+        if self.value is None:
+            return DataElement(self.tag, self.vr, [] if self.vr == "SQ" else None)
+        return DataElement.from_json(Dataset, f"{self.tag:08X}", self.vr, self.value,
+                                     self.value_key)
+
+    def encode(self, implicit_vr: bool, specific_charset: str | list[str]) -> bytes:
+        value = _ascii_value(self.vr, self.value) if self.value_key == "Value" else None
+        if value is None or (not implicit_vr and len(value) > 0xFFFE
+                             and self.vr not in _LONG_VRS):
+            return _pydicom_element(self.data_element(), implicit_vr, specific_charset)
+        group, elem = self.tag >> 16, self.tag & 0xFFFF
+        if implicit_vr:
+            return struct.pack("<HHL", group, elem, len(value)) + value
+        vr = self.vr.encode("ascii")
+        if self.vr in _LONG_VRS:
+            return struct.pack("<HH2sHL", group, elem, vr, 0, len(value)) + value
+        return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT"})
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                        "TM", "UC", "UI", "UR", "UT"})
+_SINGLE_VALUED = frozenset({"LT", "ST", "UR", "UT"})
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def _ascii_value(vr: str, values: list[Any] | None) -> bytes | None:
+    """The value bytes of a text element whose every value is ASCII, padded as pydicom
+    pads them (PS3.5 6.2: UI with NUL, the rest with a space); ``None`` for anything else,
+    which pydicom then writes."""
+    if values is None:
+        return b""
+    if vr not in _ASCII_VRS or (vr in _SINGLE_VALUED and len(values) != 1):
+        return None
+    texts = []
+    for value in values:
+        if vr == "PN":
+            if not isinstance(value, dict):
+                return None
+            # as pydicom's JSON reader joins the groups: up to the last one present
+            last = max((i for i, g in enumerate(_PN_GROUPS) if g in value), default=0)
+            groups = [value.get(g, "") for g in _PN_GROUPS[:last + 1]]
+            if not all(isinstance(g, str) for g in groups):
+                return None
+            # and as its PersonName writes them: empty trailing groups dropped
+            parts = "=".join(groups).split("=")
+            while parts and not parts[-1]:
+                parts.pop()
+            if len(parts) > len(_PN_GROUPS):
+                return None
+            value = "=".join(parts)
+        elif vr == "IS":
+            if type(value) is not int:
+                return None
+            value = str(value)
+        elif not isinstance(value, str):
+            return None
+        elif vr == "UI":
+            value = value.strip()  # as pydicom's UID does
+        if "\\" in value:
+            return None  # pydicom splits it into values, and treats each one apart
+        texts.append(value)
+    text = "\\".join(texts)
+    if not text.isascii():
+        return None
+    raw = text.encode("ascii")
+    if len(raw) % 2:
+        raw += b"\0" if vr == "UI" else b" "
+    return raw
+
+
+def _pydicom_element(element: DataElement, implicit_vr: bool,
+                     specific_charset: str | list[str]) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = implicit_vr
+    write_data_element(fp, element, specific_charset or None)
+    return fp.getvalue()
+
+
+def _response_elements(
+    query: Query, row: Row, charset: str, retrieve_ae_title: str
+) -> tuple[dict[int, _Out], str | list[str]]:
+    """The elements of a response by tag (SpecificCharacterSet apart), and the
+    SpecificCharacterSet that can encode them."""
+    elements = {QUERY_RETRIEVE_LEVEL: _Out(QUERY_RETRIEVE_LEVEL, "CS", [query.level.name])}
     if retrieve_ae_title:
-        ds.RetrieveAETitle = retrieve_ae_title
+        elements[RETRIEVE_AE_TITLE] = _Out(RETRIEVE_AE_TITLE, "AE", [retrieve_ae_title])
     texts: list[str] = []
     sequences = {c.tag: c for c in query.constraints if c.kind is Kind.SEQUENCE}
     for req in query.requested:
@@ -858,24 +1027,23 @@ def build_response(
             element = row.element(req.tag, _storage_level(req.tag))
         if element and req.tag in sequences:
             element = _matching_items(element, sequences[req.tag], query.fold_pn)
-        ds.add(_element(req, element, texts))
+        elements[req.tag] = _element(req, element, texts)
+    elements.pop(SPECIFIC_CHARACTER_SET, None)
     wanted = query.charset if charset == AUTO else (charset,)
-    ds.SpecificCharacterSet = response_charset(wanted, texts)
-    return ds
+    return elements, response_charset(wanted, texts)
 
 
-def _element(req: Requested, element: dict[str, Any] | None, texts: list[str]) -> DataElement:
-    tag = f"{req.tag:08X}"
+def _element(req: Requested, element: dict[str, Any] | None, texts: list[str]) -> _Out:
     if not element or ("Value" not in element and "InlineBinary" not in element):
         vr = req.vr if req.vr not in ("UN", "") else _dictionary_vr(req.tag)
-        return DataElement(req.tag, vr, [] if vr == "SQ" else None)
+        return _Out(req.tag, vr, None)
     vr = element.get("vr", req.vr)
     value: Any = element.get("Value", element.get("InlineBinary"))
     if vr == "SQ" and req.items:
         value = [_requested_only(item, req.items) for item in value if isinstance(item, dict)]
     value_key = "Value" if "Value" in element else "InlineBinary"
     texts.extend(_all_text(value))
-    return DataElement.from_json(Dataset, tag, vr, value, value_key)
+    return _Out(req.tag, vr, value, value_key)
 
 
 def _matching_items(element: dict[str, Any], c: Constraint, fold_pn: bool) -> dict[str, Any]:
@@ -988,6 +1156,7 @@ __all__ = [
     "Row",
     "Term",
     "build_response",
+    "encode_response",
     "constraint_matches",
     "parse_identifier",
     "row_matches",

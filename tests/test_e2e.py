@@ -351,18 +351,18 @@ def _fill(running: Running, level: str, n: int) -> Dataset:
 def _hold_after_first_match(running: Running) -> None:
     """Make the server's C-FIND pause after its first match until a C-CANCEL has arrived,
     so the test does not race the client (a poll with a deadline, not a fixed sleep)."""
-    original = running.archive.find
+    original = running.archive._matches  # behind find and find_encoded
 
-    def find(parsed: Any, cancelled: Any = None) -> Iterator[Dataset]:
-        matches = original(parsed, cancelled)
-        yield next(matches)
+    def matches(parsed: Any, cancelled: Any) -> Iterator[Any]:
+        rows = original(parsed, cancelled)
+        yield next(rows)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(
                 assoc.dimse.cancel_req for assoc in running.server.ae.active_associations):
             time.sleep(0.005)
-        yield from matches
+        yield from rows
 
-    running.archive.find = find  # type: ignore[method-assign]
+    running.archive._matches = matches  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize(("level", "model"), [

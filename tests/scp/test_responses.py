@@ -1,0 +1,141 @@
+"""C-FIND responses packed by scp/responses.py: the same command set pynetdicom writes, one
+P-DATA-TF PDU per response when it fits, pynetdicom's own path when it does not, and the
+same identifiers over every transfer syntax a C-FIND context accepts."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_FIND_RSP
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+from scp import responses, status
+from tests.conftest import Running, associate, client_ae
+from tests.factory import hierarchy
+
+
+def pynetdicom_command_set(sop_class: str, message_id: int, code: int, data: bytes | None) -> bytes:
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.Status = code
+    rsp.Identifier = BytesIO(data) if data is not None else None
+    msg = C_FIND_RSP()
+    msg.primitive_to_message(rsp)
+    first = next(iter(msg.encode_msg(1, 0)))
+    return bytes(first.presentation_data_value_list[0][1][1:])
+
+
+@pytest.mark.parametrize("sop_class", [FIND, "1.2.840.10008.5.1.4.1.2.1.1", "1.2.3"])
+@pytest.mark.parametrize(("code", "data"), [(0xFF00, b"\x08\x00"), (0xFF01, b"xx"),
+                                            (0x0000, None), (0xFE00, None)])
+@pytest.mark.parametrize("message_id", [1, 7, 65535])
+def test_command_set_is_the_one_pynetdicom_writes(
+        sop_class: str, code: int, data: bytes | None, message_id: int) -> None:
+    assert responses.command_set(sop_class, message_id, code, data is not None) == \
+        pynetdicom_command_set(sop_class, message_id, code, data)
+
+
+def _query() -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "StudyDate",
+                    "NumberOfStudyRelatedInstances", "ModalitiesInStudy",
+                    "StudyDescription"):
+        setattr(q, keyword, "")
+    return q
+
+
+def _stored(running: Running) -> None:
+    assoc = associate(running)
+    for ds in hierarchy():
+        assert assoc.send_c_store(ds).Status == status.SUCCESS
+    assoc.release()
+
+
+def _answers(running: Running, ae: AE, syntax: str,
+             max_pdu: int = 16382) -> tuple[list[Dataset], list[int]]:
+    """The identifiers of a STUDY query over a ``syntax`` context, and the number of PDVs
+    in each P-DATA-TF PDU the client received."""
+    pdvs: list[int] = []
+
+    def count(event: Any) -> None:
+        if isinstance(event.pdu, P_DATA_TF):
+            pdvs.append(len(event.pdu.presentation_data_value_items))
+
+    ae.requested_contexts = []
+    ae.add_requested_context(FIND, [syntax])
+    assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title,
+                         max_pdu=max_pdu, evt_handlers=[(evt.EVT_PDU_RECV, count)])
+    assert assoc.is_established
+    out = []
+    for rsp, identifier in assoc.send_c_find(_query(), FIND):
+        if rsp.Status in (status.PENDING, status.PENDING_WARNING):
+            out.append(identifier)
+        else:
+            assert rsp.Status == status.SUCCESS
+    assoc.release()
+    return out, pdvs
+
+
+def _as_tuples(answers: list[Dataset]) -> list[list[tuple[str, str]]]:
+    return sorted([[(e.keyword, str(e.value)) for e in ds] for ds in answers])
+
+
+def test_responses_are_one_pdu_each_and_the_same_over_every_syntax(server: Running) -> None:
+    _stored(server)
+    ae = client_ae(storage=False)
+    reference, pdvs = _answers(server, ae, ExplicitVRLittleEndian)
+    assert len(reference) == 5  # the studies of tests/factory.hierarchy
+    # one PDU per pending response (command + identifier), then the final Success
+    assert pdvs == [2] * 5 + [1]
+    for syntax in (ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
+        answers, _ = _answers(server, ae, syntax)
+        assert _as_tuples(answers) == _as_tuples(reference), syntax
+
+
+def test_a_response_larger_than_the_peers_pdu_is_fragmented(server: Running) -> None:
+    _stored(server)
+    ae = client_ae(storage=False)
+    reference, _ = _answers(server, ae, ExplicitVRLittleEndian)
+    # smaller than one command set and identifier
+    answers, pdvs = _answers(server, ae, ExplicitVRLittleEndian, max_pdu=128)
+    assert _as_tuples(answers) == _as_tuples(reference)
+    assert len(pdvs) > 2 * len(answers)  # pynetdicom's fragmenting path, one PDV per PDU
+    assert set(pdvs) == {1}
+
+
+def test_pynetdicom_sends_when_dimse_sent_handlers_are_bound(server: Running) -> None:
+    _stored(server)
+    seen: list[str] = []
+    ae = client_ae(storage=False)
+    ae.requested_contexts = []
+    ae.add_requested_context(FIND, [ExplicitVRLittleEndian])
+    pdvs: list[int] = []
+
+    def count(event: Any) -> None:
+        if isinstance(event.pdu, P_DATA_TF):
+            pdvs.append(len(event.pdu.presentation_data_value_items))
+
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title,
+                         evt_handlers=[(evt.EVT_PDU_RECV, count)])
+    assert assoc.is_established
+    (theirs,) = server.server.ae.active_associations
+    theirs.bind(evt.EVT_DIMSE_SENT, lambda event: seen.append(type(event.message).__name__))
+    codes = [int(rsp.Status) for rsp, _ in assoc.send_c_find(_query(), FIND)]
+    assoc.release()
+    assert codes == [status.PENDING] * 5 + [status.SUCCESS]
+    assert seen == ["C_FIND_RSP"] * 6  # the observer saw every response
+    assert pdvs == [1] * 11  # command and identifier each in a PDU of its own
