@@ -9,6 +9,11 @@ stored whole (C-FIND count and the stored file's size)::
 
     .venv/bin/python bench/memory_ingest.py            # 1 GiB
     .venv/bin/python bench/memory_ingest.py --mb 256
+    .venv/bin/python bench/memory_ingest.py --count 100000   # RSS over a long ingest
+
+With ``--count N`` it sends N small instances (64x64, 100 patients x 10 studies x 2 series)
+over one association instead, sampling VmRSS every 0.5 s, and prints it at each tenth of the
+run and once the server is idle again.
 
 Not part of ``make test``; the numbers go to bench/README.md.
 """
@@ -59,10 +64,67 @@ def write_instance(path: Path, mib: int) -> int:
     return path.stat().st_size
 
 
+def many(count: int) -> int:
+    """RSS across the ingest of ``count`` small instances over one association."""
+    bench.WORK_ROOT.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="memory-", dir=bench.WORK_ROOT))
+    try:
+        data = bench.generate(work / "in", "many", count, 64, 100, 10, 2, seed=5)
+        bench.run(["sync"], 600)
+        server = bench.Minipacs(work, work)
+        server.start(work / "pacs", "memory-many")
+        assert server.proc is not None
+        pid = server.proc.pid
+        time.sleep(1.0)
+        idle = rss_mib(pid)
+        samples: list[tuple[float, float]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.5):
+                samples.append((time.perf_counter(), rss_mib(pid)))
+
+        sampler = threading.Thread(target=sample)
+        started = time.perf_counter()
+        sampler.start()
+        sender = subprocess.run(
+            ["storescu", "-aet", bench.SCU_AET, "-aec", server.aet, "-ta", "600", "+sd", "+r",
+             bench.HOST, str(server.port), *[str(p) for p in data.parts]],
+            capture_output=True, text=True, env=bench.DCMTK_ENV, check=False)
+        elapsed = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        time.sleep(2.0)
+        after = rss_mib(pid)
+        held, how = server.count()
+        server.stop()
+        print(f"{count:,} small instances over one association: storescu exit "
+              f"{sender.returncode} in {elapsed:.0f} s ({count / elapsed:.0f} inst/s); "
+              f"stored {held:,} ({how})")
+        print(f"minipacs VmRSS (MiB): idle before {idle:.1f}; at each tenth of the run "
+              + ", ".join(f"{_rss_at(samples, started + elapsed * k / 10):.1f}"
+                          for k in range(1, 11))
+              + f"; peak {max((r for _, r in samples), default=idle):.1f}; "
+              f"idle after {after:.1f} ({len(samples)} samples)")
+        return 0 if sender.returncode == 0 and held == count else 1
+    finally:
+        bench.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _rss_at(samples: list[tuple[float, float]], when: float) -> float:
+    before = [rss for t, rss in samples if t <= when]
+    return before[-1] if before else 0.0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=1024, help="MiB of pixel data (1024)")
+    parser.add_argument("--count", type=int, default=0,
+                        help="send this many small instances instead (RSS over a long ingest)")
     args = parser.parse_args()
+    if args.count:
+        return many(args.count)
     bench.WORK_ROOT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="memory-", dir=bench.WORK_ROOT))
     try:

@@ -179,7 +179,7 @@ def generate(
         ds.InstanceNumber = number
         ds.ImagePositionPatient = [-100.0, -100.0, -1.25 * number]
         ds.SliceLocation = -1.25 * number
-        ds.PixelData = ((base + i) & 0x0FFF).astype("<u2").tobytes()
+        ds.PixelData = ((base + i % 4096) & 0x0FFF).astype("<u2").tobytes()
         path = data.parts[i % PARALLEL] / f"{name}{i:06d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         data.count += 1

@@ -55,6 +55,8 @@ NO_DATA_SET = 0x0101
 0x0001 is what pynetdicom writes."""
 FIRST_RESPONSE_WAIT = 0.002
 """Longest wait, in seconds, for the DUL to take a query's first response."""
+MAX_QUEUED = 64
+"""Most C-FIND responses (PDUs) queued for the DUL before the query waits for the peer."""
 _WAIT_STEP = 0.0001
 _PLAIN_STATUSES = frozenset({0x0000, 0xFF00, 0xFF01})
 _LAST_COMMAND_FRAGMENT = b"\x03"
@@ -82,29 +84,37 @@ def identifiers(
     transfer_syntax_uid: str,
 ) -> Iterator[Dataset | PreEncoded]:
     """The response identifiers of ``query`` for a context of ``transfer_syntax_uid``:
-    pre-encoded for the two Little Endian transfer syntaxes, data sets otherwise.
+    pre-encoded for the two Little Endian transfer syntaxes, data sets otherwise (and while
+    pynetdicom renders every response identifier for its DEBUG log, which needs data sets).
 
     Once the first one is queued, the DUL thread of ``assoc`` is given the time to take
     it (at most :data:`FIRST_RESPONSE_WAIT`): else it waits for the GIL while this thread
     builds the next responses, and the first match reaches the peer milliseconds late
-    (bench/README.md, "Scale").
+    (bench/README.md, "Scale"). After that, at most :data:`MAX_QUEUED` responses wait in
+    the DUL's queue: a slow peer slows the query down instead of filling memory, and a
+    C-CANCEL still stops it before the last rows are read.
     """
-    if not _installed or transfer_syntax_uid not in (ImplicitVRLittleEndian,
-                                                     ExplicitVRLittleEndian):
+    if (not _installed or _pynetdicom_config.LOG_RESPONSE_IDENTIFIERS
+            or transfer_syntax_uid not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)):
         yield from archive.find(query, cancelled=cancelled)
         return
     implicit = transfer_syntax_uid == ImplicitVRLittleEndian
+    queue = assoc.dul.to_provider_queue
     matches = archive.find_encoded(query, cancelled, implicit_vr=implicit)
     for n, data in enumerate(matches):
         yield PreEncoded(data, implicit)
         if n == 0:
-            _wait_taken(assoc.dul.to_provider_queue)
+            _wait_until(lambda: queue.empty(), FIRST_RESPONSE_WAIT)
+        elif queue.qsize() > MAX_QUEUED:
+            _wait_until(lambda: queue.qsize() <= MAX_QUEUED // 2 or not assoc.is_established,
+                        assoc.network_timeout or None)
 
 
-def _wait_taken(queue: Any) -> None:
-    """Sleep in short steps until the DUL has taken what was queued for it (bounded)."""
-    deadline = time.monotonic() + FIRST_RESPONSE_WAIT
-    while not queue.empty() and time.monotonic() < deadline:
+def _wait_until(done: Callable[[], bool], timeout: float | None) -> None:
+    """Sleep in short steps until ``done()`` or ``timeout`` seconds have passed (the DUL's
+    queue has no way to signal that it was emptied)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not done() and (deadline is None or time.monotonic() < deadline):
         time.sleep(_WAIT_STEP)
 
 

@@ -4,7 +4,13 @@ same identifiers over every transfer syntax a C-FIND context accepts."""
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Iterator
 from io import BytesIO
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,6 +22,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.pdu import P_DATA_TF
@@ -115,6 +122,58 @@ def test_a_response_larger_than_the_peers_pdu_is_fragmented(server: Running) -> 
     assert _as_tuples(answers) == _as_tuples(reference)
     assert len(pdvs) > 2 * len(answers)  # pynetdicom's fragmenting path, one PDV per PDU
     assert set(pdvs) == {1}
+
+
+def test_pynetdicom_debug_logging_gets_data_sets(
+        server: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At DEBUG pynetdicom renders every response identifier, which needs a data set."""
+    _stored(server)
+    ae = client_ae(storage=False)
+    reference, _ = _answers(server, ae, ExplicitVRLittleEndian)
+    monkeypatch.setattr(_pynetdicom_config, "LOG_RESPONSE_IDENTIFIERS", True)
+    answers, _ = _answers(server, ae, ImplicitVRLittleEndian)
+    assert _as_tuples(answers) == _as_tuples(reference)
+
+
+class _FakeArchive:
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def find_encoded(self, query: Any, cancelled: Any, implicit_vr: bool) -> Iterator[bytes]:
+        for n in range(self.count):
+            yield b"%04d" % n
+
+
+def test_a_slow_peer_holds_the_query_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No more than MAX_QUEUED responses wait for the DUL: the query waits for the peer."""
+    monkeypatch.setattr(responses, "MAX_QUEUED", 4)
+    monkeypatch.setattr(responses, "_installed", True)
+    pending: queue.Queue[bytes] = queue.Queue()
+    assoc = SimpleNamespace(dul=SimpleNamespace(to_provider_queue=pending),
+                            is_established=True, network_timeout=30)
+    most = 0
+    drained = threading.Event()
+
+    def slow_peer() -> None:
+        while not drained.is_set():
+            with contextlib.suppress(queue.Empty):
+                pending.get(timeout=0.01)
+                time.sleep(0.002)
+
+    peer = threading.Thread(target=slow_peer)
+    peer.start()
+    try:
+        got = 0
+        for identifier in responses.identifiers(_FakeArchive(40), Any, lambda: False, assoc,
+                                                ExplicitVRLittleEndian):
+            pending.put(bytes(identifier))  # what pynetdicom's send_msg does with it
+            most = max(most, pending.qsize())
+            got += 1
+    finally:
+        drained.set()
+        peer.join()
+    assert got == 40
+    assert most <= 4 + 1
 
 
 def test_pynetdicom_sends_when_dimse_sent_handlers_are_bound(server: Running) -> None:

@@ -97,6 +97,8 @@ def _identifier(level: str, charset: Any, extra: dict[str, Any]) -> Dataset:
     ds.PatientAge = ""
     ds.ProcedureCodeSequence = [Dataset()]
     ds.add_new(0x00091010, "LO", "")  # a private key: matched universally, returned empty
+    ds.add_new(0x00720082, "SV", None)  # 64-bit VRs: a 4-byte length in Explicit VR
+    ds.add_new(0x0008040C, "UV", None)
     ds.add_new(0x00080000, "UL", None)  # a retired group length: never written
     return ds
 
@@ -133,7 +135,7 @@ _pn = st.fixed_dictionaries({}, optional={g: st.one_of(_ascii, _text) for g in
 
 @st.composite
 def _elements(draw: Any) -> tuple[str, list[Any] | None]:
-    vr = draw(st.sampled_from(sorted(_ASCII_VRS | {"DS", "US", "SQ"})))
+    vr = draw(st.sampled_from(sorted(_ASCII_VRS | {"DS", "US", "SQ", "SV", "UV", "OB"})))
     if draw(st.booleans()) and vr != "SQ":
         return vr, None
     if vr == "PN":
@@ -141,8 +143,12 @@ def _elements(draw: Any) -> tuple[str, list[Any] | None]:
     if vr == "IS":
         return vr, draw(st.lists(st.one_of(st.integers(-2**31, 2**31 - 1), _ascii),
                                  min_size=1, max_size=3))
-    if vr == "US":
+    if vr in ("US", "UV"):
         return vr, draw(st.lists(st.integers(0, 65535), min_size=1, max_size=3))
+    if vr == "SV":
+        return vr, draw(st.lists(st.integers(-2**40, 2**40), min_size=1, max_size=3))
+    if vr == "OB":
+        return vr, None
     if vr == "DS":
         return vr, draw(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1,
                                  max_size=2))

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""The ceiling of a C-STORE receiver built on pynetdicom 3.0 on this machine.
+
+Serves a pynetdicom AE whose C-STORE handler does nothing but answer Success (no parsing,
+no file, no index), and times DCMTK ``storescu`` sending small instances to it, as
+``bench/run.py`` does for the real receivers:
+
+- ``plain``: pynetdicom as shipped (its reactors poll every 1 ms);
+- ``minipacs``: with what minipacs puts around pynetdicom (``scp/reactor.py`` wake-ups and
+  spooling, TCP_NODELAY and TCP_QUICKACK, ``scp/responses.py``), the handler still empty.
+
+No minipacs handler can be faster than the second; if it is slower than another server,
+pynetdicom alone is (issue 6, target 1)::
+
+    TCP_NODELAY=1 .venv/bin/python bench/floor.py --count 2000 [--parallel 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(BENCH_DIR.parent))
+
+import run as bench  # noqa: E402
+from pynetdicom import AE, evt  # noqa: E402
+from pynetdicom.presentation import AllStoragePresentationContexts  # noqa: E402
+
+from scp import reactor, responses  # noqa: E402
+from scp.sockets import disable_nagle, quick_ack  # noqa: E402
+
+
+def handle_store(event: Any) -> int:
+    """Success, having looked at nothing."""
+    return 0x0000
+
+
+def serve(patched: bool) -> tuple[AE, Any]:
+    """A do-nothing SCP. The patches are installed process-wide, but they change only the
+    associations registered by ``reactor.handle_conn_open``: the plain one has none."""
+    ae = AE(ae_title="FLOOR")
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.maximum_pdu_size = 262144
+    handlers: list[Any] = [(evt.EVT_C_STORE, handle_store)]
+    if patched:
+        handlers = [(evt.EVT_CONN_OPEN, disable_nagle), (evt.EVT_CONN_OPEN, quick_ack),
+                    (evt.EVT_CONN_OPEN, reactor.handle_conn_open),
+                    (evt.EVT_CONN_CLOSE, reactor.handle_conn_close), *handlers]
+    server = ae.start_server((bench.HOST, 0), block=False, evt_handlers=handlers)
+    return ae, server
+
+
+def send(port: int, data: bench.DataSet, parallel: int) -> float:
+    groups = [data.parts] if parallel == 1 else [[p] for p in data.parts[:parallel]]
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aet", bench.SCU_AET, "-aec", "FLOOR", "+sd", "+r",
+                               bench.HOST, str(port), *map(str, folders)],
+                              env=bench.DCMTK_ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT) for folders in groups]
+    codes = [proc.wait() for proc in procs]
+    if any(codes):
+        raise RuntimeError(f"storescu exit codes {codes}")
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=2000, help="small instances (2000)")
+    parser.add_argument("--parallel", type=int, default=1, help="storescu processes (1)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (3)")
+    args = parser.parse_args()
+    bench.WORK_ROOT.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="floor-", dir=bench.WORK_ROOT))
+    try:
+        data = bench.generate(work / "in", "floor", args.count, 64, 10, 10, 2, seed=11)
+        reactor.install()
+        responses.install()
+        servers = {name: serve(name == "minipacs") for name in ("plain", "minipacs")}
+        rates: dict[str, list[float]] = {name: [] for name in servers}
+        for _ in range(args.rounds):  # alternated, so that the machine's drift falls on both
+            for name, (_, server) in servers.items():
+                port = int(server.server_address[1])
+                rates[name].append(args.count / send(port, data, args.parallel))
+        for ae, _ in servers.values():
+            ae.shutdown()
+        for name, values in rates.items():
+            print(f"{name}: do-nothing pynetdicom C-STORE SCP, {args.count} small instances, "
+                  f"{args.parallel} association(s): "
+                  + ", ".join(f"{r:.0f}" for r in values) + " inst/s")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
