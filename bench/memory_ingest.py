@@ -64,6 +64,15 @@ def write_instance(path: Path, mib: int) -> int:
     return path.stat().st_size
 
 
+def start_idle(work: Path, tag: str) -> tuple[bench.Minipacs, int, float]:
+    """minipacs on ``work/pacs``, its pid, and its VmRSS (MiB) after a second idle."""
+    server = bench.Minipacs(work, work)
+    server.start(work / "pacs", tag)
+    assert server.proc is not None
+    time.sleep(1.0)
+    return server, server.proc.pid, rss_mib(server.proc.pid)
+
+
 def many(count: int) -> int:
     """RSS across the ingest of ``count`` small instances over one association."""
     bench.WORK_ROOT.mkdir(exist_ok=True)
@@ -71,12 +80,7 @@ def many(count: int) -> int:
     try:
         data = bench.generate(work / "in", "many", count, 64, 100, 10, 2, seed=5)
         bench.run(["sync"], 600)
-        server = bench.Minipacs(work, work)
-        server.start(work / "pacs", "memory-many")
-        assert server.proc is not None
-        pid = server.proc.pid
-        time.sleep(1.0)
-        idle = rss_mib(pid)
+        server, pid, idle = start_idle(work, "memory-many")
         samples: list[tuple[float, float]] = []
         done = threading.Event()
 
@@ -131,12 +135,7 @@ def main() -> int:
         instance = work / "in" / "big.dcm"
         instance.parent.mkdir()
         size = write_instance(instance, args.mb)
-        server = bench.Minipacs(work, work)
-        server.start(work / "pacs", "memory")
-        assert server.proc is not None
-        pid = server.proc.pid
-        time.sleep(1.0)
-        idle = rss_mib(pid)
+        server, pid, idle = start_idle(work, "memory")
         samples: list[float] = []
         done = threading.Event()
 

@@ -91,6 +91,9 @@ STOP_TIMEOUT = 90.0
 # DCMTK as packaged by Debian leaves Nagle's algorithm on unless TCP_NODELAY is set.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
+MINIPACS_WORKERS = 1
+"""minipacs's ``ae.workers`` (``--workers``)."""
+
 _processes: list[subprocess.Popen[bytes]] = []
 """Every long-running child we started, so that :func:`cleanup` can end it."""
 
@@ -405,7 +408,8 @@ class Minipacs(Receiver):
     supports_find = True
     supports_retrieve = True
 
-    def __init__(self, log_dir: Path, config_dir: Path, dest_port: int | None = None) -> None:
+    def __init__(self, log_dir: Path, config_dir: Path, dest_port: int | None = None,
+                 workers: int = 1) -> None:
         super().__init__(log_dir)
         self.config = config_dir / "minipacs.yaml"
         # locked down as the README advises (no startup warning): the benchmark's SCU and
@@ -414,7 +418,7 @@ class Minipacs(Receiver):
         if dest_port is not None:
             peers += f"  - ae_title: {DEST_AET}\n    host: {HOST}\n    port: {dest_port}\n"
         self.config.write_text(
-            "ae:\n  bind: 127.0.0.1\n"
+            f"ae:\n  bind: 127.0.0.1\n  workers: {workers}\n"
             "storage:\n  durability: full\n  on_duplicate: replace\n"
             "security:\n  allow_unknown_peers: false\n"
             "logging:\n  level: WARNING\n" + peers
@@ -1094,7 +1098,7 @@ class Results:
 def make_receiver(name: str, log_dir: Path, work: Path, dest_port: int | None) -> Receiver:
     """Build the receiver called ``name``; ``dest_port`` is the move destination's port."""
     if name == "minipacs":
-        return Minipacs(log_dir, work, dest_port)
+        return Minipacs(log_dir, work, dest_port, workers=MINIPACS_WORKERS)
     if name == "orthanc":
         return Orthanc(log_dir, dest_port)
     return Storescp(log_dir)
@@ -1513,6 +1517,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated retrieves to measure, of " + ",".join(RETRIEVES) + " ('' = none)",
     )
     parser.add_argument(
+        "--workers", type=int, default=1, help="minipacs's ae.workers (1)"
+    )
+    parser.add_argument(
         "--no-retrieve",
         action="store_const",
         const="",
@@ -1567,6 +1574,8 @@ def terminate_on_signal() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Generate the data, run every cell, print (and optionally record) the table."""
     args = parse_args(argv)
+    global MINIPACS_WORKERS
+    MINIPACS_WORKERS = args.workers
     check_tools(args.receivers, args.retrieve)
     began = time.perf_counter()
     machine = machine_info()  # before the run: the minipacs tree may change meanwhile

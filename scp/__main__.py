@@ -17,6 +17,7 @@ from storage import Archive, StorageError, open_archive
 
 from .config import Config, ConfigError, load_config
 from .server import ListenError, Server
+from .workers import serve_workers
 
 DEFAULT_CONFIG = "config.yaml"
 
@@ -66,10 +67,13 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(path, overrides)
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str, process_ids: bool = False) -> None:
+    """Log to standard error at ``level`` (pynetdicom's chatter only at DEBUG); with
+    ``process_ids`` (``ae.workers`` > 1) each line names the process that wrote it."""
+    who = "%(name)s[%(process)d]" if process_ids else "%(name)s"
     logging.basicConfig(
         level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {who}: %(message)s",
         stream=sys.stderr,
     )
     if level != "DEBUG":  # pynetdicom narrates every message at INFO
@@ -86,6 +90,8 @@ def serve(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    if config.ae.workers > 1:
+        return serve_workers(config, stop, config.logging.level)
     server = Server(config)
     try:
         server.start()
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"minipacs: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(config.logging.level)
+    setup_logging(config.logging.level, process_ids=config.ae.workers > 1)
     try:
         if args.command == "verify":
             return verify(config, args.repair)

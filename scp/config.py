@@ -26,6 +26,9 @@ from pydicom.uid import (
 from storage import ArchiveOptions, DuplicatePolicy
 from storage.query import response_charset_problem
 
+MAX_WORKERS = 64
+"""Most server processes ``ae.workers`` may ask for."""
+
 
 class ConfigError(Exception):
     """Every problem found in a configuration, one per line."""
@@ -44,6 +47,7 @@ class AEConfig:
     port: int = 11112
     bind: str = "0.0.0.0"
     max_associations: int = 16
+    workers: int = 1
     max_pdu_size: int = 262144
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -392,6 +396,9 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
                 problems.append(f"ae.{key}: must not be negative")
         if values.get("max_associations") == 0:
             problems.append("ae.max_associations: must be at least 1")
+        workers = values.get("workers")
+        if workers is not None and not 1 <= workers <= MAX_WORKERS:
+            problems.append(f"ae.workers: must be between 1 and {MAX_WORKERS}, not {workers}")
         for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
             if key in values and values[key] <= 0:
                 problems.append(f"ae.{key}: must be a positive number of seconds")

@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 from pynetdicom import events as evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +57,34 @@ def quick_ack(event: evt.Event) -> None:
         return data
 
     transport.recv = recv_and_ack
+
+
+def share_port() -> None:
+    """Make this process's DICOM listeners bind with SO_REUSEPORT (Linux), so that the
+    worker processes of one server (``ae.workers``) each listen on the same port and the
+    kernel spreads new connections over them. pynetdicom's ``server_bind`` sets only
+    SO_REUSEADDR; the option must be set on every socket before it binds. Called in
+    worker processes only; pinned like scp/reactor.py."""
+    original = ThreadedAssociationServer.server_bind
+
+    def server_bind(self: Any) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        original(self)
+
+    ThreadedAssociationServer.server_bind = server_bind  # type: ignore[method-assign]
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound (not listening) to ``host``:``port`` with SO_REUSEPORT: it holds the
+    port for workers to bind to with :func:`share_port` (port 0: the kernel picks one).
+    A socket that does not listen receives no connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -97,7 +97,10 @@ class ArchiveOptions:
         Largest data set :meth:`Archive.store` accepts (0 = no limit).
     min_free_bytes : int
         Free space the file store's disk (and the SQLite index's, when another) must keep
-        after a store, counting the stores in flight (0 = no check).
+        after a store, counting the stores in flight of this process (0 = no check).
+    shared : bool
+        One of several worker processes of a server (``ae.workers``): the file store is
+        shared with the others (see :class:`~storage.files.FilesystemStore`).
     """
 
     files_path: Path
@@ -110,6 +113,7 @@ class ArchiveOptions:
     retrieve_ae_title: str = ""
     max_instance_bytes: int = 0
     min_free_bytes: int = 0
+    shared: bool = False
 
 
 class Archive:
@@ -117,7 +121,8 @@ class Archive:
 
     def __init__(self, options: ArchiveOptions, files: FileStore | None = None) -> None:
         self.options = options
-        self.files: FileStore = files or FilesystemStore(options.files_path, options.durable)
+        self.files: FileStore = files or FilesystemStore(options.files_path, options.durable,
+                                                         options.shared)
         try:
             self.database = index.connect(options.index_url, synchronous_full=options.durable)
         except BaseException:

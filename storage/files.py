@@ -70,11 +70,17 @@ class FilesystemStore:
     fsync : bool
         Whether to fsync each file and its folder before :meth:`put` returns. Turning it off
         trades durability on power loss for speed (``storage.durability: relaxed``).
+    shared : bool
+        Several server processes use the store at once (``ae.workers``): the lock is shared
+        (maintenance commands, which take it alone, are still kept out), and temporary files
+        are not swept, since another process may be writing them; the supervisor swept them
+        before it started the workers.
     """
 
-    def __init__(self, root: Path, fsync: bool = True) -> None:
+    def __init__(self, root: Path, fsync: bool = True, shared: bool = False) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self.shared = shared
         self._lock_fd: int | None = None
         self._durable: set[Path] = set()  # fan-out folders whose own entries were fsync'd
         self._durable_lock = threading.Lock()
@@ -83,15 +89,16 @@ class FilesystemStore:
             self._lock()
             (self.root / TEMP_DIR).mkdir(exist_ok=True)
             # what a crash left half-written is no one's file: no index row points to it
-            for leftover in (self.root / TEMP_DIR).glob("*.part"):
+            for leftover in [] if shared else (self.root / TEMP_DIR).glob("*.part"):
                 leftover.unlink()
         except OSError as exc:
             self.close()
             raise StorageError(f"cannot use {self.root} as the file store: {exc}") from exc
 
     def _lock(self) -> None:
-        """Take the store for this process alone (``flock`` on ``<root>/.lock``, released
-        by :meth:`close` or when the process dies, even by SIGKILL).
+        """Take the store for this process alone, or with the other workers of one server
+        when shared (``flock`` on ``<root>/.lock``, released by :meth:`close` or when the
+        process dies, even by SIGKILL).
 
         A server, ``verify``, ``reindex`` and ``import`` each assume that no one else
         writes: ``verify`` would take a file being written for a stray, or remove another
@@ -99,7 +106,7 @@ class FilesystemStore:
         """
         fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise StoreInUse(

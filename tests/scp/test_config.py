@@ -74,7 +74,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(
         "ae:\n  title: 'THIS TITLE IS FAR TOO LONG'\n  port: 70000\n  bind: nowhere\n"
-        "  max_associations: 0\n  dimse_timeout: -1\n"
+        "  max_associations: 0\n  dimse_timeout: -1\n  workers: 65\n"
         "storage:\n  on_duplicate: overwrite\n  durability: maybe\n  index_url: mysql://x\n"
         "  colour: blue\n"
         "query:\n  pn_case_insensitive: 'yes'\n"
@@ -84,11 +84,11 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         load_config(path)
     problems = info.value.problems
     for fragment in ("ae.title", "ae.port", "ae.bind", "ae.max_associations", "ae.dimse_timeout",
-                     "storage.on_duplicate", "storage.durability", "storage.index_url",
+                     "ae.workers: must be between 1 and 64", "storage.on_duplicate", "storage.durability", "storage.index_url",
                      "unknown key storage.colour", "query.pn_case_insensitive",
                      "unknown section 'colours'"):
         assert any(fragment in p for p in problems), (fragment, problems)
-    assert len(problems) == 11
+    assert len(problems) == 12
 
 
 @pytest.mark.parametrize(("text", "message"), [
