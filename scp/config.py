@@ -278,6 +278,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     tls, ae = sections["tls"], sections["ae"]
     if tls.enabled and not tls.only and tls.port == ae.port and ae.port != 0:
         problems.append(f"tls.port: {tls.port} is ae.port too; give the TLS listener its own")
+    if ae.workers > 1 and sections["storage"].index_url.startswith(("postgres",)):
+        # only SQLite's BEGIN IMMEDIATE serialises the index writes of several processes
+        problems.append("ae.workers: more than 1 needs the SQLite index (storage.index_url"
+                        " empty or sqlite:///...)")
     if problems:
         raise ConfigError(problems, source)
     return Config(**sections)

@@ -59,32 +59,34 @@ def quick_ack(event: evt.Event) -> None:
     transport.recv = recv_and_ack
 
 
-def share_port() -> None:
-    """Make this process's DICOM listeners bind with SO_REUSEPORT (Linux), so that the
-    worker processes of one server (``ae.workers``) each listen on the same port and the
-    kernel spreads new connections over them. pynetdicom's ``server_bind`` sets only
-    SO_REUSEADDR; the option must be set on every socket before it binds. Called in
-    worker processes only; pinned like scp/reactor.py."""
-    original = ThreadedAssociationServer.server_bind
+def adopt_listeners(listeners: dict[int, socket.socket]) -> None:
+    """In a worker process (``ae.workers``): pynetdicom's listener for a port in
+    ``listeners`` takes that listening socket, made by the supervisor and shared by every
+    worker, instead of binding its own. The kernel gives each connection to one worker's
+    ``accept``: the socket is made non-blocking, so the others find nothing and go on
+    (socketserver ignores the error). Closing it in one worker must not ``shutdown`` it, which
+    would stop the others listening: pynetdicom's ``server_close`` does, so it is replaced
+    for these sockets. Pinned like scp/reactor.py (pynetdicom 3.0's ``server_bind`` and
+    ``server_close``)."""
+    adopted = {id(sock) for sock in listeners.values()}
+    original_bind = ThreadedAssociationServer.server_bind
+    original_close = ThreadedAssociationServer.server_close
 
     def server_bind(self: Any) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        original(self)
+        shared = listeners.get(int(self.server_address[1]))
+        if shared is None:
+            original_bind(self)
+            return
+        self.socket.close()
+        shared.setblocking(False)
+        self.socket = shared
+        self.server_address = shared.getsockname()
+
+    def server_close(self: Any) -> None:
+        if id(self.socket) in adopted:
+            self.socket.close()
+        else:
+            original_close(self)
 
     ThreadedAssociationServer.server_bind = server_bind  # type: ignore[method-assign]
-
-
-def reserve_port(host: str, port: int) -> socket.socket:
-    """A socket bound (not listening) to ``host``:``port`` with SO_REUSEPORT: it holds the
-    port for workers to bind to with :func:`share_port` (port 0: the kernel picks one).
-    A socket that does not listen receives no connections."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    ThreadedAssociationServer.server_close = server_close  # type: ignore[method-assign]

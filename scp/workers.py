@@ -6,20 +6,21 @@ becomes a supervisor that:
 
 1. opens and closes the archive once, alone: the schema is created, and the temporary files
    a crash left are swept (no worker may sweep them: another one may be writing);
-2. holds ``<files>/.server.lock`` for as long as it runs, so that no second server starts
-   on the same folder, and reserves the port(s) (:func:`scp.sockets.reserve_port`);
-3. starts N worker processes (``multiprocessing``, spawn). Each runs a :class:`Server`
-   whose listeners bind the same port with SO_REUSEPORT (the kernel spreads new
-   connections over them) and whose archive shares the file store (a shared lock:
-   ``verify``, ``reindex`` and ``import``, which take it alone, stay out). SQLite's
-   ``BEGIN IMMEDIATE`` serialises their index writes, so every counter stays exact;
+2. holds ``<files>/.server.lock`` for as long as it runs, and opens the listening socket(s)
+   itself, as a single server would (a port in use is an error, as it is for one process);
+3. starts N worker processes (``multiprocessing``, spawn) and hands them the listening
+   sockets: each runs a :class:`Server` whose listeners accept from them
+   (:func:`scp.sockets.adopt_listeners`), so each association goes to a worker that is
+   waiting for one. Their archives share the file store (a shared lock: ``verify``,
+   ``reindex`` and ``import``, which take it alone, stay out), and SQLite's
+   ``BEGIN IMMEDIATE`` serialises their index writes, so every counter stays exact (only
+   SQLite: the configuration refuses workers with another index);
 4. on SIGTERM or Ctrl-C asks every worker to stop gracefully (SIGTERM), and kills those
-   still running after ``ae.dimse_timeout`` + 10 s. If a worker dies on its own, the others
-   are stopped too and the supervisor exits 1, for the service manager to restart the whole.
+   still running after ``ae.dimse_timeout`` + 10 s. If a worker dies, at start or later, the
+   others are stopped too and the supervisor exits 1, for the service manager to restart
+   the whole. A worker whose supervisor is gone stops.
 
-Each worker serves up to ``ae.max_associations`` associations: the kernel spreads
-connections by a hash, not by load, so a share of the limit would refuse associations one
-worker could take while another is full. A worker whose supervisor is gone (killed) stops.
+Each worker serves up to ``ae.max_associations`` associations.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -39,7 +42,7 @@ from storage import StorageError, open_archive
 from storage.errors import StoreInUse
 
 from .config import Config
-from .sockets import reserve_port, share_port
+from .sockets import adopt_listeners
 
 logger = logging.getLogger("minipacs")
 
@@ -48,41 +51,53 @@ READY_TIMEOUT = 120.0
 """Seconds a worker may take to open the archive and start listening."""
 STOP_MARGIN = 10.0
 """Seconds a worker gets beyond ``ae.dimse_timeout`` to stop before it is killed."""
+BACKLOG = 64
+"""Connections the shared listening socket queues until a worker accepts them."""
+_POLL = 0.2
 
 
 def serve_workers(config: Config, stop: threading.Event, log_level: str) -> int:
     """Run ``config.ae.workers`` worker processes until ``stop`` is set; the exit code."""
-    count = config.ae.workers
     open_archive(config.archive_options()).close()  # schema, sweep; raises when in use
     lock = _server_lock(config)
-    reserved = []
+    listeners: dict[int, socket.socket] = {}
+    workers: list[Any] = []
     try:
-        ae = config.ae
-        if not config.tls.only:
-            reserved.append(reserve_port(ae.bind, ae.port))
-        if config.tls.enabled:
-            reserved.append(reserve_port(ae.bind, config.tls.port))
-        ports = iter(int(sock.getsockname()[1]) for sock in reserved)
+        try:
+            if not config.tls.only:
+                _listen(listeners, config.ae.bind, config.ae.port)
+            if config.tls.enabled:
+                _listen(listeners, config.ae.bind, config.tls.port)
+        except OSError as exc:
+            logger.error("cannot listen on %s: %s", config.ae.bind, exc.strerror or exc)
+            return 1
+        ports = iter(listeners)
         worker_config = dataclasses.replace(
             config,
-            ae=dataclasses.replace(ae, port=ae.port if config.tls.only else next(ports)),
+            ae=dataclasses.replace(config.ae, port=(config.ae.port if config.tls.only
+                                                    else next(ports))),
             tls=dataclasses.replace(config.tls, port=next(ports, config.tls.port)),
         )
-        workers = _start(worker_config, count, log_level)
-        for sock in reserved:
-            sock.close()
-        reserved = []
-        if not workers:
-            return 1
-        logger.info("minipacs: %d worker processes (pids %s) serve port %d", count,
-                    ", ".join(str(p.pid) for p in workers), worker_config.ae.port)
-        failed = _supervise(workers, stop)
-        _stop(workers, config.ae.dimse_timeout + STOP_MARGIN)
-        return 1 if failed else 0
+        workers, started = _start(worker_config, listeners, log_level, stop)
+        for sock in listeners.values():
+            sock.close()  # the workers have theirs
+        if not started:
+            return 0 if stop.is_set() else 1
+        logger.info("minipacs: %d worker processes (pids %s) serve port(s) %s",
+                    len(workers), ", ".join(str(p.pid) for p in workers),
+                    ", ".join(str(port) for port in listeners))
+        return 1 if _supervise(workers, stop) else 0
     finally:
-        for sock in reserved:
+        _stop(workers, config.ae.dimse_timeout + STOP_MARGIN)
+        for sock in listeners.values():
             sock.close()
         os.close(lock)
+
+
+def _listen(listeners: dict[int, socket.socket], host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+    listeners[int(sock.getsockname()[1])] = sock
 
 
 def _server_lock(config: Config) -> int:
@@ -97,30 +112,52 @@ def _server_lock(config: Config) -> int:
     return fd
 
 
-def _start(config: Config, count: int, log_level: str) -> list[Any]:
-    """Start the workers and wait until each listens; none are left running on failure."""
+def _start(config: Config, listeners: dict[int, socket.socket], log_level: str,
+           stop: threading.Event, target: Any = None) -> tuple[list[Any], bool]:
+    """Start the workers and wait until each listens: the processes, and whether all did.
+    A worker that fails or dies while starting, or ``stop``, ends the wait (``False``):
+    the caller stops the processes."""
     context = multiprocessing.get_context("spawn")
-    workers = []
-    for _ in range(count):
+    started: list[tuple[Any, Connection]] = []
+    for _ in range(config.ae.workers):
         ours, theirs = context.Pipe(duplex=False)
-        process = context.Process(target=worker_main, args=(config, theirs, log_level),
-                                  name="minipacs-worker", daemon=False)
+        process = context.Process(
+            target=target or worker_main, name="minipacs-worker",
+            args=(config, listeners, theirs, log_level, os.getpid()))
         process.start()
         theirs.close()
-        workers.append((process, ours))
-    problems = []
-    for process, ours in workers:
-        message = ours.recv() if ours.poll(READY_TIMEOUT) else ("error", "did not start")
-        if message[0] != "ready":
-            problems.append(f"worker {process.pid}: {message[1]}")
-        ours.close()
-    processes = [process for process, _ in workers]
-    if problems:
-        for problem in problems:
-            logger.error("%s", problem)
-        _stop(processes, STOP_MARGIN)
-        return []
-    return processes
+        started.append((process, ours))
+    processes = [process for process, _ in started]
+    deadline = time.monotonic() + READY_TIMEOUT
+    try:
+        for process, ours in started:
+            problem = _wait_ready(process, ours, deadline, stop)
+            if problem:
+                if not stop.is_set():
+                    logger.error("worker %d: %s", process.pid, problem)
+                return processes, False
+    finally:
+        for _, ours in started:
+            ours.close()
+    return processes, True
+
+
+def _wait_ready(process: Any, ours: Connection, deadline: float,
+                stop: threading.Event) -> str | None:
+    """None once ``process`` said it listens; else what went wrong."""
+    while not ours.poll(_POLL):
+        if stop.is_set():
+            return "stopped while starting"
+        if not process.is_alive():
+            return f"ended with exit code {process.exitcode} while starting"
+        if time.monotonic() > deadline:
+            return f"not listening after {READY_TIMEOUT:.0f} s"
+    try:
+        kind, detail = ours.recv()
+    except (EOFError, OSError):
+        process.join(1)
+        return f"ended with exit code {process.exitcode} while starting"
+    return None if kind == "ready" else str(detail)
 
 
 def _supervise(workers: list[Any], stop: threading.Event) -> bool:
@@ -148,33 +185,39 @@ def _stop(workers: list[Any], timeout: float) -> None:
             process.join(5)
 
 
-def worker_main(config: Config, ready: Connection, log_level: str) -> None:
-    """One worker: serve until SIGTERM or SIGINT (the entry point of its process)."""
+def worker_main(config: Config, listeners: dict[int, socket.socket], ready: Connection,
+                log_level: str, supervisor: int) -> None:
+    """One worker: serve until SIGTERM, SIGINT or the supervisor's end (its process's
+    entry point)."""
     from .__main__ import setup_logging  # in the new process
     from .server import ListenError, Server
 
-    setup_logging(log_level, process_ids=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-    share_port()
+    setup_logging(log_level, process_ids=True)
+    adopt_listeners(listeners)
     options = dataclasses.replace(config.archive_options(), shared=True)
     try:
         server = Server(config, open_archive(options))
     except StorageError as exc:
-        ready.send(("error", str(exc)))
+        _tell(ready, ("error", str(exc)))
         raise SystemExit(1) from None
     try:
         server.start()
     except ListenError as exc:
         server.archive.close()
-        ready.send(("error", str(exc)))
+        _tell(ready, ("error", str(exc)))
         raise SystemExit(1) from None
-    ready.send(("ready", os.getpid()))
-    ready.close()
-    supervisor = os.getppid()
+    _tell(ready, ("ready", os.getpid()))
     while not stop.wait(0.5):
         if os.getppid() != supervisor:
             logger.error("the supervisor (pid %d) is gone: stopping", supervisor)
             break
     server.stop(grace=config.ae.dimse_timeout)
+
+
+def _tell(ready: Connection, message: tuple[str, Any]) -> None:
+    with contextlib.suppress(OSError):  # the supervisor is gone: the loop notices
+        ready.send(message)
+    ready.close()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import signal
@@ -11,16 +12,20 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from scp import status
-from tests.conftest import client_ae
-from tests.factory import make_ds, uid
+from scp.config import load_config
+from scp.workers import SERVER_LOCK, _start, _stop
+from tests.conftest import client_ae, dcmtk_tool
+from tests.factory import make_ds, save, uid
 from tests.test_cli import free_port, minipacs_command, wait_until_echo
 
 WORKERS = 2
@@ -65,18 +70,19 @@ def _worker_pids(proc: subprocess.Popen[str], lines: list[str]) -> list[int]:
     raise AssertionError("the supervisor never named its workers:\n" + "".join(lines))
 
 
-def _store(port: int, studies: list[str], failures: list[str]) -> None:
-    assoc = client_ae().associate("127.0.0.1", port, ae_title="CLITEST")
-    if not assoc.is_established:
-        failures.append("association refused")
-        return
-    study = uid()
-    studies.append(study)
-    for _ in range(PER_ASSOCIATION):
-        code = assoc.send_c_store(make_ds(StudyInstanceUID=study, PatientID="WORKERS")).Status
-        if code != status.SUCCESS:
-            failures.append(f"C-STORE status 0x{code:04X}")
-    assoc.release()
+def _senders(tmp_path: Path, port: int) -> tuple[list[list[str]], list[str]]:
+    """One ``storescu`` command per association, each sending a study of its own."""
+    storescu = dcmtk_tool("storescu")
+    assert storescu, "DCMTK's storescu is needed"
+    commands, studies = [], []
+    for n in range(ASSOCIATIONS):
+        study = uid()
+        studies.append(study)
+        files = [str(save(make_ds(StudyInstanceUID=study, PatientID="WORKERS"),
+                          tmp_path / "in" / f"{n}-{i}.dcm")) for i in range(PER_ASSOCIATION)]
+        commands.append([storescu, "-aet", "SENDER", "-aec", "CLITEST", "-to", "60",
+                         "-td", "60", "127.0.0.1", str(port), *files])
+    return commands, studies
 
 
 def _study_counts(port: int) -> dict[str, int]:
@@ -127,17 +133,15 @@ def _supervisor(tmp_path: Path) -> Iterator[Supervised]:
             _end(running.proc)
 
 
-def test_workers_share_the_port_the_store_and_the_index(tmp_path: Path) -> None:
+def test_workers_share_the_port_the_store_and_the_index(
+        tmp_path: Path, dcmtk: Callable[..., Any]) -> None:
     with _supervisor(tmp_path) as running:
-        studies: list[str] = []
-        failures: list[str] = []
-        senders = [threading.Thread(target=_store, args=(running.port, studies, failures))
-                   for _ in range(ASSOCIATIONS)]
-        for sender in senders:
-            sender.start()
-        for sender in senders:
-            sender.join()
-        assert failures == []
+        commands, studies = _senders(tmp_path, running.port)
+        senders = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env={**os.environ, "TCP_NODELAY": "1"})
+                   for command in commands]  # 16 modalities at once
+        outputs = [sender.communicate(timeout=120)[0] for sender in senders]
+        assert [sender.returncode for sender in senders] == [0] * ASSOCIATIONS, outputs
         # every worker sees every study, with exact counts (one index)
         for _ in range(4):
             assert _study_counts(running.port) == {s: PER_ASSOCIATION for s in studies}
@@ -146,28 +150,88 @@ def test_workers_share_the_port_the_store_and_the_index(tmp_path: Path) -> None:
         running.proc.send_signal(signal.SIGTERM)
         log = running.finish()
     assert running.proc.returncode == 0, log
-    # the kernel spread the associations: each worker served some (all 16 on one worker
-    # would happen once in 2**15 runs)
-    served = Counter(int(m.group(1)) for m in
-                     re.finditer(r"minipacs.association\[(\d+)\]: association from .* store", log))
+    # the associations were spread: each worker accepted some of the 16
+    served = Counter(int(m.group(1)) for m in re.finditer(
+        r"minipacs.association\[(\d+)\]: association from SENDER.* store", log))
     assert set(served) == set(running.pids), served
     assert sum(served.values()) == ASSOCIATIONS
     assert log.count("minipacs stopped") == WORKERS
 
 
 def test_a_second_server_and_maintenance_are_refused(tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    single.mkdir()
     with _supervisor(tmp_path) as running:
-        single = ["serve", "--port", str(free_port())]
-        supervisor = [*single, "--config", str(_config(tmp_path))]
-        for command in (single, supervisor, ["verify"], ["reindex"]):
+        others = [
+            ["serve", "--config", str(_config(single, workers=1)), "--port", str(free_port())],
+            ["serve", "--config", str(_config(tmp_path)), "--port", str(free_port())],
+            ["verify"], ["reindex"],
+        ]
+        for command in others:
             done = subprocess.run(
                 [*minipacs_command(), *command, "--data-dir", str(running.data)],
                 capture_output=True, text=True, timeout=60, cwd=tmp_path)
             assert done.returncode == 1, (command, done.stderr)
             assert "in use by another minipacs" in done.stderr, done.stderr
+        # another archive cannot take the port either (as for a single server)
+        elsewhere = subprocess.run(
+            [*minipacs_command(), "serve", "--config", str(_config(tmp_path)), "--port",
+             str(running.port), "--data-dir", str(tmp_path / "elsewhere")],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert elsewhere.returncode == 1
+        assert "cannot listen on 127.0.0.1" in elsewhere.stderr, elsewhere.stderr
+        assert "Traceback" not in elsewhere.stderr
         running.proc.send_signal(signal.SIGTERM)
         log = running.finish()
     assert running.proc.returncode == 0, log
+
+
+def test_the_server_lock_keeps_a_second_supervisor_out(tmp_path: Path) -> None:
+    """The supervisor's own lock, held while it starts and runs its workers."""
+    data = tmp_path / "data"
+    (data / "files").mkdir(parents=True)
+    fd = os.open(data / "files" / SERVER_LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        done = subprocess.run(
+            [*minipacs_command(), "serve", "--config", str(_config(tmp_path)), "--port",
+             str(free_port()), "--data-dir", str(data)],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    finally:
+        os.close(fd)
+    assert done.returncode == 1
+    assert "in use by another minipacs server" in done.stderr, done.stderr
+
+
+def _dies_at_start(*args: Any) -> None:
+    os._exit(3)
+
+
+def _never_ready(*args: Any) -> None:
+    time.sleep(60)
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    (_dies_at_start, "ended with exit code 3 while starting"),
+    (_never_ready, None),
+])
+def test_a_worker_that_fails_to_start_ends_the_start(
+        tmp_path: Path, target: Any, message: str | None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    config = load_config(_config(tmp_path), {"storage.data_dir": str(tmp_path / "data")})
+    stop = threading.Event()
+    if message is None:  # a SIGTERM while the workers start
+        threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    processes, ok = _start(config, {}, "INFO", stop, target=target)
+    try:
+        assert not ok
+        assert time.monotonic() - started < 30
+        if message:
+            assert message in caplog.text
+    finally:
+        _stop(processes, 5)
+    assert all(not p.is_alive() for p in processes)
 
 
 def test_a_worker_that_dies_stops_the_server(tmp_path: Path) -> None:

@@ -188,3 +188,15 @@ def test_peer_network_and_services_are_checked(tmp_path: Path) -> None:
                      "security.allow_unknown_peers: must be true or false"):
         assert any(fragment in p for p in problems), (fragment, problems)
     assert len(problems) == 4
+
+
+def test_workers_need_the_sqlite_index(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("ae:\n  workers: 2\nstorage:\n  index_url: postgresql://pacs@db/pacs\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        "ae.workers: more than 1 needs the SQLite index (storage.index_url empty or "
+        "sqlite:///...)"]
+    path.write_text("ae:\n  workers: 2\nstorage:\n  index_url: sqlite:///x.sqlite\n")
+    assert load_config(path).ae.workers == 2
