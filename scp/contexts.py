@@ -9,8 +9,12 @@ model each stands for.
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AllStoragePresentationContexts
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -58,3 +62,22 @@ SUPPORTED: list[tuple[str, list[str]]] = (
 STORAGE: frozenset[str] = frozenset(STORAGE_SOP_CLASSES)
 """Storage SOP classes: accepted in both roles, so a C-GET requestor may act as their SCP
 (SCP/SCU Role Selection, PS3.7 D.3.3.4) while modalities keep sending to us as SCU."""
+
+
+def cheap_context_copies() -> None:
+    """Make the per-association copy of these contexts cheap (once per process).
+
+    pynetdicom 3.0 deep-copies the acceptor's supported contexts for every association
+    (``RequestHandler._create_association``): with every Storage SOP Class times every
+    transfer syntax, pydicom re-validated each UID against its regex, and the A-ASSOCIATE-AC
+    left about 40 ms after the request (bench/README.md). The only mutable part of a
+    ``PresentationContext`` is its transfer syntax list, and UIDs are immutable strings, so
+    a deep copy is a shallow one with a list of its own. Pinned like scp/reactor.py.
+    """
+
+    def __deepcopy__(self: PresentationContext, memo: dict[int, Any]) -> PresentationContext:
+        new = copy.copy(self)
+        new._transfer_syntax = list(self._transfer_syntax)
+        return new
+
+    PresentationContext.__deepcopy__ = __deepcopy__  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ from . import reactor, responses
 from .access import Access
 from .activity import Activity
 from .config import Config
-from .contexts import STORAGE, SUPPORTED
+from .contexts import STORAGE, SUPPORTED, cheap_context_copies
 from .guards import Guards, close_unassociated
 from .handlers import (
     handle_echo,
@@ -108,6 +108,9 @@ class Server:
         cfg, tls = self.config.ae, self.config.tls
         reactor.install()  # also: C-STORE data sets spooled to files (storage.Spooled)
         responses.install()  # C-FIND responses encoded by storage, packed in one PDU
+        if reactor.tested_pynetdicom("scp/contexts.py", "each association copies every "
+                                     "context the slow way (about 40 ms)"):
+            cheap_context_copies()
         if not tls.only:
             self._server = self._listen(cfg.port)
             self._port = int(self._server.server_address[1])
