@@ -57,7 +57,8 @@ FIRST_RESPONSE_WAIT = 0.002
 """Longest wait, in seconds, for the DUL to take a query's first response."""
 MAX_QUEUED = 64
 """Most C-FIND responses (PDUs) queued for the DUL before the query waits for the peer."""
-_WAIT_STEP = 0.0001
+_FIRST_STEP = 0.0001  # the first response is taken within a GIL switch or two
+_DRAIN_STEP = 0.001  # a slow peer: no need to look 10,000 times a second
 _PLAIN_STATUSES = frozenset({0x0000, 0xFF00, 0xFF01})
 _LAST_COMMAND_FRAGMENT = b"\x03"
 _LAST_DATA_SET_FRAGMENT = b"\x02"
@@ -104,18 +105,18 @@ def identifiers(
     for n, data in enumerate(matches):
         yield PreEncoded(data, implicit)
         if n == 0:
-            _wait_until(lambda: queue.empty(), FIRST_RESPONSE_WAIT)
+            _wait_until(lambda: queue.empty(), FIRST_RESPONSE_WAIT, _FIRST_STEP)
         elif queue.qsize() > MAX_QUEUED:
             _wait_until(lambda: queue.qsize() <= MAX_QUEUED // 2 or not assoc.is_established,
-                        assoc.network_timeout or None)
+                        assoc.network_timeout or None, _DRAIN_STEP)
 
 
-def _wait_until(done: Callable[[], bool], timeout: float | None) -> None:
-    """Sleep in short steps until ``done()`` or ``timeout`` seconds have passed (the DUL's
-    queue has no way to signal that it was emptied)."""
+def _wait_until(done: Callable[[], bool], timeout: float | None, step: float) -> None:
+    """Sleep ``step`` at a time until ``done()`` or ``timeout`` seconds have passed (the
+    DUL's queue has no way to signal that it was emptied)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while not done() and (deadline is None or time.monotonic() < deadline):
-        time.sleep(_WAIT_STEP)
+        time.sleep(step)
 
 
 def command_set(sop_class_uid: str, message_id: int, status: int, has_data_set: bool) -> bytes:
