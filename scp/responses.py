@@ -13,8 +13,9 @@ DEBUG, and sends command and identifier as two P-DATA-TF PDUs. Here:
   Little Endian as PS3.7 6.3.1 requires), and command and identifier go in one P-DATA-TF
   PDU when both fit in the peer's maximum length (PS3.8 9.3.5: a P-DATA-TF PDU holds one
   or more PDVs);
-- identifier pretty-printing and pynetdicom's per-message logging handlers are turned off
-  unless the ``pynetdicom`` logger is at DEBUG.
+- identifier decoding and pretty-printing for the log (of requests and responses) and
+  pynetdicom's per-message logging handlers are turned off unless the ``pynetdicom`` logger
+  is at DEBUG.
 
 A response that is not a plain C-FIND response (an error comment, an offending element),
 or an association with EVT_DIMSE_SENT handlers bound, goes through pynetdicom unchanged.
@@ -189,6 +190,7 @@ def install() -> bool:
     if not tested_pynetdicom("scp/responses.py", "C-FIND responses are encoded by pynetdicom"):
         return False
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        _pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False  # decoded and rendered for INFO
         _pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
         _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     _service_class.encode = _encode

@@ -834,6 +834,8 @@ def select_rows(query: Query, page_size: int = 500) -> Iterator[Row]:
                                                                     strict=True)))
                 rows[lv] = entity
             yield Row(rows)
+        if len(page) < page_size:
+            return  # the last page: no need to ask again
 
 
 @functools.cache
