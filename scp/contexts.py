@@ -27,6 +27,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from storage import Model
 
+from .reactor import tested_pynetdicom
+
 TRANSFER_SYNTAXES: list[str] = [str(uid) for uid in AllTransferSyntaxes]
 
 STORAGE_SOP_CLASSES: list[str] = sorted(
@@ -64,8 +66,9 @@ STORAGE: frozenset[str] = frozenset(STORAGE_SOP_CLASSES)
 (SCP/SCU Role Selection, PS3.7 D.3.3.4) while modalities keep sending to us as SCU."""
 
 
-def cheap_context_copies() -> None:
-    """Make the per-association copy of these contexts cheap (once per process).
+def cheap_context_copies() -> bool:
+    """Make the per-association copy of these contexts cheap (once per process); ``False``
+    when this pynetdicom is not a tested version, and nothing was changed.
 
     pynetdicom 3.0 deep-copies the acceptor's supported contexts for every association
     (``RequestHandler._create_association``): with every Storage SOP Class times every
@@ -74,6 +77,11 @@ def cheap_context_copies() -> None:
     ``PresentationContext`` is its transfer syntax list, and UIDs are immutable strings, so
     a deep copy is a shallow one with a list of its own. Pinned like scp/reactor.py.
     """
+    if "__deepcopy__" in vars(PresentationContext):
+        return True
+    if not tested_pynetdicom("scp/contexts.py", "each association copies every context "
+                             "the slow way (about 40 ms)"):
+        return False
 
     def __deepcopy__(self: PresentationContext, memo: dict[int, Any]) -> PresentationContext:
         new = copy.copy(self)
@@ -81,3 +89,4 @@ def cheap_context_copies() -> None:
         return new
 
     PresentationContext.__deepcopy__ = __deepcopy__  # type: ignore[attr-defined]
+    return True

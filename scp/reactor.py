@@ -39,6 +39,7 @@ import select
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import pynetdicom
@@ -250,12 +251,16 @@ def settle(associations: list[Any], timeout: float) -> None:
     response. A server that stops aborts its associations next; an operation's handler
     returns before pynetdicom sends its response (for a C-STORE, after deleting the
     spooled data set), and an abort then would cut that response off."""
-    deadline = time.monotonic() + timeout
     wakers = [w for w in (_wakers.get(a) for a in associations) if w is not None]
-    while any(not w.closed and not w.settled() for w in wakers):
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.005)
+    wait_until(lambda: all(w.closed or w.settled() for w in wakers), timeout, 0.005)
+
+
+def wait_until(done: Callable[[], bool], timeout: float | None, step: float) -> None:
+    """Sleep ``step`` at a time until ``done()`` or ``timeout`` seconds have passed (None:
+    no limit), for states pynetdicom's queues and reactors give no signal of."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not done() and (deadline is None or time.monotonic() < deadline):
+        time.sleep(step)
 
 
 def _wrap_put(queue: Any, wake: Any) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,7 +45,7 @@ from storage import Archive
 from storage.parsing import read_identifier
 from storage.query import Query
 
-from .reactor import tested_pynetdicom
+from .reactor import tested_pynetdicom, wait_until
 
 C_FIND_RSP = 0x8020
 """CommandField of a C-FIND-RSP (PS3.7 Table E.1-1)."""
@@ -106,18 +105,10 @@ def identifiers(
     for n, data in enumerate(matches):
         yield PreEncoded(data, implicit)
         if n == 0:
-            _wait_until(lambda: queue.empty(), FIRST_RESPONSE_WAIT, _FIRST_STEP)
+            wait_until(lambda: queue.empty(), FIRST_RESPONSE_WAIT, _FIRST_STEP)
         elif queue.qsize() > MAX_QUEUED:
-            _wait_until(lambda: queue.qsize() <= MAX_QUEUED // 2 or not assoc.is_established,
+            wait_until(lambda: queue.qsize() <= MAX_QUEUED // 2 or not assoc.is_established,
                         assoc.network_timeout or None, _DRAIN_STEP)
-
-
-def _wait_until(done: Callable[[], bool], timeout: float | None, step: float) -> None:
-    """Sleep ``step`` at a time until ``done()`` or ``timeout`` seconds have passed (the
-    DUL's queue has no way to signal that it was emptied)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while not done() and (deadline is None or time.monotonic() < deadline):
-        time.sleep(step)
 
 
 def command_set(sop_class_uid: str, message_id: int, status: int, has_data_set: bool) -> bytes:

