@@ -60,6 +60,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # noqa: E402
 
 from storage import index, query  # noqa: E402
 from storage.keys import Model  # noqa: E402
+from storage.models import SCHEMA_VERSION  # noqa: E402
 from storage.parsing import extract  # noqa: E402
 
 SCALE_DIR = bench.WORK_ROOT / "scale"
@@ -221,6 +222,17 @@ def populated(instances: int, repopulate: bool) -> Path:
     path = SCALE_DIR / f"archive-{instances}"
     done = path / "populated.json"
     if done.exists() and not repopulate:
+        made = json.loads(done.read_text())
+        if made.get("schema", 1) != SCHEMA_VERSION:  # kept from an earlier minipacs: migrate
+            start = time.perf_counter()
+            index.connect(f"sqlite:///{path / 'index.sqlite'}")
+            index.close()
+            index.disconnect()
+            made.update(schema=SCHEMA_VERSION, migrated_seconds=round(
+                time.perf_counter() - start, 2))
+            print(f"  {instances:,}: index migrated to schema {SCHEMA_VERSION} in "
+                  f"{made['migrated_seconds']} s", file=sys.stderr)
+            done.write_text(json.dumps(made))
         return path
     if path.exists():
         shutil.rmtree(path)
@@ -230,7 +242,8 @@ def populated(instances: int, repopulate: bool) -> Path:
 
     seconds = populate(path, instances, progress)
     print(file=sys.stderr)
-    done.write_text(json.dumps({"instances": instances, "seconds": round(seconds, 1)}))
+    done.write_text(json.dumps({"instances": instances, "seconds": round(seconds, 1),
+                                "schema": SCHEMA_VERSION}))
     return path
 
 

@@ -20,9 +20,10 @@ import peewee as pw
 from playhouse.db_url import connect as db_url_connect
 
 from .errors import DuplicateRejected, StorageError
-from .keys import Level
+from .keys import KEYS, Level
 from .models import MODELS, SCHEMA_VERSION, Instance, Patient, SchemaVersion, Series, Study
 from .models import database_proxy as db
+from .values import pn_groups
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def _open(url: str, synchronous_full: bool) -> pw.Database:
         database = db_url_connect(url)
     db.initialize(database)
     with database.connection_context():
+        _migrate(database)
         database.create_tables(MODELS, safe=True)
         row = SchemaVersion.select().first()
         if row is None:
@@ -118,6 +120,51 @@ def _open(url: str, synchronous_full: bool) -> pw.Database:
                 f"index schema version {row.version} is not the supported {SCHEMA_VERSION}"
             )
     return database
+
+
+def _migrate(database: pw.Database) -> None:
+    """Bring an index an earlier minipacs wrote up to :data:`SCHEMA_VERSION`, in one write
+    transaction (a second process opening it meanwhile waits, then finds it done)."""
+    if not database.table_exists(SchemaVersion._meta.table_name):
+        return  # a new index: create_tables makes the current schema
+    with write_transaction():
+        row = SchemaVersion.select().first()
+        if row is None or row.version >= SCHEMA_VERSION:
+            return  # a newer one is refused by the caller
+        for version in range(row.version, SCHEMA_VERSION):
+            logger.info("index schema: migrating version %d to %d", version, version + 1)
+            try:
+                _MIGRATIONS[version](database)
+            except pw.DatabaseError as exc:
+                raise StorageError(f"index schema: migrating version {version} to "
+                                   f"{version + 1} failed, nothing was changed: {exc}") from exc
+        SchemaVersion.update(version=SCHEMA_VERSION).execute()
+
+
+def _patient_name_groups(database: pw.Database) -> None:
+    """1 to 2: PatientName folded per component group, each group indexed (an index serves
+    a wildcard with a literal start), replacing the framed ``patient_name_folded``.
+
+    Plain ``ALTER TABLE`` only: a migrator that rebuilds the table (as peewee's does to
+    add a NOT NULL column on SQLite) drops it, and the foreign keys' ON DELETE CASCADE
+    then empties the study, series and instance tables.
+    """
+    groups = KEYS["PatientName"].groups
+    assert groups is not None
+    database.execute_sql('DROP INDEX "patient_patient_name_folded"')
+    database.execute_sql('ALTER TABLE "patient" DROP COLUMN "patient_name_folded"')
+    for name in groups:
+        database.execute_sql(
+            f'ALTER TABLE "patient" ADD COLUMN "{name}" TEXT NOT NULL DEFAULT \'\'')
+    rows = database.execute_sql('SELECT "id", "patient_name" FROM "patient"').fetchall()
+    mark = database.param
+    update = f"UPDATE patient SET {', '.join(f'{n} = {mark}' for n in groups)} WHERE id = {mark}"
+    for patient_id, name in rows:
+        database.execute_sql(update, (*pn_groups(name, folded=True), patient_id))
+    # the indexes: create_tables makes them after the migration
+
+
+_MIGRATIONS = {1: _patient_name_groups}
 
 
 def close() -> None:

@@ -56,6 +56,9 @@ class Key:
         The index column matched in SQL; ``None`` for keys matched only in Python.
     computed : str or None
         The counter column that answers a computed key (PS3.4 C.3.2 to C.3.4).
+    groups : tuple of str, optional
+        For a PN key instead of ``column``: the three columns holding the folded
+        Alphabetic, Ideographic and Phonetic groups (PS3.5 6.2.1), each indexed.
     """
 
     keyword: str
@@ -63,6 +66,7 @@ class Key:
     unique: bool = False
     column: str | None = None
     computed: str | None = None
+    groups: tuple[str, str, str] | None = None
 
     @property
     def tag(self) -> int:
@@ -82,7 +86,9 @@ KEYS: dict[str, Key] = {
     for k in (
         # PATIENT (PS3.4 Table C.6-1)
         Key("PatientID", P, unique=True, column="patient_id"),
-        Key("PatientName", P, column="patient_name_folded"),
+        Key("PatientName", P, groups=("patient_name_alphabetic_folded",
+                                      "patient_name_ideographic_folded",
+                                      "patient_name_phonetic_folded")),
         Key("IssuerOfPatientID", P, column="issuer_of_patient_id"),
         Key("PatientBirthDate", P, column="patient_birth_date"),
         Key("PatientSex", P, column="patient_sex"),

@@ -2,8 +2,11 @@
 
 Each row holds the attributes that are matched often as real, indexed columns, the rest of
 its level's attributes as DICOM JSON (``attrs``), and the counters behind the computed query
-keys (PS3.4 C.3.2 to C.3.4). PN columns used for case- and accent-insensitive matching have a
-``_folded`` twin. The backend is chosen at run time by :func:`storage.index.connect`.
+keys (PS3.4 C.3.2 to C.3.4). PN columns used for case- and accent-insensitive matching have
+``_folded`` twins: PatientName one indexed column per component group (so that a wildcard
+with a literal start reads a range of one index), ReferringPhysicianName one framed column
+(:func:`storage.values.pn_framed`). The backend is chosen at run time by
+:func:`storage.index.connect`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import peewee as pw
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""The version of the schema below; :mod:`storage.index` migrates an older index to it.
+
+1. The first schema.
+2. PatientName kept folded per component group, each indexed, instead of one framed column.
+"""
 
 database_proxy: Any = pw.DatabaseProxy()
 
@@ -35,7 +43,10 @@ class Patient(BaseModel):
     patient_id = pw.CharField(max_length=64, default="", index=True)
     issuer_of_patient_id = pw.CharField(max_length=64, default="")
     patient_name = pw.TextField(default="")
-    patient_name_folded = pw.TextField(default="", index=True)
+    # folded groups of the name (values.pn_groups), each with an index
+    patient_name_alphabetic_folded = pw.TextField(default="", index=True)
+    patient_name_ideographic_folded = pw.TextField(default="", index=True)
+    patient_name_phonetic_folded = pw.TextField(default="", index=True)
     patient_birth_date = pw.CharField(max_length=8, default="", index=True)
     patient_sex = pw.CharField(max_length=16, default="")
     attrs = pw.TextField(default="{}")

@@ -30,7 +30,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
 from .errors import InvalidInstance
 from .index import InstanceRecord
 from .keys import Level, level_of
-from .values import clean_text, norm_da, norm_pn, norm_tm, pn_framed, strip
+from .values import clean_text, norm_da, norm_pn, norm_tm, pn_framed, pn_groups, strip
 
 IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["minipacs"])
 IMPLEMENTATION_VERSION_NAME = "MINIPACS_01"
@@ -382,6 +382,7 @@ def extract(ds: Dataset) -> Parsed:
     patient_id = _text(ds, "PatientID")
     issuer = _text(ds, "IssuerOfPatientID")
     patient_name = _text(ds, "PatientName", "PN")
+    alphabetic, ideographic, phonetic = pn_groups(patient_name, folded=True)
     referring = _text(ds, "ReferringPhysicianName", "PN")
     record = InstanceRecord(
         patient={
@@ -391,7 +392,9 @@ def extract(ds: Dataset) -> Parsed:
             "patient_id": patient_id,
             "issuer_of_patient_id": issuer,
             "patient_name": norm_pn(patient_name),
-            "patient_name_folded": pn_framed(patient_name, folded=True),
+            "patient_name_alphabetic_folded": alphabetic,
+            "patient_name_ideographic_folded": ideographic,
+            "patient_name_phonetic_folded": phonetic,
             "patient_birth_date": norm_da(_text(ds, "PatientBirthDate", "DA")),
             "patient_sex": _text(ds, "PatientSex", "CS"),
             "attrs": attrs[Level.PATIENT],

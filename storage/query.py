@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import operator
 import re
 import struct
 from collections.abc import Iterator, Sequence
@@ -711,15 +712,46 @@ def wildcard_sql(column: Any, pattern: str) -> Any:
     return pw.Expression(column, "GLOB", glob)
 
 
+def _pn_group_pattern(term: Term, group: str) -> str:
+    """The pattern of one query group, for a stored group that matches it (a superset).
+
+    PS3.5 6.2.1 makes trailing empty components insignificant, so ``doe^john^*`` matches a
+    stored ``doe^john`` (Python pads the stored name with "^", see :func:`_pn_matches`).
+    A tail of only "^", "*" and "?" therefore becomes one "*": it matched past the end of
+    the stored name, or some of its tail. The literal start stays, so an index serves it.
+    """
+    if term.op is not Op.WILDCARD:
+        return group
+    head = group.rstrip("^*?")
+    return group if head == group else head + "*"
+
+
 def _framed_pn_sql(column: Any, term: Term) -> Any | None:
-    # PN columns hold "=group1=group2=" (values.pn_framed): a value without "=" may match
-    # any group. A value with groups is matched group by group in Python only.
+    # framed PN columns hold "=group1=group2=" (values.pn_framed): a value without "=" may
+    # match any group. A value with groups is matched group by group in Python only.
     if "=" in term.value or len(term.value) > _PATTERN_LIMIT:
         return None
-    value = term.value
-    if term.op is Op.WILDCARD and "^" in value:
-        value = value.replace("^", "*")  # omitted trailing components still match
-    return wildcard_sql(column, "*=" + value + "=*")
+    return wildcard_sql(column, "*=" + _pn_group_pattern(term, term.value) + "=*")
+
+
+def _pn_groups_sql(columns: Sequence[Any], term: Term) -> Any | None:
+    """A name term on a key kept one column per group (:attr:`Key.groups`), a superset of
+    :func:`_pn_matches`: a value without "=" in any group, a value with "=" in each of the
+    groups it gives (PS3.5 6.2.1). Equalities and wildcards with a literal start read a
+    range of an index."""
+    if len(term.value) > _PATTERN_LIMIT:
+        return None
+
+    def one(column: Any, group: str) -> Any:
+        if term.op is not Op.WILDCARD:
+            return column == group
+        return wildcard_sql(column, _pn_group_pattern(term, group))
+
+    if "=" not in term.value:
+        return _or([one(column, term.value) for column in columns])
+    conds = [one(column, group)
+             for column, group in zip(columns, term.value.split("="), strict=False) if group]
+    return functools.reduce(operator.and_, conds) if conds else None
 
 
 _PATTERN_LIMIT = 10000  # longer patterns are matched in Python only (SQLite caps GLOB)
@@ -759,6 +791,8 @@ def _constraint_sql(c: Constraint, query: Query) -> Any | None:
     model = _LEVEL_MODEL[key.level]
     if key.computed in ("modalities", "sop_classes"):
         return _exists_sql(c, key)
+    if key.groups is not None:
+        return _groups_sql(c, query, model, key.groups)
     if key.column is None or c.vr in NUMERIC_VRS:
         return None
     column = getattr(model, key.column)
@@ -770,6 +804,25 @@ def _constraint_sql(c: Constraint, query: Query) -> Any | None:
         return None
     conds = [_framed_pn_sql(column, term) for term in c.terms]
     return None if any(cond is None for cond in conds) else _or(conds)
+
+
+def _groups_sql(
+    c: Constraint, query: Query, model: type[models.BaseModel], names: Sequence[str]
+) -> Any | None:
+    """A PN key kept one folded column per group, as ``id IN (SELECT id ... WHERE ...)``:
+    SQLite plans the OR over three indexes only in a subquery of its own (the subquery is
+    read first through the indexes, then the rows below through their parent's index)."""
+    if not query.fold_pn:
+        return None
+    columns = [getattr(model, name) for name in names]
+    if c.kind is Kind.EMPTY:
+        cond = functools.reduce(operator.and_, [column == "" for column in columns])
+    else:
+        conds = [_pn_groups_sql(columns, term) for term in c.terms]
+        if any(cond is None for cond in conds):
+            return None
+        cond = _or(conds)
+    return model.id.in_(model.select(model.id).where(cond))
 
 
 def _or(conds: list[Any]) -> Any:

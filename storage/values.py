@@ -105,6 +105,24 @@ def pn_framed(value: str, folded: bool) -> str:
     return f"={name}=" if name else ""
 
 
+PN_GROUPS = 3  # Alphabetic, Ideographic, Phonetic (PS3.5 6.2.1)
+
+
+def pn_groups(value: str, folded: bool) -> tuple[str, str, str]:
+    """Return the three component groups of a name, as kept in a PN key's group columns.
+
+    Each group is normalised as :func:`norm_pn` does (and folded); a missing group is
+    ``""``. A fourth group and beyond are dropped, as pydicom drops them from the DICOM
+    JSON that Python matching reads.
+    """
+    name = norm_pn(value)
+    if folded:
+        name = fold(name)
+    groups = name.split("=")[:PN_GROUPS]
+    groups += [""] * (PN_GROUPS - len(groups))
+    return groups[0], groups[1], groups[2]
+
+
 def norm_da(value: str) -> str:
     """Return a DA value as ``YYYYMMDD``, or ``""`` if it is not a date.
 
