@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -127,10 +128,15 @@ def _migrate(database: pw.Database) -> None:
     transaction (a second process opening it meanwhile waits, then finds it done)."""
     if not database.table_exists(SchemaVersion._meta.table_name):
         return  # a new index: create_tables makes the current schema
+    row = SchemaVersion.select().first()
+    if row is None or row.version >= SCHEMA_VERSION:
+        return  # current (a newer one is refused by the caller): no write lock taken
     with write_transaction():
-        row = SchemaVersion.select().first()
+        if not isinstance(database, pw.SqliteDatabase):  # SQLite: BEGIN IMMEDIATE did it
+            database.execute_sql('LOCK TABLE "schema_version" IN EXCLUSIVE MODE')
+        row = SchemaVersion.select().first()  # again: another process may have done it
         if row is None or row.version >= SCHEMA_VERSION:
-            return  # a newer one is refused by the caller
+            return
         for version in range(row.version, SCHEMA_VERSION):
             logger.info("index schema: migrating version %d to %d", version, version + 1)
             try:
@@ -151,6 +157,10 @@ def _patient_name_groups(database: pw.Database) -> None:
     """
     groups = KEYS["PatientName"].groups
     assert groups is not None
+    if isinstance(database, pw.SqliteDatabase) and sqlite3.sqlite_version_info < (3, 35):
+        raise StorageError(
+            "index schema: migrating version 1 to 2 needs SQLite 3.35 or later (ALTER TABLE "
+            f"DROP COLUMN); this Python has {sqlite3.sqlite_version}: nothing was changed")
     database.execute_sql('DROP INDEX "patient_patient_name_folded"')
     database.execute_sql('ALTER TABLE "patient" DROP COLUMN "patient_name_folded"')
     for name in groups:

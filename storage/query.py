@@ -748,6 +748,8 @@ def _pn_groups_sql(columns: Sequence[Any], term: Term) -> Any | None:
         return wildcard_sql(column, _pn_group_pattern(term, group))
 
     if "=" not in term.value:
+        if not term.value:  # "^": no non-empty group equals it (Python skips empty ones)
+            return pw.SQL("1 = 0")
         return _or([one(column, term.value) for column in columns])
     conds = [one(column, group)
              for column, group in zip(columns, term.value.split("="), strict=False) if group]
@@ -784,7 +786,7 @@ def _term_sql(column: Any, term: Term) -> Any:
     return column == term.value
 
 
-def _constraint_sql(c: Constraint, query: Query) -> Any | None:
+def _constraint_sql(c: Constraint, query: Query, indexed: bool = True) -> Any | None:
     key = c.key
     if key is None or c.kind is Kind.SEQUENCE:
         return None
@@ -792,7 +794,7 @@ def _constraint_sql(c: Constraint, query: Query) -> Any | None:
     if key.computed in ("modalities", "sop_classes"):
         return _exists_sql(c, key)
     if key.groups is not None:
-        return _groups_sql(c, query, model, key.groups)
+        return _groups_sql(c, query, model, key.groups, indexed)
     if key.column is None or c.vr in NUMERIC_VRS:
         return None
     column = getattr(model, key.column)
@@ -807,11 +809,19 @@ def _constraint_sql(c: Constraint, query: Query) -> Any | None:
 
 
 def _groups_sql(
-    c: Constraint, query: Query, model: type[models.BaseModel], names: Sequence[str]
+    c: Constraint,
+    query: Query,
+    model: type[models.BaseModel],
+    names: Sequence[str],
+    indexed: bool,
 ) -> Any | None:
-    """A PN key kept one folded column per group, as ``id IN (SELECT id ... WHERE ...)``:
-    SQLite plans the OR over three indexes only in a subquery of its own (the subquery is
-    read first through the indexes, then the rows below through their parent's index)."""
+    """A PN key kept one folded column per group.
+
+    ``indexed``: as ``id IN (SELECT id ... WHERE ...)``, which SQLite plans over the three
+    group indexes (it does so for the OR only in a subquery of its own), then reads the
+    rows below through their parent's index and sorts them by id. Otherwise as a plain
+    filter on the joined row, read in id order without a sort (see :func:`page_select`).
+    """
     if not query.fold_pn:
         return None
     columns = [getattr(model, name) for name in names]
@@ -822,7 +832,7 @@ def _groups_sql(
         if any(cond is None for cond in conds):
             return None
         cond = _or(conds)
-    return model.id.in_(model.select(model.id).where(cond))
+    return model.id.in_(model.select(model.id).where(cond)) if indexed else cond
 
 
 def _or(conds: list[Any]) -> Any:
@@ -846,11 +856,14 @@ def _exists_sql(c: Constraint, key: Key) -> Any | None:
     return pw.fn.EXISTS(model.select(pw.SQL("1")).where(link & cond))
 
 
-def sql_conditions(query: Query) -> list[Any]:
-    """The SQL filters of ``query``: a superset of the matches, never fewer."""
+def sql_conditions(query: Query, indexed: bool = True) -> list[Any]:
+    """The SQL filters of ``query``: a superset of the matches, never fewer.
+
+    ``indexed`` lets a name be looked up through its group indexes (see
+    :func:`page_select`)."""
     out = []
     for c in query.constraints:
-        cond = _constraint_sql(c, query)
+        cond = _constraint_sql(c, query, indexed)
         if cond is not None:
             out.append(cond)
     return out
@@ -895,10 +908,18 @@ def _entity_columns(level: Level) -> tuple[str, ...]:
     return ("id", "attrs", *dict.fromkeys(c for c in computed if c))
 
 
-def page_select(query: Query, after: int = 0, page_size: int = 500) -> Any:
+def page_select(
+    query: Query, after: int = 0, page_size: int = 500, *, indexed: bool | None = None
+) -> Any:
     """The SELECT of one page of candidates: rows of the query's level with an id above
     ``after``, joined to their parents, filtered by :func:`sql_conditions`, in id order,
     as tuples of :func:`_entity_columns` from the query level up.
+
+    ``indexed`` (default: for the first page only, ``after == 0``) looks a name up through
+    its group indexes. That plan reads every matching row and sorts it by id, for each
+    page: a name matching few rows is answered at once, but one matching M rows would cost
+    M per page. So a query whose first page comes back full reads on in id order, as a
+    query without an indexed key does: at most one pass over the level's rows.
 
     Public so that the benchmark can show its plan (``EXPLAIN QUERY PLAN``) for each query.
     """
@@ -913,7 +934,7 @@ def page_select(query: Query, after: int = 0, page_size: int = 500) -> Any:
               models.Instance: models.Instance.series}[child]
         select = select.join(parent, on=(fk == parent.id))
         child = parent
-    conds = sql_conditions(query)
+    conds = sql_conditions(query, after == 0 if indexed is None else indexed)
     return (select.where(base.id > after, *conds).order_by(base.id).limit(page_size)
             .tuples())
 

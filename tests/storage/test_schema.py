@@ -3,6 +3,7 @@ and counter kept; a newer one is refused."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from pydicom.dataset import Dataset
 
 from storage import Archive, ArchiveOptions, Model, StorageError, open_archive
 from storage.models import SCHEMA_VERSION
-from storage.values import pn_groups
+from storage.values import json_strings, pn_groups
 from tests.factory import encode, make_ds
 
 SCHEMA_1 = Path(__file__).parent / "data" / "index-schema-1.sql"
@@ -139,3 +140,23 @@ def test_an_index_of_a_newer_minipacs_is_refused(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(StorageError, match=f"version {SCHEMA_VERSION + 1} is not the supported"):
         open_at(tmp_path)
+
+
+@pytest.mark.parametrize("name", [
+    "Doe^John", "a=b=c=d", "=Yamada", "==x", " Doe ^ John =  ", "Müller^Jürgen",
+    "Yamada^Tarou=山田^太郎=やまだ^たろう", "a^b^c^d^e^f", "^^^", "Smith^[J]*?",
+])
+def test_the_name_columns_hold_what_python_matching_reads(tmp_path: Path, name: str) -> None:
+    # the SQL filter and Python matching must see the same groups: the columns are made by
+    # extract from the header, Python reads the DICOM JSON pydicom made of it
+    archive = open_at(tmp_path)
+    try:
+        archive.store(encode(make_ds(PatientName=name, SpecificCharacterSet="ISO_IR 192")),
+                      "1.2.840.10008.1.2.1")
+        [(attrs, *groups)] = archive.database.execute_sql(
+            "SELECT attrs, patient_name_alphabetic_folded, patient_name_ideographic_folded,"
+            " patient_name_phonetic_folded FROM patient").fetchall()
+        [seen] = json_strings(json.loads(attrs)["00100010"]) or [""]
+        assert tuple(groups) == pn_groups(seen, folded=True)
+    finally:
+        archive.close()
