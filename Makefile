@@ -2,14 +2,15 @@
 #   make run    create .venv if missing, install minipacs (with codecs), serve with config.yaml
 #   make test   install test extras and DCMTK, then ruff, mypy and pytest
 #   make lint   ruff and mypy only
-#   make bench  the benchmark (not part of make test); see bench/README.md
+#   make bench  every benchmark (not part of make test; BENCH_ARGS=--quick for a few minutes,
+#               --write-readme to record): bench/all.py, see bench/README.md
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.yaml
 
-.PHONY: run test lint bench install install-test dcmtk clean
+.PHONY: run test lint bench install install-test dcmtk orthanc clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,15 @@ dcmtk:
 		echo "Without it the DCMTK tests skip, or fail when CI is set."; \
 	fi
 
+orthanc:
+	@if command -v Orthanc >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Orthanc (Debian package orthanc), for the benchmark"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc >/dev/null; \
+	else \
+		echo "Orthanc is missing: install it (Debian/Ubuntu: sudo apt-get install orthanc)."; \
+	fi
+
 lint: install-test
 	$(BIN)/ruff check scp storage tests bench
 	$(BIN)/mypy
@@ -41,8 +51,8 @@ lint: install-test
 test: install-test dcmtk lint
 	TCP_NODELAY=1 $(BIN)/python -m pytest
 
-bench: install-test dcmtk
-	TCP_NODELAY=1 $(BIN)/python bench/run.py $(BENCH_ARGS)
+bench: install-test dcmtk orthanc
+	TCP_NODELAY=1 $(BIN)/python bench/all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -21,6 +21,7 @@ Not part of ``make test``; the numbers go to bench/README.md.
 from __future__ import annotations
 
 import argparse
+import datetime
 import shutil
 import subprocess
 import sys
@@ -73,8 +74,9 @@ def start_idle(work: Path, tag: str) -> tuple[bench.Minipacs, int, float]:
     return server, server.proc.pid, rss_mib(server.proc.pid)
 
 
-def many(count: int) -> int:
-    """RSS across the ingest of ``count`` small instances over one association."""
+def many(count: int) -> tuple[int, list[str]]:
+    """RSS across the ingest of ``count`` small instances over one association: the exit
+    status and the lines of the report."""
     bench.WORK_ROOT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="memory-", dir=bench.WORK_ROOT))
     try:
@@ -102,15 +104,17 @@ def many(count: int) -> int:
         after = rss_mib(pid)
         held, how = server.count()
         server.stop()
-        print(f"{count:,} small instances over one association: storescu exit "
-              f"{sender.returncode} in {elapsed:.0f} s ({count / elapsed:.0f} inst/s); "
-              f"stored {held:,} ({how})")
-        print(f"minipacs VmRSS (MiB): idle before {idle:.1f}; at each tenth of the run "
-              + ", ".join(f"{_rss_at(samples, started + elapsed * k / 10):.1f}"
-                          for k in range(1, 11))
-              + f"; peak {max((r for _, r in samples), default=idle):.1f}; "
-              f"idle after {after:.1f} ({len(samples)} samples)")
-        return 0 if sender.returncode == 0 and held == count else 1
+        lines = [
+            f"- {count:,} small instances over one association: storescu exit "
+            f"{sender.returncode} in {elapsed:.0f} s ({count / elapsed:.0f} inst/s); "
+            f"stored {held:,} ({how})",
+            f"- minipacs VmRSS (MiB): idle before {idle:.1f}; at each tenth of the run "
+            + ", ".join(f"{_rss_at(samples, started + elapsed * k / 10):.1f}"
+                        for k in range(1, 11))
+            + f"; peak {max((r for _, r in samples), default=idle):.1f}; "
+            f"idle after {after:.1f} ({len(samples)} samples)",
+        ]
+        return (0 if sender.returncode == 0 and held == count else 1), lines
     finally:
         bench.cleanup()
         shutil.rmtree(work, ignore_errors=True)
@@ -126,15 +130,35 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=1024, help="MiB of pixel data (1024)")
     parser.add_argument("--count", type=int, default=0,
                         help="send this many small instances instead (RSS over a long ingest)")
+    parser.add_argument("--write-readme", action="store_true",
+                        help="record the result in bench/README.md (its own block per mode)")
     args = parser.parse_args()
-    if args.count:
-        return many(args.count)
+    began = time.perf_counter()
+    machine = bench.machine_info()
+    status, lines = many(args.count) if args.count else large(args.mb)
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    command = " ".join([".venv/bin/python bench/memory_ingest.py", *sys.argv[1:]])
+    block = "\n".join([f"Recorded {when} with `{command}`; the run took "
+                       f"{(time.perf_counter() - began) / 60:.1f} min.", "", *machine, "",
+                       *lines])
+    print(block)
+    if args.write_readme:
+        mode = "memory-many" if args.count else "memory-large"
+        bench.write_readme(block, f"<!-- {mode}:start -->", f"<!-- {mode}:end -->",
+                           "Memory (target 5)")
+        print(f"\nwritten to {bench.README}")
+    return status
+
+
+def large(mb: int) -> tuple[int, list[str]]:
+    """RSS while one instance of ``mb`` MiB of pixel data is received: the exit status and
+    the lines of the report."""
     bench.WORK_ROOT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="memory-", dir=bench.WORK_ROOT))
     try:
         instance = work / "in" / "big.dcm"
         instance.parent.mkdir()
-        size = write_instance(instance, args.mb)
+        size = write_instance(instance, mb)
         server, pid, idle = start_idle(work, "memory")
         samples: list[float] = []
         done = threading.Event()
@@ -159,13 +183,14 @@ def main() -> int:
                   if p.is_file()]
         server.stop()
         peak = max(samples, default=idle)
-        print(f"one instance, {size / MIB:.0f} MiB file ({args.mb} MiB of pixel data): "
-              f"storescu exit {sender.returncode} in {elapsed:.1f} s "
-              f"({size / MIB / elapsed:.0f} MiB/s)")
-        print(f"minipacs VmRSS: idle {idle:.1f} MiB, peak {peak:.1f} MiB, growth "
-              f"{peak - idle:.1f} MiB ({len(samples)} samples)")
-        print(f"stored: {held} instance(s) ({how}); file sizes {stored}")
-        return 0 if sender.returncode == 0 and held == 1 else 1
+        lines = [
+            f"- one instance, {size / MIB:.0f} MiB file ({mb} MiB of pixel data): storescu "
+            f"exit {sender.returncode} in {elapsed:.1f} s ({size / MIB / elapsed:.0f} MiB/s)",
+            f"- minipacs VmRSS: idle {idle:.1f} MiB, peak {peak:.1f} MiB, growth "
+            f"{peak - idle:.1f} MiB ({len(samples)} samples)",
+            f"- stored: {held} instance(s) ({how}); file sizes {stored}",
+        ]
+        return (0 if sender.returncode == 0 and held == 1 else 1), lines
     finally:
         bench.cleanup()
         shutil.rmtree(work, ignore_errors=True)

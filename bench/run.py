@@ -90,6 +90,11 @@ READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 90.0
 # DCMTK as packaged by Debian leaves Nagle's algorithm on unless TCP_NODELAY is set.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+NAGLE_ENV = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+"""The environment of the one sender left as Debian ships it (issue 6 target 2)."""
+NAGLE_COUNT = 300
+"""Small instances the Nagle sender sends (fewer with --small below it): at about 11/s, the
+rate Orthanc gets from such a sender, 300 take half a minute."""
 
 MINIPACS_WORKERS = 1
 """minipacs's ``ae.workers`` (``--workers``)."""
@@ -271,14 +276,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def spawn(cmd: Sequence[str | Path], log: BinaryIO) -> subprocess.Popen[bytes]:
+def spawn(
+    cmd: Sequence[str | Path], log: BinaryIO, env: dict[str, str] = DCMTK_ENV
+) -> subprocess.Popen[bytes]:
     """Start a long-running child with its output in ``log``; remember it for cleanup."""
     proc = subprocess.Popen(
         [str(c) for c in cmd],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=DCMTK_ENV,
+        env=env,
     )
     _processes.append(proc)
     return proc
@@ -611,9 +618,17 @@ class FindTiming:
     problems: list[str] = field(default_factory=list)
 
 
-def send(receiver: Receiver, data: DataSet, parallel: int, log_dir: Path, tag: str) -> Ingest:
+def send(
+    receiver: Receiver,
+    data: DataSet,
+    parallel: int,
+    log_dir: Path,
+    tag: str,
+    env: dict[str, str] = DCMTK_ENV,
+) -> Ingest:
     """Send ``data`` with ``parallel`` storescu processes (all files over one association
-    each) and time them from the first start to the last exit."""
+    each, ``env`` their environment) and time them from the first start to the last
+    exit."""
     cell = Ingest(receiver.name, data.name, parallel, data.count, data.total_bytes)
     groups = [data.parts] if parallel == 1 else [[part] for part in data.parts[:parallel]]
     timeout = 120 + data.count * 0.1  # gives up below roughly 10 instances/s
@@ -624,7 +639,7 @@ def send(receiver: Receiver, data: DataSet, parallel: int, log_dir: Path, tag: s
         cmd: list[str | Path] = ["storescu", "-aet", SCU_AET, "-aec", receiver.aet, "-ta", "300"]
         cmd += ["+sd", "+r", HOST, str(receiver.port), *folders]
         with open(log_path, "wb") as log:
-            procs.append(spawn(cmd, log))
+            procs.append(spawn(cmd, log, env))
     deadline = start + timeout
     for proc in procs:
         try:
@@ -1112,11 +1127,13 @@ def benchmark(
     work: Path,
     log_dir: Path,
     services: Sequence[str] = RETRIEVES,
+    nagle: DataSet | None = None,
 ) -> Results:
     """Run every cell: for each receiver, data set and 1 / 4 associations, a fresh server on
     an empty folder; C-FIND timings on the small set after its one-association ingest; the
     retrieves of ``services`` (a subset of :data:`RETRIEVES`) of each set after its
-    one-association ingest, C-MOVE to one DCMTK storescp started for the whole run."""
+    one-association ingest, C-MOVE to one DCMTK storescp started for the whole run; and
+    ``nagle`` (small instances) from one storescu with Nagle's algorithm left on."""
     results = Results()
     work.mkdir(parents=True, exist_ok=True)
     patients = sorted({study.patient_id for study in small.studies.values()})
@@ -1142,6 +1159,9 @@ def benchmark(
                         receiver, data, parallel, cells, queries, reps, work, log_dir, services,
                         destination, results,
                     )
+            if nagle is not None:
+                run_cell(receiver, nagle, 1, Cells(False, False), queries, reps, work, log_dir,
+                         services, destination, results, sender_env=NAGLE_ENV)
             results.server_exit_codes[name] = receiver.exit_codes
     finally:
         if destination is not None:
@@ -1173,10 +1193,11 @@ def run_cell(
     services: Sequence[str],
     destination: Destination | None,
     results: Results,
+    sender_env: dict[str, str] = DCMTK_ENV,
 ) -> None:
-    """One fresh server on an empty folder: ingest ``data`` over ``parallel`` associations,
-    then what ``cells`` asks for, with the retrieves of ``services`` (C-MOVE to
-    ``destination``). Results and errors go into ``results``."""
+    """One fresh server on an empty folder: ingest ``data`` over ``parallel`` associations
+    (storescu with ``sender_env``), then what ``cells`` asks for, with the retrieves of
+    ``services`` (C-MOVE to ``destination``). Results and errors go into ``results``."""
     name = receiver.name
     tag = f"{data.name}-{parallel}"
     data_dir = work / f"{name}-{tag}"
@@ -1184,7 +1205,7 @@ def run_cell(
     try:
         receiver.start(data_dir, tag)
         results.server_logs.append(receiver.log)
-        cell = send(receiver, data, parallel, log_dir, tag)
+        cell = send(receiver, data, parallel, log_dir, tag, sender_env)
         results.ingest[(name, data.name, parallel)] = cell
         print(f"    {cell.seconds:.1f} s, {cell.rate:,.0f} inst/s", flush=True)
         for problem in cell.problems:
@@ -1319,10 +1340,11 @@ def table(results: Results, receivers: Sequence[str]) -> str:
     """The results as a Markdown table, one row per receiver."""
     header = (
         "| receiver | small 64x64, 1 assoc | small, 4 parallel | CT 512x512, 1 assoc "
-        "| CT, 4 parallel | C-FIND all studies (findscu / open assoc) | C-FIND one PatientID "
+        "| CT, 4 parallel | small, 1 assoc, sender with Nagle on "
+        "| C-FIND all studies (findscu / open assoc) | C-FIND one PatientID "
         "| C-FIND series of a study | C-FIND images of a series |"
     )
-    lines = [header, "|" + "---|" * (5 + len(FIND_LABELS))]
+    lines = [header, "|" + "---|" * (6 + len(FIND_LABELS))]
     for name in receivers:
         supported = name != "storescp"
         cells = [
@@ -1331,6 +1353,7 @@ def table(results: Results, receivers: Sequence[str]) -> str:
             _ingest_cell(results.ingest.get((name, "small", PARALLEL)), False),
             _ingest_cell(results.ingest.get((name, "ct", 1)), True),
             _ingest_cell(results.ingest.get((name, "ct", PARALLEL)), True),
+            _ingest_cell(results.ingest.get((name, "nagle", 1)), False),
             *(_find_cell(results.find.get((label, name)), supported) for label in FIND_LABELS),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -1459,7 +1482,10 @@ def report(
     retrieves = ["", retrieve_table(results, receivers, args.retrieve)] if args.retrieve else []
     lines = [
         f"Recorded {when} with `{command}` ({args.small:,} small instances, {args.ct:,} CT "
-        f"instances, {args.reps} C-FIND repetitions); the run took {seconds / 60:.1f} min.",
+        f"instances, {args.reps} C-FIND repetitions"
+        + (f", {min(NAGLE_COUNT, args.small):,} small instances from the Nagle sender"
+           if args.nagle else "")
+        + f"); the run took {seconds / 60:.1f} min.",
         "",
         *machine,
         "",
@@ -1477,16 +1503,20 @@ def report(
     return "\n".join(lines)
 
 
-def write_readme(block: str) -> None:
-    """Replace the text between the results markers of bench/README.md with ``block``."""
+def write_readme(
+    block: str, start: str = RESULTS_START, end: str = RESULTS_END, heading: str = "Results"
+) -> None:
+    """Replace the text between the ``start`` and ``end`` markers of bench/README.md with
+    ``block`` (a new ``heading`` section at the end when the markers are missing). The
+    other benchmark scripts record their blocks with it too."""
     text = README.read_text() if README.exists() else "# minipacs benchmark\n"
-    new = f"{RESULTS_START}\n{block}\n{RESULTS_END}"
-    if RESULTS_START in text and RESULTS_END in text:
-        before, rest = text.split(RESULTS_START, 1)
-        after = rest.split(RESULTS_END, 1)[1]
+    new = f"{start}\n{block}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
         text = before + new + after
     else:
-        text = text.rstrip("\n") + "\n\n## Results\n\n" + new + "\n"
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n" + new + "\n"
     README.write_text(text)
 
 
@@ -1518,6 +1548,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="minipacs's ae.workers (1)"
+    )
+    parser.add_argument(
+        "--no-nagle",
+        action="store_false",
+        dest="nagle",
+        help=f"skip the sender with Nagle's algorithm on ({NAGLE_COUNT} small instances)",
     )
     parser.add_argument(
         "--no-retrieve",
@@ -1590,6 +1626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             t = time.perf_counter()
             small = generate(work / "data-small", "small", args.small, 64, 10, 10, 2, seed=1)
             ct = generate(work / "data-ct", "ct", args.ct, 512, 2, 2, 2, seed=2)
+            nagle = (generate(work / "data-nagle", "nagle", min(NAGLE_COUNT, args.small), 64, 3,
+                              2, 2, seed=3) if args.nagle else None)
             os.sync()
             print(
                 f"  {small.count} small ({small.total_bytes / 1e6:.0f} MB, "
@@ -1599,7 +1637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
             results = benchmark(
-                args.receivers, small, ct, args.reps, work / "servers", log_dir, args.retrieve
+                args.receivers, small, ct, args.reps, work / "servers", log_dir, args.retrieve,
+                nagle,
             )
         finally:
             cleanup()

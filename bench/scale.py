@@ -572,14 +572,7 @@ def report(cells: list[Cell], args: argparse.Namespace, seconds: float) -> str:
 
 
 def write_readme(block: str) -> None:
-    text = bench.README.read_text()
-    new = f"{README_START}\n{block}\n{README_END}"
-    if README_START in text:
-        before, rest = text.split(README_START, 1)
-        text = before + new + rest.split(README_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Scale (targets 3, 4, 6)\n\n" + new + "\n"
-    bench.README.write_text(text)
+    bench.write_readme(block, README_START, README_END, "Scale (targets 3, 4, 6)")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
