@@ -9,6 +9,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.yaml
+comma  := ,
 
 .PHONY: run test lint bench install install-test dcmtk orthanc clean
 
@@ -25,24 +26,22 @@ install-test: $(BIN)/python
 run: install
 	$(BIN)/minipacs serve --config $(CONFIG)
 
-dcmtk:
-	@if command -v storescu >/dev/null 2>&1; then :; \
+# $(call apt_package,command,package,name,what follows when it cannot be installed)
+define apt_package
+	@if command -v $(1) >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing DCMTK (Debian package dcmtk)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null; \
+		echo "installing $(3) (Debian package $(2))"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
 	else \
-		echo "DCMTK is missing: install it (Debian/Ubuntu: sudo apt-get install dcmtk)."; \
-		echo "Without it the DCMTK tests skip, or fail when CI is set."; \
+		echo "$(3) is missing: install it (Debian/Ubuntu: sudo apt-get install $(2)). $(4)"; \
 	fi
+endef
+
+dcmtk:
+	$(call apt_package,storescu,dcmtk,DCMTK,Without it the DCMTK tests skip$(comma) or fail when CI is set.)
 
 orthanc:
-	@if command -v Orthanc >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing Orthanc (Debian package orthanc), for the benchmark"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc >/dev/null; \
-	else \
-		echo "Orthanc is missing: install it (Debian/Ubuntu: sudo apt-get install orthanc)."; \
-	fi
+	$(call apt_package,Orthanc,orthanc,Orthanc,The benchmark needs it.)
 
 lint: install-test
 	$(BIN)/ruff check scp storage tests bench
