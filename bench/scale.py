@@ -616,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(block)
     if args.write_readme:
         write_readme(block)
-    return 0
+    return 1 if "Anomalies detected by the script: none." not in block else 0
 
 
 if __name__ == "__main__":
