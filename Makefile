@@ -1,6 +1,6 @@
 # minipacs: the README's commands.
 #   make run    create .venv if missing, install minipacs (with codecs), serve with config.yaml
-#   make test   install test extras and DCMTK, then ruff, mypy and pytest
+#   make test   install test extras, DCMTK and PostgreSQL, then ruff, mypy and pytest
 #   make lint   ruff and mypy only
 #   make bench  every benchmark (not part of make test; BENCH_ARGS=--quick for a few minutes,
 #               --write-readme to record): bench/all.py, see bench/README.md
@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.yaml
 comma  := ,
 
-.PHONY: run test lint bench install install-test dcmtk orthanc clean
+.PHONY: run test lint bench install install-test dcmtk postgresql orthanc clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,10 @@ install-test: $(BIN)/python
 run: install
 	$(BIN)/minipacs serve --config $(CONFIG)
 
-# $(call apt_package,command,package,name,what follows when it cannot be installed)
+# $(call apt_package,shell test that it is there,package,name,what follows when it cannot be
+# installed)
 define apt_package
-	@if command -v $(1) >/dev/null 2>&1; then :; \
+	@if $(1) >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing $(3) (Debian package $(2))"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
@@ -38,16 +39,19 @@ define apt_package
 endef
 
 dcmtk:
-	$(call apt_package,storescu,dcmtk,DCMTK,Without it the DCMTK tests skip$(comma) or fail when CI is set.)
+	$(call apt_package,command -v storescu,dcmtk,DCMTK,Without it the DCMTK tests skip$(comma) or fail when CI is set.)
+
+postgresql:
+	$(call apt_package,ls /usr/lib/postgresql/*/bin/initdb,postgresql,PostgreSQL,Without it the PostgreSQL tests skip$(comma) or fail when CI is set.)
 
 orthanc:
-	$(call apt_package,Orthanc,orthanc,Orthanc,The benchmark needs it.)
+	$(call apt_package,command -v Orthanc,orthanc,Orthanc,The benchmark needs it.)
 
 lint: install-test
 	$(BIN)/ruff check scp storage tests bench
 	$(BIN)/mypy
 
-test: install-test dcmtk lint
+test: install-test dcmtk postgresql lint
 	TCP_NODELAY=1 $(BIN)/python -m pytest
 
 bench: install-test dcmtk orthanc

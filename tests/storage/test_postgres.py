@@ -1,0 +1,211 @@
+"""The PostgreSQL index: a real, throwaway PostgreSQL server (Debian's ``postgresql``
+package, started here with ``initdb`` and ``pg_ctl``), the same archive code as over SQLite.
+
+Without PostgreSQL or psycopg2 the tests are skipped, or fail with a clear message when
+``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+
+from storage import Archive, ArchiveOptions, Model, StorageError, index, open_archive
+from storage.models import SCHEMA_VERSION
+from storage.query import page_select
+from tests.factory import encode, expected_table, hierarchy, make_ds, study_counts
+
+
+def _tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(versions[-1]) if versions else None
+
+
+def _unavailable(message: str) -> None:
+    message += " (make test installs the Debian package postgresql and psycopg2-binary)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Callable[[], str]]:
+    """A PostgreSQL server for this module; calling the fixture's value creates a fresh,
+    empty database and returns its URL."""
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        _unavailable("psycopg2 is not installed")
+    initdb, pg_ctl = _tool("initdb"), _tool("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        _unavailable("PostgreSQL is not installed (no initdb / pg_ctl)")
+    assert initdb is not None and pg_ctl is not None
+    as_user: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="minipacs-pg-"))
+    if os.geteuid() == 0:  # initdb refuses root: the cluster belongs to the postgres user
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+    data, port = root / "data", _free_port()
+
+    def run(*cmd: str) -> None:
+        proc = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{cmd[0]} failed: {proc.stdout}{proc.stderr}"
+
+    run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
+    run(pg_ctl, "-D", str(data), "-w", "-t", "60", "-l", str(root / "log"),
+        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    made = 0
+
+    def new_database() -> str:
+        nonlocal made
+        made += 1
+        name = f"pacs{made}"
+        run(_tool("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(port),
+            "-U", "postgres", name)
+        return f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+    try:
+        yield new_database
+    finally:
+        index.disconnect()
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_archive(postgres: Callable[[], str], tmp_path: Path) -> Iterator[Archive]:
+    archive = open_archive(ArchiveOptions(files_path=tmp_path / "files", index_url=postgres()))
+    yield archive
+    archive.close()
+    index.disconnect()
+
+
+def _candidates(archive: Archive, **keys: Any) -> int:
+    """How many studies the SQL filter lets through (Python matching then checks them)."""
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.SpecificCharacterSet = "ISO_IR 192"
+    for k, v in keys.items():
+        setattr(q, k, v)
+    return len(list(page_select(archive.parse_query(q, Model.STUDY_ROOT), page_size=10**6)))
+
+
+def _query(archive: Archive, level: str = "STUDY", **keys: Any) -> list[Dataset]:
+    q = Dataset()
+    q.QueryRetrieveLevel = level
+    q.SpecificCharacterSet = "ISO_IR 192"
+    for k in ("StudyInstanceUID", "AccessionNumber", "NumberOfStudyRelatedInstances",
+              "NumberOfStudyRelatedSeries", "ModalitiesInStudy", "SOPClassesInStudy"):
+        setattr(q, k, "")
+    for k, v in keys.items():
+        setattr(q, k, v)
+    return list(archive.find(archive.parse_query(q, Model.STUDY_ROOT)))
+
+
+def test_counts_and_matching_on_postgresql(pg_archive: Archive) -> None:
+    datasets = hierarchy()
+    for ds in datasets:
+        pg_archive.store(encode(ds), "1.2.840.10008.1.2.1")
+    got = {r.StudyInstanceUID: study_counts(r) for r in _query(pg_archive)}
+    assert got == expected_table(datasets)
+
+    def studies(**keys: Any) -> set[str]:
+        return {str(r.AccessionNumber) for r in _query(pg_archive, **keys)}
+    assert studies(PatientName="doe^john") == {"A1", "A2"}
+    assert studies(PatientName="MULLER*") == {"A4"}
+    assert studies(PatientName='""') == {"A5"}
+    assert studies(PatientName="^") == set()
+    assert studies(ModalitiesInStudy="CT\\MR") == {"A1", "A2", "A3", "A4", "A5"}
+    assert studies(StudyDate="20240101-") == {"A1", "A2"}
+    assert studies(StudyDescription="Study ?") == {"A1", "A2", "A3", "A4", "A5"}
+    # LIKE's own wildcards are literal in DICOM (PS3.4 C.2.2.2.4): escaped in the SQL too
+    assert studies(StudyDescription="Study%*") == set()
+    assert _candidates(pg_archive, StudyDescription="Study%*") == 0
+
+
+def test_names_in_every_group_on_postgresql(pg_archive: Archive) -> None:
+    for n, name in enumerate(["Yamada^Tarou=山田^太郎=やまだ^たろう", "=李^四", "O_Brien^Pat",
+                              "Oxbrien^Pat"]):
+        pg_archive.store(encode(make_ds(PatientID=f"P{n}", PatientName=name,
+                                        AccessionNumber=f"N{n}",
+                                        SpecificCharacterSet="ISO_IR 192")),
+                         "1.2.840.10008.1.2.1")
+
+    def studies(name: str) -> set[str]:
+        return {str(r.AccessionNumber) for r in _query(pg_archive, PatientName=name)}
+    assert studies("YAMADA^T*") == {"N0"}
+    assert studies("山田*") == {"N0"}
+    assert studies("=山田^太郎") == {"N0"}
+    assert studies("やまだ^たろう") == {"N0"}
+    assert studies("李*") == {"N1"}
+    assert studies("o_brien*") == {"N2"}  # "_" is a letter in DICOM, not LIKE's wildcard
+    assert _candidates(pg_archive, PatientName="o_brien*") == 1
+    assert _candidates(pg_archive, PatientName="山田*") == 1  # the SQL narrows every group
+
+
+def test_a_schema_1_index_is_migrated_on_postgresql(postgres: Callable[[], str],
+                                                    tmp_path: Path) -> None:
+    # schema 1 made by hand from schema 2 (the exact DDL minipacs 72beb01 created, checked
+    # on SQLite by tests/storage/test_schema.py with an index that version wrote)
+    url = postgres()
+    archive = open_archive(ArchiveOptions(files_path=tmp_path / "files", index_url=url))
+    for n, name in enumerate(["Doe^John", "Yamada^Tarou=山田^太郎"]):
+        archive.store(encode(make_ds(PatientID=f"P{n}", PatientName=name,
+                                     AccessionNumber=f"M{n}", SpecificCharacterSet="ISO_IR 192")),
+                      "1.2.840.10008.1.2.1")
+    db = archive.database
+    for name in ("alphabetic", "ideographic", "phonetic"):
+        db.execute_sql(f'ALTER TABLE patient DROP COLUMN "patient_name_{name}_folded"')
+    db.execute_sql("ALTER TABLE patient ADD COLUMN patient_name_folded TEXT NOT NULL DEFAULT ''")
+    db.execute_sql("ALTER TABLE patient ALTER COLUMN patient_name_folded DROP DEFAULT")
+    db.execute_sql("UPDATE patient SET patient_name_folded = '=' || lower(patient_name) || '='")
+    db.execute_sql('CREATE INDEX "patient_patient_name_folded" ON patient (patient_name_folded)')
+    db.execute_sql("UPDATE schema_version SET version = 1")
+    archive.close()
+    index.disconnect()
+
+    archive = open_archive(ArchiveOptions(files_path=tmp_path / "files", index_url=url))
+    try:
+        db = archive.database
+        assert db.execute_sql("SELECT version FROM schema_version").fetchall() == [
+            (SCHEMA_VERSION,)]
+        assert {str(r.AccessionNumber) for r in _query(archive, PatientName="山田*")} == {"M1"}
+        assert {str(r.AccessionNumber) for r in _query(archive, PatientName="doe*")} == {"M0"}
+        [(count,)] = db.execute_sql("SELECT count(*) FROM instance").fetchall()
+        assert count == 2
+    finally:
+        archive.close()
+        index.disconnect()
+
+
+def test_a_newer_schema_is_refused_on_postgresql(postgres: Callable[[], str],
+                                                 tmp_path: Path) -> None:
+    url = postgres()
+    open_archive(ArchiveOptions(files_path=tmp_path / "files", index_url=url)).close()
+    index.disconnect()
+    archive = open_archive(ArchiveOptions(files_path=tmp_path / "f2", index_url=url))
+    archive.database.execute_sql("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+    archive.close()
+    index.disconnect()
+    with pytest.raises(StorageError, match="is not the supported"):
+        open_archive(ArchiveOptions(files_path=tmp_path / "f3", index_url=url))
+    index.disconnect()
