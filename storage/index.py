@@ -21,7 +21,7 @@ import peewee as pw
 from playhouse.db_url import connect as db_url_connect
 
 from .errors import DuplicateRejected, StorageError
-from .keys import KEYS, Level
+from .keys import Level
 from .models import MODELS, SCHEMA_VERSION, Instance, Patient, SchemaVersion, Series, Study
 from .models import database_proxy as db
 from .values import pn_groups
@@ -155,8 +155,9 @@ def _patient_name_groups(database: pw.Database) -> None:
     add a NOT NULL column on SQLite) drops it, and the foreign keys' ON DELETE CASCADE
     then empties the study, series and instance tables.
     """
-    groups = KEYS["PatientName"].groups
-    assert groups is not None
+    # schema 2's names, written out: a migration must not follow later renames
+    groups = ("patient_name_alphabetic_folded", "patient_name_ideographic_folded",
+              "patient_name_phonetic_folded")
     if isinstance(database, pw.SqliteDatabase) and sqlite3.sqlite_version_info < (3, 35):
         raise StorageError(
             "index schema: migrating version 1 to 2 needs SQLite 3.35 or later (ALTER TABLE "

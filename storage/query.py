@@ -822,11 +822,11 @@ def _groups_sql(
     rows below through their parent's index and sorts them by id. Otherwise as a plain
     filter on the joined row, read in id order without a sort (see :func:`page_select`).
     """
-    if not query.fold_pn:
-        return None
     columns = [getattr(model, name) for name in names]
-    if c.kind is Kind.EMPTY:
+    if c.kind is Kind.EMPTY:  # PS3.4 C.2.2.2.7: folding keeps an empty name empty
         cond = functools.reduce(operator.and_, [column == "" for column in columns])
+    elif not query.fold_pn:
+        return None  # exact matching: the folded columns cannot narrow it
     else:
         conds = [_pn_groups_sql(columns, term) for term in c.terms]
         if any(cond is None for cond in conds):

@@ -123,3 +123,15 @@ def test_a_name_matching_many_studies_is_read_in_id_order_after_the_first_page(
     later = _plan(*page_select(query, every[99], 100).sql())
     assert not any("TEMP B-TREE" in step for step in later), later
     assert any("USING INTEGER PRIMARY KEY (rowid>?)" in step for step in later), later
+
+
+@pytest.mark.parametrize("fold_pn", [True, False])
+def test_an_empty_name_is_filtered_in_sql_whatever_the_matching(
+    names: dict[int, str], fold_pn: bool
+) -> None:
+    # PS3.4 C.2.2.2.7 Empty Value Matching: folding keeps an empty name empty, so the
+    # folded columns serve it for exact matching (query.pn_case_insensitive false) too
+    query = parse_identifier(_query('""'), Model.PATIENT_ROOT, fold_pn=fold_pn)
+    found = {row[0] for row in page_select(query, page_size=10**6)}
+    assert found == {pid for pid, name in names.items() if not name}
+    assert 0 < len(found) < len(names)
