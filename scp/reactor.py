@@ -13,13 +13,16 @@ end as soon as there is work:
 - the DUL reactor waits in ``select`` on its socket and on a wake-up pipe written whenever a
   primitive is queued for it, or an event is queued by another thread;
 - the association reactor waits on an event set whenever a DIMSE message or an ACSE
-  primitive is queued for it.
+  primitive is queued for it, or another thread asks it to pause (``send_c_store`` and
+  ``release`` called from outside the reactor clear its ``_reactor_checkpoint`` and poll
+  until it has stopped: without the wake-up each would wait out :data:`IDLE_WAIT`).
 
 Both waits are capped at :data:`IDLE_WAIT`, so the timers those loops check (ARTIM, the
 network idle timeout, a kill from another thread) keep a resolution of a few milliseconds.
-Every other sleep in pynetdicom, and the loops of associations we did not register (the
-ones we open as a requestor), are untouched: the modules' ``time`` is replaced by a proxy
-that changes ``sleep`` only for a registered thread at the loop's own sleep.
+"Ours" are the associations we accept, and the C-MOVE sub-associations we open to a
+destination (scp/retrieve.py registers them). Every other sleep in pynetdicom, and the loops
+of associations nobody registered, are untouched: the modules' ``time`` is replaced by a
+proxy that changes ``sleep`` only for a registered thread at the loop's own sleep.
 
 The same registry makes pynetdicom's DIMSE decoder spool the C-STORE data sets of our
 associations to a temporary file as they arrive (:class:`_SpoolingConfig`), behind a
@@ -93,6 +96,8 @@ class _Waker:
         self.event.clear()
         if self.assoc.dimse.msg_queue.qsize() or self.dul.to_user_queue.qsize():
             return
+        if not self.assoc._reactor_checkpoint.is_set():
+            return  # another thread asks the reactor to pause (see handle_conn_open)
         self.reactor_waiting = True
         try:
             self.event.wait(IDLE_WAIT)
@@ -165,7 +170,8 @@ class _SpoolingConfig:
     true in the DUL thread of our own associations, so the data set of every C-STORE they
     receive goes to a temporary file as it arrives (scp/handlers.py hands it to the archive
     as :class:`storage.Spooled`: a 1 GB multi-frame is never in memory), and false
-    elsewhere (associations we open, other pynetdicom users in the process)."""
+    elsewhere (other pynetdicom users in the process). A C-MOVE sub-association is
+    registered too, but it receives only C-STORE responses, which carry no data set."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(_pynetdicom_config, name)
@@ -229,6 +235,16 @@ def handle_conn_open(event: evt.Event) -> None:
     _wrap_put(dul.event_queue, waker.wake_dul)
     _wrap_put(dul.to_user_queue, waker.wake_association)
     _wrap_put(assoc.dimse.msg_queue, waker.wake_association)
+    # send_c_store / release from another thread (a C-MOVE handler sending on the
+    # sub-association) pause the reactor and poll until it is paused: wake it at once
+    checkpoint = assoc._reactor_checkpoint
+    clear = checkpoint.clear
+
+    def clear_and_wake() -> None:
+        clear()
+        waker.wake_association()
+
+    checkpoint.clear = clear_and_wake  # type: ignore[method-assign]
     _wakers[assoc] = waker
     _wakers[dul] = waker
 

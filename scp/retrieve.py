@@ -24,7 +24,7 @@ from pynetdicom.presentation import PresentationContext
 
 from storage import StoredInstance
 
-from . import status
+from . import reactor, status
 from .config import PeerConfig
 from .sockets import disable_nagle
 
@@ -180,7 +180,11 @@ class MoveDestination:
     def associate_kwargs(self, items: list[StoredInstance]) -> dict[str, Any]:
         """Keyword arguments for pynetdicom's ``AE.associate`` to the destination."""
         self.count = len(items)
-        handlers: list[Any] = [(evt.EVT_CONN_OPEN, disable_nagle)]
+        # the reactor's wake-ups, as on the associations we accept: else the DUL thread
+        # naps 1 ms between reads and every C-STORE-RSP waits for the next nap
+        handlers: list[Any] = [(evt.EVT_CONN_OPEN, disable_nagle),
+                               (evt.EVT_CONN_OPEN, reactor.handle_conn_open),
+                               (evt.EVT_CONN_CLOSE, reactor.handle_conn_close)]
         handlers += [(e, self._capture) for e in (evt.EVT_ACCEPTED, evt.EVT_REJECTED,
                                                   evt.EVT_ABORTED)]
         return {

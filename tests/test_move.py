@@ -598,3 +598,32 @@ def test_only_the_sender_reads_responses_on_the_destination_association(
                    StudyInstanceUID=datasets[0].StudyInstanceUID)[-1]
     assert final.Status == status.SUCCESS
     assert seen[:2] == [(None, None), (1, "a message")]
+
+
+def test_the_sub_association_is_woken_not_polled(stored_and_peer: Any, monkeypatch: Any) -> None:
+    # scp/reactor.py serves the sub-association to the destination as it serves the ones we
+    # accept: its reactors wait for work (IDLE_WAIT, made 3 s here) instead of napping 1 ms,
+    # and send_c_store's request to pause the reactor wakes it. Were the pause not a
+    # wake-up, every sub-operation would wait out the 3 s.
+    from scp import reactor
+
+    monkeypatch.setattr(reactor, "IDLE_WAIT", 3.0)
+    served: list[bool] = []
+    open_conn = reactor.handle_conn_open
+
+    def recording(event: evt.Event) -> None:
+        served.append(event.assoc.is_requestor)
+        open_conn(event)
+
+    monkeypatch.setattr(reactor, "handle_conn_open", recording)
+    running, peer, datasets = stored_and_peer
+    started = time.monotonic()
+    responses = c_move(running, PATIENT_ROOT, peer.ae_title, QueryRetrieveLevel="PATIENT",
+                       PatientID=datasets[0].PatientID)
+    elapsed = time.monotonic() - started
+    final = responses[-1]
+    assert final.Status == status.SUCCESS
+    moved = final.NumberOfCompletedSuboperations
+    assert moved >= 3 and len(peer.received) == moved
+    assert True in served, "the C-MOVE sub-association was not given the reactor's wake-ups"
+    assert elapsed < 6.0, f"{moved} sub-operations took {elapsed:.1f} s: the pause waited"
