@@ -94,7 +94,12 @@ class _Waker:
     def wait_association(self) -> None:
         """The association reactor's sleep: until a message or primitive is queued."""
         self.event.clear()
-        if self.assoc.dimse.msg_queue.qsize() or self.dul.to_user_queue.qsize():
+        # a DIMSE message waits for the reactor only on associations we accept: on a C-MOVE
+        # sub-association the sender takes its responses (scp/retrieve.py), and one it never
+        # takes (a duplicate response) must not make the reactor spin
+        if self.assoc.is_acceptor and self.assoc.dimse.msg_queue.qsize():
+            return
+        if self.dul.to_user_queue.qsize():
             return
         if not self.assoc._reactor_checkpoint.is_set():
             return  # another thread asks the reactor to pause (see handle_conn_open)
@@ -170,15 +175,16 @@ class _SpoolingConfig:
     true in the DUL thread of our own associations, so the data set of every C-STORE they
     receive goes to a temporary file as it arrives (scp/handlers.py hands it to the archive
     as :class:`storage.Spooled`: a 1 GB multi-frame is never in memory), and false
-    elsewhere (other pynetdicom users in the process). A C-MOVE sub-association is
-    registered too, but it receives only C-STORE responses, which carry no data set."""
+    elsewhere: the C-MOVE sub-associations we open (a request the destination sent there
+    would be spooled with no handler to remove the file), other pynetdicom users."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(_pynetdicom_config, name)
 
     @property
     def STORE_RECV_CHUNKED_DATASET(self) -> bool:  # noqa: N802  (pynetdicom's name)
-        return _waker_of("dul") is not None
+        waker = _waker_of("dul")
+        return waker is not None and bool(waker.assoc.is_acceptor)
 
 
 def _spool_meta(*, sop_class_uid: Any = None, sop_instance_uid: Any = None,
