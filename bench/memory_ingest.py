@@ -21,7 +21,6 @@ Not part of ``make test``; the numbers go to bench/README.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import shutil
 import subprocess
 import sys
@@ -136,11 +135,8 @@ def main() -> int:
     began = time.perf_counter()
     machine = bench.machine_info()
     status, lines = many(args.count) if args.count else large(args.mb)
-    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    command = " ".join([".venv/bin/python bench/memory_ingest.py", *sys.argv[1:]])
-    block = "\n".join([f"Recorded {when} with `{command}`; the run took "
-                       f"{(time.perf_counter() - began) / 60:.1f} min.", "", *machine, "",
-                       *lines])
+    block = "\n".join([bench.recorded("memory_ingest.py", "", time.perf_counter() - began),
+                       "", *machine, "", *lines])
     print(block)
     if args.write_readme:
         mode = "memory-many" if args.count else "memory-large"

@@ -1468,6 +1468,15 @@ def machine_info() -> list[str]:
     ]
 
 
+def recorded(script: str, details: str, seconds: float, env: str = "") -> str:
+    """The first line of a benchmark's README block: when, the command as run (``env``
+    before it), what was measured and how long it took."""
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    command = " ".join([f"{env}.venv/bin/python bench/{script}", *sys.argv[1:]])
+    what = f" ({details})" if details else ""
+    return f"Recorded {when} with `{command}`{what}; the run took {seconds / 60:.1f} min."
+
+
 def report(
     results: Results,
     receivers: Sequence[str],
@@ -1477,16 +1486,13 @@ def report(
 ) -> str:
     """The Markdown block written to stdout and, with --write-readme, to the README;
     ``machine`` is :func:`machine_info` as taken at the start of the run."""
-    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    command = " ".join([".venv/bin/python bench/run.py", *sys.argv[1:]])
     found = anomalies(results)
     retrieves = ["", retrieve_table(results, receivers, args.retrieve)] if args.retrieve else []
     lines = [
-        f"Recorded {when} with `{command}` ({args.small:,} small instances, {args.ct:,} CT "
-        f"instances, {args.reps} C-FIND repetitions"
-        + (f", {min(NAGLE_COUNT, args.small):,} small instances from the Nagle sender"
-           if args.nagle else "")
-        + f"); the run took {seconds / 60:.1f} min.",
+        recorded("run.py", f"{args.small:,} small instances, {args.ct:,} CT instances, "
+                 f"{args.reps} C-FIND repetitions"
+                 + (f", {min(NAGLE_COUNT, args.small):,} small instances from the Nagle sender"
+                    if args.nagle else ""), seconds),
         "",
         *machine,
         "",

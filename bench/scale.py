@@ -512,13 +512,11 @@ def _ms(values: Sequence[float]) -> str:
 
 
 def report(cells: list[Cell], args: argparse.Namespace, seconds: float) -> str:
-    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    command = " ".join(["TCP_NODELAY=1 .venv/bin/python bench/scale.py", *sys.argv[1:]])
     base = statistics.median(cells[0].rate) if cells and cells[0].rate else 0.0
     lines = [
-        f"Recorded {when} with `{command}` ({args.rounds} rounds of {args.ingest:,} small "
-        f"instances per size, C-FIND {args.reps} repetitions); the run took "
-        f"{seconds / 60:.1f} min.",
+        bench.recorded("scale.py", f"{args.rounds} rounds of {args.ingest:,} small instances "
+                       f"per size, C-FIND {args.reps} repetitions", seconds,
+                       env="TCP_NODELAY=1 "),
         "",
         *bench.machine_info()[:3],
         "",
