@@ -36,6 +36,7 @@ from .errors import InvalidQuery
 from .keys import KEYS, UNIQUE_KEY, Key, Level, Model, level_of
 from .values import (
     NUMERIC_VRS,
+    PN_GROUPS,
     WILDCARD_VRS,
     clean_text,
     fold,
@@ -1028,7 +1029,6 @@ _LONG_VRS = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)  # PS3.5 Table 7.
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
                         "TM", "UC", "UI", "UR", "UT"})
 _SINGLE_VALUED = frozenset({"LT", "ST", "UR", "UT"})
-_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 
 
 def _ascii_value(vr: str, values: list[Any] | None) -> bytes | None:
@@ -1045,15 +1045,15 @@ def _ascii_value(vr: str, values: list[Any] | None) -> bytes | None:
             if not isinstance(value, dict):
                 return None
             # as pydicom's JSON reader joins the groups: up to the last one present
-            last = max((i for i, g in enumerate(_PN_GROUPS) if g in value), default=0)
-            groups = [value.get(g, "") for g in _PN_GROUPS[:last + 1]]
+            last = max((i for i, g in enumerate(PN_GROUPS) if g in value), default=0)
+            groups = [value.get(g, "") for g in PN_GROUPS[:last + 1]]
             if not all(isinstance(g, str) for g in groups):
                 return None
             # and as its PersonName writes them: empty trailing groups dropped
             parts = "=".join(groups).split("=")
             while parts and not parts[-1]:
                 parts.pop()
-            if len(parts) > len(_PN_GROUPS):
+            if len(parts) > len(PN_GROUPS):
                 return None
             value = "=".join(parts)
         elif vr == "IS":

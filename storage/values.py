@@ -105,7 +105,8 @@ def pn_framed(value: str, folded: bool) -> str:
     return f"={name}=" if name else ""
 
 
-PN_GROUPS = 3  # Alphabetic, Ideographic, Phonetic (PS3.5 6.2.1)
+PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+"""A person name's component groups, in order (PS3.5 6.2.1), as DICOM JSON names them."""
 
 
 def pn_groups(value: str, folded: bool) -> tuple[str, str, str]:
@@ -118,8 +119,8 @@ def pn_groups(value: str, folded: bool) -> tuple[str, str, str]:
     name = norm_pn(value)
     if folded:
         name = fold(name)
-    groups = name.split("=")[:PN_GROUPS]
-    groups += [""] * (PN_GROUPS - len(groups))
+    groups = name.split("=")[:len(PN_GROUPS)]
+    groups += [""] * (len(PN_GROUPS) - len(groups))
     return groups[0], groups[1], groups[2]
 
 
@@ -202,7 +203,7 @@ def json_strings(element: dict[str, Any]) -> list[str]:
         out = []
         for v in values:
             if isinstance(v, dict):
-                groups = [v.get(g, "") for g in ("Alphabetic", "Ideographic", "Phonetic")]
+                groups = [v.get(g, "") for g in PN_GROUPS]
                 out.append(norm_pn("=".join(groups)))
             else:
                 out.append("")
