@@ -511,14 +511,17 @@ def _ms(values: Sequence[float]) -> str:
     return f"{statistics.median(values) * 1000:.1f}" if values else "n/a"
 
 
-def report(cells: list[Cell], args: argparse.Namespace, seconds: float) -> str:
+def report(cells: list[Cell], args: argparse.Namespace, seconds: float,
+           machine: list[str]) -> str:
+    """The README block; ``machine`` is :func:`bench.machine_info` as taken at the start
+    (the minipacs tree may change during the run)."""
     base = statistics.median(cells[0].rate) if cells and cells[0].rate else 0.0
     lines = [
         bench.recorded("scale.py", f"{args.rounds} rounds of {args.ingest:,} small instances "
                        f"per size, C-FIND {args.reps} repetitions", seconds,
                        env="TCP_NODELAY=1 "),
         "",
-        *bench.machine_info()[:3],
+        *machine[:3],
         "",
         "| instances indexed | startup (s) | ingest inst/s (median; each round) | vs empty |"
         " idle RSS (MiB) | RSS after ingest (MiB) |",
@@ -596,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # refused while starting
     begin = time.perf_counter()
+    machine = bench.machine_info()
     for size in args.sizes:
         if size:
             populated(size, args.repopulate)
@@ -610,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         bench.cleanup()
         shutil.rmtree(work, ignore_errors=True)
-    block = report(list(cells.values()), args, time.perf_counter() - begin)
+    block = report(list(cells.values()), args, time.perf_counter() - begin, machine)
     print(block)
     if args.write_readme:
         write_readme(block)
