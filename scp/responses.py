@@ -10,9 +10,12 @@ DEBUG, and sends command and identifier as two P-DATA-TF PDUs. Here:
   for the presentation context (:meth:`storage.Archive.find_encoded`); pynetdicom's
   ``encode`` passes them through (:func:`_encode`);
 - the C-FIND-RSP command set is packed by :func:`command_set` (PS3.7 9.3.2.2, Implicit VR
-  Little Endian as PS3.7 6.3.1 requires), and command and identifier go in one P-DATA-TF
-  PDU when both fit in the peer's maximum length (PS3.8 9.3.5: a P-DATA-TF PDU holds one
-  or more PDVs);
+  Little Endian as PS3.7 6.3.1 requires), and command and identifier go out as one
+  P-DATA-TF PDU each, queued together. PS3.8 9.3.5 would let one PDU carry both PDVs, but
+  GDCM's ``gdcmscu`` (``ULConnectionManager::RunEventLoop``) takes a PDU whose last PDV
+  ends the command as the whole command, then reads the *next* PDU as the identifier: with
+  both in one PDU it pairs each response with the next one and waits forever for the last
+  (issue 13). One PDU per PDV is what pynetdicom, DCMTK and Orthanc send;
 - identifier decoding and pretty-printing for the log (of requests and responses) and
   pynetdicom's per-message logging handlers are turned off unless the ``pynetdicom`` logger
   is at DEBUG.
@@ -150,15 +153,21 @@ def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
         _original_send_msg(self, primitive, context_id)
         return
     limit = self.maximum_pdu_size
-    size = _PDV_OVERHEAD + len(command) + (_PDV_OVERHEAD + len(data) if data else 0)
-    if limit and size > limit:
-        _original_send_msg(self, primitive, context_id)
+    if limit and _PDV_OVERHEAD + max(len(command), len(data)) > limit:
+        _original_send_msg(self, primitive, context_id)  # fragments it
         return
-    pdata = P_DATA()
-    pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + command))
+    # One PDU for the command, one for the identifier: never both PDVs in one PDU, which
+    # GDCM misreads (module docstring).
+    self.dul.send_pdu(_p_data(context_id, _LAST_COMMAND_FRAGMENT + command))
     if data:
-        pdata.presentation_data_value_list.append((context_id, _LAST_DATA_SET_FRAGMENT + data))
-    self.dul.send_pdu(pdata)
+        self.dul.send_pdu(_p_data(context_id, _LAST_DATA_SET_FRAGMENT + data))
+
+
+def _p_data(context_id: int, pdv: bytes) -> P_DATA:
+    """A P-DATA request of one presentation data value (header byte and fragment)."""
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, pdv))
+    return pdata
 
 
 def _plain_find_response(dimse: Any, primitive: Any, data: bytes) -> bytes | None:
