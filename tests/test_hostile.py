@@ -22,6 +22,7 @@ probes) pin the guards of scp/guards.py, which pynetdicom 3.0 needs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import socket
@@ -263,6 +264,7 @@ class Peer:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.accepted: dict[str, int] = {}  # abstract syntax -> presentation context ID
         self.last_pdu: tuple[int, bytes] | None = None
+        self.cut_off: OSError | None = None  # the server closed while we were sending
 
     def __enter__(self) -> Peer:
         return self
@@ -275,7 +277,15 @@ class Peer:
             self.sock.close()
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        """Send ``data``. A server that aborts may close before all of it is sent (EPIPE,
+        ECONNRESET): that is kept in :attr:`cut_off` for the test to weigh against the
+        server's own verdict, and what the server sent before closing is still read."""
+        if self.cut_off is not None:
+            return
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self.cut_off = exc
 
     def _exactly(self, n: int) -> bytes:
         out = bytearray()
@@ -525,6 +535,19 @@ def assert_serving(running: Running) -> None:
     finally:
         assoc.release()
     assert stored_bytes(running, ds.SOPInstanceUID) == encode(ds)
+
+
+def assert_aborted(peer: Peer, answer: str, caplog: pytest.LogCaptureFixture,
+                   because: str = "aborted") -> None:
+    """The server aborted the association: the A-ABORT was read, or, when the server closed
+    before all we sent was taken (:attr:`Peer.cut_off`) and took the A-ABORT down with the
+    connection, its log says it aborted (``because`` is in its words)."""
+    if answer == ABORT:
+        return
+    assert peer.cut_off is not None and answer == CLOSED, f"expected A-ABORT, got {answer}"
+    words = [r.getMessage() for r in caplog.records if r.name.startswith("scp.")]
+    assert any("aborted" in w and because in w for w in words), (
+        f"sending failed ({peer.cut_off!r}) and the server did not log an abort: {words}")
 
 
 def assert_refused(reply: Reply, expected: int) -> None:
@@ -1077,13 +1100,13 @@ def established(running: Running, timeout: float = 30) -> Peer:
 
 
 @pytest.mark.parametrize("build", ESTABLISHED)
-def test_malformed_pdu_on_an_association_is_aborted(pacs: Running,
-                                                   build: Callable[[], bytes]) -> None:
+def test_malformed_pdu_on_an_association_is_aborted(
+        pacs: Running, build: Callable[[], bytes], caplog: pytest.LogCaptureFixture) -> None:
     before = snapshot(pacs)
-    with established(pacs) as peer:
+    with caplog.at_level(logging.WARNING, logger="scp"), established(pacs) as peer:
         peer.send(build())
         answer = peer.answer(timeout=10)
-    assert answer == ABORT
+    assert_aborted(peer, answer, caplog)
     assert_nothing_written(pacs, before)
     assert_serving(pacs)
 
@@ -1128,14 +1151,17 @@ def test_p_data_without_pdv_is_ignored(pacs: Running) -> None:
 
 
 
-def test_pdu_larger_than_the_announced_maximum_is_aborted(pacs: Running) -> None:
+def test_pdu_larger_than_the_announced_maximum_is_aborted(
+        pacs: Running, caplog: pytest.LogCaptureFixture) -> None:
     ds = make_ds(Rows=512, Columns=1024, PixelData=bytes(1 << 20))
     before = snapshot(pacs)
-    with established(pacs) as peer:
+    with caplog.at_level(logging.WARNING, logger="scp"), established(pacs) as peer:
         peer.send(p_data(CT_ID, 0x03, c_store_rq(CT, ds.SOPInstanceUID)))
-        peer.send(p_data(CT_ID, 0x02, encode(ds)))  # one PDU of 1 MiB, four times the limit
+        # one PDU of 1 MiB, four times the limit: the server reads its header, aborts and
+        # closes, and may do so while this is still being sent (EPIPE or ECONNRESET)
+        peer.send(p_data(CT_ID, 0x02, encode(ds)))
         reply = peer.reply(timeout=30)
-    assert reply.outcome == ABORT
+    assert_aborted(peer, str(reply.outcome), caplog, because="over the")
     assert_nothing_written(pacs, before)
     assert_serving(pacs)
 
