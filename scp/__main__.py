@@ -1,9 +1,10 @@
-"""The command line: ``minipacs serve | verify | reindex | import``. The only place that
-configures logging or exits."""
+"""The command line: ``minipacs serve | verify | reindex | import``, ``minipacs --version``.
+The only place that configures logging or exits."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import signal
 import sys
@@ -21,9 +22,26 @@ from .workers import serve_workers
 
 DEFAULT_CONFIG = "config.yaml"
 
+OVERRIDES: dict[str, tuple[str, str]] = {
+    "port": ("ae.port", "--port"),
+    "ae_title": ("ae.title", "--ae-title"),
+    "bind": ("ae.bind", "--bind"),
+    "data_dir": ("storage.data_dir", "--data-dir"),
+}
+"""The flags that override a key of the configuration: argument name -> (key, flag)."""
+
+
+def version() -> str:
+    """The installed distribution's version (``unknown`` when minipacs is not installed)."""
+    try:
+        return importlib.metadata.version("minipacs")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minipacs", description="A small, fast PACS.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the DICOM server")
     serve.add_argument(
@@ -56,15 +74,16 @@ def _config(args: argparse.Namespace) -> Config:
     if path is None and Path(DEFAULT_CONFIG).is_file():
         path = Path(DEFAULT_CONFIG)
     overrides: dict[str, Any] = {}
-    if getattr(args, "port", None) is not None:
-        overrides["ae.port"] = args.port
-    if getattr(args, "ae_title", None) is not None:
-        overrides["ae.title"] = args.ae_title
-    if getattr(args, "bind", None) is not None:
-        overrides["ae.bind"] = args.bind
-    if args.data_dir is not None:
-        overrides["storage.data_dir"] = str(Path(args.data_dir).resolve())
-    return load_config(path, overrides)
+    flags: dict[str, str] = {}
+    for name, (key, flag) in OVERRIDES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name == "data_dir":  # relative to where the command runs, not to the file
+            value = str(Path(value).resolve())
+        overrides[key] = value
+        flags[key] = flag
+    return load_config(path, overrides, flags)
 
 
 def setup_logging(level: str, process_ids: bool = False) -> None:

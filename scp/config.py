@@ -30,13 +30,32 @@ MAX_WORKERS = 64
 """Most server processes ``ae.workers`` may ask for."""
 
 
-class ConfigError(Exception):
-    """Every problem found in a configuration, one per line."""
+COMMAND_LINE = "the command line"
+"""What :class:`ConfigError` calls the source of problems with overrides named by a flag."""
 
-    def __init__(self, problems: list[str], source: str = "configuration") -> None:
+
+class ConfigError(Exception):
+    """Every problem found in a configuration, one per line.
+
+    Parameters
+    ----------
+    problems : list of str
+        One line per problem, each starting with what it is about (``ae.port: ...``, or
+        ``--port: ...`` for a flag).
+    source : str
+        Where they were found: the file's name, ``"configuration"`` for the built-ins, or
+        several sources joined by ``" and "`` (then ``plural``).
+    plural : bool
+        ``source`` names more than one source.
+    """
+
+    def __init__(self, problems: list[str], source: str = "configuration",
+                 plural: bool = False) -> None:
         self.problems = problems
+        self.source = source
         listing = "\n  - ".join(problems)
-        super().__init__(f"{source} has {len(problems)} problem(s):\n  - {listing}")
+        verb = "have" if plural else "has"
+        super().__init__(f"{source} {verb} {len(problems)} problem(s):\n  - {listing}")
 
 
 @dataclass(frozen=True)
@@ -222,7 +241,11 @@ def validate_ae_title(value: str) -> str | None:
     return None
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    flags: dict[str, str] | None = None,
+) -> Config:
     """Load and check a configuration file.
 
     Parameters
@@ -231,11 +254,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         A YAML file; ``None`` gives the built-in defaults.
     overrides : dict, optional
         ``{"ae.port": 4242, ...}`` applied over the file (the command line's flags).
+    flags : dict, optional
+        The command-line flag that gave each override, by key (``{"ae.port": "--port"}``):
+        a problem with that key is reported under the flag, not the file.
 
     Raises
     ------
     ConfigError
-        Listing every problem found.
+        Listing every problem found: those of flags first, each named by its flag; then
+        those of the file (named by the file too when flags have problems as well).
     """
     raw: dict[str, Any] = {}
     base = Path.cwd()
@@ -283,8 +310,29 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         problems.append("ae.workers: more than 1 needs the SQLite index (storage.index_url"
                         " empty or sqlite:///...)")
     if problems:
-        raise ConfigError(problems, source)
+        raise _blame(problems, source if path is not None else None, flags or {})
     return Config(**sections)
+
+
+def _blame(problems: list[str], source: str | None, flags: dict[str, str]) -> ConfigError:
+    """One :class:`ConfigError` for ``problems``, each put under the flag or the file
+    (``source``; ``None`` for the built-ins) it comes from."""
+    by_flag: list[str] = []
+    others: list[str] = []
+    for problem in problems:
+        key, _, why = problem.partition(": ")
+        if key in flags:
+            by_flag.append(f"{flags[key]}: {why}")
+        else:
+            others.append(problem)
+    if not by_flag:
+        return ConfigError(others, source or "configuration")
+    if not others:
+        return ConfigError(by_flag, COMMAND_LINE)
+    if source is None:  # pragma: no cover - the built-in defaults have no problems
+        return ConfigError(by_flag + others, f"{COMMAND_LINE} and the defaults", plural=True)
+    return ConfigError(by_flag + [f"{source}: {p}" for p in others],
+                       f"{COMMAND_LINE} and {source}", plural=True)
 
 
 def _list_section(

@@ -3,20 +3,26 @@ repository's config.yaml and port / data-dir overrides, stopped with SIGTERM."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, generate_uid
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from scp import status
-from tests.conftest import client_ae
+from tests.conftest import Running, client_ae, find
 from tests.factory import make_ds
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,6 +106,96 @@ def test_bad_config_is_reported_and_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "3 problem(s)" in proc.stderr
     assert "ae.colour" in proc.stderr and "ae.port" in proc.stderr and "ae.title" in proc.stderr
+
+
+def test_a_bad_flag_is_named_not_the_file(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*minipacs_command(), "serve", "--config", str(REPO / "config.yaml"),
+         "--ae-title", "THIS_IS_WAY_TOO_LONG_AE", "--port", "99999", "--bind", "nowhere",
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "the command line has 3 problem(s)" in proc.stderr, proc.stderr
+    assert "  - --ae-title: must be at most 16 characters" in proc.stderr
+    assert "  - --port: must be between 0 and 65535, not 99999" in proc.stderr
+    assert "  - --bind: must be an IP address, not 'nowhere'" in proc.stderr
+    assert "config.yaml" not in proc.stderr and "ae.title" not in proc.stderr
+
+
+def test_problems_of_flags_and_file_are_reported_together(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ae:\n  port: 70000\n  max_associations: 0\n")
+    proc = subprocess.run([*minipacs_command(), "serve", "--config", str(bad),
+                           "--ae-title", "THIS_IS_WAY_TOO_LONG_AE"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"the command line and {bad} have 3 problem(s)" in proc.stderr, proc.stderr
+    assert "  - --ae-title: must be at most 16 characters" in proc.stderr
+    assert f"  - {bad}: ae.port: must be between 0 and 65535, not 70000" in proc.stderr
+    assert f"  - {bad}: ae.max_associations: must be at least 1" in proc.stderr
+
+
+def test_version_is_printed_and_exits_0() -> None:
+    proc = subprocess.run([*minipacs_command(), "--version"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"minipacs {importlib.metadata.version('minipacs')}"
+
+
+# one file of each transfer syntax (distinct SOP Instance UIDs) from pydicom's test files
+MIXED = {
+    "CT_small.dcm": "",  # Explicit VR Little Endian
+    "ExplVR_BigEnd.dcm": "",  # Explicit VR Big Endian
+    "rtplan.dcm": "",  # Implicit VR Little Endian
+    "image_dfl.dcm": "",  # Deflated Explicit VR Little Endian
+    "MR_small_jpeg_ls_lossless.dcm": "sub",  # JPEG-LS lossless
+    "693_J2KI.dcm": "sub",  # JPEG 2000
+    "GDCMJ2K_TextGBR.dcm": "sub",  # JPEG 2000 lossless
+    "JPEG-lossy.dcm": "sub",  # JPEG Extended
+    "SC_rgb_jpeg_dcmtk.dcm": "sub/deeper",  # JPEG Baseline
+    "SC_rgb_jpeg_gdcm.dcm": "sub/deeper",  # JPEG Lossless SV1
+    "SC_rgb_rle.dcm": "sub/deeper",  # RLE Lossless (SC_rgb_jpeg_gdcm's UID: given another)
+}
+
+
+def readme_send_command() -> list[str]:
+    """The Quick start's command that sends a folder, as the README writes it."""
+    readme = (REPO / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if line.endswith(" /path/to/dicom/folder")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0])
+
+
+def test_the_readmes_send_command_sends_a_mixed_folder(
+        start_server: Callable[..., Running], dcmtk: Callable[..., Any], tmp_path: Path) -> None:
+    folder = tmp_path / "folder"
+    expected = []
+    for name, where in MIXED.items():
+        (folder / where).mkdir(parents=True, exist_ok=True)
+        shutil.copy(pydicom.data.get_testdata_file(name), folder / where / name)
+        if name == "SC_rgb_rle.dcm":  # the header changes, the RLE pixel data stays
+            ds = pydicom.dcmread(folder / where / name)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.save_as(folder / where / name)
+        expected.append(pydicom.dcmread(folder / where / name, stop_before_pixels=True))
+    (folder / "README.txt").write_text("not DICOM")  # what a real folder holds too
+    running = start_server()
+    tool, *args = readme_send_command()
+    args = [{"localhost": "127.0.0.1", "11112": str(running.port),
+             "/path/to/dicom/folder": str(folder)}.get(a, a) for a in args]
+    sent = dcmtk(tool, *args, check=False)
+    assert len({ds.SOPInstanceUID for ds in expected}) == len(MIXED)
+    for ds in expected:
+        matches, final = find(running, QueryRetrieveLevel="IMAGE",
+                              StudyInstanceUID=ds.StudyInstanceUID,
+                              SeriesInstanceUID=ds.SeriesInstanceUID,
+                              SOPInstanceUID=ds.SOPInstanceUID, AvailableTransferSyntaxUID="")
+        assert final == status.SUCCESS
+        assert len(matches) == 1, (ds.filename, sent.stdout, sent.stderr)
+        syntax = UID(ds.file_meta.TransferSyntaxUID)
+        if syntax.is_encapsulated:  # compressed files go as they are
+            assert matches[0].AvailableTransferSyntaxUID == syntax, ds.filename
+    assert sent.returncode == 0, sent.stderr
 
 
 def test_unusable_data_dir_is_reported_and_exits_1(tmp_path: Path) -> None:

@@ -200,3 +200,25 @@ def test_workers_need_the_sqlite_index(tmp_path: Path) -> None:
         "sqlite:///...)"]
     path.write_text("ae:\n  workers: 2\nstorage:\n  index_url: sqlite:///x.sqlite\n")
     assert load_config(path).ae.workers == 2
+
+
+def test_a_problem_with_a_flag_names_the_flag_not_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("ae:\n  title: ALSO_FAR_TOO_LONG_TITLE\n  port: 70000\n")
+    flags = {"ae.title": "--ae-title", "ae.bind": "--bind"}
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {"ae.title": "X" * 17, "ae.bind": "nowhere"}, flags)
+    assert info.value.problems == [
+        "--ae-title: must be at most 16 characters",
+        "--bind: must be an IP address, not 'nowhere'",
+        f"{path}: ae.port: must be between 0 and 65535, not 70000",
+    ]
+    assert str(info.value).startswith(f"the command line and {path} have 3 problem(s):")
+    with pytest.raises(ConfigError) as info:  # only the flag is wrong
+        load_config(path, {"ae.title": "X" * 17, "ae.port": 104}, flags)
+    assert str(info.value) == ("the command line has 1 problem(s):\n"
+                               "  - --ae-title: must be at most 16 characters")
+    with pytest.raises(ConfigError) as info:  # a good flag hides the file's bad value
+        load_config(path, {"ae.title": "GOOD"}, flags)
+    assert str(info.value) == (f"{path} has 1 problem(s):\n"
+                               "  - ae.port: must be between 0 and 65535, not 70000")
