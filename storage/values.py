@@ -125,16 +125,22 @@ def pn_groups(value: str, folded: bool) -> tuple[str, str, str]:
 
 
 def norm_da(value: str) -> str:
-    """Return a DA value as ``YYYYMMDD``, or ``""`` if it is not a date.
+    """Return a DA value as ``YYYYMMDD``, or ``""`` if it is not a date of the calendar.
 
     The ACR-NEMA form ``YYYY.MM.DD`` is accepted (PS3.5 6.2, retired).
     """
     m = _DA_RE.match(value.strip())
-    return "".join(m.groups()) if m else ""
+    if not m:
+        return ""
+    year, month, day = (int(part) for part in m.groups())
+    # PS3.5 Table 6.2-1: a DA is a calendar date ("20240230" and "20241345" are not)
+    if not (1 <= year and 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]):
+        return ""
+    return "".join(m.groups())
 
 
 def norm_tm(value: str, upper: bool = False) -> str:
-    """Return a TM value as ``HHMMSS.FFFFFF``, or ``""`` if it is not a time.
+    """Return a TM value as ``HHMMSS.FFFFFF``, or ``""`` if it is not a time of the clock.
 
     Parts the value leaves out are filled with zeros, or with their largest value when
     ``upper`` is set, so that ``"1200"`` as the upper end of a range includes 12:00:59.9
@@ -145,6 +151,9 @@ def norm_tm(value: str, upper: bool = False) -> str:
     if not m:
         return ""
     hh, mm, ss, frac = m.groups()
+    # PS3.5 Table 6.2-1: HH 00-23, MM 00-59, SS 00-60 (60 for a leap second)
+    if int(hh) > 23 or (mm and int(mm) > 59) or (ss and int(ss) > 60):
+        return ""
     fill = "59" if upper else "00"
     frac_fill = "9" if upper else "0"
     frac = ("999999" if upper else "000000") if frac is None else frac.ljust(6, frac_fill)

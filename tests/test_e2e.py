@@ -298,6 +298,15 @@ def test_bad_input_gets_a_failure_and_the_server_keeps_serving(
      PatientRootQueryRetrieveInformationModelFind, "PatientID must hold a single value"),
     ({"QueryRetrieveLevel": "STUDY", "StudyDate": "2024-2025-2026"},
      StudyRootQueryRetrieveInformationModelFind, "malformed range"),
+    # PS3.5 Table 6.2-1: a DA is a date of the calendar, a TM a time of the clock
+    ({"QueryRetrieveLevel": "STUDY", "StudyDate": "20241345"},
+     StudyRootQueryRetrieveInformationModelFind, "malformed DA value '20241345'"),
+    ({"QueryRetrieveLevel": "STUDY", "StudyDate": "20240230"},
+     StudyRootQueryRetrieveInformationModelFind, "malformed DA value '20240230'"),
+    ({"QueryRetrieveLevel": "STUDY", "StudyDate": "20240101-20240230"},
+     StudyRootQueryRetrieveInformationModelFind, "malformed DA range"),
+    ({"QueryRetrieveLevel": "STUDY", "StudyTime": "2500"},
+     StudyRootQueryRetrieveInformationModelFind, "malformed TM value"),
 ])
 def test_invalid_identifier_gets_a900_with_a_comment(server: Running, keys: dict[str, str],
                                                      model: Any, comment: str) -> None:

@@ -59,6 +59,20 @@ def constraint_for(keyword: str, value: Any, fold_pn: bool = True) -> Constraint
         (identifier("STUDY", StudyDate="2024XX01"), Model.STUDY_ROOT, "malformed DA value"),
         (identifier("STUDY", StudyDate="20240101-20XX"), Model.STUDY_ROOT, "malformed DA range"),
         (identifier("STUDY", StudyTime="25h"), Model.STUDY_ROOT, "malformed TM value"),
+        # PS3.5 Table 6.2-1: dates of the calendar, times of the clock, range ends included
+        (identifier("STUDY", StudyDate="20241345"), Model.STUDY_ROOT, "malformed DA value"),
+        (identifier("STUDY", StudyDate="20240230"), Model.STUDY_ROOT, "malformed DA value"),
+        (identifier("STUDY", StudyDate="20230229"), Model.STUDY_ROOT, "malformed DA value"),
+        (identifier("STUDY", StudyDate="00000101"), Model.STUDY_ROOT, "malformed DA value"),
+        (identifier("STUDY", StudyDate="20240101-20240230"), Model.STUDY_ROOT,
+         "malformed DA range"),
+        (identifier("STUDY", StudyDate="20240132-"), Model.STUDY_ROOT, "malformed DA range"),
+        (identifier("STUDY", PatientBirthDate="19701301"), Model.STUDY_ROOT,
+         "malformed DA value"),
+        (identifier("STUDY", StudyTime="2400"), Model.STUDY_ROOT, "malformed TM value"),
+        (identifier("STUDY", StudyTime="1260"), Model.STUDY_ROOT, "malformed TM value"),
+        (identifier("STUDY", StudyTime="120061"), Model.STUDY_ROOT, "malformed TM value"),
+        (identifier("STUDY", StudyTime="0800-2500"), Model.STUDY_ROOT, "malformed TM range"),
     ],
 )
 def test_invalid_identifiers_are_refused_with_a_reason(ds: Dataset, model: Model, message: str) -> None:
@@ -266,6 +280,8 @@ def test_strip(vr: str, value: str, expected: str) -> None:
 
 @pytest.mark.parametrize(("value", "expected"), [
     ("20240101", "20240101"), ("2024.01.01", "20240101"), ("2024010", ""), ("", ""),
+    ("20240229", "20240229"), ("20230229", ""), ("20240230", ""), ("20241345", ""),
+    ("20241301", ""), ("20240100", ""), ("00000101", ""), ("20241231", "20241231"),
 ])
 def test_norm_da(value: str, expected: str) -> None:
     assert norm_da(value) == expected
@@ -275,7 +291,8 @@ def test_norm_da(value: str, expected: str) -> None:
     ("10", False, "100000.000000"), ("10", True, "105959.999999"),
     ("1015", False, "101500.000000"), ("101530.5", False, "101530.500000"),
     ("101530.5", True, "101530.599999"), ("10:15:30", False, "101530.000000"),
-    ("x", False, ""),
+    ("x", False, ""), ("235960", False, "235960.000000"),  # SS 60: a leap second
+    ("24", False, ""), ("2360", False, ""), ("235961", False, ""),
 ])
 def test_norm_tm(value: str, upper: bool, expected: str) -> None:
     assert norm_tm(value, upper=upper) == expected
