@@ -243,10 +243,17 @@ def parse_identifier(
             break
         keyword = UNIQUE_KEY[upper]
         match = next((c for c in constraints if c.key and c.key.keyword == keyword), None)
+        if match is not None and match.kind is Kind.EMPTY and keyword == "PatientID":
+            # PatientID is Type 2 (PS3.3 C.7.1.1): a patient may have none. '""' (PS3.4
+            # C.2.2.2.7 Empty Value Matching) is then the single value that names it, and
+            # so reaches, in a hierarchical Patient Root query, the patients without one.
+            continue
         if match is None or match.kind is not Kind.TERMS or any(
             t.op is not Op.EQ for t in match.terms
         ):
-            raise InvalidQuery(f"{keyword} must hold a single value for a {name} level query")
+            hint = _NO_PATIENT_ID_HINT if keyword == "PatientID" else ""
+            raise InvalidQuery(
+                f"{keyword} must hold a single value for a {name} level query{hint}")
 
     return Query(
         model=model,
@@ -257,6 +264,10 @@ def parse_identifier(
         fold_pn=fold_pn,
         ignored=tuple(ignored),
     )
+
+
+_NO_PATIENT_ID_HINT = (' (for patients without a PatientID: \'""\', PS3.4 C.2.2.2.7, or a'
+                       ' relational query)')
 
 
 def _combine_date_time(constraints: list[Constraint]) -> list[Constraint]:

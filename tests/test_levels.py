@@ -3,6 +3,7 @@ and every computed key at every level it belongs to, against the stored set."""
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -14,12 +15,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelFind,
 )
 
 from scp import status
 from tests.conftest import Running, associate, client_ae, find
-from tests.factory import encode, hierarchy, make_ds
+from tests.factory import encode, hierarchy, make_ds, uid
+from tests.test_retrieve import c_get
 
 PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
 STUDY_ROOT = StudyRootQueryRetrieveInformationModelFind
@@ -252,3 +255,70 @@ def test_extended_negotiation_options(server: Running,
         "QueryRetrieveLevel": "STUDY", "StudyDate": "20231120-20240102",
         "StudyTime": "1000-1000", "AccessionNumber": ""})}
     assert separate == set()  # not combined: a time 10:00-10:00:59 on any day, and all are 10:15
+
+
+@pytest.fixture
+def without_patient_id(server: Running) -> list[Dataset]:
+    """Two studies whose instances have no PatientID (each a patient of its own), and one
+    of patient PID1."""
+    first, second = uid(), uid()
+    datasets = [
+        make_ds(PatientID=None, PatientName="Anon^One", StudyInstanceUID=first),
+        make_ds(PatientID=None, PatientName="Anon^One", StudyInstanceUID=first),
+        make_ds(PatientID="", PatientName="Anon^Two", StudyInstanceUID=second),
+        make_ds(PatientID="PID1"),
+    ]
+    assoc = associate(server)
+    for ds in datasets:
+        assert assoc.send_c_store(ds).Status == status.SUCCESS
+    assoc.release()
+    return datasets
+
+
+def test_patient_root_reaches_patients_without_a_patient_id(
+        server: Running, without_patient_id: list[Dataset], dcmtk: Callable[..., Any],
+        tmp_path: Path) -> None:
+    """PatientID is Type 2: a patient may have none. A hierarchical Patient Root query names
+    such a patient by Empty Value Matching, PatientID '""' (PS3.4 C.2.2.2.7)."""
+    anonymous = {ds.StudyInstanceUID for ds in without_patient_id if not ds.get("PatientID")}
+    patients = c_find(server, PATIENT_ROOT, QueryRetrieveLevel="PATIENT", PatientID="",
+                      PatientName="")
+    assert sorted(str(p.PatientID) for p in patients) == ["", "", "PID1"]
+
+    studies = c_find(server, PATIENT_ROOT, QueryRetrieveLevel="STUDY", PatientID='""',
+                     StudyInstanceUID="", NumberOfStudyRelatedInstances="")
+    assert {s.StudyInstanceUID: int(s.NumberOfStudyRelatedInstances) for s in studies} == {
+        ds.StudyInstanceUID: 2 if ds.PatientName == "Anon^One" else 1
+        for ds in without_patient_id if not ds.get("PatientID")}
+    # DCMTK findscu, as a user would type it
+    rsps = findscu(dcmtk, server, tmp_path / "findscu", "-P", QueryRetrieveLevel="STUDY",
+                   PatientID='""', StudyInstanceUID="")
+    assert {str(r.StudyInstanceUID) for r in rsps} == anonymous
+
+    study = sorted(anonymous)[0]
+    series = c_find(server, PATIENT_ROOT, QueryRetrieveLevel="SERIES", PatientID='""',
+                    StudyInstanceUID=study, SeriesInstanceUID="")
+    assert {s.SeriesInstanceUID for s in series} == {
+        ds.SeriesInstanceUID for ds in without_patient_id if ds.StudyInstanceUID == study}
+
+    received, responses = c_get(server, PatientRootQueryRetrieveInformationModelGet,
+                                QueryRetrieveLevel="STUDY", PatientID='""',
+                                StudyInstanceUID=study)
+    assert responses[-1].Status == status.SUCCESS
+    assert len(received) == sum(ds.StudyInstanceUID == study for ds in without_patient_id)
+
+
+def test_an_empty_patient_id_in_a_hierarchical_query_says_how_to_name_none(
+        server: Running, without_patient_id: list[Dataset], caplog: Any) -> None:
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.PatientID = ""
+    q.StudyInstanceUID = ""
+    assoc = associate(server)
+    with caplog.at_level(logging.WARNING, logger="scp.handlers"):
+        [(rsp, _)] = list(assoc.send_c_find(q, PATIENT_ROOT))
+    assoc.release()
+    assert rsp.Status == status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    # the ErrorComment is an LO (64 characters): the whole reason is in the log
+    assert "PatientID must hold a single value" in rsp.ErrorComment
+    assert """for patients without a PatientID: '""', PS3.4 C.2.2.2.7""" in caplog.text
