@@ -1,6 +1,6 @@
 # minipacs: the README's commands.
 #   make run    create .venv if missing, install minipacs (with codecs), serve with config.yaml
-#   make test   install test extras, DCMTK and PostgreSQL, then ruff, mypy and pytest
+#   make test   install test extras, DCMTK, GDCM and PostgreSQL, then ruff, mypy and pytest
 #   make lint   ruff and mypy only
 #   make bench  every benchmark (not part of make test; BENCH_ARGS=--quick for a few minutes,
 #               --write-readme to record): bench/all.py, see bench/README.md
@@ -11,17 +11,26 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.yaml
 comma  := ,
 
-.PHONY: run test lint bench install install-test dcmtk postgresql orthanc clean
+.PHONY: run test lint bench install install-test dcmtk gdcm postgresql orthanc clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-install: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[codecs]'
+# The install is editable, so a change to the code needs no reinstall: only a change to
+# pyproject.toml (dependencies, extras, entry points) does. A stamp file in .venv records
+# each install (rm .venv/.installed-* to force one); the test extras include the run's.
+install: $(VENV)/.installed-run
 
-install-test: $(BIN)/python
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[codecs]'
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,codecs]'
+	touch $@ $(VENV)/.installed-run
 
 run: install
 	$(BIN)/minipacs serve --config $(CONFIG)
@@ -41,6 +50,9 @@ endef
 dcmtk:
 	$(call apt_package,command -v storescu,dcmtk,DCMTK,Without it the DCMTK tests skip$(comma) or fail when CI is set.)
 
+gdcm:
+	$(call apt_package,command -v gdcmscu,libgdcm-tools,GDCM's gdcmscu,Without it the GDCM tests skip$(comma) or fail when CI is set.)
+
 postgresql:
 	$(call apt_package,ls /usr/lib/postgresql/*/bin/initdb,postgresql,PostgreSQL,Without it the PostgreSQL tests skip$(comma) or fail when CI is set.)
 
@@ -51,7 +63,7 @@ lint: install-test
 	$(BIN)/ruff check scp storage tests bench
 	$(BIN)/mypy
 
-test: install-test dcmtk postgresql lint
+test: install-test dcmtk gdcm postgresql lint
 	TCP_NODELAY=1 $(BIN)/python -m pytest
 
 bench: install-test dcmtk orthanc
