@@ -134,7 +134,7 @@ def norm_da(value: str) -> str:
         return ""
     year, month, day = (int(part) for part in m.groups())
     # PS3.5 Table 6.2-1: a DA is a calendar date ("20240230" and "20241345" are not)
-    if not (1 <= year and 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]):
+    if not (year >= 1 and 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]):
         return ""
     return "".join(m.groups())
 
