@@ -11,11 +11,15 @@ took (Implicit VR, deflated). Nothing is ever re-compressed.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+import logging
+import threading
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileDataset
+from pydicom.pixels import get_decoder
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
@@ -99,11 +103,86 @@ def to_accepted(ds: Dataset, accepted: Collection[str]) -> Dataset:
     if isinstance(ds, AsStored):
         # decoded anyway: let pydicom keep what it converts
         ds.__class__ = FileDataset  # type: ignore[assignment]
-    try:
-        ds.decompress(generate_instance_uid=False)
-    except Exception as exc:  # any decoder failure: no plugin, corrupt or unsupported data
-        raise CannotConvert(
-            f"cannot decode {stored.name} pixel data for a receiver that accepted {names}:"
-            f" {exc} (is the codecs extra installed?)"
-        ) from exc
+    _decode(ds, stored, " or ".join(s.name for s in plain))
     return ds
+
+
+def _decode(ds: Dataset, stored: UID, target: str) -> None:
+    """Decode the pixel data of ``ds``, stored as ``stored``, into Explicit VR Little Endian
+    (in place), for a receiver that accepted ``target``.
+
+    pydicom 3.0's ``decompress`` turns each decoded frame into a NumPy view of the bytes
+    the decoding plugin returned and applies its sign correction (a JPEG 2000 codestream
+    whose signedness disagrees with Pixel Representation, or JPEG-LS signed data) in place.
+    GDCM's plugin, tried first, returns immutable bytes, so that correction fails with
+    "output array is read-only" (pydicom/pixels/decoders/base.py, ``Decoder.iter_array``)
+    although the frame was decoded. Decoding frame by frame (``indices``) goes through
+    ``Decoder._as_array_encapsulated``, which copies each frame into an array of its own
+    first: that is the second attempt, after a ValueError (the read-only array, or another
+    value pydicom did not expect).
+
+    Raises
+    ------
+    CannotConvert
+        No decoder exists or is installed for ``stored``, or decoding failed: the message
+        says which, and the decoder's reason.
+    """
+    cannot = f"cannot convert from {stored.name} to {target}"
+    try:
+        decoder = get_decoder(stored)
+    except NotImplementedError as exc:
+        raise CannotConvert(f"{cannot}: pydicom has no decoder for {stored.name}") from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no plugin"
+        raise CannotConvert(
+            f"{cannot}: no decoder available for {stored.name} (the codecs extra installs"
+            f" them; missing: {missing})"
+        )
+    try:
+        with _quiet_plugin_failures():
+            try:
+                ds.decompress(generate_instance_uid=False)
+            except ValueError:
+                frames = int(ds.get("NumberOfFrames") or 1)
+                ds.decompress(generate_instance_uid=False, indices=range(frames))
+    except Exception as exc:  # any decoder failure: corrupt or unsupported data
+        raise CannotConvert(f"{cannot}: the decoder failed: {_one_line(exc)}") from exc
+
+
+_decoding = threading.local()
+
+
+@contextlib.contextmanager
+def _quiet_plugin_failures() -> Iterator[None]:
+    """While this thread decodes: see :class:`_PluginFailures`."""
+    _decoding.active = True
+    try:
+        yield
+    finally:
+        _decoding.active = False
+
+
+class _PluginFailures(logging.Filter):
+    """Drops pydicom's traceback of each decoding plugin that fails while we decode.
+
+    pydicom 3.0 logs every failing plugin's exception at ERROR, traceback included, before
+    it tries the next one (``DecodeRunner._decode_frame``, pixels/decoders/base.py), even
+    when the next one succeeds; when all fail, the error it raises lists every plugin's
+    reason, and :class:`CannotConvert` carries it: one log line per failed sub-operation,
+    the retrieve's. pydicom's other lines, and its tracebacks when it decodes for someone
+    else, pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None or not getattr(_decoding, "active", False)
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_PluginFailures())
+
+
+def _one_line(exc: Exception) -> str:
+    """``exc``'s message on one line (pydicom lists each plugin's failure on a line)."""
+    text = ""
+    for line in filter(None, (line.strip() for line in str(exc).splitlines())):
+        text += line if not text else (" " if text.endswith(":") else "; ") + line
+    return text or repr(exc)

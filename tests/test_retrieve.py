@@ -3,16 +3,18 @@ counts, failures and cancel as PS3.4 C.4.3 says (C-MOVE: tests/test_move.py)."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_role
 from pynetdicom import events as evt
+from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelGet,
@@ -206,3 +208,33 @@ def test_get_pending_responses_at_a_bounded_rate(server: Running, stored: list[D
     assert len(received) == len(wanted) > 3
     assert [int(r.Status) for r in responses] == [status.PENDING, status.SUCCESS]
     assert responses[-1].NumberOfCompletedSuboperations == len(wanted)
+
+
+def test_a_j2k_file_pydicom_cannot_decode_in_place_is_converted(server: Running,
+                                                                caplog: Any) -> None:
+    """pydicom 3.0's decompress() fails on this file with "output array is read-only"
+    (its sign correction writes into GDCM's immutable output): decoded another way, it
+    reaches a C-GET SCU that takes only Explicit VR Little Endian, pixel for pixel."""
+    import logging
+
+    import numpy as np
+    from pydicom.data import get_testdata_file
+
+    from tests.factory import file_parts
+
+    path = get_testdata_file("J2K_pixelrep_mismatch.dcm")
+    original = dcmread(path)
+    server.archive.store(*file_parts(path))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        received, responses = c_get(server, StudyRootQueryRetrieveInformationModelGet,
+                                    QueryRetrieveLevel="STUDY",
+                                    StudyInstanceUID=original.StudyInstanceUID)
+    assert responses[-1].Status == status.SUCCESS, caplog.text
+    assert len(received) == 1 and not caplog.records
+    got = decode(io.BytesIO(received[0]), False, True)  # Explicit VR Little Endian
+    got.file_meta = FileMetaDataset()
+    got.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    assert got.SOPInstanceUID == original.SOPInstanceUID
+    assert np.array_equal(got.pixel_array, original.pixel_array)  # signed, -2000 and up
+    assert got.pixel_array.min() < 0

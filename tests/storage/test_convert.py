@@ -4,12 +4,16 @@ accept its stored transfer syntax."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    MPEG2MPML,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -18,7 +22,8 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import encode as pynetdicom_encode
 
-from storage import Archive, CannotConvert
+from storage import Archive, CannotConvert, convert
+from storage.convert import to_accepted
 from storage.index import StoredInstance
 from storage.models import Instance
 from tests.factory import encode, file_parts, make_ds
@@ -118,3 +123,61 @@ def test_impossible_conversions_are_clear_errors(archive: Archive, name: str | N
         uid = dcmread(get_testdata_file(name)).SOPInstanceUID
     with pytest.raises(CannotConvert, match=message):
         archive.read_instance(item(uid), accepted)
+
+
+def test_a_j2k_file_pydicom_cannot_decode_in_place(archive: Archive) -> None:
+    """pydicom 3.0.2's decompress() raises "output array is read-only" on this file: its
+    codestream is unsigned, Pixel Representation says signed, and pydicom's sign
+    correction writes into the immutable bytes GDCM returned. Decoded frame by frame it
+    converts, with the corrected (negative) values."""
+    path = get_testdata_file("J2K_pixelrep_mismatch.dcm")
+    original = dcmread(path)
+    raw, syntax = file_parts(path)
+    archive.store(raw, syntax)
+    ds = archive.read_instance(item(original.SOPInstanceUID), [ImplicitVRLittleEndian])
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds.PixelRepresentation == 1
+    assert np.array_equal(ds.pixel_array, original.pixel_array)
+    assert ds.pixel_array.min() == -2000
+
+
+def _j2k(pixel_data: bytes | None = None) -> Dataset:
+    ds = dcmread(get_testdata_file("JPEG2000.dcm"))
+    if pixel_data is not None:
+        ds.PixelData = encapsulate([pixel_data])
+    return ds
+
+
+def test_a_decoder_failure_says_why_on_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """Not a guess about the codecs extra: each plugin's reason, on one line, and none of
+    pydicom's per-plugin tracebacks in the log."""
+    with caplog.at_level(logging.DEBUG), pytest.raises(CannotConvert) as info:
+        to_accepted(_j2k(b"not a JPEG 2000 codestream" * 4), [ImplicitVRLittleEndian])
+    message = str(info.value)
+    assert message.startswith(
+        "cannot convert from JPEG 2000 Image Compression to Implicit VR Little Endian: the"
+        " decoder failed: Unable to decode as exceptions were raised by all available"
+        " plugins: ")
+    assert "pylibjpeg: No matching JPEG 2000 format found" in message
+    assert "\n" not in message and "installed?" not in message
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+def test_no_decoder_available_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Unavailable:
+        is_available = False
+        missing_dependencies = ["pylibjpeg - requires pylibjpeg-openjpeg"]
+
+    monkeypatch.setattr(convert, "get_decoder", lambda uid: Unavailable())
+    with pytest.raises(CannotConvert, match=(
+            r"cannot convert from JPEG 2000 Image Compression to Explicit VR Little Endian:"
+            r" no decoder available for JPEG 2000 Image Compression \(the codecs extra"
+            r" installs them; missing: pylibjpeg - requires pylibjpeg-openjpeg\)")):
+        to_accepted(_j2k(), [ExplicitVRLittleEndian])
+
+
+def test_a_syntax_pydicom_cannot_decode_says_so() -> None:
+    ds = _j2k()
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    with pytest.raises(CannotConvert, match="pydicom has no decoder for MPEG2 Main Profile"):
+        to_accepted(ds, [ExplicitVRLittleEndian])
