@@ -12,8 +12,7 @@ import logging
 from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Any, cast
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 from pynetdicom import events as evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 
@@ -32,7 +31,16 @@ from . import responses, status
 from .access import Access
 from .activity import Activity
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
-from .retrieve import MoveDestination, Responses, accepted_syntaxes, transferring
+from .retrieve import (
+    MoveDestination,
+    Responses,
+    accepted_syntaxes,
+    failing_on_purpose,
+    log_refused_store,
+    stand_in,
+    sub_operation_failed,
+    transferring,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +184,13 @@ def handle_get(
                 return
             responses.total = len(items)
             responses.install()
+            event.assoc.bind(evt.EVT_DIMSE_RECV, log_refused_store, ["C-GET"])
             yield len(items)
             accepted = functools.partial(accepted_syntaxes, event.assoc)
             outcome = yield from _sub_operations(
                 event, archive, items, accepted, lambda: transferring(event.assoc), "get")
         finally:
+            event.assoc.unbind(evt.EVT_DIMSE_RECV, log_refused_store)
             responses.restore()
             activity.count(event, outcome, ok=True)
 
@@ -250,9 +260,11 @@ def _sub_operations(
     C.4.3.3.1: after the current sub-operation, status FE00). Returns what happened, for
     the association's log line: ``service``, or "``service`` cancelled".
 
-    An instance that cannot be read or converted fails its sub-operation, logged, and the
-    others go on; once the receiver is gone (``receiving`` false) the remaining files are
-    not read: pynetdicom counts each of them failed.
+    An instance that cannot be read or converted fails its sub-operation and the others go
+    on; once the receiver is gone (``receiving`` false) the remaining files are not read
+    and each of them fails. Each failure is one log line, naming the instance and why
+    (:func:`scp.retrieve.sub_operation_failed`); pynetdicom counts it, through a
+    :func:`scp.retrieve.stand_in`.
     """
     cancel = _CancelFlag(event)
     label = "C-MOVE" if service == "move" else "C-GET"
@@ -261,39 +273,22 @@ def _sub_operations(
             yield status.CANCEL, None  # pynetdicom adds the failed and remaining counts
             return f"{service} cancelled"
         if not receiving():
-            yield status.PENDING, _unsendable(item)
-            continue
-        try:
-            ds = archive.read_instance(item, accepted(item.sop_class_uid))
-        except (InstanceUnavailable, CannotConvert) as exc:
-            logger.error("%s sub-operation for %s fails: %s", label, item.sop_instance_uid, exc)
-            ds = _unsendable(item)
-        except Exception:  # a fault of ours: this sub-operation fails, not the retrieve
-            logger.exception("%s sub-operation for %s fails unexpectedly", label,
-                             item.sop_instance_uid)
-            ds = _unsendable(item)
-        yield status.PENDING, ds
+            sub_operation_failed(label, item.sop_instance_uid, "the receiver is gone (it"
+                                 " released or aborted the association)")
+        else:
+            try:
+                ds = archive.read_instance(item, accepted(item.sop_class_uid))
+            except (InstanceUnavailable, CannotConvert) as exc:
+                sub_operation_failed(label, item.sop_instance_uid, str(exc))
+            except Exception:  # a fault of ours: this sub-operation fails, not the retrieve
+                logger.exception("%s sub-operation failed for SOP Instance %s: an unexpected"
+                                 " error", label, item.sop_instance_uid)
+            else:
+                yield status.PENDING, ds
+                continue
+        with failing_on_purpose():
+            yield status.PENDING, stand_in(item.sop_instance_uid)
     return service
-
-
-# a SOP Class no presentation context carries: see _unsendable
-_UNSENDABLE_SOP_CLASS = generate_uid(entropy_srcs=["minipacs", "unsendable"])
-
-
-def _unsendable(item: StoredInstance) -> Dataset:
-    """A stand-in for an instance whose file cannot be read.
-
-    pynetdicom counts a sub-operation as failed, with its SOP Instance UID in the final
-    FailedSOPInstanceUIDList (PS3.4 C.4.3.3.1), only when sending fails; this data set names
-    a SOP Class that no presentation context carries, so sending fails before any byte
-    leaves, and the peer never receives it.
-    """
-    ds = Dataset()
-    ds.SOPClassUID = _UNSENDABLE_SOP_CLASS
-    ds.SOPInstanceUID = item.sop_instance_uid
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
 
 
 class _CancelFlag:

@@ -8,19 +8,26 @@ holds what our handlers need around that, so that the handlers stay short.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import build_context
 from pynetdicom import events as evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.status import (
+    STATUS_SUCCESS,
+    STATUS_WARNING,
+    STORAGE_SERVICE_CLASS_STATUS,
+)
 
 from storage import StoredInstance
 
@@ -79,6 +86,99 @@ def proposed_contexts(
             if syntax not in fallback:
                 contexts.append(build_context(cls, syntax))
     return contexts
+
+
+# -- failed sub-operations ---------------------------------------------------------------
+
+STAND_IN_SOP_CLASS = generate_uid(entropy_srcs=["minipacs", "unsendable"])
+"""The SOP Class of :func:`stand_in`: one that no presentation context carries."""
+
+C_STORE_RSP = 0x8001  # PS3.7 E.1-1, Command Field of a C-STORE response
+
+
+def sub_operation_failed(service: str, sop_instance_uid: str, reason: str) -> None:
+    """The one log line of a failed C-STORE sub-operation of a C-GET or C-MOVE
+    (``service``), naming its instance and why it failed."""
+    logger.error("%s sub-operation failed for SOP Instance %s: %s", service, sop_instance_uid,
+                 reason)
+
+
+def stand_in(sop_instance_uid: str) -> Dataset:
+    """What the C-GET / C-MOVE handler yields, as Pending, for an instance that cannot be
+    sent (its file is missing, it cannot be converted, the receiver is gone).
+
+    pynetdicom counts a sub-operation as failed, with its SOP Instance UID in the final
+    FailedSOPInstanceUIDList (PS3.4 C.4.2.3.1, C.4.3.3.1), only when sending it fails: this
+    data set names :data:`STAND_IN_SOP_CLASS`, so sending fails before any byte leaves
+    and the receiver never sees it. Yield it inside :func:`failing_on_purpose`, after
+    :func:`sub_operation_failed` has said why.
+    """
+    ds = Dataset()
+    ds.SOPClassUID = STAND_IN_SOP_CLASS
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+_sending_stand_in: set[int] = set()  # the threads in failing_on_purpose()
+
+
+@contextlib.contextmanager
+def failing_on_purpose() -> Iterator[None]:
+    """While pynetdicom, in this thread, fails to send a :func:`stand_in` (the handler's
+    generator is suspended at its yield): its lines about that failure are dropped. A
+    generator left suspended is closed later, maybe from another thread: the thread is
+    remembered by its id, not in a thread-local."""
+    thread = threading.get_ident()
+    _sending_stand_in.add(thread)
+    try:
+        yield
+    finally:
+        _sending_stand_in.discard(thread)
+
+
+class _QuietStandIns(logging.Filter):
+    """Drops pynetdicom's lines about a :func:`stand_in` failing to go, which we log once
+    ourselves (:func:`sub_operation_failed`): for each, pynetdicom 3.0 logs "No
+    presentation context for '<stand-in SOP Class>' has been accepted ..." twice
+    (association.py ``_get_valid_context``, service_class.py ``_get_scp`` /
+    ``_move_scp``) and "C-STORE sub-operation failed." once, or, once the receiver's
+    association is down, "C-STORE sub-operation failed." and "The association ... must be
+    established ...". Every other line passes."""
+
+    _LINES = frozenset({
+        "C-STORE sub-operation failed.",
+        "The association with a peer SCP must be established before sending a C-STORE"
+        " request",
+    })
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if STAND_IN_SOP_CLASS in message:
+            return False
+        return not (record.thread in _sending_stand_in and message in self._LINES)
+
+
+_QUIET_STAND_INS = _QuietStandIns()
+for _name in ("pynetdicom.association", "pynetdicom.service_class"):
+    logging.getLogger(_name).addFilter(_QUIET_STAND_INS)  # once: addFilter checks
+
+
+def log_refused_store(event: evt.Event, service: str) -> None:
+    """EVT_DIMSE_RECV, on the association that carries the C-STORE sub-operations of a
+    ``service`` (C-GET or C-MOVE): a C-STORE response whose status pynetdicom counts as a
+    failure (any but Success and Warning, PS3.4 B.2.3) is that sub-operation's log line
+    (pynetdicom's own is at INFO)."""
+    command = event.message.command_set
+    if command is None or command.get("CommandField") != C_STORE_RSP:
+        return
+    code = int(command.get("Status", -1))
+    category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))
+    if category in (STATUS_SUCCESS, STATUS_WARNING):
+        return
+    sub_operation_failed(service, str(command.get("AffectedSOPInstanceUID", "")),
+                         f"the receiver answered {code:04X} ({meaning})")
 
 
 PENDING_EVERY_SUBOPERATION_UP_TO = 1000
@@ -187,6 +287,7 @@ class MoveDestination:
                                (evt.EVT_CONN_CLOSE, reactor.handle_conn_close)]
         handlers += [(e, self._capture) for e in (evt.EVT_ACCEPTED, evt.EVT_REJECTED,
                                                   evt.EVT_ABORTED)]
+        handlers.append((evt.EVT_DIMSE_RECV, log_refused_store, ["C-MOVE"]))
         return {
             "contexts": proposed_contexts(items, self.peer),
             "max_pdu": self.max_pdu_size,

@@ -61,6 +61,7 @@ class Peer:
     datasets: list[Dataset] = field(default_factory=list)
     associations: int = 0
     abort_after: int = 0  # abort the association at this C-STORE (0 = never)
+    refuse: set[str] = field(default_factory=set)  # answered A700 (Refused: Out of Resources)
 
     def entry(self) -> dict[str, Any]:
         return {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
@@ -87,6 +88,8 @@ def start_peer() -> Iterator[Callable[..., Peer]]:
             if peer.abort_after and len(peer.received) + 1 >= peer.abort_after:
                 event.assoc.abort()
                 return 0x0000
+            if str(req.AffectedSOPInstanceUID) in peer.refuse:
+                return 0xA700
             peer.received.append((event.encoded_dataset(include_meta=False), syntax))
             ds = event.dataset
             ds.file_meta = event.file_meta
@@ -245,7 +248,7 @@ def test_missing_file_is_counted_listed_and_logged(stored_and_peer: Any, caplog:
 
     lost = Instance.get(Instance.sop_instance_uid == wanted[1].SOPInstanceUID)
     (running.data_dir / "files" / lost.file_key[:2] / lost.file_key[2:4] / lost.file_key).unlink()
-    with caplog.at_level(logging.ERROR):
+    with caplog.at_level(logging.WARNING):
         responses = c_move(running, PATIENT_ROOT, peer.ae_title,
                            QueryRetrieveLevel="PATIENT", PatientID="PID2")
     final = responses[-1]
@@ -255,7 +258,37 @@ def test_missing_file_is_counted_listed_and_logged(stored_and_peer: Any, caplog:
     assert list(final.FailedSOPInstanceUIDList) == [wanted[1].SOPInstanceUID] or (
         final.FailedSOPInstanceUIDList == wanted[1].SOPInstanceUID)
     assert len(peer.received) == len(wanted) - 1
-    assert f"C-MOVE sub-operation for {wanted[1].SOPInstanceUID} fails" in caplog.text
+    assert_failure_lines(
+        caplog, f"C-MOVE sub-operation failed for SOP Instance {wanted[1].SOPInstanceUID}: file of")
+
+
+def assert_failure_lines(caplog: Any, *starts: str) -> None:
+    """The WARNING and ERROR lines logged are one per item of ``starts``, each beginning
+    with it; none names the stand-in SOP Class of a failed sub-operation
+    (scp.retrieve.stand_in)."""
+    from scp.retrieve import STAND_IN_SOP_CLASS
+
+    assert STAND_IN_SOP_CLASS not in caplog.text
+    lines = sorted(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert len(lines) == len(starts), lines
+    for line, start in zip(lines, sorted(starts), strict=True):
+        assert line.startswith(start), (line, start)
+
+
+def test_a_refused_sub_operation_is_one_log_line(stored_and_peer: Any, caplog: Any) -> None:
+    running, peer, datasets = stored_and_peer
+    study = [ds for ds in datasets if ds.StudyInstanceUID == datasets[0].StudyInstanceUID]
+    peer.refuse = {study[1].SOPInstanceUID}
+    with caplog.at_level(logging.WARNING):
+        final = c_move(running, STUDY_ROOT, peer.ae_title, QueryRetrieveLevel="STUDY",
+                       StudyInstanceUID=study[0].StudyInstanceUID)[-1]
+    assert final.Status == status.SUBOPERATIONS_WITH_FAILURES
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (
+        len(study) - 1, 1)
+    assert final.FailedSOPInstanceUIDList == study[1].SOPInstanceUID
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"C-MOVE sub-operation failed for SOP Instance {study[1].SOPInstanceUID}: the"
+        " receiver answered A700 (Refused: Out of Resources)"]
 
 
 def test_cancel_stops_after_the_current_instance(stored_and_peer: Any) -> None:
@@ -340,7 +373,8 @@ def test_undecodable_pixel_data_fails_that_sub_operation_only(
     broken.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
     broken.PixelData = encapsulate([b"not a JPEG 2000 codestream" * 4])
     running.archive.store(encode(broken), syntax)
-    with caplog.at_level(logging.ERROR):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
         final = c_move(running, STUDY_ROOT, "PLAIN", QueryRetrieveLevel="IMAGE",
                        StudyInstanceUID=broken.StudyInstanceUID,
                        SeriesInstanceUID=broken.SeriesInstanceUID,
@@ -349,8 +383,10 @@ def test_undecodable_pixel_data_fails_that_sub_operation_only(
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 1)
     assert final.FailedSOPInstanceUIDList == broken.SOPInstanceUID
     # the reason, not a guess: the codecs are installed, the data is not JPEG 2000
-    assert ("cannot convert from JPEG 2000 Image Compression to Implicit VR Little Endian: the"
-            " decoder failed: Unable to decode") in caplog.text
+    assert_failure_lines(
+        caplog, f"C-MOVE sub-operation failed for SOP Instance {broken.SOPInstanceUID}: cannot"
+        " convert from JPEG 2000 Image Compression to Implicit VR Little Endian: the decoder"
+        " failed: Unable to decode")
     assert "installed?" not in caplog.text
     assert [str(ds.SOPInstanceUID) for ds in plain.datasets] == [originals[0].SOPInstanceUID]
 
@@ -525,14 +561,16 @@ def test_a_damaged_file_fails_only_its_sub_operation(stored_and_peer: Any, caplo
     start = len(raw) - len(deflated)  # the stream follows our File Meta header
     raw[start + 10:start + 70] = bytes(range(60))  # scramble the deflate stream
     path.write_bytes(bytes(raw))
-    with caplog.at_level(logging.ERROR):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
         final = c_move(running, PATIENT_ROOT, peer.ae_title, QueryRetrieveLevel="PATIENT",
                        PatientID="PID2")[-1]
     assert final.Status == status.SUBOPERATIONS_WITH_FAILURES
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (
         len(study), 1)
     assert final.FailedSOPInstanceUIDList == broken.SOPInstanceUID
-    assert f"sub-operation for {broken.SOPInstanceUID} fails" in caplog.text
+    assert_failure_lines(
+        caplog, f"C-MOVE sub-operation failed for SOP Instance {broken.SOPInstanceUID}: file of")
 
 
 def test_files_are_not_read_once_the_destination_is_gone(start_server: Callable[..., Running],

@@ -33,14 +33,20 @@ def stored(server: Running) -> list[Dataset]:
     return datasets
 
 
-def c_get(running: Running, model: Any, **keys: Any) -> tuple[list[bytes], list[Dataset]]:
+def c_get(running: Running, model: Any, refuse: frozenset[str] = frozenset(),
+          **keys: Any) -> tuple[list[bytes], list[Dataset]]:
     """A C-GET with pynetdicom acting as the Storage SCP of the sub-operations: the data
-    sets received (as encoded bytes) and every C-GET response."""
+    sets received (as encoded bytes) and every C-GET response. The instances named in
+    ``refuse`` are answered A700 (Refused: Out of Resources)."""
     received: list[bytes] = []
 
     def on_store(event: Any) -> int:
+        if str(event.request.AffectedSOPInstanceUID) in refuse:
+            return STORE_REFUSED
         received.append(event.encoded_dataset(include_meta=False))
         return 0x0000
+
+    handlers: list[Any] = [(evt.EVT_C_STORE, on_store)]
 
     ae = AE(ae_title="GETSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -50,7 +56,7 @@ def c_get(running: Running, model: Any, **keys: Any) -> tuple[list[bytes], list[
         ae.add_requested_context(uid, ExplicitVRLittleEndian)
     roles = [build_role(uid, scp_role=True) for uid in classes]
     assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title,
-                         ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+                         ext_neg=roles, evt_handlers=handlers)
     assert assoc.is_established
     q = Dataset()
     for k, v in keys.items():
@@ -58,6 +64,9 @@ def c_get(running: Running, model: Any, **keys: Any) -> tuple[list[bytes], list[
     responses = [rsp for rsp, _ in assoc.send_c_get(q, model)]
     assoc.release()
     return received, responses
+
+
+STORE_REFUSED = 0xA700  # PS3.4 B.2.3, Refused: Out of Resources
 
 
 def test_get_a_study_byte_for_byte(server: Running, stored: list[Dataset]) -> None:
@@ -192,7 +201,7 @@ def test_get_converts_for_what_the_requestor_accepted(server: Running, caplog: A
     assert [str(ds.SOPInstanceUID) for ds in got] == [original.SOPInstanceUID]
     assert got[0].file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert np.array_equal(got[0].pixel_array, original.pixel_array)
-    assert f"C-GET sub-operation for {other.SOPInstanceUID} fails" in caplog.text
+    assert f"C-GET sub-operation failed for SOP Instance {other.SOPInstanceUID}" in caplog.text
     assert "accepted nothing" in caplog.text
 
 
@@ -238,3 +247,43 @@ def test_a_j2k_file_pydicom_cannot_decode_in_place_is_converted(server: Running,
     assert got.SOPInstanceUID == original.SOPInstanceUID
     assert np.array_equal(got.pixel_array, original.pixel_array)  # signed, -2000 and up
     assert got.pixel_array.min() < 0
+
+
+def test_each_failed_sub_operation_is_one_log_line(server: Running, stored: list[Dataset],
+                                                   caplog: Any) -> None:
+    """A missing file, an instance the requestor cannot take, one it refuses: one ERROR
+    line each, ours, naming the instance and why; pynetdicom's lines about the stand-in
+    that makes it count a failure (scp.retrieve.stand_in) are dropped, at every level."""
+    import logging
+
+    from scp.retrieve import STAND_IN_SOP_CLASS
+    from storage.models import Instance
+    from tests.factory import make_ds
+
+    wanted = [ds for ds in stored if ds.PatientID == "PID2"]
+    missing, refused = wanted[0].SOPInstanceUID, wanted[1].SOPInstanceUID
+    lost = Instance.get(Instance.sop_instance_uid == missing)
+    (server.data_dir / "files" / lost.file_key[:2] / lost.file_key[2:4] / lost.file_key).unlink()
+    dose = make_ds(PatientID="PID2", PatientName="Smith^Anna",
+                   StudyInstanceUID=wanted[0].StudyInstanceUID,
+                   SOPClassUID="1.2.840.10008.5.1.4.1.1.481.2")  # RT Dose: not proposed
+    server.archive.store(encode(dose), ExplicitVRLittleEndian)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        received, responses = c_get(server, PatientRootQueryRetrieveInformationModelGet,
+                                    refuse=frozenset({refused}),
+                                    QueryRetrieveLevel="PATIENT", PatientID="PID2")
+    final = responses[-1]
+    assert final.Status == status.SUBOPERATIONS_WITH_FAILURES
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (
+        len(wanted) - 2, 3)
+    assert len(received) == len(wanted) - 2
+    lines = sorted(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    reasons = {missing: "file of", refused: "the receiver answered A700 (Refused: Out of",
+               dose.SOPInstanceUID: "stored as Explicit VR Little Endian; the receiver"
+                                    " accepted nothing"}
+    assert len(lines) == 3, lines
+    for uid, reason in reasons.items():
+        start = f"C-GET sub-operation failed for SOP Instance {uid}: {reason}"
+        assert [line for line in lines if line.startswith(start)], (start, lines)
+    assert STAND_IN_SOP_CLASS not in caplog.text
