@@ -200,7 +200,15 @@ class Responses:
       :data:`PENDING_INTERVAL` seconds for larger ones (PS3.4 C.4.2.3.1 and C.4.3.3.1:
       Pending responses are optional), so that a large retrieve does not spend its time
       reporting;
-    - hands the final response to ``rewrite`` (see :class:`MoveDestination`).
+    - hands the final response to ``rewrite`` (see :class:`MoveDestination`);
+    - sends the final response without a data set when no sub-operation failed: PS3.4
+      C.4.2.1.4.2 and C.4.3.1.3.2, "If no C-STORE sub-operation failed, Failed SOP
+      Instance UID List (0008,0058) is absent and therefore no Data Set shall be sent".
+      pynetdicom adds an empty list to a refusal (A900, 0124, ...), a cancel or a
+      warning; DCMTK's ``getscu`` never reads a C-GET response's data set, finds it
+      waiting when it releases the association, and aborts ("Association Release
+      Failed: 0006:0316 DUL P-Data PDU arrived"). It does so after a B000 or A702 with
+      failed instances too, which must carry their list: that one is DCMTK's to fix.
 
     Each association serves one request at a time in its own thread, so nothing else is
     sent on it meanwhile. Tests pin this against the pynetdicom version we ship with.
@@ -246,6 +254,8 @@ class Responses:
         elif ours:
             if self.rewrite is not None:
                 self.rewrite(primitive)
+            if not primitive.NumberOfFailedSuboperations:
+                primitive.Identifier = None
             self.restore()
         original(primitive, context_id)
 

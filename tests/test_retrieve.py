@@ -34,10 +34,12 @@ def stored(server: Running) -> list[Dataset]:
 
 
 def c_get(running: Running, model: Any, refuse: frozenset[str] = frozenset(),
+          pdus: list[tuple[str, ...]] | None = None,
           **keys: Any) -> tuple[list[bytes], list[Dataset]]:
     """A C-GET with pynetdicom acting as the Storage SCP of the sub-operations: the data
     sets received (as encoded bytes) and every C-GET response. The instances named in
-    ``refuse`` are answered A700 (Refused: Out of Resources)."""
+    ``refuse`` are answered A700 (Refused: Out of Resources); ``pdus`` gets what arrived,
+    PDU by PDU (see :func:`received_pdu`)."""
     received: list[bytes] = []
 
     def on_store(event: Any) -> int:
@@ -47,6 +49,8 @@ def c_get(running: Running, model: Any, refuse: frozenset[str] = frozenset(),
         return 0x0000
 
     handlers: list[Any] = [(evt.EVT_C_STORE, on_store)]
+    if pdus is not None:
+        handlers.append((evt.EVT_PDU_RECV, received_pdu, [pdus]))
 
     ae = AE(ae_title="GETSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -67,6 +71,24 @@ def c_get(running: Running, model: Any, refuse: frozenset[str] = frozenset(),
 
 
 STORE_REFUSED = 0xA700  # PS3.4 B.2.3, Refused: Out of Resources
+
+
+def received_pdu(event: Any, pdus: list[tuple[str, ...]]) -> None:
+    """EVT_PDU_RECV: each PDU as ("P-DATA", "command" or "data", ...) with one word per
+    presentation data value (PS3.8 E.2, message control header bit 0), or its type name."""
+    pdu = event.pdu
+    if pdu.pdu_type == 0x04:
+        pdus.append(("P-DATA", *("command" if pdv.presentation_data_value[0] & 1 else "data"
+                                 for pdv in pdu.presentation_data_value_items)))
+    else:
+        pdus.append((type(pdu).__name__,))
+
+
+def after_last_command(pdus: list[tuple[str, ...]]) -> list[str]:
+    """What arrived after the last command (the final C-GET response) in ``pdus``."""
+    flat = [kind for pdu in pdus for kind in (pdu[1:] if pdu[0] == "P-DATA" else pdu)]
+    last = max(i for i, kind in enumerate(flat) if kind == "command")
+    return flat[last + 1:]
 
 
 def test_get_a_study_byte_for_byte(server: Running, stored: list[Dataset]) -> None:
@@ -287,3 +309,75 @@ def test_each_failed_sub_operation_is_one_log_line(server: Running, stored: list
         start = f"C-GET sub-operation failed for SOP Instance {uid}: {reason}"
         assert [line for line in lines if line.startswith(start)], (start, lines)
     assert STAND_IN_SOP_CLASS not in caplog.text
+
+
+@pytest.mark.parametrize("case", ["success", "failures", "refused"])
+def test_nothing_follows_the_final_get_response_but_its_data_set(
+        server: Running, stored: list[Dataset], case: str) -> None:
+    """What the requestor receives after the final C-GET response: its Identifier only
+    when a sub-operation failed (PS3.4 C.4.3.1.3.2: "If no C-STORE sub-operation failed
+    ... no Data Set shall be sent"), then the A-RELEASE-RP; no late C-STORE request or
+    second response. DCMTK's getscu never reads that data set (see test_getscu_*)."""
+    from storage.models import Instance
+
+    wanted = [ds for ds in stored if ds.PatientID == "PID2"]
+    keys: dict[str, Any] = {"QueryRetrieveLevel": "PATIENT", "PatientID": "PID2"}
+    if case == "failures":
+        lost = Instance.get(Instance.sop_instance_uid == wanted[0].SOPInstanceUID)
+        (server.data_dir / "files" / lost.file_key[:2] / lost.file_key[2:4]
+         / lost.file_key).unlink()
+    if case == "refused":  # A900, before any sub-operation
+        keys = {"QueryRetrieveLevel": "SERIES", "SeriesInstanceUID": "1.2"}
+    pdus: list[tuple[str, ...]] = []
+    _, responses = c_get(server, PatientRootQueryRetrieveInformationModelGet, pdus=pdus,
+                         **keys)
+    expected = {"success": (status.SUCCESS, []),
+                "failures": (status.SUBOPERATIONS_WITH_FAILURES, ["data"]),
+                "refused": (status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, [])}[case]
+    assert (responses[-1].Status, after_last_command(pdus)) == (
+        expected[0], [*expected[1], "A_RELEASE_RP"])
+
+
+GETSCU_RELEASE_FAILED = "E: Association Release Failed: 0006:0316 DUL P-Data PDU arrived"
+"""What DCMTK's getscu prints when it releases an association whose final C-GET response
+carried a data set (3.6.7, and its master of May 2026 reads the same): DcmSCU::
+handleCGETSession (dcmnet/libsrc/scu.cc) reads a C-GET response's command but never its
+data set (sendMOVERequest reads a C-MOVE response's), so that P-DATA-TF is the next PDU it
+reads, where it waits for the A-RELEASE-RP; it aborts the association, and exits 0."""
+
+
+def test_getscu_releases_cleanly_after_a_refused_get(server: Running, stored: list[Dataset],
+                                                     dcmtk: Callable[..., Any],
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "got"
+    out.mkdir()
+    result = dcmtk("getscu", "-S", "-aec", server.ae_title, "-od", str(out), "-k",
+                   "QueryRetrieveLevel=SERIES", "-k", "SeriesInstanceUID=1.2",
+                   "127.0.0.1", str(server.port))
+    assert "DataSetDoesNotMatchSOPClass" in result.stderr  # A900
+    assert "Release Failed" not in result.stderr and "Abort" not in result.stdout + result.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_getscu_after_failed_sub_operations(server: Running, stored: list[Dataset],
+                                            dcmtk: Callable[..., Any], tmp_path: Path) -> None:
+    """B000 with the failed instance listed, as PS3.4 C.4.3.1.3.2 requires: getscu gets
+    the others and exits 0; the only error it may print is its own about the release
+    (GETSCU_RELEASE_FAILED), and test_nothing_follows_the_final_get_response_but_its_data_set
+    shows that nothing but the list follows the final response."""
+    from storage.models import Instance
+
+    study = stored[0].StudyInstanceUID
+    wanted = [ds for ds in stored if ds.StudyInstanceUID == study]
+    lost = Instance.get(Instance.sop_instance_uid == wanted[0].SOPInstanceUID)
+    (server.data_dir / "files" / lost.file_key[:2] / lost.file_key[2:4] / lost.file_key).unlink()
+    out = tmp_path / "got"
+    out.mkdir()
+    result = dcmtk("getscu", "-v", "-S", "-aec", server.ae_title, "-od", str(out), "-k",
+                   "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                   "127.0.0.1", str(server.port))
+    got = {dcmread(p).SOPInstanceUID for p in out.iterdir()}
+    assert got == {ds.SOPInstanceUID for ds in wanted[1:]}
+    assert "Number of Failed Suboperations    : 1" in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("E: ")]
+    assert errors in ([], [GETSCU_RELEASE_FAILED]), result.stderr
