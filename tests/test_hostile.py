@@ -29,6 +29,7 @@ import socket
 import sqlite3
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1164,6 +1165,27 @@ def test_pdu_larger_than_the_announced_maximum_is_aborted(
     assert_aborted(peer, str(reply.outcome), caplog, because="over the")
     assert_nothing_written(pacs, before)
     assert_serving(pacs)
+
+
+def test_a_peer_cut_off_while_sending_still_reads_the_verdict() -> None:
+    """The test peer itself: a server that aborts and closes while a large PDU is still
+    being sent (EPIPE or ECONNRESET at ``sendall``) is not an error of the test; what the
+    server sent before closing is still read. A stand-in server on loopback makes the
+    race certain: it reads a PDU header, sends an A-ABORT and closes."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def abort_after_a_header() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(6)
+                conn.sendall(pdu(0x07, bytes(4)))
+                # unread data in our receive buffer: the close resets the connection
+        server = threading.Thread(target=abort_after_a_header)
+        server.start()
+        with Peer(listener.getsockname()[1], timeout=10) as peer:
+            peer.send(pdu(0x04, bytes(8 << 20)))  # far more than the socket buffers hold
+            server.join(10)
+            assert peer.cut_off is not None
+            assert peer.answer(timeout=10) in (ABORT, CLOSED)
 
 
 # --------------------------------------------------------------------------------------
