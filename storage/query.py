@@ -45,6 +45,7 @@ from .values import (
     norm_dt,
     norm_pn,
     norm_tm,
+    of_the_clock_and_calendar,
     strip,
 )
 
@@ -417,7 +418,13 @@ def _term(vr: str, text: str, name: str, fold_pn: bool) -> Term | None:
 
 
 def _date_term(vr: str, value: str, name: str) -> Term:
-    norm = {"DA": norm_da, "TM": norm_tm, "DT": norm_dt}[vr]
+    def norm(text: str) -> str:
+        # PS3.5 Table 6.2-1: a query's dates are of the calendar and its times of the clock,
+        # range ends included ("20240230", "2500": A900), where stored values are taken as
+        # written (storage.values.norm_da)
+        out = {"DA": norm_da, "TM": norm_tm, "DT": norm_dt}[vr](text)
+        return out if out and of_the_clock_and_calendar(vr, out) else ""
+
     # PS3.4 C.2.2.2.5: "-" separates a range; a single DT value cannot carry a negative UTC
     # offset in a query (PS3.4 C.2.2.2.1.3), so "-" always means a range here too.
     parts = value.split("-") if "-" in value else [value]
@@ -441,12 +448,15 @@ def _date_term(vr: str, value: str, name: str) -> Term:
 
 
 def _upper(vr: str, text: str) -> str:
-    """The inclusive upper end of a value's stated precision (PS3.4 C.2.2.2.5)."""
+    """The inclusive upper end of a value's stated precision (PS3.4 C.2.2.2.5), or ``""``
+    when it is not a date of the calendar or a time of the clock."""
     if vr == "TM":
-        return norm_tm(text, upper=True)
-    if vr == "DT":
-        return norm_dt(text, upper=True)
-    return norm_da(text)
+        out = norm_tm(text, upper=True)
+    elif vr == "DT":
+        out = norm_dt(text, upper=True)
+    else:
+        out = norm_da(text)
+    return out if out and of_the_clock_and_calendar(vr, out) else ""
 
 
 def _sequence_constraint(

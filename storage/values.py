@@ -125,22 +125,19 @@ def pn_groups(value: str, folded: bool) -> tuple[str, str, str]:
 
 
 def norm_da(value: str) -> str:
-    """Return a DA value as ``YYYYMMDD``, or ``""`` if it is not a date of the calendar.
+    """Return a DA value as ``YYYYMMDD``, or ``""`` if it is not of that form.
 
-    The ACR-NEMA form ``YYYY.MM.DD`` is accepted (PS3.5 6.2, retired).
+    The ACR-NEMA form ``YYYY.MM.DD`` is accepted (PS3.5 6.2, retired). The calendar is not
+    checked here: a stored ``20240230`` stays matchable as written (and indexed as before);
+    a query value is checked with :func:`of_the_clock_and_calendar`.
     """
     m = _DA_RE.match(value.strip())
-    if not m:
-        return ""
-    year, month, day = (int(part) for part in m.groups())
-    # PS3.5 Table 6.2-1: a DA is a calendar date ("20240230" and "20241345" are not)
-    if not (year >= 1 and 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]):
-        return ""
-    return "".join(m.groups())
+    return "".join(m.groups()) if m else ""
 
 
 def norm_tm(value: str, upper: bool = False) -> str:
-    """Return a TM value as ``HHMMSS.FFFFFF``, or ``""`` if it is not a time of the clock.
+    """Return a TM value as ``HHMMSS.FFFFFF``, or ``""`` if it is not of that form (the
+    clock is checked by :func:`of_the_clock_and_calendar`, as for :func:`norm_da`).
 
     Parts the value leaves out are filled with zeros, or with their largest value when
     ``upper`` is set, so that ``"1200"`` as the upper end of a range includes 12:00:59.9
@@ -151,13 +148,24 @@ def norm_tm(value: str, upper: bool = False) -> str:
     if not m:
         return ""
     hh, mm, ss, frac = m.groups()
-    # PS3.5 Table 6.2-1: HH 00-23, MM 00-59, SS 00-60 (60 for a leap second)
-    if int(hh) > 23 or (mm and int(mm) > 59) or (ss and int(ss) > 60):
-        return ""
     fill = "59" if upper else "00"
     frac_fill = "9" if upper else "0"
     frac = ("999999" if upper else "000000") if frac is None else frac.ljust(6, frac_fill)
     return f"{hh}{mm or fill}{ss or fill}.{frac}"
+
+
+def of_the_clock_and_calendar(vr: str, normalised: str) -> bool:
+    """Whether a DA or TM value as :func:`norm_da` or :func:`norm_tm` returns it is a date
+    of the calendar (leap years included) or a time of the clock: HH 00-23, MM 00-59, SS
+    00-60, 60 being a leap second (PS3.5 Table 6.2-1). Other VRs: ``True`` (:func:`norm_dt`
+    checks its own values)."""
+    if vr == "DA":
+        year, month, day = int(normalised[:4]), int(normalised[4:6]), int(normalised[6:8])
+        return year >= 1 and 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]
+    if vr == "TM":
+        hh, mm, ss = int(normalised[:2]), int(normalised[2:4]), int(normalised[4:6])
+        return hh <= 23 and mm <= 59 and ss <= 60
+    return True
 
 
 _DT_RE = re.compile(
@@ -187,11 +195,14 @@ def norm_dt(value: str, upper: bool = False) -> str:
         top = 23 if upper else 0
         edge = 59 if upper else 0
         micro = int(frac.ljust(6, "9" if upper else "0")) if frac else (999999 if upper else 0)
+        sec = int(second) if second else edge
+        if sec == 60:  # a leap second (PS3.5 Table 6.2-1): the last instant of its minute
+            sec, micro = 59, 999999
         instant = datetime.datetime(
             y, mo, d,
             int(hour) if hour else top,
             int(minute) if minute else edge,
-            int(second) if second else edge,
+            sec,
             micro,
         )
         if offset:

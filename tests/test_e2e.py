@@ -485,3 +485,20 @@ def test_accepted_connections_have_nagle_off(server: Running) -> None:
     sock = acceptor.dul.socket.socket  # type: ignore[union-attr]
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     assoc.release()
+
+
+def test_a_stored_date_not_of_the_calendar_is_kept_as_written(server: Running) -> None:
+    """Only query values are checked against the calendar: a stored StudyDate 20240230 is
+    indexed as written, found by a range around it, and is not an empty value."""
+    ds = make_ds(StudyDate="20240230")
+    assoc = associate(server)
+    assert assoc.send_c_store(ds).Status == status.SUCCESS
+    assoc.release()
+    matches, final = find(server, QueryRetrieveLevel="STUDY", StudyDate="20240201-20240301",
+                          StudyInstanceUID="")
+    assert final == status.SUCCESS
+    assert [m.StudyInstanceUID for m in matches] == [ds.StudyInstanceUID]
+    matches, final = find(server, QueryRetrieveLevel="STUDY", StudyDate='""',
+                          StudyInstanceUID="")
+    assert final == status.SUCCESS
+    assert matches == []

@@ -280,8 +280,8 @@ def test_strip(vr: str, value: str, expected: str) -> None:
 
 @pytest.mark.parametrize(("value", "expected"), [
     ("20240101", "20240101"), ("2024.01.01", "20240101"), ("2024010", ""), ("", ""),
-    ("20240229", "20240229"), ("20230229", ""), ("20240230", ""), ("20241345", ""),
-    ("20241301", ""), ("20240100", ""), ("00000101", ""), ("20241231", "20241231"),
+    # the form only: a stored value is taken as written (the calendar is checked for queries)
+    ("20240230", "20240230"),
 ])
 def test_norm_da(value: str, expected: str) -> None:
     assert norm_da(value) == expected
@@ -291,11 +291,25 @@ def test_norm_da(value: str, expected: str) -> None:
     ("10", False, "100000.000000"), ("10", True, "105959.999999"),
     ("1015", False, "101500.000000"), ("101530.5", False, "101530.500000"),
     ("101530.5", True, "101530.599999"), ("10:15:30", False, "101530.000000"),
-    ("x", False, ""), ("235960", False, "235960.000000"),  # SS 60: a leap second
-    ("24", False, ""), ("2360", False, ""), ("235961", False, ""),
+    ("x", False, ""), ("235960", False, "235960.000000"),
 ])
 def test_norm_tm(value: str, upper: bool, expected: str) -> None:
     assert norm_tm(value, upper=upper) == expected
+
+
+@pytest.mark.parametrize(("vr", "value", "real"), [
+    ("DA", "20240229", True), ("DA", "20230229", False), ("DA", "20240230", False),
+    ("DA", "20241345", False), ("DA", "20241301", False), ("DA", "20240100", False),
+    ("DA", "00000101", False), ("DA", "20241231", True),
+    ("TM", "235960", True),  # SS 60: a leap second
+    ("TM", "2400", False), ("TM", "2360", False), ("TM", "235961", False),
+    ("TM", "000000.000000", True),
+])
+def test_of_the_clock_and_calendar(vr: str, value: str, real: bool) -> None:
+    from storage.values import of_the_clock_and_calendar
+
+    normalised = norm_da(value) if vr == "DA" else norm_tm(value)
+    assert of_the_clock_and_calendar(vr, normalised) is real
 
 
 def test_clean_text_drops_a_left_over_ir58_escape() -> None:
@@ -464,6 +478,8 @@ def test_combined_date_time_matching(date: str, time: str, stored_date: str, sto
     ("20240101060000-0500", False, "20240101110000.000000"),
     ("20240101-0500", False, "20240101050000.000000"),
     ("20241301", False, ""), ("2024010", False, ""), ("20240101+2400", False, ""),
+    ("20241231235960", False, "20241231235959.999999"),  # a leap second: SS 60
+    ("20241231235961", False, ""),
 ])
 def test_norm_dt(value: str, upper: bool, expected: str) -> None:
     from storage.values import norm_dt
