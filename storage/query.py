@@ -245,9 +245,11 @@ def parse_identifier(
         keyword = UNIQUE_KEY[upper]
         match = next((c for c in constraints if c.key and c.key.keyword == keyword), None)
         if match is not None and match.kind is Kind.EMPTY and keyword == "PatientID":
-            # PatientID is Type 2 (PS3.3 C.7.1.1): a patient may have none. '""' (PS3.4
-            # C.2.2.2.7 Empty Value Matching) is then the single value that names it, and
-            # so reaches, in a hierarchical Patient Root query, the patients without one.
+            # PatientID is Type 2 (PS3.3 C.7.1.1): a patient may have none. Our extension
+            # (README, "How images are kept"): '""' (PS3.4 C.2.2.2.7 Empty Value Matching)
+            # stands for that missing value, so that a hierarchical Patient Root query
+            # reaches the patients without one, all of them at once. C.4.1.2.1 asks for a
+            # single value; Study Root and relational queries are the standard's ways.
             continue
         if match is None or match.kind is not Kind.TERMS or any(
             t.op is not Op.EQ for t in match.terms
