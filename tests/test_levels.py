@@ -13,9 +13,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom import events as evt
 from pynetdicom.sop_class import (
+    CTImageStorage,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
 )
 
@@ -261,6 +265,10 @@ def test_extended_negotiation_options(server: Running,
 def without_patient_id(server: Running) -> list[Dataset]:
     """Two studies whose instances have no PatientID (each a patient of its own), and one
     of patient PID1."""
+    return _store_without_patient_id(server)
+
+
+def _store_without_patient_id(server: Running) -> list[Dataset]:
     first, second = uid(), uid()
     datasets = [
         make_ds(PatientID=None, PatientName="Anon^One", StudyInstanceUID=first),
@@ -322,3 +330,37 @@ def test_an_empty_patient_id_in_a_hierarchical_query_says_how_to_name_none(
     # the ErrorComment is an LO (64 characters): the whole reason is in the log
     assert "PatientID must hold a single value" in rsp.ErrorComment
     assert """for patients without a PatientID: '""', PS3.4 C.2.2.2.7""" in caplog.text
+
+
+def test_patient_root_move_reaches_patients_without_a_patient_id(
+        start_server: Callable[..., Running]) -> None:
+    received: list[str] = []
+
+    def on_store(event: Any) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return status.SUCCESS
+
+    dest = AE(ae_title="DEST")
+    dest.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    listener = dest.start_server(("127.0.0.1", 0), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        running = start_server(peers=[{"ae_title": "DEST", "host": "127.0.0.1",
+                                       "port": int(listener.server_address[1])}])
+        datasets = _store_without_patient_id(running)
+        study = next(ds.StudyInstanceUID for ds in datasets if ds.PatientName == "Anon^One")
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.PatientID = '""'
+        q.StudyInstanceUID = study
+        ae = client_ae(storage=False)
+        ae.add_requested_context(PatientRootQueryRetrieveInformationModelMove)
+        assoc = associate(running, ae)
+        responses = [rsp for rsp, _ in assoc.send_c_move(
+            q, "DEST", PatientRootQueryRetrieveInformationModelMove)]
+        assoc.release()
+    finally:
+        listener.shutdown()
+    assert responses[-1].Status == status.SUCCESS
+    assert sorted(received) == sorted(
+        ds.SOPInstanceUID for ds in datasets if ds.StudyInstanceUID == study)
