@@ -59,7 +59,8 @@ NO_DATA_SET = 0x0101
 FIRST_RESPONSE_WAIT = 0.002
 """Longest wait, in seconds, for the DUL to take a query's first response."""
 MAX_QUEUED = 64
-"""Most C-FIND responses (PDUs) queued for the DUL before the query waits for the peer."""
+"""Most PDUs queued for the DUL before the query waits for the peer: two per C-FIND
+response (command, identifier), so 32 responses."""
 _FIRST_STEP = 0.0001  # the first response is taken within a GIL switch or two
 _DRAIN_STEP = 0.001  # a slow peer: no need to look 10,000 times a second
 _PLAIN_STATUSES = frozenset({0x0000, 0xFF00, 0xFF01})
@@ -94,8 +95,8 @@ def identifiers(
     Once the first one is queued, the DUL thread of ``assoc`` is given the time to take
     it (at most :data:`FIRST_RESPONSE_WAIT`): else it waits for the GIL while this thread
     builds the next responses, and the first match reaches the peer milliseconds late
-    (bench/README.md, "Scale"). After that, at most :data:`MAX_QUEUED` responses wait in
-    the DUL's queue: a slow peer slows the query down instead of filling memory, and a
+    (bench/README.md, "Scale"). After that, at most :data:`MAX_QUEUED` PDUs (half as many
+    responses) wait in the DUL's queue: a slow peer slows the query down instead of filling memory, and a
     C-CANCEL still stops it before the last rows are read.
     """
     if (not _installed or _pynetdicom_config.LOG_RESPONSE_IDENTIFIERS

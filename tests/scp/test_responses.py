@@ -147,7 +147,8 @@ class _FakeArchive:
 
 
 def test_a_slow_peer_holds_the_query_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No more than MAX_QUEUED responses wait for the DUL: the query waits for the peer."""
+    """No more than MAX_QUEUED PDUs (two per response: command, identifier) wait for the
+    DUL: the query waits for the peer."""
     monkeypatch.setattr(responses, "MAX_QUEUED", 4)
     monkeypatch.setattr(responses, "_installed", True)
     pending: queue.Queue[bytes] = queue.Queue()
@@ -168,14 +169,16 @@ def test_a_slow_peer_holds_the_query_back(monkeypatch: pytest.MonkeyPatch) -> No
         got = 0
         for identifier in responses.identifiers(_FakeArchive(40), Any, lambda: False, assoc,
                                                 ExplicitVRLittleEndian):
-            pending.put(bytes(identifier))  # what pynetdicom's send_msg does with it
+            # what our send_msg does with it: a command PDU and an identifier PDU
+            pending.put(b"command")
+            pending.put(bytes(identifier))
             most = max(most, pending.qsize())
             got += 1
     finally:
         drained.set()
         peer.join()
     assert got == 40
-    assert most <= 4 + 1
+    assert most <= 4 + 2
 
 
 def test_pynetdicom_sends_when_dimse_sent_handlers_are_bound(server: Running) -> None:
