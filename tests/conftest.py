@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +39,15 @@ def dcmtk_tool(name: str) -> str | None:
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
                            if p and os.path.realpath(p) != venv_bin)
     return shutil.which(name, path=path)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago, for a program that must be told its port
+    before it binds (a peer's Storage SCP, a PostgreSQL server): another process could take
+    it in between, which on a test machine is rare enough."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass

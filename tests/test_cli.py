@@ -8,7 +8,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,10 @@ from pydicom.uid import UID, generate_uid
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from scp import status
-from tests.conftest import Running, client_ae, find
+from tests.conftest import Running, client_ae, find, free_port
 from tests.factory import make_ds
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def minipacs_command() -> list[str]:

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 from collections.abc import Callable
@@ -30,22 +29,14 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tests.conftest import Running
+from scp.status import PENDING, SUCCESS
+from tests.conftest import Running, free_port
 from tests.factory import hierarchy, save
 
 GDCM_ABORT_AFTER_RELEASE = "ProtocolStream as nullptr is invalid"
-PENDING = 0xFF00
-SUCCESS = 0x0000
 _RECEIVED = re.compile(r"Received ItemType #(\d+)")
 _STATUS = re.compile(r"\(0000,0900\) \?\? \(US\) (\d+)")
 P_DATA_TF, A_RELEASE_RP = 4, 6
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 Gdcmscu = Callable[..., "Trace"]
@@ -56,7 +47,7 @@ class Trace:
 
     def __init__(self, proc: subprocess.CompletedProcess[str]) -> None:
         self.proc = proc
-        self.text = proc.stdout + proc.stderr
+        self.text = proc.stdout  # the -D trace (stderr) and the rest, in order
         self.pdus: list[int] = []
         self.statuses: list[int] = []  # the Status of each DIMSE response, in order
         status_of_pdu: int | None = None
@@ -111,7 +102,8 @@ def gdcmscu() -> Gdcmscu:
         try:
             proc = subprocess.run(  # files come after the port (gdcmscu's usage)
                 [tool, "-D", "--call", running.ae_title, *args, "127.0.0.1", str(running.port),
-                 *files], capture_output=True, text=True, timeout=60)
+                 *files], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                timeout=60)
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"").decode(errors="replace") if isinstance(
                 exc.stdout, bytes) else (exc.stdout or "")
@@ -126,7 +118,7 @@ def stored(start_server: Callable[..., Running], tmp_path: Path,
            gdcmscu: Gdcmscu) -> tuple[Running, list[Dataset], int]:
     """A server holding tests/factory.hierarchy, sent by ``gdcmscu --store``; the port of
     gdcmscu's own Storage SCP for C-MOVE is a known peer, GDCMSCU."""
-    scp_port = _free_port()
+    scp_port = free_port()
     # a short network timeout: a client that waits for a response we never send shows up
     # as a broken trace well inside the subprocess timeout
     running = start_server(**{

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from pydicom.dataset import Dataset
 from storage import Archive, ArchiveOptions, Model, StorageError, index, open_archive
 from storage.models import SCHEMA_VERSION
 from storage.query import page_select
+from tests.conftest import free_port
 from tests.factory import encode, expected_table, hierarchy, make_ds, study_counts
 
 
@@ -38,12 +38,6 @@ def _unavailable(message: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +57,7 @@ def postgres() -> Iterator[Callable[[], str]]:
     if os.geteuid() == 0:  # initdb refuses root: the cluster belongs to the postgres user
         as_user = ["runuser", "-u", "postgres", "--"]
         shutil.chown(root, "postgres")
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def run(*cmd: str) -> None:
         proc = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
