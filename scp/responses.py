@@ -96,8 +96,8 @@ def identifiers(
     it (at most :data:`FIRST_RESPONSE_WAIT`): else it waits for the GIL while this thread
     builds the next responses, and the first match reaches the peer milliseconds late
     (bench/README.md, "Scale"). After that, at most :data:`MAX_QUEUED` PDUs (half as many
-    responses) wait in the DUL's queue: a slow peer slows the query down instead of filling memory, and a
-    C-CANCEL still stops it before the last rows are read.
+    responses) wait in the DUL's queue: a slow peer slows the query down instead of filling
+    memory, and a C-CANCEL still stops it before the last rows are read.
     """
     if (not _installed or _pynetdicom_config.LOG_RESPONSE_IDENTIFIERS
             or transfer_syntax_uid not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)):
