@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from storage import Archive, StorageError, open_archive
+from storage import Archive, StorageError, convert, open_archive
 
 from .config import Config, ConfigError, load_config
 from .server import ListenError, Server
@@ -87,7 +87,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def setup_logging(level: str, process_ids: bool = False) -> None:
-    """Log to standard error at ``level`` (pynetdicom's chatter only at DEBUG); with
+    """Log to standard error at ``level`` (pynetdicom's chatter, and pydicom's tracebacks
+    of decoders that failed while converting for a retrieve, only at DEBUG); with
     ``process_ids`` (``ae.workers`` > 1) each line names the process that wrote it."""
     who = "%(name)s[%(process)d]" if process_ids else "%(name)s"
     logging.basicConfig(
@@ -97,6 +98,8 @@ def setup_logging(level: str, process_ids: bool = False) -> None:
     )
     if level != "DEBUG":  # pynetdicom narrates every message at INFO
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    else:  # the decoders' tracebacks (storage/convert.py); pydicom sets WARNING on import
+        logging.getLogger(convert.DECODERS_LOGGER).setLevel(logging.DEBUG)
 
 
 def serve(config: Config) -> int:

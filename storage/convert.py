@@ -163,21 +163,36 @@ def _quiet_plugin_failures() -> Iterator[None]:
 
 
 class _PluginFailures(logging.Filter):
-    """Drops pydicom's traceback of each decoding plugin that fails while we decode.
+    """Demotes to DEBUG pydicom's traceback of each decoding plugin that fails while we
+    decode (:func:`_quiet_plugin_failures`).
 
     pydicom 3.0 logs every failing plugin's exception at ERROR, traceback included, before
     it tries the next one (``DecodeRunner._decode_frame``, pixels/decoders/base.py), even
     when the next one succeeds; when all fail, the error it raises lists every plugin's
     reason, and :class:`CannotConvert` carries it: one log line per failed sub-operation,
-    the retrieve's. pydicom's other lines, and its tracebacks when it decodes for someone
-    else, pass.
+    the retrieve's. Those tracebacks are kept for whoever wants them: at DEBUG, and only
+    when their logger is enabled for DEBUG (pydicom sets its ``pydicom`` logger to WARNING
+    when imported). pydicom's other lines, and its tracebacks when it decodes for someone
+    else, pass unchanged.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.exc_info is None or not getattr(_decoding, "active", False)
+        if record.exc_info is None or not getattr(_decoding, "active", False):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
-logging.getLogger("pydicom.pixels.decoders.base").addFilter(_PluginFailures())
+_PLUGIN_FAILURES = _PluginFailures()
+DECODERS_LOGGER = "pydicom.pixels.decoders.base"
+"""pydicom 3.0's logger of the decoding plugins' failures."""
+
+
+def install_log_filters() -> None:
+    """Install :class:`_PluginFailures` on pydicom's decoders logger (once; a program that
+    converts, such as the DICOM server when it starts, calls this). Without it, each plugin
+    that fails to decode an instance we convert logs its traceback at ERROR."""
+    logging.getLogger(DECODERS_LOGGER).addFilter(_PLUGIN_FAILURES)  # addFilter: once
 
 
 def _one_line(exc: Exception) -> str:

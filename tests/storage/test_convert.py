@@ -148,9 +148,17 @@ def _j2k(pixel_data: bytes | None = None) -> Dataset:
     return ds
 
 
-def test_a_decoder_failure_says_why_on_one_line(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture
+def quiet_decoders() -> None:
+    """What the server installs when it starts (scp/server.py)."""
+    convert.install_log_filters()
+
+
+def test_a_decoder_failure_says_why_on_one_line(caplog: pytest.LogCaptureFixture,
+                                                quiet_decoders: None) -> None:
     """Not a guess about the codecs extra: each plugin's reason, on one line, and none of
-    pydicom's per-plugin tracebacks in the log."""
+    pydicom's per-plugin tracebacks in the log (its decoders logger is at WARNING, as
+    pydicom sets it)."""
     with caplog.at_level(logging.DEBUG), pytest.raises(CannotConvert) as info:
         to_accepted(_j2k(b"not a JPEG 2000 codestream" * 4), [ImplicitVRLittleEndian])
     message = str(info.value)
@@ -161,6 +169,31 @@ def test_a_decoder_failure_says_why_on_one_line(caplog: pytest.LogCaptureFixture
     assert "pylibjpeg: No matching JPEG 2000 format found" in message
     assert "\n" not in message and "installed?" not in message
     assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+def test_decoder_tracebacks_are_kept_at_debug(caplog: pytest.LogCaptureFixture,
+                                              quiet_decoders: None) -> None:
+    """pydicom's per-plugin tracebacks, logged at ERROR while we decode, are there at DEBUG
+    when its decoders logger is enabled for DEBUG (``logging.level: DEBUG``), and at no
+    higher level."""
+    with caplog.at_level(logging.DEBUG, logger=convert.DECODERS_LOGGER), pytest.raises(
+            CannotConvert):
+        to_accepted(_j2k(b"not a JPEG 2000 codestream" * 4), [ImplicitVRLittleEndian])
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) >= 2, caplog.text  # GDCM, pylibjpeg (and Pillow when present)
+    assert {(r.name, r.levelno, r.levelname) for r in tracebacks} == {
+        (convert.DECODERS_LOGGER, logging.DEBUG, "DEBUG")}
+    assert not [r for r in caplog.records if r.levelno > logging.DEBUG], caplog.text
+
+
+def test_tracebacks_of_decoding_for_others_pass(caplog: pytest.LogCaptureFixture,
+                                                quiet_decoders: None) -> None:
+    """pydicom decoding outside a conversion of ours logs its plugins' tracebacks at ERROR
+    as it always did: the filter touches only ours."""
+    ds = _j2k(b"not a JPEG 2000 codestream" * 4)
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="all available"):
+        ds.decompress(generate_instance_uid=False)
+    assert [r.levelno for r in caplog.records if r.exc_info][:1] == [logging.ERROR]
 
 
 def test_no_decoder_available_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
