@@ -4,6 +4,20 @@ to a C-MOVE destination, and how the outcome of that association is reported.
 pynetdicom runs the C-STORE sub-operations of C-GET (on the requesting association) and
 C-MOVE (on an association it opens with the address our handler yields); this module
 holds what our handlers need around that, so that the handlers stay short.
+
+Each failed sub-operation is one log line of ours (:func:`sub_operation_failed`), and
+pynetdicom's lines about it are dropped by a filter on its loggers that
+:func:`install_log_filters` installs when the server starts. That filter knows
+pynetdicom 3.0's logger names and texts, so it is installed only for a tested pynetdicom
+(``reactor.tested_pynetdicom``):
+
+- ``pynetdicom.service_class`` (``_get_scp``, ``_move_scp``): "C-STORE sub-operation
+  failed." (WARNING) and the text of the exception ``send_c_store`` raised (ERROR):
+  "No presentation context for '<stand-in SOP Class>' has been accepted by the peer ..."
+  or "The association with a peer SCP must be established before sending a C-STORE
+  request";
+- ``pynetdicom.association``: "No presentation context for '<stand-in SOP Class>' ..."
+  (``_get_valid_context``).
 """
 
 from __future__ import annotations
@@ -121,48 +135,70 @@ def stand_in(sop_instance_uid: str) -> Dataset:
     return ds
 
 
-_sending_stand_in: set[int] = set()  # the threads in failing_on_purpose()
+_windows = threading.local()  # .current: the window of this thread, if any
 
 
 @contextlib.contextmanager
 def failing_on_purpose() -> Iterator[None]:
     """While pynetdicom, in this thread, fails to send a :func:`stand_in` (the handler's
-    generator is suspended at its yield): its lines about that failure are dropped. A
-    generator left suspended is closed later, maybe from another thread: the thread is
-    remembered by its id, not in a thread-local."""
-    thread = threading.get_ident()
-    _sending_stand_in.add(thread)
+    generator is suspended at its yield): its lines about that failure are dropped.
+
+    The window is a thread-local, so it cannot outlive its thread: a generator left
+    suspended in it by a thread that ended cannot hide a line of a later thread that
+    gets the same thread id. A generator closed from another thread (garbage collected)
+    leaves that thread's own window alone.
+    """
+    window = object()
+    _windows.current = window
     try:
         yield
     finally:
-        _sending_stand_in.discard(thread)
+        if getattr(_windows, "current", None) is window:
+            _windows.current = None
+
+
+SUB_OPERATION_FAILED = "C-STORE sub-operation failed."
+"""pynetdicom 3.0's WARNING when send_c_store raised (service_class.py ``_get_scp`` and
+``_move_scp``), followed by an ERROR with the exception's text."""
+
+_DROPPED_IN_A_WINDOW = frozenset({
+    SUB_OPERATION_FAILED,
+    "The association with a peer SCP must be established before sending a C-STORE request",
+})
+
+_FILTERED_LOGGERS = ("pynetdicom.association", "pynetdicom.service_class")
 
 
 class _QuietStandIns(logging.Filter):
     """Drops pynetdicom's lines about a :func:`stand_in` failing to go, which we log once
-    ourselves (:func:`sub_operation_failed`): for each, pynetdicom 3.0 logs "No
-    presentation context for '<stand-in SOP Class>' has been accepted ..." twice
-    (association.py ``_get_valid_context``, service_class.py ``_get_scp`` /
-    ``_move_scp``) and "C-STORE sub-operation failed." once, or, once the receiver's
-    association is down, "C-STORE sub-operation failed." and "The association ... must be
-    established ...". Every other line passes."""
-
-    _LINES = frozenset({
-        "C-STORE sub-operation failed.",
-        "The association with a peer SCP must be established before sending a C-STORE"
-        " request",
-    })
+    ourselves (:func:`sub_operation_failed`): every line naming
+    :data:`STAND_IN_SOP_CLASS`, and, in the thread that sends a stand-in and while it
+    does (:func:`failing_on_purpose`), the lines of :data:`_DROPPED_IN_A_WINDOW`. Every
+    other line passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if STAND_IN_SOP_CLASS in message:
             return False
-        return not (record.thread in _sending_stand_in and message in self._LINES)
+        window = getattr(_windows, "current", None)
+        return window is None or message not in _DROPPED_IN_A_WINDOW
 
 
 _QUIET_STAND_INS = _QuietStandIns()
-for _name in ("pynetdicom.association", "pynetdicom.service_class"):
-    logging.getLogger(_name).addFilter(_QUIET_STAND_INS)  # once: addFilter checks
+
+
+def install_log_filters() -> bool:
+    """Install :class:`_QuietStandIns` on pynetdicom's loggers (once; the server calls
+    this when it starts). ``False`` when this pynetdicom is not a tested version, whose
+    lines may differ: then nothing is installed, and pynetdicom's lines about failed
+    sub-operations are logged beside ours."""
+    if not reactor.tested_pynetdicom(
+            "scp/retrieve.py", "pynetdicom's lines about failed sub-operations are logged"
+            " beside ours"):
+        return False
+    for name in _FILTERED_LOGGERS:
+        logging.getLogger(name).addFilter(_QUIET_STAND_INS)  # addFilter: once
+    return True
 
 
 def log_refused_store(event: evt.Event, service: str) -> None:

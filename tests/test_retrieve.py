@@ -4,6 +4,7 @@ counts, failures and cancel as PS3.4 C.4.3 says (C-MOVE: tests/test_move.py)."""
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -381,3 +382,94 @@ def test_getscu_after_failed_sub_operations(server: Running, stored: list[Datase
     assert "Number of Failed Suboperations    : 1" in result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("E: ")]
     assert errors in ([], [GETSCU_RELEASE_FAILED]), result.stderr
+
+
+def _python(code: str) -> str:
+    """What ``code`` prints, run by this interpreter in a new process (a fresh logging
+    set-up: this one's servers have installed their filters)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=True)
+    return result.stdout + result.stderr
+
+
+FILTERS = ("import logging; print([type(f).__module__ for n in ('pynetdicom.association',"
+           " 'pynetdicom.service_class', 'pydicom.pixels.decoders.base')"
+           " for f in logging.getLogger(n).filters])")
+
+
+def test_importing_the_server_configures_no_logging() -> None:
+    """The log filters are installed when a server starts (Server.start), not when a
+    module is imported."""
+    assert _python("import scp.server, scp.handlers, scp.retrieve, storage.convert; "
+                   + FILTERS).strip() == "[]"
+    installed = _python("from scp import retrieve; from storage import convert; "
+                        "retrieve.install_log_filters(); convert.install_log_filters(); "
+                        + FILTERS)
+    assert installed.strip() == "['scp.retrieve', 'scp.retrieve', 'storage.convert']"
+
+
+def test_decoder_tracebacks_show_with_logging_level_debug() -> None:
+    """pydicom sets its logger to WARNING when imported: ``logging.level: DEBUG`` opens
+    the decoders logger, whose tracebacks storage/convert.py demotes to DEBUG."""
+    code = ("import logging; from scp.__main__ import setup_logging; setup_logging({!r});"
+            " from storage import convert;"
+            " print(logging.getLogger(convert.DECODERS_LOGGER).getEffectiveLevel())")
+    assert _python(code.format("DEBUG")).strip() == str(logging.DEBUG)
+    assert _python(code.format("INFO")).strip() == str(logging.WARNING)
+
+
+def test_no_pynetdicom_log_filter_for_an_untested_pynetdicom() -> None:
+    """The filter knows pynetdicom 3.0's texts and loggers: with another version it is not
+    installed, and a warning says what that means."""
+    out = _python("import logging, pynetdicom; logging.basicConfig();"
+                  " pynetdicom.__version__ = '2.1.1'; from scp import retrieve;"
+                  " print(retrieve.install_log_filters()); " + FILTERS)
+    assert out.splitlines()[:2] == ["False", "[]"], out
+    assert ("pynetdicom 2.1.1 is not a version scp/retrieve.py was tested with (3.0.): "
+            "pynetdicom's lines about failed sub-operations are logged beside ours") in out
+
+
+def test_a_sub_operation_window_ends_with_its_thread(caplog: Any) -> None:
+    """A handler left suspended inside its window (pynetdicom stopped early) by a thread
+    that then ended does not hide a line of the next thread, which the system may give
+    the same thread id; nor does closing that handler from another thread end that
+    thread's own window."""
+    import threading
+
+    from scp import retrieve
+
+    assert retrieve.install_log_filters()
+    def handler() -> Any:
+        with retrieve.failing_on_purpose():
+            yield
+
+    left: list[Any] = []
+    idents: list[int] = []
+
+    def run_and_leave() -> None:
+        idents.append(threading.get_ident())
+        suspended = handler()
+        next(suspended)
+        left.append(suspended)
+
+    def log() -> None:
+        idents.append(threading.get_ident())
+        logging.getLogger("pynetdicom.service_class").warning(retrieve.SUB_OPERATION_FAILED)
+
+    with caplog.at_level(logging.WARNING):
+        for target in (run_and_leave, log):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+        assert [r.getMessage() for r in caplog.records] == [retrieve.SUB_OPERATION_FAILED], (
+            idents)
+        caplog.clear()
+        mine = handler()
+        next(mine)  # this thread's window
+        left[0].close()  # the other thread's handler, closed here
+        logging.getLogger("pynetdicom.service_class").warning(retrieve.SUB_OPERATION_FAILED)
+        mine.close()
+        assert caplog.records == []
