@@ -34,11 +34,9 @@ from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from .retrieve import (
     MoveDestination,
     Responses,
+    SubOperations,
     accepted_syntaxes,
-    failing_on_purpose,
-    log_refused_store,
     stand_in,
-    sub_operation_failed,
     transferring,
 )
 
@@ -162,6 +160,7 @@ def handle_get(
     read at a time; pynetdicom runs the C-STORE sub-operations and counts them."""
     model = _model(event, GET_MODELS)
     outcome = "get failed"
+    sub_operations: SubOperations | None = None
     with activity.operation():
         responses = Responses(event.assoc, cast(C_GET, event.request))
         try:  # finally: also when pynetdicom drops us (the association went away)
@@ -184,13 +183,16 @@ def handle_get(
                 return
             responses.total = len(items)
             responses.install()
-            event.assoc.bind(evt.EVT_DIMSE_RECV, log_refused_store, ["C-GET"])
+            sub_operations = SubOperations("C-GET", responses,
+                                           lambda: transferring(event.assoc))
+            sub_operations.bind(event.assoc)
             yield len(items)
             accepted = functools.partial(accepted_syntaxes, event.assoc)
             outcome = yield from _sub_operations(
-                event, archive, items, accepted, lambda: transferring(event.assoc), "get")
+                event, archive, items, accepted, sub_operations, "get")
         finally:
-            event.assoc.unbind(evt.EVT_DIMSE_RECV, log_refused_store)
+            if sub_operations is not None:
+                sub_operations.unbind(event.assoc)
             responses.restore()
             activity.count(event, outcome, ok=True)
 
@@ -232,11 +234,12 @@ def handle_move(
                 yield None, None  # answered with the refusal, not A801 (see MoveDestination)
                 return
             responses.total = len(items)
-            yield peer.host, peer.port, destination.associate_kwargs(items)
+            sub_operations = SubOperations("C-MOVE", responses, destination.is_established)
+            yield peer.host, peer.port, destination.associate_kwargs(
+                items, sub_operations.handlers())
             yield len(items)
             outcome = yield from _sub_operations(
-                event, archive, items, destination.accepted, destination.is_established,
-                "move")
+                event, archive, items, destination.accepted, sub_operations, "move")
         finally:
             responses.restore()
             activity.count(event, outcome, ok=True)
@@ -252,7 +255,7 @@ def _sub_operations(
     archive: Archive,
     items: list[StoredInstance],
     accepted: Callable[[str], list[str]],
-    receiving: Callable[[], bool],
+    sub_operations: SubOperations,
     service: str,
 ) -> Generator[Any, None, str]:
     """One (Pending, data set) per instance for pynetdicom to send, read one at a time and
@@ -261,34 +264,39 @@ def _sub_operations(
     the association's log line: ``service``, or "``service`` cancelled".
 
     An instance that cannot be read or converted fails its sub-operation and the others go
-    on; once the receiver is gone (``receiving`` false) the remaining files are not read
-    and each of them fails. Each failure is one log line, naming the instance and why
-    (:func:`scp.retrieve.sub_operation_failed`); pynetdicom counts it, through a
-    :func:`scp.retrieve.stand_in`.
+    on; once the receiver is gone the remaining files are not read and each of them fails.
+    Every failure is logged by ``sub_operations`` (:class:`scp.retrieve.SubOperations`);
+    pynetdicom counts those we find, through a :func:`scp.retrieve.stand_in`.
     """
     cancel = _CancelFlag(event)
-    label = "C-MOVE" if service == "move" else "C-GET"
-    for item in items:
-        if cancel():
-            yield status.CANCEL, None  # pynetdicom adds the failed and remaining counts
-            return f"{service} cancelled"
-        if not receiving():
-            sub_operation_failed(label, item.sop_instance_uid, "the receiver is gone (it"
-                                 " released or aborted the association)")
-        else:
-            try:
-                ds = archive.read_instance(item, accepted(item.sop_class_uid))
-            except (InstanceUnavailable, CannotConvert) as exc:
-                sub_operation_failed(label, item.sop_instance_uid, str(exc))
-            except Exception:  # a fault of ours: this sub-operation fails, not the retrieve
-                logger.exception("%s sub-operation failed for SOP Instance %s: an unexpected"
-                                 " error", label, item.sop_instance_uid)
+    done = 0  # items[:done] are sent, or failed and logged
+    try:
+        for item in items:
+            uid = item.sop_instance_uid
+            if cancel():
+                done = len(items)  # the rest are not failures: pynetdicom reports them remaining
+                yield status.CANCEL, None  # pynetdicom adds the failed and remaining counts
+                return f"{service} cancelled"
+            if not sub_operations.receiving():
+                sub_operations.receiver_gone(uid)
             else:
-                yield status.PENDING, ds
-                continue
-        with failing_on_purpose():
-            yield status.PENDING, stand_in(item.sop_instance_uid)
-    return service
+                try:
+                    ds = archive.read_instance(item, accepted(item.sop_class_uid))
+                except (InstanceUnavailable, CannotConvert) as exc:
+                    sub_operations.failed(uid, str(exc))
+                except Exception:  # a fault of ours: this sub-operation fails, not the retrieve
+                    sub_operations.failed(uid, "an unexpected error", exc_info=True)
+                else:
+                    with sub_operations.sending(uid):
+                        yield status.PENDING, ds
+                    done += 1
+                    continue
+            done += 1
+            with sub_operations.failing():
+                yield status.PENDING, stand_in(uid)
+        return service
+    finally:  # also when pynetdicom stops early and closes this generator
+        sub_operations.finish(item.sop_instance_uid for item in items[done:])
 
 
 class _CancelFlag:

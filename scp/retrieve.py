@@ -5,19 +5,19 @@ pynetdicom runs the C-STORE sub-operations of C-GET (on the requesting associati
 C-MOVE (on an association it opens with the address our handler yields); this module
 holds what our handlers need around that, so that the handlers stay short.
 
-Each failed sub-operation is one log line of ours (:func:`sub_operation_failed`), and
-pynetdicom's lines about it are dropped by a filter on its loggers that
-:func:`install_log_filters` installs when the server starts. That filter knows
-pynetdicom 3.0's logger names and texts, so it is installed only for a tested pynetdicom
-(``reactor.tested_pynetdicom``):
+Each failed sub-operation is one log line of ours (:class:`SubOperations`), and pynetdicom's
+lines about it are dropped by a filter on its loggers that :func:`install_log_filters`
+installs when the server starts. That filter knows pynetdicom 3.0's logger names and
+texts, so it is installed only for a tested pynetdicom (``reactor.tested_pynetdicom``):
 
 - ``pynetdicom.service_class`` (``_get_scp``, ``_move_scp``): "C-STORE sub-operation
   failed." (WARNING) and the text of the exception ``send_c_store`` raised (ERROR):
-  "No presentation context for '<stand-in SOP Class>' has been accepted by the peer ..."
-  or "The association with a peer SCP must be established before sending a C-STORE
-  request";
+  "No presentation context for '<stand-in SOP Class>' has been accepted by the peer ...",
+  "The association with a peer SCP must be established before sending a C-STORE
+  request", or, when no response came, "'Dataset' object has no attribute 'Status'";
 - ``pynetdicom.association``: "No presentation context for '<stand-in SOP Class>' ..."
-  (``_get_valid_context``).
+  (``_get_valid_context``), "Connection closed while waiting for DIMSE message" and
+  "DIMSE timeout reached while waiting for message response" (``_handle_no_response``).
 """
 
 from __future__ import annotations
@@ -107,14 +107,12 @@ def proposed_contexts(
 STAND_IN_SOP_CLASS = generate_uid(entropy_srcs=["minipacs", "unsendable"])
 """The SOP Class of :func:`stand_in`: one that no presentation context carries."""
 
+C_STORE_RQ = 0x0001  # PS3.7 E.1-1, Command Field of a C-STORE request
 C_STORE_RSP = 0x8001  # PS3.7 E.1-1, Command Field of a C-STORE response
+A_ABORT = 0x07  # PS3.8 9.3.8, PDU type of an A-ABORT
 
-
-def sub_operation_failed(service: str, sop_instance_uid: str, reason: str) -> None:
-    """The one log line of a failed C-STORE sub-operation of a C-GET or C-MOVE
-    (``service``), naming its instance and why it failed."""
-    logger.error("%s sub-operation failed for SOP Instance %s: %s", service, sop_instance_uid,
-                 reason)
+RECEIVER_GONE = "the receiver is gone (it released or aborted the association)"
+REQUESTOR_GONE = "not sent: the requestor is gone (it released or aborted the association)"
 
 
 def stand_in(sop_instance_uid: str) -> Dataset:
@@ -124,8 +122,8 @@ def stand_in(sop_instance_uid: str) -> Dataset:
     pynetdicom counts a sub-operation as failed, with its SOP Instance UID in the final
     FailedSOPInstanceUIDList (PS3.4 C.4.2.3.1, C.4.3.3.1), only when sending it fails: this
     data set names :data:`STAND_IN_SOP_CLASS`, so sending fails before any byte leaves
-    and the receiver never sees it. Yield it inside :func:`failing_on_purpose`, after
-    :func:`sub_operation_failed` has said why.
+    and the receiver never sees it. Yield it inside :meth:`SubOperations.failing`, after
+    :meth:`SubOperations.failed` (or :meth:`SubOperations.receiver_gone`) has said why.
     """
     ds = Dataset()
     ds.SOPClassUID = STAND_IN_SOP_CLASS
@@ -135,23 +133,212 @@ def stand_in(sop_instance_uid: str) -> Dataset:
     return ds
 
 
-_windows = threading.local()  # .current: the window of this thread, if any
+class SubOperations:
+    """The C-STORE sub-operations of one C-GET or C-MOVE (``service``), and the one log
+    line of each that fails: ``<service> sub-operation failed for SOP Instance <uid>:
+    <reason>``, at ERROR.
+
+    Its :meth:`handlers`, bound to the association that carries the sub-operations, learn
+    which request went out for which instance (EVT_DIMSE_SENT, by Message ID), which were
+    answered (EVT_DIMSE_RECV, by Message ID Being Responded To: a C-STORE response need
+    not carry its Affected SOP Instance UID, PS3.7 Table 9.1-1, "U") and whether the
+    receiver sent an A-ABORT (EVT_PDU_RECV). A failure is logged
+
+    - by the handler, for what it could not send (the file, the conversion):
+      :meth:`failed`, then it yields a :func:`stand_in` inside :meth:`failing`;
+    - when the response arrives, for a refusal (any status but Success and Warning, PS3.4
+      B.2.3): "the receiver answered A700 (Refused: Out of Resources)"; pynetdicom says
+      it only at INFO;
+    - when the handler resumes after yielding a data set (:meth:`sending`), for one that
+      pynetdicom counted failed (``responses.failed`` went up) without a response: the
+      receiver aborted the association, the connection closed, the DIMSE timeout
+      passed, or the request was never sent. pynetdicom's lines about it ("C-STORE
+      sub-operation failed." and the exception, see :func:`install_log_filters`) are
+      dropped;
+    - once for the receiver being gone (:meth:`receiver_gone`): its first instance gets a
+      line, the others are counted and :meth:`finish` logs ``<service>: N more
+      sub-operations failed: <reason>``, so that a large retrieve to a receiver that left
+      does not log thousands of identical lines. So are the instances pynetdicom does
+      not send when it ends a retrieve early (its requestor is gone).
+
+    Sub-operations run one at a time, in the thread that runs the handler; the response
+    handlers run in the association's DUL thread, which records a response before it
+    hands it to the sender.
+    """
+
+    def __init__(self, service: str, responses: Responses,
+                 receiving: Callable[[], bool]) -> None:
+        self.service = service
+        self._receiving = receiving
+        self._responses = responses
+        self._requests: dict[int, str] = {}  # unanswered: Message ID -> SOP Instance UID
+        self._current: str | None = None  # the instance being sent (:meth:`sending`)
+        self._request: int | None = None  # the Message ID of its request, once sent
+        self._said = False  # its line is logged (the receiver refused it)
+        self._aborted = False  # the receiver sent an A-ABORT
+        self._timeout: float | None = None  # the DIMSE timeout of the receiver's association
+        self._repeated: dict[str, int] = {}  # reason -> failures after its first line
+
+    def receiving(self) -> bool:
+        """Whether the receiver's association can still carry a sub-operation: as the
+        ``receiving`` given says, and not once the receiver has sent an A-ABORT. That is
+        known here (EVT_PDU_RECV) before pynetdicom's state machine takes the A-ABORT in
+        and wakes the sender of the sub-operation in flight; asked right after, the
+        association may still look established, and the next sub-operation would be
+        sent and wait the whole DIMSE timeout for its response."""
+        return not self._aborted and self._receiving()
+
+    def handlers(self) -> list[tuple[Any, Callable[[evt.Event], None]]]:
+        """Notification handlers for the association that carries the sub-operations."""
+        return [(evt.EVT_DIMSE_SENT, self._on_sent), (evt.EVT_DIMSE_RECV, self._on_received),
+                (evt.EVT_PDU_RECV, self._on_pdu)]
+
+    def bind(self, assoc: Association) -> None:
+        """Bind :meth:`handlers` to ``assoc`` (a C-GET's requesting association)."""
+        for event, handler in self.handlers():
+            assoc.bind(event, handler)
+
+    def unbind(self, assoc: Association) -> None:
+        """Undo :meth:`bind`."""
+        for event, handler in self.handlers():
+            assoc.unbind(event, handler)
+
+    def failed(self, sop_instance_uid: str, reason: str, exc_info: bool = False) -> None:
+        """The log line of a failed sub-operation, naming its instance and why."""
+        logger.error("%s sub-operation failed for SOP Instance %s: %s", self.service,
+                     sop_instance_uid, reason, exc_info=exc_info)
+
+    def receiver_gone(self, sop_instance_uid: str) -> None:
+        """``sop_instance_uid`` fails because the receiver is gone: the first such failure
+        of the retrieve is logged, the others are counted for :meth:`finish`."""
+        self._once(sop_instance_uid, RECEIVER_GONE)
+
+    def _once(self, sop_instance_uid: str, reason: str) -> None:
+        if reason in self._repeated:
+            self._repeated[reason] += 1
+        else:
+            self._repeated[reason] = 0
+            self.failed(sop_instance_uid, reason)
+
+    def finish(self, unsent: Iterable[str] = ()) -> None:
+        """The retrieve is over: one line per reason of :meth:`receiver_gone` for the
+        failures after the first. ``unsent`` are the instances pynetdicom did not send
+        because it stopped early: it does so when the requestor aborts or asks to release
+        (``ServiceClass._wrap_handler``), and then those fail too, the first logged and
+        the others counted. The requestor of a C-GET is its receiver."""
+        reason = RECEIVER_GONE if self.service == "C-GET" else REQUESTOR_GONE
+        for sop_instance_uid in unsent:
+            self._once(sop_instance_uid, reason)
+        for reason, count in self._repeated.items():
+            if count:
+                logger.error("%s: %d more sub-operation%s failed: %s", self.service, count,
+                             "s" if count > 1 else "", reason)
+        self._repeated.clear()
+
+    @contextlib.contextmanager
+    def failing(self) -> Iterator[None]:
+        """Around the yield of a :func:`stand_in`: pynetdicom's lines about it failing to go
+        are dropped (see :func:`install_log_filters`)."""
+        with _quiet():
+            yield
+
+    @contextlib.contextmanager
+    def sending(self, sop_instance_uid: str) -> Iterator[None]:
+        """Around the yield of ``sop_instance_uid``'s data set: when the handler resumes,
+        pynetdicom has sent it (or failed to) and counted the outcome in the Pending
+        response it made; a failure nobody logged gets its line here, and pynetdicom's
+        lines about it are dropped. Nothing is checked when the handler is closed at
+        the yield instead (pynetdicom stopped, see :meth:`finish`)."""
+        self._current, self._request, self._said = sop_instance_uid, None, False
+        failed = self._responses.failed
+        started = time.monotonic()
+        try:
+            with _quiet() as window:
+                yield
+        finally:
+            self._current = None
+        if self._responses.failed > failed and not self._said:
+            self._unanswered(sop_instance_uid, window, time.monotonic() - started)
+
+    def _unanswered(self, sop_instance_uid: str, window: _Window, elapsed: float) -> None:
+        """pynetdicom counted ``sop_instance_uid`` failed and no line said why."""
+        request = self._request
+        if request is None:  # never sent: send_c_store raised first
+            if not self.receiving():
+                self.receiver_gone(sop_instance_uid)
+            else:
+                self.failed(sop_instance_uid, f"not sent: {window.reason or 'unknown error'}")
+            return
+        answered = self._requests.pop(request, None) is None
+        if answered:  # pynetdicom failed on a response whose status is not a failure
+            why = f"the response could not be read: {window.reason or 'unknown error'}"
+        elif self._aborted:
+            why = "the receiver aborted the association before answering"
+        elif self._timeout is not None and elapsed >= self._timeout:
+            why = (f"no response within the DIMSE timeout ({self._timeout:g} s); the"
+                   " association was aborted")
+        else:
+            why = "the connection to the receiver closed before it answered"
+        self.failed(sop_instance_uid, why)
+
+    def _on_sent(self, event: evt.Event) -> None:
+        command = event.message.command_set
+        if command is None or command.get("CommandField") != C_STORE_RQ:
+            return
+        message_id = int(command.MessageID)
+        sop_instance_uid = str(command.AffectedSOPInstanceUID)
+        self._requests[message_id] = sop_instance_uid
+        self._timeout = event.assoc.dimse_timeout
+        if sop_instance_uid == self._current:
+            self._request = message_id
+
+    def _on_received(self, event: evt.Event) -> None:
+        command = event.message.command_set
+        if command is None or command.get("CommandField") != C_STORE_RSP:
+            return
+        message_id = command.get("MessageIDBeingRespondedTo")
+        sop_instance_uid = self._requests.pop(int(message_id), None) if (
+            message_id is not None) else None
+        code = int(command.get("Status", -1))
+        category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))
+        if category in (STATUS_SUCCESS, STATUS_WARNING):
+            return
+        if sop_instance_uid is None:  # a response to no request we know of: its own word
+            sop_instance_uid = str(command.get("AffectedSOPInstanceUID") or "") or (
+                f"unknown (response to Message ID {message_id})")
+        if sop_instance_uid == self._current:
+            self._said = True
+        self.failed(sop_instance_uid, f"the receiver answered {code:04X} ({meaning})")
+
+    def _on_pdu(self, event: evt.Event) -> None:
+        if event.pdu.pdu_type == A_ABORT:
+            self._aborted = True
+
+
+class _Window:
+    """What pynetdicom said while it sent one sub-operation of ours (see :func:`_quiet`)."""
+
+    def __init__(self) -> None:
+        self.after_failure = False  # "C-STORE sub-operation failed." came; its reason next
+        self.reason = ""  # that reason: the exception send_c_store raised
+
+
+_windows = threading.local()  # .current: the _Window of this thread, if any
 
 
 @contextlib.contextmanager
-def failing_on_purpose() -> Iterator[None]:
-    """While pynetdicom, in this thread, fails to send a :func:`stand_in` (the handler's
-    generator is suspended at its yield): its lines about that failure are dropped.
+def _quiet() -> Iterator[_Window]:
+    """While pynetdicom, in this thread, sends (or fails to send) one sub-operation: its
+    lines about that failing are dropped (:class:`_QuietSubOperations`).
 
-    The window is a thread-local, so it cannot outlive its thread: a generator left
-    suspended in it by a thread that ended cannot hide a line of a later thread that
-    gets the same thread id. A generator closed from another thread (garbage collected)
-    leaves that thread's own window alone.
+    The window is a thread-local, so it cannot outlive its thread nor hide another
+    thread's lines; a generator closed from another thread (garbage collected) leaves
+    that thread's window alone.
     """
-    window = object()
+    window = _Window()
     _windows.current = window
     try:
-        yield
+        yield window
     finally:
         if getattr(_windows, "current", None) is window:
             _windows.current = None
@@ -162,33 +349,50 @@ SUB_OPERATION_FAILED = "C-STORE sub-operation failed."
 ``_move_scp``), followed by an ERROR with the exception's text."""
 
 _DROPPED_IN_A_WINDOW = frozenset({
-    SUB_OPERATION_FAILED,
+    # the exception texts that follow SUB_OPERATION_FAILED for a sub-operation whose
+    # receiver is gone: send_c_store returned an empty Dataset (no response) and the
+    # Status was read from it, or it refused to send on an association no longer up
+    "'Dataset' object has no attribute 'Status'",
     "The association with a peer SCP must be established before sending a C-STORE request",
+    # association.py ``_handle_no_response``, before send_c_store returns no response
+    "Connection closed while waiting for DIMSE message",
+    "DIMSE timeout reached while waiting for message response",
 })
 
 _FILTERED_LOGGERS = ("pynetdicom.association", "pynetdicom.service_class")
 
 
-class _QuietStandIns(logging.Filter):
-    """Drops pynetdicom's lines about a :func:`stand_in` failing to go, which we log once
-    ourselves (:func:`sub_operation_failed`): every line naming
-    :data:`STAND_IN_SOP_CLASS`, and, in the thread that sends a stand-in and while it
-    does (:func:`failing_on_purpose`), the lines of :data:`_DROPPED_IN_A_WINDOW`. Every
-    other line passes."""
+class _QuietSubOperations(logging.Filter):
+    """Drops pynetdicom's lines about a sub-operation failing, which we log once ourselves
+    (:class:`SubOperations`): every line naming :data:`STAND_IN_SOP_CLASS`, and, in the
+    thread that sends a sub-operation and while it does (:func:`_quiet`),
+    :data:`SUB_OPERATION_FAILED` with the exception line after it (whose text it keeps,
+    as the reason) and the lines of :data:`_DROPPED_IN_A_WINDOW`. Every other line passes.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if STAND_IN_SOP_CLASS in message:
             return False
-        window = getattr(_windows, "current", None)
-        return window is None or message not in _DROPPED_IN_A_WINDOW
+        window: _Window | None = getattr(_windows, "current", None)
+        if window is None:
+            return True
+        if message == SUB_OPERATION_FAILED:
+            window.after_failure = True
+            return False
+        if window.after_failure and record.levelno >= logging.ERROR and (
+                record.name == "pynetdicom.service_class"):
+            window.after_failure = False
+            window.reason = message
+            return False
+        return message not in _DROPPED_IN_A_WINDOW
 
 
-_QUIET_STAND_INS = _QuietStandIns()
+_QUIET_SUB_OPERATIONS = _QuietSubOperations()
 
 
 def install_log_filters() -> bool:
-    """Install :class:`_QuietStandIns` on pynetdicom's loggers (once; the server calls
+    """Install :class:`_QuietSubOperations` on pynetdicom's loggers (once; the server calls
     this when it starts). ``False`` when this pynetdicom is not a tested version, whose
     lines may differ: then nothing is installed, and pynetdicom's lines about failed
     sub-operations are logged beside ours."""
@@ -197,24 +401,8 @@ def install_log_filters() -> bool:
             " beside ours"):
         return False
     for name in _FILTERED_LOGGERS:
-        logging.getLogger(name).addFilter(_QUIET_STAND_INS)  # addFilter: once
+        logging.getLogger(name).addFilter(_QUIET_SUB_OPERATIONS)  # addFilter: once
     return True
-
-
-def log_refused_store(event: evt.Event, service: str) -> None:
-    """EVT_DIMSE_RECV, on the association that carries the C-STORE sub-operations of a
-    ``service`` (C-GET or C-MOVE): a C-STORE response whose status pynetdicom counts as a
-    failure (any but Success and Warning, PS3.4 B.2.3) is that sub-operation's log line
-    (pynetdicom's own is at INFO)."""
-    command = event.message.command_set
-    if command is None or command.get("CommandField") != C_STORE_RSP:
-        return
-    code = int(command.get("Status", -1))
-    category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))
-    if category in (STATUS_SUCCESS, STATUS_WARNING):
-        return
-    sub_operation_failed(service, str(command.get("AffectedSOPInstanceUID", "")),
-                         f"the receiver answered {code:04X} ({meaning})")
 
 
 PENDING_EVERY_SUBOPERATION_UP_TO = 1000
@@ -261,6 +449,9 @@ class Responses:
         self.message_id = request.MessageID
         self.rewrite = rewrite
         self.total = 0
+        self.failed = 0
+        """The failed sub-operations so far, as pynetdicom counts them: the Number of
+        Failed Sub-operations of the last Pending response it made (sent or not)."""
         self._last_pending = -PENDING_INTERVAL
         self._original: Callable[[Any, int], None] | None = None
 
@@ -282,6 +473,7 @@ class Responses:
         ours = isinstance(primitive, self.kind) and (
             primitive.MessageIDBeingRespondedTo == self.message_id)
         if ours and primitive.Status in status.PENDING_CODES:
+            self.failed = primitive.NumberOfFailedSuboperations or 0
             now = time.monotonic()
             if (self.total > PENDING_EVERY_SUBOPERATION_UP_TO
                     and now - self._last_pending < PENDING_INTERVAL):
@@ -323,21 +515,24 @@ class MoveDestination:
         self.count = 0
         self.refusal: Dataset | None = None
 
-    def associate_kwargs(self, items: list[StoredInstance]) -> dict[str, Any]:
-        """Keyword arguments for pynetdicom's ``AE.associate`` to the destination."""
+    def associate_kwargs(self, items: list[StoredInstance],
+                         handlers: Iterable[tuple[Any, Callable[[evt.Event], None]]] = (),
+                         ) -> dict[str, Any]:
+        """Keyword arguments for pynetdicom's ``AE.associate`` to the destination, which
+        binds ``handlers`` too (:meth:`SubOperations.handlers`)."""
         self.count = len(items)
         # the reactor's wake-ups, as on the associations we accept: else the DUL thread
         # naps 1 ms between reads and every C-STORE-RSP waits for the next nap
-        handlers: list[Any] = [(evt.EVT_CONN_OPEN, disable_nagle),
-                               (evt.EVT_CONN_OPEN, reactor.handle_conn_open),
-                               (evt.EVT_CONN_CLOSE, reactor.handle_conn_close)]
-        handlers += [(e, self._capture) for e in (evt.EVT_ACCEPTED, evt.EVT_REJECTED,
-                                                  evt.EVT_ABORTED)]
-        handlers.append((evt.EVT_DIMSE_RECV, log_refused_store, ["C-MOVE"]))
+        bound: list[Any] = [(evt.EVT_CONN_OPEN, disable_nagle),
+                            (evt.EVT_CONN_OPEN, reactor.handle_conn_open),
+                            (evt.EVT_CONN_CLOSE, reactor.handle_conn_close)]
+        bound += [(e, self._capture) for e in (evt.EVT_ACCEPTED, evt.EVT_REJECTED,
+                                               evt.EVT_ABORTED)]
+        bound += handlers
         return {
             "contexts": proposed_contexts(items, self.peer),
             "max_pdu": self.max_pdu_size,
-            "evt_handlers": handlers,
+            "evt_handlers": bound,
         }
 
     def _capture(self, event: evt.Event) -> None:

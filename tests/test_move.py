@@ -6,6 +6,7 @@ storescp."""
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import subprocess
 import threading
@@ -62,6 +63,11 @@ class Peer:
     associations: int = 0
     abort_after: int = 0  # abort the association at this C-STORE (0 = never)
     refuse: set[str] = field(default_factory=set)  # answered A700 (Refused: Out of Resources)
+    refuse_anonymously: bool = False  # ... in a response without Affected SOP Instance UID
+    hold: threading.Event | None = None  # each C-STORE is answered only once this is set
+    arrived: threading.Event | None = None  # set at each C-STORE request
+    responses: list[Dataset] = field(default_factory=list)  # command sets of C-STORE-RSPs
+    requests: list[str] = field(default_factory=list)  # SOP Instance UID of each C-STORE-RQ
 
     def entry(self) -> dict[str, Any]:
         return {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
@@ -70,6 +76,7 @@ class Peer:
 @pytest.fixture
 def start_peer() -> Iterator[Callable[..., Peer]]:
     servers: list[Any] = []
+    peers: list[Peer] = []
 
     def start(ae_title: str = "DEST", syntaxes: list[str] | None = None,
               require_called_aet: bool = False) -> Peer:
@@ -79,16 +86,27 @@ def start_peer() -> Iterator[Callable[..., Peer]]:
         for cx in StoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, syntaxes or ALL_SYNTAXES)
         peer = Peer(ae_title, 0)
+        peers.append(peer)
 
         def on_store(event: Any) -> int:
             syntax = str(event.context.transfer_syntax)
             req = event.request
+            peer.requests.append(str(req.AffectedSOPInstanceUID))
             peer.originators.append((str(req.MoveOriginatorApplicationEntityTitle).strip(),
                                      int(req.MoveOriginatorMessageID)))
             if peer.abort_after and len(peer.received) + 1 >= peer.abort_after:
                 event.assoc.abort()
                 return 0x0000
+            if peer.arrived is not None:
+                peer.arrived.set()
+            if peer.hold is not None:
+                peer.hold.wait(30)
             if str(req.AffectedSOPInstanceUID) in peer.refuse:
+                if peer.refuse_anonymously:  # PS3.7 Table 9.1-1: "U" in a response
+                    refusal = Dataset()
+                    refusal.Status = 0xA700
+                    refusal.AffectedSOPInstanceUID = None  # pynetdicom then leaves it out
+                    return refusal  # type: ignore[return-value]
                 return 0xA700
             peer.received.append((event.encoded_dataset(include_meta=False), syntax))
             ds = event.dataset
@@ -99,14 +117,23 @@ def start_peer() -> Iterator[Callable[..., Peer]]:
         def on_accepted(event: Any) -> None:
             peer.associations += 1
 
+        def on_sent(event: Any) -> None:
+            command = event.message.command_set
+            if command.CommandField == 0x8001:  # C-STORE-RSP
+                peer.responses.append(command)
+
         server = ae.start_server(("127.0.0.1", 0), block=False,
                                  evt_handlers=[(evt.EVT_C_STORE, on_store),
-                                               (evt.EVT_ACCEPTED, on_accepted)])
+                                               (evt.EVT_ACCEPTED, on_accepted),
+                                               (evt.EVT_DIMSE_SENT, on_sent)])
         servers.append(server)
         peer.port = int(server.server_address[1])
         return peer
 
     yield start
+    for peer in peers:
+        if peer.hold is not None:
+            peer.hold.set()
     for server in servers:
         server.shutdown()
 
@@ -289,6 +316,106 @@ def test_a_refused_sub_operation_is_one_log_line(stored_and_peer: Any, caplog: A
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         f"C-MOVE sub-operation failed for SOP Instance {study[1].SOPInstanceUID}: the"
         " receiver answered A700 (Refused: Out of Resources)"]
+
+
+def test_a_refusal_without_its_instance_uid_names_the_instance(stored_and_peer: Any,
+                                                              caplog: Any) -> None:
+    """A C-STORE response need not carry its Affected SOP Instance UID (PS3.7 Table 9.1-1,
+    "U"): the line names the instance of the request it answers, by Message ID."""
+    running, peer, datasets = stored_and_peer
+    study = [ds for ds in datasets if ds.StudyInstanceUID == datasets[0].StudyInstanceUID]
+    peer.refuse = {study[1].SOPInstanceUID}
+    peer.refuse_anonymously = True
+    with caplog.at_level(logging.WARNING):
+        final = c_move(running, STUDY_ROOT, peer.ae_title, QueryRetrieveLevel="STUDY",
+                       StudyInstanceUID=study[0].StudyInstanceUID)[-1]
+    refusals = [rsp for rsp in peer.responses if rsp.Status == 0xA700]
+    assert len(refusals) == 1 and "AffectedSOPInstanceUID" not in refusals[0]
+    assert final.FailedSOPInstanceUIDList == study[1].SOPInstanceUID
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"C-MOVE sub-operation failed for SOP Instance {study[1].SOPInstanceUID}: the"
+        " receiver answered A700 (Refused: Out of Resources)"]
+
+
+RECEIVER_GONE = "the receiver is gone (it released or aborted the association)"
+
+
+def gone_lines(caplog: Any, service: str, sent: list[str], first: str, more: int) -> None:
+    """The WARNING and ERROR lines of a retrieve whose receiver left: the sub-operations
+    in ``sent`` succeeded but the last, whose line ends with ``first``; the next one is
+    the receiver being gone, and ``more`` others are one line; none of pynetdicom's."""
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 3, lines
+    assert lines[0] == f"{service} sub-operation failed for SOP Instance {sent[-1]}: {first}"
+    named = re.fullmatch(rf"{service} sub-operation failed for SOP Instance ([0-9.]+):"
+                         rf" {re.escape(RECEIVER_GONE)}", lines[1])
+    assert named and named[1] not in sent, lines[1]
+    assert lines[2] == f"{service}: {more} more sub-operations failed: {RECEIVER_GONE}"
+
+
+def test_a_receiver_that_does_not_answer_fails_after_the_dimse_timeout(
+        start_server: Callable[..., Running], start_peer: Callable[..., Peer],
+        caplog: Any) -> None:
+    """No C-STORE response within ae.dimse_timeout: pynetdicom aborts the association
+    (its own lines about it are dropped); that sub-operation is one line saying so, the
+    others fail because the receiver is gone: the first named, the rest counted."""
+    mute = start_peer("MUTE")
+    mute.hold = threading.Event()  # set when the test ends
+    running = start_server(peers=[mute.entry()], **{"ae.dimse_timeout": 0.5})
+    study = [ds for ds in hierarchy() if ds.PatientID == "PID1"][:6]
+    for ds in study:
+        running.archive.store(encode(ds), ExplicitVRLittleEndian)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        final = c_move(running, STUDY_ROOT, "MUTE", QueryRetrieveLevel="STUDY",
+                       StudyInstanceUID=study[0].StudyInstanceUID)[-1]
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, 6)
+    assert len(mute.requests) == 1
+    gone_lines(caplog, "C-MOVE", mute.requests, "no response within the DIMSE timeout"
+               " (0.5 s); the association was aborted", 4)
+
+
+def test_a_requestor_that_aborts_mid_move(start_server: Callable[..., Running],
+                                          start_peer: Callable[..., Peer],
+                                          caplog: Any) -> None:
+    """pynetdicom stops a C-MOVE whose requestor aborted (ServiceClass._wrap_handler): the
+    instances it did not send are accounted for, the first named, the others counted."""
+    slow = start_peer("SLOW")
+    slow.hold = threading.Event()
+    arrived = threading.Event()
+    slow.arrived = arrived
+    running = start_server(peers=[slow.entry()])
+    study = [ds for ds in hierarchy() if ds.PatientID == "PID1"][:6]
+    for ds in study:
+        running.archive.store(encode(ds), ExplicitVRLittleEndian)
+    ae = AE(ae_title="MOVESCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(STUDY_ROOT)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title)
+    ours = next(a for a in running.server.ae.active_associations
+                if a.requestor.ae_title == "MOVESCU")
+    abort_taken_in = threading.Event()  # its A-ABORT is where pynetdicom looks for it
+    ours.bind(evt.EVT_FSM_TRANSITION,
+              lambda event: abort_taken_in.set() if event.action == "AA-3" else None)
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = study[0].StudyInstanceUID
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        assoc.send_c_move(q, "SLOW", STUDY_ROOT)  # the request goes at once
+        assert arrived.wait(30)  # the first sub-operation waits for its response
+        assoc.abort()
+        assert abort_taken_in.wait(30)
+        slow.hold.set()
+        assert running.server.activity.wait_idle(30)
+    assert len(slow.received) == 1
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    not_sent = "not sent: the requestor is gone (it released or aborted the association)"
+    assert len(lines) == 2, lines
+    named = re.fullmatch(rf"C-MOVE sub-operation failed for SOP Instance ([0-9.]+):"
+                         rf" {re.escape(not_sent)}", lines[0])
+    assert named and named[1] in {ds.SOPInstanceUID for ds in study} - set(slow.requests)
+    assert lines[1] == f"C-MOVE: 4 more sub-operations failed: {not_sent}"
 
 
 def test_cancel_stops_after_the_current_instance(stored_and_peer: Any) -> None:
@@ -574,7 +701,8 @@ def test_a_damaged_file_fails_only_its_sub_operation(stored_and_peer: Any, caplo
 
 
 def test_files_are_not_read_once_the_destination_is_gone(start_server: Callable[..., Running],
-                                                         start_peer: Callable[..., Peer]) -> None:
+                                                         start_peer: Callable[..., Peer],
+                                                         caplog: Any) -> None:
     quitter = start_peer("QUITTER")
     quitter.abort_after = 2
     running = start_server(peers=[quitter.entry()])
@@ -589,13 +717,20 @@ def test_files_are_not_read_once_the_destination_is_gone(start_server: Callable[
         return original(item, accepted)
 
     running.archive.read_instance = counted  # type: ignore[method-assign]
-    final = c_move(running, PATIENT_ROOT, "QUITTER", QueryRetrieveLevel="PATIENT",
-                   PatientID="PID1")[-1]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):  # pynetdicom's lines, had they passed, at any level
+        final = c_move(running, PATIENT_ROOT, "QUITTER", QueryRetrieveLevel="PATIENT",
+                       PatientID="PID1")[-1]
     assert final.NumberOfCompletedSuboperations == 1
     assert final.NumberOfFailedSuboperations == len(datasets) - 1
-    # the one sent, the one the peer aborted on, at most one more while the abort is being
-    # taken in; not the other seven
-    assert len(datasets) == 10 and len(reads) <= 3
+    # the one sent and the one the peer aborted on; not the other eight (its A-ABORT is
+    # known before pynetdicom wakes the sender of the second: SubOperations.receiving)
+    assert len(datasets) == 10 and len(reads) == 2
+    # one line for the instance in flight, ours (pynetdicom logged "C-STORE sub-operation
+    # failed." and "'Dataset' object has no attribute 'Status'"), then one for the first
+    # instance after it and one for the seven others
+    gone_lines(caplog, "C-MOVE", reads[:2],
+               "the receiver aborted the association before answering", 7)
 
 
 def test_every_retrieve_is_in_the_association_log_line(stored_and_peer: Any, caplog: Any) -> None:

@@ -35,15 +35,26 @@ def stored(server: Running) -> list[Dataset]:
 
 
 def c_get(running: Running, model: Any, refuse: frozenset[str] = frozenset(),
-          pdus: list[tuple[str, ...]] | None = None,
+          pdus: list[tuple[str, ...]] | None = None, abort_at: int = 0,
+          requests: list[str] | None = None,
           **keys: Any) -> tuple[list[bytes], list[Dataset]]:
     """A C-GET with pynetdicom acting as the Storage SCP of the sub-operations: the data
     sets received (as encoded bytes) and every C-GET response. The instances named in
     ``refuse`` are answered A700 (Refused: Out of Resources); ``pdus`` gets what arrived,
-    PDU by PDU (see :func:`received_pdu`)."""
+    PDU by PDU (see :func:`received_pdu`); with ``abort_at``, the association is aborted
+    at that C-STORE request instead of answering it; ``requests`` gets the SOP Instance
+    UID of each C-STORE request."""
     received: list[bytes] = []
 
     def on_store(event: Any) -> int:
+        if requests is not None:
+            requests.append(str(event.request.AffectedSOPInstanceUID))
+        if abort_at and len(received) + 1 >= abort_at:
+            event.assoc.abort()
+            # pynetdicom does not wake its own send_c_get, waiting for the next response,
+            # when it aborts (only when the peer does): it would wait its DIMSE timeout
+            event.assoc.dimse.msg_queue.put((None, None))
+            return 0x0000
         if str(event.request.AffectedSOPInstanceUID) in refuse:
             return STORE_REFUSED
         received.append(event.encoded_dataset(include_meta=False))
@@ -384,6 +395,27 @@ def test_getscu_after_failed_sub_operations(server: Running, stored: list[Datase
     assert errors in ([], [GETSCU_RELEASE_FAILED]), result.stderr
 
 
+def test_a_requestor_that_aborts_mid_get(server: Running, stored: list[Dataset],
+                                         caplog: Any) -> None:
+    """The instance in flight when the C-GET SCU aborts is one line of ours (pynetdicom
+    logged "C-STORE sub-operation failed." and "'Dataset' object has no attribute
+    'Status'"); pynetdicom then stops asking for instances, and the others are the first
+    one named and the rest counted on one line."""
+    from tests.test_move import gone_lines
+
+    wanted = [ds for ds in stored if ds.PatientID == "PID1"]
+    requests: list[str] = []
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        received, _ = c_get(server, PatientRootQueryRetrieveInformationModelGet, abort_at=2,
+                            requests=requests, QueryRetrieveLevel="PATIENT", PatientID="PID1")
+        # the handler ends when pynetdicom drops it, after the client saw the abort
+        assert server.server.activity.wait_idle(30)
+    assert len(received) == 1 and len(requests) == 2
+    gone_lines(caplog, "C-GET", requests,
+               "the receiver aborted the association before answering", len(wanted) - 3)
+
+
 def _python(code: str) -> str:
     """What ``code`` prints, run by this interpreter in a new process (a fresh logging
     set-up: this one's servers have installed their filters)."""
@@ -442,8 +474,10 @@ def test_a_sub_operation_window_ends_with_its_thread(caplog: Any) -> None:
     from scp import retrieve
 
     assert retrieve.install_log_filters()
+    sub_operations = retrieve.SubOperations("C-GET", None, lambda: True)  # type: ignore[arg-type]
+
     def handler() -> Any:
-        with retrieve.failing_on_purpose():
+        with sub_operations.failing():
             yield
 
     left: list[Any] = []
