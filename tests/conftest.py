@@ -3,6 +3,7 @@ pynetdicom associations to it, and DCMTK's command-line tools."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -43,11 +44,30 @@ def dcmtk_tool(name: str) -> str | None:
 
 def free_port() -> int:
     """A loopback port that was free a moment ago, for a program that must be told its port
-    before it binds (a peer's Storage SCP, a PostgreSQL server): another process could take
-    it in between, which on a test machine is rare enough."""
+    before it binds (a PostgreSQL server): another process could take it in between. When a
+    server is started before that program binds, use :func:`reserved_port`: the server's
+    own port 0 could otherwise be given the same number."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A loopback port held, bound but not listening, while the block runs: a server started
+    in the block on port 0 (minipacs itself) cannot be given it, and a connection to it is
+    refused. It is free again after the block, for the program (a peer's Storage SCP) that
+    binds it then."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port nothing listens on for the whole test (:func:`reserved_port`)."""
+    with reserved_port() as port:
+        yield port
 
 
 @dataclass

@@ -30,7 +30,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from scp.status import PENDING, SUCCESS
-from tests.conftest import Running, free_port
+from tests.conftest import Running, reserved_port
 from tests.factory import hierarchy, save
 
 GDCM_ABORT_AFTER_RELEASE = "ProtocolStream as nullptr is invalid"
@@ -118,13 +118,15 @@ def stored(start_server: Callable[..., Running], tmp_path: Path,
            gdcmscu: Gdcmscu) -> tuple[Running, list[Dataset], int]:
     """A server holding tests/factory.hierarchy, sent by ``gdcmscu --store``; the port of
     gdcmscu's own Storage SCP for C-MOVE is a known peer, GDCMSCU."""
-    scp_port = free_port()
-    # a short network timeout: a client that waits for a response we never send shows up
-    # as a broken trace well inside the subprocess timeout
-    running = start_server(**{
-        "ae.network_timeout": 15,
-        "peers": [{"ae_title": "GDCMSCU", "host": "127.0.0.1", "port": scp_port}],
-    })
+    # held while the server starts, or its own port 0 could be this one: its C-MOVE would
+    # then go to itself, and gdcmscu could not bind its Storage SCP
+    with reserved_port() as scp_port:
+        # a short network timeout: a client that waits for a response we never send shows
+        # up as a broken trace well inside the subprocess timeout
+        running = start_server(**{
+            "ae.network_timeout": 15,
+            "peers": [{"ae_title": "GDCMSCU", "host": "127.0.0.1", "port": scp_port}],
+        })
     datasets = hierarchy()
     folder = tmp_path / "to-send"
     folder.mkdir()

@@ -36,7 +36,12 @@ from pynetdicom.sop_class import (
 )
 
 from scp import status
-from tests.conftest import Running, dcmtk_tool, hold_second_read_until_cancelled
+from tests.conftest import (
+    Running,
+    dcmtk_tool,
+    hold_second_read_until_cancelled,
+    reserved_port,
+)
 from tests.factory import (
     LEVEL_CASE_IDS,
     ROOT,
@@ -227,16 +232,11 @@ def test_invalid_identifier_is_a900_without_reaching_the_destination(stored_and_
     assert peer.associations == 0
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:  # bound and closed again: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_destination_down_is_a702_with_the_reason(start_server: Callable[..., Running],
-                                                 caplog: Any) -> None:
+                                                 caplog: Any, held_port: int) -> None:
+    # held for the whole test: nothing listens there, not even this server (port 0)
     running = start_server(peers=[{"ae_title": "DOWN", "host": "127.0.0.1",
-                                   "port": _closed_port()}])
+                                   "port": held_port}])
     datasets = hierarchy()[:3]
     for ds in datasets:
         running.archive.store(encode(ds), ExplicitVRLittleEndian)
@@ -533,16 +533,13 @@ def test_no_possible_conversion_fails_that_sub_operation_only(compressed: Any,
 
 # -- DCMTK movescu to DCMTK storescp -----------------------------------------------------
 
-def _free_port() -> int:
-    return _closed_port()
-
-
 def test_movescu_to_storescp(start_server: Callable[..., Running], dcmtk: Callable[..., Any],
                              tmp_path: Path) -> None:
     out = tmp_path / "storescp"
     out.mkdir()
-    port = _free_port()
-    running = start_server(peers=[{"ae_title": "STORESCP", "host": "127.0.0.1", "port": port}])
+    with reserved_port() as port:  # not the server's own port 0
+        running = start_server(peers=[{"ae_title": "STORESCP", "host": "127.0.0.1",
+                                       "port": port}])
     datasets = hierarchy()
     for ds in datasets:
         running.archive.store(encode(ds), ExplicitVRLittleEndian)
