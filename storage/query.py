@@ -421,11 +421,7 @@ def _term(vr: str, text: str, name: str, fold_pn: bool) -> Term | None:
 
 def _date_term(vr: str, value: str, name: str) -> Term:
     def norm(text: str) -> str:
-        # PS3.5 Table 6.2-1: a query's dates are of the calendar and its times of the clock,
-        # range ends included ("20240230", "2500": A900), where stored values are taken as
-        # written (storage.values.norm_da)
-        out = {"DA": norm_da, "TM": norm_tm, "DT": norm_dt}[vr](text)
-        return out if out and of_the_clock_and_calendar(vr, out) else ""
+        return _real(vr, {"DA": norm_da, "TM": norm_tm, "DT": norm_dt}[vr](text))
 
     # PS3.4 C.2.2.2.5: "-" separates a range; a single DT value cannot carry a negative UTC
     # offset in a query (PS3.4 C.2.2.2.1.3), so "-" always means a range here too.
@@ -458,7 +454,16 @@ def _upper(vr: str, text: str) -> str:
         out = norm_dt(text, upper=True)
     else:
         out = norm_da(text)
-    return out if out and of_the_clock_and_calendar(vr, out) else ""
+    return _real(vr, out)
+
+
+def _real(vr: str, normalised: str) -> str:
+    """``normalised`` if it is a date of the calendar or a time of the clock, else ``""``.
+
+    PS3.5 Table 6.2-1: a query's dates and times must be real ones, range ends included
+    ("20240230", "2500": A900), where stored values are taken as written
+    (:func:`storage.values.norm_da`)."""
+    return normalised if normalised and of_the_clock_and_calendar(vr, normalised) else ""
 
 
 def _sequence_constraint(
