@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from storage import Archive, StorageError, convert, open_archive
+from storage import DECODERS_LOGGER, Archive, StorageError, open_archive
 
 from .config import Config, ConfigError, load_config
 from .server import ListenError, Server
@@ -99,7 +99,7 @@ def setup_logging(level: str, process_ids: bool = False) -> None:
     if level != "DEBUG":  # pynetdicom narrates every message at INFO
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     else:  # the decoders' tracebacks (storage/convert.py); pydicom sets WARNING on import
-        logging.getLogger(convert.DECODERS_LOGGER).setLevel(logging.DEBUG)
+        logging.getLogger(DECODERS_LOGGER).setLevel(logging.DEBUG)
 
 
 def serve(config: Config) -> int:

@@ -7,6 +7,8 @@ The public API is :class:`Archive` (open it with :func:`open_archive`); it never
 import logging
 
 from .archive import Archive, ArchiveOptions, Origin, StoreOutcome, open_archive
+from .convert import DECODERS_LOGGER
+from .convert import install_log_filters as install_decoder_log_filter
 from .errors import (
     CannotConvert,
     DuplicateRejected,
@@ -31,6 +33,7 @@ __all__ = [
     "Archive",
     "ArchiveOptions",
     "CannotConvert",
+    "DECODERS_LOGGER",
     "DuplicatePolicy",
     "DuplicateRejected",
     "InstanceUnavailable",
@@ -50,5 +53,6 @@ __all__ = [
     "StoredInstance",
     "TooManyMatches",
     "WriteResult",
+    "install_decoder_log_filter",
     "open_archive",
 ]
