@@ -274,7 +274,7 @@ def test_missing_file_is_counted_listed_and_logged(stored_and_peer: Any, caplog:
     from storage.models import Instance
 
     lost = Instance.get(Instance.sop_instance_uid == wanted[1].SOPInstanceUID)
-    (running.data_dir / "files" / lost.file_key[:2] / lost.file_key[2:4] / lost.file_key).unlink()
+    running.archive.files.path(lost.file_key).unlink()
     with caplog.at_level(logging.WARNING):
         responses = c_move(running, PATIENT_ROOT, peer.ae_title,
                            QueryRetrieveLevel="PATIENT", PatientID="PID2")

@@ -136,7 +136,7 @@ def test_get_at_patient_level_and_missing_files(server: Running, stored: list[Da
     from storage.models import Instance
 
     lost = Instance.get(Instance.sop_instance_uid == wanted[0].SOPInstanceUID)
-    (server.data_dir / "files" / lost.file_key[:2] / lost.file_key[2:4] / lost.file_key).unlink()
+    server.archive.files.path(lost.file_key).unlink()
     received, responses = c_get(server, PatientRootQueryRetrieveInformationModelGet,
                                 QueryRetrieveLevel="PATIENT", PatientID="PID2")
     assert len(received) == len(wanted) - 1
@@ -297,7 +297,7 @@ def test_each_failed_sub_operation_is_one_log_line(server: Running, stored: list
     wanted = [ds for ds in stored if ds.PatientID == "PID2"]
     missing, refused = wanted[0].SOPInstanceUID, wanted[1].SOPInstanceUID
     lost = Instance.get(Instance.sop_instance_uid == missing)
-    (server.data_dir / "files" / lost.file_key[:2] / lost.file_key[2:4] / lost.file_key).unlink()
+    server.archive.files.path(lost.file_key).unlink()
     dose = make_ds(PatientID="PID2", PatientName="Smith^Anna",
                    StudyInstanceUID=wanted[0].StudyInstanceUID,
                    SOPClassUID="1.2.840.10008.5.1.4.1.1.481.2")  # RT Dose: not proposed
@@ -336,8 +336,7 @@ def test_nothing_follows_the_final_get_response_but_its_data_set(
     keys: dict[str, Any] = {"QueryRetrieveLevel": "PATIENT", "PatientID": "PID2"}
     if case == "failures":
         lost = Instance.get(Instance.sop_instance_uid == wanted[0].SOPInstanceUID)
-        (server.data_dir / "files" / lost.file_key[:2] / lost.file_key[2:4]
-         / lost.file_key).unlink()
+        server.archive.files.path(lost.file_key).unlink()
     if case == "refused":  # A900, before any sub-operation
         keys = {"QueryRetrieveLevel": "SERIES", "SeriesInstanceUID": "1.2"}
     pdus: list[tuple[str, ...]] = []
@@ -382,7 +381,7 @@ def test_getscu_after_failed_sub_operations(server: Running, stored: list[Datase
     study = stored[0].StudyInstanceUID
     wanted = [ds for ds in stored if ds.StudyInstanceUID == study]
     lost = Instance.get(Instance.sop_instance_uid == wanted[0].SOPInstanceUID)
-    (server.data_dir / "files" / lost.file_key[:2] / lost.file_key[2:4] / lost.file_key).unlink()
+    server.archive.files.path(lost.file_key).unlink()
     out = tmp_path / "got"
     out.mkdir()
     result = dcmtk("getscu", "-v", "-S", "-aec", server.ae_title, "-od", str(out), "-k",
