@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from pydicom.dataset import Dataset
 from scp.status import PENDING, SUCCESS
 from tests.conftest import Running, reserved_port
 from tests.factory import hierarchy, save
+from tests.test_hostile import index_rows
 
 GDCM_ABORT_AFTER_RELEASE = "ProtocolStream as nullptr is invalid"
 _RECEIVED = re.compile(r"Received ItemType #(\d+)")
@@ -143,17 +143,9 @@ def test_echo(server: Running, gdcmscu: Gdcmscu) -> None:
     trace.assert_released()
 
 
-def _index(running: Running, sql: str) -> list[tuple[str, ...]]:
-    con = sqlite3.connect(f"file:{running.data_dir / 'index.sqlite'}?mode=ro", uri=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 def test_store_keeps_every_instance(stored: tuple[Running, list[Dataset], int]) -> None:
     running, datasets, _ = stored
-    uids = {uid for (uid,) in _index(running, "SELECT sop_instance_uid FROM instance")}
+    uids = {uid for (uid,) in index_rows(running, "SELECT sop_instance_uid FROM instance")}
     assert uids == {ds.SOPInstanceUID for ds in datasets}
 
 
