@@ -13,10 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom import events as evt
 from pynetdicom.sop_class import (
-    CTImageStorage,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -26,6 +23,7 @@ from pynetdicom.sop_class import (
 from scp import status
 from tests.conftest import Running, associate, client_ae, find
 from tests.factory import encode, hierarchy, make_ds, uid
+from tests.test_move import Peer, start_peer  # noqa: F401  (a fixture)
 from tests.test_retrieve import c_get
 
 PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
@@ -333,34 +331,22 @@ def test_an_empty_patient_id_in_a_hierarchical_query_says_how_to_name_none(
 
 
 def test_patient_root_move_reaches_patients_without_a_patient_id(
-        start_server: Callable[..., Running]) -> None:
-    received: list[str] = []
-
-    def on_store(event: Any) -> int:
-        received.append(str(event.request.AffectedSOPInstanceUID))
-        return status.SUCCESS
-
-    dest = AE(ae_title="DEST")
-    dest.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
-    listener = dest.start_server(("127.0.0.1", 0), block=False,
-                                 evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    try:
-        running = start_server(peers=[{"ae_title": "DEST", "host": "127.0.0.1",
-                                       "port": int(listener.server_address[1])}])
-        datasets = _store_without_patient_id(running)
-        study = next(ds.StudyInstanceUID for ds in datasets if ds.PatientName == "Anon^One")
-        q = Dataset()
-        q.QueryRetrieveLevel = "STUDY"
-        q.PatientID = '""'
-        q.StudyInstanceUID = study
-        ae = client_ae(storage=False)
-        ae.add_requested_context(PatientRootQueryRetrieveInformationModelMove)
-        assoc = associate(running, ae)
-        responses = [rsp for rsp, _ in assoc.send_c_move(
-            q, "DEST", PatientRootQueryRetrieveInformationModelMove)]
-        assoc.release()
-    finally:
-        listener.shutdown()
+        start_server: Callable[..., Running],
+        start_peer: Callable[..., Peer]) -> None:  # noqa: F811  (the fixture imported above)
+    peer = start_peer()
+    running = start_server(peers=[peer.entry()])
+    datasets = _store_without_patient_id(running)
+    study = next(ds.StudyInstanceUID for ds in datasets if ds.PatientName == "Anon^One")
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.PatientID = '""'
+    q.StudyInstanceUID = study
+    ae = client_ae(storage=False)
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelMove)
+    assoc = associate(running, ae)
+    responses = [rsp for rsp, _ in assoc.send_c_move(
+        q, peer.ae_title, PatientRootQueryRetrieveInformationModelMove)]
+    assoc.release()
     assert responses[-1].Status == status.SUCCESS
-    assert sorted(received) == sorted(
+    assert sorted(str(ds.SOPInstanceUID) for ds in peer.datasets) == sorted(
         ds.SOPInstanceUID for ds in datasets if ds.StudyInstanceUID == study)
