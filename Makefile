@@ -60,7 +60,7 @@ orthanc:
 	$(call apt_package,command -v Orthanc,orthanc,Orthanc,The benchmark needs it.)
 
 lint: install-test
-	$(BIN)/ruff check scp storage tests bench
+	$(BIN)/ruff check scp storage web tests bench
 	$(BIN)/mypy
 
 test: install-test dcmtk gdcm postgresql lint

@@ -436,6 +436,8 @@ class Minipacs(Receiver):
         return [
             VENV_BIN / "minipacs",
             "serve",
+            "--http-port",
+            "0",
             "--config",
             self.config,
             "--port",

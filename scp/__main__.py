@@ -4,17 +4,20 @@ The only place that configures logging or exits."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from storage import DECODERS_LOGGER, Archive, StorageError, open_archive
+from web import WebListenError, WebServer
 
 from .config import Config, ConfigError, load_config
 from .server import ListenError, Server
@@ -27,6 +30,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "ae_title": ("ae.title", "--ae-title"),
     "bind": ("ae.bind", "--bind"),
     "data_dir": ("storage.data_dir", "--data-dir"),
+    "http_port": ("web.port", "--http-port"),
 }
 """The flags that override a key of the configuration: argument name -> (key, flag)."""
 
@@ -53,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ae-title", help="override ae.title")
     serve.add_argument("--bind", help="override ae.bind")
     serve.add_argument("--data-dir", help="override storage.data_dir")
+    serve.add_argument("--http-port", type=int, help="override web.port (DICOMweb, viewer)")
     verify = commands.add_parser(
         "verify", help="check every index row against its file, stray files and counters")
     verify.add_argument("--repair", action="store_true",
@@ -98,6 +103,7 @@ def setup_logging(level: str, process_ids: bool = False) -> None:
     )
     if level != "DEBUG":  # pynetdicom narrates every message at INFO
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("uvicorn").setLevel(logging.WARNING)  # ours names the URL
     else:  # the decoders' tracebacks (storage/convert.py); pydicom sets WARNING on import
         logging.getLogger(DECODERS_LOGGER).setLevel(logging.DEBUG)
 
@@ -112,19 +118,46 @@ def serve(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    if config.ae.workers > 1:
-        return serve_workers(config, stop, config.logging.level)
+    if config.ae.workers > 1:  # the web listener runs in the supervisor, with its archive
+        return serve_workers(config, stop, config.logging.level,
+                             beside=lambda: _web_beside_workers(config))
     server = Server(config)
+    web: WebServer | None = None
     try:
         server.start()
-    except ListenError as exc:  # the listeners are closed again
+        if config.web.enabled:
+            web = web_server(config, server.archive)
+            web.start()
+    except (ListenError, WebListenError) as exc:  # the listeners are closed again
         logging.getLogger("minipacs").error("%s", exc)
-        server.archive.close()
+        server.stop(grace=0)
         return 1
     while not stop.wait(0.5):
         pass
+    if web is not None:
+        web.stop(grace=config.ae.dimse_timeout)
     server.stop(grace=config.ae.dimse_timeout)
     return 0
+
+
+def web_server(config: Config, archive: Archive) -> WebServer:
+    """The HTTP listener of ``config`` (``web``) serving ``archive``."""
+    return WebServer(config.web, archive, config.tls.certificate, config.tls.private_key)
+
+
+@contextlib.contextmanager
+def _web_beside_workers(config: Config) -> Iterator[None]:
+    if not config.web.enabled:
+        yield
+        return
+    archive = open_archive(dataclasses.replace(config.archive_options(), shared=True))
+    web = web_server(config, archive)
+    try:
+        web.start()
+        yield
+        web.stop(grace=config.ae.dimse_timeout)
+    finally:
+        archive.close()
 
 
 class _ProgressBar:

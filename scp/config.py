@@ -25,6 +25,8 @@ from pydicom.uid import (
 
 from storage import ArchiveOptions, DuplicatePolicy
 from storage.query import response_charset_problem
+from web.config import WebConfig
+from web.config import check as check_web
 
 MAX_WORKERS = 64
 """Most server processes ``ae.workers`` may ask for."""
@@ -168,6 +170,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     peers: tuple[PeerConfig, ...] = ()
 
     def peer(self, ae_title: str) -> PeerConfig | None:
@@ -216,6 +219,7 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "security": SecurityConfig,
     "tls": TLSConfig,
+    "web": WebConfig,
 }
 
 LIST_SECTIONS: dict[str, type] = {
@@ -305,6 +309,11 @@ def load_config(
     tls, ae = sections["tls"], sections["ae"]
     if tls.enabled and not tls.only and tls.port == ae.port and ae.port != 0:
         problems.append(f"tls.port: {tls.port} is ae.port too; give the TLS listener its own")
+    web = sections["web"]
+    if web.enabled and web.port == ae.port and ae.port != 0 and not tls.only:
+        problems.append(f"web.port: {web.port} is ae.port too; give the web listener its own")
+    if web.enabled and web.https and not (tls.certificate and tls.private_key):
+        problems.append("web.https: needs tls.certificate and tls.private_key")
     if ae.workers > 1 and sections["storage"].index_url.startswith(("postgres",)):
         # only SQLite's BEGIN IMMEDIATE serialises the index writes of several processes
         problems.append("ae.workers: more than 1 needs the SQLite index (storage.index_url"
@@ -464,6 +473,8 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
         _check_peer(section, values, problems)
     if section == "tls":
         _check_tls(values, problems)
+    if section == "web":
+        check_web(values, problems)
     if section == "storage":
         for key in ("max_instance_mb", "min_free_disk_mb"):
             if values.get(key, 0) < 0:

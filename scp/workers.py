@@ -35,6 +35,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -56,8 +57,17 @@ BACKLOG = 64
 _POLL = 0.2
 
 
-def serve_workers(config: Config, stop: threading.Event, log_level: str) -> int:
-    """Run ``config.ae.workers`` worker processes until ``stop`` is set; the exit code."""
+def serve_workers(
+    config: Config,
+    stop: threading.Event,
+    log_level: str,
+    beside: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+) -> int:
+    """Run ``config.ae.workers`` worker processes until ``stop`` is set; the exit code.
+
+    ``beside`` gives a context that runs in this process for as long as the workers do,
+    entered once they listen (the web listener); an :class:`OSError` or
+    :class:`~storage.StorageError` from it stops them (exit code 1)."""
     open_archive(config.archive_options()).close()  # schema, sweep; raises when in use
     lock = _server_lock(config)
     listeners: dict[int, socket.socket] = {}
@@ -86,7 +96,12 @@ def serve_workers(config: Config, stop: threading.Event, log_level: str) -> int:
         logger.info("minipacs: %d worker processes (pids %s) serve port(s) %s",
                     len(workers), ", ".join(str(p.pid) for p in workers),
                     ", ".join(str(port) for port in listeners))
-        return 1 if _supervise(workers, stop) else 0
+        try:
+            with beside() if beside is not None else contextlib.nullcontext():
+                return 1 if _supervise(workers, stop) else 0
+        except (OSError, StorageError) as exc:
+            logger.error("%s", exc)
+            return 1
     finally:
         _stop(workers, config.ae.dimse_timeout + STOP_MARGIN)
         for sock in listeners.values():

@@ -57,7 +57,7 @@ def test_serve_store_query_and_stop_with_sigterm(tmp_path: Path) -> None:
     port = free_port()
     data = tmp_path / "data"
     proc = subprocess.Popen(
-        [*minipacs_command(), "serve", "--config", str(REPO / "config.yaml"), "--port", str(port),
+        [*minipacs_command(), "serve", "--http-port", "0", "--config", str(REPO / "config.yaml"), "--port", str(port),
          "--data-dir", str(data), "--ae-title", "CLITEST", "--bind", "127.0.0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
         env=dict(os.environ),
@@ -94,7 +94,7 @@ def test_serve_store_query_and_stop_with_sigterm(tmp_path: Path) -> None:
 def test_bad_config_is_reported_and_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("ae:\n  title: ''\n  port: 99999\n  colour: blue\n")
-    proc = subprocess.run([*minipacs_command(), "serve", "--config", str(bad)],
+    proc = subprocess.run([*minipacs_command(), "serve", "--http-port", "0", "--config", str(bad)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "3 problem(s)" in proc.stderr
@@ -103,7 +103,7 @@ def test_bad_config_is_reported_and_exits_2(tmp_path: Path) -> None:
 
 def test_a_bad_flag_is_named_not_the_file(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [*minipacs_command(), "serve", "--config", str(REPO / "config.yaml"),
+        [*minipacs_command(), "serve", "--http-port", "0", "--config", str(REPO / "config.yaml"),
          "--ae-title", "THIS_IS_WAY_TOO_LONG_AE", "--port", "99999", "--bind", "nowhere",
          "--data-dir", str(tmp_path / "data")],
         capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -118,7 +118,7 @@ def test_a_bad_flag_is_named_not_the_file(tmp_path: Path) -> None:
 def test_problems_of_flags_and_file_are_reported_together(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("ae:\n  port: 70000\n  max_associations: 0\n")
-    proc = subprocess.run([*minipacs_command(), "serve", "--config", str(bad),
+    proc = subprocess.run([*minipacs_command(), "serve", "--http-port", "0", "--config", str(bad),
                            "--ae-title", "THIS_IS_WAY_TOO_LONG_AE"],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2
@@ -194,7 +194,7 @@ def test_the_readmes_send_command_sends_a_mixed_folder(
 def test_unusable_data_dir_is_reported_and_exits_1(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    proc = subprocess.run([*minipacs_command(), "serve", "--port", str(free_port()),
+    proc = subprocess.run([*minipacs_command(), "serve", "--http-port", "0", "--port", str(free_port()),
                            "--data-dir", str(blocker / "data")],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 1
@@ -237,7 +237,7 @@ def test_maintenance_refuses_a_data_folder_a_server_uses(tmp_path: Path) -> None
     port = free_port()
     data = tmp_path / "data"
     proc = subprocess.Popen(
-        [*minipacs_command(), "serve", "--port", str(port), "--data-dir", str(data),
+        [*minipacs_command(), "serve", "--http-port", "0", "--port", str(port), "--data-dir", str(data),
          "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         text=True, cwd=tmp_path)
     try:

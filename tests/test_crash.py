@@ -32,7 +32,7 @@ PER_SENDER = 600  # far more than fit before the kill
 
 def serve(data: Path, port: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*minipacs_command(), "serve", "--config", str(REPO / "config.yaml"), "--port",
+        [*minipacs_command(), "serve", "--http-port", "0", "--config", str(REPO / "config.yaml"), "--port",
          str(port), "--data-dir", str(data), "--bind", "127.0.0.1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
 

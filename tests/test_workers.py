@@ -42,7 +42,7 @@ def _config(tmp_path: Path, workers: int = WORKERS) -> Path:
 
 def _serve(tmp_path: Path, port: int, data: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*minipacs_command(), "serve", "--config", str(_config(tmp_path)), "--port", str(port),
+        [*minipacs_command(), "serve", "--http-port", "0", "--config", str(_config(tmp_path)), "--port", str(port),
          "--data-dir", str(data)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
         start_new_session=True)
@@ -163,8 +163,8 @@ def test_a_second_server_and_maintenance_are_refused(tmp_path: Path) -> None:
     single.mkdir()
     with _supervisor(tmp_path) as running:
         others = [
-            ["serve", "--config", str(_config(single, workers=1)), "--port", str(free_port())],
-            ["serve", "--config", str(_config(tmp_path)), "--port", str(free_port())],
+            ["serve", "--http-port", "0", "--config", str(_config(single, workers=1)), "--port", str(free_port())],
+            ["serve", "--http-port", "0", "--config", str(_config(tmp_path)), "--port", str(free_port())],
             ["verify"], ["reindex"],
         ]
         for command in others:
@@ -175,7 +175,7 @@ def test_a_second_server_and_maintenance_are_refused(tmp_path: Path) -> None:
             assert "in use by another minipacs" in done.stderr, done.stderr
         # another archive cannot take the port either (as for a single server)
         elsewhere = subprocess.run(
-            [*minipacs_command(), "serve", "--config", str(_config(tmp_path)), "--port",
+            [*minipacs_command(), "serve", "--http-port", "0", "--config", str(_config(tmp_path)), "--port",
              str(running.port), "--data-dir", str(tmp_path / "elsewhere")],
             capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert elsewhere.returncode == 1
@@ -194,7 +194,7 @@ def test_the_server_lock_keeps_a_second_supervisor_out(tmp_path: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         done = subprocess.run(
-            [*minipacs_command(), "serve", "--config", str(_config(tmp_path)), "--port",
+            [*minipacs_command(), "serve", "--http-port", "0", "--config", str(_config(tmp_path)), "--port",
              str(free_port()), "--data-dir", str(data)],
             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     finally:

@@ -21,7 +21,8 @@ def code_defaults() -> dict[str, Any]:
     for name, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             value = getattr(cls(), f.name)
-            out[f"{name}.{f.name}"] = str(value) if isinstance(value, Path) else value
+            out[f"{name}.{f.name}"] = (str(value) if isinstance(value, Path)
+                                       else list(value) if isinstance(value, tuple) else value)
     return out
 
 

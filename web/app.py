@@ -1,0 +1,37 @@
+"""The ASGI application: DICOMweb under ``web.base_path``, the viewer under ``/viewer/``.
+
+Endpoints find the archive and the configuration in ``request.app.state`` (``archive``,
+``config``). Each service keeps its routes in its own module; this one assembles them.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute, Mount
+
+from storage import Archive
+
+from . import errors, qido, stow, viewer, wado
+from .auth import AccessMiddleware
+from .config import WebConfig
+
+
+def create_app(archive: Archive, config: WebConfig) -> Starlette:
+    """The application serving ``archive`` as ``config`` says."""
+    dicomweb: list[BaseRoute] = [*qido.ROUTES, *wado.ROUTES, *stow.ROUTES]
+    routes: list[BaseRoute] = [Mount(config.base_path, routes=dicomweb)]
+    if config.viewer:
+        routes += viewer.routes(config)
+    middleware = [Middleware(AccessMiddleware, config=config)]
+    if config.cors_origins:  # outermost: a refused request still says where it may come from
+        middleware.insert(0, Middleware(
+            CORSMiddleware, allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "HEAD", "POST", "OPTIONS"], allow_headers=["*"],
+            expose_headers=["Content-Location", "Warning"]))
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers=errors.handlers())
+    app.state.archive = archive
+    app.state.config = config
+    return app

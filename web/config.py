@@ -1,0 +1,69 @@
+"""The ``web`` section of the configuration: the HTTP listener (DICOMweb, the viewer).
+
+The command line's loader (``scp/config.py``) reads it like every other section; it lives
+here so that ``web`` needs nothing of ``scp``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RIGHTS: tuple[str, ...] = ("none", "read", "read-write")
+"""What a user, a token or an anonymous client may do: nothing, GET/HEAD, or also POST."""
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """``web``: the HTTP listener beside the DICOM one (PS3.18 DICOMweb, the OHIF viewer)."""
+
+    enabled: bool = True
+    port: int = 8080
+    bind: str = "127.0.0.1"
+    base_path: str = "/dicom-web"
+    https: bool = False
+    cors_origins: tuple[str, ...] = ()
+    anonymous_local: str = "read-write"
+    anonymous_remote: str = "none"
+    users: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = ()
+    max_request_mb: int = 2048
+    viewer: bool = True
+    viewer_dir: Path = field(default=Path("viewer/dist"))
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "anonymous_local": RIGHTS,
+    "anonymous_remote": RIGHTS,
+}
+
+
+def check(values: dict[str, Any], problems: list[str]) -> None:
+    """Append to ``problems`` what is wrong with the ``web`` section's ``values`` (those
+    the file gives; the others are the defaults above)."""
+    for key, choices in CHOICES.items():
+        if key in values and values[key] not in choices:
+            problems.append(f"web.{key}: must be one of {', '.join(choices)},"
+                            f" not {values[key]!r}")
+    port = values.get("port")
+    if port is not None and not 0 <= port <= 65535:
+        problems.append(f"web.port: must be between 0 and 65535, not {port}")
+    bind = values.get("bind")
+    if bind is not None:
+        try:
+            ipaddress.ip_address(bind)
+        except ValueError:
+            problems.append(f"web.bind: must be an IP address, not {bind!r}")
+    base = values.get("base_path")
+    if base is not None and (not base.startswith("/") or base.endswith("/") or " " in base
+                             or base.startswith("/viewer")):
+        problems.append("web.base_path: must start with / and not end with one (e.g."
+                        f" /dicom-web), not {base!r}")
+    if values.get("max_request_mb", 1) < 0:
+        problems.append("web.max_request_mb: must not be negative (0 = no limit)")
+    for origin in values.get("cors_origins", ()):
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            problems.append(f"web.cors_origins: {origin!r} is not an origin such as"
+                            " https://viewer.example.org")

@@ -1,0 +1,100 @@
+"""Errors and their HTTP statuses, in one place (PS3.18 8.6 and each service's table).
+
+Endpoints raise :class:`WebError` (or let a storage error through); :func:`handlers`
+turns each into its status with a one-line ``text/plain`` reason, never a 500 with a
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+from storage import (
+    CannotConvert,
+    InstanceUnavailable,
+    InvalidQuery,
+    QueryFailed,
+    StorageError,
+    StorageFull,
+    TooManyMatches,
+)
+
+logger = logging.getLogger("minipacs.web")
+
+BAD_REQUEST = 400
+UNAUTHORIZED = 401
+FORBIDDEN = 403
+NOT_FOUND = 404
+NOT_ACCEPTABLE = 406
+CONFLICT = 409
+PAYLOAD_TOO_LARGE = 413
+UNSUPPORTED_MEDIA_TYPE = 415
+SERVICE_UNAVAILABLE = 503
+INSUFFICIENT_STORAGE = 507
+
+
+class WebError(Exception):
+    """A request we answer with ``status`` and the one-line ``reason``."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+STORAGE_STATUS: tuple[tuple[type[StorageError], int], ...] = (
+    (InvalidQuery, BAD_REQUEST),
+    (TooManyMatches, PAYLOAD_TOO_LARGE),  # PS3.18 8.3.4.4: the search is too broad
+    (InstanceUnavailable, NOT_FOUND),
+    (CannotConvert, NOT_ACCEPTABLE),
+    (StorageFull, INSUFFICIENT_STORAGE),
+    (QueryFailed, SERVICE_UNAVAILABLE),
+)
+"""A storage error's HTTP status; any other storage error is a 503."""
+
+
+def status_of(exc: StorageError) -> int:
+    """The HTTP status of a storage error (:data:`STORAGE_STATUS`)."""
+    return next((status for kind, status in STORAGE_STATUS if isinstance(exc, kind)),
+                SERVICE_UNAVAILABLE)
+
+
+def reason_line(text: str) -> str:
+    """``text`` on one line."""
+    return " ".join(str(text).split())
+
+
+async def _web_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, WebError)
+    return PlainTextResponse(reason_line(exc.reason) + "\n", exc.status, headers=exc.headers)
+
+
+async def _storage_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StorageError)
+    status = status_of(exc)
+    if status >= 500:
+        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+    return PlainTextResponse(reason_line(str(exc)) + "\n", status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
+    return PlainTextResponse(reason_line(exc.detail) + "\n", exc.status_code, headers=headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("%s %s failed", request.method, request.url.path)
+    return PlainTextResponse(f"internal error: {reason_line(repr(exc))}\n", 500)
+
+
+def handlers() -> dict[Any, Any]:
+    """Starlette's ``exception_handlers`` for every error above."""
+    return {WebError: _web_error, StorageError: _storage_error, HTTPException: _http_error,
+            Exception: _unexpected}

@@ -1,0 +1,133 @@
+"""The HTTP listener: uvicorn serving :func:`web.app.create_app` in a thread of its own.
+
+The DICOM listener runs pynetdicom's threads in the same process; uvicorn gets one thread
+with its own event loop, and Starlette runs the blocking index and file reads in its worker
+threads. :meth:`WebServer.stop` lets requests in flight finish (up to a grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from typing import Any
+
+import uvicorn
+
+from storage import Archive
+
+from .app import create_app
+from .config import WebConfig
+
+logger = logging.getLogger("minipacs.web")
+
+START_TIMEOUT = 30.0
+"""Seconds uvicorn may take to start serving on its bound socket."""
+
+
+class WebListenError(OSError):
+    """The HTTP listener could not bind its address and port, or did not start."""
+
+
+class WebServer:
+    """A running HTTP listener.
+
+    Parameters
+    ----------
+    config : WebConfig
+        The ``web`` section; ``port`` 0 picks a free port (see :attr:`port`).
+    archive : Archive
+        The archive the DICOM listener serves too.
+    certificate, private_key : str
+        PEM files for HTTPS (``web.https``: the ``tls`` section's certificate).
+    """
+
+    def __init__(self, config: WebConfig, archive: Archive, certificate: str = "",
+                 private_key: str = "") -> None:
+        self.config = config
+        self.archive = archive
+        self.app = create_app(archive, config)
+        self._tls = (certificate, private_key) if config.https else None
+        self._port = config.port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The port actually bound."""
+        return self._port
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self._tls else "http"
+
+    @property
+    def root_url(self) -> str:
+        """Where this listener answers, e.g. ``http://127.0.0.1:8080``."""
+        host = self.config.bind
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The DICOMweb root, e.g. ``http://127.0.0.1:8080/dicom-web``."""
+        return self.root_url + self.config.base_path
+
+    def start(self) -> None:
+        """Bind and start serving (returns once uvicorn serves).
+
+        Raises
+        ------
+        WebListenError
+            The port cannot be bound, or uvicorn did not start.
+        """
+        bind = self.config.bind
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        try:
+            sock = socket.create_server((bind, self.config.port), family=family, backlog=128)
+        except OSError as exc:
+            raise WebListenError(
+                f"cannot listen on {bind}:{self.config.port} (web): {exc.strerror or exc}"
+            ) from exc
+        self._port = int(sock.getsockname()[1])
+        kwargs: dict[str, Any] = {}
+        if self._tls:
+            kwargs.update(ssl_certfile=self._tls[0], ssl_keyfile=self._tls[1])
+        config = uvicorn.Config(
+            self.app, lifespan="off", log_config=None, access_log=False,
+            timeout_graceful_shutdown=10, server_header=False, **kwargs)
+        server = self._server = uvicorn.Server(config)
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(server.serve(sockets=[sock]))
+            except BaseException as exc:  # noqa: BLE001 - reported by start()
+                failed.append(exc)
+            finally:
+                sock.close()
+
+        self._thread = threading.Thread(target=run, name="minipacs-web", daemon=True)
+        self._thread.start()
+        while not server.started:  # poll until it serves, or its thread ended
+            self._thread.join(0.02)
+            if not self._thread.is_alive():
+                raise WebListenError(f"the web listener did not start: {failed or 'exited'}")
+        logger.info("minipacs DICOMweb at %s%s", self.url,
+                    f"; viewer at {self.root_url}/viewer/" if self.config.viewer else "")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let requests in flight finish (up to ``grace`` seconds)."""
+        if self._server is None or self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(grace)
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(5.0)
+        self._server = None
+        logger.info("minipacs DICOMweb stopped")
