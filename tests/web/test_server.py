@@ -3,12 +3,19 @@ access rules refuse."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.conftest import free_port
+from tests.test_cli import minipacs_command, wait_until_echo
 from tests.web.conftest import WebRunning
 from web import WebListenError, WebServer
 
@@ -29,3 +36,42 @@ def test_a_port_in_use_is_a_clear_error(start_web: Callable[..., WebRunning]) ->
         config = running.dicom.config.web.__class__(port=port, bind="127.0.0.1")
         with pytest.raises(WebListenError, match=f"cannot listen on 127.0.0.1:{port}"):
             WebServer(config, running.archive).start()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_starts_http_beside_dicom_and_sigterm_stops_both(tmp_path: Path, workers: int) -> None:
+    """``minipacs serve`` answers HTTP on ``--http-port``, names the DICOMweb root in its log,
+    and stops both listeners on SIGTERM (exit 0); with ``ae.workers`` > 1 the supervisor
+    serves HTTP."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"ae:\n  title: WEBTEST\n  bind: 127.0.0.1\n  workers: {workers}\n"
+                      "storage:\n  durability: relaxed\n")
+    port, http_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [*minipacs_command(), "serve", "--config", str(config), "--port", str(port),
+         "--http-port", str(http_port), "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        start_new_session=True)
+    try:
+        wait_until_echo(port, proc)
+        deadline = time.monotonic() + 30
+        while True:  # poll until the HTTP listener answers
+            assert proc.poll() is None, "minipacs exited early"
+            try:
+                answered = httpx.get(f"http://127.0.0.1:{http_port}/dicom-web/nothing")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "no HTTP answer within 30 s"
+                time.sleep(0.05)  # poll interval, not a wait for readiness
+        assert answered.status_code == 404
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert f"DICOMweb at http://127.0.0.1:{http_port}/dicom-web" in out
+    assert "DICOMweb stopped" in out
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{http_port}/dicom-web/nothing", timeout=2)
