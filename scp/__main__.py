@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import getpass
 import importlib.metadata
+import json
 import logging
 import signal
 import sys
@@ -18,6 +20,7 @@ from typing import Any
 
 from storage import DECODERS_LOGGER, Archive, StorageError, open_archive
 from web import WebListenError, WebServer
+from web.auth import ACCOUNT_RIGHTS, hash_password, hash_token, name_problem, new_token
 
 from .config import Config, ConfigError, load_config
 from .server import ListenError, Server
@@ -67,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     importer = commands.add_parser(
         "import", help="store a folder of DICOM files through the C-STORE path")
     importer.add_argument("folder", type=Path)
+    commands.add_parser(
+        "hash-password", help="print the hash of a password for web.users (asked for at a"
+        " prompt, or read from standard input's first line when that is not a terminal)")
+    token = commands.add_parser(
+        "new-token", help="print a new bearer token and its web.tokens entry")
+    token.add_argument("name", help="whom the token is for (logged when it is refused)")
+    token.add_argument("rights", choices=ACCOUNT_RIGHTS)
     for sub in (verify, commands.choices["reindex"], importer):
         sub.add_argument("--config", type=Path, help=f"configuration file (default: ./"
                          f"{DEFAULT_CONFIG} if present, else built-ins)")
@@ -229,8 +239,42 @@ def import_folder(config: Config, folder: Path) -> int:
     return 1 if report.rejected else 0
 
 
+def password_hash() -> int:
+    """``minipacs hash-password``: print the hash of a password read from a prompt (twice)
+    or, when standard input is not a terminal, from its first line; never from argv."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("minipacs: the two passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not password:
+        print("minipacs: the password is empty", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
+def token_entry(name: str, rights: str) -> int:
+    """``minipacs new-token NAME RIGHTS``: print a new token, then its ``web.tokens`` entry."""
+    if why := name_problem(name):
+        print(f"minipacs: {why}", file=sys.stderr)
+        return 2
+    token = new_token()
+    print(token)
+    print(json.dumps(f"{name}:{rights}:{hash_token(token)}"))  # a YAML string too
+    print("minipacs: the first line is the token, for the client (minipacs keeps only its"
+          " hash); the second is its entry for web.tokens", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "hash-password":  # no configuration needed
+        return password_hash()
+    if args.command == "new-token":
+        return token_entry(args.name, args.rights)
     try:
         config = _config(args)
     except ConfigError as exc:

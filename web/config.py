@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RIGHTS: tuple[str, ...] = ("none", "read", "read-write")
-"""What a user, a token or an anonymous client may do: nothing, GET/HEAD, or also POST."""
+from .auth import RIGHTS, entry_problems
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,8 @@ def check(values: dict[str, Any], problems: list[str]) -> None:
                         f" /dicom-web), not {base!r}")
     if values.get("max_request_mb", 1) < 0:
         problems.append("web.max_request_mb: must not be negative (0 = no limit)")
+    for key in ("users", "tokens"):  # name:rights:hash, each hash of the right form
+        problems.extend(entry_problems(f"web.{key}", values.get(key, ())))
     for origin in values.get("cors_origins", ()):
         if origin != "*" and not origin.startswith(("http://", "https://")):
             problems.append(f"web.cors_origins: {origin!r} is not an origin such as"
