@@ -2,6 +2,7 @@
 #   make run    create .venv if missing, install minipacs (with codecs), serve with config.yaml
 #   make test   install test extras, DCMTK, GDCM and PostgreSQL, then ruff, mypy and pytest
 #   make lint   ruff and mypy only
+#   make viewer fetch the prebuilt OHIF viewer (npm @ohif/app, pinned) into viewer/dist, once
 #   make bench  every benchmark (not part of make test; BENCH_ARGS=--quick for a few minutes,
 #               --write-readme to record): bench/all.py, see bench/README.md
 
@@ -11,7 +12,8 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.yaml
 comma  := ,
 
-.PHONY: run test lint bench install install-test dcmtk gdcm postgresql orthanc clean
+.PHONY: run test lint bench install install-test dcmtk gdcm postgresql orthanc clean viewer \
+        npm chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,11 +61,37 @@ postgresql:
 orthanc:
 	$(call apt_package,command -v Orthanc,orthanc,Orthanc,The benchmark needs it.)
 
+# The OHIF viewer that minipacs serves at /viewer/ (web/viewer.py): the dist/ folder of the npm
+# package @ohif/app, a prebuilt static site, fetched once with npm (which checks the registry's
+# integrity hash; we check our own too, of the version the browser test was run with). The
+# stamp (in dist) names the version: a new OHIF_VERSION fetches again. ~50 MB download, ~205 MB unpacked.
+OHIF_VERSION := 3.13.2
+OHIF_SHA512  := 5997719a9986eeba85816f5924b71b82bdd70ad2e2d4a0cd3e831a798e4f3deea3e06e1f8c48e393271933a0ba664d85f3b04ac457e9abe8dde715d907d13c10
+VIEWER_STAMP := viewer/dist/.ohif-$(OHIF_VERSION)
+
+viewer: $(VIEWER_STAMP)
+
+npm:
+	$(call apt_package,command -v npm,npm,npm,make viewer cannot fetch the OHIF viewer.)
+
+$(VIEWER_STAMP): | npm
+	rm -rf viewer/dist viewer/.fetch
+	mkdir -p viewer/.fetch
+	cd viewer/.fetch && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null
+	echo "$(OHIF_SHA512)  viewer/.fetch/ohif-app-$(OHIF_VERSION).tgz" | sha512sum --check --quiet
+	tar -xzf viewer/.fetch/ohif-app-$(OHIF_VERSION).tgz -C viewer/.fetch package/dist
+	mv viewer/.fetch/package/dist viewer/dist
+	rm -rf viewer/.fetch
+	touch $@
+
+chromium:
+	$(call apt_package,command -v chromium,chromium,Chromium,Without it the viewer's browser test skips$(comma) or fails when CI is set.)
+
 lint: install-test
 	$(BIN)/ruff check scp storage web tests bench
 	$(BIN)/mypy
 
-test: install-test dcmtk gdcm postgresql lint
+test: install-test dcmtk gdcm postgresql chromium viewer lint
 	TCP_NODELAY=1 $(BIN)/python -m pytest
 
 bench: install-test dcmtk orthanc
