@@ -99,7 +99,11 @@ class WebServer:
             kwargs.update(ssl_certfile=self._tls[0], ssl_keyfile=self._tls[1])
         config = uvicorn.Config(
             self.app, lifespan="off", log_config=None, access_log=False,
-            timeout_graceful_shutdown=10, server_header=False, **kwargs)
+            timeout_graceful_shutdown=10, server_header=False,
+            # X-Forwarded-For is believed from a proxy on this machine only, whatever the
+            # FORWARDED_ALLOW_IPS environment says: else a remote client could claim to be
+            # local and get web.anonymous_local's rights
+            proxy_headers=True, forwarded_allow_ips=["127.0.0.1", "::1"], **kwargs)
         server = self._server = uvicorn.Server(config)
         failed: list[BaseException] = []
 
