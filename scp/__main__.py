@@ -1,4 +1,5 @@
-"""The command line: ``minipacs serve | verify | reindex | import``, ``minipacs --version``.
+"""The command line: ``minipacs serve | verify | reindex | import | hash-password | new-token``,
+``minipacs --version``.
 The only place that configures logging or exits."""
 
 from __future__ import annotations
