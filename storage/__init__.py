@@ -25,7 +25,7 @@ from .errors import (
 from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .keys import Level, Model
 from .parsing import Spooled
-from .query import Query
+from .query import Query, Search, SearchAnswer
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -43,6 +43,8 @@ __all__ = [
     "Model",
     "Origin",
     "Query",
+    "Search",
+    "SearchAnswer",
     "Spooled",
     "QueryFailed",
     "SOPClassMismatch",

@@ -391,6 +391,33 @@ class Archive:
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
 
+    # -- QIDO-RS --------------------------------------------------------------------------
+
+    def parse_search(
+        self,
+        params: query.SearchParams,
+        level: query.Level,
+        study: str = "",
+        series: str = "",
+    ) -> query.Search:
+        """Validate a QIDO-RS search (PS3.18 10.6) into the same query as a C-FIND
+        identifier: :func:`storage.query.parse_search` (raises
+        :class:`~storage.errors.InvalidQuery`)."""
+        return query.parse_search(params, level, study, series, fold_pn=self.options.fold_pn)
+
+    def search(self, search: query.Search, retrieve_base: str = "") -> query.SearchAnswer:
+        """Answer a QIDO-RS search as a DICOM JSON array (PS3.18 Annex F), streamed in
+        chunks: :func:`storage.query.run_search`, with ``max_results`` as the server's
+        maximum and the index connection given back after every chunk. Each result's
+        RetrieveURL starts with ``retrieve_base`` (the DICOMweb root).
+
+        Raises
+        ------
+        QueryFailed
+            The index could not be read.
+        """
+        return query.run_search(search, retrieve_base, self.options.max_results, self.release)
+
     # -- C-MOVE / C-GET -------------------------------------------------------------------
 
     def retrieve(self, parsed: query.Query) -> list[StoredInstance]:

@@ -9,45 +9,69 @@ in Python (:mod:`.match`, :func:`row_matches`) and builds the responses (:mod:`.
 Nothing here knows the network: DICOMweb or the command line can reuse all of it.
 """
 
+from ..keys import Level
 from .answer import (
     _ASCII_VRS,
     _Out,
     _pydicom_element,
+    answer_elements,
     build_response,
     encode_response,
+    json_answer,
     response_charset,
     response_charset_problem,
 )
 from .match import constraint_matches, normalise, row_matches, wildcard_match
 from .model import AUTO, UTF8, Constraint, Entity, Kind, Op, Query, Requested, Row, Term
 from .parse import parse_identifier
+from .qido import (
+    BATCH_SIZE,
+    Search,
+    SearchAnswer,
+    SearchParams,
+    parse_search,
+    retrieve_url,
+    run_search,
+    valid_uid,
+)
 from .sql import page_select, select_rows, sql_conditions, wildcard_sql
 
 __all__ = [
     "AUTO",
+    "BATCH_SIZE",
     "UTF8",
     "Constraint",
     "Entity",
     "Kind",
+    "Level",
     "Op",
     "Query",
     "Requested",
     "Row",
+    "Search",
+    "SearchAnswer",
+    "SearchParams",
     "Term",
     "_ASCII_VRS",
     "_Out",
     "_pydicom_element",
+    "answer_elements",
     "build_response",
     "constraint_matches",
     "encode_response",
+    "json_answer",
     "normalise",
     "page_select",
     "parse_identifier",
+    "parse_search",
     "response_charset",
     "response_charset_problem",
+    "retrieve_url",
     "row_matches",
+    "run_search",
     "select_rows",
     "sql_conditions",
+    "valid_uid",
     "wildcard_match",
     "wildcard_sql",
 ]

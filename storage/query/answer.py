@@ -4,9 +4,10 @@ and the character set that can carry them (PS3.4 C.4.1.1.3.2; PS3.5 6.1)."""
 from __future__ import annotations
 
 import functools
+import json
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
+from ..keys import Level
 from ..values import PN_GROUPS
 from .match import _item_matches
 from .model import (
@@ -82,6 +84,41 @@ def encode_response(
             continue  # pydicom never writes retired group lengths (PS3.5 7.2)
         out.append(elements[tag].encode(implicit_vr, specific_charset))
     return b"".join(out)
+
+
+RETRIEVE_URL = 0x00081190
+
+
+def json_answer(
+    query: Query,
+    row: Row,
+    *,
+    everything: Sequence[Level] = (),
+    when_known: Collection[int] = (),
+    retrieve_url: str = "",
+) -> bytes:
+    """:func:`answer_elements` as one DICOM JSON object (PS3.18 Annex F), UTF-8 encoded.
+
+    Every value is as the index keeps it, already decoded from the stored character set:
+    PN as component groups (F.2.2), IS, DS and the binary numbers as JSON numbers
+    (F.2.3), small binary values as InlineBinary (F.2.7); an empty attribute has no
+    ``Value`` (F.2.5). No SpecificCharacterSet: the JSON is UTF-8 (F.2). The attributes in
+    ``when_known`` are left out when empty (PS3.18 Tables 10.6.3-3 to -5 "shall be present
+    if known"); ``retrieve_url`` is answered as RetrieveURL (0008,1190).
+    """
+    elements = answer_elements(query, row, None, everything)
+    if retrieve_url:
+        elements[RETRIEVE_URL] = _Out(RETRIEVE_URL, "UR", [retrieve_url])
+    out: dict[str, Any] = {}
+    for tag in sorted(elements):
+        element = elements[tag]
+        if element.value is None:
+            if tag not in when_known:
+                out[f"{tag:08X}"] = {"vr": element.vr}
+        else:
+            out[f"{tag:08X}"] = {"vr": element.vr, element.value_key: element.value}
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "replace")
 
 
 @dataclass
@@ -176,13 +213,32 @@ def _pydicom_element(element: DataElement, implicit_vr: bool,
 def _response_elements(
     query: Query, row: Row, charset: str, retrieve_ae_title: str
 ) -> tuple[dict[int, _Out], str | list[str]]:
-    """The elements of a response by tag (SpecificCharacterSet apart), and the
+    """The elements of a DIMSE response by tag (SpecificCharacterSet apart), and the
     SpecificCharacterSet that can encode them."""
-    elements = {QUERY_RETRIEVE_LEVEL: _Out(QUERY_RETRIEVE_LEVEL, "CS", [query.level.name])}
+    texts: list[str] = []
+    elements = answer_elements(query, row, texts)
+    elements[QUERY_RETRIEVE_LEVEL] = _Out(QUERY_RETRIEVE_LEVEL, "CS", [query.level.name])
     if retrieve_ae_title:
         elements[RETRIEVE_AE_TITLE] = _Out(RETRIEVE_AE_TITLE, "AE", [retrieve_ae_title])
-    texts: list[str] = []
+    wanted = query.charset if charset == AUTO else (charset,)
+    return elements, response_charset(wanted, texts)
+
+
+def answer_elements(
+    query: Query, row: Row, texts: list[str] | None = None, everything: Sequence[Level] = ()
+) -> dict[int, _Out]:
+    """The answer to ``query`` of one match, element by element: the step every form of an
+    answer shares (a DIMSE data set or its bytes, DICOM JSON).
+
+    Each requested key holds the match's value, zero-length where it has none (PS3.4
+    C.4.1.1.3.2); a sequence key with item keys holds only the matching items (PS3.4
+    C.2.2.2.6) with only those item keys. ``everything`` adds every other attribute kept
+    at those levels (QIDO-RS ``includefield=all``, PS3.18 8.3.4.3). SpecificCharacterSet
+    is never among them: each form declares its own. ``texts`` collects the text values,
+    for the character set of a DIMSE response.
+    """
     sequences = {c.tag: c for c in query.constraints if c.kind is Kind.SEQUENCE}
+    elements: dict[int, _Out] = {}
     for req in query.requested:
         element = None
         if req.level <= query.level:
@@ -190,12 +246,19 @@ def _response_elements(
         if element and req.tag in sequences:
             element = _matching_items(element, sequences[req.tag], query.fold_pn)
         elements[req.tag] = _element(req, element, texts)
+    for level in everything:
+        for key, element in row.attrs(level).items():
+            tag = int(key, 16)
+            if tag not in elements and isinstance(element, dict):
+                elements[tag] = _element(Requested(tag, element.get("vr", ""), level),
+                                         element, texts)
     elements.pop(SPECIFIC_CHARACTER_SET, None)
-    wanted = query.charset if charset == AUTO else (charset,)
-    return elements, response_charset(wanted, texts)
+    return elements
 
 
-def _element(req: Requested, element: dict[str, Any] | None, texts: list[str]) -> _Out:
+def _element(
+    req: Requested, element: dict[str, Any] | None, texts: list[str] | None
+) -> _Out:
     if not element or ("Value" not in element and "InlineBinary" not in element):
         vr = req.vr if req.vr not in ("UN", "") else _dictionary_vr(req.tag)
         return _Out(req.tag, vr, None)
@@ -204,7 +267,8 @@ def _element(req: Requested, element: dict[str, Any] | None, texts: list[str]) -
     if vr == "SQ" and req.items:
         value = [_requested_only(item, req.items) for item in value if isinstance(item, dict)]
     value_key = "Value" if "Value" in element else "InlineBinary"
-    texts.extend(_all_text(value))
+    if texts is not None:
+        texts.extend(_all_text(value))
     return _Out(req.tag, vr, value, value_key)
 
 
