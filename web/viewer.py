@@ -76,7 +76,7 @@ window.config = {{
   showCPUFallbackMessage: true,
   showLoadingIndicator: true,
   strictZSpacingForVolumeViewport: true,
-  investigationalUseDialog: {{ option: 'never' }},
+  investigationalUseDialog: {{ option: 'configure', days: 30 }},
   defaultDataSourceName: 'minipacs',
   dataSources: [
     {{
@@ -94,7 +94,8 @@ window.config = {{
         supportsReject: false,
         staticWado: false,
         imageRendering: 'wadors',
-        thumbnailRendering: 'wadors',
+        thumbnailRendering: 'thumbnail',
+        thumbnailRequestStrategy: 'fetch',
         enableStudyLazyLoad: true,
         bulkDataURI: {{ enabled: true }},
         omitQuotationForMultipartRequest: true,

@@ -1,15 +1,46 @@
-"""The OHIF viewer served at /viewer/: the build's files rewritten for that path and the
-configuration minipacs generates."""
+"""The OHIF viewer served at /viewer/: the build's files rewritten for that path, the
+configuration minipacs generates, and the real viewer (``make viewer``) in Debian's headless
+Chromium, driven by Playwright, listing what was stored by C-STORE and painting a study from
+our own QIDO-RS and WADO-RS."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import io
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import Page, sync_playwright
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 
+from tests.conftest import associate
+from tests.factory import uid
 from tests.web.conftest import WebRunning
+
+ROOT = Path(__file__).resolve().parents[2]
+VIEWER_DIST = ROOT / "viewer" / "dist"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [  # without the background-networking flags a closed network refuses Chromium
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+TIMEOUT_MS = 45_000
+
+
+def require(present: bool, message: str) -> None:
+    """Skip saying why, or fail when ``CI`` is set: a missing part is never a pass."""
+    if present:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
 
 # -- the files, with a build of our own made like OHIF's ----------------------------------
 
@@ -127,3 +158,119 @@ def test_viewer_false_serves_no_viewer(start_web: Callable[..., WebRunning],
 def test_only_get_and_head(start_web: Callable[..., WebRunning], build: Path) -> None:
     running = start_web(**{"web.viewer_dir": str(build)})
     assert httpx.post(f"{running.root}/viewer/", content=b"x").status_code == 405
+
+
+# -- the real viewer in a real browser ------------------------------------------------------
+
+
+def study(sample: str, patient: str, count: int) -> list[Dataset]:
+    """``count`` slices of one series of one new study, copies of pydicom's ``sample`` (real,
+    non-uniform pixels) with new UIDs and their own positions."""
+    study_uid, series_uid = uid(), uid()
+    slices = []
+    for number in range(1, count + 1):
+        ds = dcmread(get_testdata_file(sample))
+        ds.PatientName, ds.PatientID = patient, patient.replace("^", "")
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid()
+        ds.StudyDescription = f"viewer test {patient}"
+        ds.InstanceNumber = number
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + 2.5 * number]
+        slices.append(ds)
+    return slices
+
+
+@pytest.fixture
+def viewer_dist() -> Path:
+    """The OHIF build ``make viewer`` fetched."""
+    require((VIEWER_DIST / "index.html").is_file(),
+            f"the OHIF viewer is not in {VIEWER_DIST}: run make viewer (make test does)")
+    return VIEWER_DIST
+
+
+@pytest.fixture
+def chromium_page(tmp_path: Path) -> Iterator[Page]:
+    """A page of Debian's Chromium, headless, driven by Playwright (its own browser download
+    cannot work here: ``executable_path``), in a fresh profile."""
+    require(CHROMIUM.exists(), f"{CHROMIUM} is missing: install the Debian package chromium"
+                               " (make test does it when run as root)")
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS, headless=True, viewport={"width": 1920, "height": 1080})
+        try:
+            context.set_default_timeout(TIMEOUT_MS)
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+def test_ohif_lists_the_studies_with_their_instance_counts_and_paints_one(
+        start_web: Callable[..., WebRunning], viewer_dist: Path, chromium_page: Page) -> None:
+    """A person opens /viewer/, sees each stored study with its number of instances (OHIF
+    shows NumberOfStudyRelatedInstances from QIDO-RS), selects one (its series' thumbnail
+    comes from WADO-RS /thumbnail), opens it, and its first image is painted from WADO-RS
+    frames: a viewport canvas whose pixels are not uniform. No DICOMweb request fails."""
+    page = chromium_page
+    running = start_web(**{"web.viewer_dir": str(viewer_dist)})
+    studies = {"Viewer, Alpha": study("CT_small.dcm", "Viewer^Alpha", 3),
+               "Viewer, Beta": study("MR_small.dcm", "Viewer^Beta", 2)}
+    assoc = associate(running.dicom)
+    try:
+        for slices in studies.values():
+            for ds in slices:
+                assert assoc.send_c_store(ds).Status == 0
+    finally:
+        assoc.release()
+
+    failed: list[str] = []  # what the browser asked for and did not get, printed on failure
+    page.on("requestfailed", lambda r: failed.append(
+        f"{r.method} {r.url} Accept: {r.headers.get('accept')} -> {r.failure}"))
+    page.on("response", lambda r: r.status >= 400 and failed.append(
+        f"{r.request.method} {r.url} Accept: {r.request.headers.get('accept')} -> {r.status}"))
+    try:
+        page.goto(f"{running.root}/viewer/")
+        page.get_by_role("button", name="Confirm and hide").click()  # OHIF's notice, once
+        headers = page.locator("thead th")
+        headers.first.wait_for()
+        labels = headers.evaluate_all(
+            "ths => ths.map(th => th.querySelector('[aria-label^=\"Sort \"]')"
+            "?.getAttribute('aria-label') ?? '')")
+        assert "Sort Instances" in labels, f"no Instances column in the study list: {labels}"
+        column = labels.index("Sort Instances")
+        for patient, slices in studies.items():
+            row = page.locator("tbody tr", has_text=patient)
+            row.wait_for()
+            assert row.locator("td").nth(column).inner_text().strip() == str(len(slices)), \
+                f"{patient}: {row.inner_text()!r}"
+
+        # select the CT study: the preview shows its series with a thumbnail (/thumbnail)
+        page.locator("tbody tr", has_text="Viewer, Alpha").click()
+        page.wait_for_function(
+            "() => [...document.images].some(i => i.src.startsWith('blob:') && i.complete"
+            " && i.naturalWidth > 0)", polling=250)
+
+        # open it as a person does: launch the basic viewer
+        page.get_by_role("button", name="Basic Viewer").click()
+        page.wait_for_url("**/viewer/viewer?*")
+        assert studies["Viewer, Alpha"][0].StudyInstanceUID in page.url
+
+        # wait until a viewport canvas holds an image: many grey levels, not a blank one
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('canvas.cornerstone-canvas')].some(c => {
+                 if (!c.width || !c.height) return false;
+                 const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                 const levels = new Set();
+                 for (let i = 0; i < data.length; i += 4 * 7) levels.add(data[i]);
+                 return levels.size > 32;
+               })""", polling=250)
+        shot = page.locator("canvas.cornerstone-canvas").first.screenshot()
+    except (AssertionError, PlaywrightError) as exc:
+        raise AssertionError(f"{exc}\nthe browser's failed requests:\n  "
+                             + "\n  ".join(failed or ["none"])) from exc
+    grey = Image.open(io.BytesIO(shot)).convert("L")
+    assert len(grey.getcolors(256) or ()) > 32, "the painted viewport is (nearly) uniform"
+    # a request the page gave up itself (a thumbnail no longer shown) is not a failure
+    dicomweb = [line for line in failed if running.url in line and "ERR_ABORTED" not in line]
+    assert not dicomweb, "DICOMweb requests failed:\n  " + "\n  ".join(dicomweb)
