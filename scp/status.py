@@ -13,15 +13,13 @@ import logging
 from pydicom.dataset import Dataset
 
 from storage import (
-    DuplicateRejected,
-    InvalidInstance,
+    FailureCode,
     InvalidQuery,
     QueryFailed,
-    SOPClassMismatch,
     StorageError,
-    StorageFull,
     StoreOutcome,
     TooManyMatches,
+    failure_code,
 )
 
 logger = logging.getLogger(__name__)
@@ -29,15 +27,15 @@ logger = logging.getLogger(__name__)
 SUCCESS = 0x0000
 
 # PS3.7 Annex C, general statuses
-DUPLICATE_SOP_INSTANCE = 0x0111
+DUPLICATE_SOP_INSTANCE = int(FailureCode.DUPLICATE_SOP_INSTANCE)
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
 NOT_AUTHORISED = 0x0124  # Refused: Not Authorised
 
-# PS3.4 B.2.3, Storage
-STORE_OUT_OF_RESOURCES = 0xA700
-STORE_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-STORE_CANNOT_UNDERSTAND = 0xC000
-STORE_PROCESSING_FAILURE = 0xC001  # an unexpected fault of ours, still "Error: Cannot understand"
+# PS3.4 B.2.3, Storage: which storage error gets which code is storage's FailureCode
+STORE_OUT_OF_RESOURCES = int(FailureCode.OUT_OF_RESOURCES)
+STORE_DATASET_DOES_NOT_MATCH_SOP_CLASS = int(FailureCode.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+STORE_CANNOT_UNDERSTAND = int(FailureCode.CANNOT_UNDERSTAND)
+STORE_PROCESSING_FAILURE = int(FailureCode.PROCESSING_FAILURE)  # a fault of ours, still Cxxx
 
 # PS3.4 C.4.1.1.4, C-FIND (C-GET, PS3.4 C.4.3.1.4, uses the same failure codes)
 PENDING = 0xFF00
@@ -93,18 +91,11 @@ def store_status(outcome: StoreOutcome) -> int:
 
 
 def store_error_status(exc: Exception) -> Dataset:
-    """Map an error raised while storing to its PS3.4 B.2.3 / PS3.7 status."""
-    if isinstance(exc, SOPClassMismatch):
-        return with_comment(STORE_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
-    if isinstance(exc, InvalidInstance):
-        return with_comment(STORE_CANNOT_UNDERSTAND, str(exc))
-    if isinstance(exc, DuplicateRejected):
-        return with_comment(DUPLICATE_SOP_INSTANCE, str(exc))
-    if isinstance(exc, StorageFull):
-        return with_comment(STORE_OUT_OF_RESOURCES, str(exc))
-    if isinstance(exc, StorageError):
-        return with_comment(STORE_PROCESSING_FAILURE, str(exc))
-    return with_comment(STORE_PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
+    """Map an error raised while storing to its PS3.4 B.2.3 / PS3.7 status: the error's
+    ``failure_code`` (storage's :class:`~storage.FailureCode`), with its text as comment."""
+    comment = str(exc) if isinstance(exc, StorageError) else \
+        f"internal error: {type(exc).__name__}"
+    return with_comment(int(failure_code(exc)), comment)
 
 
 def find_error_status(exc: Exception) -> Dataset:
