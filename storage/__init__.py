@@ -12,6 +12,7 @@ from .convert import install_log_filters as install_decoder_log_filter
 from .errors import (
     CannotConvert,
     DuplicateRejected,
+    FailureCode,
     InstanceUnavailable,
     InvalidInstance,
     InvalidQuery,
@@ -20,7 +21,10 @@ from .errors import (
     StorageError,
     StorageFull,
     StoreInUse,
+    StudyMismatch,
     TooManyMatches,
+    TransferSyntaxNotSupported,
+    failure_code,
 )
 from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .keys import Level, Model
@@ -36,6 +40,7 @@ __all__ = [
     "DECODERS_LOGGER",
     "DuplicatePolicy",
     "DuplicateRejected",
+    "FailureCode",
     "InstanceUnavailable",
     "InvalidInstance",
     "InvalidQuery",
@@ -53,8 +58,11 @@ __all__ = [
     "StoreInUse",
     "StoreOutcome",
     "StoredInstance",
+    "StudyMismatch",
     "TooManyMatches",
+    "TransferSyntaxNotSupported",
     "WriteResult",
+    "failure_code",
     "install_decoder_log_filter",
     "open_archive",
 ]
