@@ -1,6 +1,7 @@
 # minipacs: the README's commands.
 #   make run    create .venv if missing, install minipacs (with codecs), serve with config.yaml
-#   make test   install test extras, DCMTK, GDCM and PostgreSQL, then ruff, mypy and pytest
+#   make test   install test extras, DCMTK, GDCM, PostgreSQL, Chromium and the viewer, then ruff,
+#               mypy and pytest
 #   make lint   ruff and mypy only
 #   make viewer fetch the prebuilt OHIF viewer (npm @ohif/app, pinned) into viewer/dist, once
 #   make bench  every benchmark (not part of make test; BENCH_ARGS=--quick for a few minutes,
