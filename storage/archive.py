@@ -10,6 +10,7 @@ the new file is removed, and a replaced file is removed only after the commit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 import peewee as pw
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
 from . import index, maintenance, query
 from .convert import as_stored, to_accepted
@@ -34,9 +35,11 @@ from .errors import (
     SOPClassMismatch,
     StorageError,
     StorageFull,
+    StudyMismatch,
     TooManyMatches,
+    TransferSyntaxNotSupported,
 )
-from .files import FileStore, FilesystemStore
+from .files import TEMP_DIR, FileStore, FilesystemStore
 from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .keys import Model
 from .parsing import (
@@ -53,6 +56,10 @@ from .values import strip
 
 logger = logging.getLogger(__name__)
 
+KNOWN_SYNTAXES = frozenset(str(uid) for uid in AllTransferSyntaxes)
+"""The transfer syntaxes a Part 10 file may be in (:meth:`Archive.store_part10`): those
+pydicom knows, which C-STORE's presentation contexts offer."""
+
 @dataclass(frozen=True)
 class Origin:
     """Who sent an instance (recorded as SourceApplicationEntityTitle in the file meta)."""
@@ -68,6 +75,9 @@ class StoreOutcome:
     result: WriteResult
     sop_instance_uid: str
     warnings: tuple[str, ...] = ()
+    sop_class_uid: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,7 @@ class Archive:
         *,
         sop_class_uid: str | None = None,
         sop_instance_uid: str | None = None,
+        study_instance_uid: str | None = None,
         origin: Origin | None = None,
     ) -> StoreOutcome:
         """Store one encoded data set (without file meta) in ``transfer_syntax_uid``.
@@ -155,6 +166,9 @@ class Archive:
         sop_class_uid, sop_instance_uid : str, optional
             What the request declared (AffectedSOPClassUID / AffectedSOPInstanceUID); the
             data set must agree.
+        study_instance_uid : str, optional
+            The study the request names (a STOW-RS ``/studies/{study}``); the data set must
+            be of that study.
         origin : Origin, optional
             The sender.
 
@@ -165,6 +179,8 @@ class Archive:
         SOPClassMismatch
             Its SOP Class differs from the request's (PS3.4 B.2.3 A900). A differing SOP
             Instance UID is stored under the data set's own UID, with a warning.
+        StudyMismatch
+            Its Study Instance UID differs from ``study_instance_uid`` (nothing is written).
         DuplicateRejected
             Policy ``reject`` and other content is stored under the UID (PS3.7 C 0111).
         StorageFull
@@ -191,6 +207,10 @@ class Archive:
                 f"data set SOP Class {parsed.sop_class_uid} differs from the request's "
                 f"{sop_class_uid}"
             )
+        study = parsed.record.study["study_instance_uid"]
+        if study_instance_uid is not None and study != study_instance_uid:
+            raise StudyMismatch(f"instance of study {study}, not of the request's"
+                                f" {study_instance_uid}")
         if sop_instance_uid and parsed.sop_instance_uid != strip("UI", sop_instance_uid):
             # The data set's own UID is authoritative (it is what every query and retrieve
             # will name); the mismatch is worth a line in the log, not a lost image.
@@ -200,6 +220,8 @@ class Archive:
             )
         digest = content_hash(transfer_syntax_uid, data)
         uid = parsed.sop_instance_uid
+        uids = {"sop_class_uid": parsed.sop_class_uid, "study_instance_uid": study,
+                "series_instance_uid": parsed.record.series["series_instance_uid"]}
 
         # A cheap look before writing anything: resends and refused duplicates cost no I/O.
         try:
@@ -209,7 +231,7 @@ class Archive:
         if existing is not None:
             early = self._early_duplicate(existing[0], digest, uid)
             if early is not None:
-                return early
+                return dataclasses.replace(early, **uids)
 
         meta = file_meta(parsed, transfer_syntax_uid, origin.ae_title)
         chunks = itertools.chain((meta,), chunks_of(data))
@@ -242,7 +264,7 @@ class Archive:
         warnings = tuple(parsed.warnings + written.warnings)
         for warning in warnings:
             logger.warning("%s: %s", uid, warning)
-        return StoreOutcome(written.result, uid, warnings)
+        return StoreOutcome(written.result, uid, warnings, **uids)
 
     @contextlib.contextmanager
     def _reserving(self, size: int) -> Iterator[None]:
@@ -303,6 +325,64 @@ class Archive:
         if policy is DuplicatePolicy.REJECT:
             raise DuplicateRejected(f"SOP Instance {uid} is already stored with other content")
         return None
+
+    # -- STOW-RS -------------------------------------------------------------------------
+
+    def spool_folder(self) -> Path:
+        """Where a front end spools an incoming object too large for memory before
+        :meth:`store_part10`: the file store's temporary folder, on the store's own disk
+        (never a RAM-backed ``/tmp``). Name spool files ``*.part``: what a crash leaves of
+        them is removed when the store is opened again."""
+        return self.options.files_path / TEMP_DIR
+
+    def store_part10(
+        self,
+        source: bytes | Path,
+        *,
+        study_instance_uid: str | None = None,
+        origin: Origin | None = None,
+    ) -> StoreOutcome:
+        """Store a DICOM Part 10 file (PS3.10 7.1: preamble, File Meta, data set), held in
+        memory or in a file, through :meth:`store`: its data set in the transfer syntax its
+        File Meta names, with every check and promise of a C-STORE. A file is read a chunk
+        at a time, never whole into memory. The File Meta group may start the file, without
+        preamble (what dicomweb-client sends of a data set not read from a file).
+
+        Raises
+        ------
+        InvalidInstance
+            Not a Part 10 file, or a data set :meth:`store` refuses.
+        TransferSyntaxNotSupported
+            Its transfer syntax is not one pydicom knows (C-STORE's presentation contexts
+            offer those only).
+        StudyMismatch, DuplicateRejected, StorageFull
+            As :meth:`store`.
+        """
+        data: bytes | Spooled
+        if isinstance(source, Path):
+            syntax, data = Spooled.part10(source, preamble_optional=True)
+        else:
+            syntax, data = split_part10(source, preamble_optional=True)
+        if syntax not in KNOWN_SYNTAXES:
+            raise TransferSyntaxNotSupported(f"transfer syntax {syntax} is not supported")
+        return self.store(data, syntax, study_instance_uid=study_instance_uid, origin=origin)
+
+    def identify_part10(self, source: bytes | Path) -> tuple[str, str]:
+        """The SOP Class and SOP Instance UIDs of a Part 10 file that :meth:`store_part10`
+        refused, as far as its header can be read (``""`` for what cannot): what names the
+        refused instance in an answer."""
+        try:
+            if isinstance(source, Path):
+                syntax, spooled = Spooled.part10(source, preamble_optional=True)
+                with spooled.view() as view:
+                    ds = read_header(view, syntax, strict=False)
+            else:
+                syntax, raw = split_part10(source, preamble_optional=True)
+                ds = read_header(raw, syntax, strict=False)
+            return (strip("UI", str(ds.get("SOPClassUID", ""))),
+                    strip("UI", str(ds.get("SOPInstanceUID", ""))))
+        except Exception:  # noqa: BLE001 - a part we cannot read is named by nothing
+            return "", ""
 
     # -- C-FIND --------------------------------------------------------------------------
 

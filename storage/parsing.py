@@ -538,9 +538,9 @@ class Spooled:
     length: int
 
     @classmethod
-    def part10(cls, path: Path) -> tuple[str, Spooled]:
+    def part10(cls, path: Path, preamble_optional: bool = False) -> tuple[str, Spooled]:
         """The transfer syntax and data set of the Part 10 file ``path`` (read up to the end
-        of its File Meta Information only).
+        of its File Meta Information only); ``preamble_optional``: see :func:`split_part10`.
 
         Raises
         ------
@@ -552,14 +552,14 @@ class Spooled:
             size = os.fstat(f.fileno()).st_size
         # the group ends where its (0002,0000) group length says: a data set that itself
         # starts with group 0002 elements (some senders) must not be taken for File Meta
-        at = _PART10_MAGIC_AT + 4
+        at = _meta_at(head, preamble_optional)
         if head[at:at + 6] == b"\x02\x00\x00\x00UL" and len(head) >= at + 12:
             (group_length,) = struct.unpack_from("<L", head, at + 8)
             end = at + 12 + group_length
             if end <= len(head):
-                syntax, _ = split_part10(head[:end])
+                syntax, _ = split_part10(head[:end], preamble_optional)
                 return syntax, cls(path, end, size - end)
-        syntax, rest = split_part10(head)
+        syntax, rest = split_part10(head, preamble_optional)
         offset = len(head) - len(rest)
         return syntax, cls(path, offset, size - offset)
 
@@ -603,9 +603,28 @@ Buffer = bytes | memoryview
 _PART10_MAGIC_AT = 128
 
 
-def split_part10(raw: bytes) -> tuple[str, bytes]:
+def _meta_at(head: bytes, preamble_optional: bool) -> int:
+    """Where the File Meta group starts: after the preamble and "DICM" (PS3.10 7.1) or, when
+    the preamble is optional, at the start of a file that begins with a group 0002 element
+    in Explicit VR (what pydicom's ``dcmwrite`` writes of a data set not read from a file,
+    and so what dicomweb-client sends).
+
+    Raises
+    ------
+    InvalidInstance
+        Neither.
+    """
+    if head[_PART10_MAGIC_AT:_PART10_MAGIC_AT + 4] == b"DICM":
+        return _PART10_MAGIC_AT + 4
+    if preamble_optional and head[:2] == b"\x02\x00" and head[4:6].isalpha():
+        return 0
+    raise InvalidInstance("not a DICOM Part 10 file (no DICM after the preamble)")
+
+
+def split_part10(raw: bytes, preamble_optional: bool = False) -> tuple[str, bytes]:
     """The transfer syntax and data set bytes of a DICOM Part 10 file (PS3.10 7.1: a
-    128-byte preamble, "DICM", the File Meta group 0002 in Explicit VR Little Endian).
+    128-byte preamble, "DICM", the File Meta group 0002 in Explicit VR Little Endian; with
+    ``preamble_optional``, the File Meta group may also start the file).
 
     Raises
     ------
@@ -613,9 +632,7 @@ def split_part10(raw: bytes) -> tuple[str, bytes]:
         It is not a Part 10 file, or its File Meta group is damaged or names no
         Transfer Syntax UID.
     """
-    if raw[_PART10_MAGIC_AT:_PART10_MAGIC_AT + 4] != b"DICM":
-        raise InvalidInstance("not a DICOM Part 10 file (no DICM after the preamble)")
-    pos = _PART10_MAGIC_AT + 4
+    pos = _meta_at(raw, preamble_optional)
     syntax = ""
     while pos + 8 <= len(raw):
         group, elem = struct.unpack_from("<HH", raw, pos)
