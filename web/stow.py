@@ -1,7 +1,365 @@
-"""STOW-RS (PS3.18 10.5): storing multipart/related bodies of DICOM instances."""
+"""STOW-RS (PS3.18 10.5): storing multipart/related bodies of DICOM instances.
+
+``POST {base}/studies`` and ``POST {base}/studies/{study}`` take a
+``multipart/related; type="application/dicom"`` body. It is read as a stream
+(:class:`web.multipart.PartReader`: small parts in memory, large ones spooled to a file in
+the store's temporary folder) and each part is stored as soon as its closing boundary has
+arrived, through :meth:`storage.Archive.store_part10`, the C-STORE path with its checks,
+durability, duplicate policy and counters. The answer is a Store Instances Response Module
+(PS3.18 Annex I) in DICOM JSON, with the HTTP status of PS3.18 Table 10.5.3-1.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
-ROUTES: list[BaseRoute] = []
+import anyio
+from pydicom.dataset import Dataset
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from storage import (
+    Archive,
+    FailureCode,
+    Origin,
+    StorageError,
+    StoreOutcome,
+    WriteResult,
+    failure_code,
+)
+
+from .errors import (
+    BAD_REQUEST,
+    CONFLICT,
+    NOT_ACCEPTABLE,
+    PAYLOAD_TOO_LARGE,
+    REQUEST_TIMEOUT,
+    UNSUPPORTED_MEDIA_TYPE,
+    WebError,
+    reason_line,
+)
+from .multipart import MalformedBody, Part, PartReader, media_type
+
+logger = logging.getLogger("minipacs.web.stow")
+
+OK = 200
+ACCEPTED = 202
+
+DICOM = "application/dicom"
+DICOM_JSON = "application/dicom+json"
+JSON = "application/json"
+ANSWER_TYPES = {DICOM_JSON: DICOM_JSON, JSON: JSON, "application/*": DICOM_JSON,
+                "*/*": DICOM_JSON}
+"""Accept media types we answer, and the Content-Type answered for each."""
+
+MB = 1024 * 1024
+
+BODY_IDLE_TIMEOUT = 60.0
+"""Seconds a request body may stall (no bytes arrive) before we answer 408 and drop what
+the part in progress had spooled. uvicorn has no such timeout of its own. A test may set
+``app.state.stow_idle_timeout`` to a shorter one."""
+
+ELEMENTS_DISCARDED = 0xB006
+"""PS3.18 Table I.2-1 Warning Reason "Elements Discarded": what we report when the sent
+instance was not kept because another with its SOP Instance UID is stored and
+``storage.on_duplicate`` is ``keep``."""
+
+UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+UID_MAX = 64
+"""PS3.5 9.1: a UID is dot-separated digits, at most 64 characters."""
+
+
+@dataclass
+class StoreResponse:
+    """The Store Instances Response Module (PS3.18 Table I.1-1) being built, part by part.
+
+    Parameters
+    ----------
+    root : str
+        The DICOMweb root URL, for the RetrieveURLs.
+    study : str or None
+        The study of the request's target resource (``/studies/{study}``).
+    """
+
+    root: str
+    study: str | None
+    referenced: list[Dataset] = field(default_factory=list)
+    failed: list[Dataset] = field(default_factory=list)
+    warnings: int = 0
+    studies: set[str] = field(default_factory=set)
+
+    def stored(self, outcome: StoreOutcome) -> None:
+        """A ReferencedSOPSequence item (PS3.18 Table I.1-1) for a stored instance."""
+        item = _reference(outcome.sop_class_uid, outcome.sop_instance_uid)
+        item.RetrieveURL = (f"{self.root}/studies/{outcome.study_instance_uid}/series/"
+                            f"{outcome.series_instance_uid}/instances/{outcome.sop_instance_uid}")
+        if outcome.result is WriteResult.KEPT:  # PS3.18 I.2.1
+            item.WarningReason = ELEMENTS_DISCARDED
+            self.warnings += 1
+        self.referenced.append(item)
+        self.studies.add(outcome.study_instance_uid)
+
+    def refused(self, sop_class_uid: str, sop_instance_uid: str, code: int) -> None:
+        """A FailedSOPSequence item with its FailureReason (PS3.18 Table I.2-2)."""
+        item = _reference(sop_class_uid, sop_instance_uid)
+        item.FailureReason = int(code)
+        self.failed.append(item)
+
+    @property
+    def status(self) -> int:
+        """PS3.18 Table 10.5.3-1: 200 when every instance was stored, 202 when some were
+        and others failed or carry warnings, 409 when none was."""
+        if not self.referenced:
+            return CONFLICT
+        return ACCEPTED if self.failed or self.warnings else OK
+
+    def render(self, answer_type: str, headers: dict[str, str] | None = None) -> Response:
+        """The module in DICOM JSON (PS3.18 Annex F)."""
+        ds = Dataset()
+        # Type 2 (PS3.18 Table I.1-1): the study's URL when the stored instances have one
+        study = self.study or (next(iter(self.studies)) if len(self.studies) == 1 else None)
+        ds.RetrieveURL = f"{self.root}/studies/{study}" if study and self.referenced else None
+        if self.failed:
+            ds.FailedSOPSequence = self.failed
+        if self.referenced:
+            ds.ReferencedSOPSequence = self.referenced
+        return JSONResponse(ds.to_json_dict(), self.status, headers=headers,
+                            media_type=answer_type)
+
+
+def _reference(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    """The SOP Instance Reference Macro (PS3.3 Table 10-11); a part we could not read is
+    named by empty UIDs."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class_uid or None
+    item.ReferencedSOPInstanceUID = sop_instance_uid or None
+    return item
+
+
+async def store_instances(request: Request) -> Response:
+    """POST ``{base}/studies[/{study}]`` (PS3.18 10.5.1): store each part of the body as it
+    arrives, and answer with the Store Instances Response Module (PS3.18 10.5.3)."""
+    started = time.monotonic()
+    study = request.path_params.get("study")
+    if study is not None:
+        check_uid(study)
+    answer_type = answer_media_type(request.headers.get("accept"))
+    boundary = dicom_boundary(request.headers.get("content-type"))
+    limit = request.app.state.config.max_request_mb * MB
+    check_declared_length(request.headers.get("content-length"), limit)
+    archive: Archive = request.app.state.archive
+    response = StoreResponse(service_url(request), study)
+    reader = PartReader(boundary, archive.spool_folder())
+    try:
+        headers = await _receive(request, reader, limit, response)
+    finally:
+        reader.close()
+    logger.info("STOW-RS from %s: %d stored, %d failed, %.2f s", _client(request),
+                len(response.referenced), len(response.failed), time.monotonic() - started)
+    return response.render(answer_type, headers)
+
+
+async def _receive(request: Request, reader: PartReader, limit: int,
+                   response: StoreResponse) -> dict[str, str]:
+    """Read the body into ``reader`` and store each part it completes; the answer's extra
+    headers. A body cut short, too large, stalled or malformed raises :class:`WebError`
+    once the parts before it were stored."""
+    archive: Archive = request.app.state.archive
+    origin = Origin("", _client(request))
+    study = response.study
+    received = 0
+    chunks = _chunks(request, getattr(request.app.state, "stow_idle_timeout",
+                                      BODY_IDLE_TIMEOUT), reader)
+    async for chunk in chunks:
+        allowed = chunk[:max(limit - received, 0)] if limit else chunk
+        received += len(chunk)
+        try:
+            parts = reader.feed(allowed)
+        except MalformedBody as exc:
+            raise WebError(BAD_REQUEST, f"{exc}{_stored_before(response)}") from exc
+        for part in parts:
+            await run_in_threadpool(_store_part, archive, part, study, origin, response)
+        if limit and received > limit:  # RFC 9110 15.5.14
+            raise WebError(PAYLOAD_TOO_LARGE, f"the body exceeds web.max_request_mb"
+                           f" ({limit // MB} MB) in part {reader.parts}"
+                           f"{_stored_before(response)}")
+    return _ending(reader, response)
+
+
+async def _chunks(request: Request, idle_timeout: float,
+                  reader: PartReader) -> AsyncIterator[bytes]:
+    """The body's chunks; :class:`WebError` when the client stalls (408) or leaves."""
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            with anyio.fail_after(idle_timeout):
+                chunk = await stream.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:  # RFC 9110 15.5.9
+            reason = f"no body bytes for {idle_timeout:g} s in part {reader.parts}"
+            logger.warning("STOW-RS from %s: %s", _client(request), reason)
+            raise WebError(REQUEST_TIMEOUT, f"{reason}; that part is not stored") from None
+        except ClientDisconnect:  # no one to answer: the log says it
+            logger.warning("STOW-RS from %s: the client left in part %d", _client(request),
+                           reader.parts)
+            raise WebError(BAD_REQUEST, f"the client left in part {reader.parts}") from None
+        if chunk:
+            yield chunk
+
+
+def _ending(reader: PartReader, response: StoreResponse) -> dict[str, str]:
+    """What the end of the body says: nothing when it closed properly; a body cut short
+    inside a part fails that part (0xC000) when instances before it were stored (with a
+    ``Warning`` header saying why), else is a 400 (PS3.18 Table 10.5.3-1, bad syntax)."""
+    if reader.complete and reader.parts:
+        return {}
+    if not reader.parts:
+        raise WebError(BAD_REQUEST, "the body holds no part (PS3.18 10.5.1.4: one or more"
+                       " instances)")
+    reason = f"the body ends inside part {reader.parts}: no closing boundary"
+    if not response.referenced:
+        raise WebError(BAD_REQUEST, f"{reason}; nothing stored")
+    response.refused("", "", FailureCode.CANNOT_UNDERSTAND)
+    return {"Warning": f'299 minipacs "{reason}; that part is not stored"'}
+
+
+def _store_part(archive: Archive, part: Part, study: str | None, origin: Origin,
+                response: StoreResponse) -> None:
+    """Store one part (in a worker thread) and note the outcome in ``response``."""
+    try:
+        refusal = _refusal(part)
+        if refusal is not None:
+            code, reason = refusal
+            response.refused("", "", code)
+        else:
+            try:
+                outcome = archive.store_part10(part.content, study_instance_uid=study,
+                                               origin=origin)
+            except Exception as exc:  # noqa: BLE001 - a part's failure, never a 500
+                code, reason = failure_code(exc), str(exc)
+                response.refused(*archive.identify_part10(part.content), code)
+                if not isinstance(exc, StorageError):  # a fault of ours: its traceback
+                    logger.exception("STOW-RS part %d", part.number)
+            else:
+                response.stored(outcome)
+                return
+        logger.warning("STOW-RS from %s: part %d refused (%04X): %s", origin.address,
+                       part.number, code, reason_line(reason))
+    finally:
+        part.discard()
+
+
+def _refusal(part: Part) -> tuple[int, str] | None:
+    """Why a part is refused before it is read, if it is: it could not be spooled (A700),
+    or it is not ``application/dicom`` (C000, PS3.18 10.5.1.4)."""
+    if part.spool_error:
+        return FailureCode.OUT_OF_RESOURCES, part.spool_error
+    kind, _ = media_type(part.headers.get("content-type", DICOM))
+    if kind != DICOM:
+        return FailureCode.CANNOT_UNDERSTAND, f"part of type {kind!r}, not {DICOM}"
+    return None
+
+
+def _stored_before(response: StoreResponse) -> str:
+    stored = len(response.referenced)
+    return f"; {stored} instance{'s' if stored != 1 else ''} before it stored" if stored else \
+        "; nothing stored"
+
+
+def service_url(request: Request) -> str:
+    """The DICOMweb root the request came to, for RetrieveURLs: scheme, authority and
+    ``web.base_path``. A Host header without a port (dicomweb-client's POSTs send one:
+    it sets Host itself, without the port) gets the port the request came in on, unless
+    a proxy forwarded it (a ``Forwarded`` or ``X-Forwarded-*`` header) or the port is the
+    scheme's default."""
+    url = request.url
+    authority = url.netloc
+    server = request.scope.get("server")
+    forwarded = any(name in request.headers for name in FORWARDED_HEADERS)
+    if url.port is None and server and not forwarded and \
+            server[1] != DEFAULT_PORTS.get(url.scheme):
+        authority = f"{authority}:{server[1]}"
+    return f"{url.scheme}://{authority}{request.scope.get('root_path', '')}"
+
+
+FORWARDED_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def check_uid(uid: str) -> None:
+    """400 for a path segment that is not a UID (PS3.5 9.1)."""
+    if len(uid) > UID_MAX or not UID_RE.fullmatch(uid):
+        raise WebError(BAD_REQUEST, f"{uid[:80]!r} is not a UID")
+
+
+def answer_media_type(accept: str | None) -> str:
+    """The media type of the answer for an Accept header (PS3.18 10.5.1.3, 8.7.5): DICOM
+    JSON, or ``application/json`` when that is what is asked for; 406 when the header
+    allows neither (XML is not served)."""
+    if not accept or not accept.strip():
+        return DICOM_JSON
+    ranked: list[tuple[float, int, str]] = []
+    for order, item in enumerate(accept.split(",")):
+        kind, params = media_type(item)
+        try:
+            quality = float(params.get("q", "1"))
+        except ValueError:
+            quality = 0.0
+        if kind in ANSWER_TYPES and quality > 0:
+            ranked.append((-quality, order, ANSWER_TYPES[kind]))
+    if not ranked:
+        raise WebError(NOT_ACCEPTABLE, f"STOW-RS answers {DICOM_JSON} or {JSON}, not"
+                       f" {accept[:120]!r}")
+    return min(ranked)[2]
+
+
+def dicom_boundary(content_type: str | None) -> str:
+    """The boundary of a ``multipart/related; type="application/dicom"`` body (quoted or
+    not; PS3.18 10.5.1.3, 8.6.1.2): 415 for another media type (PS3.18 Table 10.5.3-1),
+    400 without a boundary."""
+    kind, params = media_type(content_type)
+    wanted = f'multipart/related; type="{DICOM}"'
+    if kind != "multipart/related":
+        raise WebError(UNSUPPORTED_MEDIA_TYPE, f"STOW-RS takes {wanted}, not"
+                       f" {(content_type or 'no Content-Type')[:120]!r}")
+    part_type = params.get("type", "").lower()
+    if part_type != DICOM:
+        detail = (" (metadata and bulk data parts are not supported)"
+                  if part_type.startswith(("application/dicom+", "application/octet-stream"))
+                  else "")
+        raise WebError(UNSUPPORTED_MEDIA_TYPE, f"STOW-RS takes {wanted}, not type="
+                       f"{part_type or 'nothing'!r}{detail}")
+    boundary = params.get("boundary", "")
+    if not boundary:
+        raise WebError(BAD_REQUEST, "the Content-Type names no boundary (RFC 2046 5.1.1)")
+    return boundary
+
+
+def check_declared_length(content_length: str | None, limit: int) -> None:
+    """413 before reading a body whose Content-Length exceeds ``limit`` bytes (0: none)."""
+    if content_length is None:
+        return
+    try:
+        length = int(content_length)
+    except ValueError:
+        raise WebError(BAD_REQUEST, f"bad Content-Length {content_length[:40]!r}") from None
+    if limit and length > limit:  # RFC 9110 15.5.14
+        raise WebError(PAYLOAD_TOO_LARGE, f"a body of {length / MB:.1f} MB exceeds"
+                       f" web.max_request_mb ({limit // MB} MB); nothing stored")
+
+
+ROUTES: list[BaseRoute] = [
+    Route("/studies", store_instances, methods=["POST"]),
+    Route("/studies/{study}", store_instances, methods=["POST"]),
+]
