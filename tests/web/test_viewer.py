@@ -5,6 +5,7 @@ our own QIDO-RS and WADO-RS."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Callable, Iterator
@@ -19,8 +20,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from tests.conftest import associate
-from tests.factory import uid
+from tests.conftest import associate, find
+from tests.factory import save, uid
 from tests.web.conftest import WebRunning
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,14 +225,9 @@ def test_ohif_lists_the_studies_with_their_instance_counts_and_paints_one(
     finally:
         assoc.release()
 
-    failed: list[str] = []  # what the browser asked for and did not get, printed on failure
-    page.on("requestfailed", lambda r: failed.append(
-        f"{r.method} {r.url} Accept: {r.headers.get('accept')} -> {r.failure}"))
-    page.on("response", lambda r: r.status >= 400 and failed.append(
-        f"{r.request.method} {r.url} Accept: {r.request.headers.get('accept')} -> {r.status}"))
-    try:
-        page.goto(f"{running.root}/viewer/")
-        page.get_by_role("button", name="Confirm and hide").click()  # OHIF's notice, once
+    failed = failed_requests(page)
+    with explained(failed):
+        open_study_list(page, running)
         headers = page.locator("thead th")
         headers.first.wait_for()
         labels = headers.evaluate_all(
@@ -266,11 +262,63 @@ def test_ohif_lists_the_studies_with_their_instance_counts_and_paints_one(
                  return levels.size > 32;
                })""", polling=250)
         shot = page.locator("canvas.cornerstone-canvas").first.screenshot()
+    grey = Image.open(io.BytesIO(shot)).convert("L")
+    assert len(grey.getcolors(256) or ()) > 32, "the painted viewport is (nearly) uniform"
+    assert_no_dicomweb_failure(failed, running)
+
+
+def test_ohif_upload_stores_files_by_stow_rs(
+        start_web: Callable[..., WebRunning], viewer_dist: Path, chromium_page: Page,
+        tmp_path: Path) -> None:
+    """The study list's Upload button (``dicomUploadEnabled``) sends the chosen files with
+    STOW-RS; C-FIND then finds the study with its instances."""
+    running = start_web(**{"web.viewer_dir": str(viewer_dist)})
+    slices = study("CT_small.dcm", "Upload^Gamma", 2)
+    files = [save(ds, tmp_path / "upload" / f"{n}.dcm") for n, ds in enumerate(slices)]
+    page = chromium_page
+    failed = failed_requests(page)
+    with explained(failed):
+        open_study_list(page, running)
+        page.get_by_role("button", name="Upload").click()
+        page.locator("input[type=file]").first.set_input_files(files)
+        page.get_by_text(f"{len(files)} files completed").wait_for()
+    assert_no_dicomweb_failure(failed, running)
+    matches, final = find(running.dicom, QueryRetrieveLevel="STUDY",
+                          StudyInstanceUID=slices[0].StudyInstanceUID,
+                          NumberOfStudyRelatedInstances="")
+    assert final == 0 and len(matches) == 1
+    assert int(matches[0].NumberOfStudyRelatedInstances) == len(files)
+
+
+def failed_requests(page: Page) -> list[str]:
+    """What ``page`` asks for from now on and does not get: method, URL, Accept header, and
+    the status or the browser's reason (a list that fills as the page runs)."""
+    failed: list[str] = []
+    page.on("requestfailed", lambda r: failed.append(
+        f"{r.method} {r.url} Accept: {r.headers.get('accept')} -> {r.failure}"))
+    page.on("response", lambda r: r.status >= 400 and failed.append(
+        f"{r.request.method} {r.url} Accept: {r.request.headers.get('accept')} -> {r.status}"))
+    return failed
+
+
+@contextlib.contextmanager
+def explained(failed: list[str]) -> Iterator[None]:
+    """A failed check or a browser wait that timed out, with the page's failed requests."""
+    try:
+        yield
     except (AssertionError, PlaywrightError) as exc:
         raise AssertionError(f"{exc}\nthe browser's failed requests:\n  "
                              + "\n  ".join(failed or ["none"])) from exc
-    grey = Image.open(io.BytesIO(shot)).convert("L")
-    assert len(grey.getcolors(256) or ()) > 32, "the painted viewport is (nearly) uniform"
+
+
+def assert_no_dicomweb_failure(failed: list[str], running: WebRunning) -> None:
     # a request the page gave up itself (a thumbnail no longer shown) is not a failure
     dicomweb = [line for line in failed if running.url in line and "ERR_ABORTED" not in line]
     assert not dicomweb, "DICOMweb requests failed:\n  " + "\n  ".join(dicomweb)
+
+
+def open_study_list(page: Page, running: WebRunning) -> None:
+    """Open the viewer's study list in ``page`` and confirm OHIF's investigational-use
+    notice, as a person does once."""
+    page.goto(f"{running.root}/viewer/")
+    page.get_by_role("button", name="Confirm and hide").click()
