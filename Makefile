@@ -60,7 +60,7 @@ postgresql:
 	$(call apt_package,ls /usr/lib/postgresql/*/bin/initdb,postgresql,PostgreSQL,Without it the PostgreSQL tests skip$(comma) or fail when CI is set.)
 
 orthanc:
-	$(call apt_package,command -v Orthanc,orthanc,Orthanc,The benchmark needs it.)
+	$(call apt_package,test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so,orthanc orthanc-dicomweb,Orthanc with its DICOMweb plugin,The benchmarks need it.)
 
 # The OHIF viewer that minipacs serves at /viewer/ (web/viewer.py): the dist/ folder of the npm
 # package @ohif/app, a prebuilt static site, fetched once with npm (which checks the registry's
