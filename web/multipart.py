@@ -36,7 +36,8 @@ class MalformedBody(ValueError):
 def media_type(header: str | None) -> tuple[str, dict[str, str]]:
     """A Content-Type header's media type (lower case) and its parameters (names in lower
     case; quoted and unquoted values alike, RFC 9110 5.6.6)."""
-    kind, params = parse_options_header(header or "")
+    raw = (header or "").encode("latin-1", "replace")  # a header's text is latin-1 anyway
+    kind, params = parse_options_header(raw)
     return kind.decode("latin-1").lower(), {
         name.decode("latin-1").lower(): value.decode("latin-1") for name, value in params.items()}
 
@@ -101,11 +102,14 @@ class PartReader:
     def __init__(self, boundary: str, spool_folder: Path,
                  in_memory_up_to: int = IN_MEMORY_UP_TO) -> None:
         self.spool_folder = spool_folder
+        self._boundary = boundary
         self.in_memory_up_to = in_memory_up_to
         self.complete = False
         """Whether the closing boundary arrived (RFC 2046 5.1.1 close-delimiter)."""
         self.parts = 0
         """Parts begun so far."""
+        self.malformed = ""
+        """Why the body is not a multipart body, once it is known not to be."""
         self._current: _Current | None = None
         self._done: list[Part] = []
         try:
@@ -127,19 +131,26 @@ class PartReader:
         return self._current is not None
 
     def feed(self, chunk: bytes) -> list[Part]:
-        """Parse ``chunk``; return the parts it completed, in order.
+        """Parse ``chunk``; return the parts it completed, in order. When the bytes break
+        the multipart syntax (RFC 2046 5.1.1: no boundary where one must be, a part's
+        headers too many or too long), the parts completed before the fault are returned
+        and :attr:`malformed` says what is wrong; feeding more then raises.
 
         Raises
         ------
         MalformedBody
-            The bytes break the multipart syntax (RFC 2046 5.1.1), e.g. no boundary where
-            one must be, or a part's headers too many or too long.
+            Fed again after :attr:`malformed` was set.
         """
+        if self.malformed:
+            raise MalformedBody(self.malformed)
         try:
             self._parser.write(chunk)
         except MultipartParseError as exc:
-            raise MalformedBody(f"not a multipart body with the announced boundary"
-                                f" (part {max(self.parts, 1)}: {exc})") from exc
+            self.malformed = (f"malformed multipart body in part {max(self.parts, 1)}"
+                              f" (RFC 2046 5.1.1, boundary {self._boundary!r}): {exc}")
+            current, self._current = self._current, None
+            if current is not None:
+                self._close_spool(current, remove=True)
         done, self._done = self._done, []
         return done
 

@@ -153,23 +153,31 @@ async def store_instances(request: Request) -> Response:
     boundary = dicom_boundary(request.headers.get("content-type"))
     limit = request.app.state.config.max_request_mb * MB
     check_declared_length(request.headers.get("content-length"), limit)
-    archive: Archive = request.app.state.archive
     response = StoreResponse(service_url(request), study)
-    reader = PartReader(boundary, archive.spool_folder())
-    try:
-        headers = await _receive(request, reader, limit, response)
-    finally:
-        reader.close()
+    headers = await _receive(request, boundary, limit, response)
     logger.info("STOW-RS from %s: %d stored, %d failed, %.2f s", _client(request),
                 len(response.referenced), len(response.failed), time.monotonic() - started)
     return response.render(answer_type, headers)
 
 
-async def _receive(request: Request, reader: PartReader, limit: int,
+async def _receive(request: Request, boundary: str, limit: int,
                    response: StoreResponse) -> dict[str, str]:
-    """Read the body into ``reader`` and store each part it completes; the answer's extra
-    headers. A body cut short, too large, stalled or malformed raises :class:`WebError`
-    once the parts before it were stored."""
+    """Read the body and store each part as it completes; the answer's extra headers. A
+    body cut short, too large, stalled or malformed raises :class:`WebError` once the parts
+    before the fault were stored; what the part in progress spooled is removed."""
+    archive: Archive = request.app.state.archive
+    try:
+        reader = PartReader(boundary, archive.spool_folder())
+    except MalformedBody as exc:
+        raise WebError(BAD_REQUEST, str(exc)) from exc
+    try:
+        return await _read(request, reader, limit, response)
+    finally:
+        reader.close()
+
+
+async def _read(request: Request, reader: PartReader, limit: int,
+                response: StoreResponse) -> dict[str, str]:
     archive: Archive = request.app.state.archive
     origin = Origin("", _client(request))
     study = response.study
@@ -179,12 +187,10 @@ async def _receive(request: Request, reader: PartReader, limit: int,
     async for chunk in chunks:
         allowed = chunk[:max(limit - received, 0)] if limit else chunk
         received += len(chunk)
-        try:
-            parts = reader.feed(allowed)
-        except MalformedBody as exc:
-            raise WebError(BAD_REQUEST, f"{exc}{_stored_before(response)}") from exc
-        for part in parts:
+        for part in reader.feed(allowed):
             await run_in_threadpool(_store_part, archive, part, study, origin, response)
+        if reader.malformed:
+            raise WebError(BAD_REQUEST, f"{reader.malformed}{_stored_before(response)}")
         if limit and received > limit:  # RFC 9110 15.5.14
             raise WebError(PAYLOAD_TOO_LARGE, f"the body exceeds web.max_request_mb"
                            f" ({limit // MB} MB) in part {reader.parts}"
@@ -314,8 +320,8 @@ def answer_media_type(accept: str | None) -> str:
         kind, params = media_type(item)
         try:
             quality = float(params.get("q", "1"))
-        except ValueError:
-            quality = 0.0
+        except ValueError:  # a weight we cannot read does not refuse the type
+            quality = 1.0
         if kind in ANSWER_TYPES and quality > 0:
             ranked.append((-quality, order, ANSWER_TYPES[kind]))
     if not ranked:

@@ -273,6 +273,19 @@ def test_a_body_without_parts_is_400(web: WebRunning, content: bytes) -> None:
     assert response.text.count("\n") == 1 and response.text.strip()
 
 
+def test_malformed_part_headers_are_400_and_the_parts_before_stay_stored(web: WebRunning) -> None:
+    first = make_ds()
+    headers = "".join(f"X-Header-{i}: {i}\r\n" for i in range(9))  # python-multipart's limit: 8
+    content = body(part10(first), close=False) + (
+        f"--{BOUNDARY}\r\n{headers}\r\n").encode() + part10(make_ds()) + b"\r\n"
+    response = post(web, content)
+    assert response.status_code == 400
+    assert response.text.strip() == (f"malformed multipart body in part 2 (RFC 2046 5.1.1,"
+                                     f" boundary '{BOUNDARY}'): Maximum header count exceeded;"
+                                     " 1 instance before it stored")
+    assert stored(web) == {first.SOPInstanceUID}
+
+
 def test_a_client_that_leaves_mid_part_stores_the_parts_before_and_leaves_no_spool(
         web: WebRunning) -> None:
     first, cut = make_ds(), make_ds(PixelData=bytes(3 * 1024 * 1024), Rows=1024, Columns=1536)
@@ -342,6 +355,8 @@ def test_a_chunked_body_over_the_limit_is_413_and_the_part_that_crosses_it_is_no
     (f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}', 415,
      "(metadata and bulk data parts are not supported)"),
     ('multipart/related; type="application/dicom"', 400, "the Content-Type names no boundary"),
+    (f'multipart/related; type="application/dicom"; boundary={"b" * 300}', 400,
+     "unusable multipart boundary: Boundary length 300 exceeds maximum of 256"),
 ])
 def test_a_wrong_content_type_is_refused_with_a_reason(web: WebRunning, content_type: str | None,
                                                        code: int, reason: str) -> None:
