@@ -16,6 +16,7 @@ from .errors import (
     InstanceUnavailable,
     InvalidInstance,
     InvalidQuery,
+    NotFound,
     QueryFailed,
     SOPClassMismatch,
     StorageError,
@@ -27,6 +28,7 @@ from .errors import (
     failure_code,
 )
 from .index import DuplicatePolicy, StoredInstance, WriteResult
+from .instances import ANY_SYNTAX, DEFAULT_SYNTAX, PixelSource, WebInstance, bulk_path, syntax_for
 from .keys import Level, Model
 from .parsing import Spooled
 from .query import Query, Search, SearchAnswer
@@ -34,10 +36,12 @@ from .query import Query, Search, SearchAnswer
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "ANY_SYNTAX",
     "Archive",
     "ArchiveOptions",
     "CannotConvert",
     "DECODERS_LOGGER",
+    "DEFAULT_SYNTAX",
     "DuplicatePolicy",
     "DuplicateRejected",
     "FailureCode",
@@ -46,7 +50,9 @@ __all__ = [
     "InvalidQuery",
     "Level",
     "Model",
+    "NotFound",
     "Origin",
+    "PixelSource",
     "Query",
     "Search",
     "SearchAnswer",
@@ -61,8 +67,11 @@ __all__ = [
     "StudyMismatch",
     "TooManyMatches",
     "TransferSyntaxNotSupported",
+    "WebInstance",
     "WriteResult",
+    "bulk_path",
     "failure_code",
     "install_decoder_log_filter",
     "open_archive",
+    "syntax_for",
 ]

@@ -24,7 +24,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
-from . import index, maintenance, query
+from . import index, instances, maintenance, query
 from .convert import as_stored, to_accepted
 from .errors import (
     DuplicateRejected,
@@ -41,6 +41,7 @@ from .errors import (
 )
 from .files import TEMP_DIR, FileStore, FilesystemStore
 from .index import DuplicatePolicy, StoredInstance, WriteResult
+from .instances import PixelSource, WebInstance
 from .keys import Model
 from .parsing import (
     Spooled,
@@ -549,6 +550,52 @@ class Archive:
                 f"file of {item.sop_instance_uid} cannot be read: {exc!r}"
             ) from exc
         return ds if accepted is None else to_accepted(ds, accepted)
+
+    # -- WADO-RS --------------------------------------------------------------------------
+
+    def locate(self, study_uid: str, series_uid: str | None = None,
+               sop_instance_uid: str | None = None) -> list[WebInstance]:
+        """The instances of a study, a series of it, or one instance of that series
+        (:func:`storage.instances.locate`: index rows only; raises
+        :class:`~storage.errors.NotFound`)."""
+        return instances.locate(study_uid, series_uid, sop_instance_uid)
+
+    def metadata(self, study_uid: str, series_uid: str | None, sop_instance_uid: str | None,
+                 instance_url: Callable[[str, str, str], str]) -> bytes:
+        """The DICOM JSON array of those instances, from the index alone
+        (:func:`storage.instances.metadata`)."""
+        return instances.metadata(study_uid, series_uid, sop_instance_uid, instance_url)
+
+    def representative(self, study_uid: str, series_uid: str | None = None) -> WebInstance:
+        """The image a thumbnail of a study or series shows
+        (:func:`storage.instances.representative`)."""
+        return instances.representative(study_uid, series_uid)
+
+    def instance_bytes(self, item: WebInstance, transfer_syntax_uid: str) -> Iterator[bytes]:
+        """The Part 10 file of ``item`` in ``transfer_syntax_uid`` (one that
+        :func:`storage.instances.syntax_for` gave), a chunk at a time: the stored file byte
+        for byte when that is its syntax, else read, converted as for C-MOVE
+        (:meth:`read_instance`) and encoded in Explicit VR Little Endian.
+
+        Raises
+        ------
+        InstanceUnavailable
+            The file cannot be read.
+        CannotConvert
+            The conversion failed (e.g. damaged pixel data).
+        """
+        if transfer_syntax_uid == item.transfer_syntax_uid:
+            yield from instances.file_chunks(self.files, item.file_key)
+            return
+        data = memoryview(instances.encode(self.read_instance(item.stored,
+                                                              [transfer_syntax_uid])))
+        for start in range(0, len(data), instances.CHUNK):
+            yield bytes(data[start:start + instances.CHUNK])
+
+    def open_pixels(self, item: WebInstance) -> PixelSource:
+        """``item``'s file opened for its frames, bulk data and pixels (close it, or use it
+        in a ``with``; raises :class:`~storage.errors.InstanceUnavailable`)."""
+        return PixelSource(self.files, item)
 
     # -- maintenance (verify, reindex, import) ------------------------------------------
 

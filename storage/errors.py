@@ -116,6 +116,11 @@ class InstanceUnavailable(StorageError):
     """A stored instance's file is missing or unreadable; its retrieve sub-operation fails."""
 
 
+class NotFound(InstanceUnavailable):
+    """What a WADO-RS request names is not stored: no such study, series, instance, frame
+    or bulk value (PS3.18 10.4.3: 404, the Target Resource does not exist)."""
+
+
 class QueryFailed(StorageError):
     """A valid query that could not be carried out (the index could not be read).
 

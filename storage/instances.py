@@ -1,0 +1,583 @@
+"""What WADO-RS needs of the archive (PS3.18 10.4), behind :class:`~storage.archive.Archive`.
+
+* :func:`locate`: the stored instances a study, series or instance names (index rows only);
+* :func:`metadata`: their DICOM JSON (PS3.18 F.2) from the index's per-level ``attrs``,
+  never opening a file: each level's text is split into its attributes without decoding
+  their values (``msgspec.Raw``), the levels are merged and written in tag order;
+* :func:`syntax_for`: the transfer syntax an instance goes in for what a client asked
+  (PS3.18 8.7.3.4), decided from the index before anything is sent;
+* :func:`file_chunks`, :func:`encode`: an instance's stored bytes, or a converted data set;
+* :class:`PixelSource`: one file opened for its frames (as stored or decoded), its bulk
+  data values, and a frame's pixels for rendering, reading only the values it needs.
+
+Nothing here knows HTTP or media types: ``web`` turns these bytes into responses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import msgspec
+import numpy as np
+import peewee as pw
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.pixels import as_pixel_options, get_decoder, pack_bits, pixel_array
+from pydicom.tag import Tag
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    JPEG2000MC,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    MPEGTransferSyntaxes,
+)
+
+from .errors import CannotConvert, InstanceUnavailable, NotFound, QueryFailed
+from .files import FileStore
+from .index import StoredInstance
+from .models import Instance, Patient, Series, Study, database_proxy
+
+CHUNK = 1 << 20
+"""Bytes read from a stored file at a time while it is streamed."""
+
+DEFER_BYTES = 64 * 1024
+"""Values longer than this are skipped, not read, when a file is opened for its frames or
+bulk data (the pixel data, large overlays); they are read from where they start when asked."""
+
+ANY_SYNTAX = "*"
+"""A client's ``transfer-syntax=*``: as stored (PS3.18 8.7.3.5.2)."""
+
+DEFAULT_SYNTAX = ""
+"""No transfer syntax asked for: the default of PS3.18 8.7.3.4."""
+
+WEB_FORBIDDEN = frozenset({ImplicitVRLittleEndian, ExplicitVRBigEndian})
+"""PS3.18 8.7.3: "The Implicit VR Little Endian and Explicit VR Big Endian Transfer
+Syntaxes shall not be used with Web Services"."""
+
+LOSSY = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, JPEG2000MC,
+                   HTJ2K, *MPEGTransferSyntaxes})
+"""Syntaxes whose pixel data we take for lossy: PS3.18 8.7.3.4 lets an origin server send
+those as stored where Explicit VR Little Endian is the default (JPEG 2000 and HTJ2K can be
+lossless too; we do not look inside to tell)."""
+
+PIXEL_DATA = 0x7FE00010
+PIXEL_DATA_KEY = f"{PIXEL_DATA:08X}"
+UNDEFINED_LENGTH = 0xFFFFFFFF
+ROWS, BITS_ALLOCATED = "00280010", "00280100"
+AVAILABLE_TRANSFER_SYNTAX_UID = "00083002"
+EXTENDED_OFFSET_TABLE = 0x7FE00001
+EXTENDED_OFFSET_TABLE_LENGTHS = 0x7FE00002
+_EMPTY_BULK_URI = '"BulkDataURI":""'
+_MEMBERS = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_SORTED = msgspec.json.Encoder(order="sorted")
+
+
+@dataclass(frozen=True)
+class WebInstance:
+    """One stored instance as WADO-RS names it (no file is opened to list them)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    file_key: str
+    file_size: int
+
+    @property
+    def stored(self) -> StoredInstance:
+        """What :meth:`Archive.read_instance` takes."""
+        return StoredInstance(self.sop_class_uid, self.sop_instance_uid,
+                              self.transfer_syntax_uid, self.file_key, self.file_size)
+
+
+def _where(study: str, series: str | None, sop: str | None) -> Any:
+    condition = Study.study_instance_uid == study
+    if series is not None:
+        condition &= Series.series_instance_uid == series
+    if sop is not None:
+        condition &= Instance.sop_instance_uid == sop
+    return condition
+
+
+def _instances(*columns: Any) -> Any:
+    return (Instance.select(*columns)
+            .join(Series, on=(Instance.series == Series.id))
+            .switch(Instance).join(Study, on=(Instance.study == Study.id)))
+
+
+WEB_COLUMNS = (Study.study_instance_uid, Series.series_instance_uid, Instance.sop_instance_uid,
+               Instance.sop_class_uid, Instance.transfer_syntax_uid, Instance.file_key,
+               Instance.file_size)
+"""The columns of a :class:`WebInstance`, in its fields' order."""
+
+
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+    """An index read: a database error is a :class:`QueryFailed`."""
+    try:
+        yield
+    except pw.DatabaseError as exc:
+        raise QueryFailed(f"the index could not be read: {exc}") from exc
+
+
+def locate(study: str, series: str | None = None, sop: str | None = None) -> list[WebInstance]:
+    """The instances of a study, of one of its series, or one of that series' instances,
+    in the order they were stored.
+
+    Raises
+    ------
+    NotFound
+        Nothing is stored there (the message says which UID is unknown).
+    QueryFailed
+        The index could not be read.
+    """
+    with _reading():
+        rows = list(_instances(*WEB_COLUMNS).where(_where(study, series, sop))
+                    .order_by(Instance.id).tuples())
+        if not rows:
+            raise _not_found(study, series, sop)
+    return [WebInstance(*row) for row in rows]
+
+
+def _not_found(study: str, series: str | None, sop: str | None) -> NotFound:
+    """Which of the UIDs names nothing stored (PS3.18 10.4.3: 404, the Target Resource does
+    not exist)."""
+    if not Study.select().where(Study.study_instance_uid == study).exists():
+        return NotFound(f"no study {study}")
+    if series is not None and not _instances().where(_where(study, series, None)).exists():
+        return NotFound(f"no series {series} in study {study}")
+    return NotFound(f"no instance {sop} in series {series} of study {study}")
+
+
+def representative(study: str, series: str | None = None) -> WebInstance:
+    """The image that stands for a study or a series in a thumbnail: in the series (the
+    study's first by SeriesNumber that holds images), the middle one by InstanceNumber.
+
+    Raises
+    ------
+    NotFound
+        Nothing is stored there, or no image (no Rows in any instance).
+    QueryFailed
+        The index could not be read.
+    """
+    with _reading():
+        rows = list(_instances(*WEB_COLUMNS, Series.series_number, Instance.instance_number)
+                    .where(_where(study, series, None) & Instance.attrs.contains(f'"{ROWS}"'))
+                    .order_by(Instance.id).tuples())
+        if not rows and not _instances().where(_where(study, series, None)).exists():
+            raise _not_found(study, series, None)
+    if not rows:
+        raise NotFound(f"no image in {'series ' + series if series else 'study ' + study}")
+    first = min(rows, key=lambda row: _number(row[7]))[1]
+    images = sorted((row for row in rows if row[1] == first), key=lambda row: _number(row[8]))
+    return WebInstance(*images[(len(images) - 1) // 2][:len(WEB_COLUMNS)])
+
+
+def _number(text: str) -> float:
+    """An IS value for sorting; after every number when it is not one."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("inf")
+
+
+def metadata(study: str, series: str | None, sop: str | None,
+             instance_url: Callable[[str, str, str], str]) -> bytes:
+    """The DICOM JSON of every instance :func:`locate` names, as one array (PS3.18 F.2.1).
+
+    Each object holds the patient's, study's, series' and instance's attributes as the
+    index keeps them (everything but bulk data: storage.parsing), in tag order (PS3.18
+    F.2.2), plus AvailableTransferSyntaxUID (0008,3002), the syntax ``transfer-syntax=*``
+    sends, and a BulkDataURI for the pixel data of an image (the index does not hold it)
+    and for each bulk value inside a sequence. ``instance_url(study, series, sop)`` is the
+    URL of an instance; bulk data URIs are ``<that>/bulkdata/<path>`` (:func:`bulk_path`).
+
+    Raises
+    ------
+    NotFound, QueryFailed
+        As :func:`locate`.
+    """
+    with _reading():
+        query = _instances(
+            Study.study_instance_uid, Series.series_instance_uid, Instance.sop_instance_uid,
+            Instance.transfer_syntax_uid, Instance.attrs, Series.id, Patient.attrs,
+            Study.attrs, Series.attrs,
+        ).join(Patient, on=(Study.patient == Patient.id)).where(
+            _where(study, series, sop)).order_by(Instance.id)
+        rows = database_proxy.execute(query).fetchall()  # plain tuples, no model objects
+        objects: list[dict[str, msgspec.Raw]] = []
+        above: dict[int, tuple[dict[str, msgspec.Raw], list[str]]] = {}
+        for (study_uid, series_uid, sop_uid, syntax, attrs, series_id, *upper) in rows:
+            if series_id not in above:  # the patient's, study's and series' attributes
+                members: dict[str, msgspec.Raw] = {}
+                for text in upper:
+                    members.update(_MEMBERS.decode(text))
+                above[series_id] = members, _with_bulk(members, any(
+                    _EMPTY_BULK_URI in text for text in upper))
+            shared, shared_bulk = above[series_id]
+            own = _MEMBERS.decode(attrs)
+            own.update(shared)
+            url = instance_url(study_uid, series_uid, sop_uid)
+            for tag in shared_bulk + _with_bulk(own, _EMPTY_BULK_URI in attrs):
+                own[tag] = _resolved(own[tag], tag, url)
+            _add_instance_extras(own, syntax, url)
+            objects.append(own)
+        if not objects:
+            raise _not_found(study, series, sop)
+    return _SORTED.encode(objects)
+
+
+def _with_bulk(members: dict[str, msgspec.Raw], any_bulk: bool) -> list[str]:
+    """The attributes (sequences) holding a bulk value whose BulkDataURI is still empty."""
+    if not any_bulk:
+        return []
+    return [tag for tag, raw in members.items() if _EMPTY_BULK_URI.encode() in bytes(raw)]
+
+
+def _resolved(raw: msgspec.Raw, tag: str, url: str) -> msgspec.Raw:
+    """``raw`` (the DICOM JSON of attribute ``tag``) with each empty BulkDataURI inside it
+    made the URL of that value (:func:`bulk_path`)."""
+    value = json.loads(bytes(raw))
+
+    def walk(element: dict[str, Any], path: list[str]) -> None:
+        if element.get("BulkDataURI") == "":
+            element["BulkDataURI"] = f"{url}/bulkdata/{'/'.join(path)}"
+        for number, item in enumerate(element.get("Value") or ()):
+            if element.get("vr") == "SQ" and isinstance(item, dict):
+                for child, sub in item.items():
+                    walk(sub, [*path, str(number), child])
+
+    walk(value, [tag])
+    return msgspec.Raw(json.dumps(value, separators=(",", ":")).encode())
+
+
+def _add_instance_extras(members: dict[str, msgspec.Raw], syntax: str, url: str) -> None:
+    """AvailableTransferSyntaxUID, and the pixel data's BulkDataURI for an image."""
+    available, encapsulated = _syntax_facts(syntax)
+    members[AVAILABLE_TRANSFER_SYNTAX_UID] = available
+    if ROWS in members and PIXEL_DATA_KEY not in members:
+        vr = b"OB"
+        if not encapsulated and BITS_ALLOCATED in members:
+            bits = msgspec.json.decode(members[BITS_ALLOCATED]).get("Value") or [8]
+            vr = b"OW" if bits[0] > 8 else b"OB"
+        uri = msgspec.json.encode(f"{url}/bulkdata/{PIXEL_DATA_KEY}")
+        members[PIXEL_DATA_KEY] = msgspec.Raw(b'{"vr":"' + vr + b'","BulkDataURI":' + uri + b"}")
+
+
+@functools.lru_cache(maxsize=64)
+def _syntax_facts(syntax: str) -> tuple[msgspec.Raw, bool]:
+    """The AvailableTransferSyntaxUID (0008,3002) of an instance stored as ``syntax`` (what
+    ``transfer-syntax=*`` sends), and whether its pixel data is encapsulated."""
+    sent = syntax_for(syntax, ANY_SYNTAX) or syntax
+    available = msgspec.json.encode({"vr": "UI", "Value": [sent]})
+    return msgspec.Raw(available), UID(syntax).is_encapsulated
+
+
+def bulk_path(text: str) -> list[int]:
+    """The path of a bulk value in its instance, from a BulkDataURI's tail: a tag
+    (``7FE00010``), or tags and item numbers from 0 through sequences
+    (``00880200/0/7FE00010``); tags are ints, item numbers too, alternating.
+
+    Raises
+    ------
+    ValueError
+        ``text`` is not such a path.
+    """
+    parts = text.strip("/").split("/")
+    if len(parts) % 2 == 0:
+        raise ValueError("a bulk data path ends with a tag")
+    path: list[int] = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            if len(part) != 8 or not all(c in "0123456789abcdefABCDEF" for c in part):
+                raise ValueError(f"{part!r} is not a tag (8 hexadecimal digits)")
+            path.append(int(part, 16))
+        else:
+            if not part.isdigit() or len(part) > 9:
+                raise ValueError(f"{part!r} is not an item number")
+            path.append(int(part))
+    return path
+
+
+# -- transfer syntaxes ---------------------------------------------------------------------
+
+
+def decodable(syntax: UID) -> bool:
+    """Whether pydicom has a decoder for ``syntax`` with its plugins installed."""
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except NotImplementedError:
+        return False
+
+
+def syntax_for(stored: str, wanted: str) -> str | None:
+    """The transfer syntax an instance stored as ``stored`` is sent in when a client asks
+    for ``wanted`` (a UID, :data:`ANY_SYNTAX` or :data:`DEFAULT_SYNTAX`); ``None`` when we
+    cannot produce it. Only the conversions of :func:`storage.convert.to_accepted` (the
+    one C-MOVE uses) are made: native little endian re-encoded, compressed pixel data
+    decoded; never a compression, never from big endian.
+
+    * ``*``: as stored, but Implicit VR Little Endian goes as Explicit (PS3.18 8.7.3);
+    * nothing asked: Explicit VR Little Endian (PS3.18 8.7.3.4), except lossy compressed
+      pixel data, which goes as stored (8.7.3.4, note 2), as does pixel data no installed
+      decoder reads;
+    * Explicit VR Little Endian: native data re-encoded, compressed data decoded;
+    * another syntax: only when it is the stored one.
+    """
+    uid = UID(stored)
+    native = not uid.is_encapsulated and uid.is_little_endian
+    if wanted == ANY_SYNTAX:
+        if uid == ImplicitVRLittleEndian:
+            return ExplicitVRLittleEndian
+        return None if uid in WEB_FORBIDDEN else stored
+    if wanted == DEFAULT_SYNTAX:
+        if native:
+            return ExplicitVRLittleEndian
+        if uid in WEB_FORBIDDEN:
+            return None
+        return ExplicitVRLittleEndian if uid not in LOSSY and decodable(uid) else stored
+    if wanted == stored and uid not in WEB_FORBIDDEN:
+        return stored
+    if wanted == ExplicitVRLittleEndian and (native or (uid.is_encapsulated and decodable(uid))):
+        return ExplicitVRLittleEndian
+    return None
+
+
+def file_chunks(files: FileStore, key: str) -> Iterator[bytes]:
+    """The stored file ``key``, :data:`CHUNK` bytes at a time.
+
+    Raises
+    ------
+    InstanceUnavailable
+        The file cannot be opened or read.
+    """
+    try:
+        with files.open(key) as fp:
+            while chunk := fp.read(CHUNK):
+                yield chunk
+    except OSError as exc:
+        raise InstanceUnavailable(f"file {key} cannot be read: {exc}") from exc
+
+
+def encode(ds: Dataset) -> bytes:
+    """``ds`` (from :meth:`Archive.read_instance`, converted as needed) as a Part 10 file in
+    Explicit VR Little Endian (PS3.10 7.1; PS3.18 8.7.3.4)."""
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    return out.getvalue()
+
+
+# -- frames, bulk data, pixels --------------------------------------------------------------
+
+
+class PixelSource:
+    """One stored file opened for its frames, bulk data and pixels (a context manager).
+
+    The header is read with values over :data:`DEFER_BYTES` left in the file; frames and
+    large values are read from where they start, so a 2 GB multi-frame costs a frame's
+    memory. A deflated file is read whole (its offsets are those of the inflated bytes).
+
+    Raises
+    ------
+    InstanceUnavailable
+        The file cannot be read or parsed.
+    """
+
+    def __init__(self, files: FileStore, item: WebInstance) -> None:
+        self.item = item
+        self.syntax = UID(item.transfer_syntax_uid)
+        try:
+            self._fp: BinaryIO = files.open(item.file_key)
+            deflated = self.syntax == DeflatedExplicitVRLittleEndian
+            self.ds = dcmread(self._fp, defer_size=None if deflated else DEFER_BYTES)
+        except Exception as exc:  # missing, unreadable or damaged
+            self.close()
+            raise InstanceUnavailable(
+                f"file of {item.sop_instance_uid} cannot be read: {exc!r}") from exc
+        self._deflated = deflated
+
+    def __enter__(self) -> PixelSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fp = getattr(self, "_fp", None)
+        if fp is not None:
+            fp.close()
+
+    @property
+    def frame_count(self) -> int:
+        """NumberOfFrames (1 when absent); 0 when there is no pixel data."""
+        if PIXEL_DATA not in self.ds:
+            return 0
+        try:
+            return max(int(self.ds.get("NumberOfFrames") or 1), 1)
+        except (TypeError, ValueError):
+            return 1
+
+    def check_frames(self, numbers: list[int]) -> None:
+        """Raises :class:`NotFound` unless every frame number (from 1) exists."""
+        count = self.frame_count
+        if count == 0:
+            raise NotFound(f"instance {self.item.sop_instance_uid} has no pixel data")
+        missing = [n for n in numbers if not 1 <= n <= count]
+        if missing:
+            raise NotFound(f"no frame {', '.join(map(str, missing))} in instance "
+                           f"{self.item.sop_instance_uid}: it has {count}")
+
+    def _pixel_value(self) -> bytes | BinaryIO:
+        """The pixel data value: its bytes, or the file positioned where it starts."""
+        elem = self.ds.get_item(PIXEL_DATA, keep_deferred=True)
+        if isinstance(elem, RawDataElement) and elem.value is None and not self._deflated:
+            self._fp.seek(elem.value_tell)
+            return self._fp
+        return bytes(self.ds[PIXEL_DATA].value)
+
+    def stored_frame(self, number: int) -> bytes:
+        """Frame ``number`` (from 1) as stored: one encapsulated frame (PS3.5 A.4), or a
+        native frame's bytes.
+
+        Raises
+        ------
+        CannotConvert
+            Big endian native data (the web is little endian).
+        """
+        if not self.syntax.is_encapsulated:
+            return self.native_frame(number)
+        extended = None
+        if EXTENDED_OFFSET_TABLE in self.ds and EXTENDED_OFFSET_TABLE_LENGTHS in self.ds:
+            extended = (self.ds[EXTENDED_OFFSET_TABLE].value,
+                        self.ds[EXTENDED_OFFSET_TABLE_LENGTHS].value)
+        try:
+            return get_frame(self._pixel_value(), number - 1, extended_offsets=extended,
+                             number_of_frames=self.frame_count)
+        except Exception as exc:  # damaged encapsulation
+            raise InstanceUnavailable(
+                f"frame {number} of {self.item.sop_instance_uid} cannot be read: {exc}"
+            ) from exc
+
+    def native_frame(self, number: int) -> bytes:
+        """Frame ``number`` (from 1) of native pixel data, little endian, as stored
+        (1-bit data packed from the frame's first pixel)."""
+        if not self.syntax.is_little_endian:
+            raise CannotConvert(f"stored as {self.syntax.name}: frames are not converted"
+                                " from big endian")
+        options = as_pixel_options(self.ds, pixel_keyword="PixelData")
+        if options.get("bits_allocated") == 1:
+            return pack_bits(self.pixels(number))
+        try:
+            buffer, _ = get_decoder(self.syntax).as_buffer(
+                self._pixel_value(), index=number - 1, **options)
+        except Exception as exc:
+            raise InstanceUnavailable(
+                f"frame {number} of {self.item.sop_instance_uid} cannot be read: {exc}"
+            ) from exc
+        return bytes(buffer)
+
+    def decoded_frame(self, number: int) -> bytes:
+        """Frame ``number`` (from 1) uncompressed, little endian: native frames as stored,
+        compressed ones decoded by pydicom (colour as RGB, samples interleaved, as C-MOVE's
+        conversion gives them).
+
+        Raises
+        ------
+        CannotConvert
+            No decoder for the stored syntax, or decoding failed.
+        """
+        if not self.syntax.is_encapsulated:
+            return self.native_frame(number)
+        return self.pixels(number).tobytes()
+
+    def pixels(self, number: int, header: Dataset | None = None) -> np.ndarray:
+        """Frame ``number`` (from 1) as an array (pydicom's ``pixel_array``: colour as
+        RGB); ``header`` receives the Image Pixel module and the rest of group 0028
+        (windows, rescale, LUTs).
+
+        Raises
+        ------
+        CannotConvert
+            The pixel data cannot be decoded here.
+        """
+        cannot = f"cannot decode frame {number} of {self.item.sop_instance_uid}"
+        if self.syntax.is_encapsulated and not decodable(self.syntax):
+            raise CannotConvert(f"{cannot}: no decoder available for {self.syntax.name}")
+        try:
+            if self._deflated:
+                if header is not None:
+                    for elem in self.ds.group_dataset(0x0028):
+                        header.add(elem)
+                return pixel_array(self.ds, index=number - 1)
+            with _at(self._fp, 0):  # pixel_array reads the file from its start
+                return pixel_array(self._fp, index=number - 1, ds_out=header)
+        except Exception as exc:  # any decoder failure: corrupt or unsupported data
+            raise CannotConvert(f"{cannot}: {_one_line(exc)}") from exc
+
+    def bulk_value(self, path: list[int]) -> bytes:
+        """The bytes of the value at ``path`` (:func:`bulk_path`; not the pixel data, whose
+        frames are read one by one), little endian as stored.
+
+        Raises
+        ------
+        NotFound
+            Nothing is at ``path``.
+        CannotConvert
+            The file is big endian.
+        """
+        if not self.syntax.is_little_endian:
+            raise CannotConvert(f"stored as {self.syntax.name}: bulk data is not converted"
+                                " from big endian")
+        ds: Dataset = self.ds
+        where = "/".join(f"{p:08X}" if i % 2 == 0 else str(p) for i, p in enumerate(path))
+        for depth in range(0, len(path) - 1, 2):
+            tag, number = path[depth], path[depth + 1]
+            elem = ds.get(Tag(tag))
+            if elem is None or elem.VR != "SQ" or not 0 <= number < len(elem.value):
+                raise NotFound(f"no bulk data at {where} in {self.item.sop_instance_uid}")
+            ds = elem.value[number]
+        elem = ds.get_item(Tag(path[-1]), keep_deferred=True)
+        if elem is None:
+            raise NotFound(f"no bulk data at {where} in {self.item.sop_instance_uid}")
+        if (isinstance(elem, RawDataElement) and elem.value is None and ds is self.ds
+                and elem.length != UNDEFINED_LENGTH and not self._deflated):
+            with _at(self._fp, elem.value_tell):  # a value left in the file
+                return self._fp.read(elem.length)
+        value = elem.value if isinstance(elem, RawDataElement) else None
+        if value is None:  # converted already, or of undefined length: pydicom reads it
+            value = ds[Tag(path[-1])].value
+        if not isinstance(value, bytes | bytearray):
+            raise NotFound(f"{where} in {self.item.sop_instance_uid} is not a bulk value")
+        return bytes(value)
+
+
+@contextlib.contextmanager
+def _at(fp: BinaryIO, offset: int) -> Iterator[None]:
+    """``fp`` at ``offset`` for the block, then back where it was."""
+    position = fp.tell()
+    fp.seek(offset)
+    try:
+        yield
+    finally:
+        fp.seek(position)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or repr(exc)
