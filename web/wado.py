@@ -1,7 +1,250 @@
-"""WADO-RS (PS3.18 10.4): retrieval of instances, metadata, bulk data, frames, rendered."""
+"""WADO-RS (PS3.18 10.4): retrieval of instances, metadata, bulk data, frames, rendered
+images and thumbnails.
+
+Each endpoint checks its path (a malformed UID or frame list is a 400), asks the archive
+which instances it names (404 when none) and what the client accepts (406 when we can give
+none of it: :mod:`web.accept`), and answers: instances and frames as streamed
+``multipart/related`` (:mod:`web.multipart_out`), metadata as DICOM JSON from the index,
+images rendered by :mod:`web.rendered`. Starlette runs these synchronous endpoints, and the
+streams, in its worker threads.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+import re
+from collections.abc import Callable, Iterator
 
-ROUTES: list[BaseRoute] = []
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from storage import Archive, WebInstance, bulk_path, syntax_for
+
+from . import accept
+from .accept import DICOM, DICOM_JSON, OCTET_STREAM, PixelChoice
+from .errors import BAD_REQUEST, NOT_ACCEPTABLE, WebError
+from .multipart_out import OK, PARTIAL_CONTENT, Part, multipart
+from .rendered import Rendering, render, rendering
+
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
+MAX_UID_LENGTH = 64
+"""PS3.5 9.1: a UID is at most 64 characters, digits in dot-separated components."""
+MAX_FRAME_DIGITS = 9
+PIXEL_DATA = 0x7FE00010
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+STUDY = "/studies/{study}"
+SERIES = STUDY + "/series/{series}"
+INSTANCE = SERIES + "/instances/{instance}"
+FRAMES = INSTANCE + "/frames/{frames}"
+
+
+def _archive(request: Request) -> Archive:
+    archive: Archive = request.app.state.archive
+    return archive
+
+
+def _uid(text: str, what: str) -> str:
+    """A UID from the path (PS3.18 10.4.3: 400 when malformed)."""
+    if len(text) > MAX_UID_LENGTH or not UID_PATTERN.fullmatch(text):
+        raise WebError(BAD_REQUEST, f"{what} is not a valid UID: {text[:80]!r}")
+    return text
+
+
+def _target(request: Request) -> tuple[str, str | None, str | None]:
+    """The study, series and instance UIDs the path names (``None`` where it stops)."""
+    params = request.path_params
+    study = _uid(params["study"], "study")
+    series = _uid(params["series"], "series") if "series" in params else None
+    sop = _uid(params["instance"], "instance") if "instance" in params else None
+    return study, series, sop
+
+
+def _root(request: Request) -> str:
+    """The DICOMweb root as the client reached it (the Host header). dicomweb-client sends
+    a Host without the port (``127.0.0.1``) whatever port it connected to: when the Host
+    names, without a port, the very address the connection came in on, that port is
+    added (a name a proxy forwards, ``pacs.example.org``, is left as it is)."""
+    url = request.base_url
+    server = request.scope.get("server")
+    if url.port is None and server and url.hostname == server[0] and server[1] not in (
+            DEFAULT_PORTS.get(url.scheme), None):
+        url = url.replace(port=server[1])
+    return str(url).rstrip("/") + request.app.state.config.base_path
+
+
+def _instance_url(request: Request) -> Callable[[str, str, str], str]:
+    """The URL of an instance on this server, as the client reached it."""
+    root = _root(request)
+    return lambda study, series, sop: f"{root}/studies/{study}/series/{series}/instances/{sop}"
+
+
+def _frame_numbers(text: str) -> list[int]:
+    """A frame list (PS3.18 10.4.1.1.6: comma-separated, from 1, no duplicates)."""
+    parts = text.split(",")
+    if not all(p.isdigit() and len(p) <= MAX_FRAME_DIGITS and int(p) > 0 for p in parts) \
+            or len(set(parts)) != len(parts):
+        raise WebError(BAD_REQUEST, "frames must be a comma-separated list of distinct frame"
+                                    f" numbers from 1, not {text[:80]!r}")
+    return [int(p) for p in parts]
+
+
+def retrieve(request: Request) -> Response:
+    """A study, series or instance as ``multipart/related; type="application/dicom"``
+    (PS3.18 10.4.1.1.1), each instance in the first transfer syntax asked for that it can
+    go in (8.7.8.2): 200 when all can, 206 when some can (Table 10.4.3-1), else 406."""
+    study, series, sop = _target(request)
+    archive = _archive(request)
+    items = archive.locate(study, series, sop)
+    wanted = accept.instance_syntaxes(accept.ranges(request))
+    plan = [(item, syntax) for item in items
+            if (syntax := next(filter(None, (syntax_for(item.transfer_syntax_uid, w)
+                                              for w in wanted)), None))]
+    if not plan:
+        stored = ", ".join(sorted({UID(item.transfer_syntax_uid).name for item in items}))
+        asked = ", ".join(w or "the default" for w in wanted)
+        raise WebError(NOT_ACCEPTABLE, f"stored as {stored}: cannot be sent in {asked}")
+    url = _instance_url(request)
+    parts = (Part(f"{DICOM}; transfer-syntax={syntax}", archive.instance_bytes(item, syntax),
+                  url(item.study_uid, item.series_uid, item.sop_instance_uid))
+             for item, syntax in plan)
+    return multipart(parts, DICOM, OK if len(plan) == len(items) else PARTIAL_CONTENT)
+
+
+def metadata(request: Request) -> Response:
+    """The metadata of a study, series or instance (PS3.18 10.4.1.1.2): one DICOM JSON
+    object per instance, from the index alone."""
+    study, series, sop = _target(request)
+    accept.require_json(accept.ranges(request))
+    body = _archive(request).metadata(study, series, sop, _instance_url(request))
+    return Response(body, media_type=DICOM_JSON)
+
+
+def _one(request: Request) -> tuple[Archive, WebInstance]:
+    study, series, sop = _target(request)
+    archive = _archive(request)
+    return archive, archive.locate(study, series, sop)[0]
+
+
+def frames(request: Request) -> Response:
+    """Frames of an instance (PS3.18 10.4.1.1.6): one part each, uncompressed or as
+    stored (:func:`web.accept.pixel_choice`); a frame it does not have is a 404."""
+    numbers = _frame_numbers(request.path_params["frames"])
+    archive, item = _one(request)
+    choice = accept.pixel_choice(accept.ranges(request), item.transfer_syntax_uid)
+    with archive.open_pixels(item) as source:
+        source.check_frames(numbers)
+    url = str(request.url.replace(query=""))
+    return multipart(_frame_parts(archive, item, numbers, choice, url), choice.media_type)
+
+
+def _frame_parts(archive: Archive, item: WebInstance, numbers: list[int],
+                 choice: PixelChoice, url: str) -> Iterator[Part]:
+    with archive.open_pixels(item) as source:
+        read = source.stored_frame if choice.stored else source.decoded_frame
+        for number in numbers:
+            yield Part(choice.content_type, _lazy(read, number), url)
+
+
+def _lazy(read: Callable[[int], bytes], number: int) -> Iterator[bytes]:
+    """A part's body read only when it is sent."""
+    yield read(number)
+
+
+def bulkdata(request: Request) -> Response:
+    """A bulk value of an instance, at a BulkDataURI of its metadata (PS3.18 10.4.1.1.5):
+    ``multipart/related; type="application/octet-stream"``; the pixel data as its frames
+    (compressed ones each in a part of its own when sent as stored)."""
+    try:
+        path = bulk_path(request.path_params["path"])
+    except ValueError as exc:
+        raise WebError(BAD_REQUEST, f"not a bulk data path: {exc}") from exc
+    archive, item = _one(request)
+    accepted = accept.ranges(request)
+    url = str(request.url.replace(query=""))
+    if path == [PIXEL_DATA]:
+        choice = accept.pixel_choice(accepted, item.transfer_syntax_uid)
+        with archive.open_pixels(item) as source:
+            source.check_frames([1])
+        return multipart(_pixel_data_parts(archive, item, choice, url), choice.media_type)
+    accept.require_octet_stream(accepted)
+    with archive.open_pixels(item) as source:
+        value = source.bulk_value(path)
+    return multipart([Part(f"{OCTET_STREAM}; transfer-syntax={ExplicitVRLittleEndian}",
+                           [value], url)], OCTET_STREAM)
+
+
+def _pixel_data_parts(archive: Archive, item: WebInstance, choice: PixelChoice,
+                      url: str) -> Iterator[Part]:
+    with archive.open_pixels(item) as source:
+        numbers = range(1, source.frame_count + 1)
+        if choice.stored and UID(item.transfer_syntax_uid).is_encapsulated:
+            for number in numbers:
+                yield Part(choice.content_type, _lazy(source.stored_frame, number), url)
+        else:  # the whole value, uncompressed, a frame at a time
+            yield Part(choice.content_type, map(source.decoded_frame, numbers), url)
+
+
+def rendered(request: Request) -> Response:
+    """An instance (its first frame) or one frame rendered as JPEG or PNG (PS3.18
+    10.4.1.1.3)."""
+    frame = request.path_params.get("frames")
+    number = _single_frame(frame) if frame is not None else 1
+    how = rendering(request, accept.rendered_type(accept.ranges(request)))
+    archive, item = _one(request)
+    return _render(archive, item, number, how)
+
+
+def thumbnail(request: Request) -> Response:
+    """A small rendering (PS3.18 10.4.1.1.4) of a study's or series' representative image
+    (:meth:`Archive.representative`), an instance or a frame: the middle frame unless a
+    frame is named."""
+    study, series, sop = _target(request)
+    frame = request.path_params.get("frames")
+    number = _single_frame(frame) if frame is not None else None
+    how = rendering(request, accept.rendered_type(accept.ranges(request)), thumbnail=True)
+    archive = _archive(request)
+    item = (archive.locate(study, series, sop)[0] if sop is not None
+            else archive.representative(study, series))
+    return _render(archive, item, number, how)
+
+
+def _single_frame(text: str) -> int:
+    numbers = _frame_numbers(text)
+    if len(numbers) != 1:
+        raise WebError(BAD_REQUEST, "one frame is rendered at a time")
+    return numbers[0]
+
+
+def _render(archive: Archive, item: WebInstance, number: int | None,
+            how: Rendering) -> Response:
+    with archive.open_pixels(item) as source:
+        if source.frame_count == 0:  # an SR, a PDF: not an image (PS3.18 10.4.3: 406)
+            raise WebError(NOT_ACCEPTABLE, f"instance {item.sop_instance_uid} has no pixel"
+                                           f" data to render as {how.media_type}")
+        number = number or (source.frame_count + 1) // 2
+        source.check_frames([number])
+        header = Dataset()
+        pixels = source.pixels(number, header)
+    return Response(render(pixels, header, how), media_type=how.media_type)
+
+
+ROUTES: list[BaseRoute] = [
+    Route(STUDY, retrieve),
+    Route(SERIES, retrieve),
+    Route(INSTANCE, retrieve),
+    Route(STUDY + "/metadata", metadata),
+    Route(SERIES + "/metadata", metadata),
+    Route(INSTANCE + "/metadata", metadata),
+    Route(INSTANCE + "/rendered", rendered),
+    Route(FRAMES + "/rendered", rendered),
+    Route(STUDY + "/thumbnail", thumbnail),
+    Route(SERIES + "/thumbnail", thumbnail),
+    Route(INSTANCE + "/thumbnail", thumbnail),
+    Route(FRAMES + "/thumbnail", thumbnail),
+    Route(FRAMES, frames),
+    Route(INSTANCE + "/bulkdata/{path:path}", bulkdata),
+]
