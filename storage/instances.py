@@ -27,6 +27,7 @@ import msgspec
 import numpy as np
 import peewee as pw
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
@@ -78,6 +79,11 @@ lossless too; we do not look inside to tell)."""
 PIXEL_DATA = 0x7FE00010
 PIXEL_DATA_KEY = f"{PIXEL_DATA:08X}"
 UNDEFINED_LENGTH = 0xFFFFFFFF
+BULK_VRS = frozenset({"DS", "FL", "FD", "IS", "LT", "OB", "OD", "OF", "OL", "OV", "OW", "SL",
+                      "SS", "ST", "SV", "UC", "UL", "UN", "US", "UT", "UV", "OB or OW",
+                      "US or SS", "US or OW", "US or SS or OW"})
+"""The VRs whose value PS3.18 F.2.2 lets a BulkDataURI stand for (and pydicom's ambiguous
+ones among them): other elements are not bulk data resources."""
 ROWS, BITS_ALLOCATED = "00280010", "00280100"
 AVAILABLE_TRANSFER_SYNTAX_UID = "00083002"
 EXTENDED_OFFSET_TABLE = 0x7FE00001
@@ -441,7 +447,8 @@ class PixelSource:
             raise NotFound(f"instance {self.item.sop_instance_uid} has no pixel data")
         missing = [n for n in numbers if not 1 <= n <= count]
         if missing:
-            raise NotFound(f"no frame {', '.join(map(str, missing))} in instance "
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise NotFound(f"no frame {missing[0]}{more} in instance "
                            f"{self.item.sop_instance_uid}: it has {count}")
 
     def _pixel_value(self) -> bytes | BinaryIO:
@@ -554,7 +561,7 @@ class PixelSource:
                 raise NotFound(f"no bulk data at {where} in {self.item.sop_instance_uid}")
             ds = elem.value[number]
         elem = ds.get_item(Tag(path[-1]), keep_deferred=True)
-        if elem is None:
+        if elem is None or _vr_of(elem) not in BULK_VRS:
             raise NotFound(f"no bulk data at {where} in {self.item.sop_instance_uid}")
         if (isinstance(elem, RawDataElement) and elem.value is None and ds is self.ds
                 and elem.length != UNDEFINED_LENGTH and not self._deflated):
@@ -566,6 +573,16 @@ class PixelSource:
         if not isinstance(value, bytes | bytearray):
             raise NotFound(f"{where} in {self.item.sop_instance_uid} is not a bulk value")
         return bytes(value)
+
+
+def _vr_of(elem: Any) -> str:
+    """An element's VR: as read (explicit VR), else the dictionary's (UN if unknown)."""
+    if elem.VR:
+        return str(elem.VR)
+    try:
+        return str(dictionary_VR(elem.tag))
+    except KeyError:
+        return "UN"
 
 
 @contextlib.contextmanager

@@ -27,14 +27,13 @@ from .accept import DICOM, DICOM_JSON, OCTET_STREAM, PixelChoice
 from .errors import BAD_REQUEST, NOT_ACCEPTABLE, WebError
 from .multipart_out import OK, PARTIAL_CONTENT, Part, multipart
 from .rendered import Rendering, render, rendering
+from .stow import service_url
 
 UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 MAX_UID_LENGTH = 64
 """PS3.5 9.1: a UID is at most 64 characters, digits in dot-separated components."""
 MAX_FRAME_DIGITS = 9
 PIXEL_DATA = 0x7FE00010
-
-DEFAULT_PORTS = {"http": 80, "https": 443}
 
 STUDY = "/studies/{study}"
 SERIES = STUDY + "/series/{series}"
@@ -63,22 +62,9 @@ def _target(request: Request) -> tuple[str, str | None, str | None]:
     return study, series, sop
 
 
-def _root(request: Request) -> str:
-    """The DICOMweb root as the client reached it (the Host header). dicomweb-client sends
-    a Host without the port (``127.0.0.1``) whatever port it connected to: when the Host
-    names, without a port, the very address the connection came in on, that port is
-    added (a name a proxy forwards, ``pacs.example.org``, is left as it is)."""
-    url = request.base_url
-    server = request.scope.get("server")
-    if url.port is None and server and url.hostname == server[0] and server[1] not in (
-            DEFAULT_PORTS.get(url.scheme), None):
-        url = url.replace(port=server[1])
-    return str(url).rstrip("/") + request.app.state.config.base_path
-
-
 def _instance_url(request: Request) -> Callable[[str, str, str], str]:
     """The URL of an instance on this server, as the client reached it."""
-    root = _root(request)
+    root = service_url(request)
     return lambda study, series, sop: f"{root}/studies/{study}/series/{series}/instances/{sop}"
 
 

@@ -232,6 +232,15 @@ def test_accept_forms(web: WebRunning, accept: str) -> None:
     assert headers["content-type"].startswith(DICOM)
 
 
+def test_head_answers_headers_only(web: WebRunning) -> None:
+    ds = store_file(web, sample("CT_small.dcm"))
+    for tail, media_type in (("", "multipart/related"), ("/metadata", DICOM_JSON)):
+        response = httpx.head(url_of(web, ds, tail), timeout=TIMEOUT)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith(media_type)
+        assert response.content == b""
+
+
 def test_accept_prefers_higher_quality(web: WebRunning) -> None:
     ds = store_file(web, sample("SC_rgb_rle_2frame.dcm"))
     accept = (f'multipart/related; type="{DICOM}"; transfer-syntax={ExplicitVRLittleEndian};'
@@ -410,8 +419,10 @@ def test_top_level_bulk_value_from_the_file(web: WebRunning) -> None:
     ds = store_file(web, sample("examples_overlay.dcm"))
     ((_, body),) = parts(get(url_of(web, ds, "/bulkdata/60003000"), f"multipart/related; type={OCTETS}"))
     assert body == ds[0x60003000].value
-    response = get(url_of(web, ds, "/bulkdata/60013000"))
-    assert response.status_code == 404
+    for absent in ("60013000", "00100010"):  # not there; not a bulk data VR (PN)
+        response = get(url_of(web, ds, f"/bulkdata/{absent}"))
+        assert response.status_code == 404
+        assert absent in one_line_reason(response)
     response = get(url_of(web, ds, "/bulkdata/60003000"), "image/png")
     assert response.status_code == 406
 
