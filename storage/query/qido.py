@@ -9,6 +9,7 @@ pipeline (:func:`~storage.query.answer.json_answer`).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ FUZZYMATCHING = "fuzzymatching"
 EMPTYVALUEMATCHING = "emptyvaluematching"
 MULTIPLEVALUEMATCHING = "multiplevaluematching"
 INCLUDE_ALL = "all"
+ACCEPT = "accept"  # PS3.18 8.3.3.1: the Accept header as a parameter, the web's business
 
 # PS3.18 10.6.3.3.1 Table 10.6.3-3: in every study result
 STUDY_RESULT = ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
@@ -142,6 +144,8 @@ def parse_search(
     control: dict[str, str] = {}
     everything = False
     for name, value in params:
+        if name == ACCEPT:
+            continue
         if name == INCLUDEFIELD:  # PS3.18 8.3.4.3: a comma-separated list, or "all"
             for item in (v.strip() for v in value.split(",")):
                 if item == INCLUDE_ALL:
@@ -163,8 +167,8 @@ def parse_search(
 
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level.name
-    for keyword in _result_keys(level, study, series, everything):
-        _put(identifier, (_tag(keyword),), [])
+    for tag in _result_keys(level, bool(study), bool(series), everything):
+        _put(identifier, (tag,), [])
     for path in includes:
         if _key_level(path[0], Model.STUDY_ROOT) <= level:
             # PS3.18 10.6.3.3: attributes of a lower level in includefield are not returned
@@ -193,7 +197,8 @@ def parse_search(
                   frozenset(known))
 
 
-def _result_keys(level: Level, study: str, series: str, everything: bool) -> list[str]:
+@functools.lru_cache(maxsize=64)
+def _result_keys(level: Level, study: bool, series: bool, everything: bool) -> tuple[int, ...]:
     """The attributes of PS3.18 Tables 10.6.3-3 to -5 every result of this resource holds:
     a study's; a series' (with its study's when the resource is all series); an
     instance's (with its series', and its study's when the resource is all instances)."""
@@ -208,7 +213,7 @@ def _result_keys(level: Level, study: str, series: str, everything: bool) -> lis
         levels = _everything_levels(level)
         keys += [k.keyword for k in KEYS.values()
                  if k.computed and _key_level(k.tag, Model.STUDY_ROOT) in levels]
-    return list(dict.fromkeys(keys))
+    return tuple(_tag(k) for k in dict.fromkeys(keys))
 
 
 def _everything_levels(level: Level) -> tuple[Level, ...]:
@@ -226,6 +231,7 @@ def _attribute_path(text: str) -> tuple[int, ...]:
     return path
 
 
+@functools.lru_cache(maxsize=4096)  # an unknown name raises: never cached
 def _tag(name: str) -> int:
     if _TAG_RE.fullmatch(name):
         return int(name, 16)
@@ -239,6 +245,7 @@ def _name(path: tuple[int, ...]) -> str:
     return ".".join(keyword_for_tag(t) or f"{t:08X}" for t in path)
 
 
+@functools.lru_cache(maxsize=4096)
 def _vr(tag: int) -> str:
     try:
         vr = str(dictionary_VR(tag))
@@ -276,9 +283,9 @@ def _value(tag: int, vr: str, values: list[str]) -> Any:
     as in a C-FIND identifier.
     """
     texts = [v for v in values if v != ""]
-    name = _name((tag,))
     if not texts:
         return [] if vr == "SQ" else None  # PS3.4 C.2.2.2.3 Universal Matching
+    name = _name((tag,))
     if vr == "SQ":
         raise InvalidQuery(f"{name}: a sequence is matched by its item keys"
                            f" ({name}.<attribute>=<value>)")
