@@ -291,7 +291,7 @@ def _syntax_facts(syntax: str) -> tuple[msgspec.Raw, bool]:
     """The AvailableTransferSyntaxUID (0008,3002) of an instance stored as ``syntax`` (what
     ``transfer-syntax=*`` sends), and whether its pixel data is encapsulated."""
     sent = syntax_for(syntax, ANY_SYNTAX) or syntax
-    available = msgspec.json.encode({"vr": "UI", "Value": [sent]})
+    available = msgspec.json.encode({"vr": "UI", "Value": [str(sent)]})
     return msgspec.Raw(available), UID(syntax).is_encapsulated
 
 

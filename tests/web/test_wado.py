@@ -352,6 +352,14 @@ def test_metadata_is_the_stored_attributes(web: WebRunning, name: str) -> None:
         assert level == [meta]
 
 
+def test_metadata_of_implicit_vr_names_explicit(web: WebRunning) -> None:
+    """AvailableTransferSyntaxUID is what transfer-syntax=* sends: never Implicit VR."""
+    ds = store_file(web, sample("MR_small_implicit.dcm"))
+    (meta,) = get(url_of(web, ds, "/metadata"), DICOM_JSON).json()
+    assert meta["00083002"] == {"vr": "UI", "Value": [ExplicitVRLittleEndian]}
+    assert meta["7FE00010"]["vr"] == "OW"
+
+
 def test_metadata_has_what_a_viewer_needs(web: WebRunning) -> None:
     ds = store_file(web, sample("SC_rgb_rle_2frame.dcm"))
     (meta,) = get(url_of(web, ds, "/metadata"), DICOM_JSON).json()
