@@ -34,6 +34,7 @@ from storage import (
     failure_code,
 )
 
+from .accept import DICOM, DICOM_JSON, JSON, matches, ranges
 from .errors import (
     BAD_REQUEST,
     CONFLICT,
@@ -51,12 +52,6 @@ logger = logging.getLogger("minipacs.web.stow")
 OK = 200
 ACCEPTED = 202
 
-DICOM = "application/dicom"
-DICOM_JSON = "application/dicom+json"
-JSON = "application/json"
-ANSWER_TYPES = {DICOM_JSON: DICOM_JSON, JSON: JSON, "application/*": DICOM_JSON,
-                "*/*": DICOM_JSON}
-"""Accept media types we answer, and the Content-Type answered for each."""
 
 MB = 1024 * 1024
 
@@ -149,7 +144,7 @@ async def store_instances(request: Request) -> Response:
     study = request.path_params.get("study")
     if study is not None:
         check_uid(study)
-    answer_type = answer_media_type(request.headers.get("accept"))
+    answer_type = answer_media_type(request)
     boundary = dicom_boundary(request.headers.get("content-type"))
     limit = request.app.state.config.max_request_mb * MB
     check_declared_length(request.headers.get("content-length"), limit)
@@ -309,25 +304,17 @@ def check_uid(uid: str) -> None:
         raise WebError(BAD_REQUEST, f"{uid[:80]!r} is not a UID")
 
 
-def answer_media_type(accept: str | None) -> str:
-    """The media type of the answer for an Accept header (PS3.18 10.5.1.3, 8.7.5): DICOM
-    JSON, or ``application/json`` when that is what is asked for; 406 when the header
-    allows neither (XML is not served)."""
-    if not accept or not accept.strip():
-        return DICOM_JSON
-    ranked: list[tuple[float, int, str]] = []
-    for order, item in enumerate(accept.split(",")):
-        kind, params = media_type(item)
-        try:
-            quality = float(params.get("q", "1"))
-        except ValueError:  # a weight we cannot read does not refuse the type
-            quality = 1.0
-        if kind in ANSWER_TYPES and quality > 0:
-            ranked.append((-quality, order, ANSWER_TYPES[kind]))
-    if not ranked:
-        raise WebError(NOT_ACCEPTABLE, f"STOW-RS answers {DICOM_JSON} or {JSON}, not"
-                       f" {accept[:120]!r}")
-    return min(ranked)[2]
+def answer_media_type(request: Request) -> str:
+    """The media type of the answer (PS3.18 10.5.1.3, 8.7): DICOM JSON, or
+    ``application/json`` when the client prefers that; 406 when it accepts neither (XML is
+    not served)."""
+    for media in ranges(request):  # best first
+        if media.media_type == JSON:
+            return JSON
+        if matches(media.media_type, DICOM_JSON):
+            return DICOM_JSON
+    raise WebError(NOT_ACCEPTABLE, f"STOW-RS answers {DICOM_JSON} or {JSON}, not"
+                   f" {request.headers.get('accept', '')[:120]!r}")
 
 
 def dicom_boundary(content_type: str | None) -> str:
