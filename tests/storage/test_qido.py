@@ -128,6 +128,8 @@ def test_json_and_dimse_answers_come_from_one_pipeline(new_archive: Archive) -> 
     """Every element of every answer is the same as a pydicom Dataset (what C-FIND sends)
     and as DICOM JSON: value and VR, names in every component group."""
     datasets = hierarchy()
+    datasets[0].SliceThickness = "2.50"
+    datasets[0].add_new(0x00420011, "OB", b"\x01\x02\x03\x04")  # InlineBinary
     datasets.append(make_ds(PatientID="PID9", PatientName="Yamada^Tarou=山田^太郎=やまだ^たろう",
                             SpecificCharacterSet=["", "ISO 2022 IR 87"],
                             StudyInstanceUID=uid()))

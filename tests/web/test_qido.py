@@ -62,6 +62,9 @@ def dataset() -> list[Dataset]:
             other.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
             other.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.999.2"
             ds.ReferencedStudySequence = Sequence([item, other])
+        if ds.PatientID == "PID3":  # a DS number and a small binary value (Annex F)
+            ds.SliceThickness = "2.50"
+            ds.add_new(0x00420011, "OB", b"\x01\x02\x03\x04")  # EncapsulatedDocument
     out += [charset_sample(JAPANESE), charset_sample(RUSSIAN)]
     study, series = uid(), uid()
     out += [make_ds(PatientID="MANY", StudyInstanceUID=study, SeriesInstanceUID=series,
@@ -380,6 +383,20 @@ def test_includefield_forms_and_all(pacs: WebRunning) -> None:
     assert all("00080060" not in r for r in low)
     instances = qido(pacs, "/instances", {"PatientID": "PID3", "includefield": "all"})
     assert all(value(r, "PhotometricInterpretation") == "MONOCHROME2" for r in instances)
+
+
+def test_json_values_follow_annex_f(pacs: WebRunning) -> None:
+    """PS3.18 F.2.3 numbers as JSON numbers, F.2.7 InlineBinary, F.2.5 an empty attribute
+    without Value; HEAD answers like GET without a body."""
+    r = qido(pacs, "/instances", {"PatientID": "PID3", "limit": "1",
+                                  "includefield": "SliceThickness,00420011,PatientComments"})[0]
+    assert r["00180050"] == {"vr": "DS", "Value": [2.5]}
+    assert isinstance(r["00200013"]["Value"][0], int)  # IS
+    assert r["00420011"] == {"vr": "OB", "InlineBinary": "AQIDBA=="}
+    assert r["00104000"] == {"vr": "LT"}
+    head = httpx.head(f"{pacs.url}/studies", params={"PatientID": "PID3"})
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == DICOM_JSON
 
 
 def test_keys_by_tag_dotted_paths_and_repeated_uids(pacs: WebRunning,
