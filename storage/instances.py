@@ -48,7 +48,7 @@ from pydicom.uid import (
     MPEGTransferSyntaxes,
 )
 
-from .errors import CannotConvert, InstanceUnavailable, NotFound, QueryFailed
+from .errors import CannotConvert, InstanceUnavailable, NotFound, QueryFailed, StorageError
 from .files import FileStore
 from .index import StoredInstance
 from .models import Instance, Patient, Series, Study, database_proxy
@@ -383,10 +383,20 @@ def file_chunks(files: FileStore, key: str) -> Iterator[bytes]:
 
 def encode(ds: Dataset) -> bytes:
     """``ds`` (from :meth:`Archive.read_instance`, converted as needed) as a Part 10 file in
-    Explicit VR Little Endian (PS3.10 7.1; PS3.18 8.7.3.4)."""
+    Explicit VR Little Endian (PS3.10 7.1; PS3.18 8.7.3.4).
+
+    Raises
+    ------
+    CannotConvert
+        pydicom cannot write it so.
+    """
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    try:
+        ds.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    except Exception as exc:  # a value pydicom cannot write in explicit VR
+        raise CannotConvert(f"{ds.get('SOPInstanceUID', 'an instance')} cannot be encoded in"
+                            f" Explicit VR Little Endian: {_one_line(exc)}") from exc
     return out.getvalue()
 
 
@@ -552,8 +562,17 @@ class PixelSource:
         if not self.syntax.is_little_endian:
             raise CannotConvert(f"stored as {self.syntax.name}: bulk data is not converted"
                                 " from big endian")
-        ds: Dataset = self.ds
         where = "/".join(f"{p:08X}" if i % 2 == 0 else str(p) for i, p in enumerate(path))
+        try:
+            return self._bulk_value(path, where)
+        except StorageError:
+            raise
+        except Exception as exc:  # a damaged element pydicom cannot read
+            raise InstanceUnavailable(f"{where} of {self.item.sop_instance_uid} cannot be"
+                                      f" read: {_one_line(exc)}") from exc
+
+    def _bulk_value(self, path: list[int], where: str) -> bytes:
+        ds: Dataset = self.ds
         for depth in range(0, len(path) - 1, 2):
             tag, number = path[depth], path[depth + 1]
             elem = ds.get(Tag(tag))

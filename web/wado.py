@@ -215,7 +215,13 @@ def _render(archive: Archive, item: WebInstance, number: int | None,
         source.check_frames([number])
         header = Dataset()
         pixels = source.pixels(number, header)
-    return Response(render(pixels, header, how), media_type=how.media_type)
+    try:
+        image = render(pixels, header, how)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        # a palette or LUT pydicom refuses: we cannot make the picture asked for
+        raise WebError(NOT_ACCEPTABLE, f"cannot render {item.sop_instance_uid} as"
+                                       f" {how.media_type}: {exc}") from exc
+    return Response(image, media_type=how.media_type)
 
 
 ROUTES: list[BaseRoute] = [

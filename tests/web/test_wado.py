@@ -575,6 +575,22 @@ def test_thumbnails(web: WebRunning) -> None:
     assert response.status_code == 406
 
 
+def test_a_lost_file(web: WebRunning, caplog: pytest.LogCaptureFixture) -> None:
+    """A file gone from the store (``minipacs verify`` finds it): its part is left out and
+    logged, its frames are a 404 saying why, its metadata still comes from the index."""
+    ds = store_file(web, sample("CT_small.dcm"))
+    (item,) = web.archive.locate(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    web.archive.files.path(item.file_key).unlink()
+    response = get(url_of(web, ds), ANY)
+    assert response.status_code == 200
+    assert response.content.count(b"\r\n\r\n") == 0  # no part, only the closing boundary
+    assert "left out of the response" in caplog.text
+    response = get(url_of(web, ds, "/frames/1"))
+    assert response.status_code == 404
+    assert "cannot be read" in one_line_reason(response)
+    assert get(url_of(web, ds, "/metadata")).status_code == 200
+
+
 # -- streaming -------------------------------------------------------------------------------
 
 def test_a_large_retrieve_streams_in_flat_memory(start_web: Callable[..., WebRunning]) -> None:
