@@ -93,7 +93,7 @@ def parse(header: str) -> list[MediaRange]:
     ranges, are left out."""
     out: list[MediaRange] = []
     for text in _COMMA_OUTSIDE_QUOTES.split(header):
-        if not text.strip():
+        if not text.strip() or not text.isascii():  # media ranges are ASCII (RFC 9110)
             continue
         kind, raw = parse_options_header(text.strip())
         media_type = kind.decode("latin-1").strip().lower()

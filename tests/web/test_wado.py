@@ -267,6 +267,14 @@ def test_unsatisfiable_accept_is_406(web: WebRunning, accept: str) -> None:
     one_line_reason(response)
 
 
+def test_accept_query_parameter_of_any_text_is_never_a_500(web: WebRunning) -> None:
+    ds = store_file(web, sample("CT_small.dcm"))
+    for text in ("\u0101/x", "multipart/related; type=\"\u00e9", ";;;", "q=2"):
+        response = get(url_of(web, ds), params={"accept": text})
+        assert response.status_code == 406, text
+        one_line_reason(response)
+
+
 def test_some_instances_in_the_syntax_asked_is_206(web: WebRunning) -> None:
     """PS3.18 Table 10.4.3-1: 206 when only some of the target can be sent as asked."""
     study, series = uid(), uid()
