@@ -79,6 +79,7 @@ lossless too; we do not look inside to tell)."""
 PIXEL_DATA = 0x7FE00010
 PIXEL_DATA_KEY = f"{PIXEL_DATA:08X}"
 UNDEFINED_LENGTH = 0xFFFFFFFF
+MAX_ITEM_DIGITS = 9
 BULK_VRS = frozenset({"DS", "FL", "FD", "IS", "LT", "OB", "OD", "OF", "OL", "OV", "OW", "SL",
                       "SS", "ST", "SV", "UC", "UL", "UN", "US", "UT", "UV", "OB or OW",
                       "US or SS", "US or OW", "US or SS or OW"})
@@ -315,7 +316,7 @@ def bulk_path(text: str) -> list[int]:
                 raise ValueError(f"{part!r} is not a tag (8 hexadecimal digits)")
             path.append(int(part, 16))
         else:
-            if not part.isdigit() or len(part) > 9:
+            if not (part.isascii() and part.isdigit()) or len(part) > MAX_ITEM_DIGITS:
                 raise ValueError(f"{part!r} is not an item number")
             path.append(int(part))
     return path

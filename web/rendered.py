@@ -57,7 +57,7 @@ def rendering(request: Request, media_type: str, thumbnail: bool = False) -> Ren
     quality = DEFAULT_QUALITY
     if "quality" in params:
         text = params["quality"]
-        if not text.isdigit() or not 1 <= int(text) <= 100:
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 100:
             raise WebError(BAD_REQUEST, f"quality must be an integer from 1 to 100, not {text!r}")
         quality = int(text)
     viewport = (THUMBNAIL_SIZE, THUMBNAIL_SIZE) if thumbnail else None
@@ -69,7 +69,7 @@ def rendering(request: Request, media_type: str, thumbnail: bool = False) -> Ren
 
 def _viewport(text: str) -> tuple[int, int]:
     parts = text.split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
         raise WebError(BAD_REQUEST, f"viewport must be vw,vh (a source region is not"
                                     f" supported), not {text!r}")
     width, height = (int(p) for p in parts)

@@ -71,7 +71,8 @@ def _instance_url(request: Request) -> Callable[[str, str, str], str]:
 def _frame_numbers(text: str) -> list[int]:
     """A frame list (PS3.18 10.4.1.1.6: comma-separated, from 1, no duplicates)."""
     parts = text.split(",")
-    if not all(p.isdigit() and len(p) <= MAX_FRAME_DIGITS and int(p) > 0 for p in parts) \
+    if not all(p.isascii() and p.isdigit() and len(p) <= MAX_FRAME_DIGITS and int(p) > 0
+               for p in parts) \
             or len(set(parts)) != len(parts):
         raise WebError(BAD_REQUEST, "frames must be a comma-separated list of distinct frame"
                                     f" numbers from 1, not {text[:80]!r}")
