@@ -51,7 +51,15 @@ def multipart(parts: Iterable[Part], part_type: str, status: int = OK) -> Stream
 
 def _body(parts: Iterable[Part], boundary: bytes) -> Iterator[bytes]:
     delimiter = b"--" + boundary
-    for part in parts:
+    remaining = iter(parts)
+    while True:
+        try:
+            part = next(remaining, None)
+        except StorageError as exc:  # what makes the parts failed (a file gone since)
+            logger.warning("WADO-RS: response cut short: %s", reason_line(str(exc)))
+            return
+        if part is None:
+            break
         chunks = iter(part.body)
         try:
             first = next(chunks, b"")
@@ -61,7 +69,7 @@ def _body(parts: Iterable[Part], boundary: bytes) -> Iterator[bytes]:
             continue
         head = [delimiter, b"Content-Type: " + part.content_type.encode("ascii")]
         if part.location:
-            head.append(b"Content-Location: " + part.location.encode("ascii"))
+            head.append(b"Content-Location: " + part.location.encode("latin-1", "replace"))
         yield CRLF.join(head) + CRLF + CRLF + first
         try:
             yield from chunks

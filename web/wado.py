@@ -87,9 +87,7 @@ def retrieve(request: Request) -> Response:
     archive = _archive(request)
     items = archive.locate(study, series, sop)
     wanted = accept.instance_syntaxes(accept.ranges(request))
-    plan = [(item, syntax) for item in items
-            if (syntax := next(filter(None, (syntax_for(item.transfer_syntax_uid, w)
-                                              for w in wanted)), None))]
+    plan = [(item, syntax) for item in items if (syntax := _first_syntax(item, wanted))]
     if not plan:
         stored = ", ".join(sorted({UID(item.transfer_syntax_uid).name for item in items}))
         asked = ", ".join(w or "the default" for w in wanted)
@@ -99,6 +97,11 @@ def retrieve(request: Request) -> Response:
                   url(item.study_uid, item.series_uid, item.sop_instance_uid))
              for item, syntax in plan)
     return multipart(parts, DICOM, OK if len(plan) == len(items) else PARTIAL_CONTENT)
+
+
+def _first_syntax(item: WebInstance, wanted: list[str]) -> str | None:
+    """The first of the syntaxes asked for that ``item`` can go in (PS3.18 8.7.8.2)."""
+    return next(filter(None, (syntax_for(item.transfer_syntax_uid, w) for w in wanted)), None)
 
 
 def metadata(request: Request) -> Response:
