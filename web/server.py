@@ -93,6 +93,10 @@ class WebServer:
             raise WebListenError(
                 f"cannot listen on {bind}:{self.config.port} (web): {exc.strerror or exc}"
             ) from exc
+        # accepted connections inherit it: asyncio sets TCP_NODELAY only on sockets it
+        # made itself, and without it each kept-alive request waits ~40 ms for the client's
+        # delayed ACK (Nagle's algorithm)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._port = int(sock.getsockname()[1])
         kwargs: dict[str, Any] = {}
         if self._tls:

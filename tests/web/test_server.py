@@ -75,3 +75,18 @@ def test_serve_starts_http_beside_dicom_and_sigterm_stops_both(tmp_path: Path, w
     assert "DICOMweb stopped" in out
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{http_port}/dicom-web/nothing", timeout=2)
+
+
+def test_accepted_connections_have_nagle_off(web: WebRunning) -> None:
+    """Kept-alive requests are not held ~40 ms by Nagle's algorithm waiting for the client's
+    delayed ACK: every accepted connection has TCP_NODELAY (asyncio sets it only on sockets
+    it creates, and ours is made by WebServer.start)."""
+    with httpx.Client() as client:
+        client.get(f"{web.url}/nothing")
+        server = web.web._server
+        assert server is not None
+        connections = list(server.server_state.connections)
+        assert connections, "uvicorn holds no connection for the kept-alive client"
+        for protocol in connections:
+            sock = protocol.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
