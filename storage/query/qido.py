@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -317,7 +318,8 @@ def _uint(control: dict[str, str], name: str) -> int | None:
         return None
     if not _UINT_RE.fullmatch(text.strip()):
         raise InvalidQuery(f"{name} must be an unsigned integer, not {text[:80]!r}")
-    return int(text)
+    # beyond sys.maxsize no index could hold that many matches: the same answer
+    return min(int(text), sys.maxsize)
 
 
 def _boolean(control: dict[str, str], name: str) -> bool:

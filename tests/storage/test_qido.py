@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
@@ -194,3 +196,25 @@ def test_an_unreadable_index_is_query_failed(new_archive: Archive) -> None:
     new_archive.database.execute_sql('DROP TABLE "instance"')
     with pytest.raises(QueryFailed):
         new_archive.search(new_archive.parse_search([], Level.IMAGE))
+
+
+NAMES = ["PatientName", "PatientID", "StudyDate", "StudyTime", "StudyInstanceUID",
+         "ModalitiesInStudy", "Rows", "InstanceNumber", "ReferencedStudySequence",
+         "ReferencedStudySequence.ReferencedSOPInstanceUID", "00100010", "00081110.00081155",
+         "PixelData", "includefield", "limit", "offset", "fuzzymatching",
+         "multiplevaluematching", "emptyvaluematching", "SeriesNumber", "00091010",
+         "AcquisitionDateTime", "SliceThickness", "FrameIncrementPointer", "PixelSpacing"]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(params=st.lists(st.tuples(st.one_of(st.sampled_from(NAMES), st.text(max_size=12)),
+                                 st.text(max_size=24)), max_size=6),
+       level=st.sampled_from([Level.STUDY, Level.SERIES, Level.IMAGE]),
+       study=st.one_of(st.just(""), st.just(S1), st.text(max_size=10)))
+def test_any_parameters_are_a_search_or_an_invalid_query(
+        params: list[tuple[str, str]], level: Level, study: str) -> None:
+    """Hostile parameters never raise anything but InvalidQuery (a 400, never a 500)."""
+    try:
+        parse_search(params, level, study)
+    except InvalidQuery as exc:
+        assert str(exc) and "\n" not in str(exc)

@@ -457,6 +457,9 @@ def test_paging_has_no_gaps_and_no_duplicates(pacs: WebRunning, datasets: list[D
     assert paged == everything
     assert pages[-1] == [] and all(len(p) <= 3 for p in pages)
     assert qido(pacs, "/studies", {"limit": "0"}) == []
+    huge = "9" * 40  # beyond any C integer: still just "all of them"
+    assert len(qido(pacs, "/studies", {"limit": huge})) == len(everything)
+    assert qido(pacs, "/studies", {"offset": huge}) == []
 
 
 def test_a_large_answer_streams_in_batches(pacs: WebRunning, datasets: list[Dataset]) -> None:
