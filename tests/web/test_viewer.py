@@ -277,12 +277,20 @@ def test_ohif_upload_stores_files_by_stow_rs(
     files = [save(ds, tmp_path / "upload" / f"{n}.dcm") for n, ds in enumerate(slices)]
     page = chromium_page
     failed = failed_requests(page)
+    stored: list[int] = []  # the status of each STOW-RS response
+    page.on("response", lambda r: r.request.method == "POST" and r.url.startswith(
+        f"{running.url}/studies") and stored.append(r.status))
     with explained(failed):
         open_study_list(page, running)
         page.get_by_role("button", name="Upload").click()
         page.locator("input[type=file]").first.set_input_files(files)
         page.get_by_text(f"{len(files)} files completed").wait_for()
+        # OHIF counts a file completed once its upload is sent (XHR upload progress), not
+        # when the response came: wait for the responses before asking C-FIND
+        while len(stored) < len(files):
+            page.wait_for_event("response")
     assert_no_dicomweb_failure(failed, running)
+    assert stored == [200] * len(files)
     matches, final = find(running.dicom, QueryRetrieveLevel="STUDY",
                           StudyInstanceUID=slices[0].StudyInstanceUID,
                           NumberOfStudyRelatedInstances="")
