@@ -42,7 +42,6 @@ INFLATED_LIMIT = 4 * 1024 * 1024 * 1024
 """Most bytes a deflated data set may inflate to (a "deflate bomb" is refused)."""
 
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 # explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
@@ -438,9 +437,7 @@ def _level_json(ds: Dataset) -> tuple[dict[Level, str], list[str]]:
         tag = int(elem.tag)
         if (tag >> 16) == 0x0002 or tag in _PIXEL_TAGS or (tag & 0xFFFF) == 0:
             continue
-        if elem.VR in _BINARY_VRS and elem.value is not None and len(elem.value) > BULK_THRESHOLD:
-            continue
-        try:
+        try:  # a bulk value (binary, > BULK_THRESHOLD) is kept as {"vr", "BulkDataURI": ""}
             out[level_of(tag)][f"{tag:08X}"] = _clean_json(
                 elem.to_json_dict(_bulk_uri, BULK_THRESHOLD)
             )

@@ -337,13 +337,15 @@ def test_malformed_requests_are_400(web: WebRunning, tail: str) -> None:
 
 # -- metadata --------------------------------------------------------------------------------
 
-def expected_json(ds: Dataset) -> dict[str, Any]:
-    """What the metadata of ``ds`` holds: pydicom's DICOM JSON less the File Meta, the bulk
-    values, and the pixel data and what follows it (trailing padding)."""
-    out = ds.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=lambda e: "")
+def expected_json(ds: Dataset, url: str = "") -> dict[str, Any]:
+    """What the metadata of ``ds`` holds: pydicom's DICOM JSON less the File Meta, and the
+    pixel data and what follows it (trailing padding); a bulk value at the top level as a
+    BulkDataURI under ``url`` (the instance's), those in sequences left out."""
+    out = ds.to_json_dict(bulk_data_threshold=1024,
+                          bulk_data_element_handler=lambda e: f"{url}/bulkdata/{e.tag:08X}")
     return {tag: value for tag, value in out.items()
-            if not tag.startswith("0002") and "BulkDataURI" not in value
-            and tag < PIXEL_DATA}  # the index stops at the pixel data
+            if not tag.startswith("0002") and tag < PIXEL_DATA  # the index stops there
+            and ("BulkDataURI" not in value or value["BulkDataURI"].endswith(tag))}
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm"])
@@ -353,10 +355,14 @@ def test_metadata_is_the_stored_attributes(web: WebRunning, name: str) -> None:
     meta = dw.retrieve_instance_metadata(ds.StudyInstanceUID, ds.SeriesInstanceUID,
                                          ds.SOPInstanceUID)
     assert list(meta) == sorted(meta)  # PS3.18 F.2.2
-    expected = expected_json(ds)
+    expected = expected_json(ds, url_of(web, ds, ""))
     assert {tag: meta[tag] for tag in expected} == expected
     assert meta["00083002"] == {"vr": "UI", "Value": [str(ds.file_meta.TransferSyntaxUID)]}
     assert set(meta) - set(expected) == {"00083002", "7FE00010"}
+    for tag, value in expected.items():  # a bulk value at the top level (CT_small: private)
+        if "BulkDataURI" in value:
+            (data,) = dw.retrieve_bulkdata(value["BulkDataURI"])
+            assert data == ds[int(tag, 16)].value
     pixel = meta["7FE00010"]
     assert pixel["BulkDataURI"] == url_of(web, ds, "/bulkdata/7FE00010")
     for level in (dw.retrieve_series_metadata(ds.StudyInstanceUID, ds.SeriesInstanceUID),
@@ -437,6 +443,11 @@ def test_bulkdata_uris_resolve(web: WebRunning) -> None:
 
 def test_top_level_bulk_value_from_the_file(web: WebRunning) -> None:
     ds = store_file(web, sample("examples_overlay.dcm"))
+    # the metadata names it (PS3.18 F.2.2: a BulkDataURI for each bulk value), and it resolves
+    (meta,) = get(url_of(web, ds, "/metadata"), DICOM_JSON).json()
+    assert meta["60003000"] == {"vr": "OW", "BulkDataURI": url_of(web, ds, "/bulkdata/60003000")}
+    (value,) = client(web).retrieve_bulkdata(meta["60003000"]["BulkDataURI"])
+    assert value == ds[0x60003000].value
     ((_, body),) = parts(get(url_of(web, ds, "/bulkdata/60003000"), f"multipart/related; type={OCTETS}"))
     assert body == ds[0x60003000].value
     for absent in ("60013000", "00100010"):  # not there; not a bulk data VR (PN)
