@@ -32,6 +32,7 @@ from .instances import ANY_SYNTAX, DEFAULT_SYNTAX, PixelSource, WebInstance, bul
 from .keys import Level, Model
 from .parsing import Spooled
 from .query import Query, Search, SearchAnswer
+from .values import is_uid
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -72,6 +73,7 @@ __all__ = [
     "bulk_path",
     "failure_code",
     "install_decoder_log_filter",
+    "is_uid",
     "open_archive",
     "syntax_for",
 ]

@@ -13,7 +13,6 @@ import io
 import json
 import mmap
 import os
-import re
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -30,7 +29,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
 from .errors import InvalidInstance
 from .index import InstanceRecord
 from .keys import Level, level_of
-from .values import clean_text, norm_da, norm_pn, norm_tm, pn_framed, pn_groups, strip
+from .values import clean_text, is_uid, norm_da, norm_pn, norm_tm, pn_framed, pn_groups, strip
 
 IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["minipacs"])
 IMPLEMENTATION_VERSION_NAME = "MINIPACS_01"
@@ -41,7 +40,6 @@ HEADER_LIMIT = 64 * 1024 * 1024
 INFLATED_LIMIT = 4 * 1024 * 1024 * 1024
 """Most bytes a deflated data set may inflate to (a "deflate bomb" is refused)."""
 
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 # explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
@@ -344,7 +342,7 @@ def _check_raw_uids(ds: Dataset) -> None:
 def _valid_uid(keyword: str, text: str) -> str:
     if not text:
         raise InvalidInstance(f"{keyword} is missing")
-    if len(text) > 64 or not _UID_RE.fullmatch(text):
+    if not is_uid(text):
         raise InvalidInstance(f"{keyword} is not a valid UID: {text[:80]!r}")
     return text
 

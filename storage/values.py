@@ -23,6 +23,17 @@ TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN"
 NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
 WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+UID_MAX = 64
+"""Most characters of a UID (PS3.5 9.1)."""
+
+
+def is_uid(text: str) -> bool:
+    """Whether ``text`` is a UID: digits in dot-separated components, at most 64 characters
+    (PS3.5 9.1; a component with a leading zero is allowed, as stored UIDs have them)."""
+    return len(text) <= UID_MAX and _UID_RE.fullmatch(text) is not None
+
+
 _DA_RE = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
 _TM_RE = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
 

@@ -18,7 +18,7 @@ from storage import Archive, Level
 
 from .accept import DICOM_JSON, JSON, matches, ranges
 from .errors import NOT_ACCEPTABLE, WebError
-from .stow import service_url
+from .urls import service_url
 
 WARN = 299  # PS3.18 8.4.5: the Warning code of every DICOMweb warning
 FUZZY_WARNING = ("The fuzzymatching parameter is not supported."

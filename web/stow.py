@@ -12,7 +12,6 @@ durability, duplicate policy and counters. The answer is a Store Instances Respo
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from .errors import (
     reason_line,
 )
 from .multipart import MalformedBody, Part, PartReader, media_type
+from .urls import path_uid, service_url
 
 logger = logging.getLogger("minipacs.web.stow")
 
@@ -65,8 +65,6 @@ ELEMENTS_DISCARDED = 0xB006
 instance was not kept because another with its SOP Instance UID is stored and
 ``storage.on_duplicate`` is ``keep``."""
 
-UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-UID_MAX = 64
 """PS3.5 9.1: a UID is dot-separated digits, at most 64 characters."""
 
 
@@ -143,7 +141,7 @@ async def store_instances(request: Request) -> Response:
     started = time.monotonic()
     study = request.path_params.get("study")
     if study is not None:
-        check_uid(study)
+        path_uid(study, "study")
     answer_type = answer_media_type(request)
     boundary = dicom_boundary(request.headers.get("content-type"))
     limit = request.app.state.config.max_request_mb * MB
@@ -274,34 +272,8 @@ def _stored_before(response: StoreResponse) -> str:
         "; nothing stored"
 
 
-def service_url(request: Request) -> str:
-    """The DICOMweb root the request came to, for RetrieveURLs: scheme, authority and
-    ``web.base_path``. A Host header without a port (dicomweb-client's POSTs send one:
-    it sets Host itself, without the port) gets the port the request came in on, unless
-    a proxy forwarded it (a ``Forwarded`` or ``X-Forwarded-*`` header) or the port is the
-    scheme's default."""
-    url = request.url
-    authority = url.netloc
-    server = request.scope.get("server")
-    forwarded = any(name in request.headers for name in FORWARDED_HEADERS)
-    if url.port is None and server and not forwarded and \
-            server[1] != DEFAULT_PORTS.get(url.scheme):
-        authority = f"{authority}:{server[1]}"
-    return f"{url.scheme}://{authority}{request.scope.get('root_path', '')}"
-
-
-FORWARDED_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto")
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
 def _client(request: Request) -> str:
     return request.client.host if request.client else ""
-
-
-def check_uid(uid: str) -> None:
-    """400 for a path segment that is not a UID (PS3.5 9.1)."""
-    if len(uid) > UID_MAX or not UID_RE.fullmatch(uid):
-        raise WebError(BAD_REQUEST, f"{uid[:80]!r} is not a UID")
 
 
 def answer_media_type(request: Request) -> str:

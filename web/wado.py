@@ -11,7 +11,6 @@ streams, in its worker threads.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 
 from pydicom.dataset import Dataset
@@ -27,10 +26,8 @@ from .accept import DICOM, DICOM_JSON, OCTET_STREAM, PixelChoice
 from .errors import BAD_REQUEST, NOT_ACCEPTABLE, WebError
 from .multipart_out import OK, PARTIAL_CONTENT, Part, multipart
 from .rendered import Rendering, render, rendering
-from .stow import service_url
+from .urls import path_uid, service_url
 
-UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
-MAX_UID_LENGTH = 64
 """PS3.5 9.1: a UID is at most 64 characters, digits in dot-separated components."""
 MAX_FRAME_DIGITS = 9
 PIXEL_DATA = 0x7FE00010
@@ -46,19 +43,12 @@ def _archive(request: Request) -> Archive:
     return archive
 
 
-def _uid(text: str, what: str) -> str:
-    """A UID from the path (PS3.18 10.4.3: 400 when malformed)."""
-    if len(text) > MAX_UID_LENGTH or not UID_PATTERN.fullmatch(text):
-        raise WebError(BAD_REQUEST, f"{what} is not a valid UID: {text[:80]!r}")
-    return text
-
-
 def _target(request: Request) -> tuple[str, str | None, str | None]:
     """The study, series and instance UIDs the path names (``None`` where it stops)."""
     params = request.path_params
-    study = _uid(params["study"], "study")
-    series = _uid(params["series"], "series") if "series" in params else None
-    sop = _uid(params["instance"], "instance") if "instance" in params else None
+    study = path_uid(params["study"], "study")
+    series = path_uid(params["series"], "series") if "series" in params else None
+    sop = path_uid(params["instance"], "instance") if "instance" in params else None
     return study, series, sop
 
 

@@ -32,7 +32,6 @@ from .qido import (
     parse_search,
     retrieve_url,
     run_search,
-    valid_uid,
 )
 from .sql import page_select, select_rows, sql_conditions, wildcard_sql
 
@@ -71,7 +70,6 @@ __all__ = [
     "run_search",
     "select_rows",
     "sql_conditions",
-    "valid_uid",
     "wildcard_match",
     "wildcard_sql",
 ]

@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 
 from ..errors import InvalidQuery, QueryFailed
 from ..keys import KEYS, Level, Model
+from ..values import is_uid
 from .answer import json_answer
 from .match import row_matches
 from .model import Query, Row
@@ -60,8 +61,6 @@ WHEN_KNOWN = ("Rows", "Columns", "BitsAllocated", "NumberOfFrames")
 BATCH_SIZE = 100
 """Results read and rendered in one go; a larger answer streams batch by batch."""
 
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")  # PS3.5 9.1, leniently (as stored UIDs are)
-_UID_MAX = 64
 _UINT_RE = re.compile(r"[0-9]+")
 _TAG_RE = re.compile(r"[0-9A-Fa-f]{8}")
 _BOOLEANS = {"true": True, "false": False}
@@ -104,11 +103,6 @@ class Search:
     when_known: frozenset[int] = field(default_factory=frozenset)
 
 
-def valid_uid(text: str) -> bool:
-    """Whether ``text`` is a UID (PS3.5 9.1: digits and dots, at most 64 characters)."""
-    return len(text) <= _UID_MAX and _UID_RE.fullmatch(text) is not None
-
-
 def parse_search(
     params: SearchParams,
     level: Level,
@@ -138,7 +132,7 @@ def parse_search(
         level, a value that cannot be matched (PS3.18 8.3.4: 400 Bad Request).
     """
     for name, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
-        if uid and not valid_uid(uid):
+        if uid and not is_uid(uid):
             raise InvalidQuery(f"the {name} in the path is not a valid UID: {uid[:80]!r}")
     matches: dict[tuple[int, ...], list[str]] = {}
     includes: list[tuple[int, ...]] = []
@@ -295,7 +289,7 @@ def _value(tag: int, vr: str, values: list[str]) -> Any:
     if vr == "UI":
         uids = [u.strip() for t in texts for u in t.replace("\\", ",").split(",")]
         for uid in uids:
-            if uid != "*" and not valid_uid(uid):
+            if uid != "*" and not is_uid(uid):
                 raise InvalidQuery(f"{name}: not a UID: {uid[:80]!r}")
         return "\\".join(uids)
     text = "\\".join(texts)

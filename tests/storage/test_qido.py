@@ -14,7 +14,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from storage import Archive, InvalidQuery, Level, Model, QueryFailed
-from storage.query import BATCH_SIZE, parse_identifier, parse_search, run_search, valid_uid
+from storage.query import BATCH_SIZE, parse_identifier, parse_search, run_search
+from storage.values import is_uid
 from tests.factory import encode, hierarchy, make_ds, uid
 
 S1, S2, SE = "1.2.3.4", "1.2.3.5", "1.2.3.6"
@@ -116,9 +117,9 @@ def test_bad_parameters_are_invalid_queries(params: list[tuple[str, str]], level
         parse_search(params, level, study)
 
 
-def test_valid_uid() -> None:
-    assert valid_uid("1.2.840.10008.1.2.1") and valid_uid("0.0")
-    assert not any(valid_uid(u) for u in ("", "1.", ".1", "1..2", "1.2a", "1 2", "1" * 65))
+def test_is_uid() -> None:
+    assert is_uid("1.2.840.10008.1.2.1") and is_uid("0.0")
+    assert not any(is_uid(u) for u in ("", "1.", ".1", "1..2", "1.2a", "1 2", "1" * 65))
 
 
 def _store(archive: Archive, datasets: list[Dataset]) -> None:

@@ -383,7 +383,7 @@ def test_accept_chooses_the_answer_type(web: WebRunning) -> None:
 def test_a_bad_study_uid_in_the_path_is_400(web: WebRunning) -> None:
     response = post(web, body(part10(make_ds())), path="/studies/1.2.abc")
     assert response.status_code == 400
-    assert response.text.strip() == "'1.2.abc' is not a UID"
+    assert response.text.strip() == "study is not a valid UID: '1.2.abc'"
 
 
 def duplicate_pair() -> tuple[Dataset, Dataset]:

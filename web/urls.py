@@ -1,0 +1,37 @@
+"""The URLs of a request: the DICOMweb root it reached (for RetrieveURL and BulkDataURI) and
+the UIDs its path names."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from storage import is_uid
+
+from .errors import BAD_REQUEST, WebError
+
+FORWARDED_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def service_url(request: Request) -> str:
+    """The DICOMweb root the request came to, for RetrieveURLs: scheme, authority and
+    ``web.base_path``. A Host header without a port (dicomweb-client's POSTs send one:
+    it sets Host itself, without the port) gets the port the request came in on, unless
+    a proxy forwarded it (a ``Forwarded`` or ``X-Forwarded-*`` header) or the port is the
+    scheme's default."""
+    url = request.url
+    authority = url.netloc
+    server = request.scope.get("server")
+    forwarded = any(name in request.headers for name in FORWARDED_HEADERS)
+    if url.port is None and server and not forwarded and \
+            server[1] != DEFAULT_PORTS.get(url.scheme):
+        authority = f"{authority}:{server[1]}"
+    return f"{url.scheme}://{authority}{request.scope.get('root_path', '')}"
+
+
+def path_uid(text: str, what: str) -> str:
+    """``text``, a UID from the path, or 400 when it is not one (PS3.5 9.1; PS3.18 8.6.1
+    and each service's status table: a malformed request)."""
+    if not is_uid(text):
+        raise WebError(BAD_REQUEST, f"{what} is not a valid UID: {text[:80]!r}")
+    return text
