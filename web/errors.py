@@ -51,7 +51,8 @@ class WebError(Exception):
 
 STORAGE_STATUS: tuple[tuple[type[StorageError], int], ...] = (
     (InvalidQuery, BAD_REQUEST),
-    (TooManyMatches, PAYLOAD_TOO_LARGE),  # PS3.18 8.3.4.4: the search is too broad
+    # QIDO-RS answers query.max_results with a 299 Warning (PS3.18 8.3.4.4.1), not this
+    (TooManyMatches, PAYLOAD_TOO_LARGE),
     (InstanceUnavailable, NOT_FOUND),
     (CannotConvert, NOT_ACCEPTABLE),
     (StorageFull, INSUFFICIENT_STORAGE),
