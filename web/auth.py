@@ -365,6 +365,24 @@ def is_loopback(host: str | None) -> bool:
     return address.is_loopback
 
 
+LOCAL_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
+"""Host names of this machine that need no resolving."""
+
+
+def names_this_machine(host_header: str | None) -> bool:
+    """Whether the ``Host`` header (RFC 9110 7.2) names this machine: ``localhost`` or a
+    loopback address, with any port. A browser page whose name an attacker re-points at
+    127.0.0.1 (DNS rebinding) sends its own name: its requests then count as remote."""
+    if not host_header:
+        return False
+    host = host_header.strip().lower()
+    if host.startswith("["):  # an IPv6 literal: [::1]:8080
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host in LOCAL_NAMES or is_loopback(host)
+
+
 def allows(rights: str, method: str) -> bool:
     """Whether ``rights`` (none, read, read-write) allow ``method``."""
     if rights == READ_WRITE:
@@ -402,7 +420,9 @@ class AccessMiddleware:
         method = scope["method"]
         authorization = Headers(scope=scope).get("authorization")
         if authorization is None:
-            local = is_loopback(peer)
+            # this machine's anonymous rights need a local peer that also calls us by a
+            # local name: a rebound DNS name on a local browser's page is a remote site
+            local = is_loopback(peer) and names_this_machine(Headers(scope=scope).get("host"))
             rights = self.config.anonymous_local if local else self.config.anonymous_remote
             name = ""
             if not allows(rights, method):

@@ -202,6 +202,24 @@ def test_this_machine_reads_and_writes_without_credentials_by_default(
     assert stow(web.url).status_code not in REFUSED
 
 
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST:{port}", "127.0.0.1:{port}",
+                                  "127.0.0.2", "[::1]:{port}"])
+def test_this_machine_by_a_local_name_is_local(web: WebRunning, host: str) -> None:
+    headers = {"Host": host.format(port=web.web.port)}
+    assert httpx.get(f"{web.url}/studies", headers=headers).status_code not in REFUSED
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:{port}",
+                                  "127.0.0.1.attacker.example", "localhost.attacker.example",
+                                  "10.0.0.1", ""])
+def test_a_rebound_name_on_this_machine_is_remote(web: WebRunning, host: str) -> None:
+    """DNS rebinding: a page whose name an attacker points at 127.0.0.1 reaches us from a
+    local browser, with its own name in Host; it gets web.anonymous_remote (none)."""
+    headers = {"Host": host.format(port=web.web.port)}
+    assert httpx.get(f"{web.url}/studies", headers=headers).status_code == 401
+    assert stow(web.url, headers=headers).status_code == 401
+
+
 def test_anonymous_local_none_asks_for_credentials(start_web: Callable[..., WebRunning],
                                                     credentials: Credentials) -> None:
     running = start_web(**{"web.anonymous_local": "none", "web.users": credentials.users})
