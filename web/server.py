@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import threading
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from storage import Archive
 
@@ -24,6 +26,53 @@ logger = logging.getLogger("minipacs.web")
 
 START_TIMEOUT = 30.0
 """Seconds uvicorn may take to start serving on its bound socket."""
+HEADER_TIMEOUT = 30.0
+"""Seconds a connection may take to send a request's line and headers (the first, or the
+next one on a kept-alive connection) before it is closed: uvicorn waits for them forever,
+so clients that stall (or send a byte a minute) would pile up open connections."""
+MAX_CONNECTIONS = 1000
+"""Connections (and requests in flight) served at once; beyond, a new request is answered
+503 (uvicorn's ``limit_concurrency``), and each connection still meets HEADER_TIMEOUT."""
+FILE_LIMIT = 65536
+"""The soft limit of open files raised to (at most the hard limit) when the listener
+starts, so that many HTTP connections cannot starve the DICOM listener and the file store."""
+
+
+class HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request line and headers do
+    not arrive within ``header_timeout`` seconds (tested with uvicorn 0.55; a subclass
+    through ``uvicorn.Config(http=...)``, its public hook for a protocol class).
+
+    The deadline is armed when the connection opens and again when a response completes;
+    it does nothing once a new request has begun (uvicorn then has a new ``cycle``)."""
+
+    header_timeout = HEADER_TIMEOUT
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def _arm(self) -> None:
+        cycle = self.cycle
+        self.loop.call_later(self.header_timeout, self._expire, cycle)
+
+    def _expire(self, cycle: Any) -> None:
+        if self.cycle is cycle and not self.transport.is_closing() and (
+                cycle is None or cycle.response_complete):
+            self.transport.close()
+
+
+def raise_file_limit(wanted: int = FILE_LIMIT) -> None:
+    """Raise this process's soft limit of open files towards ``wanted`` (never above the
+    hard limit, never lower than it is)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 class WebListenError(OSError):
@@ -44,7 +93,7 @@ class WebServer:
     """
 
     def __init__(self, config: WebConfig, archive: Archive, certificate: str = "",
-                 private_key: str = "") -> None:
+                 private_key: str = "", *, header_timeout: float = HEADER_TIMEOUT) -> None:
         self.config = config
         self.archive = archive
         self.app = create_app(archive, config)
@@ -52,6 +101,7 @@ class WebServer:
         self._port = config.port
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._header_timeout = header_timeout
 
     @property
     def port(self) -> int:
@@ -98,12 +148,16 @@ class WebServer:
         # delayed ACK (Nagle's algorithm)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._port = int(sock.getsockname()[1])
+        raise_file_limit()
+        protocol = type("HeaderDeadline", (HeaderDeadline,),
+                        {"header_timeout": self._header_timeout})
         kwargs: dict[str, Any] = {}
         if self._tls:
             kwargs.update(ssl_certfile=self._tls[0], ssl_keyfile=self._tls[1])
         config = uvicorn.Config(
             self.app, lifespan="off", log_config=None, access_log=False,
-            timeout_graceful_shutdown=10, server_header=False,
+            timeout_graceful_shutdown=10, server_header=False, http=protocol,
+            limit_concurrency=MAX_CONNECTIONS,
             # X-Forwarded-For is believed from a proxy on this machine only, whatever the
             # FORWARDED_ALLOW_IPS environment says: else a remote client could claim to be
             # local and get web.anonymous_local's rights

@@ -4,6 +4,7 @@ access rules refuse."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from tests.conftest import free_port
 from tests.test_cli import minipacs_command, wait_until_echo
 from tests.web.conftest import WebRunning
 from web import WebListenError, WebServer
+from web.server import raise_file_limit
 
 
 def test_unknown_path_is_404_with_a_reason(web: WebRunning) -> None:
@@ -90,3 +92,42 @@ def test_accepted_connections_have_nagle_off(web: WebRunning) -> None:
         for protocol in connections:
             sock = protocol.transport.get_extra_info("socket")
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_a_client_that_never_finishes_its_headers_is_closed(
+        start_web: Callable[..., WebRunning]) -> None:
+    """uvicorn waits forever for a request's headers; a stalled client (or one sending a
+    byte at a time, slowloris) would hold its connection, and with enough of them the
+    process's file descriptors, which the DICOM listener needs too. Each connection gets
+    HEADER_TIMEOUT for its request line and headers, the first and the next."""
+    running = start_web()
+    web = WebServer(running.dicom.config.web, running.archive, header_timeout=0.5)
+    web.start()
+    try:
+        with socket.create_connection(("127.0.0.1", web.port), timeout=20) as stalled:
+            stalled.sendall(b"GET /dicom-web/studies HTTP/1.1\r\nHo")
+            assert stalled.recv(1024) == b""  # closed by the server, no answer
+        with socket.create_connection(("127.0.0.1", web.port), timeout=20) as kept:
+            kept.sendall(b"GET /dicom-web/nothing HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"\n"):
+                chunk = kept.recv(4096)
+                assert chunk, "closed before the first answer"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 404")
+            kept.sendall(b"GET /dicom-web/nothing HTTP/1.1\r\nHo")  # the next one stalls
+            while chunk := kept.recv(4096):
+                pass  # read until the server closes it
+    finally:
+        web.stop(grace=5)
+
+
+def test_the_file_limit_is_raised_towards_its_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        raise_file_limit(4096)
+        expected = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == expected
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
