@@ -26,6 +26,7 @@ from storage import (
 
 logger = logging.getLogger("minipacs.web")
 
+NOT_MODIFIED = 304
 BAD_REQUEST = 400
 UNAUTHORIZED = 401
 FORBIDDEN = 403
@@ -35,6 +36,7 @@ REQUEST_TIMEOUT = 408
 CONFLICT = 409
 PAYLOAD_TOO_LARGE = 413
 UNSUPPORTED_MEDIA_TYPE = 415
+INTERNAL_ERROR = 500
 SERVICE_UNAVAILABLE = 503
 INSUFFICIENT_STORAGE = 507
 
@@ -80,7 +82,7 @@ async def _web_error(request: Request, exc: Exception) -> Response:
 async def _storage_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StorageError)
     status = status_of(exc)
-    if status >= 500:
+    if status >= INTERNAL_ERROR:
         logger.warning("%s %s: %s", request.method, request.url.path, exc)
     return PlainTextResponse(reason_line(str(exc)) + "\n", status)
 
@@ -93,7 +95,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("%s %s failed", request.method, request.url.path)
-    return PlainTextResponse(f"internal error: {reason_line(repr(exc))}\n", 500)
+    return PlainTextResponse(f"internal error: {reason_line(repr(exc))}\n", INTERNAL_ERROR)
 
 
 def handlers() -> dict[Any, Any]:

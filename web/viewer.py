@@ -27,7 +27,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.staticfiles import StaticFiles
 
 from .config import WebConfig
-from .errors import NOT_FOUND, WebError
+from .errors import NOT_FOUND, NOT_MODIFIED, WebError
 
 PREFIX = "/viewer"
 """Where the viewer is served; OHIF's ``routerBasename``."""
@@ -177,7 +177,7 @@ def _rewritten(request: Request, full: str, found: os.stat_result, suffix: str) 
     etag = f'"{found.st_mtime_ns:x}-{found.st_size:x}-{PREFIX.strip("/")}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if etag in request.headers.get("if-none-match", ""):
-        return Response(status_code=304, headers=headers)
+        return Response(status_code=NOT_MODIFIED, headers=headers)
     with open(full, "rb") as f:
         body = f.read()
     for rewrite in REWRITES[suffix]:
