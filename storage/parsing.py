@@ -11,8 +11,10 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import mmap
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -436,12 +438,81 @@ def _level_json(ds: Dataset) -> tuple[dict[Level, str], list[str]]:
         if (tag >> 16) == 0x0002 or tag in _PIXEL_TAGS or (tag & 0xFFFF) == 0:
             continue
         try:  # a bulk value (binary, > BULK_THRESHOLD) is kept as {"vr", "BulkDataURI": ""}
-            out[level_of(tag)][f"{tag:08X}"] = _clean_json(
-                elem.to_json_dict(_bulk_uri, BULK_THRESHOLD)
+            out[level_of(tag)][f"{tag:08X}"] = _element_json(
+                elem.to_json_dict(_bulk_uri, BULK_THRESHOLD), elem
             )
         except Exception as exc:  # one malformed optional element does not refuse the image
             warnings.append(f"{elem.keyword or elem.tag} not indexed: {exc}")
-    return {lv: json.dumps(v, separators=(",", ":")) for lv, v in out.items()}, warnings
+    # RFC 8259 (PS3.18 F.2) has no NaN or Infinity: _element_json keeps them out, and a
+    # number that slipped through would be refused here rather than written
+    return {lv: json.dumps(v, separators=(",", ":"), allow_nan=False)
+            for lv, v in out.items()}, warnings
+
+
+# PS3.5 Table 6.2-1 DS: a fixed or floating point number (ANSI X3.9), at most 16 bytes
+_DS_TEXT = re.compile(r" *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)? *")
+_DS_MAX_LENGTH = 16
+
+
+def _element_json(element: dict[str, Any], source: DataElement | None) -> dict[str, Any]:
+    """One attribute of pydicom's DICOM JSON, made fit for the index.
+
+    Text is cleaned (:func:`clean_text`). A number JSON cannot hold (NaN, an infinity,
+    or a DS such as ``1e999`` beyond a double) never enters it: a DS keeps its original
+    text, as PS3.18 Table F.2.3-1 allows ("a JSON String representation can be used to
+    preserve the original format") when that text is a valid DS (PS3.5 Table 6.2-1);
+    anything else ("nan", "inf", an FL or FD value, which Table F.2.3-1 makes a JSON
+    Number only) loses its Value and stays as an attribute without one (PS3.18 F.2.5).
+    ``source`` is the element the JSON was made of (None when it cannot be told).
+    """
+    out: dict[str, Any] = {}
+    for key, value in element.items():
+        if key == "Value" and isinstance(value, list):
+            values = _values_json(element.get("vr", ""), value, source)
+            if values is not None:
+                out[key] = values
+        else:
+            out[key] = _clean_json(value)
+    return out
+
+
+def _values_json(vr: str, values: list[Any], source: DataElement | None) -> list[Any] | None:
+    """The Value array of an attribute (:func:`_element_json`); None to leave it out."""
+    if vr == "SQ":
+        items = list(source.value) if source is not None and source.VR == "SQ" else []
+        return [_item_json(item, items[i] if i < len(items) else None)
+                for i, item in enumerate(values)]
+    cleaned = [_clean_json(v) for v in values]
+    if all(not isinstance(v, float) or math.isfinite(v) for v in cleaned):
+        return cleaned
+    return _ds_texts(source) if vr == "DS" else None
+
+
+def _item_json(item: Any, source: Dataset | None) -> Any:
+    if not isinstance(item, dict):
+        return _clean_json(item)
+    out: dict[str, Any] = {}
+    for key, element in item.items():
+        sub = source.get(int(key, 16)) if source is not None else None
+        out[key] = (_element_json(element, sub if isinstance(sub, DataElement) else None)
+                    if isinstance(element, dict) else _clean_json(element))
+    return out
+
+
+def _ds_texts(source: DataElement | None) -> list[str] | None:
+    """The DS values of ``source`` as their original texts, when each is a valid DS."""
+    if source is None or source.VR != "DS":
+        return None
+    value = source.value
+    values = value if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue" \
+        else [value]
+    texts = []
+    for v in values:
+        text = str(getattr(v, "original_string", None) or v)
+        if len(text) > _DS_MAX_LENGTH or not _DS_TEXT.fullmatch(text):
+            return None
+        texts.append(text.strip())
+    return texts
 
 
 def _clean_json(value: Any) -> Any:

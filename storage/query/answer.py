@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import struct
 from collections.abc import Collection, Iterator, Sequence
@@ -117,8 +118,26 @@ def json_answer(
                 out[f"{tag:08X}"] = {"vr": element.vr}
         else:
             out[f"{tag:08X}"] = {"vr": element.vr, element.value_key: element.value}
-    return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode(
-        "utf-8", "replace")
+    try:  # RFC 8259 (PS3.18 F.2) has no NaN or Infinity
+        text = json.dumps(out, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # an index row written before storage.parsing kept them out
+        text = json.dumps(_finite(out), ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False)
+    return text.encode("utf-8", "replace")
+
+
+def _finite(value: Any) -> Any:
+    """DICOM JSON without a NaN or an infinity: an attribute holding one is left without
+    its Value (PS3.18 F.2.5), as storage.parsing now indexes it."""
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    values = value.get("Value")
+    if "vr" in value and isinstance(values, list) and any(
+            isinstance(v, float) and not math.isfinite(v) for v in values):
+        return {k: v for k, v in value.items() if k != "Value"}
+    return {k: _finite(v) for k, v in value.items()}
 
 
 @dataclass
@@ -133,6 +152,10 @@ class _Out:
     def data_element(self) -> DataElement:
         if self.value is None:
             return DataElement(self.tag, self.vr, [] if self.vr == "SQ" else None)
+        if self.vr in _NUMBER_TEXT_VRS and all(isinstance(v, str) for v in self.value):
+            # a DS kept as its text (storage.parsing: "1e999"): pydicom's JSON reader
+            # would make it a float and write "inf"
+            return DataElement(self.tag, self.vr, list(self.value))
         return DataElement.from_json(Dataset, f"{self.tag:08X}", self.vr, self.value,
                                      self.value_key)
 
@@ -154,6 +177,8 @@ _LONG_VRS = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)  # PS3.5 Table 7.
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
                         "TM", "UC", "UI", "UR", "UT"})
 _SINGLE_VALUED = frozenset({"LT", "ST", "UR", "UT"})
+# PS3.18 Table F.2.3-1: "Number or String"; a String keeps the original text
+_NUMBER_TEXT_VRS = frozenset({"DS", "IS"})
 
 
 def _ascii_value(vr: str, values: list[Any] | None) -> bytes | None:

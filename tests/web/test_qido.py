@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
@@ -629,3 +630,72 @@ def test_dicomweb_client_searches(pacs: WebRunning, datasets: list[Dataset]) -> 
     assert client.search_for_studies(search_filters={"PatientID": "NOBODY"}) == []
     # dicomweb-client sends Host without the port: the RetrieveURL has it all the same
     assert value(studies[0], "RetrieveURL") == f"{pacs.url}/studies/{study}"
+
+
+# ---------------------------------------------------------------------------------------
+# Values JSON cannot hold (RFC 8259; PS3.18 F.2.3)
+
+DIFFUSION_B_VALUE = 0x00189087  # FD
+
+
+def _refuse(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON (RFC 8259)")
+
+
+def strict_json(text: str) -> Any:
+    """``text`` parsed as RFC 8259 JSON: NaN, Infinity and -Infinity are refused."""
+    return json.loads(text, parse_constant=_refuse)
+
+
+def test_non_finite_numbers_never_reach_the_json(web: WebRunning) -> None:
+    """A DS "nan" loses its Value (not a DS, PS3.5 6.2), a DS "1e999" keeps its text
+    (Table F.2.3-1: a String may keep a DS's original format), an FD infinity its Value
+    (a JSON Number only): QIDO-RS and WADO-RS /metadata answer valid JSON."""
+    ds = make_ds(PatientID="NONFINITE", WindowCenter="nan", WindowWidth=["1", "-1E400"],
+                 SliceThickness="1e999")
+    ds.add_new(DIFFUSION_B_VALUE, "FD", float("inf"))
+    item = Dataset()
+    item.add_new(DIFFUSION_B_VALUE, "FD", float("nan"))
+    ds.RequestAttributesSequence = Sequence([item])
+    with pydicom_config.strict_reading(), pydicom_config.disable_value_validation():
+        DICOMwebClient(url=web.url).store_instances([ds])
+    response = httpx.get(f"{web.url}/instances", params={"PatientID": "NONFINITE",
+                                                         "includefield": "all"})
+    assert response.status_code == 200
+    r, = strict_json(response.text)
+    assert r["00281050"] == {"vr": "DS"}
+    assert r["00281051"] == {"vr": "DS", "Value": ["1", "-1E400"]}
+    assert r["00180050"] == {"vr": "DS", "Value": ["1e999"]}
+    assert r[f"{DIFFUSION_B_VALUE:08X}"] == {"vr": "FD"}
+    series = strict_json(httpx.get(f"{web.url}/series", params={
+        "PatientID": "NONFINITE", "includefield": "RequestAttributesSequence"}).text)
+    assert series[0]["00400275"]["Value"] == [{f"{DIFFUSION_B_VALUE:08X}": {"vr": "FD"}}]
+    metadata = httpx.get(f"{web.url}/studies/{ds.StudyInstanceUID}/metadata")
+    assert metadata.status_code == 200
+    assert strict_json(metadata.text)[0]["00180050"] == {"vr": "DS", "Value": ["1e999"]}
+    # C-FIND answers the kept text too
+    matches, final = find(web.dicom, QueryRetrieveLevel="IMAGE", PatientID="NONFINITE",
+                          StudyInstanceUID=ds.StudyInstanceUID,
+                          SeriesInstanceUID=ds.SeriesInstanceUID, SOPInstanceUID="",
+                          SliceThickness="", WindowCenter="")
+    assert final == status.SUCCESS and str(matches[0].SliceThickness) == "1e999"
+    assert matches[0].WindowCenter is None
+
+
+def test_an_index_row_written_with_nan_is_answered_without_it(web: WebRunning) -> None:
+    """Rows indexed before the fix may hold bare NaN and Infinity: QIDO-RS leaves those
+    values out (PS3.18 F.2.5) and answers, never a 500."""
+    from storage.models import Instance
+
+    ds = make_ds(PatientID="OLDNAN", SliceThickness="2.5")
+    web.archive.store(encode(ds), ExplicitVRLittleEndian)
+    old = ('{"00180050":{"vr":"DS","Value":[NaN]},"00281050":{"vr":"DS","Value":[Infinity]},'
+           '"00400275":{"vr":"SQ","Value":[{"00189087":{"vr":"FD","Value":[-Infinity]}}]}}')
+    assert Instance.update(attrs=old).where(
+        Instance.sop_instance_uid == ds.SOPInstanceUID).execute() == 1
+    response = httpx.get(f"{web.url}/instances", params={"PatientID": "OLDNAN",
+                                                         "includefield": "all"})
+    assert response.status_code == 200, response.text
+    r, = strict_json(response.text)
+    assert r["00180050"] == {"vr": "DS"} and r["00281050"] == {"vr": "DS"}
+    assert r["00400275"]["Value"] == [{f"{DIFFUSION_B_VALUE:08X}": {"vr": "FD"}}]
