@@ -61,6 +61,11 @@ KNOWN_SYNTAXES = frozenset(str(uid) for uid in AllTransferSyntaxes)
 """The transfer syntaxes a Part 10 file may be in (:meth:`Archive.store_part10`): those
 pydicom knows, which C-STORE's presentation contexts offer."""
 
+PART10_HEADER_ALLOWANCE = 64 * 1024
+"""Bytes by which a Part 10 file may exceed ``max_instance_bytes`` before
+:meth:`Archive.check_part_size` refuses it: its preamble and File Meta group, which the
+limit (on the data set) does not count."""
+
 @dataclass(frozen=True)
 class Origin:
     """Who sent an instance (recorded as SourceApplicationEntityTitle in the file meta)."""
@@ -328,6 +333,40 @@ class Archive:
         return None
 
     # -- STOW-RS -------------------------------------------------------------------------
+
+    def check_part_size(self, size: int) -> None:
+        """Refuse a Part 10 file of which ``size`` bytes have arrived as soon as its data
+        set must be larger than ``max_instance_bytes``, so that a front end stops reading
+        it into memory or a spool file there and then (its data set could be up to
+        :data:`PART10_HEADER_ALLOWANCE` smaller than the file: :meth:`store` makes the
+        exact check).
+
+        Raises
+        ------
+        StorageFull
+            The part is too large (PS3.4 B.2.3 / PS3.18 Table I.2-2 A700).
+        """
+        limit = self.options.max_instance_bytes
+        if limit and size > limit + PART10_HEADER_ALLOWANCE:
+            raise StorageFull(f"part of more than {size / 2**20:.0f} MB exceeds"
+                              f" storage.max_instance_mb ({limit // 2**20} MB)")
+
+    @contextlib.contextmanager
+    def spooling(self, size: int) -> Iterator[None]:
+        """Reserve ``size`` bytes a front end is about to append to a spool file in
+        :meth:`spool_folder`, for as long as it writes them: the same reservation as the
+        stores in flight (:meth:`_reserving`), so that parallel spools and stores cannot
+        together take the disk below ``min_free_bytes``. Bytes once written are counted by
+        the disk itself, so a spool holds no reservation between writes, and the store of
+        a spooled part reserves only the file it writes (never the spool twice).
+
+        Raises
+        ------
+        StorageFull
+            Writing them would leave less than ``min_free_bytes`` (PS3.4 B.2.3 A700).
+        """
+        with self._reserving(size):
+            yield
 
     def spool_folder(self) -> Path:
         """Where a front end spools an incoming object too large for memory before

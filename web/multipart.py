@@ -3,7 +3,10 @@
 python-multipart's :class:`~python_multipart.multipart.MultipartParser` finds the boundaries;
 :class:`PartReader` keeps each part's headers and bytes: in memory while the part is small,
 in a spool file once it grows past :data:`IN_MEMORY_UP_TO`, so that a large part is never
-held whole in memory. Whoever feeds the reader takes each part as soon as its closing
+held whole in memory. A :class:`SpoolGuard` (the archive) may refuse a part while it
+arrives: too large for the store, or its spool would take the disk below the store's free
+space floor; the rest of that part is then read and dropped, and the parts after it are read
+on. Whoever feeds the reader takes each part as soon as its closing
 boundary has arrived, and must :meth:`Part.discard` it (and :meth:`PartReader.close` the
 reader) when done.
 """
@@ -13,12 +16,15 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+
+from storage import StorageError
 
 IN_MEMORY_UP_TO = 1024 * 1024
 """Bytes of a part kept in memory; a larger part goes to a spool file as it arrives."""
@@ -27,6 +33,17 @@ SPOOL_PREFIX = "web-"
 SPOOL_SUFFIX = ".part"
 """Spool files are ``web-*.part`` in the spool folder (the file store's temporary folder,
 whose ``*.part`` leftovers a crash may leave are removed when the store opens)."""
+
+
+class SpoolGuard(Protocol):
+    """What may refuse a part while it arrives (:class:`storage.Archive` is one)."""
+
+    def check_part_size(self, size: int) -> None:
+        """Raise :class:`~storage.StorageError` once a part of ``size`` bytes is too large."""
+
+    def spooling(self, size: int) -> AbstractContextManager[None]:
+        """Hold a reservation of ``size`` bytes while they are written to a spool file;
+        raise :class:`~storage.StorageError` when the disk has no room for them."""
 
 
 class MalformedBody(ValueError):
@@ -97,11 +114,15 @@ class PartReader:
         Where parts larger than ``in_memory_up_to`` are written as they arrive.
     in_memory_up_to : int
         Bytes of a part kept in memory.
+    guard : SpoolGuard, optional
+        Asked before each byte of a part is kept, in memory or in its spool file.
     """
 
     def __init__(self, boundary: str, spool_folder: Path,
-                 in_memory_up_to: int = IN_MEMORY_UP_TO) -> None:
+                 in_memory_up_to: int = IN_MEMORY_UP_TO,
+                 guard: SpoolGuard | None = None) -> None:
         self.spool_folder = spool_folder
+        self._guard = guard
         self._boundary = boundary
         self.in_memory_up_to = in_memory_up_to
         self.complete = False
@@ -189,21 +210,30 @@ class PartReader:
         current = self._current
         assert current is not None
         current.size += end - start
-        if current.spool_error:  # the rest of a part that could not be spooled
+        if current.spool_error:  # the rest of a refused part: read, not kept
             return
         try:
+            if self._guard is not None:
+                self._guard.check_part_size(current.size)
             if current.file is not None:
-                current.file.write(data[start:end])
+                with self._spooling(end - start):
+                    current.file.write(data[start:end])
                 return
             current.memory += data[start:end]
             if len(current.memory) > self.in_memory_up_to:  # from now on in a file
-                fd, name = tempfile.mkstemp(SPOOL_SUFFIX, SPOOL_PREFIX, self.spool_folder)
-                current.path = Path(name)
-                current.file = os.fdopen(fd, "wb")
-                current.file.write(current.memory)
+                with self._spooling(len(current.memory)):
+                    fd, name = tempfile.mkstemp(SPOOL_SUFFIX, SPOOL_PREFIX,
+                                                self.spool_folder)
+                    current.path = Path(name)
+                    current.file = os.fdopen(fd, "wb")
+                    current.file.write(current.memory)
                 current.memory = bytearray()
-        except OSError as exc:  # this part fails; the parts after it are read on
+        except (OSError, StorageError) as exc:  # this part fails; the parts after it are read on
             self._spool_failed(current, exc)
+
+    def _spooling(self, size: int) -> AbstractContextManager[None]:
+        return self._guard.spooling(size) if self._guard is not None else \
+            contextlib.nullcontext()
 
     def _end(self) -> None:
         current, self._current = self._current, None
@@ -223,8 +253,9 @@ class PartReader:
     def _finished(self) -> None:
         self.complete = True
 
-    def _spool_failed(self, current: _Current, exc: OSError) -> None:
-        current.spool_error = f"cannot spool part {self.parts}: {exc.strerror or exc}"
+    def _spool_failed(self, current: _Current, exc: OSError | StorageError) -> None:
+        reason = exc.strerror if isinstance(exc, OSError) else None
+        current.spool_error = f"cannot spool part {self.parts}: {reason or exc}"
         current.memory = bytearray()
         self._close_spool(current, remove=True)
 

@@ -160,7 +160,7 @@ async def _receive(request: Request, boundary: str, limit: int,
     before the fault were stored; what the part in progress spooled is removed."""
     archive: Archive = request.app.state.archive
     try:
-        reader = PartReader(boundary, archive.spool_folder())
+        reader = PartReader(boundary, archive.spool_folder(), guard=archive)
     except MalformedBody as exc:
         raise WebError(BAD_REQUEST, str(exc)) from exc
     try:
@@ -256,8 +256,10 @@ def _store_part(archive: Archive, part: Part, study: str | None, origin: Origin,
 
 
 def _refusal(part: Part) -> tuple[int, str] | None:
-    """Why a part is refused before it is read, if it is: it could not be spooled (A700),
-    or it is not ``application/dicom`` (C000, PS3.18 10.5.1.4)."""
+    """Why a part is refused before it is read, if it is: it was refused as it arrived
+    (larger than ``storage.max_instance_mb``, its spool would cross
+    ``storage.min_free_disk_mb``, or the spool could not be written: A700, PS3.18 Table
+    I.2-2), or it is not ``application/dicom`` (C000, PS3.18 10.5.1.4)."""
     if part.spool_error:
         return FailureCode.OUT_OF_RESOURCES, part.spool_error
     kind, _ = media_type(part.headers.get("content-type", DICOM))

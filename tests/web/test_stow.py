@@ -5,6 +5,8 @@ bodies that are cut short, too large, stalled or not DICOM."""
 from __future__ import annotations
 
 import io
+import logging
+import shutil
 import socket
 import time
 import tracemalloc
@@ -37,6 +39,7 @@ STUDY_DOES_NOT_MATCH = 0xA901
 DUPLICATE_SOP_INSTANCE = 0x0111
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 ELEMENTS_DISCARDED = 0xB006  # PS3.18 Table I.2-1
+OUT_OF_RESOURCES = 0xA700
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -292,7 +295,7 @@ def test_a_client_that_leaves_mid_part_stores_the_parts_before_and_leaves_no_spo
     content = body(part10(first), part10(cut))
     sent = content[:len(content) - 1024 * 1024]  # the second part (spooled: > 1 MB) cut
     with socket.create_connection(("127.0.0.1", web.web.port)) as sock:
-        sock.sendall((f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type:"
+        sock.sendall((f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type:"
                       f" {CONTENT_TYPE}\r\nContent-Length: {len(content)}\r\n\r\n").encode())
         sock.sendall(sent)
         wait_for(lambda: first.SOPInstanceUID in stored(web), "the first part to be stored")
@@ -307,7 +310,7 @@ def test_a_client_that_stalls_gets_408_and_its_part_is_dropped(web: WebRunning) 
     content = body(part10(first), part10(cut))
     with socket.create_connection(("127.0.0.1", web.web.port)) as sock:
         sock.settimeout(30)
-        sock.sendall((f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type:"
+        sock.sendall((f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type:"
                       f" {CONTENT_TYPE}\r\nContent-Length: {len(content)}\r\n\r\n").encode())
         sock.sendall(content[:len(content) - 4096])
         answer = read_response(sock)
@@ -455,6 +458,64 @@ def test_a_large_part_is_stored_in_bounded_memory(web: WebRunning) -> None:
     assert peak < size / 5, f"peak {peak / 2**20:.1f} MB of Python memory for a 50 MB part"
     [(file_size,)] = index_rows(web.dicom, "SELECT file_size FROM instance")
     assert file_size > size
+    assert spooled(web) == []
+
+
+def big_part_body(web: WebRunning, size: int, before: bytes, after: bytes,
+                  seen: list[int]) -> Iterator[bytes]:
+    """A body of the parts ``before``, one Part 10 file of ``size`` bytes of pixel data sent
+    256 KB at a time, and the parts ``after``; while the big part is sent, ``seen`` gets
+    the size of the largest spool file in the store's temporary folder (the server runs in
+    this process) at each step."""
+    ds = make_ds(Rows=size // 2048, Columns=1024, PixelData=None)
+    if before:  # (an empty chunk would end a chunked body)
+        yield before
+    yield (f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part10(ds)
+           + b"\xe0\x7f\x10\x00OW\x00\x00" + size.to_bytes(4, "little"))
+    block = bytes(256 * 1024)
+    for _ in range(size // len(block)):
+        yield block
+        seen.append(max((path.stat().st_size for path in spooled(web)), default=0))
+    yield b"\r\n" + after
+
+
+def test_a_part_over_max_instance_mb_is_refused_a700_without_being_spooled_whole(
+        start_web: Callable[..., WebRunning]) -> None:
+    """``storage.max_instance_mb``: a part is dropped as soon as it passes the limit (A700);
+    its spool file never grows past it, is removed, and the parts after it are stored."""
+    web = start_web(**{"storage.max_instance_mb": 1})
+    small = [make_ds(), make_ds()]
+    seen: list[int] = []
+    content = big_part_body(web, 20 * 1024 * 1024, body(part10(small[0]), close=False),
+                            body(part10(small[1])), seen)
+    response = post(web, content)
+    assert response.status_code == 202, response.text
+    answer = response.json()
+    assert [value(i, SOP_INSTANCE) for i in items(answer, REFERENCED)] == \
+        [ds.SOPInstanceUID for ds in small]
+    assert [value(i, FAILURE_REASON) for i in items(answer, FAILED)] == [OUT_OF_RESOURCES]
+    assert stored(web) == {ds.SOPInstanceUID for ds in small}
+    assert max(seen) < 2 * 1024 * 1024, f"a spool of {max(seen) / 2**20:.1f} MB"
+    assert spooled(web) == []
+
+
+def test_a_part_whose_spool_would_cross_min_free_disk_mb_is_refused_a700_as_it_arrives(
+        start_web: Callable[..., WebRunning], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``storage.min_free_disk_mb`` binds a spool file as it grows (the reservation of the
+    stores in flight): with a floor above the disk's free space, the part is refused when it
+    would first be spooled, not once it has been spooled whole."""
+    floor_mb = shutil.disk_usage(tmp_path).free // 2**20 + 1024  # never met
+    web = start_web(**{"storage.min_free_disk_mb": floor_mb})
+    seen: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="minipacs.web.stow"):
+        response = post(web, big_part_body(web, 8 * 1024 * 1024, b"",
+                                           f"--{BOUNDARY}--\r\n".encode(), seen))
+    assert response.status_code == 409, response.text
+    assert [value(i, FAILURE_REASON) for i in items(response.json(), FAILED)] == \
+        [OUT_OF_RESOURCES]
+    assert "part 1 refused (A700): cannot spool part 1: disk almost full" in caplog.text
+    assert max(seen) == 0, f"a spool of {max(seen) / 2**20:.1f} MB"
     assert spooled(web) == []
 
 
