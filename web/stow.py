@@ -3,10 +3,11 @@
 ``POST {base}/studies`` and ``POST {base}/studies/{study}`` take a
 ``multipart/related; type="application/dicom"`` body. It is read as a stream
 (:class:`web.multipart.PartReader`: small parts in memory, large ones spooled to a file in
-the store's temporary folder) and each part is stored as soon as its closing boundary has
-arrived, through :meth:`storage.Archive.store_part10`, the C-STORE path with its checks,
-durability, duplicate policy and counters. The answer is a Store Instances Response Module
-(PS3.18 Annex I) in DICOM JSON, with the HTTP status of PS3.18 Table 10.5.3-1.
+the store's temporary folder), parsed chunk by chunk in a worker thread, off the event
+loop, and each part is stored as soon as its closing boundary has arrived, through
+:meth:`storage.Archive.store_part10`, the C-STORE path with its checks, durability,
+duplicate policy and counters. The answer is a Store Instances Response Module (PS3.18
+Annex I) in DICOM JSON, with the HTTP status of PS3.18 Table 10.5.3-1.
 """
 
 from __future__ import annotations
@@ -180,8 +181,7 @@ async def _read(request: Request, reader: PartReader, limit: int,
     async for chunk in chunks:
         allowed = chunk[:max(limit - received, 0)] if limit else chunk
         received += len(chunk)
-        for part in reader.feed(allowed):
-            await run_in_threadpool(_store_part, archive, part, study, origin, response)
+        await run_in_threadpool(_feed, archive, reader, allowed, study, origin, response)
         if reader.malformed:
             raise WebError(BAD_REQUEST, f"{reader.malformed}{_stored_before(response)}")
         if limit and received > limit:  # RFC 9110 15.5.14
@@ -227,6 +227,19 @@ def _ending(reader: PartReader, response: StoreResponse) -> dict[str, str]:
         raise WebError(BAD_REQUEST, f"{reason}; nothing stored")
     response.refused("", "", FailureCode.CANNOT_UNDERSTAND)
     return {"Warning": f'299 minipacs "{reason}; that part is not stored"'}
+
+
+def _feed(archive: Archive, reader: PartReader, chunk: bytes, study: str | None,
+          origin: Origin, response: StoreResponse) -> None:
+    """Parse ``chunk`` and store the parts it completed, in a worker thread: parsing, spool
+    writes and stores block, and the event loop serves the other requests meanwhile. The
+    thread's index connection is given back after each chunk (as QIDO-RS does after each
+    batch): the threadpool's threads would otherwise each keep one open."""
+    try:
+        for part in reader.feed(chunk):
+            _store_part(archive, part, study, origin, response)
+    finally:
+        archive.release()
 
 
 def _store_part(archive: Archive, part: Part, study: str | None, origin: Origin,

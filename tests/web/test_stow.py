@@ -4,14 +4,19 @@ bodies that are cut short, too large, stalled or not DICOM."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import io
 import logging
+import os
 import shutil
 import socket
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -28,6 +33,7 @@ from tests.factory import encode, make_ds, uid
 from tests.test_hostile import index_rows
 from tests.test_move import STUDY_ROOT, Peer, c_move, start_peer  # noqa: F401  (a fixture)
 from tests.web.conftest import WebRunning
+from web.multipart import PartReader
 
 BOUNDARY = "minipacs-test-boundary"
 CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -517,6 +523,52 @@ def test_a_part_whose_spool_would_cross_min_free_disk_mb_is_refused_a700_as_it_a
     assert "part 1 refused (A700): cannot spool part 1: disk almost full" in caplog.text
     assert max(seen) == 0, f"a spool of {max(seen) / 2**20:.1f} MB"
     assert spooled(web) == []
+
+
+def index_fds(web: WebRunning) -> int:
+    """File descriptors this process (the server runs in it) holds on the SQLite index."""
+    index = Path(web.archive.options.index_url.removeprefix("sqlite:///")).resolve()
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += Path(os.readlink(fd)) == index
+    return count
+
+
+def test_stow_requests_give_their_index_connections_back(web: WebRunning) -> None:
+    """Each worker thread that stored a part gives its index connection back (as QIDO-RS
+    does), instead of keeping it open for as long as the threadpool keeps the thread."""
+    before = index_fds(web)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: post(web, body(part10(make_ds()), part10(make_ds()))),
+                                range(12)))
+    assert [response.status_code for response in answers] == [200] * 12
+    assert index_fds(web) <= before
+
+
+def test_the_body_is_parsed_and_spooled_off_the_event_loop(
+        start_web: Callable[..., WebRunning]) -> None:
+    """The multipart parser and its spool writes block: they run in worker threads, never
+    on the event loop's thread (which a 400 MB upload otherwise keeps from the other
+    requests). Every thread the server starts is watched with a profile function."""
+    feed = PartReader.feed.__code__
+    feeders: set[int] = set()
+
+    def watch(frame: FrameType, event: str, _: object) -> None:
+        if event == "call" and frame.f_code is feed:
+            feeders.add(threading.get_ident())
+
+    threading.setprofile(watch)  # type: ignore[arg-type]  (threads started from now on)
+    try:
+        web = start_web()
+        response = post(web, body(part10(make_ds()), part10(make_ds(
+            PixelData=bytes(2 * 1024 * 1024), Rows=1024, Columns=1024))))
+    finally:
+        threading.setprofile(None)  # type: ignore[arg-type]
+    [loop] = [t for t in threading.enumerate() if t.name == "minipacs-web"]
+    assert response.status_code == 200, response.text
+    assert feeders, "the parser was never called"
+    assert loop.ident not in feeders
 
 
 def test_dicomweb_client_sees_409_as_an_error(web: WebRunning) -> None:
