@@ -107,7 +107,9 @@ def json_answer(
     ``when_known`` are left out when empty (PS3.18 Tables 10.6.3-3 to -5 "shall be present
     if known"); ``retrieve_url`` is answered as RetrieveURL (0008,1190).
     """
-    elements = answer_elements(query, row, None, everything)
+    # PS3.18 F.2.2: a BulkDataURI resolves; only an instance's URL has bulk data below it
+    bulk = retrieve_url if query.level is Level.IMAGE else ""
+    elements = answer_elements(query, row, None, everything, bulk)
     if retrieve_url:
         elements[RETRIEVE_URL] = _Out(RETRIEVE_URL, "UR", [retrieve_url])
     out: dict[str, Any] = {}
@@ -146,7 +148,7 @@ class _Out:
 
     tag: int
     vr: str
-    value: list[Any] | None  # None: zero length
+    value: Any  # a list of values, a BulkDataURI or an InlineBinary; None: zero length
     value_key: str = "Value"
 
     def data_element(self) -> DataElement:
@@ -250,7 +252,11 @@ def _response_elements(
 
 
 def answer_elements(
-    query: Query, row: Row, texts: list[str] | None = None, everything: Sequence[Level] = ()
+    query: Query,
+    row: Row,
+    texts: list[str] | None = None,
+    everything: Sequence[Level] = (),
+    bulk: str | None = None,
 ) -> dict[int, _Out]:
     """The answer to ``query`` of one match, element by element: the step every form of an
     answer shares (a DIMSE data set or its bytes, DICOM JSON).
@@ -261,6 +267,12 @@ def answer_elements(
     at those levels (QIDO-RS ``includefield=all``, PS3.18 8.3.4.3). SpecificCharacterSet
     is never among them: each form declares its own. ``texts`` collects the text values,
     for the character set of a DIMSE response.
+
+    ``bulk`` is for DICOM JSON: the URL of the match's instance, under which each bulk
+    value the index left in the file gets its BulkDataURI (``{bulk}/bulkdata/{path}``,
+    the resource WADO-RS serves, PS3.18 10.4.1.1.5); ``""`` when there is none (a study
+    or series), and then those values are left out, as an empty BulkDataURI resolves to
+    nothing (PS3.18 F.2.2). ``None`` (DIMSE): a bulk value is answered zero-length.
     """
     sequences = {c.tag: c for c in query.constraints if c.kind is Kind.SEQUENCE}
     elements: dict[int, _Out] = {}
@@ -268,22 +280,59 @@ def answer_elements(
         element = None
         if req.level <= query.level:
             element = row.element(req.tag, _storage_level(req.tag))
+        if element and bulk is not None:
+            element = _with_bulk_uris(element, [f"{req.tag:08X}"], bulk)
+            if element is None:
+                continue
         if element and req.tag in sequences:
             element = _matching_items(element, sequences[req.tag], query.fold_pn)
         elements[req.tag] = _element(req, element, texts)
     for level in everything:
-        for key, element in row.attrs(level).items():
+        for key, stored in row.attrs(level).items():
             tag = int(key, 16)
-            if tag not in elements and isinstance(element, dict):
-                elements[tag] = _element(Requested(tag, element.get("vr", ""), level),
+            if tag in elements or not isinstance(stored, dict):
+                continue
+            element = stored if bulk is None else _with_bulk_uris(stored, [key], bulk)
+            if element is not None:
+                elements[tag] = _element(Requested(tag, stored.get("vr", ""), level),
                                          element, texts)
     elements.pop(SPECIFIC_CHARACTER_SET, None)
     return elements
 
 
+def _with_bulk_uris(element: dict[str, Any], path: list[str], url: str
+                    ) -> dict[str, Any] | None:
+    """``element`` (DICOM JSON of the index) with each bulk value's empty BulkDataURI made
+    ``{url}/bulkdata/{path}``: tags and item numbers from 0, as :func:`storage.instances.
+    bulk_path` reads them. Without ``url`` a bulk value is left out: None for the element,
+    or the item without it. Items are numbered as stored, before any are filtered."""
+    if "BulkDataURI" in element:
+        return {**element, "BulkDataURI": f"{url}/bulkdata/{'/'.join(path)}"} if url else None
+    values = element.get("Value")
+    if element.get("vr") != "SQ" or not isinstance(values, list):
+        return element
+    changed = False
+    items: list[Any] = []
+    for number, item in enumerate(values):
+        if not isinstance(item, dict):
+            items.append(item)
+            continue
+        out: dict[str, Any] = {}
+        for key, sub in item.items():
+            new = (_with_bulk_uris(sub, [*path, str(number), key], url)
+                   if isinstance(sub, dict) else sub)
+            changed = changed or new is not sub
+            if new is not None:
+                out[key] = new
+        items.append(out)
+    return {**element, "Value": items} if changed else element
+
+
 def _element(
     req: Requested, element: dict[str, Any] | None, texts: list[str] | None
 ) -> _Out:
+    if element and element.get("BulkDataURI"):  # resolved by _with_bulk_uris
+        return _Out(req.tag, element.get("vr", req.vr), element["BulkDataURI"], "BulkDataURI")
     if not element or ("Value" not in element and "InlineBinary" not in element):
         vr = req.vr if req.vr not in ("UN", "") else _dictionary_vr(req.tag)
         return _Out(req.tag, vr, None)

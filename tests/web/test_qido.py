@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import config as pydicom_config
 from pydicom import dcmread
-from pydicom.data import get_charset_files
+from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -699,3 +700,57 @@ def test_an_index_row_written_with_nan_is_answered_without_it(web: WebRunning) -
     r, = strict_json(response.text)
     assert r["00180050"] == {"vr": "DS"} and r["00281050"] == {"vr": "DS"}
     assert r["00400275"]["Value"] == [{f"{DIFFUSION_B_VALUE:08X}": {"vr": "FD"}}]
+
+
+# ---------------------------------------------------------------------------------------
+# Bulk data URIs that resolve (PS3.18 F.2.2)
+
+WAVEFORM_DATA = "54000100/0/54001010"  # WaveformSequence, item 0, WaveformData
+ENCAPSULATED_DOCUMENT = 0x00420011  # OB
+BIG = 4096  # bytes: beyond storage.parsing.BULK_THRESHOLD
+
+
+def bulk_instance() -> Dataset:
+    """pydicom's ECG (bulk WaveformData in a sequence), with a bulk value at the top level
+    and one in a sequence of the series (RequestAttributesSequence)."""
+    ds = dcmread(get_testdata_file("waveform_ecg.dcm"))
+    ds.PatientID = "BULK"
+    ds.add_new(ENCAPSULATED_DOCUMENT, "OB", bytes(range(256)) * (BIG // 256))
+    item = Dataset()
+    item.RequestedProcedureID = "RP1"
+    item.add_new(ENCAPSULATED_DOCUMENT, "OB", b"\x07" * BIG)
+    ds.RequestAttributesSequence = Sequence([item])
+    return ds
+
+
+def test_bulk_data_uris_resolve_or_are_left_out(web: WebRunning) -> None:
+    """An instance result names each bulk value by a URI that WADO-RS answers with its bytes;
+    a series result, which has no such URI, leaves the bulk values out: never an empty
+    BulkDataURI."""
+    ds = bulk_instance()
+    client = DICOMwebClient(url=web.url)
+    client.store_instances([ds])
+    instance_url = (f"{web.url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                    f"/instances/{ds.SOPInstanceUID}")
+    expected = {f"{instance_url}/bulkdata/54000100/{i}/54001010": item.WaveformData
+                for i, item in enumerate(ds.WaveformSequence)}
+    expected |= {f"{instance_url}/bulkdata/{ENCAPSULATED_DOCUMENT:08X}": ds.EncapsulatedDocument,
+                f"{instance_url}/bulkdata/00400275/0/{ENCAPSULATED_DOCUMENT:08X}":
+                ds.RequestAttributesSequence[0].EncapsulatedDocument}
+    for fields in ("WaveformSequence,EncapsulatedDocument,RequestAttributesSequence", "all"):
+        r, = qido(web, "/instances", {"PatientID": "BULK", "includefield": fields})
+        assert r["54000100"]["Value"][0]["54001010"] == {
+            "vr": "OW", "BulkDataURI": f"{instance_url}/bulkdata/{WAVEFORM_DATA}"}
+        assert r["00420011"]["BulkDataURI"] in expected
+        uris = set(re.findall(r'"BulkDataURI":\s*"([^"]*)"', json.dumps(r)))
+        series_level = {u for u in expected if "/00400275/" in u}  # not in an instance's "all"
+        assert uris == (set(expected) - series_level if fields == "all" else set(expected))
+    for uri, data in expected.items():
+        assert client.retrieve_bulkdata(uri) == [data]
+    series = httpx.get(f"{web.url}/series", params={"PatientID": "BULK",
+                                                    "includefield": "all"})
+    assert series.status_code == 200 and "BulkDataURI" not in series.text
+    item, = series.json()[0]["00400275"]["Value"]
+    assert set(item) == {"00401001"}  # RequestedProcedureID; the bulk value left out
+    assert "BulkDataURI" not in httpx.get(f"{web.url}/studies", params={
+        "PatientID": "BULK", "includefield": "all"}).text
