@@ -45,7 +45,7 @@ from .errors import (
     WebError,
     reason_line,
 )
-from .multipart import MalformedBody, Part, PartReader, media_type
+from .multipart import IN_MEMORY_UP_TO, MalformedBody, Part, PartReader, media_type
 from .urls import path_uid, service_url
 
 logger = logging.getLogger("minipacs.web.stow")
@@ -59,7 +59,9 @@ MB = 1024 * 1024
 BODY_IDLE_TIMEOUT = 60.0
 """Seconds a request body may stall (no bytes arrive) before we answer 408 and drop what
 the part in progress had spooled. uvicorn has no such timeout of its own. A test may set
-``app.state.stow_idle_timeout`` to a shorter one."""
+``app.state.stow_idle_timeout`` to a shorter one, and ``app.state.stow_in_memory_up_to`` to
+fewer bytes kept in memory (:data:`web.multipart.IN_MEMORY_UP_TO`) before a part is
+spooled."""
 
 ELEMENTS_DISCARDED = 0xB006
 """PS3.18 Table I.2-1 Warning Reason "Elements Discarded": what we report when the sent
@@ -161,7 +163,9 @@ async def _receive(request: Request, boundary: str, limit: int,
     before the fault were stored; what the part in progress spooled is removed."""
     archive: Archive = request.app.state.archive
     try:
-        reader = PartReader(boundary, archive.spool_folder(), guard=archive)
+        reader = PartReader(boundary, archive.spool_folder(), guard=archive,
+                            in_memory_up_to=getattr(request.app.state,
+                                                    "stow_in_memory_up_to", IN_MEMORY_UP_TO))
     except MalformedBody as exc:
         raise WebError(BAD_REQUEST, str(exc)) from exc
     try:
