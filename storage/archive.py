@@ -619,6 +619,11 @@ class Archive:
         Raises
         ------
         InstanceUnavailable
+    def present(self, items: list[WebInstance]) -> list[WebInstance]:
+        """Those of ``items`` whose file is in the store: a ``stat`` each, nothing read
+        (:func:`storage.instances.present`)."""
+        return instances.present(self.files, items)
+
             The file cannot be read.
         CannotConvert
             The conversion failed (e.g. damaged pixel data).

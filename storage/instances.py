@@ -366,6 +366,19 @@ def syntax_for(stored: str, wanted: str) -> str | None:
     return None
 
 
+def present(files: FileStore, items: list[WebInstance]) -> list[WebInstance]:
+    """Those of ``items`` whose file is in the store (a ``stat`` each: a lost file, which
+    ``minipacs verify`` reports, is known before a response starts)."""
+    found = []
+    for item in items:
+        try:
+            files.size(item.file_key)
+        except (OSError, StorageError):
+            continue
+        found.append(item)
+    return found
+
+
 def file_chunks(files: FileStore, key: str) -> Iterator[bytes]:
     """The stored file ``key``, :data:`CHUNK` bytes at a time.
 

@@ -2,10 +2,18 @@
 8.6.1.2 and 8.7.3: each part with its Content-Type and transfer syntax).
 
 A part's body is an iterable of byte chunks that is read only when the part is sent, from
-Starlette's worker threads: a study of any size goes out one file chunk at a time. A part
-whose first chunk cannot be produced (its file is gone, its conversion failed) is left out
-and logged; one that fails half-way ends the response without its closing delimiter, so
-that the client sees a truncated body rather than a shortened instance.
+Starlette's worker threads: a study of any size goes out one file chunk at a time.
+
+The status is sent before the body, so what decides it is done first (PS3.18 Table
+10.4.3-1: 200 for the whole target, 206 for part of it, else an error): :func:`multipart`
+produces the first chunk of the first part before it returns (the file opened, a conversion
+made), so that a file that cannot be read or converted is that error (404, 406), not an
+empty 200. With ``partial``, a part whose first chunk fails then is left out, logged, and the
+status becomes 206 (an error when no part is left). Once the response has started, a part
+that fails ends it without the closing delimiter, so that the client sees a truncated body,
+never a clean success with an instance missing or shortened.
+
+On ``HEAD`` nothing is read: the headers (and the status the endpoint's checks gave) only.
 """
 
 from __future__ import annotations
@@ -41,41 +49,93 @@ class Part:
     location: str = ""
 
 
-def multipart(parts: Iterable[Part], part_type: str, status: int = OK) -> StreamingResponse:
-    """A streamed ``multipart/related; type="<part_type>"`` response of ``parts``."""
+def multipart(parts: Iterable[Part], part_type: str, status: int = OK, *,
+              partial: bool = False, head: bool = False) -> StreamingResponse:
+    """A streamed ``multipart/related; type="<part_type>"`` response of ``parts``.
+
+    Parameters
+    ----------
+    parts : iterable of Part
+        Produced lazily; nothing of them is read on ``head``.
+    part_type : str
+        The ``type`` parameter (PS3.18 8.7.3).
+    status : int
+        :data:`OK`, or :data:`PARTIAL_CONTENT` when the endpoint already knows that only
+        some of the target goes.
+    partial : bool
+        Parts whose first chunk fails before the response starts may be left out (a study
+        or series): the status is then :data:`PARTIAL_CONTENT`.
+    head : bool
+        A ``HEAD`` request: the headers only, no part produced.
+
+    Raises
+    ------
+    StorageError
+        The first part cannot be produced (with ``partial``: no part can), before anything
+        is sent; ``web.errors`` gives its status (404 for a lost file, 406 for a failed
+        conversion).
+    """
     boundary = secrets.token_hex(BOUNDARY_BYTES)
     media_type = f'{MULTIPART_RELATED}; type="{part_type}"; boundary={boundary}'
-    return StreamingResponse(_body(parts, boundary.encode()), status_code=status,
+    if head:
+        return StreamingResponse(iter(()), status_code=status, media_type=media_type)
+    remaining = iter(parts)
+    started, left_out = _start(remaining, partial)
+    if left_out:
+        status = PARTIAL_CONTENT  # PS3.18 Table 10.4.3-1: some of the target only
+    return StreamingResponse(_body(started, remaining, boundary.encode()), status_code=status,
                              media_type=media_type)
 
 
-def _body(parts: Iterable[Part], boundary: bytes) -> Iterator[bytes]:
-    delimiter = b"--" + boundary
-    remaining = iter(parts)
-    while True:
-        try:
-            part = next(remaining, None)
-        except StorageError as exc:  # what makes the parts failed (a file gone since)
-            logger.warning("WADO-RS: response cut short: %s", reason_line(str(exc)))
-            return
-        if part is None:
-            break
+def _start(remaining: Iterator[Part], partial: bool
+           ) -> tuple[tuple[Part, bytes, Iterator[bytes]] | None, int]:
+    """The first part that can go, its first chunk and the rest of its chunks (``None``
+    when there are no parts), and how many parts were left out before it.
+
+    Raises
+    ------
+    StorageError
+        The first part fails (with ``partial``: the last of them, when all fail).
+    """
+    left_out = 0
+    failure: StorageError | None = None
+    for part in remaining:
         chunks = iter(part.body)
         try:
             first = next(chunks, b"")
         except StorageError as exc:
+            if not partial:
+                raise
             logger.warning("WADO-RS: %s left out of the response: %s",
                            part.location or "a part", reason_line(str(exc)))
+            left_out, failure = left_out + 1, exc
             continue
+        return (part, first, chunks), left_out
+    if failure is not None:
+        raise failure
+    return None, 0
+
+
+def _body(started: tuple[Part, bytes, Iterator[bytes]] | None, remaining: Iterator[Part],
+          boundary: bytes) -> Iterator[bytes]:
+    delimiter = b"--" + boundary
+    current = started
+    while current is not None:
+        part, first, chunks = current
         head = [delimiter, b"Content-Type: " + part.content_type.encode("ascii")]
         if part.location:
             head.append(b"Content-Location: " + part.location.encode("latin-1", "replace"))
         yield CRLF.join(head) + CRLF + CRLF + first
         try:
             yield from chunks
-        except StorageError as exc:
+            yield CRLF
+            following = next(remaining, None)
+            if following is None:
+                break
+            part, chunks = following, iter(following.body)
+            current = part, next(chunks, b""), chunks
+        except StorageError as exc:  # a file gone since the checks: no closing delimiter
             logger.warning("WADO-RS: response cut short in %s: %s",
                            part.location or "a part", reason_line(str(exc)))
             return
-        yield CRLF
     yield delimiter + b"--" + CRLF

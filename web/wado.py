@@ -11,6 +11,7 @@ streams, in its worker threads.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 from pydicom.dataset import Dataset
@@ -23,7 +24,7 @@ from storage import Archive, WebInstance, bulk_path, syntax_for
 
 from . import accept
 from .accept import DICOM, DICOM_JSON, OCTET_STREAM, PixelChoice
-from .errors import BAD_REQUEST, NOT_ACCEPTABLE, WebError
+from .errors import BAD_REQUEST, NOT_ACCEPTABLE, NOT_FOUND, WebError
 from .multipart_out import OK, PARTIAL_CONTENT, Part, multipart
 from .rendered import Rendering, render, rendering
 from .urls import path_uid, service_url
@@ -41,6 +42,28 @@ FRAMES = INSTANCE + "/frames/{frames}"
 def _archive(request: Request) -> Archive:
     archive: Archive = request.app.state.archive
     return archive
+
+
+def _releasing(endpoint: Callable[[Request], Response]) -> Callable[[Request], Response]:
+    """``endpoint``, giving its worker thread's index connection back when it returns (as
+    QIDO-RS does): Starlette has up to 40 worker threads, and a connection kept by each
+    would hold its page cache for good. The streams the endpoints return read files only,
+    never the index."""
+
+    @functools.wraps(endpoint)
+    def run(request: Request) -> Response:
+        try:
+            return endpoint(request)
+        finally:
+            _archive(request).release()
+
+    return run
+
+
+def _head(request: Request) -> bool:
+    """A ``HEAD`` request (Starlette routes it to the ``GET`` endpoint): the checks that
+    decide the status are made, no part is produced (RFC 9110 9.3.2)."""
+    return request.method == "HEAD"
 
 
 def _target(request: Request) -> tuple[str, str | None, str | None]:
@@ -82,11 +105,18 @@ def retrieve(request: Request) -> Response:
         stored = ", ".join(sorted({UID(item.transfer_syntax_uid).name for item in items}))
         asked = ", ".join(w or "the default" for w in wanted)
         raise WebError(NOT_ACCEPTABLE, f"stored as {stored}: cannot be sent in {asked}")
+    present = set(archive.present([item for item, _ in plan]))
+    if not present:  # PS3.18 Table 10.4.3-1: 404, nothing of the target can be sent
+        raise WebError(NOT_FOUND, f"the file of {plan[0][0].sop_instance_uid}"
+                                  f"{f' (and {len(plan) - 1} more)' if len(plan) > 1 else ''}"
+                                  " is missing from the store (minipacs verify finds why)")
     url = _instance_url(request)
     parts = (Part(f"{DICOM}; transfer-syntax={syntax}", archive.instance_bytes(item, syntax),
                   url(item.study_uid, item.series_uid, item.sop_instance_uid))
-             for item, syntax in plan)
-    return multipart(parts, DICOM, OK if len(plan) == len(items) else PARTIAL_CONTENT)
+             for item, syntax in plan if item in present)
+    # PS3.18 Table 10.4.3-1: 200 for the whole target, 206 for the instances that can go
+    status = OK if len(present) == len(items) else PARTIAL_CONTENT
+    return multipart(parts, DICOM, status, partial=True, head=_head(request))
 
 
 def _first_syntax(item: WebInstance, wanted: list[str]) -> str | None:
@@ -118,7 +148,8 @@ def frames(request: Request) -> Response:
     with archive.open_pixels(item) as source:
         source.check_frames(numbers)
     url = str(request.url.replace(query=""))
-    return multipart(_frame_parts(archive, item, numbers, choice, url), choice.media_type)
+    return multipart(_frame_parts(archive, item, numbers, choice, url), choice.media_type,
+                     head=_head(request))
 
 
 def _frame_parts(archive: Archive, item: WebInstance, numbers: list[int],
@@ -149,12 +180,13 @@ def bulkdata(request: Request) -> Response:
         choice = accept.pixel_choice(accepted, item.transfer_syntax_uid)
         with archive.open_pixels(item) as source:
             source.check_frames([1])
-        return multipart(_pixel_data_parts(archive, item, choice, url), choice.media_type)
+        return multipart(_pixel_data_parts(archive, item, choice, url), choice.media_type,
+                         head=_head(request))
     accept.require_octet_stream(accepted)
     with archive.open_pixels(item) as source:
         value = source.bulk_value(path)
     return multipart([Part(f"{OCTET_STREAM}; transfer-syntax={ExplicitVRLittleEndian}",
-                           [value], url)], OCTET_STREAM)
+                           [value], url)], OCTET_STREAM, head=_head(request))
 
 
 def _pixel_data_parts(archive: Archive, item: WebInstance, choice: PixelChoice,
@@ -219,18 +251,18 @@ def _render(archive: Archive, item: WebInstance, number: int | None,
 
 
 ROUTES: list[BaseRoute] = [
-    Route(STUDY, retrieve),
-    Route(SERIES, retrieve),
-    Route(INSTANCE, retrieve),
-    Route(STUDY + "/metadata", metadata),
-    Route(SERIES + "/metadata", metadata),
-    Route(INSTANCE + "/metadata", metadata),
-    Route(INSTANCE + "/rendered", rendered),
-    Route(FRAMES + "/rendered", rendered),
-    Route(STUDY + "/thumbnail", thumbnail),
-    Route(SERIES + "/thumbnail", thumbnail),
-    Route(INSTANCE + "/thumbnail", thumbnail),
-    Route(FRAMES + "/thumbnail", thumbnail),
-    Route(FRAMES, frames),
-    Route(INSTANCE + "/bulkdata/{path:path}", bulkdata),
+    Route(STUDY, _releasing(retrieve)),
+    Route(SERIES, _releasing(retrieve)),
+    Route(INSTANCE, _releasing(retrieve)),
+    Route(STUDY + "/metadata", _releasing(metadata)),
+    Route(SERIES + "/metadata", _releasing(metadata)),
+    Route(INSTANCE + "/metadata", _releasing(metadata)),
+    Route(INSTANCE + "/rendered", _releasing(rendered)),
+    Route(FRAMES + "/rendered", _releasing(rendered)),
+    Route(STUDY + "/thumbnail", _releasing(thumbnail)),
+    Route(SERIES + "/thumbnail", _releasing(thumbnail)),
+    Route(INSTANCE + "/thumbnail", _releasing(thumbnail)),
+    Route(FRAMES + "/thumbnail", _releasing(thumbnail)),
+    Route(FRAMES, _releasing(frames)),
+    Route(INSTANCE + "/bulkdata/{path:path}", _releasing(bulkdata)),
 ]

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
 import time
 import tracemalloc
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from pynetdicom import AE
 
@@ -599,19 +601,117 @@ def test_thumbnails(web: WebRunning) -> None:
 
 
 def test_a_lost_file(web: WebRunning, caplog: pytest.LogCaptureFixture) -> None:
-    """A file gone from the store (``minipacs verify`` finds it): its part is left out and
-    logged, its frames are a 404 saying why, its metadata still comes from the index."""
+    """A file gone from the store (``minipacs verify`` finds it): the instance is a 404
+    saying why (PS3.18 Table 10.4.3-1), on GET and HEAD, and so are its frames; its
+    metadata still comes from the index."""
     ds = store_file(web, sample("CT_small.dcm"))
     (item,) = web.archive.locate(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     web.archive.files.path(item.file_key).unlink()
-    response = get(url_of(web, ds), ANY)
-    assert response.status_code == 200
-    assert response.content.count(b"\r\n\r\n") == 0  # no part, only the closing boundary
-    assert "left out of the response" in caplog.text
+    for url in (url_of(web, ds), f"{web.url}/studies/{ds.StudyInstanceUID}"):
+        response = get(url, ANY)
+        assert response.status_code == 404
+        assert "missing" in one_line_reason(response)
+        assert httpx.head(url, headers={"Accept": ANY}, timeout=TIMEOUT).status_code == 404
     response = get(url_of(web, ds, "/frames/1"))
     assert response.status_code == 404
     assert "cannot be read" in one_line_reason(response)
     assert get(url_of(web, ds, "/metadata")).status_code == 200
+
+
+def test_a_lost_file_in_a_study_is_206(web: WebRunning) -> None:
+    """PS3.18 Table 10.4.3-1: the instances whose files are there, as a 206."""
+    study = uid()
+    kept, lost = (store_file(web, sample("CT_small.dcm"), StudyInstanceUID=study,
+                             SeriesInstanceUID=uid(), SOPInstanceUID=uid()) for _ in range(2))
+    (item,) = web.archive.locate(study, lost.SeriesInstanceUID, lost.SOPInstanceUID)
+    web.archive.files.path(item.file_key).unlink()
+    response = get(f"{web.url}/studies/{study}", ANY)
+    assert response.status_code == 206
+    ((_, body),) = parts(response)
+    assert dcmread(io.BytesIO(body)).SOPInstanceUID == kept.SOPInstanceUID
+    response = httpx.head(f"{web.url}/studies/{study}", headers={"Accept": ANY}, timeout=TIMEOUT)
+    assert response.status_code == 206
+
+
+def damaged_rle(web: WebRunning, **changes: Any) -> Dataset:
+    """An RLE instance whose frames no decoder reads (zero segments): stored as it is, it
+    cannot be converted."""
+    return store_file(web, sample("SC_rgb_rle_2frame.dcm"), SOPInstanceUID=uid(),
+                      SeriesInstanceUID=uid(), PixelData=encapsulate([bytes(64), bytes(64)]), **changes)
+
+
+def test_a_failed_conversion_is_406_and_head_converts_nothing(
+        web: WebRunning, caplog: pytest.LogCaptureFixture) -> None:
+    """The conversion is made before the status is sent: a failure is a 406 (PS3.18
+    Table 10.4.3-1), not an empty 200; a HEAD answers from the index and a stat, and
+    converts nothing."""
+    ds = damaged_rle(web)
+    response = get(url_of(web, ds), f'multipart/related; type="{DICOM}"')
+    assert response.status_code == 406
+    assert "RLE" in one_line_reason(response)
+    caplog.clear()
+    response = httpx.head(url_of(web, ds), headers={"Accept": f'multipart/related; type="{DICOM}"'},
+                          timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("multipart/related")
+    assert "WADO-RS" not in caplog.text
+    assert get(url_of(web, ds), ANY).status_code == 200  # as stored: nothing to convert
+
+
+def test_a_failure_before_the_start_leaves_out_after_it_cuts_short(
+        web: WebRunning, caplog: pytest.LogCaptureFixture) -> None:
+    """In a study, an instance that fails before the response starts is left out (206); one
+    that fails once it has started ends the body without its closing delimiter, so that
+    no client takes it for the whole study. HEAD reads no file: nothing is logged."""
+    accept = f'multipart/related; type="{DICOM}"'
+    first, second = uid(), uid()
+    bad = damaged_rle(web, StudyInstanceUID=first)
+    good = store_file(web, sample("CT_small.dcm"), StudyInstanceUID=first,
+                      SeriesInstanceUID=uid(), SOPInstanceUID=uid())
+    response = httpx.head(f"{web.url}/studies/{first}", headers={"Accept": accept},
+                          timeout=TIMEOUT)
+    assert response.status_code == 200  # every file is there; none was converted
+    assert "WADO-RS" not in caplog.text
+    response = get(f"{web.url}/studies/{first}", accept)
+    assert response.status_code == 206
+    ((_, body),) = parts(response)
+    assert dcmread(io.BytesIO(body)).SOPInstanceUID == good.SOPInstanceUID
+    assert f"{bad.SOPInstanceUID} left out" in caplog.text
+    store_file(web, sample("CT_small.dcm"), StudyInstanceUID=second, SeriesInstanceUID=uid(),
+               SOPInstanceUID=uid())
+    damaged_rle(web, StudyInstanceUID=second)
+    response = get(f"{web.url}/studies/{second}", accept)
+    assert response.status_code == 200
+    assert not response.content.rstrip().endswith(b"--")  # no closing delimiter
+    assert "response cut short" in caplog.text
+
+
+def index_connections(web: WebRunning) -> int:
+    """Open connections to the server's index (in this process): file descriptors on its
+    write-ahead log, which each SQLite connection opens and closes for itself (those on the
+    database file are not a measure: SQLite keeps a closed connection's descriptor for
+    reuse while another connection holds a lock on the file)."""
+    index = (web.dicom.config.storage.data_dir / "index.sqlite-wal").resolve()
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        try:
+            count += Path(os.readlink(fd)) == index
+        except OSError:  # closed meanwhile
+            continue
+    return count
+
+
+def test_endpoints_give_their_index_connection_back(web: WebRunning) -> None:
+    """Each endpoint runs in one of Starlette's worker threads (up to 40): the connection
+    its index reads opened is closed when it returns, as QIDO-RS does."""
+    ds = store_file(web, sample("CT_small.dcm"))
+    before = index_connections(web)
+    urls = [url_of(web, ds, tail) for tail in ("/metadata", "", "/frames/1", "/rendered")]
+    with httpx.Client(timeout=TIMEOUT) as http, ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(http.get, urls * 8))
+    assert {response.status_code for response in responses} == {200}
+    assert index_connections(web) <= before
 
 
 # -- streaming -------------------------------------------------------------------------------
