@@ -19,6 +19,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -234,11 +235,11 @@ def metadata(study: str, series: str | None, sop: str | None,
             if series_id not in above:  # the patient's, study's and series' attributes
                 members: dict[str, msgspec.Raw] = {}
                 for text in upper:
-                    members.update(_MEMBERS.decode(text))
+                    members.update(_members(text))
                 above[series_id] = members, _with_bulk(members, any(
                     _EMPTY_BULK_URI in text for text in upper))
             shared, shared_bulk = above[series_id]
-            own = _MEMBERS.decode(attrs)
+            own = _members(attrs)
             own.update(shared)
             url = instance_url(study_uid, series_uid, sop_uid)
             for tag in shared_bulk + _with_bulk(own, _EMPTY_BULK_URI in attrs):
@@ -248,6 +249,54 @@ def metadata(study: str, series: str | None, sop: str | None,
         if not objects:
             raise _not_found(study, series, sop)
     return _SORTED.encode(objects)
+
+
+def _members(text: str) -> dict[str, msgspec.Raw]:
+    """An index row's JSON text split into its attributes, their values left undecoded.
+
+    A row written before the index kept non-finite numbers out may hold ``NaN``,
+    ``Infinity`` or ``1e999``, which JSON has no form for (RFC 8259 6) and msgspec refuses:
+    such a row is read by the standard library, which takes them, and an attribute holding
+    one loses its Value (PS3.18 F.2.5: an attribute without a value), as the index now
+    writes it, so that the answer stays valid JSON.
+
+    Raises
+    ------
+    QueryFailed
+        The text is not JSON at all.
+    """
+    try:
+        return _MEMBERS.decode(text)
+    except msgspec.DecodeError:
+        pass
+    try:
+        members = json.loads(text, parse_constant=lambda _: _NON_FINITE,
+                             parse_float=_finite_or_marked)
+    except ValueError as exc:
+        raise QueryFailed(f"an index row cannot be read: {exc}") from exc
+    return {tag: msgspec.Raw(msgspec.json.encode(_without_non_finite(element)))
+            for tag, element in members.items()}
+
+
+_NON_FINITE = object()
+"""What a NaN or an infinity in an index row is read as (:func:`_members`)."""
+
+
+def _finite_or_marked(text: str) -> float | object:
+    number = float(text)
+    return number if math.isfinite(number) else _NON_FINITE
+
+
+def _without_non_finite(element: Any) -> Any:
+    """A DICOM JSON attribute (and those of its items) without the Value arrays that hold
+    a :data:`_NON_FINITE`."""
+    if isinstance(element, list):
+        return [_without_non_finite(item) for item in element]
+    if not isinstance(element, dict):
+        return element
+    if any(value is _NON_FINITE for value in element.get("Value") or ()):
+        return {key: value for key, value in element.items() if key != "Value"}
+    return {key: _without_non_finite(value) for key, value in element.items()}
 
 
 def _with_bulk(members: dict[str, msgspec.Raw], any_bulk: bool) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import struct
 import time
@@ -28,6 +29,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from pynetdicom import AE
 
+from storage.models import Instance
 from tests.conftest import associate
 from tests.factory import encode, file_parts, make_ds, uid
 from tests.web.conftest import WebRunning
@@ -418,6 +420,37 @@ def test_metadata_of_a_study_lists_every_instance(web: WebRunning) -> None:
     assert {o["00080018"]["Value"][0] for o in objects} == sops
     assert all(o["0020000D"]["Value"] == [study] for o in objects)
     assert all(o["00100020"]["Value"] == ["PID1"] for o in objects)  # the patient's level
+
+
+def strict_json(text: str) -> Any:
+    """``text`` as JSON (RFC 8259): a NaN or an infinity is an error, as in any other
+    client than Python's."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metadata_of_a_row_holding_nan(web: WebRunning) -> None:
+    """An index row written before non-finite numbers were kept out of the index: its
+    metadata is valid JSON, each attribute holding one without its Value (PS3.18 F.2.5)."""
+    ds = store_file(web, sample("CT_small.dcm"))
+    row = Instance.get(Instance.sop_instance_uid == ds.SOPInstanceUID)
+    attrs = json.loads(row.attrs)
+    attrs["00181050"] = {"vr": "DS", "Value": [1.5, float("nan")]}  # SpatialResolution
+    attrs["00189087"] = {"vr": "FD", "Value": [float("inf")]}  # DiffusionBValue
+    attrs["00400555"] = {"vr": "SQ", "Value": [{"0040A30A": {"vr": "DS", "Value": [float("-inf")]},
+                                                "0040A160": {"vr": "UT", "Value": ["kept"]}}]}
+    Instance.update(attrs=json.dumps(attrs).replace("Infinity]", "1e999]", 1)).where(
+        Instance.id == row.id).execute()
+    response = get(url_of(web, ds, "/metadata"), DICOM_JSON)
+    assert response.status_code == 200
+    (meta,) = strict_json(response.text)
+    assert meta["00181050"] == {"vr": "DS"}
+    assert meta["00189087"] == {"vr": "FD"}
+    (item,) = meta["00400555"]["Value"]
+    assert item == {"0040A30A": {"vr": "DS"}, "0040A160": {"vr": "UT", "Value": ["kept"]}}
+    assert meta["00100010"] == expected_json(ds)["00100010"]
+    assert meta["7FE00010"]["BulkDataURI"] == url_of(web, ds, "/bulkdata/7FE00010")
 
 
 def test_bulkdata_uris_resolve(web: WebRunning) -> None:
