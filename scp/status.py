@@ -19,6 +19,7 @@ from storage import (
     StorageError,
     StoreOutcome,
     TooManyMatches,
+    WarningCode,
     failure_code,
 )
 
@@ -31,7 +32,9 @@ DUPLICATE_SOP_INSTANCE = int(FailureCode.DUPLICATE_SOP_INSTANCE)
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
 NOT_AUTHORISED = 0x0124  # Refused: Not Authorised
 
-# PS3.4 B.2.3, Storage: which storage error gets which code is storage's FailureCode
+# PS3.4 B.2.3, Storage: which storage error gets which code is storage's FailureCode, which
+# outcome gets a Warning status storage's WarningCode
+STORE_ELEMENTS_DISCARDED = int(WarningCode.ELEMENTS_DISCARDED)
 STORE_OUT_OF_RESOURCES = int(FailureCode.OUT_OF_RESOURCES)
 STORE_DATASET_DOES_NOT_MATCH_SOP_CLASS = int(FailureCode.DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
 STORE_CANNOT_UNDERSTAND = int(FailureCode.CANNOT_UNDERSTAND)
@@ -52,6 +55,11 @@ MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS = 0xA702
 MOVE_DESTINATION_UNKNOWN = 0xA801
 
 _ERROR_COMMENT_MAX = 64  # LO
+
+_WARNING_COMMENTS = {
+    WarningCode.ELEMENTS_DISCARDED: "other content is stored under this UID; it is kept",
+}
+"""The ErrorComment (0000,0902) of each Warning status (PS3.7 C.4)."""
 
 
 def trim_comment(comment: str) -> str:
@@ -85,9 +93,14 @@ def sop_class_not_supported(sop_class: str) -> Dataset:
     return with_comment(SOP_CLASS_NOT_SUPPORTED, f"SOP Class {sop_class} is not supported")
 
 
-def store_status(outcome: StoreOutcome) -> int:
-    """Every :class:`StoreOutcome` is a success: stored, replaced, identical resend or kept."""
-    return SUCCESS
+def store_status(outcome: StoreOutcome) -> int | Dataset:
+    """The status of a stored instance (PS3.4 B.2.3): Success (stored, replaced, an
+    identical resend), or the Warning storage names (:attr:`StoreOutcome.warning_code`, the
+    Warning Reason STOW-RS answers too) with an ErrorComment saying why."""
+    code = outcome.warning_code
+    if code is None:
+        return SUCCESS
+    return with_comment(int(code), _WARNING_COMMENTS[code])
 
 
 def store_error_status(exc: Exception) -> Dataset:

@@ -25,6 +25,7 @@ from .errors import (
     StudyMismatch,
     TooManyMatches,
     TransferSyntaxNotSupported,
+    WarningCode,
     failure_code,
 )
 from .index import DuplicatePolicy, StoredInstance, WriteResult
@@ -68,6 +69,7 @@ __all__ = [
     "StudyMismatch",
     "TooManyMatches",
     "TransferSyntaxNotSupported",
+    "WarningCode",
     "WebInstance",
     "WriteResult",
     "bulk_path",

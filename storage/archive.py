@@ -38,6 +38,7 @@ from .errors import (
     StudyMismatch,
     TooManyMatches,
     TransferSyntaxNotSupported,
+    WarningCode,
 )
 from .files import TEMP_DIR, FileStore, FilesystemStore
 from .index import DuplicatePolicy, StoredInstance, WriteResult
@@ -76,7 +77,8 @@ class Origin:
 
 @dataclass(frozen=True)
 class StoreOutcome:
-    """What happened to a stored instance; every outcome here is a success."""
+    """What happened to a stored instance; every outcome here is a success, one of them
+    with a warning (:attr:`warning_code`)."""
 
     result: WriteResult
     sop_instance_uid: str
@@ -84,6 +86,13 @@ class StoreOutcome:
     sop_class_uid: str = ""
     study_instance_uid: str = ""
     series_instance_uid: str = ""
+
+    @property
+    def warning_code(self) -> WarningCode | None:
+        """The warning a front end answers with (a C-STORE Warning status, a STOW-RS
+        Warning Reason; PS3.4 B.2.3, PS3.18 Table I.2-1), ``None`` for a plain success:
+        only a duplicate kept under ``storage.on_duplicate: keep`` has one."""
+        return WarningCode.ELEMENTS_DISCARDED if self.result is WriteResult.KEPT else None
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 Each error that can refuse a stored instance carries its ``failure_code``: the code of
 PS3.4 B.2.3 (C-STORE status), PS3.7 C (general statuses) and PS3.18 Table I.2-2 (STOW-RS
 Failure Reason (0008,1197)), which use the same numbers. Those codes are protocol-neutral
-facts about the error; building a DIMSE status from them is ``scp/status.py``'s job, and
-building a Store Instances Response is ``web/stow.py``'s.
+facts about the error, as :class:`WarningCode` is about a stored instance's warning;
+building a DIMSE status from them is ``scp/status.py``'s job, and building a Store
+Instances Response is ``web/stow.py``'s.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ class FailureCode(enum.IntEnum):
     """PS3.18 Table I.2-2: Referenced Transfer Syntax not supported."""
     PROCESSING_FAILURE = 0xC001
     """A fault of ours while storing: still a Cxxx "Error: Cannot understand" code."""
+
+
+class WarningCode(enum.IntEnum):
+    """Why a stored instance carries a warning: a DIMSE C-STORE Warning status (PS3.4
+    B.2.3) and a STOW-RS Warning Reason (0008,1196) (PS3.18 Table I.2-1) alike."""
+
+    ELEMENTS_DISCARDED = 0xB006
+    """PS3.4 B.2.3 / PS3.18 Table I.2-1: Elements Discarded. What a duplicate kept under
+    ``storage.on_duplicate: keep`` is answered with: the operation completed (PS3.7 C.4:
+    Warning), but what was sent is not what is stored (PS3.4 B.2.2: a Success would say the
+    sent SOP Instance was stored), its differing elements discarded for the stored ones."""
 
 
 class StorageError(Exception):

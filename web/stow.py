@@ -30,7 +30,6 @@ from storage import (
     Origin,
     StorageError,
     StoreOutcome,
-    WriteResult,
     failure_code,
 )
 
@@ -63,12 +62,6 @@ the part in progress had spooled. uvicorn has no such timeout of its own. A test
 fewer bytes kept in memory (:data:`web.multipart.IN_MEMORY_UP_TO`) before a part is
 spooled."""
 
-ELEMENTS_DISCARDED = 0xB006
-"""PS3.18 Table I.2-1 Warning Reason "Elements Discarded": what we report when the sent
-instance was not kept because another with its SOP Instance UID is stored and
-``storage.on_duplicate`` is ``keep``."""
-
-"""PS3.5 9.1: a UID is dot-separated digits, at most 64 characters."""
 
 
 @dataclass
@@ -95,8 +88,8 @@ class StoreResponse:
         item = _reference(outcome.sop_class_uid, outcome.sop_instance_uid)
         item.RetrieveURL = (f"{self.root}/studies/{outcome.study_instance_uid}/series/"
                             f"{outcome.series_instance_uid}/instances/{outcome.sop_instance_uid}")
-        if outcome.result is WriteResult.KEPT:  # PS3.18 I.2.1
-            item.WarningReason = ELEMENTS_DISCARDED
+        if outcome.warning_code is not None:  # PS3.18 Table I.2-1, as C-STORE's warning
+            item.WarningReason = int(outcome.warning_code)
             self.warnings += 1
         self.referenced.append(item)
         self.studies.add(outcome.study_instance_uid)

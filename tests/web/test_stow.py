@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
 from scp import status
-from tests.conftest import find
+from tests.conftest import associate, find
 from tests.factory import encode, make_ds, uid
 from tests.test_hostile import index_rows
 from tests.test_move import STUDY_ROOT, Peer, c_move, start_peer  # noqa: F401  (a fixture)
@@ -429,18 +429,29 @@ def test_a_duplicate_is_refused_0111_under_on_duplicate_reject(
         ("Doe^John", 1)]
 
 
-def test_a_duplicate_kept_under_on_duplicate_keep_is_a_warning(
+def test_a_duplicate_kept_under_on_duplicate_keep_is_the_same_warning_over_both_faces(
         start_web: Callable[..., WebRunning]) -> None:
-    """``storage.on_duplicate: keep``: the stored instance stays; the answer references the
-    sent one with Warning Reason B006 (PS3.18 Table I.2-1), status 202."""
+    """``storage.on_duplicate: keep``: the stored instance stays, and both front ends say
+    so with one Warning, B006 Elements Discarded (PS3.4 B.2.3 / PS3.18 Table I.2-1): STOW-RS
+    as the WarningReason of the sent instance, status 202; C-STORE as its status, with an
+    ErrorComment. An identical resend stays a plain success."""
     ds, changed = duplicate_pair()
     web = start_web(**{"storage.on_duplicate": "keep"})
     assert post(web, body(part10(ds))).status_code == 200
+    assert post(web, body(part10(ds))).status_code == 200  # an identical resend
     response = post(web, body(part10(changed)))
     assert response.status_code == 202
     [item] = items(response.json(), REFERENCED)
     assert (value(item, SOP_INSTANCE), value(item, WARNING_REASON)) == (ds.SOPInstanceUID,
                                                                         ELEMENTS_DISCARDED)
+    assoc = associate(web.dicom)
+    try:
+        changed.PatientName = "Third^Name"
+        rsp = assoc.send_c_store(changed)
+    finally:
+        assoc.release()
+    assert (rsp.Status, rsp.ErrorComment) == (ELEMENTS_DISCARDED, "other content is stored"
+                                              " under this UID; it is kept")
     matches, _ = find(web.dicom, QueryRetrieveLevel="STUDY", StudyInstanceUID=ds.StudyInstanceUID,
                       PatientName="", NumberOfStudyRelatedInstances="")
     assert [(str(m.PatientName), int(m.NumberOfStudyRelatedInstances)) for m in matches] == [
