@@ -40,6 +40,7 @@ import glob
 import io
 import json
 import os
+import re
 import shutil
 import statistics
 import struct
@@ -1004,6 +1005,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             bench.cleanup()
             shutil.rmtree(work, ignore_errors=True)
+    for log in sorted(log_dir.glob("minipacs-*.log")):
+        if "storescu" in log.name:
+            continue  # bench.send reads those
+        lines = [line for line in log.read_text(errors="replace").splitlines()
+                 if re.search(r"\b(WARNING|ERROR|CRITICAL|Traceback)\b", line)]
+        if lines:
+            results.problems.append(f"{log.name}: {len(lines)} WARNING/ERROR line(s), "
+                                    f"first: {lines[0]}")
     block = report(results, args, time.perf_counter() - start, machine, began)
     print(block)
     if args.write_readme:
