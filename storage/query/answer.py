@@ -25,6 +25,8 @@ from ..values import PN_GROUPS
 from .match import _item_matches
 from .model import (
     AUTO,
+    INSTANCE_AVAILABILITY,
+    ONLINE,
     QUERY_RETRIEVE_LEVEL,
     RETRIEVE_AE_TITLE,
     SPECIFIC_CHARACTER_SET,
@@ -277,9 +279,13 @@ def answer_elements(
     sequences = {c.tag: c for c in query.constraints if c.kind is Kind.SEQUENCE}
     elements: dict[int, _Out] = {}
     for req in query.requested:
+        if req.tag == INSTANCE_AVAILABILITY:  # PS3.3 C.4.23.1.1
+            elements[req.tag] = _Out(req.tag, "CS", [ONLINE])
+            continue
         element = None
-        if req.level <= query.level:
-            element = row.element(req.tag, _storage_level(req.tag))
+        stored_at = _storage_level(req.tag)
+        if req.level <= query.level and stored_at <= query.level:
+            element = row.element(req.tag, stored_at)
         if element and bulk is not None:
             element = _with_bulk_uris(element, [f"{req.tag:08X}"], bulk)
             if element is None:

@@ -24,6 +24,7 @@ from ..values import (
 )
 from .model import (
     DATE_TIME_PAIRS,
+    INSTANCE_AVAILABILITY,
     QUERY_RETRIEVE_LEVEL,
     RETRIEVE_AE_TITLE,
     SPECIFIC_CHARACTER_SET,
@@ -102,6 +103,13 @@ def parse_identifier(
         tag = int(elem.tag)
         if tag in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET, TIMEZONE_OFFSET_FROM_UTC):
             # control attributes of the request (PS3.4 C.4.1.1.3.1), not keys
+            continue
+        if tag == INSTANCE_AVAILABILITY:
+            # PS3.4 C.6.1.1.3 / C.6.1.1.5, PS3.3 C.4.23.1.1: a fact of the archive (always
+            # ONLINE here), answered at the query's level, never matched
+            requested.append(Requested(tag, "CS", level))
+            if _has_value(elem):
+                ignored.append(elem.keyword)
             continue
         if tag == RETRIEVE_AE_TITLE:
             # not an attribute of the stored entities: every response names where its

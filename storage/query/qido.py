@@ -9,6 +9,7 @@ pipeline (:func:`~storage.query.answer.json_answer`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import sys
@@ -28,7 +29,7 @@ from ..keys import KEYS, Level, Model
 from ..values import is_uid
 from .answer import json_answer
 from .match import row_matches
-from .model import Query, Row
+from .model import INSTANCE_AVAILABILITY, Query, Requested, Row
 from .parse import _key_level, parse_identifier
 from .sql import select_rows
 
@@ -41,22 +42,33 @@ EMPTYVALUEMATCHING = "emptyvaluematching"
 MULTIPLEVALUEMATCHING = "multiplevaluematching"
 INCLUDE_ALL = "all"
 ACCEPT = "accept"  # PS3.18 8.3.3.1: the Accept header as a parameter, the web's business
+CHARSET = "charset"  # PS3.18 8.3.3.2: the Accept-Charset header as a parameter
+ANSWER_CHARSETS = frozenset({"utf-8", "*"})
+"""The charsets a search can be answered in: DICOM JSON is UTF-8 (PS3.18 F.2)."""
 
 # PS3.18 10.6.3.3.1 Table 10.6.3-3: in every study result
-STUDY_RESULT = ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+STUDY_RESULT = ("StudyDate", "StudyTime", "AccessionNumber", "InstanceAvailability",
+                "ModalitiesInStudy", "TimezoneOffsetFromUTC",
                 "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
                 "PatientSex", "StudyInstanceUID", "StudyID", "NumberOfStudyRelatedSeries",
                 "NumberOfStudyRelatedInstances")
 # PS3.18 10.6.3.3.2 Table 10.6.3-4: in every series result (StudyInstanceUID: ours, so
 # that a result names its place in the hierarchy)
-SERIES_RESULT = ("Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber",
-                 "NumberOfSeriesRelatedInstances", "StudyInstanceUID")
+SERIES_RESULT = ("Modality", "TimezoneOffsetFromUTC", "SeriesDescription",
+                 "SeriesInstanceUID", "SeriesNumber", "NumberOfSeriesRelatedInstances",
+                 "StudyInstanceUID")
 # PS3.18 10.6.3.3.3 Table 10.6.3-5: in every instance result (Study and Series Instance
 # UID: ours, as above)
-INSTANCE_RESULT = ("SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
+INSTANCE_RESULT = ("SOPClassUID", "SOPInstanceUID", "InstanceAvailability",
+                   "TimezoneOffsetFromUTC", "InstanceNumber", "Rows", "Columns",
                    "BitsAllocated", "NumberOfFrames", "StudyInstanceUID", "SeriesInstanceUID")
-# PS3.18 Table 10.6.3-5: Type C, "shall be present if known"
-WHEN_KNOWN = ("Rows", "Columns", "BitsAllocated", "NumberOfFrames")
+# PS3.18 Tables 10.6.3-3 to -5: Type C, "shall be present if known" (InstanceAvailability,
+# the other one, is always known: storage.query.model.ONLINE)
+WHEN_KNOWN = ("Rows", "Columns", "BitsAllocated", "NumberOfFrames", "TimezoneOffsetFromUTC")
+TIMEZONE_OFFSET_FROM_UTC = 0x00080201
+# answered at the result's level whatever level the index keeps them at: InstanceAvailability
+# (a fact of the archive) and TimezoneOffsetFromUTC (SOP Common, so known for an instance)
+_ANY_LEVEL = frozenset({INSTANCE_AVAILABILITY, TIMEZONE_OFFSET_FROM_UTC})
 
 BATCH_SIZE = 100
 """Results read and rendered in one go; a larger answer streams batch by batch."""
@@ -68,7 +80,10 @@ _INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV"})
 _FLOAT_VRS = frozenset({"FL", "FD"})
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _CONTROL_KEYWORDS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet",
-                               "TimezoneOffsetFromUTC", "RetrieveAETitle"})
+                               "RetrieveAETitle"})
+# RFC 9110 5.6.1 / 12.4.2: a charset is a token, with an optional weight
+_CHARSET_RE = re.compile(r"\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*"
+                         r"(?:;\s*[qQ]\s*=\s*(0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?))?\s*")
 
 
 SearchParams = Iterable[tuple[str, str]]
@@ -141,6 +156,9 @@ def parse_search(
     for name, value in params:
         if name == ACCEPT:
             continue
+        if name == CHARSET:
+            _check_charset(value)
+            continue
         if name == INCLUDEFIELD:  # PS3.18 8.3.4.3: a comma-separated list, or "all"
             for item in (v.strip() for v in value.split(",")):
                 if item == INCLUDE_ALL:
@@ -164,11 +182,16 @@ def parse_search(
     identifier.QueryRetrieveLevel = level.name
     for tag in _result_keys(level, bool(study), bool(series), everything):
         _put(identifier, (tag,), [])
+    timezone = False
     for path in includes:
-        if _key_level(path[0], Model.STUDY_ROOT) <= level:
+        if path == (TIMEZONE_OFFSET_FROM_UTC,):
+            timezone = True  # a control attribute of a C-FIND identifier: requested below
+        elif path[0] in _ANY_LEVEL or _key_level(path[0], Model.STUDY_ROOT) <= level:
             # PS3.18 10.6.3.3: attributes of a lower level in includefield are not returned
             _put(identifier, path, [])
     for path, values in matches.items():
+        if path[0] in _ANY_LEVEL:
+            raise InvalidQuery(f"{_name(path)} cannot be matched: it is returned only")
         if _key_level(path[0], Model.STUDY_ROOT) > level:
             raise InvalidQuery(f"{_name(path)} is an attribute of a level below {level.name}:"
                                " it cannot be matched by this resource")
@@ -187,6 +210,12 @@ def parse_search(
                              multiple_values=multiple)
     if query.ignored:
         raise InvalidQuery(f"cannot be matched: {', '.join(query.ignored)}")
+    # PS3.18 Tables 10.6.3-3 to -5 list TimezoneOffsetFromUTC at every level (Type C): in a
+    # C-FIND identifier it is a control attribute (PS3.4 C.4.1.1.3.1), so it is asked here
+    if timezone or TIMEZONE_OFFSET_FROM_UTC in _result_keys(level, bool(study), bool(series),
+                                                            everything):
+        query = dataclasses.replace(query, requested=(
+            *query.requested, Requested(TIMEZONE_OFFSET_FROM_UTC, "SH", level)))
     known = {_tag(k) for k in WHEN_KNOWN} - {p[0] for p in (*includes, *matches)}
     return Search(query, offset, limit, fuzzy, _everything_levels(level) if everything else (),
                   frozenset(known))
@@ -304,6 +333,27 @@ def _value(tag: int, vr: str, values: list[str]) -> Any:
             raise InvalidQuery(f"{name}: {text[:80]!r} is not a tag (eight hex digits)")
         return [int(t, 16) for t in text.split("\\")]
     return text  # IS and DS numbers are checked by parse_identifier, as in C-FIND
+
+
+def _check_charset(value: str) -> None:
+    """PS3.18 8.3.3.2: ``charset`` stands for the Accept-Charset header field (8.8.4), a
+    comma-separated list of charsets with optional weights. We answer in UTF-8 only (DICOM
+    JSON, PS3.18 F.2): the list must accept ``utf-8`` or ``*``; a value that is not valid or
+    not supported is 400 Bad Request (8.8.4)."""
+    accepted = False
+    for entry in value.split(","):
+        if not entry.strip():
+            continue
+        match = _CHARSET_RE.fullmatch(entry)
+        if match is None:
+            raise InvalidQuery(f"charset: {entry.strip()[:80]!r} is not a charset"
+                               " (RFC 9110 12.5.2)")
+        name, weight = match.group(1).lower(), match.group(2)
+        if name in ANSWER_CHARSETS and (weight is None or float(weight) > 0):
+            accepted = True
+    if not accepted:
+        raise InvalidQuery(f"charset: search results are UTF-8 only (PS3.18 F.2), not"
+                           f" {value[:80]!r}")
 
 
 def _uint(control: dict[str, str], name: str) -> int | None:

@@ -36,6 +36,7 @@ DICOM_JSON = "application/dicom+json"
 JAPANESE = "chrH31.dcm"  # ISO 2022 IR 87: Yamada^Tarou=山田^太郎=やまだ^たろう
 RUSSIAN = "chrRuss.dcm"  # ISO_IR 144 (Cyrillic)
 REFERENCED = "1.2.826.0.1.3680043.8.498.999.1"  # ReferencedSOPInstanceUID of study 3
+TIMEZONE = "+0100"  # TimezoneOffsetFromUTC of PID3's instances
 MANY = 130  # instances of one series: more than one batch of results (storage BATCH 100)
 
 
@@ -65,6 +66,7 @@ def dataset() -> list[Dataset]:
         if ds.PatientID == "PID3":  # a DS number and a small binary value (Annex F)
             ds.SliceThickness = "2.50"
             ds.add_new(0x00420011, "OB", b"\x01\x02\x03\x04")  # EncapsulatedDocument
+            ds.TimezoneOffsetFromUTC = TIMEZONE
     out += [charset_sample(JAPANESE), charset_sample(RUSSIAN)]
     study, series = uid(), uid()
     out += [make_ds(PatientID="MANY", StudyInstanceUID=study, SeriesInstanceUID=series,
@@ -134,9 +136,9 @@ def studies_of(datasets: list[Dataset], **keys: Any) -> set[str]:
 
 STUDY_KEYS = ("PatientName", "PatientID", "StudyDate", "AccessionNumber", "StudyDescription",
               "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
-              "NumberOfStudyRelatedInstances")
+              "NumberOfStudyRelatedInstances", "InstanceAvailability")
 SERIES_KEYS = ("Modality", "SeriesNumber", "NumberOfSeriesRelatedInstances")
-IMAGE_KEYS = ("SOPClassUID", "InstanceNumber")
+IMAGE_KEYS = ("SOPClassUID", "InstanceNumber", "InstanceAvailability")
 UNIQUE = {Level.STUDY: "StudyInstanceUID", Level.SERIES: "SeriesInstanceUID",
           Level.IMAGE: "SOPInstanceUID"}
 RETURNED = {Level.STUDY: STUDY_KEYS, Level.SERIES: SERIES_KEYS, Level.IMAGE: IMAGE_KEYS}
@@ -289,11 +291,11 @@ def test_the_table_is_not_trivial(pacs: WebRunning, datasets: list[Dataset]) -> 
 
 STUDY_TABLE = ("00080020", "00080030", "00080050", "00080061", "00080090", "00081190",
                "00100010", "00100020", "00100030", "00100040", "0020000D", "00200010",
-               "00201206", "00201208")  # Table 10.6.3-3
+               "00201206", "00201208", "00080056")  # Table 10.6.3-3
 SERIES_TABLE = ("00080060", "0008103E", "00081190", "0020000E", "00200011",
                 "00201209")  # Table 10.6.3-4
 INSTANCE_TABLE = ("00080016", "00080018", "00081190", "00200013", "00280010", "00280011",
-                  "00280100")  # Table 10.6.3-5, with the Type C ones our images have
+                  "00280100", "00080056")  # Table 10.6.3-5, with the Type C ones our images have
 
 
 def test_study_results_hold_table_10_6_3_3_with_exact_counts(
@@ -351,6 +353,34 @@ def test_all_series_and_all_instances_carry_the_levels_above(pacs: WebRunning) -
     for r in qido(pacs, f"/studies/{study}/instances"):
         assert set(SERIES_TABLE) | set(INSTANCE_TABLE) <= set(r)
         assert "00100020" not in r
+
+
+def test_instance_availability_and_timezone_offset(pacs: WebRunning) -> None:
+    """PS3.18 Tables 10.6.3-3 to -5: InstanceAvailability is ONLINE (PS3.3 C.4.23.1.1) in
+    every study and instance result; TimezoneOffsetFromUTC is there when known (an
+    instance's), and empty when includefield asks for it where it is not."""
+    for path in ("/studies", "/instances"):
+        results = qido(pacs, path, {"PatientID": "PID3"})
+        assert results and all(r["00080056"] == {"vr": "CS", "Value": ["ONLINE"]}
+                               for r in results)
+    instances = qido(pacs, "/instances", {"PatientID": "PID3"})
+    assert all(r["00080201"] == {"vr": "SH", "Value": [TIMEZONE]} for r in instances)
+    assert all("00080201" not in r for r in qido(pacs, "/instances", {"PatientID": "PID1"}))
+    assert all("00080201" not in r for r in qido(pacs, "/studies", {"PatientID": "PID3"}))
+    study, = qido(pacs, "/studies", {"PatientID": "PID3",
+                                     "includefield": "TimezoneOffsetFromUTC"})
+    assert study["00080201"] == {"vr": "SH"}
+    series = qido(pacs, "/series", {"PatientID": "PID3",
+                                    "includefield": "InstanceAvailability"})
+    assert all(value(r, "InstanceAvailability") == "ONLINE" for r in series)
+
+
+@pytest.mark.parametrize("charset", [None, "utf-8", "UTF-8", "iso-8859-1, utf-8;q=0.5", "*",
+                                     "utf-8;q=1.000"])
+def test_charset_parameter_accepting_utf8(pacs: WebRunning, charset: str | None) -> None:
+    """PS3.18 8.3.3.2: the charset parameter; results are UTF-8 (F.2)."""
+    params = {"PatientID": "PID1"} | ({"charset": charset} if charset else {})
+    assert len(qido(pacs, "/studies", params)) == 2
 
 
 def test_retrieve_url_names_the_wado_rs_resource(pacs: WebRunning) -> None:
@@ -575,6 +605,11 @@ BAD = [
     ("/studies", {"StudyInstanceUID": "1.2.3x"}, "not a UID"),
     ("/studies", {"offset": "-1"}, "offset"),
     ("/studies", {"limit": "ten"}, "limit"),
+    ("/studies", {"charset": "iso-8859-1"}, "UTF-8 only"),
+    ("/studies", {"charset": "utf-8;q=0"}, "UTF-8 only"),
+    ("/studies", {"charset": "utf-8;x"}, "is not a charset"),
+    ("/studies", {"InstanceAvailability": "ONLINE"}, "returned only"),
+    ("/instances", {"TimezoneOffsetFromUTC": "+0100"}, "returned only"),
     ("/studies", [("limit", "1"), ("limit", "2")], "more than once"),
     ("/studies", {"fuzzymatching": "maybe"}, "fuzzymatching"),
     ("/studies", {"includefield": "NoSuchKeyword"}, "NoSuchKeyword"),
