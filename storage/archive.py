@@ -619,20 +619,21 @@ class Archive:
         (:func:`storage.instances.representative`)."""
         return instances.representative(study_uid, series_uid)
 
-    def instance_bytes(self, item: WebInstance, transfer_syntax_uid: str) -> Iterator[bytes]:
-        """The Part 10 file of ``item`` in ``transfer_syntax_uid`` (one that
-        :func:`storage.instances.syntax_for` gave), a chunk at a time: the stored file byte
-        for byte when that is its syntax, else read, converted as for C-MOVE
-        (:meth:`read_instance`) and encoded in Explicit VR Little Endian.
-
-        Raises
-        ------
-        InstanceUnavailable
     def present(self, items: list[WebInstance]) -> list[WebInstance]:
         """Those of ``items`` whose file is in the store: a ``stat`` each, nothing read
         (:func:`storage.instances.present`)."""
         return instances.present(self.files, items)
 
+    def instance_bytes(self, item: WebInstance, transfer_syntax_uid: str) -> Iterator[bytes]:
+        """The Part 10 file of ``item`` in ``transfer_syntax_uid`` (one that
+        :func:`storage.instances.syntax_for` gave), a chunk at a time: the stored file byte
+        for byte when that is its syntax, else converted as for C-MOVE (:meth:`read_instance`)
+        into Explicit VR Little Endian through a temporary file in :meth:`spool_folder`
+        (:func:`storage.instances.converted_chunks`: Implicit VR a chunk at a time).
+
+        Raises
+        ------
+        InstanceUnavailable
             The file cannot be read.
         CannotConvert
             The conversion failed (e.g. damaged pixel data).
@@ -640,10 +641,9 @@ class Archive:
         if transfer_syntax_uid == item.transfer_syntax_uid:
             yield from instances.file_chunks(self.files, item.file_key)
             return
-        data = memoryview(instances.encode(self.read_instance(item.stored,
-                                                              [transfer_syntax_uid])))
-        for start in range(0, len(data), instances.CHUNK):
-            yield bytes(data[start:start + instances.CHUNK])
+        yield from instances.converted_chunks(
+            self.files, item, self.spool_folder(),
+            lambda: self.read_instance(item.stored, [transfer_syntax_uid]))
 
     def open_pixels(self, item: WebInstance) -> PixelSource:
         """``item``'s file opened for its frames, bulk data and pixels (close it, or use it

@@ -6,7 +6,7 @@
   their values (``msgspec.Raw``), the levels are merged and written in tag order;
 * :func:`syntax_for`: the transfer syntax an instance goes in for what a client asked
   (PS3.18 8.7.3.4), decided from the index before anything is sent;
-* :func:`file_chunks`, :func:`encode`: an instance's stored bytes, or a converted data set;
+* :func:`file_chunks`, :func:`converted_chunks`: an instance's stored bytes, or converted;
 * :class:`PixelSource`: one file opened for its frames (as stored or decoded), its bulk
   data values, and a frame's pixels for rendering, reading only the values it needs.
 
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import json
 import math
+import struct
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import msgspec
@@ -32,6 +34,8 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_dataset
 from pydicom.pixels import as_pixel_options, get_decoder, pack_bits, pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -49,6 +53,7 @@ from pydicom.uid import (
     MPEGTransferSyntaxes,
 )
 
+from .convert import as_stored
 from .errors import CannotConvert, InstanceUnavailable, NotFound, QueryFailed, StorageError
 from .files import FileStore
 from .index import StoredInstance
@@ -444,23 +449,108 @@ def file_chunks(files: FileStore, key: str) -> Iterator[bytes]:
         raise InstanceUnavailable(f"file {key} cannot be read: {exc}") from exc
 
 
-def encode(ds: Dataset) -> bytes:
-    """``ds`` (from :meth:`Archive.read_instance`, converted as needed) as a Part 10 file in
-    Explicit VR Little Endian (PS3.10 7.1; PS3.18 8.7.3.4).
+def converted_chunks(files: FileStore, item: WebInstance, folder: Path,
+                     read: Callable[[], Dataset]) -> Iterator[bytes]:
+    """``item`` as a Part 10 file in Explicit VR Little Endian (PS3.10 7.1; PS3.18 8.7.3.4),
+    :data:`CHUNK` bytes at a time: written first to an anonymous temporary file in
+    ``folder`` (the store's own disk; gone when closed, or when the process dies), then
+    read back, so that the first chunk is there only once the whole conversion is made.
+
+    Stored as Implicit VR Little Endian, the header is read with values over
+    :data:`DEFER_BYTES` left in the file and the pixel data copied from the stored file a
+    chunk at a time: a 1 GB instance costs no more memory than a small one. Otherwise (a
+    decoding of compressed pixel data, a deflated file) ``read()`` gives the data set,
+    converted as for C-MOVE, which is held in memory while it is written.
 
     Raises
     ------
+    InstanceUnavailable
+        The stored file cannot be read.
     CannotConvert
-        pydicom cannot write it so.
+        The conversion failed (from ``read``), or pydicom cannot write the data set so.
+    StorageError
+        The temporary file cannot be written (the store's disk is full).
     """
+    with _temporary_file(folder) as out:
+        if item.transfer_syntax_uid == ImplicitVRLittleEndian:
+            _write_from_implicit(files, item, out)
+        else:
+            _write_explicit(read(), out)
+        out.seek(0)
+        while chunk := out.read(CHUNK):
+            yield chunk
+
+
+@contextlib.contextmanager
+def _temporary_file(folder: Path) -> Iterator[BinaryIO]:
+    """An anonymous temporary file in ``folder``, closed (and so removed) at the end; an
+    OSError making, writing or reading it is a :class:`StorageError` (the disk is full)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as out:
+            yield out
+    except OSError as exc:
+        raise StorageError(f"a conversion cannot be written to {folder}: {exc}") from exc
+
+
+def _write_explicit(ds: Dataset, out: BinaryIO) -> None:
+    """``ds`` (with its File Meta) written to ``out`` in Explicit VR Little Endian."""
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = io.BytesIO()
     try:
         ds.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    except OSError as exc:
+        raise StorageError(f"a conversion cannot be written: {exc}") from exc
     except Exception as exc:  # a value pydicom cannot write in explicit VR
         raise CannotConvert(f"{ds.get('SOPInstanceUID', 'an instance')} cannot be encoded in"
                             f" Explicit VR Little Endian: {_one_line(exc)}") from exc
-    return out.getvalue()
+
+
+def _write_from_implicit(files: FileStore, item: WebInstance, out: BinaryIO) -> None:
+    """The Implicit VR Little Endian file of ``item`` written to ``out`` in Explicit VR
+    Little Endian, its pixel data (of defined length, left in the stored file) copied a
+    chunk at a time; the elements after it (trailing padding) written after it."""
+    cannot = f"file of {item.sop_instance_uid} cannot be read"
+    try:
+        source = files.open(item.file_key)
+    except OSError as exc:
+        raise InstanceUnavailable(f"{cannot}: {exc!r}") from exc
+    with source:
+        try:
+            ds = as_stored(dcmread(source, defer_size=DEFER_BYTES))
+            pixel = ds.get_item(PIXEL_DATA, keep_deferred=True)
+            if not (isinstance(pixel, RawDataElement) and pixel.value is None
+                    and pixel.length != UNDEFINED_LENGTH):
+                _write_explicit(ds, out)  # small: nothing was left in the file
+                return
+            tail = Dataset()
+            tags = list(ds.keys())  # not ds itself, which would read every deferred value
+            for tag in [tag for tag in tags if tag > PIXEL_DATA]:
+                tail.add(ds[tag])
+                del ds[tag]
+            del ds[PIXEL_DATA]
+        except StorageError:
+            raise
+        except Exception as exc:  # missing, unreadable or damaged
+            raise InstanceUnavailable(f"{cannot}: {exc!r}") from exc
+        _write_explicit(ds, out)
+        try:
+            # PS3.5 A.1: native pixel data read in Implicit VR is OW; 7.1.2: explicit VR
+            # OW has two reserved bytes and a 32-bit length
+            out.write(struct.pack("<HH2sHL", PIXEL_DATA >> 16, PIXEL_DATA & 0xFFFF, b"OW", 0,
+                                  pixel.length))
+            source.seek(pixel.value_tell)
+            left = pixel.length
+            while left:
+                chunk = source.read(min(left, CHUNK))
+                if not chunk:
+                    raise InstanceUnavailable(f"{cannot}: its pixel data is cut short")
+                out.write(chunk)
+                left -= len(chunk)
+            if len(tail):
+                fp = DicomFileLike(out)
+                fp.is_little_endian, fp.is_implicit_VR = True, False
+                write_dataset(fp, tail)
+        except OSError as exc:
+            raise StorageError(f"a conversion cannot be written: {exc}") from exc
 
 
 # -- frames, bulk data, pixels --------------------------------------------------------------

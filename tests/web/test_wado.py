@@ -779,6 +779,43 @@ def test_a_large_retrieve_streams_in_flat_memory(start_web: Callable[..., WebRun
     assert peak < total / 4, f"{peak / 2**20:.1f} MB traced for {total / 2**20:.1f} MB sent"
 
 
+def test_implicit_vr_is_converted_in_flat_memory(start_web: Callable[..., WebRunning]) -> None:
+    """A 16 MB Implicit VR instance goes out as Explicit VR (PS3.18 8.7.3) while the
+    server's memory grows by less than a quarter of it: its pixel data is copied from the
+    stored file a chunk at a time (the elements after it too), never held whole."""
+    web = start_web(**{"storage.durability": "relaxed"})
+    rows = cols = 2048
+    pixels = np.random.default_rng(2).integers(0, 4096, (2, rows, cols), dtype=np.uint16)
+    ds = make_ds(Rows=rows, Columns=cols, NumberOfFrames=2, PixelData=pixels.tobytes())
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 8)  # trailing padding, after the pixel data
+    web.archive.store(encode(ds, ImplicitVRLittleEndian), ImplicitVRLittleEndian)
+    body = io.BytesIO()
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        with httpx.stream("GET", url_of(web, ds), headers={"Accept": ANY},
+                          timeout=TIMEOUT) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_bytes():
+                body.write(chunk)
+        peak = tracemalloc.get_traced_memory()[1] - baseline - body.tell()
+    finally:
+        tracemalloc.stop()
+    total = pixels.nbytes
+    assert peak < total / 4, f"{peak / 2**20:.1f} MB traced for {total / 2**20:.1f} MB sent"
+    response = httpx.Response(200, headers=response.headers, content=body.getvalue())
+    ((headers, part),) = parts(response)
+    assert headers["content-type"] == f"{DICOM}; transfer-syntax={ExplicitVRLittleEndian}"
+    back = dcmread(io.BytesIO(part))
+    assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert back["PixelData"].VR == "OW"
+    assert np.array_equal(back.pixel_array, pixels)
+    assert back[0xFFFCFFFC].value == b"\0" * 8
+    assert back.to_json_dict(bulk_data_threshold=1 << 30) == dcmread(io.BytesIO(
+        stored_file(web, ds))).to_json_dict(bulk_data_threshold=1 << 30)
+
+
 def test_metadata_of_a_large_series_is_fast(start_web: Callable[..., WebRunning]) -> None:
     """The /metadata of a 1,000-instance series comes from the index, not the files: a
     generous bound here on a shared 2-core machine (bench/ measures it against Orthanc)."""
