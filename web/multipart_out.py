@@ -14,15 +14,21 @@ that fails ends it without the closing delimiter, so that the client sees a trun
 never a clean success with an instance missing or shortened.
 
 On ``HEAD`` nothing is read: the headers (and the status the endpoint's checks gave) only.
+
+The body is read ahead (:func:`read_ahead`): a worker thread gathers the next chunks, up to
+:data:`BATCH_BYTES`, while the event loop sends the previous ones, instead of one thread
+round trip per chunk with the file idle while the socket is written.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from dataclasses import dataclass
 
+import anyio.to_thread
 from starlette.responses import StreamingResponse
 
 from storage import StorageError
@@ -38,6 +44,9 @@ BOUNDARY_BYTES = 16
 
 OK = 200
 PARTIAL_CONTENT = 206
+BATCH_BYTES = 1024 * 1024
+"""Bytes of chunks a worker thread gathers in one call (two such batches are in memory at
+most: the one being sent and the one being read)."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +92,40 @@ def multipart(parts: Iterable[Part], part_type: str, status: int = OK, *,
     started, left_out = _start(remaining, partial)
     if left_out:
         status = PARTIAL_CONTENT  # PS3.18 Table 10.4.3-1: some of the target only
-    return StreamingResponse(_body(started, remaining, boundary.encode()), status_code=status,
-                             media_type=media_type)
+    return StreamingResponse(read_ahead(_body(started, remaining, boundary.encode())),
+                             status_code=status, media_type=media_type)
+
+
+async def read_ahead(chunks: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
+    """The chunks of ``chunks`` (a blocking iterator: file reads, conversions), gathered in
+    a worker thread a batch (:data:`BATCH_BYTES`) at a time, the next batch read while this
+    one is sent. ``chunks`` is only ever advanced by one thread at a time, and closed (its
+    files with it) when the response ends or the client goes away."""
+
+    def take() -> list[bytes]:
+        batch: list[bytes] = []
+        size = 0
+        for chunk in chunks:
+            batch.append(chunk)
+            size += len(chunk)
+            if size >= BATCH_BYTES:
+                break
+        return batch
+
+    pending = asyncio.ensure_future(anyio.to_thread.run_sync(take))
+    try:
+        while batch := await pending:
+            pending = asyncio.ensure_future(anyio.to_thread.run_sync(take))
+            for chunk in batch:
+                yield chunk
+    finally:  # the end, or the client went away: close ``chunks`` once no thread runs it
+        pending.add_done_callback(lambda done: _close(chunks, done))
+
+
+def _close(chunks: Generator[bytes, None, None], done: asyncio.Future[list[bytes]]) -> None:
+    if not done.cancelled():
+        done.exception()  # retrieved: a batch nobody waits for any more may have failed
+    chunks.close()
 
 
 def _start(remaining: Iterator[Part], partial: bool
@@ -117,7 +158,7 @@ def _start(remaining: Iterator[Part], partial: bool
 
 
 def _body(started: tuple[Part, bytes, Iterator[bytes]] | None, remaining: Iterator[Part],
-          boundary: bytes) -> Iterator[bytes]:
+          boundary: bytes) -> Generator[bytes, None, None]:
     delimiter = b"--" + boundary
     current = started
     while current is not None:
