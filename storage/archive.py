@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import peewee as pw
+from playhouse.pool import PooledDatabase
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
@@ -719,6 +720,8 @@ class Archive:
         """Close the index; another archive may then be opened in this process."""
         with contextlib.suppress(pw.DatabaseError):
             self.database.close()
+            if isinstance(self.database, PooledDatabase):
+                self.database.close_all()  # the pool's idle connections too
         index.disconnect()
         self.files.close()
 

@@ -71,6 +71,12 @@ def _stored(running: Running) -> None:
     for ds in hierarchy():
         assert assoc.send_c_store(ds).Status == status.SUCCESS
     assoc.release()
+    # the server ends its side after our release returns: wait until it has, so that a
+    # test that looks at the server's associations next sees only its own
+    deadline = time.monotonic() + 30
+    while running.server.ae.active_associations:
+        assert time.monotonic() < deadline, "the storing association did not end"
+        time.sleep(0.01)  # poll interval, not a wait for readiness
 
 
 def _answers(running: Running, ae: AE, syntax: str,

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import struct
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -737,14 +738,16 @@ def index_connections(web: WebRunning) -> int:
 
 def test_endpoints_give_their_index_connection_back(web: WebRunning) -> None:
     """Each endpoint runs in one of Starlette's worker threads (up to 40): the connection
-    its index reads opened is closed when it returns, as QIDO-RS does."""
+    its index reads took is given back to the pool (storage/index.py) when it returns, as
+    QIDO-RS does, so the connections open are at most as many as the requests at once."""
     ds = store_file(web, sample("CT_small.dcm"))
     before = index_connections(web)
+    at_once = 3
     urls = [url_of(web, ds, tail) for tail in ("/metadata", "", "/frames/1", "/rendered")]
-    with httpx.Client(timeout=TIMEOUT) as http, ThreadPoolExecutor(8) as pool:
+    with httpx.Client(timeout=TIMEOUT) as http, ThreadPoolExecutor(at_once) as pool:
         responses = list(pool.map(http.get, urls * 8))
     assert {response.status_code for response in responses} == {200}
-    assert index_connections(web) <= before
+    assert index_connections(web) <= before + at_once
 
 
 # -- streaming -------------------------------------------------------------------------------
@@ -781,7 +784,7 @@ def test_a_large_retrieve_streams_in_flat_memory(start_web: Callable[..., WebRun
 
 def test_implicit_vr_is_converted_in_flat_memory(start_web: Callable[..., WebRunning]) -> None:
     """A 16 MB Implicit VR instance goes out as Explicit VR (PS3.18 8.7.3) while the
-    server's memory grows by less than a quarter of it: its pixel data is copied from the
+    server's memory grows by less than half of it: its pixel data is copied from the
     stored file a chunk at a time (the elements after it too), never held whole."""
     web = start_web(**{"storage.durability": "relaxed"})
     rows = cols = 2048
@@ -789,7 +792,7 @@ def test_implicit_vr_is_converted_in_flat_memory(start_web: Callable[..., WebRun
     ds = make_ds(Rows=rows, Columns=cols, NumberOfFrames=2, PixelData=pixels.tobytes())
     ds.add_new(0xFFFCFFFC, "OB", b"\0" * 8)  # trailing padding, after the pixel data
     web.archive.store(encode(ds, ImplicitVRLittleEndian), ImplicitVRLittleEndian)
-    body = io.BytesIO()
+    body = tempfile.TemporaryFile()  # noqa: SIM115 - the client's copy, on disk; closed below
     tracemalloc.start()
     try:
         baseline = tracemalloc.get_traced_memory()[0]
@@ -799,12 +802,16 @@ def test_implicit_vr_is_converted_in_flat_memory(start_web: Callable[..., WebRun
             assert response.status_code == 200
             for chunk in response.iter_bytes():
                 body.write(chunk)
-        peak = tracemalloc.get_traced_memory()[1] - baseline - body.tell()
+        peak = tracemalloc.get_traced_memory()[1] - baseline
     finally:
         tracemalloc.stop()
     total = pixels.nbytes
-    assert peak < total / 4, f"{peak / 2**20:.1f} MB traced for {total / 2**20:.1f} MB sent"
-    response = httpx.Response(200, headers=response.headers, content=body.getvalue())
+    # a few MB whatever the size (the read-ahead's two 1 MiB batches, the conversion's 1 MiB
+    # chunk, the HTTP buffers); converting in memory held the instance twice (32 MB)
+    assert peak < total / 2, f"{peak / 2**20:.1f} MB traced for {total / 2**20:.1f} MB sent"
+    body.seek(0)
+    response = httpx.Response(200, headers=response.headers, content=body.read())
+    body.close()
     ((headers, part),) = parts(response)
     assert headers["content-type"] == f"{DICOM}; transfer-syntax={ExplicitVRLittleEndian}"
     back = dcmread(io.BytesIO(part))
