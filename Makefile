@@ -1,5 +1,6 @@
 # minipacs: the README's commands.
-#   make run    create .venv if missing, install minipacs (with codecs), serve with config.yaml
+#   make run    create .venv if missing, install minipacs (with codecs), fetch the viewer once,
+#               serve with config.yaml
 #   make test   install test extras, DCMTK, GDCM, PostgreSQL, Chromium and the viewer, then ruff,
 #               mypy and pytest
 #   make lint   ruff and mypy only
@@ -35,7 +36,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,codecs]'
 	touch $@ $(VENV)/.installed-run
 
+# the viewer is fetched once on the first run; without npm or the registry minipacs still
+# serves (DICOMweb and DICOM), and /viewer/ says to run make viewer
 run: install
+	-@$(MAKE) --no-print-directory viewer || echo "the viewer could not be fetched: /viewer/ stays empty (make viewer)"
 	$(BIN)/minipacs serve --config $(CONFIG)
 
 # $(call apt_package,shell test that it is there,package,name,what follows when it cannot be
