@@ -58,6 +58,7 @@ from .errors import CannotConvert, InstanceUnavailable, NotFound, QueryFailed, S
 from .files import FileStore
 from .index import StoredInstance
 from .models import Instance, Patient, Series, Study, database_proxy
+from .query.answer import with_bulk_uris
 
 CHUNK = 1 << 20
 """Bytes read from a stored file at a time while it is streamed."""
@@ -313,18 +314,9 @@ def _with_bulk(members: dict[str, msgspec.Raw], any_bulk: bool) -> list[str]:
 
 def _resolved(raw: msgspec.Raw, tag: str, url: str) -> msgspec.Raw:
     """``raw`` (the DICOM JSON of attribute ``tag``) with each empty BulkDataURI inside it
-    made the URL of that value (:func:`bulk_path`)."""
-    value = json.loads(bytes(raw))
-
-    def walk(element: dict[str, Any], path: list[str]) -> None:
-        if element.get("BulkDataURI") == "":
-            element["BulkDataURI"] = f"{url}/bulkdata/{'/'.join(path)}"
-        for number, item in enumerate(element.get("Value") or ()):
-            if element.get("vr") == "SQ" and isinstance(item, dict):
-                for child, sub in item.items():
-                    walk(sub, [*path, str(number), child])
-
-    walk(value, [tag])
+    made the URL of that value (:func:`bulk_path`), by QIDO-RS's own walk
+    (:func:`storage.query.answer.with_bulk_uris`)."""
+    value = with_bulk_uris(json.loads(bytes(raw)), [tag], url)
     return msgspec.Raw(json.dumps(value, separators=(",", ":")).encode())
 
 

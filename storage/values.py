@@ -21,6 +21,8 @@ _TRAILING_ONLY = frozenset({"ST", "LT", "UT", "UC", "UR"})
 TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
                       "TM", "UC", "UI", "UR", "UT"})
 NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+"""VRs whose values are bytes: never matched, bulk data when long (PS3.5 Table 6.2-1)."""
 WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")

@@ -287,7 +287,7 @@ def answer_elements(
         if req.level <= query.level and stored_at <= query.level:
             element = row.element(req.tag, stored_at)
         if element and bulk is not None:
-            element = _with_bulk_uris(element, [f"{req.tag:08X}"], bulk)
+            element = with_bulk_uris(element, [f"{req.tag:08X}"], bulk)
             if element is None:
                 continue
         if element and req.tag in sequences:
@@ -298,7 +298,7 @@ def answer_elements(
             tag = int(key, 16)
             if tag in elements or not isinstance(stored, dict):
                 continue
-            element = stored if bulk is None else _with_bulk_uris(stored, [key], bulk)
+            element = stored if bulk is None else with_bulk_uris(stored, [key], bulk)
             if element is not None:
                 elements[tag] = _element(Requested(tag, stored.get("vr", ""), level),
                                          element, texts)
@@ -306,7 +306,7 @@ def answer_elements(
     return elements
 
 
-def _with_bulk_uris(element: dict[str, Any], path: list[str], url: str
+def with_bulk_uris(element: dict[str, Any], path: list[str], url: str
                     ) -> dict[str, Any] | None:
     """``element`` (DICOM JSON of the index) with each bulk value's empty BulkDataURI made
     ``{url}/bulkdata/{path}``: tags and item numbers from 0, as :func:`storage.instances.
@@ -325,7 +325,7 @@ def _with_bulk_uris(element: dict[str, Any], path: list[str], url: str
             continue
         out: dict[str, Any] = {}
         for key, sub in item.items():
-            new = (_with_bulk_uris(sub, [*path, str(number), key], url)
+            new = (with_bulk_uris(sub, [*path, str(number), key], url)
                    if isinstance(sub, dict) else sub)
             changed = changed or new is not sub
             if new is not None:
@@ -337,7 +337,7 @@ def _with_bulk_uris(element: dict[str, Any], path: list[str], url: str
 def _element(
     req: Requested, element: dict[str, Any] | None, texts: list[str] | None
 ) -> _Out:
-    if element and element.get("BulkDataURI"):  # resolved by _with_bulk_uris
+    if element and element.get("BulkDataURI"):  # resolved by with_bulk_uris
         return _Out(req.tag, element.get("vr", req.vr), element["BulkDataURI"], "BulkDataURI")
     if not element or ("Value" not in element and "InlineBinary" not in element):
         vr = req.vr if req.vr not in ("UN", "") else _dictionary_vr(req.tag)

@@ -11,6 +11,7 @@ from pydicom.multival import MultiValue
 from ..errors import InvalidQuery
 from ..keys import UNIQUE_KEY, Key, Level, Model, level_of
 from ..values import (
+    BINARY_VRS,
     NUMERIC_VRS,
     WILDCARD_VRS,
     clean_text,
@@ -134,7 +135,7 @@ def parse_identifier(
         constraint = _constraint(elem, key_level, key, fold_pn, and_values)
         if constraint is not None:
             constraints.append(constraint)
-        elif _vr_of(elem) in _UNMATCHABLE_VRS and _has_value(elem):
+        elif _vr_of(elem) in BINARY_VRS and _has_value(elem):
             ignored.append(elem.keyword or str(elem.tag))  # 10: reported with FF01
 
     if combined_datetime:
@@ -233,7 +234,6 @@ def _has_value(elem: DataElement) -> bool:
     return value not in (None, "", b"") and not (isinstance(value, list) and not value)
 
 
-_UNMATCHABLE_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 
 
 def _vr_of(elem: DataElement) -> str:
@@ -275,7 +275,7 @@ def _constraint(
     vr = _vr_of(elem)
     if vr == "SQ":
         return _sequence_constraint(elem, level, key, fold_pn)
-    if vr in _UNMATCHABLE_VRS:
+    if vr in BINARY_VRS:
         return None  # not matchable: returned only (and reported, see parse_identifier)
     texts = _texts(elem)
     # PS3.4 C.2.2.2.3 Universal Matching: a zero-length value

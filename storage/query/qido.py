@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 
 from ..errors import InvalidQuery, QueryFailed
 from ..keys import KEYS, Level, Model
-from ..values import is_uid
+from ..values import BINARY_VRS, is_uid
 from .answer import json_answer
 from .match import row_matches
 from .model import INSTANCE_AVAILABILITY, Query, Requested, Row
@@ -78,7 +78,6 @@ _TAG_RE = re.compile(r"[0-9A-Fa-f]{8}")
 _BOOLEANS = {"true": True, "false": False}
 _INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV"})
 _FLOAT_VRS = frozenset({"FL", "FD"})
-_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _CONTROL_KEYWORDS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet",
                                "RetrieveAETitle"})
 # RFC 9110 5.6.1 / 12.4.2: a charset is a token, with an optional weight
@@ -313,7 +312,7 @@ def _value(tag: int, vr: str, values: list[str]) -> Any:
     if vr == "SQ":
         raise InvalidQuery(f"{name}: a sequence is matched by its item keys"
                            f" ({name}.<attribute>=<value>)")
-    if vr in _BINARY_VRS:
+    if vr in BINARY_VRS:
         raise InvalidQuery(f"{name}: binary values cannot be matched")
     if vr == "UI":
         uids = [u.strip() for t in texts for u in t.replace("\\", ",").split(",")]
