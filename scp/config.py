@@ -25,6 +25,7 @@ from pydicom.uid import (
 
 from storage import ArchiveOptions, DuplicatePolicy
 from storage.query import response_charset_problem
+from web.config import CHOICES as WEB_CHOICES
 from web.config import WebConfig
 from web.config import check as check_web
 
@@ -231,6 +232,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("storage", "on_duplicate"): tuple(p.value for p in DuplicatePolicy),
     ("storage", "durability"): ("full", "relaxed"),
     ("logging", "level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
+    **{("web", key): choices for key, choices in WEB_CHOICES.items()},
 }
 
 
@@ -434,6 +436,19 @@ def _convert(dotted: str, hint: Any, value: Any, base: Path, problems: list[str]
     return None
 
 
+def _check_listener(section: str, values: dict[str, Any], problems: list[str]) -> None:
+    """``port`` and ``bind`` of a listener's section (``ae``, ``web``, ``tls``)."""
+    port = values.get("port")
+    if port is not None and not 0 <= port <= 65535:
+        problems.append(f"{section}.port: must be between 0 and 65535, not {port}")
+    bind = values.get("bind")
+    if bind is not None:
+        try:
+            ipaddress.ip_address(bind)
+        except ValueError:
+            problems.append(f"{section}.bind: must be an IP address, not {bind!r}")
+
+
 def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
     for (sec, key), choices in CHOICES.items():
         if sec == section and key in values and values[key] not in choices:
@@ -443,15 +458,7 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
         title = values.get("title")
         if title is not None and (why := validate_ae_title(title)):
             problems.append(f"ae.title: {why}")
-        port = values.get("port")
-        if port is not None and not 0 <= port <= 65535:
-            problems.append(f"ae.port: must be between 0 and 65535, not {port}")
-        bind = values.get("bind")
-        if bind is not None:
-            try:
-                ipaddress.ip_address(bind)
-            except ValueError:
-                problems.append(f"ae.bind: must be an IP address, not {bind!r}")
+        _check_listener("ae", values, problems)
         for key in ("max_associations", "max_pdu_size"):
             if key in values and values[key] < 0:
                 problems.append(f"ae.{key}: must not be negative")
@@ -474,6 +481,7 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
     if section == "tls":
         _check_tls(values, problems)
     if section == "web":
+        _check_listener("web", values, problems)
         check_web(values, problems)
     if section == "storage":
         for key in ("max_instance_mb", "min_free_disk_mb"):
@@ -519,9 +527,7 @@ def _check_peer(section: str, values: dict[str, Any], problems: list[str]) -> No
 
 
 def _check_tls(values: dict[str, Any], problems: list[str]) -> None:
-    port = values.get("port", TLSConfig.port)
-    if not 0 <= port <= 65535:
-        problems.append(f"tls.port: must be between 0 and 65535, not {port}")
+    _check_listener("tls", values, problems)
     if not values.get("enabled", False):
         if values.get("only"):
             problems.append("tls.only: needs tls.enabled (else nothing would listen)")

@@ -6,7 +6,6 @@ here so that ``web`` needs nothing of ``scp``.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,20 +40,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def check(values: dict[str, Any], problems: list[str]) -> None:
     """Append to ``problems`` what is wrong with the ``web`` section's ``values`` (those
-    the file gives; the others are the defaults above)."""
-    for key, choices in CHOICES.items():
-        if key in values and values[key] not in choices:
-            problems.append(f"web.{key}: must be one of {', '.join(choices)},"
-                            f" not {values[key]!r}")
-    port = values.get("port")
-    if port is not None and not 0 <= port <= 65535:
-        problems.append(f"web.port: must be between 0 and 65535, not {port}")
-    bind = values.get("bind")
-    if bind is not None:
-        try:
-            ipaddress.ip_address(bind)
-        except ValueError:
-            problems.append(f"web.bind: must be an IP address, not {bind!r}")
+    the file gives; the others are the defaults above) that is particular to it: the
+    loader (``scp/config.py``) checks :data:`CHOICES`, ``port`` and ``bind`` as it does
+    for every section."""
     base = values.get("base_path")
     if base is not None and (not base.startswith("/") or base.endswith("/") or " " in base
                              or base.startswith("/viewer")):

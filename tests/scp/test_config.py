@@ -223,3 +223,20 @@ def test_a_problem_with_a_flag_names_the_flag_not_the_file(tmp_path: Path) -> No
         load_config(path, {"ae.title": "GOOD"}, flags)
     assert str(info.value) == (f"{path} has 1 problem(s):\n"
                                "  - ae.port: must be between 0 and 65535, not 70000")
+
+
+def test_web_section_problems_are_reported_with_the_others(tmp_path: Path) -> None:
+    """The web section's port, bind and choices are checked as the ae section's are, and
+    its own rules (base_path) after them, all at once."""
+    path = tmp_path / "c.yaml"
+    path.write_text("web:\n  port: 70000\n  bind: nowhere\n  anonymous_local: all\n"
+                    "  base_path: dicom-web/\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        "web.anonymous_local: must be one of none, read, read-write, not 'all'",
+        "web.port: must be between 0 and 65535, not 70000",
+        "web.bind: must be an IP address, not 'nowhere'",
+        "web.base_path: must start with / and not end with one (e.g. /dicom-web), not"
+        " 'dicom-web/'",
+    ]
