@@ -5,6 +5,7 @@ Modality LUT or rescale (PS3.3 C.11.1) and the stored VOI window or VOI LUT (C.1
 first one; ``window=`` replaces it; without any, the frame's own range), MONOCHROME1
 inverted; PALETTE COLOR through its palette; RGB (colour JPEG already converted by pydicom)
 as it is, scaled to 8 bits. Pillow resizes it into the ``viewport`` and writes JPEG or PNG.
+A study or series goes as ``multipart/related`` of such pictures (:func:`part_type`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from starlette.requests import Request
 
-from .accept import JPEG
-from .errors import BAD_REQUEST, WebError
+from .accept import JPEG, PNG, MediaRange, matches
+from .errors import BAD_REQUEST, NOT_ACCEPTABLE, WebError
 
 MAX_8BIT = 255
 DEFAULT_QUALITY = 90
@@ -65,6 +66,33 @@ def rendering(request: Request, media_type: str, thumbnail: bool = False) -> Ren
         viewport = _viewport(params["viewport"])
     window = _window(params["window"]) if "window" in params else None
     return Rendering(media_type, quality, viewport, window)
+
+
+def part_type(accepted: list[MediaRange]) -> str:
+    """The media type of the parts of a rendered study or series (PS3.18 8.7.4, 8.6.1.2:
+    a payload of several representations is ``multipart/related``, one per part):
+    ``image/jpeg`` or ``image/png``, whichever the client prefers.
+
+    ``multipart/related; type=image/png`` (``type`` quoted or not), ``multipart/related``
+    without a type (JPEG, the default rendered media type), ``multipart/*`` and ``*/*``
+    are served, and so are ``image/jpeg``, ``image/png`` and ``image/*`` on their own:
+    dicomweb-client sends those for a series, as clients send ``application/dicom`` for
+    a study, meaning the parts.
+
+    Raises
+    ------
+    WebError
+        406: no range allows JPEG or PNG parts.
+    """
+    for media in accepted:
+        part = media.part_type(JPEG)
+        for served in (JPEG, PNG):
+            if matches(part, served):
+                return served
+    said = ", ".join(media.media_type + "".join(f"; {k}={v}" for k, v in media.params.items())
+                     for media in accepted) or "nothing"
+    raise WebError(NOT_ACCEPTABLE, "cannot send rendered images (multipart/related;"
+                                   f' type="image/jpeg" or "image/png") as any of: {said}')
 
 
 def _viewport(text: str) -> tuple[int, int]:

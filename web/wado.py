@@ -1,5 +1,5 @@
 """WADO-RS (PS3.18 10.4): retrieval of instances, metadata, bulk data, frames, rendered
-images and thumbnails.
+images (of an instance or frame, or every image of a study or series) and thumbnails.
 
 Each endpoint checks its path (a malformed UID or frame list is a 400), asks the archive
 which instances it names (404 when none) and what the client accepts (406 when we can give
@@ -20,13 +20,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from storage import Archive, WebInstance, bulk_path, syntax_for
+from storage import (
+    Archive,
+    CannotConvert,
+    InstanceUnavailable,
+    WebInstance,
+    bulk_path,
+    syntax_for,
+)
 
 from . import accept
 from .accept import DICOM, DICOM_JSON, OCTET_STREAM, PixelChoice
 from .errors import BAD_REQUEST, NOT_ACCEPTABLE, NOT_FOUND, WebError
 from .multipart_out import OK, PARTIAL_CONTENT, Part, multipart
-from .rendered import Rendering, render, rendering
+from .rendered import Rendering, part_type, render, rendering
 from .urls import path_uid, service_url
 
 """PS3.5 9.1: a UID is at most 64 characters, digits in dot-separated components."""
@@ -210,6 +217,67 @@ def rendered(request: Request) -> Response:
     return _render(archive, item, number, how)
 
 
+def rendered_images(request: Request) -> Response:
+    """A study or series rendered (PS3.18 10.4.1.1.3, Rendered Study and Rendered Series):
+    ``multipart/related; type="image/jpeg"`` (or ``image/png``, :func:`web.rendered.part_type`),
+    one part per instance with pixel data, in the order stored, each as its own
+    ``{instance}/rendered`` gives it and with that URL as its Content-Location (8.6.1: a
+    payload of more than one representation is multipart, a part each).
+
+    A multi-frame instance is one part, its first frame, as for the instance: the parts
+    stand one to one for instances (a viewer pages them, and asks
+    ``{instance}/frames/{n}/rendered`` for more frames); PS3.18 Table 8.7.4-1 renders a
+    whole multi-frame image only into multi-frame media types, which are not served.
+
+    PS3.18 Table 10.4.3-1: 200 when every instance is there, 206 when some are left out:
+    those without pixel data (an SR, a PDF: not images), whose file is missing, or whose
+    rendering fails before the response starts; a failure once it has started ends the
+    body without its closing delimiter (:mod:`web.multipart_out`). 406 when nothing has
+    pixel data, 404 when nothing is stored there or no file of an image can be read.
+    """
+    study, series, _ = _target(request)
+    how = rendering(request, part_type(accept.ranges(request)))
+    archive = _archive(request)
+    items = archive.locate(study, series)
+    images = _images(archive, items, f"series {series}" if series else f"study {study}")
+    url = _instance_url(request)
+    parts = (Part(how.media_type,
+                  _lazy(functools.partial(_picture, archive, item, how=how), 1),
+                  url(item.study_uid, item.series_uid, item.sop_instance_uid) + "/rendered")
+             for item in images)
+    # PS3.18 Table 10.4.3-1: 200 for the whole target, 206 for the instances that can go
+    status = OK if len(images) == len(items) else PARTIAL_CONTENT
+    return multipart(parts, how.media_type, status, partial=True, head=_head(request))
+
+
+def _images(archive: Archive, items: list[WebInstance], target: str) -> list[WebInstance]:
+    """Those of ``items`` (the instances of ``target``, as a reason names it) that have
+    pixel data to render (each file's header read, nothing decoded).
+
+    Raises
+    ------
+    InstanceUnavailable
+        None has, and some file could not be read (404: it may have been an image).
+    WebError
+        406: none has, and every file was read (PS3.18 10.4.3: nothing of the target
+        can be given in a Rendered Media Type).
+    """
+    images: list[WebInstance] = []
+    unreadable: InstanceUnavailable | None = None
+    for item in items:
+        try:
+            with archive.open_pixels(item) as source:
+                if source.frame_count:
+                    images.append(item)
+        except InstanceUnavailable as exc:
+            unreadable = exc
+    if not images and unreadable is not None:
+        raise unreadable
+    if not images:
+        raise WebError(NOT_ACCEPTABLE, f"no instance of {target} has pixel data to render")
+    return images
+
+
 def thumbnail(request: Request) -> Response:
     """A small rendering (PS3.18 10.4.1.1.4) of a study's or series' representative image
     (:meth:`Archive.representative`), an instance or a frame: the middle frame unless a
@@ -233,21 +301,36 @@ def _single_frame(text: str) -> int:
 
 def _render(archive: Archive, item: WebInstance, number: int | None,
             how: Rendering) -> Response:
+    return Response(_picture(archive, item, number, how), media_type=how.media_type)
+
+
+def _picture(archive: Archive, item: WebInstance, number: int | None,
+             how: Rendering) -> bytes:
+    """Frame ``number`` of ``item`` (its middle frame when ``None``) rendered as ``how``
+    says.
+
+    Raises
+    ------
+    CannotConvert
+        406 (PS3.18 10.4.3): no pixel data (an SR, a PDF: not an image), pixel data that
+        cannot be decoded, or a palette or LUT pydicom refuses. A storage error, so that
+        a study or series leaves the instance out (:mod:`web.multipart_out`).
+    InstanceUnavailable
+        404: the file cannot be read, or has no frame ``number``.
+    """
     with archive.open_pixels(item) as source:
-        if source.frame_count == 0:  # an SR, a PDF: not an image (PS3.18 10.4.3: 406)
-            raise WebError(NOT_ACCEPTABLE, f"instance {item.sop_instance_uid} has no pixel"
-                                           f" data to render as {how.media_type}")
+        if source.frame_count == 0:
+            raise CannotConvert(f"instance {item.sop_instance_uid} has no pixel data to"
+                                f" render as {how.media_type}")
         number = number or (source.frame_count + 1) // 2
         source.check_frames([number])
         header = Dataset()
         pixels = source.pixels(number, header)
     try:
-        image = render(pixels, header, how)
+        return render(pixels, header, how)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        # a palette or LUT pydicom refuses: we cannot make the picture asked for
-        raise WebError(NOT_ACCEPTABLE, f"cannot render {item.sop_instance_uid} as"
-                                       f" {how.media_type}: {exc}") from exc
-    return Response(image, media_type=how.media_type)
+        raise CannotConvert(f"cannot render {item.sop_instance_uid} as {how.media_type}:"
+                            f" {exc}") from exc
 
 
 ROUTES: list[BaseRoute] = [
@@ -257,6 +340,8 @@ ROUTES: list[BaseRoute] = [
     Route(STUDY + "/metadata", _releasing(metadata)),
     Route(SERIES + "/metadata", _releasing(metadata)),
     Route(INSTANCE + "/metadata", _releasing(metadata)),
+    Route(STUDY + "/rendered", _releasing(rendered_images)),
+    Route(SERIES + "/rendered", _releasing(rendered_images)),
     Route(INSTANCE + "/rendered", _releasing(rendered)),
     Route(FRAMES + "/rendered", _releasing(rendered)),
     Route(STUDY + "/thumbnail", _releasing(thumbnail)),

@@ -100,7 +100,13 @@ def parts(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
     content_type = response.headers["content-type"]
     assert content_type.startswith("multipart/related"), content_type
     boundary = content_type.split("boundary=")[1].split(";")[0].strip('"').encode()
-    body = response.content
+    return body_parts(response.content, boundary)
+
+
+def body_parts(body: bytes, boundary: bytes | None = None) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart/related body (its boundary read from its first line when
+    not given: dicomweb-client returns the body of a rendered series alone)."""
+    boundary = boundary or body.split(b"\r\n", 1)[0][2:]
     assert body.startswith(b"--" + boundary + b"\r\n")
     assert body.endswith(b"\r\n--" + boundary + b"--\r\n")
     chunks = body[len(boundary) + 4:-(len(boundary) + 8)].split(b"\r\n--" + boundary + b"\r\n")
@@ -634,6 +640,182 @@ def test_thumbnails(web: WebRunning) -> None:
     assert response.status_code == 406
 
 
+def rendered_parts(body: bytes, media_type: str, boundary: bytes | None = None
+                   ) -> list[tuple[str, np.ndarray]]:
+    """The Content-Location and decoded picture of each part of a rendered study or series."""
+    out = []
+    for headers, content in body_parts(body, boundary):
+        assert headers["content-type"] == media_type  # no transfer-syntax (PS3.18 8.7.4)
+        image = Image.open(io.BytesIO(content))
+        assert image.format == {"image/jpeg": "JPEG", "image/png": "PNG"}[media_type]
+        out.append((headers["content-location"], np.asarray(image)))
+    return out
+
+
+def rendered_response(response: httpx.Response, media_type: str,
+                      status: int = 200) -> list[tuple[str, np.ndarray]]:
+    assert response.status_code == status, response.text
+    content_type = response.headers["content-type"]
+    assert content_type.startswith(f'multipart/related; type="{media_type}"; boundary=')
+    boundary = content_type.split("boundary=")[1].encode()
+    return rendered_parts(response.content, media_type, boundary)
+
+
+def images_study(web: WebRunning) -> tuple[str, str, list[Dataset], list[Dataset]]:
+    """A study of a series of three CT images and a series of an MR image, a two-frame RGB
+    image and a 15-frame RT dose, plus an SR (no pixel data): the study, the CT series,
+    the CT instances and every image."""
+    study, series = uid(), uid()
+    cts = [store_file(web, sample("CT_small.dcm"), StudyInstanceUID=study,
+                      SeriesInstanceUID=series, SOPInstanceUID=uid(), InstanceNumber=n)
+           for n in (1, 2, 3)]
+    other = uid()
+    more = [store_file(web, sample(name), StudyInstanceUID=study, SeriesInstanceUID=other,
+                       SOPInstanceUID=uid())
+            for name in ("MR_small.dcm", "SC_rgb_rle_2frame.dcm", "rtdose.dcm")]
+    store_file(web, sample("test-SR.dcm"), StudyInstanceUID=study, SOPInstanceUID=uid())
+    return study, series, cts, [*cts, *more]
+
+
+def test_dicomweb_client_retrieves_rendered_series_and_study(web: WebRunning) -> None:
+    """PS3.18 10.4.1.1.3: a rendered series or study is one picture per instance with
+    pixel data, each as its ``{instance}/rendered`` is (a multi-frame's first frame),
+    in a multipart/related payload (8.6.1: several representations). The SR is not an
+    image: the study is partial content (Table 10.4.3-1)."""
+    study, series, cts, images = images_study(web)
+    dw = client(web)
+    got = rendered_parts(dw.retrieve_series_rendered(study, series), "image/jpeg")
+    assert [location for location, _ in got] == [url_of(web, ds, "/rendered") for ds in cts]
+    for _, image in got:
+        assert image.shape == (128, 128)
+        assert image.std() > 10  # not uniform
+    got = rendered_parts(dw.retrieve_series_rendered(study, series, media_types=("image/png",)),
+                         "image/png")
+    assert len(got) == len(cts)
+    for ds, (_, png) in zip(cts, got, strict=True):
+        single = picture(get(url_of(web, ds, "/rendered"), "image/png"), "image/png")
+        assert np.array_equal(png, single)
+    response = get(f"{web.url}/studies/{study}/rendered", 'multipart/related; type="image/png"')
+    got = rendered_parts(response.content, "image/png",
+                         response.headers["content-type"].split("boundary=")[1].encode())
+    assert response.status_code == 206  # the SR cannot be rendered as an image
+    assert [location for location, _ in got] == [url_of(web, ds, "/rendered") for ds in images]
+    assert all(png.std() > 10 for _, png in got)
+    assert np.array_equal(got[-2][1], images[-2].pixel_array[0])  # RGB: its first frame
+    dose = images[-1]  # 15 frames: the first, not the middle one
+    first, middle = (picture(get(url_of(web, dose, f"/frames/{n}/rendered"), "image/png"),
+                             "image/png") for n in (1, 8))
+    assert np.array_equal(got[-1][1], first) and not np.array_equal(first, middle)
+
+
+@pytest.mark.parametrize(("accept", "media_type"), [
+    ('multipart/related; type="image/jpeg"', "image/jpeg"),
+    ("multipart/related; type=image/png", "image/png"),  # OHIF's unquoted form
+    ('Multipart/Related; Type="image/png"', "image/png"),
+    ("multipart/related", "image/jpeg"),  # no type: the default rendered media type
+    ("multipart/*", "image/jpeg"),
+    ("image/png", "image/png"),  # as dicomweb-client sends it
+    ("image/*", "image/jpeg"),
+    ("*/*", "image/jpeg"),
+    ("", "image/jpeg"),
+    ('multipart/related; type="application/dicom", multipart/related; type=image/png;q=0.5',
+     "image/png"),
+])
+def test_rendered_series_accept_forms(web: WebRunning, accept: str, media_type: str) -> None:
+    ds = store_file(web, sample("MR_small.dcm"), SOPInstanceUID=uid())
+    url = f"{web.url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/rendered"
+    ((location, image),) = rendered_response(get(url, accept), media_type)
+    assert location == url_of(web, ds, "/rendered")
+    assert image.shape == (ds.Rows, ds.Columns) and image.std() > 10
+
+
+def test_rendered_series_parameters(web: WebRunning) -> None:
+    """quality, viewport and window (PS3.18 8.3.5.1) apply to every part."""
+    study, series, cts, _ = images_study(web)
+    url = f"{web.url}/studies/{study}/series/{series}/rendered"
+    small = rendered_response(get(url + "?viewport=64,32", "image/png"), "image/png")
+    assert [image.shape for _, image in small] == [(32, 32)] * len(cts)
+    low = get(url + "?quality=5", "image/jpeg")
+    high = get(url + "?quality=100", "image/jpeg")
+    assert low.status_code == high.status_code == 200
+    assert len(low.content) < len(high.content)
+    plain = rendered_response(get(url, "image/png"), "image/png")
+    narrow = rendered_response(get(url + "?window=100,50", "image/png"), "image/png")
+    for (_, default), (_, windowed) in zip(plain, narrow, strict=True):
+        assert not np.array_equal(default, windowed)
+        assert (windowed == 255).mean() > (default == 255).mean()
+    assert get(url + "?viewport=0,10").status_code == 400
+    assert get(url + "?quality=101").status_code == 400
+
+
+@pytest.mark.parametrize("accept", [
+    "image/gif",
+    "application/dicom",
+    'multipart/related; type="application/dicom"',
+    "multipart/related; type=image/gif",
+    "image/png;q=0, text/html",
+])
+def test_rendered_study_unacceptable_is_406(web: WebRunning, accept: str) -> None:
+    ds = store_file(web, sample("CT_small.dcm"), SOPInstanceUID=uid())
+    for url in (f"{web.url}/studies/{ds.StudyInstanceUID}/rendered",
+                f"{web.url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/rendered"):
+        response = get(url, accept)
+        assert response.status_code == 406
+        assert "rendered images" in one_line_reason(response)
+
+
+def test_rendered_study_not_found_and_nothing_to_render(web: WebRunning) -> None:
+    ds = store_file(web, sample("CT_small.dcm"), SOPInstanceUID=uid())
+    study = ds.StudyInstanceUID
+    for url, says in ((f"{web.url}/studies/{uid()}/rendered", "no study"),
+                      (f"{web.url}/studies/{study}/series/{uid()}/rendered", "no series")):
+        response = get(url)
+        assert response.status_code == 404
+        assert says in one_line_reason(response)
+    assert get(f"{web.url}/studies/1.2.x/rendered").status_code == 400
+    sr = store_file(web, sample("test-SR.dcm"), SOPInstanceUID=uid())
+    response = get(f"{web.url}/studies/{sr.StudyInstanceUID}/rendered")
+    assert response.status_code == 406  # PS3.18 Table 10.4.3-1: nothing is an image
+    assert "no instance of study" in one_line_reason(response)
+    (item,) = web.archive.locate(study, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    web.archive.files.path(item.file_key).unlink()
+    response = get(f"{web.url}/studies/{study}/rendered")
+    assert response.status_code == 404  # the only image's file is lost
+    assert "cannot be read" in one_line_reason(response)
+
+
+def test_rendered_study_leaves_out_what_cannot_be_rendered(
+        web: WebRunning, caplog: pytest.LogCaptureFixture) -> None:
+    """PS3.18 Table 10.4.3-1: the pictures that can be made, as a 206: not the SR's, nor
+    the lost file's, nor the damaged image's (rendered, and failing, before the response
+    starts). HEAD reads headers only: the same status, nothing rendered. Once the body has
+    started, a failure ends it without the closing delimiter."""
+    study = uid()
+    damaged = damaged_rle(web, StudyInstanceUID=study)
+    good = store_file(web, sample("CT_small.dcm"), StudyInstanceUID=study,
+                      SeriesInstanceUID=uid(), SOPInstanceUID=uid())
+    lost = store_file(web, sample("CT_small.dcm"), StudyInstanceUID=study,
+                      SeriesInstanceUID=uid(), SOPInstanceUID=uid())
+    store_file(web, sample("test-SR.dcm"), StudyInstanceUID=study, SOPInstanceUID=uid())
+    (item,) = web.archive.locate(study, lost.SeriesInstanceUID, lost.SOPInstanceUID)
+    web.archive.files.path(item.file_key).unlink()
+    url = f"{web.url}/studies/{study}/rendered"
+    response = httpx.head(url, timeout=TIMEOUT)
+    assert response.status_code == 206
+    assert "left out" not in caplog.text
+    ((location, image),) = rendered_response(get(url), "image/jpeg", 206)
+    assert location == url_of(web, good, "/rendered") and image.std() > 10
+    assert f"{damaged.SOPInstanceUID}/rendered left out" in caplog.text
+    later = uid()
+    store_file(web, sample("CT_small.dcm"), StudyInstanceUID=later, SeriesInstanceUID=uid(),
+               SOPInstanceUID=uid())
+    damaged_rle(web, StudyInstanceUID=later)
+    response = get(f"{web.url}/studies/{later}/rendered")
+    assert response.status_code == 200
+    assert not response.content.rstrip().endswith(b"--")  # no closing delimiter
+    assert "response cut short" in caplog.text
+
+
 def test_a_lost_file(web: WebRunning, caplog: pytest.LogCaptureFixture) -> None:
     """A file gone from the store (``minipacs verify`` finds it): the instance is a 404
     saying why (PS3.18 Table 10.4.3-1), on GET and HEAD, and so are its frames; its
@@ -744,6 +926,7 @@ def test_endpoints_give_their_index_connection_back(web: WebRunning) -> None:
     before = index_connections(web)
     at_once = 3
     urls = [url_of(web, ds, tail) for tail in ("/metadata", "", "/frames/1", "/rendered")]
+    urls.append(f"{web.url}/studies/{ds.StudyInstanceUID}/rendered")
     with httpx.Client(timeout=TIMEOUT) as http, ThreadPoolExecutor(at_once) as pool:
         responses = list(pool.map(http.get, urls * 8))
     assert {response.status_code for response in responses} == {200}
