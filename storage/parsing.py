@@ -373,16 +373,22 @@ def extract(ds: Dataset) -> Parsed:
     InvalidInstance
         When a required UID is missing or malformed.
     """
-    sop_class_uid = _uid(ds, "SOPClassUID")
-    sop_instance_uid = _uid(ds, "SOPInstanceUID")
-    study_uid = _uid(ds, "StudyInstanceUID")
-    series_uid = _uid(ds, "SeriesInstanceUID")
+    uids = [_uid(ds, keyword) for keyword in _REQUIRED_UIDS]
     attrs, warnings = _level_json(ds)
-    patient_id = _text(ds, "PatientID")
-    issuer = _text(ds, "IssuerOfPatientID")
-    patient_name = _text(ds, "PatientName", "PN")
+    return parsed_from(uids, attrs, warnings, lambda keyword, vr: _text(ds, keyword, vr))
+
+
+def parsed_from(uids: list[str], attrs: dict[Level, str], warnings: list[str],
+                text: Callable[[str, str], str]) -> Parsed:
+    """The :class:`Parsed` of one header, whichever way it was read: ``uids`` are the
+    values of :data:`_REQUIRED_UIDS` (checked), ``attrs`` the per-level DICOM JSON, and
+    ``text(keyword, vr)`` a key's column value as :func:`_text` gives it."""
+    sop_class_uid, sop_instance_uid, study_uid, series_uid = uids
+    patient_id = text("PatientID", "LO")
+    issuer = text("IssuerOfPatientID", "LO")
+    patient_name = text("PatientName", "PN")
     alphabetic, ideographic, phonetic = pn_groups(patient_name, folded=True)
-    referring = _text(ds, "ReferringPhysicianName", "PN")
+    referring = text("ReferringPhysicianName", "PN")
     record = InstanceRecord(
         patient={
             # PS3.4 C.6.1.1.1: PatientID is the patient's Unique key. An instance without
@@ -394,32 +400,32 @@ def extract(ds: Dataset) -> Parsed:
             "patient_name_alphabetic_folded": alphabetic,
             "patient_name_ideographic_folded": ideographic,
             "patient_name_phonetic_folded": phonetic,
-            "patient_birth_date": norm_da(_text(ds, "PatientBirthDate", "DA")),
-            "patient_sex": _text(ds, "PatientSex", "CS"),
+            "patient_birth_date": norm_da(text("PatientBirthDate", "DA")),
+            "patient_sex": text("PatientSex", "CS"),
             "attrs": attrs[Level.PATIENT],
         },
         study={
             "study_instance_uid": study_uid,
-            "study_date": norm_da(_text(ds, "StudyDate", "DA")),
-            "study_time": norm_tm(_text(ds, "StudyTime", "TM")),
-            "accession_number": _text(ds, "AccessionNumber", "SH"),
-            "study_id": _text(ds, "StudyID", "SH"),
+            "study_date": norm_da(text("StudyDate", "DA")),
+            "study_time": norm_tm(text("StudyTime", "TM")),
+            "accession_number": text("AccessionNumber", "SH"),
+            "study_id": text("StudyID", "SH"),
             "referring_physician_name": norm_pn(referring),
             "referring_physician_name_folded": pn_framed(referring, folded=True),
-            "study_description": _text(ds, "StudyDescription"),
+            "study_description": text("StudyDescription", "LO"),
             "attrs": attrs[Level.STUDY],
         },
         series={
             "series_instance_uid": series_uid,
-            "modality": _text(ds, "Modality", "CS"),
-            "series_number": _text(ds, "SeriesNumber", "IS"),
-            "series_description": _text(ds, "SeriesDescription"),
+            "modality": text("Modality", "CS"),
+            "series_number": text("SeriesNumber", "IS"),
+            "series_description": text("SeriesDescription", "LO"),
             "attrs": attrs[Level.SERIES],
         },
         instance={
             "sop_instance_uid": sop_instance_uid,
             "sop_class_uid": sop_class_uid,
-            "instance_number": _text(ds, "InstanceNumber", "IS"),
+            "instance_number": text("InstanceNumber", "IS"),
             "attrs": attrs[Level.IMAGE],
         },
     )
@@ -443,10 +449,15 @@ def _level_json(ds: Dataset) -> tuple[dict[Level, str], list[str]]:
             )
         except Exception as exc:  # one malformed optional element does not refuse the image
             warnings.append(f"{elem.keyword or elem.tag} not indexed: {exc}")
+    return dump_levels(out), warnings
+
+
+def dump_levels(out: dict[Level, dict[str, Any]]) -> dict[Level, str]:
+    """The per-level DICOM JSON strings of the index (PS3.18 F.2), compact."""
     # RFC 8259 (PS3.18 F.2) has no NaN or Infinity: _element_json keeps them out, and a
     # number that slipped through would be refused here rather than written
     return {lv: json.dumps(v, separators=(",", ":"), allow_nan=False)
-            for lv, v in out.items()}, warnings
+            for lv, v in out.items()}
 
 
 # PS3.5 Table 6.2-1 DS: a fixed or floating point number (ANSI X3.9), at most 16 bytes
