@@ -51,6 +51,7 @@ from .parsing import (
     content_hash,
     extract,
     file_meta,
+    parse_header,
     read_header,
     read_identifier,
     split_part10,
@@ -214,10 +215,9 @@ class Archive:
             )
         if isinstance(data, Spooled):
             with data.view() as view:
-                header = read_header(view, transfer_syntax_uid)
+                parsed = parse_header(view, transfer_syntax_uid)
         else:
-            header = read_header(data, transfer_syntax_uid)
-        parsed = extract(header)
+            parsed = parse_header(data, transfer_syntax_uid)
         if sop_class_uid and parsed.sop_class_uid != strip("UI", sop_class_uid):
             raise SOPClassMismatch(
                 f"data set SOP Class {parsed.sop_class_uid} differs from the request's "
