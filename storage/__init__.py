@@ -6,7 +6,7 @@ The public API is :class:`Archive` (open it with :func:`open_archive`); it never
 
 import logging
 
-from .archive import Archive, ArchiveOptions, Origin, StoreOutcome, open_archive
+from .archive import Archive, ArchiveOptions, Origin, PendingStore, StoreOutcome, open_archive
 from .convert import DECODERS_LOGGER
 from .convert import install_log_filters as install_decoder_log_filter
 from .errors import (
@@ -64,6 +64,7 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "StoreInUse",
+    "PendingStore",
     "StoreOutcome",
     "StoredInstance",
     "StudyMismatch",

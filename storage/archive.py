@@ -16,6 +16,7 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
 from . import index, instances, maintenance, query
+from .commit import GroupCommit
 from .convert import as_stored, to_accepted
 from .errors import (
     DuplicateRejected,
@@ -34,7 +36,6 @@ from .errors import (
     InvalidQuery,
     QueryFailed,
     SOPClassMismatch,
-    StorageError,
     StorageFull,
     StudyMismatch,
     TooManyMatches,
@@ -42,7 +43,7 @@ from .errors import (
     WarningCode,
 )
 from .files import TEMP_DIR, FileStore, FilesystemStore
-from .index import DuplicatePolicy, StoredInstance, WriteResult
+from .index import DuplicatePolicy, StoredInstance, WriteOutcome, WriteResult
 from .instances import PixelSource, WebInstance
 from .keys import Model
 from .parsing import (
@@ -95,6 +96,21 @@ class StoreOutcome:
         Warning Reason; PS3.4 B.2.3, PS3.18 Table I.2-1), ``None`` for a plain success:
         only a duplicate kept under ``storage.on_duplicate: keep`` has one."""
         return WarningCode.ELEMENTS_DISCARDED if self.result is WriteResult.KEPT else None
+
+
+@dataclass(frozen=True)
+class PendingStore:
+    """A store handed to the group commit (:meth:`Archive.submit`): the instance it is,
+    and the future of its outcome."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    future: Future[StoreOutcome]
+
+    def result(self) -> StoreOutcome:
+        """Wait for the outcome; raises the error that kept the instance from being
+        stored."""
+        return self.future.result()
 
 
 @dataclass(frozen=True)
@@ -156,6 +172,7 @@ class Archive:
             self.files.close()
             raise
         self._write_lock = threading.Lock()
+        self._committer = GroupCommit(self.files, options.on_duplicate, self._write_lock)
         self._reserve_lock = threading.Lock()
         self._reserved = 0  # bytes of the stores in flight (see _reserving)
 
@@ -171,7 +188,30 @@ class Archive:
         study_instance_uid: str | None = None,
         origin: Origin | None = None,
     ) -> StoreOutcome:
+        """Store one encoded data set and wait for the outcome: :meth:`submit`, then its
+        future's result. Raises what :meth:`submit` and its future raise."""
+        return self.submit(data, transfer_syntax_uid, sop_class_uid=sop_class_uid,
+                           sop_instance_uid=sop_instance_uid,
+                           study_instance_uid=study_instance_uid, origin=origin).result()
+
+    def submit(
+        self,
+        data: bytes | Spooled,
+        transfer_syntax_uid: str,
+        *,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        study_instance_uid: str | None = None,
+        origin: Origin | None = None,
+    ) -> PendingStore:
         """Store one encoded data set (without file meta) in ``transfer_syntax_uid``.
+
+        The header is parsed and checked, and the file written under a temporary name, in
+        the caller's thread; making the file durable and indexing it is the group commit's
+        (:mod:`storage.commit`), shared with the other stores in flight. The returned
+        :class:`PendingStore`'s future gives the :class:`StoreOutcome` once the file is
+        durable and indexed, or raises the error that kept it from being stored; ``data``
+        may be reused or removed as soon as this returns.
 
         Parameters
         ----------
@@ -204,6 +244,9 @@ class Archive:
             The file or the index cannot be written, the instance is larger than
             ``max_instance_bytes``, or storing it would leave less than ``min_free_bytes``
             on the disk (PS3.4 B.2.3 A700); in the last two cases nothing is written.
+
+        Each is raised here or by the future's result (those found once the file is
+        written: a duplicate refused by the index, a file or index that cannot be written).
         """
         origin = origin or Origin()
         size = data.length if isinstance(data, Spooled) else len(data)
@@ -247,40 +290,36 @@ class Archive:
         if existing is not None:
             early = self._early_duplicate(existing[0], digest, uid)
             if early is not None:
-                return dataclasses.replace(early, **uids)
+                done: Future[StoreOutcome] = Future()
+                done.set_result(dataclasses.replace(early, **uids))
+                return PendingStore(parsed.sop_class_uid, uid, done)
 
         meta = file_meta(parsed, transfer_syntax_uid, origin.ae_title)
         chunks = itertools.chain((meta,), chunks_of(data))
         with self._reserving(len(meta) + size):  # after the resend check: it writes nothing
-            key = self.files.put(chunks)
+            staged = self.files.stage(chunks)
         record = parsed.record
         record.instance.update(
             transfer_syntax_uid=transfer_syntax_uid,
-            file_key=key,
+            file_key=staged.key,
             file_size=len(meta) + size,
             content_hash=digest,
         )
-        try:
-            with self._write_lock:
-                written = index.write_instance(record, self.options.on_duplicate)
-        except StorageError:
-            self._discard(key)
-            raise
-        except pw.DatabaseError as exc:
-            self._discard(key)
-            raise StorageFull(f"cannot write to the index: {exc}") from exc
-        except BaseException:
-            self._discard(key)
-            raise
-        # committed: from here on nothing may turn the answer into a failure
-        if written.result in (WriteResult.IDENTICAL, WriteResult.KEPT):
-            self._discard(key)
-        if written.old_file_key:
-            self._discard(written.old_file_key)
-        warnings = tuple(parsed.warnings + written.warnings)
-        for warning in warnings:
-            logger.warning("%s: %s", uid, warning)
-        return StoreOutcome(written.result, uid, warnings, **uids)
+        outcome: Future[StoreOutcome] = Future()
+
+        def settle(written: Future[WriteOutcome]) -> None:  # in the committer's thread
+            error = written.exception()
+            if error is not None:
+                outcome.set_exception(error)
+                return
+            result = written.result()
+            warnings = tuple(parsed.warnings + result.warnings)
+            for warning in warnings:
+                logger.warning("%s: %s", uid, warning)
+            outcome.set_result(StoreOutcome(result.result, uid, warnings, **uids))
+
+        self._committer.submit(staged, record).add_done_callback(settle)
+        return PendingStore(parsed.sop_class_uid, uid, outcome)
 
     @contextlib.contextmanager
     def _reserving(self, size: int) -> Iterator[None]:
@@ -322,13 +361,6 @@ class Archive:
                 if folder.stat().st_dev != self.options.files_path.stat().st_dev:
                     paths.append(folder)
         return paths
-
-    def _discard(self, key: str) -> None:
-        """Remove a file no index row points to; a failure is logged (``verify`` finds it)."""
-        try:
-            self.files.delete(key)
-        except OSError as exc:
-            logger.error("cannot remove unreferenced file %s: %s", key, exc)
 
     def _early_duplicate(
         self, stored_hash: str, content_hash: str, uid: str
@@ -392,11 +424,23 @@ class Archive:
         study_instance_uid: str | None = None,
         origin: Origin | None = None,
     ) -> StoreOutcome:
+        """:meth:`submit_part10`, waiting for the outcome."""
+        return self.submit_part10(source, study_instance_uid=study_instance_uid,
+                                  origin=origin).result()
+
+    def submit_part10(
+        self,
+        source: bytes | Path,
+        *,
+        study_instance_uid: str | None = None,
+        origin: Origin | None = None,
+    ) -> PendingStore:
         """Store a DICOM Part 10 file (PS3.10 7.1: preamble, File Meta, data set), held in
         memory or in a file, through :meth:`store`: its data set in the transfer syntax its
         File Meta names, with every check and promise of a C-STORE. A file is read a chunk
         at a time, never whole into memory. The File Meta group may start the file, without
-        preamble (what dicomweb-client sends of a data set not read from a file).
+        preamble (what dicomweb-client sends of a data set not read from a file). As
+        :meth:`submit`, it returns once the file is written; ``source`` may then go.
 
         Raises
         ------
@@ -415,7 +459,7 @@ class Archive:
             syntax, data = split_part10(source, preamble_optional=True)
         if syntax not in KNOWN_SYNTAXES:
             raise TransferSyntaxNotSupported(f"transfer syntax {syntax} is not supported")
-        return self.store(data, syntax, study_instance_uid=study_instance_uid, origin=origin)
+        return self.submit(data, syntax, study_instance_uid=study_instance_uid, origin=origin)
 
     def identify_part10(self, source: bytes | Path) -> tuple[str, str]:
         """The SOP Class and SOP Instance UIDs of a Part 10 file that :meth:`store_part10`
@@ -717,7 +761,9 @@ class Archive:
         index.close()
 
     def close(self) -> None:
-        """Close the index; another archive may then be opened in this process."""
+        """Commit the stores in flight and close the index; another archive may then be
+        opened in this process."""
+        self._committer.close()
         with contextlib.suppress(pw.DatabaseError):
             self.database.close()
             if isinstance(self.database, PooledDatabase):

@@ -6,6 +6,11 @@ network, which is untrusted input) and are fanned out as ``ab/cd/<key>`` so no f
 too large. A write goes to a temporary file inside the store, is fsync'd, renamed into place
 with :func:`os.replace` and the folder is fsync'd, so a crash leaves either no file or the
 whole file under its key.
+
+A write has two steps, so that many files can be made durable together (the archive's
+group commit, :mod:`storage.commit`): :meth:`FilesystemStore.stage` writes the temporary
+file, :meth:`FilesystemStore.publish` fsyncs a batch of them, renames each into place and
+fsyncs each folder once. :meth:`FilesystemStore.put` is both for one file.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -28,11 +34,32 @@ TEMP_DIR = "tmp"
 LOCK_FILE = ".lock"
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A file written by :meth:`FileStore.stage`, not yet durable nor under its key."""
+
+    key: str
+    temp: Path
+
+
 class FileStore(Protocol):
     """What the archive needs of a place to keep files."""
 
     def put(self, chunks: Iterable[bytes]) -> str:
         """Write the chunks as one new file and return its key."""
+        ...
+
+    def stage(self, chunks: Iterable[bytes]) -> Staged:
+        """Write the chunks as one new file, not yet durable nor readable under its key."""
+        ...
+
+    def publish(self, staged: Sequence[Staged]) -> list[StorageFull | None]:
+        """Make staged files durable under their keys; per file, the error that kept it
+        from being published (it is then gone), else None."""
+        ...
+
+    def abandon(self, staged: Staged) -> None:
+        """Remove a staged file that will not be published."""
         ...
 
     def open(self, key: str) -> BinaryIO:
@@ -130,7 +157,8 @@ class FilesystemStore:
         return self.root / key[0:2] / key[2:4] / key
 
     def put(self, chunks: Iterable[bytes]) -> str:
-        """Write ``chunks`` to a new file and return its key.
+        """Write ``chunks`` to a new file and return its key (:meth:`stage`, then
+        :meth:`publish`).
 
         Raises
         ------
@@ -138,26 +166,78 @@ class FilesystemStore:
             When the file cannot be written (no space, read-only, I/O error); nothing is
             left behind.
         """
+        staged = self.stage(chunks)
+        (error,) = self.publish([staged])
+        if error is not None:
+            raise error
+        return staged.key
+
+    def stage(self, chunks: Iterable[bytes]) -> Staged:
+        """Write ``chunks`` to a new temporary file in the store, not fsync'd yet.
+
+        Raises
+        ------
+        StorageFull
+            When the file cannot be written; nothing is left behind.
+        """
         key = new_key()
-        final = self.path(key)
         tmp = self.root / TEMP_DIR / f"{key}.part"
         try:
             with open(tmp, "wb") as f:
                 for chunk in chunks:
                     f.write(chunk)
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            if self.fsync:
-                _fsync_dir(final.parent)
-                self._make_folder_durable(final.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise StorageFull(f"cannot write to the file store: {exc.strerror or exc}") from exc
-        return key
+        return Staged(key, tmp)
+
+    def publish(self, staged: Sequence[Staged]) -> list[StorageFull | None]:
+        """Make ``staged`` files durable under their keys: fsync each (on ext4 the first
+        fsync commits the journal for all of them, so the others cost little), rename each
+        into place, then fsync each folder once (and a new folder's own entry, see
+        :meth:`_make_folder_durable`). A crash before the folder's fsync leaves either no
+        file or a whole one under the key, and no index row yet points to it.
+
+        Returns, per file, the error that kept it from being published (the file is then
+        removed), else None.
+        """
+        errors: list[StorageFull | None] = [None] * len(staged)
+        placed: dict[Path, list[int]] = {}
+        for i, item in enumerate(staged):
+            final = self.path(item.key)
+            try:
+                if self.fsync:
+                    fd = os.open(item.temp, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(item.temp, final)
+            except OSError as exc:
+                self.abandon(item)
+                errors[i] = StorageFull(
+                    f"cannot write to the file store: {exc.strerror or exc}")
+                continue
+            placed.setdefault(final.parent, []).append(i)
+        if self.fsync:
+            for folder, members in placed.items():
+                try:
+                    _fsync_dir(folder)
+                    self._make_folder_durable(folder)
+                except OSError as exc:
+                    for i in members:
+                        with contextlib.suppress(OSError):
+                            self.delete(staged[i].key)
+                        errors[i] = StorageFull(
+                            f"cannot write to the file store: {exc.strerror or exc}")
+        return errors
+
+    def abandon(self, staged: Staged) -> None:
+        """Remove a staged file that will not be published (missing is not an error)."""
+        with contextlib.suppress(OSError):
+            staged.temp.unlink()
 
     def _make_folder_durable(self, folder: Path) -> None:
         """fsync the entries of ``ab/`` and ``ab/cd/`` once per folder and process.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from storage import Archive, ArchiveOptions, StorageFull
-from storage.files import FilesystemStore
+from storage.files import FilesystemStore, Staged
 from tests.factory import encode, make_ds
 
 MB = 2**20
@@ -24,11 +24,11 @@ class HeldStore(FilesystemStore):
         self.writing = threading.Event()
         self.go_on = threading.Event()
 
-    def put(self, chunks: Iterable[bytes]) -> str:
+    def stage(self, chunks: Iterable[bytes]) -> Staged:
         if not self.writing.is_set():
             self.writing.set()
             assert self.go_on.wait(30)
-        return super().put(chunks)
+        return super().stage(chunks)
 
 
 def test_a_store_in_flight_reserves_its_bytes(tmp_path: Path) -> None:
