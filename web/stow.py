@@ -5,13 +5,17 @@
 (:class:`web.multipart.PartReader`: small parts in memory, large ones spooled to a file in
 the store's temporary folder), parsed chunk by chunk in a worker thread, off the event
 loop, and each part is stored as soon as its closing boundary has arrived, through
-:meth:`storage.Archive.store_part10`, the C-STORE path with its checks, durability,
-duplicate policy and counters. The answer is a Store Instances Response Module (PS3.18
-Annex I) in DICOM JSON, with the HTTP status of PS3.18 Table 10.5.3-1.
+:meth:`storage.Archive.submit_part10`, the C-STORE path with its checks, durability,
+duplicate policy and counters. The request does not wait for one part's fsyncs and index
+commit before reading the next: the parts in flight share them (the archive's group
+commit), and their outcomes are gathered before the answer. The answer is a Store
+Instances Response Module (PS3.18 Annex I) in DICOM JSON, with the HTTP status of PS3.18
+Table 10.5.3-1.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +32,7 @@ from storage import (
     Archive,
     FailureCode,
     Origin,
+    PendingStore,
     StorageError,
     StoreOutcome,
     failure_code,
@@ -82,6 +87,19 @@ class StoreResponse:
     failed: list[Dataset] = field(default_factory=list)
     warnings: int = 0
     studies: set[str] = field(default_factory=set)
+    pending: list[tuple[int, PendingStore]] = field(default_factory=list)
+
+    async def settle(self, client: str) -> None:
+        """Wait for the parts handed to the group commit, and note each outcome."""
+        pending, self.pending = self.pending, []
+        for number, store in pending:
+            try:
+                outcome = await asyncio.wrap_future(store.future)
+            except Exception as exc:  # noqa: BLE001 - a part's failure, never a 500
+                self.refused(store.sop_class_uid, store.sop_instance_uid, failure_code(exc))
+                _log_refusal(client, number, exc)
+            else:
+                self.stored(outcome)
 
     def stored(self, outcome: StoreOutcome) -> None:
         """A ReferencedSOPSequence item (PS3.18 Table I.1-1) for a stored instance."""
@@ -165,6 +183,7 @@ async def _receive(request: Request, boundary: str, limit: int,
         return await _read(request, reader, limit, response)
     finally:
         reader.close()
+        await response.settle(_client(request))  # what was stored before any fault
 
 
 async def _read(request: Request, reader: PartReader, limit: int,
@@ -180,11 +199,14 @@ async def _read(request: Request, reader: PartReader, limit: int,
         received += len(chunk)
         await run_in_threadpool(_feed, archive, reader, allowed, study, origin, response)
         if reader.malformed:
+            await response.settle(origin.address)
             raise WebError(BAD_REQUEST, f"{reader.malformed}{_stored_before(response)}")
         if limit and received > limit:  # RFC 9110 15.5.14
+            await response.settle(origin.address)
             raise WebError(PAYLOAD_TOO_LARGE, f"the body exceeds web.max_request_mb"
                            f" ({limit // MB} MB) in part {reader.parts}"
                            f"{_stored_before(response)}")
+    await response.settle(origin.address)
     return _ending(reader, response)
 
 
@@ -247,22 +269,27 @@ def _store_part(archive: Archive, part: Part, study: str | None, origin: Origin,
         if refusal is not None:
             code, reason = refusal
             response.refused("", "", code)
+            logger.warning("STOW-RS from %s: part %d refused (%04X): %s", origin.address,
+                           part.number, code, reason_line(reason))
+            return
+        try:
+            pending = archive.submit_part10(part.content, study_instance_uid=study,
+                                            origin=origin)
+        except Exception as exc:  # noqa: BLE001 - a part's failure, never a 500
+            response.refused(*archive.identify_part10(part.content), failure_code(exc))
+            _log_refusal(origin.address, part.number, exc)
         else:
-            try:
-                outcome = archive.store_part10(part.content, study_instance_uid=study,
-                                               origin=origin)
-            except Exception as exc:  # noqa: BLE001 - a part's failure, never a 500
-                code, reason = failure_code(exc), str(exc)
-                response.refused(*archive.identify_part10(part.content), code)
-                if not isinstance(exc, StorageError):  # a fault of ours: its traceback
-                    logger.exception("STOW-RS part %d", part.number)
-            else:
-                response.stored(outcome)
-                return
-        logger.warning("STOW-RS from %s: part %d refused (%04X): %s", origin.address,
-                       part.number, code, reason_line(reason))
+            response.pending.append((part.number, pending))
     finally:
         part.discard()
+
+
+def _log_refusal(client: str, number: int, exc: Exception) -> None:
+    """A line for a part the archive refused; a fault of ours gets its traceback."""
+    if not isinstance(exc, StorageError):
+        logger.error("STOW-RS part %d", number, exc_info=exc)
+    logger.warning("STOW-RS from %s: part %d refused (%04X): %s", client, number,
+                   failure_code(exc), reason_line(str(exc)))
 
 
 def _refusal(part: Part) -> tuple[int, str] | None:
