@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import shutil
@@ -332,7 +333,7 @@ class Archive:
             yield
             return
         with self._reserve_lock:
-            for path in self._watched_disks():
+            for path in self._watched_disks:
                 try:
                     free = shutil.disk_usage(path).free
                 except OSError as exc:
@@ -351,8 +352,11 @@ class Archive:
             with self._reserve_lock:
                 self._reserved -= size
 
+    @functools.cached_property
     def _watched_disks(self) -> list[Path]:
-        """The file store's folder, and the SQLite index's when it is on another device."""
+        """The file store's folder, and the SQLite index's when it is on another device
+        (found once: resolving and stat'ing them on every store cost more than the free
+        space check itself)."""
         paths = [self.options.files_path]
         db_file = getattr(self.database, "database", None)
         if isinstance(self.database, pw.SqliteDatabase) and db_file and db_file != ":memory:":
