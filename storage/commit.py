@@ -6,8 +6,9 @@ the caller's thread. What must happen one after the other and costs a disk flush
 ``synchronous=FULL``) is done by one committer thread for every store that is waiting at
 that moment: the files of a batch are fsync'd (on ext4 the first fsync commits the journal
 for all of them), renamed, their folders fsync'd once, and the batch is indexed in one
-transaction, each instance in its own savepoint so that one refused instance (a duplicate
-under ``storage.on_duplicate: reject``) fails alone. The promises of DESIGN.md's C-STORE
+transaction; one refused instance (a duplicate under ``storage.on_duplicate: reject``)
+fails alone, and a database error fails the transaction, after which its instances are
+indexed again one per transaction. The promises of DESIGN.md's C-STORE
 data flow hold for each instance: its outcome is given only after its file is durable and
 the transaction that indexes it has committed; if the file or the index cannot be written
 the new file is removed; a file replaced, or one a resend made redundant, is removed only
@@ -119,57 +120,84 @@ class GroupCommit:
             index.close()  # this thread's connection goes back to the pool
 
     def _commit(self, batch: list[Pending]) -> None:
-        """Publish the batch's files, index them in one transaction, settle each future."""
+        """Publish the batch's files, index them, settle each future; no store may wait for
+        ever, whatever fails."""
         try:
             errors = self.files.publish([p.staged for p in batch])
-            published = [p for p, error in zip(batch, errors, strict=True) if error is None]
-            for p, error in zip(batch, errors, strict=True):
-                if error is not None:
-                    p.future.set_exception(error)
-            if published:
-                self._index(published)
-        except BaseException as exc:  # noqa: BLE001 - no store may wait for ever
-            logger.exception("group commit of %d instances failed", len(batch))
-            for p in batch:
-                if not p.future.done():
-                    self._discard(p.staged.key)
-                    p.future.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - a fault of ours: every store fails
+            logger.exception("publishing %d files failed", len(batch))
+            self._fail(batch, StorageFull(f"cannot write to the file store: {exc}"))
+            return
+        for p, error in zip(batch, errors, strict=True):
+            if error is not None:
+                p.future.set_exception(error)
+        published = [p for p, error in zip(batch, errors, strict=True) if error is None]
+        if published:
+            self._index(published)
 
     def _index(self, batch: list[Pending]) -> None:
-        """One transaction, one savepoint per instance (DESIGN.md, C-STORE step 3)."""
-        outcomes: list[WriteOutcome | BaseException] = []
+        """Index the batch in one transaction (DESIGN.md, C-STORE step 3), then settle.
+
+        A refused duplicate (:class:`~storage.errors.StorageError` from
+        :func:`storage.index.write_instance`, raised before it writes anything) fails
+        alone. Any database error ends the transaction: SQLite may have rolled all of it
+        back already (SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY, an interrupt), and nothing
+        of it may be committed piecemeal; a batch of several is then indexed again one
+        instance per transaction, as single stores are, so that only the instance at
+        fault fails.
+        """
         try:
             with self.write_lock, index.write_transaction():
+                outcomes = [self._write(p) for p in batch]
+        except pw.DatabaseError as exc:
+            if len(batch) > 1:
+                logger.warning("group commit of %d instances failed (%s); indexing them"
+                               " one by one", len(batch), exc)
                 for p in batch:
-                    try:
-                        outcomes.append(index.write_instance(p.record, self.policy))
-                    except StorageError as exc:  # this instance only (its savepoint)
-                        outcomes.append(exc)
-                    except pw.DatabaseError as exc:
-                        outcomes.append(StorageFull(f"cannot write to the index: {exc}"))
-        except pw.DatabaseError as exc:  # the transaction (its commit) failed: none stored
-            failure = StorageFull(f"cannot write to the index: {exc}")
-            for p in batch:
-                self._discard(p.staged.key)
-                p.future.set_exception(failure)
+                    self._index([p])
+                return
+            self._fail(batch, StorageFull(f"cannot write to the index: {exc}"))
             return
-        # committed: from here on nothing may turn an answer into a failure
+        except Exception as exc:  # noqa: BLE001 - a fault of ours: none was committed
+            logger.exception("indexing %d instances failed", len(batch))
+            self._fail(batch, StorageFull(f"cannot write to the index: {exc}"))
+            return
+        # committed: from here on nothing may turn an answer into a failure, nor remove
+        # a file a committed row names
         for p, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                self._discard(p.staged.key)
-                p.future.set_exception(outcome)
-                continue
-            if outcome.result in (WriteResult.IDENTICAL, WriteResult.KEPT):
-                self._discard(p.staged.key)
-            if outcome.old_file_key:
-                self._discard(outcome.old_file_key)
-            p.future.set_result(outcome)
+            try:
+                if isinstance(outcome, StorageError):
+                    self._discard(p.staged.key)
+                    p.future.set_exception(outcome)
+                    continue
+                if outcome.result in (WriteResult.IDENTICAL, WriteResult.KEPT):
+                    self._discard(p.staged.key)
+                if outcome.old_file_key:
+                    self._discard(outcome.old_file_key)
+                p.future.set_result(outcome)
+            except Exception:  # noqa: BLE001 - logged; the other stores are settled
+                logger.exception("settling a committed store failed")
+
+    def _write(self, pending: Pending) -> WriteOutcome | StorageError:
+        """One instance's rows, or the duplicate refusal that wrote none."""
+        try:
+            return index.write_instance(pending.record, self.policy)
+        except StorageError as exc:
+            return exc
+
+    def _fail(self, batch: list[Pending], error: StorageError) -> None:
+        """Nothing of ``batch`` was indexed: remove its files, fail each store."""
+        for p in batch:
+            self.files.abandon(p.staged)
+            self._discard(p.staged.key)
+            if not p.future.done():
+                p.future.set_exception(error)
 
     def _discard(self, key: str) -> None:
         """Remove a file no index row points to; a failure is logged (``verify`` finds it)."""
         try:
             self.files.delete(key)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - an OSError, or a key that is not ours
             logger.error("cannot remove unreferenced file %s: %s", key, exc)
 
 

@@ -4,8 +4,10 @@ indexed."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -18,9 +20,12 @@ from storage import (
     StorageError,
     StorageFull,
     WriteResult,
+    index,
     open_archive,
 )
 from storage.files import FilesystemStore
+from storage.index import InstanceRecord
+from storage.models import database_proxy
 from tests.factory import encode, expected_table, make_ds, study_counts, uid
 from tests.storage.test_archive import stored_files, study_query
 
@@ -44,7 +49,7 @@ def _temp_files(tmp_path: Path) -> list[Path]:
 def test_a_refused_instance_fails_alone_in_its_batch(tmp_path: Path) -> None:
     """Stores queued while the index is busy are indexed together; a duplicate the index
     refuses (``on_duplicate: reject``, found only inside the transaction, since both
-    arrived before either was indexed) fails alone, in its savepoint, and its file goes."""
+    arrived before either was indexed) fails alone, and its file goes."""
     archive = _archive(tmp_path, on_duplicate=DuplicatePolicy.REJECT)
     try:
         first = make_ds(SeriesDescription="first")
@@ -140,3 +145,82 @@ def test_a_file_that_cannot_be_published_fails_alone(tmp_path: Path) -> None:
         assert not _temp_files(tmp_path)
     finally:
         store.close()
+
+
+def test_stores_of_one_uid_are_indexed_in_the_order_submitted(tmp_path: Path) -> None:
+    """Two stores of one SOP Instance UID in flight (two parts of one STOW-RS request):
+    the second is not answered from the index before the first is in it, so the last one
+    submitted is what stays (``on_duplicate: replace``), as when stored one by one."""
+    archive = _archive(tmp_path)
+    try:
+        x = make_ds(SeriesDescription="X")
+        y = make_ds(SOPInstanceUID=x.SOPInstanceUID, StudyInstanceUID=x.StudyInstanceUID,
+                    SeriesInstanceUID=x.SeriesInstanceUID, SeriesDescription="Y")
+        archive.store(encode(x), TS)
+        stored_x = index.lookup(x.SOPInstanceUID)
+        with archive.writing():
+            first = archive.submit(encode(y), TS)
+            second = archive.submit(encode(x), TS)
+        assert first.result().result is WriteResult.REPLACED
+        assert second.result().result is WriteResult.REPLACED
+        assert stored_x is not None and index.lookup(x.SOPInstanceUID) is not None
+        assert index.lookup(x.SOPInstanceUID)[0] == stored_x[0]  # type: ignore[index]
+        assert len(stored_files(tmp_path)) == 1
+    finally:
+        archive.close()
+
+
+def test_an_index_error_in_a_batch_fails_only_the_instance_at_fault(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error that makes SQLite roll the whole transaction back (an interrupted INSERT
+    here; SQLITE_FULL and SQLITE_IOERR may do the same) while a batch is indexed: nothing
+    of the batch is committed piecemeal, the others are indexed again one by one, the one at
+    fault fails and its file goes; no row is left without its file, and a resend of it is
+    stored."""
+    archive = _archive(tmp_path)
+    datasets = [make_ds() for _ in range(4)]
+    victim = datasets[2].SOPInstanceUID
+    real_write = index.write_instance
+
+    def interrupted(record: InstanceRecord, policy: DuplicatePolicy) -> Any:
+        if record.instance["sop_instance_uid"] != victim:
+            return real_write(record, policy)
+        db = database_proxy.obj
+        connection: sqlite3.Connection = db.connection()
+        real_execute = db.execute_sql
+
+        def execute_sql(sql: str, *args: Any, **kwargs: Any) -> Any:
+            if sql.startswith("INSERT"):
+                connection.set_progress_handler(lambda: 1, 1)  # sqlite3_interrupt
+                try:
+                    return real_execute(sql, *args, **kwargs)
+                finally:
+                    connection.set_progress_handler(None, 1)
+            return real_execute(sql, *args, **kwargs)
+
+        db.execute_sql = execute_sql
+        try:
+            return real_write(record, policy)
+        finally:
+            del db.execute_sql
+
+    try:
+        monkeypatch.setattr(index, "write_instance", interrupted)
+        with archive.writing():  # all four in one batch
+            pending = [archive.submit(encode(ds), TS) for ds in datasets]
+        for i, p in enumerate(pending):
+            if i == 2:
+                with pytest.raises(StorageFull, match="index"):
+                    p.result()
+            else:
+                assert p.result().result is WriteResult.STORED
+        monkeypatch.setattr(index, "write_instance", real_write)
+        rows = {uid: index.lookup(uid) for uid in (ds.SOPInstanceUID for ds in datasets)}
+        assert rows[victim] is None
+        files = {p.name for p in stored_files(tmp_path)}
+        assert {row[1] for row in rows.values() if row} == files  # each row has its file
+        assert archive.store(encode(datasets[2]), TS).result is WriteResult.STORED
+        assert _counts(archive) == expected_table(datasets)
+        assert len(stored_files(tmp_path)) == 4
+    finally:
+        archive.close()
