@@ -9,6 +9,7 @@ the new file is removed, and a replaced file is removed only after the commit.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -20,6 +21,7 @@ from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import peewee as pw
 from playhouse.pool import PooledDatabase
@@ -48,6 +50,7 @@ from .index import DuplicatePolicy, StoredInstance, WriteOutcome, WriteResult
 from .instances import PixelSource, WebInstance
 from .keys import Model
 from .parsing import (
+    Parsed,
     Spooled,
     chunks_of,
     content_hash,
@@ -174,6 +177,8 @@ class Archive:
             raise
         self._write_lock = threading.Lock()
         self._committer = GroupCommit(self.files, options.on_duplicate, self._write_lock)
+        self._in_flight: collections.Counter[str] = collections.Counter()  # UIDs queued
+        self._in_flight_lock = threading.Lock()
         self._reserve_lock = threading.Lock()
         self._reserved = 0  # bytes of the stores in flight (see _reserving)
 
@@ -283,11 +288,33 @@ class Archive:
         uids = {"sop_class_uid": parsed.sop_class_uid, "study_instance_uid": study,
                 "series_instance_uid": parsed.record.series["series_instance_uid"]}
 
-        # A cheap look before writing anything: resends and refused duplicates cost no I/O.
+        with self._in_flight_lock:  # stores of one UID are indexed in the order submitted
+            queued_before = self._in_flight[uid] > 0
+            self._in_flight[uid] += 1
         try:
-            existing = index.lookup(uid)
-        except pw.DatabaseError as exc:
-            raise StorageFull(f"cannot read the index: {exc}") from exc
+            pending = self._stage_and_queue(data, transfer_syntax_uid, size, parsed, digest,
+                                            origin, uids, queued_before)
+        except BaseException:
+            self._leave(uid)
+            raise
+        pending.future.add_done_callback(lambda _: self._leave(uid))
+        return pending
+
+    def _stage_and_queue(self, data: bytes | Spooled, transfer_syntax_uid: str, size: int,
+                         parsed: Parsed, digest: str, origin: Origin, uids: dict[str, Any],
+                         queued_before: bool) -> PendingStore:
+        """:meth:`submit` once the header is checked: the early duplicate check, the file
+        staged, the store queued for the group commit."""
+        uid = parsed.sop_instance_uid
+        # A cheap look before writing anything: resends and refused duplicates cost no I/O.
+        # Not while a store of this UID is queued: the index does not show it yet, and the
+        # later store must be indexed after it (the last part of a STOW-RS request wins).
+        existing = None
+        if not queued_before:
+            try:
+                existing = index.lookup(uid)
+            except pw.DatabaseError as exc:
+                raise StorageFull(f"cannot read the index: {exc}") from exc
         if existing is not None:
             early = self._early_duplicate(existing[0], digest, uid)
             if early is not None:
@@ -321,6 +348,13 @@ class Archive:
 
         self._committer.submit(staged, record).add_done_callback(settle)
         return PendingStore(parsed.sop_class_uid, uid, outcome)
+
+    def _leave(self, uid: str) -> None:
+        """A store of ``uid`` is settled (see :meth:`submit`)."""
+        with self._in_flight_lock:
+            self._in_flight[uid] -= 1
+            if not self._in_flight[uid]:
+                del self._in_flight[uid]
 
     @contextlib.contextmanager
     def _reserving(self, size: int) -> Iterator[None]:
