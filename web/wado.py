@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable, Iterator
 
 from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from starlette.requests import Request
 from starlette.responses import Response
@@ -252,7 +253,8 @@ def rendered_images(request: Request) -> Response:
 
 def _images(archive: Archive, items: list[WebInstance], target: str) -> list[WebInstance]:
     """Those of ``items`` (the instances of ``target``, as a reason names it) that have
-    pixel data to render (each file's header read, nothing decoded).
+    pixel data to render, in a transfer syntax this installation can decode (each file's
+    header read, nothing decoded): what is left out is known before the status is sent.
 
     Raises
     ------
@@ -267,7 +269,7 @@ def _images(archive: Archive, items: list[WebInstance], target: str) -> list[Web
     for item in items:
         try:
             with archive.open_pixels(item) as source:
-                if source.frame_count:
+                if source.frame_count and _decodable(item.transfer_syntax_uid):
                     images.append(item)
         except InstanceUnavailable as exc:
             unreadable = exc
@@ -276,6 +278,15 @@ def _images(archive: Archive, items: list[WebInstance], target: str) -> list[Web
     if not images:
         raise WebError(NOT_ACCEPTABLE, f"no instance of {target} has pixel data to render")
     return images
+
+
+def _decodable(transfer_syntax_uid: str) -> bool:
+    """Whether pydicom has a pixel data decoder installed for the syntax (the ``codecs``
+    extra's may be missing)."""
+    try:
+        return bool(get_decoder(UID(transfer_syntax_uid)).is_available)
+    except NotImplementedError:
+        return False
 
 
 def thumbnail(request: Request) -> Response:

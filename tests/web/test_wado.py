@@ -27,7 +27,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from pynetdicom import AE
 
 from storage.models import Instance
@@ -814,6 +814,28 @@ def test_rendered_study_leaves_out_what_cannot_be_rendered(
     assert response.status_code == 200
     assert not response.content.rstrip().endswith(b"--")  # no closing delimiter
     assert "response cut short" in caplog.text
+
+
+def test_rendered_study_leaves_out_a_syntax_no_decoder_reads_before_it_starts(
+        web: WebRunning) -> None:
+    """An image in a transfer syntax no installed decoder reads (MPEG-2 here) is left out
+    before the status is sent, even after a good picture: a 206 whose body is whole (its
+    closing delimiter there), not a 200 cut short (PS3.18 Table 10.4.3-1)."""
+    study = uid()
+    good = store_file(web, sample("CT_small.dcm"), StudyInstanceUID=study,
+                      SeriesInstanceUID=uid(), SOPInstanceUID=uid(), InstanceNumber=1)
+    video = dcmread(sample("SC_rgb_rle_2frame.dcm"))
+    video.StudyInstanceUID, video.SeriesInstanceUID = study, uid()
+    video.SOPInstanceUID = video.file_meta.MediaStorageSOPInstanceUID = uid()
+    video.file_meta.TransferSyntaxUID = MPEG2MPML
+    out = io.BytesIO()
+    video.save_as(out, enforce_file_format=True)
+    data, syntax = split(out.getvalue())
+    web.archive.store(data, syntax)
+    response = get(f"{web.url}/studies/{study}/rendered")
+    ((location, image),) = rendered_response(response, "image/jpeg", 206)
+    assert location == url_of(web, good, "/rendered") and image.std() > 10
+    assert response.content.rstrip().endswith(b"--")  # the closing delimiter
 
 
 def test_a_lost_file(web: WebRunning, caplog: pytest.LogCaptureFixture) -> None:
