@@ -2,8 +2,9 @@
 
 :func:`fast_parse` gives what ``extract(read_header(data, ts))`` gives (the same
 :class:`~storage.parsing.Parsed`, byte for byte) for the data sets most modalities send:
-little endian, top-level elements of simple VRs, a single-byte or UTF-8 character set.
-Whatever it is not sure of it declines (:class:`Declined`), and
+little endian, elements of simple VRs and sequences of them (defined or undefined
+lengths, nested), a single-byte or UTF-8 character set. Whatever it is not sure of it
+declines (:class:`Declined`), and
 :func:`storage.parsing.parse_header` then takes pydicom's path, which raises the right
 :class:`~storage.errors.InvalidInstance` on bad input.
 
@@ -245,9 +246,10 @@ _READERS: dict[str, Callable[[str, bytes, str], Element]] = {
 }
 _STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "UR", "SH", "LO", "UC",
                          "ST", "LT", "UT", "PN", "DS", "IS"})
-_EXPLICIT = {vr.encode(): vr for vr in _READERS}
+_EXPLICIT = {vr.encode(): vr for vr in (*_READERS, "SQ")}
 # explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
-_LONG = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UC", "UN", "UR", "UT", "SV", "UV"})
+_LONG = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV",
+                   "UV"})
 # the LUT Descriptors, whose first value pydicom reads as unsigned whatever the VR
 _LUT_DESCRIPTORS = frozenset({0x00281101, 0x00281102, 0x00281103, 0x00283002})
 _CHARSET_TAG = 0x00080005
@@ -257,14 +259,14 @@ _CHARSET_TAG = 0x00080005
 def _implicit_vr(tag: int) -> str | None:
     """The VR of an implicit VR element by the data dictionary (PS3.5 A.1, PS3.6), as
     pydicom takes it; None when the fast path cannot tell it alone (private, unknown, or
-    ambiguous like ``US or SS``, a sequence)."""
+    ambiguous like ``US or SS``)."""
     if (tag >> 16) & 1:
         return None  # private: its VR depends on its creator
     try:
         vr = dictionary_VR(tag)
     except KeyError:
         return "UL" if tag & 0xFFFF == 0 else None  # a group length (PS3.5 7.2)
-    return vr if vr in _READERS else None
+    return vr if vr in _READERS or vr == "SQ" else None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -301,9 +303,12 @@ def fast_parse(data: Buffer, transfer_syntax_uid: str) -> Parsed:
         The structure is not whole (PS3.5 7.1, 7.5).
     Declined
         Anything this reader is not certain to read as pydicom does: big endian or deflated
-        syntaxes, sequences, undefined lengths, private or unknown tags in implicit VR,
-        ambiguous VRs, other character sets, elements out of order or repeated, values
-        pydicom would warn about or refuse (then the slow path gives its error).
+        syntaxes; undefined lengths other than a sequence's or an item's (UN, encapsulated
+        values); private or unknown tags in implicit VR, at any depth; ambiguous VRs; LUT
+        Descriptors; other character sets, or one inside an item, or a sequence before
+        it; an item in implicit VR inside an explicit VR data set; a delimiter inside a
+        defined length; elements out of order or repeated; values pydicom would warn
+        about or refuse (then the slow path gives its error).
     """
     ts = UID(transfer_syntax_uid)
     try:
@@ -322,18 +327,49 @@ def fast_parse(data: Buffer, transfer_syntax_uid: str) -> Parsed:
     return _parse(elements)
 
 
-def _walk(raw: bytes, end: int, implicit: bool) -> list[tuple[int, str, bytes]]:
-    """The top-level elements before the pixel data: (tag, VR, value), by PS3.5 7.1.2
-    (explicit) or 7.1.3 (implicit), in ascending tag order (PS3.5 7.1)."""
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
+
+Node = tuple[int, str, Any]
+"""One element as walked: (tag, VR, value), the value the bytes of a simple VR, or a
+sequence's items, each a list of its own nodes."""
+
+
+def _walk(raw: bytes, end: int, implicit: bool) -> list[Node]:
+    """The top-level elements before the pixel data, sequences walked into their items."""
     if implicit and end >= 6 and 0x40 < raw[4] < 0x5B and 0x40 < raw[5] < 0x5B:
         raise Declined("an implicit VR data set that pydicom would take for explicit")
-    elements = []
-    pos, last = 0, -1
-    while pos < end:
+    elements, _ = _elements(raw, 0, end, implicit, False)
+    return elements
+
+
+def _elements(raw: bytes, pos: int, end: int, implicit: bool,
+              delimited: bool) -> tuple[list[Node], int]:
+    """The elements of a data set from ``pos``: (tag, VR, value), by PS3.5 7.1.2
+    (explicit) or 7.1.3 (implicit), in ascending tag order (PS3.5 7.1), up to ``end``, or
+    up to its Item Delimitation Item when ``delimited`` (an item of undefined length,
+    PS3.5 7.5.2). Returns them and the offset after them.
+
+    Sequences nest by recursion, as deep as the structure check allows
+    (:data:`~storage.parsing.MAX_DEPTH`). An item is read in its data set's syntax
+    (pydicom reads an item of an explicit VR data set that starts without a VR as
+    implicit VR; here the unknown VR declines it)."""
+    elements: list[Node] = []
+    last = -1
+    while True:
+        if pos + 8 > end:
+            if delimited or pos != end:
+                raise Declined("an item or sequence that does not end as walked")
+            return elements, pos
         vr: str | None
         if implicit:
             group, elem, length = _IMPLICIT_HEAD(raw, pos)
             tag = group << 16 | elem
+            if group == 0xFFFE:
+                if delimited and tag == _ITEM_END:
+                    return elements, pos + 8
+                raise Declined(f"delimiter ({group:04X},{elem:04X}) inside a data set")
             vr = _implicit_vr(tag)
             if vr is None:
                 raise Declined(f"implicit VR element ({group:04X},{elem:04X})")
@@ -341,53 +377,110 @@ def _walk(raw: bytes, end: int, implicit: bool) -> list[tuple[int, str, bytes]]:
         else:
             group, elem, code, length = _EXPLICIT_HEAD(raw, pos)
             tag = group << 16 | elem
+            if group == 0xFFFE:
+                if delimited and tag == _ITEM_END:
+                    return elements, pos + 8
+                raise Declined(f"delimiter ({group:04X},{elem:04X}) inside a data set")
             vr = _EXPLICIT.get(code)
-            if vr is None:  # SQ, or a VR pydicom reads otherwise
+            if vr is None:  # a VR pydicom reads otherwise, or an item in implicit VR
                 raise Declined(f"VR {code!r} of ({group:04X},{elem:04X})")
             if vr in _LONG:
+                if pos + 12 > end:
+                    raise Declined("an element header cut short")
                 (length,) = _U32(raw, pos + 8)
                 pos += 12
             else:
                 pos += 8
             if vr == "UN" and (group & 1 or _known(tag)):
                 raise Declined("UN that pydicom reads with another VR")
-        if length == 0xFFFFFFFF:
-            raise Declined("undefined length")
         if tag <= last:
             raise Declined("elements out of order or repeated")
         if tag in _LUT_DESCRIPTORS:
             raise Declined("LUT Descriptor")
         last = tag
+        if vr == "SQ":
+            items, pos = _items(raw, pos, length, end, implicit)
+            elements.append((tag, vr, items))
+            continue
+        if length == _UNDEFINED:
+            raise Declined("undefined length other than a sequence's")
+        if pos + length > end:
+            raise Declined("a value beyond its data set")
         elements.append((tag, vr, raw[pos:pos + length]))
         pos += length
-    return elements
 
 
-def _parse(elements: list[tuple[int, str, bytes]]) -> Parsed:
+def _items(raw: bytes, pos: int, length: int, end: int,
+           implicit: bool) -> tuple[list[list[Node]], int]:
+    """A sequence's items (PS3.5 7.5): of defined length, or up to the Sequence
+    Delimitation Item; each item of defined or undefined length. Returns them and the
+    offset after the sequence."""
+    if length == _UNDEFINED:
+        stop, delimited = end, True
+    else:
+        stop, delimited = pos + length, False
+        if stop > end:
+            raise Declined("a sequence beyond its data set")
+        if implicit and length and raw[pos:pos + 4] != _ITEM_TAG:
+            raise Declined("an implicit VR sequence whose value is not items")
+    items: list[list[Node]] = []
+    while True:
+        if pos + 8 > stop:
+            if delimited or pos != stop:
+                raise Declined("a sequence that does not end as walked")
+            return items, pos
+        tag_group, tag_elem, item_length = _IMPLICIT_HEAD(raw, pos)  # PS3.5 7.5
+        tag = tag_group << 16 | tag_elem
+        pos += 8
+        if tag == _SEQUENCE_END and delimited:
+            return items, pos
+        if tag != _ITEM:  # pydicom ends a defined-length sequence at a stray delimiter
+            raise Declined(f"({tag_group:04X},{tag_elem:04X}) where an item must be")
+        if item_length == _UNDEFINED:
+            item, pos = _elements(raw, pos, stop, implicit, True)
+        else:
+            if pos + item_length > stop:
+                raise Declined("an item beyond its sequence")
+            item, pos = _elements(raw, pos, pos + item_length, implicit, False)
+        items.append(item)
+
+
+def _parse(elements: list[Node]) -> Parsed:
     codec = _DEFAULT
+    sequence_before = False
     for tag, vr, value in elements:
         if tag == _CHARSET_TAG:
+            if vr != "CS":
+                raise Declined("Specific Character Set of another VR")
             term = value.decode(_DEFAULT)
-            if vr != "CS" or "\\" in term or "\x1b" in term:
+            if "\\" in term or "\x1b" in term:
                 raise Declined("multi-valued Specific Character Set")
             found = _CHARSETS.get(term.rstrip(" \0"))
             if found is None:
                 raise Declined(f"Specific Character Set {term!r}")
+            if sequence_before and found != _DEFAULT:
+                # pydicom reads an undefined-length one before it knows the set
+                raise Declined("a sequence before the Specific Character Set")
             codec = found
         elif tag > _CHARSET_TAG:
             break
+        elif vr == "SQ":
+            sequence_before = True
     out: dict[Level, dict[str, Any]] = {lv: {} for lv in Level}
     texts: dict[int, str | None] = {}
     raws: dict[int, tuple[str, bytes]] = {}
     level_of = LEVEL_OF.get
     image = Level.IMAGE
     for tag, vr, value in elements:
-        if vr in _STRING_VRS and b"\x1b" in value:
-            raise Declined("an escape sequence (ISO 2022) in text")
-        element, text = _READERS[vr](vr, value, codec)
+        if vr == "SQ":
+            element, text = _sequence(value, codec), None
+        else:
+            if vr in _STRING_VRS and b"\x1b" in value:
+                raise Declined("an escape sequence (ISO 2022) in text")
+            element, text = _READERS[vr](vr, value, codec)
+            if tag in _UID_TAGS:
+                raws[tag] = vr, value
         texts[tag] = text
-        if tag in _UID_TAGS:
-            raws[tag] = vr, value
         if (tag >> 16) == 0x0002 or tag in _PIXEL_TAGS or (tag & 0xFFFF) == 0:
             continue
         out[level_of(tag, image)][f"{tag:08X}"] = element
@@ -411,4 +504,29 @@ def _parse(elements: list[tuple[int, str, bytes]]) -> Parsed:
         return strip(vr, text)
 
     return parsed_from(uids, dump_levels(out), [], column)
+
+
+def _sequence(items: list[list[Node]], codec: str) -> dict[str, Any]:
+    """SQ: a JSON Array of items, each a JSON Object of its attributes as the top-level
+    data set's (PS3.18 F.2.2, Table F.2.3-1), in the order sent; an empty sequence an
+    empty Value (as pydicom's ``to_json_dict`` gives it), an empty item ``{}``.
+
+    Unlike the top level, an item keeps its group lengths, File Meta and pixel data tags
+    (pydicom's ``Dataset.to_json_dict`` leaves nothing out). Its text is in the data set's
+    character set (PS3.5 C.12.1.1.2 applies the set to the items); an item with a set of
+    its own is declined."""
+    value = []
+    for item in items:
+        attributes: dict[str, Any] = {}
+        for tag, vr, raw in item:
+            if tag == _CHARSET_TAG:
+                raise Declined("a Specific Character Set inside an item")
+            if vr == "SQ":
+                attributes[f"{tag:08X}"] = _sequence(raw, codec)
+                continue
+            if vr in _STRING_VRS and b"\x1b" in raw:
+                raise Declined("an escape sequence (ISO 2022) in text")
+            attributes[f"{tag:08X}"] = _READERS[vr](vr, raw, codec)[0]
+        value.append(attributes)
+    return {"vr": "SQ", "Value": value}
 
