@@ -3,8 +3,9 @@
 
 Times ``extract(read_header(...))`` (a pydicom Dataset, then its DICOM JSON) and
 ``parse_header(...)`` (:mod:`storage.fastparse`, falling back to the former) on
-bench/web.py's ``fresh_instances`` (64x64 CT, as STOW-RS is benchmarked) and on one 512x512
-CT, and checks that both give the same result. Run by hand from the repository root::
+bench/web.py's ``fresh_instances`` (64x64 CT, as STOW-RS is benchmarked), on one 512x512
+CT, and on pydicom's ``CT_small.dcm`` (a modality's header: sequences, private tags), and
+checks that both give the same result. Run by hand from the repository root::
 
     .venv/bin/python bench/parse.py [--rounds 2000]
 """
@@ -22,6 +23,8 @@ from types import ModuleType
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
+
+from pydicom.data import get_testdata_file  # noqa: E402
 
 from storage import fastparse  # noqa: E402
 from storage.parsing import extract, parse_header, read_header, split_part10  # noqa: E402
@@ -64,7 +67,9 @@ def main() -> None:
     ds = run._series_template("parse", 7, 0, 0, "1.2.3.4", "1.2.3.5", 512)
     web._pixels(ds, 512, 7)
     large = [split_part10(web.Template(ds).instance("1.2.3.4.5.6", 1))]
-    for name, data_sets in (("64x64 CT (fresh_instances)", small), ("512x512 CT", large)):
+    ct_small = [split_part10(Path(get_testdata_file("CT_small.dcm")).read_bytes())]
+    for name, data_sets in (("64x64 CT (fresh_instances)", small), ("512x512 CT", large),
+                            ("pydicom's CT_small.dcm", ct_small)):
         for syntax, data in data_sets:
             fastparse.fast_parse(data, syntax)  # raises Declined if the fast path declines
             assert parse_header(data, syntax) == slow(data, syntax)
