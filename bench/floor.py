@@ -6,8 +6,8 @@ no file, no index), and times DCMTK ``storescu`` sending small instances to it, 
 ``bench/run.py`` does for the real receivers:
 
 - ``plain``: pynetdicom as shipped (its reactors poll every 1 ms);
-- ``minipacs``: with what minipacs puts around pynetdicom (``scp/reactor.py`` wake-ups and
-  spooling, TCP_NODELAY and TCP_QUICKACK, ``scp/responses.py``), the handler still empty.
+- ``minipacs``: with what minipacs puts around pynetdicom (``scp/engine/reactor.py`` wake-ups and
+  spooling, TCP_NODELAY and TCP_QUICKACK, ``scp/engine/responses.py``), the handler still empty.
 
 No minipacs handler can be faster than the second; if it is slower than another server,
 pynetdicom alone is (issue 6, target 1)::
@@ -34,8 +34,8 @@ import run as bench  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.presentation import AllStoragePresentationContexts  # noqa: E402
 
-from scp import reactor, responses  # noqa: E402
-from scp.sockets import disable_nagle, quick_ack  # noqa: E402
+from scp.engine import reactor, responses  # noqa: E402
+from scp.engine.sockets import disable_nagle, quick_ack  # noqa: E402
 
 
 def handle_store(event: Any) -> int:

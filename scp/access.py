@@ -26,6 +26,7 @@ import socket
 from pynetdicom import events as evt
 
 from .config import Config, PeerConfig
+from .engine import acse
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Access:
         """EVT_REQUESTED: reject an association that :meth:`refusal` refuses."""
         assoc = event.assoc
         request = assoc.requestor.primitive
-        if request is None or assoc.is_aborted:  # aborted by scp.guards: malformed
+        if request is None or assoc.is_aborted:  # aborted by scp.engine.guards: malformed
             return
         calling = _text(request.calling_ae_title)
         called = _text(request.called_ae_title)
@@ -83,9 +84,7 @@ class Access:
         reason, why = refused
         logger.warning("association from %s@%s to %s rejected: %s", calling, address, called,
                        why)
-        # as pynetdicom's own rejections do: send, then wait until the DUL has sent it
-        assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
-        assoc.kill()
+        acse.reject(assoc, REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
 
     def allows(self, event: evt.Event, service: str) -> bool:
         """May ``event``'s peer use ``service`` (one of ``config.SERVICES``)? Logs a

@@ -9,12 +9,8 @@ model each stands for.
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AllStoragePresentationContexts
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -26,8 +22,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from storage import Model
-
-from .reactor import tested_pynetdicom
 
 TRANSFER_SYNTAXES: list[str] = [str(uid) for uid in AllTransferSyntaxes]
 
@@ -65,28 +59,3 @@ STORAGE: frozenset[str] = frozenset(STORAGE_SOP_CLASSES)
 """Storage SOP classes: accepted in both roles, so a C-GET requestor may act as their SCP
 (SCP/SCU Role Selection, PS3.7 D.3.3.4) while modalities keep sending to us as SCU."""
 
-
-def cheap_context_copies() -> bool:
-    """Make the per-association copy of these contexts cheap (once per process); ``False``
-    when this pynetdicom is not a tested version, and nothing was changed.
-
-    pynetdicom 3.0 deep-copies the acceptor's supported contexts for every association
-    (``RequestHandler._create_association``): with every Storage SOP Class times every
-    transfer syntax, pydicom re-validated each UID against its regex, and the A-ASSOCIATE-AC
-    left about 40 ms after the request (bench/README.md). The only mutable part of a
-    ``PresentationContext`` is its transfer syntax list, and UIDs are immutable strings, so
-    a deep copy is a shallow one with a list of its own. Pinned like scp/reactor.py.
-    """
-    if "__deepcopy__" in vars(PresentationContext):
-        return True
-    if not tested_pynetdicom("scp/contexts.py", "each association copies every context "
-                             "the slow way (about 40 ms)"):
-        return False
-
-    def __deepcopy__(self: PresentationContext, memo: dict[int, Any]) -> PresentationContext:
-        new = copy.copy(self)
-        new._transfer_syntax = list(self._transfer_syntax)
-        return new
-
-    PresentationContext.__deepcopy__ = __deepcopy__  # type: ignore[attr-defined]
-    return True

@@ -27,18 +27,13 @@ from storage import (
     StoredInstance,
 )
 
-from . import responses, status
+from . import status
 from .access import Access
 from .activity import Activity
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
-from .retrieve import (
-    MoveDestination,
-    Responses,
-    SubOperations,
-    accepted_syntaxes,
-    stand_in,
-    transferring,
-)
+from .engine import responses
+from .engine.retrieve import Responses, transferring
+from .retrieve import MoveDestination, SubOperations, accepted_syntaxes, stand_in
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +308,7 @@ class _CancelFlag:
 
 def _received(event: evt.Event) -> bytes | Spooled:
     """The C-STORE data set as received: in the file pynetdicom spooled it to (see
-    scp/reactor.py, _SpoolingConfig), or in memory."""
+    scp/engine/reactor.py, _SpoolingConfig), or in memory."""
     try:
         path = event.dataset_path
     except AttributeError:  # pynetdicom without spooling

@@ -8,7 +8,7 @@ holds what our handlers need around that, so that the handlers stay short.
 Each failed sub-operation is one log line of ours (:class:`SubOperations`), and pynetdicom's
 lines about it are dropped by a filter on its loggers that :func:`install_log_filters`
 installs when the server starts. That filter knows pynetdicom 3.0's logger names and
-texts, so it is installed only for a tested pynetdicom (``reactor.tested_pynetdicom``):
+texts, so it is installed only for a tested pynetdicom (``scp.engine.versions.tested``):
 
 - ``pynetdicom.service_class`` (``_get_scp``, ``_move_scp``): "C-STORE sub-operation
   failed." (WARNING) and the text of the exception ``send_c_store`` raised (ERROR):
@@ -35,7 +35,6 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import build_context
 from pynetdicom import events as evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import (
     STATUS_SUCCESS,
@@ -45,21 +44,21 @@ from pynetdicom.status import (
 
 from storage import StoredInstance
 
-from . import reactor, status
+from . import status
 from .config import PeerConfig
-from .sockets import disable_nagle
+from .engine import reactor
+from .engine.retrieve import (
+    Responses,
+    only_the_sender_reads,
+    set_move_originator,
+    transferring,
+)
+from .engine.sockets import disable_nagle
+from .engine.versions import tested
 
 logger = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: odd presentation context IDs 1 to 255
-
-
-def transferring(assoc: Association) -> bool:
-    """Whether ``assoc`` can still carry a sub-operation: established, and its DUL still in
-    Sta6 (data transfer). An A-ABORT from the peer moves the DUL to Sta1 at once, while
-    ``is_established`` turns false only when the association's reactor gets to it: in
-    between, a sub-operation sent would wait the whole DIMSE timeout for its response."""
-    return bool(assoc.is_established) and assoc.dul.state_machine.current_state == "Sta6"
 
 
 def accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[str]:
@@ -393,99 +392,16 @@ _QUIET_SUB_OPERATIONS = _QuietSubOperations()
 
 def install_log_filters() -> bool:
     """Install :class:`_QuietSubOperations` on pynetdicom's loggers (once; the server calls
-    this when it starts). ``False`` when this pynetdicom is not a tested version, whose
+    this when it starts). ``False`` when the installed versions are not tested ones, whose
     lines may differ: then nothing is installed, and pynetdicom's lines about failed
     sub-operations are logged beside ours."""
-    if not reactor.tested_pynetdicom(
+    if not tested(
             "scp/retrieve.py", "pynetdicom's lines about failed sub-operations are logged"
             " beside ours"):
         return False
     for name in _FILTERED_LOGGERS:
         logging.getLogger(name).addFilter(_QUIET_SUB_OPERATIONS)  # addFilter: once
     return True
-
-
-PENDING_EVERY_SUBOPERATION_UP_TO = 1000
-"""Retrieves of up to this many instances get a Pending response after every one."""
-PENDING_INTERVAL = 0.5
-"""Larger ones get one Pending response per this many seconds at most."""
-
-
-class Responses:
-    """The responses of one C-MOVE or C-GET on their way out of pynetdicom.
-
-    pynetdicom sends a Pending response after every sub-operation and answers A801 itself
-    in cases where we want another status. While installed (:meth:`install`, until the
-    final response or :meth:`restore`), this wraps the requesting association's DIMSE
-    ``send_msg`` and, for this request's responses only:
-
-    - lets every Pending through for retrieves of up to
-      :data:`PENDING_EVERY_SUBOPERATION_UP_TO` instances, and at most one per
-      :data:`PENDING_INTERVAL` seconds for larger ones (PS3.4 C.4.2.3.1 and C.4.3.3.1:
-      Pending responses are optional), so that a large retrieve does not spend its time
-      reporting;
-    - hands the final response to ``rewrite`` (see :class:`MoveDestination`);
-    - sends the final response without a data set when no sub-operation failed: PS3.4
-      C.4.2.1.4.2 and C.4.3.1.3.2, "If no C-STORE sub-operation failed, Failed SOP
-      Instance UID List (0008,0058) is absent and therefore no Data Set shall be sent".
-      pynetdicom adds an empty list to a refusal (A900, 0124, ...), a cancel or a
-      warning; DCMTK's ``getscu`` never reads a C-GET response's data set, finds it
-      waiting when it releases the association, and aborts ("Association Release
-      Failed: 0006:0316 DUL P-Data PDU arrived"). It does so after a B000 or A702 with
-      failed instances too, which must carry their list: that one is DCMTK's to fix.
-
-    Each association serves one request at a time in its own thread, so nothing else is
-    sent on it meanwhile. Tests pin this against the pynetdicom version we ship with.
-    """
-
-    def __init__(
-        self,
-        requesting: Association,
-        request: C_MOVE | C_GET,
-        rewrite: Callable[[Any], None] | None = None,
-    ) -> None:
-        self.requesting = requesting
-        self.kind = type(request)
-        self.message_id = request.MessageID
-        self.rewrite = rewrite
-        self.total = 0
-        self.failed = 0
-        """The failed sub-operations so far, as pynetdicom counts them: the Number of
-        Failed Sub-operations of the last Pending response it made (sent or not)."""
-        self._last_pending = -PENDING_INTERVAL
-        self._original: Callable[[Any, int], None] | None = None
-
-    def install(self) -> None:
-        """Start filtering this request's responses."""
-        dimse = self.requesting.dimse
-        self._original = dimse.send_msg
-        dimse.send_msg = self._send  # type: ignore[method-assign]
-
-    def restore(self) -> None:
-        """Put the association's ``send_msg`` back (idempotent)."""
-        original, self._original = self._original, None
-        if original is not None:
-            self.requesting.dimse.send_msg = original  # type: ignore[method-assign, assignment]
-
-    def _send(self, primitive: Any, context_id: int) -> None:
-        original = self._original
-        assert original is not None  # we are installed
-        ours = isinstance(primitive, self.kind) and (
-            primitive.MessageIDBeingRespondedTo == self.message_id)
-        if ours and primitive.Status in status.PENDING_CODES:
-            self.failed = primitive.NumberOfFailedSuboperations or 0
-            now = time.monotonic()
-            if (self.total > PENDING_EVERY_SUBOPERATION_UP_TO
-                    and now - self._last_pending < PENDING_INTERVAL):
-                return
-            self._last_pending = now
-        elif ours:
-            if self.rewrite is not None:
-                self.rewrite(primitive)
-            if not primitive.NumberOfFailedSuboperations:
-                primitive.Identifier = None
-            self.restore()
-        original(primitive, context_id)
 
 
 class MoveDestination:
@@ -539,42 +455,8 @@ class MoveDestination:
         self.assoc = event.assoc
         self.answered = self.answered or event.event in (evt.EVT_ACCEPTED, evt.EVT_REJECTED)
         if event.event is evt.EVT_ACCEPTED:
-            self._set_move_originator(event.assoc)
-            self._only_the_sender_reads(event.assoc)
-
-    @staticmethod
-    def _only_the_sender_reads(assoc: Association) -> None:
-        """Keep the association's reactor thread from taking C-STORE responses.
-
-        pynetdicom 3.0's ``send_c_store`` pauses the association's reactor before it sends
-        and then waits for the response, but the pause has a race: the reactor may take
-        the response off the queue (and drop it as an "unexpected C-STORE service
-        message"), so the sub-operation waits for the DIMSE timeout and the association
-        is lost. The benchmark hit it once in 10,000 sub-operations. The reactor reads
-        without blocking and ``send_c_store`` with blocking, and a Storage SCP sends us no
-        requests here, so non-blocking reads get nothing on this association.
-        """
-        dimse = assoc.dimse
-        get = dimse.get_msg
-
-        def get_msg(block: bool = False) -> Any:
-            return get(block=True) if block else (None, None)
-
-        dimse.get_msg = get_msg  # type: ignore[method-assign]
-
-    def _set_move_originator(self, assoc: Association) -> None:
-        """PS3.7 9.3.1.1: a C-STORE sub-operation's Move Originator AE Title is the AE that
-        asked for the move; pynetdicom puts our own title there. Set it on the way out."""
-        dimse = assoc.dimse
-        send = dimse.send_msg
-        originator = self.originator
-
-        def send_msg(primitive: Any, context_id: int) -> None:
-            if isinstance(primitive, C_STORE):
-                primitive.MoveOriginatorApplicationEntityTitle = originator
-            send(primitive, context_id)
-
-        dimse.send_msg = send_msg  # type: ignore[method-assign]
+            set_move_originator(event.assoc, self.originator)
+            only_the_sender_reads(event.assoc)
 
     def is_established(self) -> bool:
         """The association to the destination is (still) up."""

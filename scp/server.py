@@ -10,12 +10,15 @@ from pynetdicom import events as evt
 
 from storage import Archive, install_decoder_log_filter, open_archive
 
-from . import reactor, responses, retrieve
+from . import retrieve
 from .access import Access
 from .activity import Activity
 from .config import Config
-from .contexts import STORAGE, SUPPORTED, cheap_context_copies
-from .guards import Guards, close_unassociated
+from .contexts import STORAGE, SUPPORTED
+from .engine import reactor, responses
+from .engine.contexts import cheap_context_copies
+from .engine.guards import Guards, close_unassociated
+from .engine.sockets import disable_nagle, quick_ack
 from .handlers import (
     handle_echo,
     handle_find,
@@ -24,7 +27,6 @@ from .handlers import (
     handle_sop_extended,
     handle_store,
 )
-from .sockets import disable_nagle, quick_ack
 from .tls import server_context
 
 logger = logging.getLogger("minipacs")

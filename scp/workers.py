@@ -10,7 +10,7 @@ becomes a supervisor that:
    itself, as a single server would (a port in use is an error, as it is for one process);
 3. starts N worker processes (``multiprocessing``, spawn) and hands them the listening
    sockets: each runs a :class:`Server` whose listeners accept from them
-   (:func:`scp.sockets.adopt_listeners`), so each association goes to a worker that is
+   (:func:`scp.engine.sockets.adopt_listeners`), so each association goes to a worker that is
    waiting for one. Their archives share the file store (a shared lock: ``verify``,
    ``reindex`` and ``import``, which take it alone, stay out), and SQLite's
    ``BEGIN IMMEDIATE`` serialises their index writes, so every counter stays exact (only
@@ -43,7 +43,7 @@ from storage import StorageError, open_archive
 from storage.errors import StoreInUse
 
 from .config import Config
-from .sockets import adopt_listeners
+from .engine.sockets import adopt_listeners
 
 logger = logging.getLogger("minipacs")
 

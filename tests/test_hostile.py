@@ -16,7 +16,7 @@ answers. Each case asserts
 - that the server still answers a C-ECHO and stores a valid instance afterwards.
 
 The connection-level cases (oversized, unknown or undecodable PDUs, stalled peers, port
-probes) pin the guards of scp/guards.py, which pynetdicom 3.0 needs.
+probes) pin the guards of scp/engine/guards.py, which pynetdicom 3.0 needs.
 """
 
 from __future__ import annotations
@@ -1118,7 +1118,7 @@ def _spools() -> set[Path]:
 
 
 def test_a_store_cut_off_leaves_no_spool_file(pacs: Running) -> None:
-    """The data set of a C-STORE goes to a temporary file as it arrives (scp/reactor.py);
+    """The data set of a C-STORE goes to a temporary file as it arrives (scp/engine/reactor.py);
     one whose association ends before the last fragment must not stay there."""
     before = snapshot(pacs)
     spools = _spools()

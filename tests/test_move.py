@@ -612,7 +612,7 @@ def test_large_retrieves_get_pending_responses_at_a_bounded_rate(
         stored_and_peer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Up to PENDING_EVERY_SUBOPERATION_UP_TO instances: a Pending after each (tested above);
     more: at most one per PENDING_INTERVAL. Here the limits are made small."""
-    from scp import retrieve
+    from scp.engine import retrieve
 
     running, peer, datasets = stored_and_peer
     monkeypatch.setattr(retrieve, "PENDING_EVERY_SUBOPERATION_UP_TO", 3)
@@ -774,11 +774,11 @@ def test_only_the_sender_reads_responses_on_the_destination_association(
 
 
 def test_the_sub_association_is_woken_not_polled(stored_and_peer: Any, monkeypatch: Any) -> None:
-    # scp/reactor.py serves the sub-association to the destination as it serves the ones we
+    # scp/engine/reactor.py serves the sub-association to the destination as it serves the ones we
     # accept: its reactors wait for work (IDLE_WAIT, made 3 s here) instead of napping 1 ms,
     # and send_c_store's request to pause the reactor wakes it. Were the pause not a
     # wake-up, every sub-operation would wait out the 3 s.
-    from scp import reactor
+    from scp.engine import reactor
 
     monkeypatch.setattr(reactor, "IDLE_WAIT", 3.0)
     served: list[bool] = []

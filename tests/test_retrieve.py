@@ -241,7 +241,7 @@ def test_get_converts_for_what_the_requestor_accepted(server: Running, caplog: A
 
 def test_get_pending_responses_at_a_bounded_rate(server: Running, stored: list[Dataset],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from scp import retrieve
+    from scp.engine import retrieve
 
     monkeypatch.setattr(retrieve, "PENDING_EVERY_SUBOPERATION_UP_TO", 3)
     monkeypatch.setattr(retrieve, "PENDING_INTERVAL", 3600.0)
@@ -455,12 +455,14 @@ def test_decoder_tracebacks_show_with_logging_level_debug() -> None:
 def test_no_pynetdicom_log_filter_for_an_untested_pynetdicom() -> None:
     """The filter knows pynetdicom 3.0's texts and loggers: with another version it is not
     installed, and a warning says what that means."""
-    out = _python("import logging, pynetdicom; logging.basicConfig();"
-                  " pynetdicom.__version__ = '2.1.1'; from scp import retrieve;"
+    out = _python("import importlib.metadata as m, logging; logging.basicConfig();"
+                  " real = m.version; m.version = lambda n: '2.1.1' if n == 'pynetdicom'"
+                  " else real(n); from scp import retrieve;"
                   " print(retrieve.install_log_filters()); " + FILTERS)
     assert out.splitlines()[:2] == ["False", "[]"], out
-    assert ("pynetdicom 2.1.1 is not a version scp/retrieve.py was tested with (3.0.): "
-            "pynetdicom's lines about failed sub-operations are logged beside ours") in out
+    assert ("pynetdicom 2.1.1 is installed; scp/engine/ is tested with pynetdicom>=3.0.4,<3.1:"
+            " scp/retrieve.py was not tested with these versions and installs nothing:"
+            " pynetdicom's lines about failed sub-operations are logged beside ours") in out
 
 
 def test_a_sub_operation_window_ends_with_its_thread(caplog: Any) -> None:

@@ -29,8 +29,9 @@ associations to a temporary file as they arrive (:class:`_SpoolingConfig`), behi
 minimal File Meta group (:func:`_write_spool_meta`).
 
 Pinned to pynetdicom 3.0 (the loops in dul.py ``run_reactor`` and association.py
-``_run_reactor``, the ``_config`` lookup of dimse_messages.py ``decode_msg``); with another
-version nothing is installed and a warning says so (and data sets stay in memory).
+``_run_reactor``, the ``_config`` lookup of dimse_messages.py ``decode_msg``), by the gate
+of scp/engine/versions.py; with another version nothing is installed and a warning says so
+(and data sets stay in memory).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import pynetdicom
 from pynetdicom import _config as _pynetdicom_config
 from pynetdicom import association as _association
 from pynetdicom import dimse_messages as _dimse_messages
@@ -55,11 +55,10 @@ from pynetdicom import events as evt
 from storage.parsing import transfer_syntax_group
 
 from . import guards
+from .versions import tested
 
 logger = logging.getLogger(__name__)
 
-TESTED_VERSIONS = ("3.0.",)
-"""pynetdicom versions whose reactor loops this module was written against and tested with."""
 IDLE_WAIT = 0.02
 """Longest wait of a reactor with nothing to do, in seconds."""
 ASSOCIATION_LOOP_SLEEP = 0.001
@@ -202,24 +201,14 @@ def _write_spool_meta(fp: Any, transfer_syntax: str, *_: Any, **__: Any) -> None
     fp.write(transfer_syntax_group(transfer_syntax))
 
 
-def tested_pynetdicom(module: str, otherwise: str) -> bool:
-    """Whether this pynetdicom is one of :data:`TESTED_VERSIONS`, the versions whose
-    internals ``module`` changes; if not, a warning says what happens ``otherwise``."""
-    version = str(getattr(pynetdicom, "__version__", ""))
-    if version.startswith(TESTED_VERSIONS):
-        return True
-    logger.warning("pynetdicom %s is not a version %s was tested with (%s): %s",
-                   version, module, ", ".join(TESTED_VERSIONS), otherwise)
-    return False
-
-
 def install() -> bool:
     """Put the proxies in pynetdicom's dul, association and dimse_messages modules (once);
-    ``False`` when this pynetdicom is not a tested version, and nothing was changed."""
+    ``False`` when the installed versions are not tested ones, and nothing was changed."""
     global _installed
     if _installed:
         return True
-    if not tested_pynetdicom("scp/reactor.py", "its reactors poll every 1 ms"):
+    if not tested("scp/engine/reactor.py", "its reactors poll every 1 ms, and C-STORE data"
+                  " sets are held in memory, not spooled"):
         return False
     _dul.time = _TimeProxy("dul")  # type: ignore[assignment]
     _association.time = _TimeProxy("association")  # type: ignore[assignment]

@@ -23,7 +23,7 @@ DEBUG, and sends command and identifier as two P-DATA-TF PDUs. Here:
 A response that is not a plain C-FIND response (an error comment, an offending element),
 or an association with EVT_DIMSE_SENT handlers bound, goes through pynetdicom unchanged.
 
-Pinned, like scp/reactor.py, to pynetdicom 3.0 (``service_class.encode`` as used by
+Pinned, like scp/engine/reactor.py, to pynetdicom 3.0 (``service_class.encode`` as used by
 ``_c_find_scp``, ``DIMSEServiceProvider.send_msg``); with another version nothing is
 installed.
 """
@@ -48,7 +48,8 @@ from storage import Archive
 from storage.parsing import read_identifier
 from storage.query import Query
 
-from .reactor import tested_pynetdicom, wait_until
+from .reactor import wait_until
+from .versions import tested
 
 C_FIND_RSP = 0x8020
 """CommandField of a C-FIND-RSP (PS3.7 Table E.1-1)."""
@@ -184,11 +185,11 @@ def _plain_find_response(dimse: Any, primitive: Any, data: bytes) -> bytes | Non
 
 def install() -> bool:
     """Put :func:`_encode` and :func:`_send_msg` into pynetdicom (once); ``False`` when this
-    pynetdicom is not a tested version and nothing was changed."""
+    the installed versions are not tested ones and nothing was changed."""
     global _installed
     if _installed:
         return True
-    if not tested_pynetdicom("scp/responses.py", "C-FIND responses are encoded by pynetdicom"):
+    if not tested("scp/engine/responses.py", "C-FIND responses are encoded by pynetdicom"):
         return False
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
         _pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False  # decoded and rendered for INFO

@@ -66,7 +66,7 @@ def adopt_listeners(listeners: dict[int, socket.socket]) -> None:
     ``accept``: the socket is made non-blocking, so the others find nothing and go on
     (socketserver ignores the error). Closing it in one worker must not ``shutdown`` it, which
     would stop the others listening: pynetdicom's ``server_close`` does, so it is replaced
-    for these sockets. Pinned like scp/reactor.py (pynetdicom 3.0's ``server_bind`` and
+    for these sockets. Pinned like scp/engine/reactor.py (pynetdicom 3.0's ``server_bind`` and
     ``server_close``)."""
     adopted = {id(sock) for sock in listeners.values()}
     original_bind = ThreadedAssociationServer.server_bind

@@ -1,4 +1,4 @@
-"""scp/contexts.py cheap_context_copies: a context's deep copy is equal to it and has its own
+"""scp/engine/contexts.py cheap_context_copies: a context's deep copy is equal to it and has its own
 transfer syntax list (what pynetdicom may change while it negotiates an association)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pydicom.uid import (
 )
 from pynetdicom.presentation import build_context
 
-from scp.contexts import cheap_context_copies
+from scp.engine.contexts import cheap_context_copies
 
 
 def test_a_copy_is_equal_and_independent() -> None:

@@ -1,4 +1,4 @@
-"""scp/reactor.py's waits on the associations it serves, accepted or opened for a C-MOVE:
+"""scp/engine/reactor.py's waits on the associations it serves, accepted or opened for a C-MOVE:
 when the association reactor waits, when it returns at once, and where C-STORE data sets
 are spooled. Unit tests on a stand-in association (the network paths are in
 tests/test_move.py and the rest of the suite)."""
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from scp import reactor
+from scp.engine import reactor
 
 
 class _Recording:

@@ -1,4 +1,4 @@
-"""C-FIND responses packed by scp/responses.py: the same command set pynetdicom writes, one
+"""C-FIND responses packed by scp/engine/responses.py: the same command set pynetdicom writes, one
 P-DATA-TF PDU for the command and one for the identifier when they fit (never both in one
 PDU: GDCM cannot read that), pynetdicom's own path when they do not, and the same
 identifiers over every transfer syntax a C-FIND context accepts."""
@@ -29,7 +29,8 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-from scp import responses, status
+from scp import status
+from scp.engine import responses
 from tests.conftest import Running, associate, client_ae
 from tests.factory import hierarchy
 
