@@ -23,6 +23,7 @@ from storage import DECODERS_LOGGER, Archive, StorageError, open_archive
 from web import WebListenError, WebServer
 from web.auth import ACCOUNT_RIGHTS, hash_password, hash_token, name_problem, new_token
 
+from . import engine
 from .config import Config, ConfigError, load_config
 from .server import ListenError, Server
 from .workers import serve_workers
@@ -129,6 +130,11 @@ def serve(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    try:
+        engine.install()  # here for the reason, before any listener; each worker again
+    except engine.UntestedVersion as exc:
+        print(f"minipacs: {exc}", file=sys.stderr)
+        return 1
     if config.ae.workers > 1:  # the web listener runs in the supervisor, with its archive
         return serve_workers(config, stop, config.logging.level,
                              beside=lambda: _web_beside_workers(config))

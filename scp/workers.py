@@ -205,6 +205,7 @@ def worker_main(config: Config, listeners: dict[int, socket.socket], ready: Conn
     """One worker: serve until SIGTERM, SIGINT or the supervisor's end (its process's
     entry point)."""
     from .__main__ import setup_logging  # in the new process
+    from .engine import UntestedVersion
     from .server import ListenError, Server
 
     stop = threading.Event()
@@ -219,8 +220,8 @@ def worker_main(config: Config, listeners: dict[int, socket.socket], ready: Conn
         _tell(ready, ("error", str(exc)))
         raise SystemExit(1) from None
     try:
-        server.start()
-    except ListenError as exc:
+        server.start()  # scp.engine.install(), in this process
+    except (ListenError, UntestedVersion) as exc:
         server.archive.close()
         _tell(ready, ("error", str(exc)))
         raise SystemExit(1) from None
