@@ -79,8 +79,6 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("pynetdicom.acse:ACSE.send_abort", "guards: the A-ABORT"),
     ("pynetdicom.association:Association._reactor_checkpoint", "reactor: a pause request"
      " from another thread wakes the reactor"),
-    ("pynetdicom.association:ServiceUser.primitive", "guards: whether the A-ASSOCIATE-RQ"
-     " has come"),
     ("pynetdicom.dul:DULServiceProvider.socket", "guards, sockets, reactor: the"
      " connection's AssociationSocket"),
     ("pynetdicom.dul:DULServiceProvider.to_provider_queue", "reactor: wake the DUL when a"

@@ -131,8 +131,7 @@ INTERNAL_MODULES = frozenset({"_config", "dul", "dimse", "dimse_messages", "fsm"
 status, sop_class, association's Association, presentation's contexts are public)."""
 PATCHED_MODULES = INTERNAL_MODULES | {"association", "presentation"}
 """Modules scp/engine/ replaces attributes of: importing the module object is for that."""
-GENERIC = frozenset({"time", "recv", "socket", "encode", "message", "primitive",
-                     "maximum_pdu_size"})
+GENERIC = frozenset({"time", "recv", "socket", "encode", "message", "maximum_pdu_size"})
 """Last names of PRIVATE_SYMBOLS too common to flag as attributes elsewhere (a Connection's
 ``recv``, a module's ``time``); their modules or owners are flagged instead."""
 
