@@ -586,7 +586,7 @@ def meta_group(elements: list[tuple[int, bytes, bytes]]) -> bytes:
 
 def transfer_syntax_group(transfer_syntax_uid: str) -> bytes:
     """The smallest File Meta group :func:`split_part10` reads back: the Transfer Syntax
-    UID (a spool's, see scp/reactor.py)."""
+    UID (a spool's, see scp/engine/reactor.py)."""
     return meta_group([(0x0010, b"UI", _ui(transfer_syntax_uid))])
 
 
