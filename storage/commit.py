@@ -128,10 +128,12 @@ class GroupCommit:
             logger.exception("publishing %d files failed", len(batch))
             self._fail(batch, StorageFull(f"cannot write to the file store: {exc}"))
             return
+        published = []
         for p, error in zip(batch, errors, strict=True):
-            if error is not None:
+            if error is None:
+                published.append(p)
+            else:
                 p.future.set_exception(error)
-        published = [p for p, error in zip(batch, errors, strict=True) if error is None]
         if published:
             self._index(published)
 

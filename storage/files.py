@@ -230,7 +230,7 @@ class FilesystemStore:
         if self.fsync:
             for folder, members in placed.items():
                 try:
-                    _fsync_dir(folder)
+                    _fsync(folder)
                     self._make_folder_durable(folder)
                 except OSError as exc:
                     for i in members:
@@ -245,12 +245,12 @@ class FilesystemStore:
         then flushes together (on ext4, one file after another costs a journal commit
         each). Per file, the error, else None."""
         if len(paths) == 1:
-            return [_fsync_path(paths[0])]
+            return [_fsync_error(paths[0])]
         with self._durable_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(FSYNC_THREADS, "minipacs-fsync")
             pool = self._pool
-        return list(pool.map(_fsync_path, paths))
+        return list(pool.map(_fsync_error, paths))
 
     def abandon(self, staged: Staged) -> None:
         """Remove a staged file that will not be published (missing is not an error)."""
@@ -266,8 +266,8 @@ class FilesystemStore:
         with self._durable_lock:
             if folder in self._durable:
                 return
-        _fsync_dir(folder.parent)
-        _fsync_dir(self.root)
+        _fsync(folder.parent)
+        _fsync(self.root)
         with self._durable_lock:
             self._durable.add(folder)
 
@@ -312,20 +312,17 @@ def new_key(now: float | None = None) -> str:
     return f"{minute & 0xFFFF:04x}{uuid.uuid4().hex[4:]}"
 
 
-def _fsync_path(path: Path) -> OSError | None:
-    """fsync the file at ``path``; the error instead of raising it."""
+def _fsync_error(path: Path) -> OSError | None:
+    """:func:`_fsync` the file at ``path``; the error instead of raising it."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
     except OSError as exc:
         return exc
     return None
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync the file or folder at ``path``."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
