@@ -23,8 +23,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from storage import ArchiveOptions, DuplicatePolicy
-from storage.query import response_charset_problem
+from storage import ArchiveOptions, DuplicatePolicy, response_charset_problem
 from web.config import CHOICES as WEB_CHOICES
 from web.config import WebConfig
 from web.config import check as check_web

@@ -8,9 +8,7 @@ present a certificate signed by one of ``tls.ca_certificates``.
 from __future__ import annotations
 
 import ssl
-from typing import Any
-
-from .config import TLSConfig
+from typing import Any, Protocol
 
 BCP195_TLS12_CIPHERS = ":".join([
     "ECDHE-ECDSA-AES128-GCM-SHA256",
@@ -39,11 +37,27 @@ class _HandshakeInTheAssociation(ssl.SSLContext):
         return super().wrap_socket(sock, *args, **kwargs)
 
 
+class TLSFiles(Protocol):
+    """The files and the client-certificate rule a context is made of, as
+    ``scp.config.TLSConfig`` holds them. A protocol rather than that class so that this
+    module does not import scp/config.py, which imports this one to check the files when
+    the configuration is loaded."""
+
+    @property
+    def certificate(self) -> str: ...
+    @property
+    def private_key(self) -> str: ...
+    @property
+    def ca_certificates(self) -> str: ...
+    @property
+    def require_client_cert(self) -> bool: ...
+
+
 def _no_password() -> str:
     raise ValueError("tls.private_key is encrypted: give an unencrypted key file")
 
 
-def server_context(tls: TLSConfig, timeout: float = 30.0) -> ssl.SSLContext:
+def server_context(tls: TLSFiles, timeout: float = 30.0) -> ssl.SSLContext:
     """The SSL context of the TLS listener.
 
     Raises

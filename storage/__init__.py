@@ -31,8 +31,8 @@ from .errors import (
 from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .instances import ANY_SYNTAX, DEFAULT_SYNTAX, PixelSource, WebInstance, bulk_path, syntax_for
 from .keys import Level, Model
-from .parsing import Spooled
-from .query import Query, Search, SearchAnswer
+from .parsing import Spooled, read_identifier, transfer_syntax_group
+from .query import Query, Search, SearchAnswer, response_charset_problem
 from .values import is_uid
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -78,5 +78,8 @@ __all__ = [
     "install_decoder_log_filter",
     "is_uid",
     "open_archive",
+    "read_identifier",
+    "response_charset_problem",
     "syntax_for",
+    "transfer_syntax_group",
 ]
