@@ -1,6 +1,7 @@
 """The command line: ``minipacs serve | verify | reindex | import | hash-password | new-token``,
 ``minipacs --version``.
-The only place that configures logging or exits."""
+The only place that exits, and the only one that configures logging (with
+:func:`scp.logs.setup_logging`, which worker processes call too)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from storage import DECODERS_LOGGER, Archive, StorageError, open_archive
+from storage import Archive, StorageError, open_archive
 from web import WebListenError, WebServer
 from web.auth import ACCOUNT_RIGHTS, hash_password, hash_token, name_problem, new_token
 
 from . import engine
 from .config import Config, ConfigError, load_config
+from .logs import setup_logging
 from .server import ListenError, Server
 from .workers import serve_workers
 
@@ -101,23 +103,6 @@ def _config(args: argparse.Namespace) -> Config:
         overrides[key] = value
         flags[key] = flag
     return load_config(path, overrides, flags)
-
-
-def setup_logging(level: str, process_ids: bool = False) -> None:
-    """Log to standard error at ``level`` (pynetdicom's chatter, and pydicom's tracebacks
-    of decoders that failed while converting for a retrieve, only at DEBUG); with
-    ``process_ids`` (``ae.workers`` > 1) each line names the process that wrote it."""
-    who = "%(name)s[%(process)d]" if process_ids else "%(name)s"
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format=f"%(asctime)s %(levelname)s {who}: %(message)s",
-        stream=sys.stderr,
-    )
-    if level != "DEBUG":  # pynetdicom narrates every message at INFO
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-        logging.getLogger("uvicorn").setLevel(logging.WARNING)  # ours names the URL
-    else:  # the decoders' tracebacks (storage/convert.py); pydicom sets WARNING on import
-        logging.getLogger(DECODERS_LOGGER).setLevel(logging.DEBUG)
 
 
 def serve(config: Config) -> int:

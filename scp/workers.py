@@ -39,11 +39,11 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from storage import StorageError, open_archive
-from storage.errors import StoreInUse
+from storage import StorageError, StoreInUse, open_archive
 
 from .config import Config
 from .engine.sockets import adopt_listeners
+from .logs import setup_logging
 
 logger = logging.getLogger("minipacs")
 
@@ -204,7 +204,6 @@ def worker_main(config: Config, listeners: dict[int, socket.socket], ready: Conn
                 log_level: str, supervisor: int) -> None:
     """One worker: serve until SIGTERM, SIGINT or the supervisor's end (its process's
     entry point)."""
-    from .__main__ import setup_logging  # in the new process
     from .engine import UntestedVersion
     from .server import ListenError, Server
 

@@ -445,7 +445,7 @@ def test_importing_the_server_configures_no_logging() -> None:
 def test_decoder_tracebacks_show_with_logging_level_debug() -> None:
     """pydicom sets its logger to WARNING when imported: ``logging.level: DEBUG`` opens
     the decoders logger, whose tracebacks storage/convert.py demotes to DEBUG."""
-    code = ("import logging; from scp.__main__ import setup_logging; setup_logging({!r});"
+    code = ("import logging; from scp.logs import setup_logging; setup_logging({!r});"
             " from storage import convert;"
             " print(logging.getLogger(convert.DECODERS_LOGGER).getEffectiveLevel())")
     assert _python(code.format("DEBUG")).strip() == str(logging.DEBUG)
