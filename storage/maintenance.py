@@ -23,20 +23,46 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import index
 from .errors import InvalidInstance, StorageError
+from .files import FileStore
 from .index import WriteResult
 from .models import Instance, Patient, Series, Study
 from .parsing import content_hash, extract, read_header, split_part10
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .archive import Archive
-
 logger = logging.getLogger(__name__)
+
+
+class Stored(Protocol):
+    """What :meth:`Archive.store` returns, as far as ``import`` reads it."""
+
+    @property
+    def result(self) -> WriteResult: ...
+
+
+class MaintainedArchive(Protocol):
+    """What this module uses of :class:`storage.Archive`, which calls it: described here so
+    that the archive imports this module and not the other way round."""
+
+    @property
+    def files(self) -> FileStore: ...
+
+    def writing(self, commit: bool = True) -> AbstractContextManager[None]:
+        """One index write transaction under the archive's write lock."""
+        ...
+
+    def index_file(self, key: str) -> WriteResult:
+        """Index the stored file ``key`` where it is."""
+        ...
+
+    def store(self, data: bytes, transfer_syntax_uid: str) -> Stored:
+        """Store one encoded data set and wait for the outcome."""
+        ...
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called as work goes on (for a progress bar)."""
@@ -72,7 +98,7 @@ class VerifyReport:
 
 
 def verify(
-    archive: Archive, repair: bool = False, progress: Progress | None = None
+    archive: MaintainedArchive, repair: bool = False, progress: Progress | None = None
 ) -> VerifyReport:
     """Check the index against the file store, and with ``repair`` make them agree."""
     report = VerifyReport()
@@ -127,7 +153,7 @@ def _rows() -> Iterator[Any]:
         last = page[-1].id
 
 
-def _check_row(archive: Archive, row: Any, present: bool) -> Problem | None:
+def _check_row(archive: MaintainedArchive, row: Any, present: bool) -> Problem | None:
     uid = row.sop_instance_uid
     if not present:
         return Problem("missing file", uid, f"file {row.file_key} is not in the store")
@@ -156,7 +182,7 @@ class _Copy:
     size: int
 
 
-def _strays(archive: Archive, keys: Iterable[str], report: VerifyReport
+def _strays(archive: MaintainedArchive, keys: Iterable[str], report: VerifyReport
             ) -> dict[str, list[_Copy]]:
     """The files no row points to, by the SOP Instance UID they hold (unreadable ones are
     reported and kept)."""
@@ -176,7 +202,7 @@ def _strays(archive: Archive, keys: Iterable[str], report: VerifyReport
     return out
 
 
-def _repair_strays(archive: Archive, uid: str, copies: list[_Copy],
+def _repair_strays(archive: MaintainedArchive, uid: str, copies: list[_Copy],
                    damaged: dict[str, tuple[Any, int]], report: VerifyReport,
                    repair: bool) -> None:
     """What a crash (or a restore) left: files of ``uid`` no row points to.
@@ -237,7 +263,7 @@ def _repair_strays(archive: Archive, uid: str, copies: list[_Copy],
                                     + (": removed" if repair else ""), repair))
 
 
-def _counters(archive: Archive, repair: bool) -> list[Problem]:
+def _counters(archive: MaintainedArchive, repair: bool) -> list[Problem]:
     """Recount every study from its rows; compare with the stored counters."""
     before = _counter_snapshot()
     with archive.writing(commit=repair):
@@ -276,7 +302,7 @@ class ImportReport:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
 
 
-def import_folder(archive: Archive, folder: Path, progress: Progress | None = None
+def import_folder(archive: MaintainedArchive, folder: Path, progress: Progress | None = None
                   ) -> ImportReport:
     """Store every file under ``folder`` through the C-STORE path (files that are not
     DICOM Part 10 files are rejected and listed)."""
@@ -292,7 +318,7 @@ def import_folder(archive: Archive, folder: Path, progress: Progress | None = No
     return _tally(paths, store, progress)
 
 
-def reindex(archive: Archive, progress: Progress | None = None) -> ImportReport:
+def reindex(archive: MaintainedArchive, progress: Progress | None = None) -> ImportReport:
     """Rebuild the index from the file store, every file indexed where it is.
 
     The files the index named are indexed first, so that what was acknowledged last stays
@@ -310,7 +336,7 @@ def reindex(archive: Archive, progress: Progress | None = None) -> ImportReport:
                   lambda key: archive.index_file(key) is WriteResult.KEPT, progress)
 
 
-def _modified(archive: Archive, key: str) -> float:
+def _modified(archive: MaintainedArchive, key: str) -> float:
     try:
         return archive.files.modified(key)
     except OSError:
