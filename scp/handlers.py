@@ -7,19 +7,18 @@ exception ever reaches pynetdicom's catch-all.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import events as evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 
 from storage import (
     Archive,
-    CannotConvert,
-    InstanceUnavailable,
     Model,
     Origin,
     Query,
@@ -31,9 +30,11 @@ from . import status
 from .access import Access
 from .activity import Activity
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
-from .engine import responses
-from .engine.retrieve import Responses, transferring
-from .retrieve import MoveDestination, SubOperations, accepted_syntaxes, stand_in
+from .engine import dimse, responses
+from .engine.reactor import leased
+from .engine.retrieve import Responses, requestor_present, send_response
+from .engine.sender import ReceiverGone
+from .retrieve import Final, MoveDestination, Retrieval, get_contexts
 
 logger = logging.getLogger(__name__)
 
@@ -151,14 +152,16 @@ def handle_find(
 def handle_get(
     event: evt.Event, archive: Archive, activity: Activity, access: Access
 ) -> Iterator[Any]:
-    """C-GET (PS3.4 C.4.3): the matching instances go back over this association, one file
-    read at a time; pynetdicom runs the C-STORE sub-operations and counts them."""
+    """C-GET (PS3.4 C.4.3): the matching instances go back over this association, which
+    pynetdicom lends us for the sub-operations (:class:`scp.retrieve.Retrieval`)."""
+    req = cast(C_GET, event.request)
     model = _model(event, GET_MODELS)
     outcome = "get failed"
-    sub_operations: SubOperations | None = None
     with activity.operation():
-        responses = Responses(event.assoc, cast(C_GET, event.request))
+        final: Final | None = None
+        responses = Responses(event.assoc, req, rewrite=lambda rsp: _final(rsp, final, event))
         try:  # finally: also when pynetdicom drops us (the association went away)
+            responses.install()
             refusal = None if access.allows(event, "get") else status.not_authorised("get")
             if refusal is None and isinstance(model, Dataset):
                 refusal = model
@@ -169,129 +172,123 @@ def handle_get(
                     _log_failure("C-GET", event, exc)
                     refusal = status.find_error_status(exc)
             if refusal is not None:
-                # pynetdicom takes a number of sub-operations first, and would report that
-                # one as failed: none was attempted
-                responses.rewrite = _no_sub_operations
-                responses.install()
-                yield 1
-                yield refusal, None
-                return
-            responses.total = len(items)
-            responses.install()
-            sub_operations = SubOperations("C-GET", responses,
-                                           lambda: transferring(event.assoc))
-            sub_operations.bind(event.assoc)
-            yield len(items)
-            accepted = functools.partial(accepted_syntaxes, event.assoc)
-            outcome = yield from _sub_operations(
-                event, archive, items, accepted, sub_operations, "get")
+                final = Final(int(refusal.Status), comment=refusal.get("ErrorComment"))
+            else:
+                final = _get(event, archive, items)
+                outcome = "get cancelled" if final.status == status.CANCEL else "get"
+            yield 1  # pynetdicom wants a number first: the final response follows it
+            yield status.SUCCESS, None  # rewritten with ``final`` on its way out
         finally:
-            if sub_operations is not None:
-                sub_operations.unbind(event.assoc)
             responses.restore()
             activity.count(event, outcome, ok=True)
+
+
+def _get(event: evt.Event, archive: Archive, items: list[StoredInstance]) -> Final:
+    req = cast(C_GET, event.request)
+    if not items:
+        return Final(status.SUCCESS)
+    with leased(event.assoc, cancel_of=req.MessageID) as link:
+        if link is None:  # pynetdicom could not lend its socket: an untested version
+            reason = "this server cannot send C-GET sub-operations (see its log at start)"
+            logger.error("C-GET from %s: %s", _peer_name(event), reason)
+            return Final(status.MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS, failed=len(items),
+                         comment=reason)
+        sop_class = str(req.AffectedSOPClassUID)
+        context_id = int(event.context.context_id)
+
+        def pending(counts: Final) -> None:
+            with contextlib.suppress(ReceiverGone):  # the next sub-operation says why
+                link.command(context_id, dimse.retrieve_pending(
+                    dimse.C_GET_RSP, int(req.MessageID or 0), sop_class, counts.status,
+                    counts.remaining or 0, counts.completed, counts.failed, counts.warning))
+
+        def cancelled() -> bool:
+            with contextlib.suppress(ReceiverGone):
+                link.poll()
+            return link.cancelled
+
+        return Retrieval("C-GET", archive, items, link, get_contexts(event.assoc),
+                         int(req.MessageID or 0), int(req.Priority or 0), pending=pending,
+                         cancelled=cancelled).run()
 
 
 def handle_move(
     event: evt.Event, archive: Archive, activity: Activity, access: Access
 ) -> Iterator[Any]:
     """C-MOVE (PS3.4 C.4.2): the matching instances go to the Move Destination, a peer of
-    the configuration, over an association pynetdicom opens to the address we yield."""
+    the configuration, over an association we open to it (:class:`scp.retrieve.MoveDestination`)."""
     req = cast(C_MOVE, event.request)
     model = _model(event, MOVE_MODELS)
     config = access.config
     peer = config.destination(str(req.MoveDestination))
     outcome = "move failed"
     with activity.operation():
-        destination = MoveDestination(peer, config.ae.max_pdu_size, event.assoc)
-        responses = Responses(event.assoc, req, rewrite=destination.rewrite)
-        try:  # finally: also when pynetdicom drops us because the destination did not answer
+        final: Final | None = None
+        responses = Responses(event.assoc, req, rewrite=lambda rsp: _final(rsp, final, event))
+        try:  # finally: also when pynetdicom drops us
             responses.install()
             if not access.allows(event, "move"):
-                destination.refuse(status.not_authorised("move"))
-                yield None, None  # answered with the refusal, not A801 (see MoveDestination)
-                return
-            if isinstance(model, Dataset):
-                destination.refuse(model)
-                yield None, None  # answered with the refusal, not A801 (see MoveDestination)
-                return
-            if peer is None:
+                final = _refusal(status.not_authorised("move"))
+            elif isinstance(model, Dataset):
+                final = _refusal(model)
+            elif peer is None:
                 logger.warning("C-MOVE from %s: Move Destination %r is not in peers (or has"
                                " no host)", _peer_name(event), str(req.MoveDestination))
-                responses.restore()  # pynetdicom's A801, Move Destination unknown, stands
-                yield None, None
-                return
-            try:
-                items = archive.retrieve(_parse_query(archive, event, model))
-            except Exception as exc:
-                _log_failure("C-MOVE", event, exc)
-                destination.refuse(status.find_error_status(exc))
-                yield None, None  # answered with the refusal, not A801 (see MoveDestination)
-                return
-            responses.total = len(items)
-            sub_operations = SubOperations("C-MOVE", responses, destination.is_established)
-            yield peer.host, peer.port, destination.associate_kwargs(
-                items, sub_operations.handlers())
-            yield len(items)
-            outcome = yield from _sub_operations(
-                event, archive, items, destination.accepted, sub_operations, "move")
+                final = Final(status.MOVE_DESTINATION_UNKNOWN)  # PS3.4 C.4.2.1.5 A801
+            else:
+                try:
+                    items = archive.retrieve(_parse_query(archive, event, model))
+                except Exception as exc:
+                    _log_failure("C-MOVE", event, exc)
+                    final = _refusal(status.find_error_status(exc))
+                else:
+                    final = _move(event, archive, items, MoveDestination(
+                        peer, config.ae.title, config.ae.max_pdu_size,
+                        config.ae.acse_timeout, config.ae.dimse_timeout))
+                    outcome = "move cancelled" if final.status == status.CANCEL else "move"
+            yield None, None  # pynetdicom answers A801, rewritten with ``final``
         finally:
             responses.restore()
             activity.count(event, outcome, ok=True)
 
 
-def _no_sub_operations(primitive: Any) -> None:
-    primitive.NumberOfFailedSuboperations = 0
-    primitive.NumberOfRemainingSuboperations = None
-
-
-def _sub_operations(
-    event: evt.Event,
-    archive: Archive,
-    items: list[StoredInstance],
-    accepted: Callable[[str], list[str]],
-    sub_operations: SubOperations,
-    service: str,
-) -> Generator[Any, None, str]:
-    """One (Pending, data set) per instance for pynetdicom to send, read one at a time and
-    converted to a syntax the receiver ``accepted``; stops at a C-CANCEL (PS3.4 C.4.2.3.1,
-    C.4.3.3.1: after the current sub-operation, status FE00). Returns what happened, for
-    the association's log line: ``service``, or "``service`` cancelled".
-
-    An instance that cannot be read or converted fails its sub-operation and the others go
-    on; once the receiver is gone the remaining files are not read and each of them fails.
-    Every failure is logged by ``sub_operations`` (:class:`scp.retrieve.SubOperations`);
-    pynetdicom counts those we find, through a :func:`scp.retrieve.stand_in`.
-    """
+def _move(event: evt.Event, archive: Archive, items: list[StoredInstance],
+          destination: MoveDestination) -> Final:
+    if not items:
+        return Final(status.SUCCESS)
+    opened = destination.open(items)
+    if isinstance(opened, Final):
+        return opened
+    req = cast(C_MOVE, event.request)
     cancel = _CancelFlag(event)
-    done = 0  # items[:done] are sent, or failed and logged
+    requesting = event.assoc
+
+    def pending(counts: Final) -> None:
+        rsp = C_MOVE()
+        rsp.MessageIDBeingRespondedTo = req.MessageID
+        rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+        counts.rewrite(rsp, UID(str(event.context.transfer_syntax)))
+        send_response(requesting, rsp, int(event.context.context_id))
+
     try:
-        for item in items:
-            uid = item.sop_instance_uid
-            if cancel():
-                done = len(items)  # the rest are not failures: pynetdicom reports them remaining
-                yield status.CANCEL, None  # pynetdicom adds the failed and remaining counts
-                return f"{service} cancelled"
-            if not sub_operations.receiving():
-                sub_operations.receiver_gone(uid)
-            else:
-                try:
-                    ds = archive.read_instance(item, accepted(item.sop_class_uid))
-                except (InstanceUnavailable, CannotConvert) as exc:
-                    sub_operations.failed(uid, str(exc))
-                except Exception:  # a fault of ours: this sub-operation fails, not the retrieve
-                    sub_operations.failed(uid, "an unexpected error", exc_info=True)
-                else:
-                    with sub_operations.sending(uid):
-                        yield status.PENDING, ds
-                    done += 1
-                    continue
-            done += 1
-            with sub_operations.failing():
-                yield status.PENDING, stand_in(uid)
-        return service
-    finally:  # also when pynetdicom stops early and closes this generator
-        sub_operations.finish(item.sop_instance_uid for item in items[done:])
+        return Retrieval(
+            "C-MOVE", archive, items, opened.link, opened.accepted, int(req.MessageID or 0),
+            int(req.Priority or 0),
+            originator=(requesting.requestor.ae_title, int(req.MessageID or 0)),
+            pending=pending, cancelled=cancel,
+            requestor_up=lambda: requestor_present(requesting)).run()
+    finally:
+        opened.release()
+
+
+def _refusal(refusal: Dataset) -> Final:
+    return Final(int(refusal.Status), comment=refusal.get("ErrorComment"))
+
+
+def _final(primitive: Any, final: Final | None, event: evt.Event) -> None:
+    """The final response of a C-GET or C-MOVE, as :class:`scp.retrieve.Final` says."""
+    if final is not None:
+        final.rewrite(primitive, UID(str(event.context.transfer_syntax)))
 
 
 class _CancelFlag:

@@ -10,7 +10,7 @@ from pynetdicom import events as evt
 
 from storage import Archive, install_decoder_log_filter, open_archive
 
-from . import engine, retrieve
+from . import engine
 from .access import Access
 from .activity import Activity
 from .config import Config
@@ -110,8 +110,7 @@ class Server:
             ``MINIPACS_ALLOW_UNTESTED=1`` is not set); nothing is started.
         """
         cfg, tls = self.config.ae, self.config.tls
-        if engine.install():  # the wake-ups, spooling, C-FIND responses, context copies
-            retrieve.install_log_filters()  # one line per failed sub-operation, ours
+        engine.install()  # the wake-ups, spooling, C-FIND responses, context copies, leases
         install_decoder_log_filter()  # pydicom's decoder tracebacks at DEBUG
         if not tls.only:
             self._server = self._listen(cfg.port)

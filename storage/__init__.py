@@ -29,7 +29,15 @@ from .errors import (
     failure_code,
 )
 from .index import DuplicatePolicy, StoredInstance, WriteResult
-from .instances import ANY_SYNTAX, DEFAULT_SYNTAX, PixelSource, WebInstance, bulk_path, syntax_for
+from .instances import (
+    ANY_SYNTAX,
+    DEFAULT_SYNTAX,
+    NotAsWritten,
+    PixelSource,
+    WebInstance,
+    bulk_path,
+    syntax_for,
+)
 from .keys import Level, Model
 from .parsing import Spooled, read_identifier, transfer_syntax_group
 from .query import Query, Search, SearchAnswer, response_charset_problem
@@ -38,6 +46,7 @@ from .values import is_uid
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "NotAsWritten",
     "ANY_SYNTAX",
     "Archive",
     "ArchiveOptions",

@@ -682,6 +682,15 @@ class Archive:
             ) from exc
         return ds if accepted is None else to_accepted(ds, accepted)
 
+    def stored_data_set(self, item: StoredInstance) -> Iterator[bytes]:
+        """The data set of ``item`` as stored, byte for byte, without its File Meta group,
+        for a receiver that accepted the stored transfer syntax
+        (:func:`storage.instances.stored_data_set`: read before the first piece is
+        yielded; raises :class:`InstanceUnavailable`, or its subclass
+        :class:`~storage.instances.NotAsWritten` for a file to go through
+        :meth:`read_instance` instead)."""
+        return instances.stored_data_set(self.files, item)
+
     # -- WADO-RS --------------------------------------------------------------------------
 
     def locate(self, study_uid: str, series_uid: str | None = None,

@@ -762,3 +762,71 @@ def _at(fp: BinaryIO, offset: int) -> Iterator[None]:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or repr(exc)
+
+
+# -- retrieve: a stored data set as it is in its file -------------------------------------
+
+SEND_WHOLE_UP_TO = 64 * 1024 * 1024
+"""Data sets up to this size are read in one piece before the first byte is sent; larger
+ones a :data:`SEND_CHUNK` at a time."""
+SEND_CHUNK = 4 * 1024 * 1024
+_META_START = 128 + 4  # PS3.10 7.1: preamble, "DICM"
+_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"  # (0002,0000) UL, length 4, explicit VR LE
+
+
+class NotAsWritten(InstanceUnavailable):
+    """The file does not start the way the store writes files (a File Meta group led by
+    its group length): it can still be read by pydicom (:meth:`Archive.read_instance`)."""
+
+
+def stored_data_set(files: FileStore, item: StoredInstance) -> Iterator[bytes]:
+    """The data set of ``item``'s file, byte for byte, File Meta group left out: what a
+    C-STORE sub-operation sends when the receiver accepted the stored transfer syntax
+    (Deflated included: the network carries the same deflated stream, PS3.5 A.5).
+
+    The first piece is read when the iterator is first advanced, before it yields, so that
+    a missing or damaged file fails before anything is sent.
+
+    Raises
+    ------
+    NotAsWritten
+        No File Meta group length where the store writes one.
+    InstanceUnavailable
+        The file cannot be opened or read, or is shorter than the index says.
+    """
+    try:
+        with files.open(item.file_key) as fp:
+            head = fp.read(_META_START + 12)
+            if head[128:132] != b"DICM" or head[_META_START:_META_START + 8] != _GROUP_LENGTH:
+                raise NotAsWritten(f"file of {item.sop_instance_uid} has no File Meta group"
+                                   " length")
+            (meta_length,) = struct.unpack_from("<I", head, _META_START + 8)
+            offset = _META_START + 12 + meta_length
+            length = item.file_size - offset
+            if length <= 0:
+                raise InstanceUnavailable(f"file of {item.sop_instance_uid} is damaged: no"
+                                          " data set")
+            size = length if length <= SEND_WHOLE_UP_TO else SEND_CHUNK
+            pieces = [meta_length] + [min(size, length - at) for at in range(0, length, size)]
+            for number, wanted in enumerate(pieces):
+                piece = _read_exactly(fp, wanted)
+                if len(piece) != wanted:
+                    raise InstanceUnavailable(
+                        f"file of {item.sop_instance_uid} is shorter than indexed"
+                        f" ({item.file_size} bytes)")
+                if number:
+                    yield piece
+    except OSError as exc:
+        raise InstanceUnavailable(
+            f"file of {item.sop_instance_uid} cannot be read: {exc!r}") from exc
+
+
+def _read_exactly(fp: BinaryIO, size: int) -> bytes:
+    """``size`` bytes of ``fp``, fewer only at its end (a stream may return less per read)."""
+    data = fp.read(size)
+    while len(data) < size:
+        more = fp.read(size - len(data))
+        if not more:
+            break
+        data += more
+    return data

@@ -19,11 +19,7 @@ PACKAGES = ("scp", "storage", "web")
 FRONT_ENDS = ("scp", "web")
 """The packages that may know storage's façade only."""
 
-PENDING_FACADE_EXCEPTIONS = {
-    ("scp/engine/reactor.py", "storage.parsing"),
-    ("scp/engine/responses.py", "storage.parsing"),
-    ("scp/engine/responses.py", "storage.query"),
-}
+PENDING_FACADE_EXCEPTIONS: set[tuple[str, str]] = set()
 """(file, storage submodule) pairs that still reach behind the façade, each to be removed
 by the owner of scp/engine/ once it imports from ``storage`` (which already exports what
 these use: ``transfer_syntax_group``, ``read_identifier``, ``Query``). A new entry is not a

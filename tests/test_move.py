@@ -291,11 +291,7 @@ def test_missing_file_is_counted_listed_and_logged(stored_and_peer: Any, caplog:
 
 def assert_failure_lines(caplog: Any, *starts: str) -> None:
     """The WARNING and ERROR lines logged are one per item of ``starts``, each beginning
-    with it; none names the stand-in SOP Class of a failed sub-operation
-    (scp.retrieve.stand_in)."""
-    from scp.retrieve import STAND_IN_SOP_CLASS
-
-    assert STAND_IN_SOP_CLASS not in caplog.text
+    with it."""
     lines = sorted(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert len(lines) == len(starts), lines
     for line, start in zip(lines, sorted(starts), strict=True):
@@ -630,18 +626,17 @@ def test_large_retrieves_get_pending_responses_at_a_bounded_rate(
 def test_the_association_to_the_destination_has_nagle_off(
         stored_and_peer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Else every C-STORE sub-operation waits for a delayed acknowledgement (~45 ms)."""
-    from scp import retrieve
+    from scp.engine.sender import StoreAssociation
 
     running, peer, datasets = stored_and_peer
     seen: list[int] = []
-    original = retrieve.MoveDestination.accepted
+    original = StoreAssociation.release
 
-    def accepted(self: Any, sop_class_uid: str) -> list[str]:
-        sock = self.assoc.dul.socket.socket
-        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-        return original(self, sop_class_uid)
+    def release(self: Any) -> None:
+        seen.append(self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        original(self)
 
-    monkeypatch.setattr(retrieve.MoveDestination, "accepted", accepted)
+    monkeypatch.setattr(StoreAssociation, "release", release)
     final = c_move(running, STUDY_ROOT, peer.ae_title, QueryRetrieveLevel="STUDY",
                    StudyInstanceUID=datasets[0].StudyInstanceUID)[-1]
     assert final.Status == status.SUCCESS
@@ -707,25 +702,23 @@ def test_files_are_not_read_once_the_destination_is_gone(start_server: Callable[
     for ds in datasets:
         running.archive.store(encode(ds), ExplicitVRLittleEndian)
     reads: list[str] = []
-    original = running.archive.read_instance
+    original = running.archive.stored_data_set
 
-    def counted(item: Any, accepted: Any = None) -> Dataset:
+    def counted(item: Any) -> Any:
         reads.append(item.sop_instance_uid)
-        return original(item, accepted)
+        return original(item)
 
-    running.archive.read_instance = counted  # type: ignore[method-assign]
+    running.archive.stored_data_set = counted  # type: ignore[method-assign]
     caplog.clear()
     with caplog.at_level(logging.DEBUG):  # pynetdicom's lines, had they passed, at any level
         final = c_move(running, PATIENT_ROOT, "QUITTER", QueryRetrieveLevel="PATIENT",
                        PatientID="PID1")[-1]
     assert final.NumberOfCompletedSuboperations == 1
     assert final.NumberOfFailedSuboperations == len(datasets) - 1
-    # the one sent and the one the peer aborted on; not the other eight (its A-ABORT is
-    # known before pynetdicom wakes the sender of the second: SubOperations.receiving)
+    # the one sent and the one the peer aborted on; not the other eight
     assert len(datasets) == 10 and len(reads) == 2
-    # one line for the instance in flight, ours (pynetdicom logged "C-STORE sub-operation
-    # failed." and "'Dataset' object has no attribute 'Status'"), then one for the first
-    # instance after it and one for the seven others
+    # one line for the instance in flight, then one for the first instance after it and
+    # one for the seven others
     gone_lines(caplog, "C-MOVE", reads[:2],
                "the receiver aborted the association before answering", 7)
 
@@ -746,57 +739,3 @@ def test_every_retrieve_is_in_the_association_log_line(stored_and_peer: Any, cap
         while "association from MOVESCU" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.01)
     assert "1 move, 1 move failed" in caplog.text
-
-
-def test_only_the_sender_reads_responses_on_the_destination_association(
-        stored_and_peer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """pynetdicom's reactor could take a C-STORE response before send_c_store did (a race
-    in pausing it), losing the association after a DIMSE timeout: on the association to a
-    destination the reactor's non-blocking reads get nothing."""
-    from scp import retrieve
-
-    running, peer, datasets = stored_and_peer
-    seen: list[Any] = []
-    original = retrieve.MoveDestination.accepted
-
-    def accepted(self: Any, sop_class_uid: str) -> list[str]:
-        queue = self.assoc.dimse.msg_queue
-        queue.put((1, "a message"))
-        seen.append(self.assoc.dimse.get_msg(block=False))  # what the reactor would get
-        seen.append(queue.get_nowait())  # still there for the sender
-        return original(self, sop_class_uid)
-
-    monkeypatch.setattr(retrieve.MoveDestination, "accepted", accepted)
-    final = c_move(running, STUDY_ROOT, peer.ae_title, QueryRetrieveLevel="STUDY",
-                   StudyInstanceUID=datasets[0].StudyInstanceUID)[-1]
-    assert final.Status == status.SUCCESS
-    assert seen[:2] == [(None, None), (1, "a message")]
-
-
-def test_the_sub_association_is_woken_not_polled(stored_and_peer: Any, monkeypatch: Any) -> None:
-    # scp/engine/reactor.py serves the sub-association to the destination as it serves the ones we
-    # accept: its reactors wait for work (IDLE_WAIT, made 3 s here) instead of napping 1 ms,
-    # and send_c_store's request to pause the reactor wakes it. Were the pause not a
-    # wake-up, every sub-operation would wait out the 3 s.
-    from scp.engine import reactor
-
-    monkeypatch.setattr(reactor, "IDLE_WAIT", 3.0)
-    served: list[bool] = []
-    open_conn = reactor.handle_conn_open
-
-    def recording(event: evt.Event) -> None:
-        served.append(event.assoc.is_requestor)
-        open_conn(event)
-
-    monkeypatch.setattr(reactor, "handle_conn_open", recording)
-    running, peer, datasets = stored_and_peer
-    started = time.monotonic()
-    responses = c_move(running, PATIENT_ROOT, peer.ae_title, QueryRetrieveLevel="PATIENT",
-                       PatientID=datasets[0].PatientID)
-    elapsed = time.monotonic() - started
-    final = responses[-1]
-    assert final.Status == status.SUCCESS
-    moved = final.NumberOfCompletedSuboperations
-    assert moved >= 3 and len(peer.received) == moved
-    assert True in served, "the C-MOVE sub-association was not given the reactor's wake-ups"
-    assert elapsed < 6.0, f"{moved} sub-operations took {elapsed:.1f} s: the pause waited"

@@ -11,8 +11,10 @@ that the rest of scp/ uses; what minipacs needs below it lives here:
 - :mod:`.responses`: C-FIND responses packed without pynetdicom's per-response encoding;
 - :mod:`.contexts`: cheap per-association copies of the presentation contexts;
 - :mod:`.acse`: rejecting an association request (scp/access.py);
-- :mod:`.retrieve`: the DUL state, the DIMSE ``send_msg`` / ``get_msg`` that C-GET and
-  C-MOVE need.
+- :mod:`.retrieve`: the final response of a C-GET or C-MOVE, rewritten on its way out;
+- :mod:`.sender` and :mod:`.dimse`: the C-STORE sub-operations of retrieves, written to
+  the socket by hand (an association of ours to a C-MOVE destination, or the C-GET's
+  own, lent by its DUL thread: :func:`.reactor.leased`).
 
 Each relies on names pynetdicom does not promise to keep, every one of them listed in
 :data:`PRIVATE_SYMBOLS` (tests/scp/test_engine.py fails when one is gone, and when a module
@@ -56,9 +58,10 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
      " handlers off below DEBUG"),
     ("pynetdicom.service_class:encode", "responses: pre-encoded C-FIND identifiers pass"
      " through"),
+    ("pynetdicom.service_class:LOGGER", "retrieve: the A801 line of a move we answer"
+     " ourselves is dropped (its logger's name, pynetdicom.service_class)"),
     ("pynetdicom.dimse:DIMSEServiceProvider.send_msg", "responses: plain C-FIND responses"
-     " packed by hand; retrieve: per-association filter of C-GET/C-MOVE responses, Move"
-     " Originator on sub-operations"),
+     " packed by hand; retrieve: per-association rewrite of C-GET/C-MOVE responses"),
     ("pynetdicom.transport:RequestHandler._create_association", "contexts: deep-copies"
      " the supported contexts for every association; PresentationContext gets a cheap"
      " __deepcopy__"),
@@ -87,18 +90,18 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
      " guards: end the acceptor's wait"),
     ("pynetdicom.dul:DULServiceProvider.event_queue", "reactor: wake the DUL; guards:"
      " queue Evt19"),
-    ("pynetdicom.dul:DULServiceProvider.state_machine", "guards: do_action; retrieve: the"
-     " DUL state"),
+    ("pynetdicom.dul:DULServiceProvider.state_machine", "guards: do_action"),
     ("pynetdicom.dul:DULServiceProvider._kill_thread", "guards: keep the DUL loop running"
-     " after a failed action, until Sta1"),
+     " after a failed action, until Sta1; reactor: a lent socket is given back"),
+    ("pynetdicom.dul:DULServiceProvider._idle_timer", "reactor: the network idle timer"
+     " starts over when a lent socket is given back"),
+    ("pynetdicom.transport:AssociationSocket.ready", "reactor: true while bytes a C-GET"
+     " read and gave back wait to be read"),
     ("pynetdicom.dul:DULServiceProvider.send_pdu", "responses: queue a packed P-DATA"),
     ("pynetdicom.fsm:StateMachine.do_action", "guards: an action that raises aborts the"
      " association"),
-    ("pynetdicom.fsm:StateMachine.current_state", "retrieve: Sta6 is data transfer"),
     ("pynetdicom.dimse:DIMSEServiceProvider.receive_primitive", "guards: an undecodable"
      " command set aborts the association"),
-    ("pynetdicom.dimse:DIMSEServiceProvider.get_msg", "retrieve: only the sender takes"
-     " C-STORE responses on a C-MOVE sub-association"),
     ("pynetdicom.dimse:DIMSEServiceProvider.msg_queue", "reactor: wake the association"
      " when a message is queued"),
     ("pynetdicom.dimse:DIMSEServiceProvider.message", "guards, reactor: the message being"
@@ -108,7 +111,7 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("pynetdicom.dimse_messages:DIMSEMessage._data_set_file", "guards, reactor: remove the"
      " spool of a message no handler will see"),
     ("pynetdicom.transport:AssociationSocket.recv", "guards: PDU header checks; sockets:"
-     " TCP_QUICKACK after each read"),
+     " TCP_QUICKACK after each read; reactor: bytes a C-GET gave back read first"),
     ("pynetdicom.transport:AssociationSocket.socket", "guards, sockets, reactor: the socket"
      " (timeout, options, select, A-ABORT bytes)"),
 )
@@ -119,7 +122,6 @@ found in its source (``self.<name>``)."""
 PRIVATE_VALUES: tuple[tuple[str, str, str], ...] = (
     ("pynetdicom.fsm:EVENTS", "Evt19", "guards: the event queued for an undecodable command"
      " set (invalid PDU)"),
-    ("pynetdicom.fsm:STATES", "Sta6", "retrieve: the DUL state of data transfer"),
     ("pynetdicom.association:Association._run_reactor", "time.sleep(0.001)",
      "reactor: the association loop's sleep, recognised by its value"),
     ("pynetdicom.dul:DULServiceProvider.run_reactor", "time.sleep(", "reactor: the DUL"
@@ -134,7 +136,9 @@ NOT_INSTALLED = (
     "the reactors of each association poll every 1 ms (slower C-STORE, CPU when idle);"
     " C-STORE data sets are held in memory, not spooled to a file; C-FIND responses are"
     " encoded by pynetdicom; each association copies every presentation context the slow"
-    " way; pynetdicom's lines about failed sub-operations are logged beside ours")
+    " way; C-GET cannot send sub-operations (its socket cannot be lent: answered A702);"
+    " pynetdicom logs \"Unknown Move Destination\" before the final response of every"
+    " C-MOVE")
 """What does not happen when :func:`install` installs nothing."""
 
 
@@ -180,9 +184,10 @@ def install(allow_untested: bool | None = None) -> bool:
                        " nothing: %s", ALLOW_UNTESTED, "; ".join(problems), NOT_INSTALLED)
         _installed = False
         return False
-    from . import contexts, reactor, responses
+    from . import contexts, reactor, responses, retrieve
 
     reactor.install()  # also: C-STORE data sets spooled to files (storage.Spooled)
+    retrieve.install()  # pynetdicom's A801 line, before our final response, dropped
     responses.install()  # C-FIND responses encoded by storage, command set by hand
     contexts.cheap_context_copies()  # association set-up 46.6 -> 5.3 ms
     _installed = True

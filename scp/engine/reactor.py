@@ -19,14 +19,15 @@ end as soon as there is work:
 
 Both waits are capped at :data:`IDLE_WAIT`, so the timers those loops check (ARTIM, the
 network idle timeout, a kill from another thread) keep a resolution of a few milliseconds.
-"Ours" are the associations we accept, and the C-MOVE sub-associations we open to a
-destination (scp/retrieve.py registers them). Every other sleep in pynetdicom, and the loops
+"Ours" are the associations we accept (a C-MOVE's association to its destination is not
+pynetdicom's at all: scp/engine/sender.py). Every other sleep in pynetdicom, and the loops
 of associations nobody registered, are untouched: the modules' ``time`` is replaced by a
 proxy that changes ``sleep`` only for a registered thread at the loop's own sleep.
 
 The same registry makes pynetdicom's DIMSE decoder spool the C-STORE data sets of our
 associations to a temporary file as they arrive (:class:`_SpoolingConfig`), behind a
-minimal File Meta group (:func:`_write_spool_meta`).
+minimal File Meta group (:func:`_write_spool_meta`), and lets a C-GET borrow the socket of
+its association from the DUL thread for its sub-operations (:func:`leased`).
 
 Pinned to pynetdicom 3.0 (the loops in dul.py ``run_reactor`` and association.py
 ``_run_reactor``, the ``_config`` lookup of dimse_messages.py ``decode_msg``), by the gate
@@ -43,7 +44,7 @@ import select
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pynetdicom import _config as _pynetdicom_config
@@ -51,10 +52,12 @@ from pynetdicom import association as _association
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dul as _dul
 from pynetdicom import events as evt
+from pynetdicom.transport import AssociationSocket
 
-from storage.parsing import transfer_syntax_group
+from storage import transfer_syntax_group
 
 from . import guards
+from .sender import Link
 from .versions import tested
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,8 @@ class _Waker:
         self.closed = False
         self.reactor_waiting = False
         self._lock = threading.Lock()  # no write to a closed (and perhaps reused) fd
+        self._lease = _IDLE  # the socket lent to a retrieve (see :func:`leased`)
+        self._lease_changed = threading.Condition()
 
     def wake_dul(self) -> None:
         with self._lock, contextlib.suppress(OSError):  # full pipe: already woken
@@ -113,10 +118,16 @@ class _Waker:
         return self.reactor_waiting and not self.dul.to_provider_queue.qsize()
 
     def wait_dul(self) -> None:
-        """The DUL reactor's sleep: until the socket has data or work is queued."""
+        """The DUL reactor's sleep: until the socket has data or work is queued; while the
+        socket is lent (:func:`leased`), until it is given back."""
         dul = self.dul
         if dul.to_provider_queue.qsize() or dul.event_queue.qsize():
             return
+        if self._lease is _WANTED:
+            self._lend()
+            return
+        if getattr(dul.socket, _UNREAD, None):
+            return  # bytes a retrieve read and handed back: the loop reads them next
         transport = dul.socket
         sock = getattr(transport, "socket", None)
         if sock is not None and getattr(sock, "pending", None) and sock.pending():
@@ -130,6 +141,40 @@ class _Waker:
         with contextlib.suppress(OSError):
             os.read(self.read_fd, 4096)
 
+    # -- lending the socket to a retrieve (see leased) ---------------------------------
+
+    def borrow(self, timeout: float) -> bool:
+        """Ask the DUL thread for the socket; ``True`` once it has stopped reading it."""
+        with self._lease_changed:
+            self._lease = _WANTED
+        self.wake_dul()
+        with self._lease_changed:
+            if self._lease_changed.wait_for(lambda: self._lease is _LENT, timeout):
+                return True
+            self._lease = _IDLE
+            return False
+
+    def give_back(self) -> None:
+        with self._lease_changed:
+            self._lease = _IDLE
+            self._lease_changed.notify_all()
+
+    def wanted_back(self) -> bool:
+        """pynetdicom needs the socket: something is queued to send (an A-ABORT when the
+        server stops), or the association is being killed."""
+        dul = self.dul
+        return bool(dul.to_provider_queue.qsize() or dul._kill_thread or self.closed)
+
+    def _lend(self) -> None:
+        """In the DUL thread: stop, reading nothing, until the socket is given back; then
+        the network idle timer starts over (the lender read what came meanwhile)."""
+        with self._lease_changed:
+            self._lease = _LENT
+            self._lease_changed.notify_all()
+            while self._lease is _LENT and not self.dul._kill_thread:
+                self._lease_changed.wait(IDLE_WAIT)
+        self.dul._idle_timer.restart()
+
     def close(self) -> None:
         with self._lock:
             if not self.closed:
@@ -137,6 +182,75 @@ class _Waker:
                 for fd in (self.read_fd, self.write_fd):
                     with contextlib.suppress(OSError):
                         os.close(fd)
+
+
+_IDLE, _WANTED, _LENT = "idle", "wanted", "lent"
+_UNREAD = "_minipacs_unread"
+"""The attribute of an AssociationSocket holding bytes a retrieve read and gave back."""
+LEASE_WAIT = 5.0
+"""Longest wait for a DUL thread to lend its socket (it is idle within IDLE_WAIT)."""
+
+
+@contextlib.contextmanager
+def leased(assoc: Any, cancel_of: int | None = None) -> Iterator[Link | None]:
+    """The socket of ``assoc`` (one we accepted, in data transfer) for the C-STORE
+    sub-operations of a C-GET: its DUL thread stops reading it until the block ends, and
+    what the :class:`~scp.engine.sender.Link` read that was not ours is handed back to
+    it, to be read first (an A-RELEASE-RQ, an A-ABORT, another request). ``None`` when it
+    cannot be lent (not registered here, the DUL busy for :data:`LEASE_WAIT`).
+
+    The block must not let pynetdicom send on ``assoc`` meanwhile; the link gives up
+    (:data:`scp.engine.sender.INTERRUPTED`) when pynetdicom wants the socket back.
+    """
+    waker = _wakers.get(assoc)
+    if waker is None or waker.closed or not waker.borrow(LEASE_WAIT):
+        yield None
+        return
+    transport = assoc.dul.socket
+    sock = transport.socket
+    timeout = sock.gettimeout()
+    link = Link(sock, int(assoc.requestor.maximum_length or 0), assoc.dimse_timeout,
+                wanted_back=waker.wanted_back, cancel_of=cancel_of)
+    try:
+        yield link
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(timeout)
+        _unread(transport, link.leftover())
+        waker.give_back()
+
+
+def _unread(transport: Any, data: bytes) -> None:
+    """Put ``data`` in front of what ``transport`` reads next (:func:`leased`)."""
+    if not data:
+        return
+    buffer = bytearray(data)
+    setattr(transport, _UNREAD, buffer)
+    previous = transport.__dict__.get("recv")  # quick_ack's, or none (the class's)
+    recv = transport.recv
+
+    def recv_unread(nr_bytes: int) -> Any:
+        out = bytearray(buffer[:nr_bytes])
+        del buffer[:nr_bytes]
+        if not buffer:
+            setattr(transport, _UNREAD, None)
+            if previous is None:
+                del transport.recv
+            else:
+                transport.recv = previous
+        if len(out) < nr_bytes:
+            out += recv(nr_bytes - len(out))
+        return out
+
+    transport.recv = recv_unread
+
+
+def _ready_or_unread(self: Any) -> bool:
+    """AssociationSocket.ready, true too while bytes a retrieve gave back wait there."""
+    return bool(getattr(self, _UNREAD, None)) or bool(_ready.fget(self))  # type: ignore[attr-defined]
+
+
+_ready = AssociationSocket.ready
 
 
 class _TimeProxy:
@@ -215,6 +329,7 @@ def install() -> bool:
     _dimse_messages._config = _SpoolingConfig()  # type: ignore[assignment]
     _dimse_messages.create_file_meta = _spool_meta  # type: ignore[assignment]
     _dimse_messages.write_file_meta_info = _write_spool_meta  # type: ignore[assignment]
+    AssociationSocket.ready = property(_ready_or_unread)  # type: ignore[method-assign,assignment]
     _installed = True
     return True
 

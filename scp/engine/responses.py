@@ -44,9 +44,7 @@ from pynetdicom import service_class as _service_class
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.pdu_primitives import P_DATA
 
-from storage import Archive
-from storage.parsing import read_identifier
-from storage.query import Query
+from storage import Archive, Query, read_identifier
 
 from .reactor import wait_until
 from .versions import tested

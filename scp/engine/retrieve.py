@@ -1,51 +1,79 @@
 """What our C-GET and C-MOVE handlers need below pynetdicom's public API (scp/retrieve.py
-and scp/handlers.py hold the rest): whether an association can still carry a
-sub-operation (its DUL state), the filter on the responses of one retrieve (its DIMSE
-``send_msg``), and, on the association to a C-MOVE destination, the Move Originator of each
-sub-operation and a reactor that takes no C-STORE responses (its DIMSE ``get_msg``).
-Pinned to pynetdicom 3.0, like the rest of scp/engine/.
+and scp/handlers.py hold the rest): the final response of a retrieve, rewritten on its way
+out (the DIMSE ``send_msg`` of the requesting association), and pynetdicom's own line
+about the A801 it makes for it dropped. The sub-operations themselves go through
+scp/engine/sender.py. Pinned to pynetdicom 3.0, like the rest of scp/engine/.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 
 from ..status import PENDING_CODES
-
-
-def transferring(assoc: Association) -> bool:
-    """Whether ``assoc`` can still carry a sub-operation: established, and its DUL still in
-    Sta6 (data transfer). An A-ABORT from the peer moves the DUL to Sta1 at once, while
-    ``is_established`` turns false only when the association's reactor gets to it: in
-    between, a sub-operation sent would wait the whole DIMSE timeout for its response."""
-    return bool(assoc.is_established) and assoc.dul.state_machine.current_state == "Sta6"
-
 
 PENDING_EVERY_SUBOPERATION_UP_TO = 1000
 """Retrieves of up to this many instances get a Pending response after every one."""
 PENDING_INTERVAL = 0.5
 """Larger ones get one Pending response per this many seconds at most."""
 
+UNKNOWN_MOVE_DESTINATION = "Unknown Move Destination: "
+"""pynetdicom 3.0's ERROR (service_class.py ``_move_scp``) when the handler yields no
+destination, which ours always does once the sub-operations are over: the final response
+it then makes is rewritten (:class:`Responses`), and the line would be wrong."""
+
+
+def requestor_present(assoc: Association) -> bool:
+    """The requestor of a C-MOVE is still there: established, and no A-ABORT or
+    A-RELEASE-RQ of its waits in the queue of the association's reactor, which runs our
+    handler and so takes neither until the move is over (pynetdicom's
+    ``ServiceClass._wrap_handler`` asks the same between two sub-operations)."""
+    acse = assoc.acse
+    return bool(assoc.is_established) and not (
+        acse.is_aborted() or acse.is_release_requested())
+
+
+def send_response(assoc: Association, primitive: C_GET | C_MOVE, context_id: int) -> None:
+    """Send a (Pending) C-GET or C-MOVE response on the requesting association, through
+    pynetdicom's DIMSE provider and DUL thread, as its service class would."""
+    assoc.dimse.send_msg(primitive, context_id)
+
+
+class _NoUnknownDestination(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str)
+                    and record.msg.startswith(UNKNOWN_MOVE_DESTINATION))
+
+
+_FILTER = _NoUnknownDestination()
+
+
+def install() -> None:
+    """Drop pynetdicom's :data:`UNKNOWN_MOVE_DESTINATION` lines (once; the handler logs an
+    unknown destination itself)."""
+    logging.getLogger("pynetdicom.service_class").addFilter(_FILTER)
+
 
 class Responses:
     """The responses of one C-MOVE or C-GET on their way out of pynetdicom.
 
-    pynetdicom sends a Pending response after every sub-operation and answers A801 itself
-    in cases where we want another status. While installed (:meth:`install`, until the
-    final response or :meth:`restore`), this wraps the requesting association's DIMSE
+    Our handlers run the sub-operations themselves (scp/retrieve.py) and then let
+    pynetdicom send the final response: for a C-MOVE the A801 it answers to a handler that
+    names no destination, for a C-GET a Success. While installed (:meth:`install`, until
+    the final response or :meth:`restore`), this wraps the requesting association's DIMSE
     ``send_msg`` and, for this request's responses only:
 
     - lets every Pending through for retrieves of up to
-      :data:`PENDING_EVERY_SUBOPERATION_UP_TO` instances, and at most one per
+      :data:`PENDING_EVERY_SUBOPERATION_UP_TO` instances (``total``), and at most one per
       :data:`PENDING_INTERVAL` seconds for larger ones (PS3.4 C.4.2.3.1 and C.4.3.3.1:
-      Pending responses are optional), so that a large retrieve does not spend its time
-      reporting;
-    - hands the final response to ``rewrite`` (see :class:`MoveDestination`);
+      Pending responses are optional);
+    - hands the final response to ``rewrite``, which gives it the outcome
+      (:class:`scp.retrieve.Final`);
     - sends the final response without a data set when no sub-operation failed: PS3.4
       C.4.2.1.4.2 and C.4.3.1.3.2, "If no C-STORE sub-operation failed, Failed SOP
       Instance UID List (0008,0058) is absent and therefore no Data Set shall be sent".
@@ -107,37 +135,3 @@ class Responses:
                 primitive.Identifier = None
             self.restore()
         original(primitive, context_id)
-
-
-def only_the_sender_reads(assoc: Association) -> None:
-    """Keep the association's reactor thread from taking C-STORE responses.
-
-    pynetdicom 3.0's ``send_c_store`` pauses the association's reactor before it sends
-    and then waits for the response, but the pause has a race: the reactor may take
-    the response off the queue (and drop it as an "unexpected C-STORE service
-    message"), so the sub-operation waits for the DIMSE timeout and the association
-    is lost. The benchmark hit it once in 10,000 sub-operations. The reactor reads
-    without blocking and ``send_c_store`` with blocking, and a Storage SCP sends us no
-    requests here, so non-blocking reads get nothing on this association.
-    """
-    dimse = assoc.dimse
-    get = dimse.get_msg
-
-    def get_msg(block: bool = False) -> Any:
-        return get(block=True) if block else (None, None)
-
-    dimse.get_msg = get_msg  # type: ignore[method-assign]
-
-
-def set_move_originator(assoc: Association, originator: str) -> None:
-    """PS3.7 9.3.1.1: a C-STORE sub-operation's Move Originator AE Title is the AE that
-    asked for the move; pynetdicom puts our own title there. Set it on the way out."""
-    dimse = assoc.dimse
-    send = dimse.send_msg
-
-    def send_msg(primitive: Any, context_id: int) -> None:
-        if isinstance(primitive, C_STORE):
-            primitive.MoveOriginatorApplicationEntityTitle = originator
-        send(primitive, context_id)
-
-    dimse.send_msg = send_msg  # type: ignore[method-assign]

@@ -550,3 +550,31 @@ def test_find_stops_scanning_when_cancelled(archive: Archive) -> None:
 
     assert list(archive.find(archive.parse_query(q, Model.STUDY_ROOT), cancelled)) == []
     assert len(asked) == 3  # it stopped at the third row instead of scanning all five
+
+
+def test_stored_data_set_is_the_senders_bytes_and_fails_before_yielding(
+        archive: Archive) -> None:
+    """What a retrieve sends as stored (Archive.stored_data_set): the data set exactly as
+    received, without the File Meta group; a file that cannot serve fails at the first
+    piece, before anything could be sent."""
+    from storage import InstanceUnavailable, NotAsWritten, StoredInstance
+    from storage.models import Instance
+
+    ds = make_ds()
+    raw = encode(ds, ImplicitVRLittleEndian)
+    put(archive, ds, ImplicitVRLittleEndian)
+    row = Instance.get(Instance.sop_instance_uid == ds.SOPInstanceUID)
+    item = StoredInstance(row.sop_class_uid, row.sop_instance_uid, row.transfer_syntax_uid,
+                          row.file_key, row.file_size)
+    assert b"".join(archive.stored_data_set(item)) == raw
+    path = archive.files.path(item.file_key)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-10])  # shorter than indexed
+    with pytest.raises(InstanceUnavailable, match="shorter than indexed"):
+        next(archive.stored_data_set(item))
+    path.write_bytes(whole[:132] + whole[144:])  # no File Meta group length
+    with pytest.raises(NotAsWritten):
+        next(archive.stored_data_set(item))
+    path.unlink()
+    with pytest.raises(InstanceUnavailable, match="cannot be read"):
+        next(archive.stored_data_set(item))
