@@ -31,8 +31,9 @@ from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
 from . import index, instances, maintenance, query
 from .commit import GroupCommit
-from .convert import as_stored, to_accepted
+from .convert import as_stored, explicit_to_implicit, to_accepted
 from .errors import (
+    CannotConvert,
     DuplicateRejected,
     InstanceUnavailable,
     InvalidInstance,
@@ -690,6 +691,17 @@ class Archive:
         :class:`~storage.instances.NotAsWritten` for a file to go through
         :meth:`read_instance` instead)."""
         return instances.stored_data_set(self.files, item)
+
+    def stored_as_implicit(self, item: StoredInstance) -> bytes:
+        """The data set of ``item``, stored as Explicit VR Little Endian, in Implicit VR
+        Little Endian, rewritten on the bytes (:func:`storage.convert.explicit_to_implicit`):
+        for a receiver that took only Implicit VR. Raises :class:`InstanceUnavailable`
+        (:class:`~storage.instances.NotAsWritten`: use :meth:`read_instance`) or
+        :class:`CannotConvert` (what Implicit VR cannot carry, or more than
+        :data:`storage.instances.SEND_WHOLE_UP_TO` bytes: decode it instead)."""
+        if item.file_size > instances.SEND_WHOLE_UP_TO:
+            raise CannotConvert(f"{item.sop_instance_uid} is too large to rewrite in memory")
+        return explicit_to_implicit(b"".join(instances.stored_data_set(self.files, item)))
 
     # -- WADO-RS --------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import threading
 from collections.abc import Collection, Iterator
 from typing import Any
@@ -201,3 +202,97 @@ def _one_line(exc: Exception) -> str:
     for line in filter(None, (line.strip() for line in str(exc).splitlines())):
         text += line if not text else (" " if text.endswith(":") else "; ") + line
     return text or repr(exc)
+
+
+# -- Explicit VR Little Endian -> Implicit VR Little Endian, on the bytes ----------------
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+"""PS3.5 7.1.2: explicit VRs with a reserved field and a 4-byte length."""
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xE000, 0xE00D, 0xE0DD  # group FFFE
+_HEADER = struct.Struct("<HH")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+
+
+def explicit_to_implicit(data: bytes | bytearray | memoryview) -> bytes:
+    """A native Explicit VR Little Endian data set, as Implicit VR Little Endian: the same
+    values, each element header rewritten (tag, then a 4-byte length; PS3.5 7.1.3),
+    sequences and items walked as they are, defined or undefined lengths kept. Values are
+    copied, never decoded: what a receiver that took only Implicit VR Little Endian gets
+    of a stored instance, about 100 times faster than decoding and re-encoding it.
+
+    Raises
+    ------
+    CannotConvert
+        The bytes are not such a data set (a VR that is not one, a length past the end),
+        or they hold what Implicit VR cannot carry (encapsulated pixel data, an undefined
+        length on an element that is not a sequence): decode it instead.
+    """
+    out = bytearray()
+    view = memoryview(data)
+    end = _walk(view, 0, len(view), out, None)
+    if end != len(view):  # pragma: no cover - _walk consumes to ``stop`` or raises
+        raise CannotConvert("trailing bytes after the data set")
+    return bytes(out)
+
+
+def _walk(view: memoryview, at: int, stop: int, out: bytearray, until: int | None) -> int:
+    """Rewrite elements from ``at`` up to ``stop``, or up to and including the item or
+    sequence delimitation ``until`` (group FFFE); returns where it stopped."""
+    while at < stop:
+        if stop - at < 8:
+            raise CannotConvert("truncated element header")
+        group, element = _HEADER.unpack_from(view, at)
+        if group == 0xFFFE:
+            (length,) = _U32.unpack_from(view, at + 4)
+            out += view[at:at + 8]  # items and delimiters have no VR (PS3.5 7.5)
+            at += 8
+            if element == until:
+                return at
+            if element != _ITEM:
+                raise CannotConvert(f"unexpected (FFFE,{element:04X})")
+            at = _contents(view, at, stop, out, length, _ITEM_END)
+            continue
+        vr = bytes(view[at + 4:at + 6])
+        if vr in _LONG_VRS:
+            if stop - at < 12:
+                raise CannotConvert("truncated element header")
+            (length,) = _U32.unpack_from(view, at + 8)
+            at += 12
+        elif vr.isalpha() and vr.isupper():
+            (length,) = _U16.unpack_from(view, at + 6)
+            at += 8
+        else:
+            raise CannotConvert(f"({group:04X},{element:04X}) has no valid VR")
+        out += view[at - (12 if vr in _LONG_VRS else 8):at - (8 if vr in _LONG_VRS else 4)]
+        out += _U32.pack(length)
+        if vr == b"SQ":
+            at = _contents(view, at, stop, out, length, _SEQUENCE_END)
+            continue
+        if length == _UNDEFINED:
+            raise CannotConvert(f"({group:04X},{element:04X}) {vr.decode()} of undefined"
+                                " length (encapsulated or a sequence as UN)")
+        if at + length > stop:
+            raise CannotConvert(f"({group:04X},{element:04X}) runs past the data set")
+        out += view[at:at + length]
+        at += length
+    if until is not None:
+        raise CannotConvert("a sequence or item has no delimitation")
+    return at
+
+
+def _contents(view: memoryview, at: int, stop: int, out: bytearray, length: int,
+              delimitation: int) -> int:
+    """The contents of a sequence or an item whose 4-byte length was just written to
+    ``out``: up to ``delimitation`` when undefined, else ``length`` bytes, the length then
+    rewritten (the headers inside shrink: PS3.5 7.5.1)."""
+    if length == _UNDEFINED:
+        return _walk(view, at, stop, out, delimitation)
+    if at + length > stop:
+        raise CannotConvert("a sequence or item runs past its container")
+    start = len(out)
+    _walk(view, at, at + length, out, None)
+    _U32.pack_into(out, start - 4, len(out) - start)
+    return at + length

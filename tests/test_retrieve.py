@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role
 from pynetdicom import events as evt
 from pynetdicom.dsutils import decode
@@ -36,14 +36,15 @@ def stored(server: Running) -> list[Dataset]:
 
 def c_get(running: Running, model: Any, refuse: frozenset[str] = frozenset(),
           pdus: list[tuple[str, ...]] | None = None, abort_at: int = 0,
-          requests: list[str] | None = None,
+          requests: list[str] | None = None, syntax: str = ExplicitVRLittleEndian,
           **keys: Any) -> tuple[list[bytes], list[Dataset]]:
     """A C-GET with pynetdicom acting as the Storage SCP of the sub-operations: the data
     sets received (as encoded bytes) and every C-GET response. The instances named in
     ``refuse`` are answered A700 (Refused: Out of Resources); ``pdus`` gets what arrived,
     PDU by PDU (see :func:`received_pdu`); with ``abort_at``, the association is aborted
     at that C-STORE request instead of answering it; ``requests`` gets the SOP Instance
-    UID of each C-STORE request."""
+    UID of each C-STORE request; ``syntax`` is the one transfer syntax proposed for the
+    storage SOP Classes."""
     received: list[bytes] = []
 
     def on_store(event: Any) -> int:
@@ -69,7 +70,7 @@ def c_get(running: Running, model: Any, refuse: frozenset[str] = frozenset(),
     ae.add_requested_context(model)
     classes = sorted({str(ds.SOPClassUID) for ds in hierarchy()})
     for uid in classes:
-        ae.add_requested_context(uid, ExplicitVRLittleEndian)
+        ae.add_requested_context(uid, syntax)
     roles = [build_role(uid, scp_role=True) for uid in classes]
     assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title,
                          ext_neg=roles, evt_handlers=handlers)
@@ -189,6 +190,25 @@ def test_get_cancel(server: Running, stored: list[Dataset]) -> None:
     assoc.release()
     assert codes[-1] == status.CANCEL
     assert codes.count(status.PENDING) < len([ds for ds in stored if ds.PatientID == "PID1"])
+
+
+def test_get_to_an_implicit_only_requestor_rewrites_the_stored_bytes(
+        server: Running, stored: list[Dataset]) -> None:
+    """Stored as Explicit VR Little Endian, sent to a requestor that took only Implicit VR
+    (DCMTK's getscu by default): the same values in Implicit VR, rewritten on the bytes
+    (Archive.stored_as_implicit), never decoded by pydicom."""
+    from tests.factory import encode
+
+    def no_decoding(*_: Any) -> Any:
+        raise AssertionError("the instance was decoded")
+
+    server.archive.read_instance = no_decoding  # type: ignore[method-assign]
+    wanted = [ds for ds in stored if ds.PatientID == "PID1"]
+    received, responses = c_get(server, PatientRootQueryRetrieveInformationModelGet,
+                                syntax=ImplicitVRLittleEndian, QueryRetrieveLevel="PATIENT",
+                                PatientID="PID1")
+    assert responses[-1].Status == status.SUCCESS
+    assert sorted(received) == sorted(encode(ds, ImplicitVRLittleEndian) for ds in wanted)
 
 
 def test_get_converts_for_what_the_requestor_accepted(server: Running, caplog: Any) -> None:
