@@ -7,7 +7,10 @@ no file, no index), and times DCMTK ``storescu`` sending small instances to it, 
 
 - ``plain``: pynetdicom as shipped (its reactors poll every 1 ms);
 - ``minipacs``: with what minipacs puts around pynetdicom (``scp/engine/reactor.py`` wake-ups and
-  spooling, TCP_NODELAY and TCP_QUICKACK, ``scp/engine/responses.py``), the handler still empty.
+  spooling, TCP_NODELAY and TCP_QUICKACK, ``scp/engine/responses.py``), the handler still empty,
+  C-STORE requests through pynetdicom's own path;
+- ``engine receive``: the same, C-STORE requests read and answered by the DUL thread itself
+  (``scp/engine/receiver.py``).
 
 No minipacs handler can be faster than the second; if it is slower than another server,
 pynetdicom alone is (issue 6, target 1)::
@@ -36,6 +39,11 @@ from pynetdicom.presentation import AllStoragePresentationContexts  # noqa: E402
 
 from scp.engine import reactor, responses  # noqa: E402
 from scp.engine.sockets import disable_nagle, quick_ack  # noqa: E402
+
+VARIANTS = ("plain", "minipacs", "engine receive")
+"""pynetdicom as shipped; with minipacs's wake-ups, socket options and C-FIND responses,
+C-STORE still through pynetdicom's per-PDU path; the same with C-STORE requests read and
+answered by the DUL thread itself (scp/engine/receiver.py)."""
 
 
 def handle_store(event: Any) -> int:
@@ -83,11 +91,12 @@ def main() -> int:
         data = bench.generate(work / "in", "floor", args.count, 64, 10, 10, 2, seed=11)
         reactor.install()
         responses.install()
-        servers = {name: serve(name == "minipacs") for name in ("plain", "minipacs")}
+        servers = {name: serve(name != "plain") for name in VARIANTS}
         rates: dict[str, list[float]] = {name: [] for name in servers}
         for _ in range(args.rounds):  # alternated, so that the machine's drift falls on both
             for name, (_, server) in servers.items():
                 port = int(server.server_address[1])
+                reactor.RECEIVE_C_STORE = name == "engine receive"
                 rates[name].append(args.count / send(port, data, args.parallel))
         for ae, _ in servers.values():
             ae.shutdown()

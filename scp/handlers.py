@@ -7,7 +7,6 @@ exception ever reaches pynetdicom's catch-all.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
@@ -23,18 +22,15 @@ from storage import (
     Origin,
     Query,
     Spooled,
-    StoredInstance,
 )
 
 from . import status
 from .access import Access
 from .activity import Activity
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
-from .engine import dimse, responses
-from .engine.reactor import leased
-from .engine.retrieve import Responses, requestor_present, send_response
-from .engine.sender import ReceiverGone
-from .retrieve import Final, MoveDestination, Retrieval, get_contexts
+from .engine import responses
+from .engine.retrieve import Responses
+from .retrieve import Final, MoveDestination, run_get, run_move
 
 logger = logging.getLogger(__name__)
 
@@ -174,42 +170,13 @@ def handle_get(
             if refusal is not None:
                 final = Final(int(refusal.Status), comment=refusal.get("ErrorComment"))
             else:
-                final = _get(event, archive, items)
+                final = run_get(event, archive, items)
                 outcome = "get cancelled" if final.status == status.CANCEL else "get"
             yield 1  # pynetdicom wants a number first: the final response follows it
             yield status.SUCCESS, None  # rewritten with ``final`` on its way out
         finally:
             responses.restore()
             activity.count(event, outcome, ok=True)
-
-
-def _get(event: evt.Event, archive: Archive, items: list[StoredInstance]) -> Final:
-    req = cast(C_GET, event.request)
-    if not items:
-        return Final(status.SUCCESS)
-    with leased(event.assoc, cancel_of=req.MessageID) as link:
-        if link is None:  # pynetdicom could not lend its socket: an untested version
-            reason = "this server cannot send C-GET sub-operations (see its log at start)"
-            logger.error("C-GET from %s: %s", _peer_name(event), reason)
-            return Final(status.MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS, failed=len(items),
-                         comment=reason)
-        sop_class = str(req.AffectedSOPClassUID)
-        context_id = int(event.context.context_id)
-
-        def pending(counts: Final) -> None:
-            with contextlib.suppress(ReceiverGone):  # the next sub-operation says why
-                link.command(context_id, dimse.retrieve_pending(
-                    dimse.C_GET_RSP, int(req.MessageID or 0), sop_class, counts.status,
-                    counts.remaining or 0, counts.completed, counts.failed, counts.warning))
-
-        def cancelled() -> bool:
-            with contextlib.suppress(ReceiverGone):
-                link.poll()
-            return link.cancelled
-
-        return Retrieval("C-GET", archive, items, link, get_contexts(event.assoc),
-                         int(req.MessageID or 0), int(req.Priority or 0), pending=pending,
-                         cancelled=cancelled).run()
 
 
 def handle_move(
@@ -242,7 +209,7 @@ def handle_move(
                     _log_failure("C-MOVE", event, exc)
                     final = _refusal(status.find_error_status(exc))
                 else:
-                    final = _move(event, archive, items, MoveDestination(
+                    final = run_move(event, archive, items, MoveDestination(
                         peer, config.ae.title, config.ae.max_pdu_size,
                         config.ae.acse_timeout, config.ae.dimse_timeout))
                     outcome = "move cancelled" if final.status == status.CANCEL else "move"
@@ -250,35 +217,6 @@ def handle_move(
         finally:
             responses.restore()
             activity.count(event, outcome, ok=True)
-
-
-def _move(event: evt.Event, archive: Archive, items: list[StoredInstance],
-          destination: MoveDestination) -> Final:
-    if not items:
-        return Final(status.SUCCESS)
-    opened = destination.open(items)
-    if isinstance(opened, Final):
-        return opened
-    req = cast(C_MOVE, event.request)
-    cancel = _CancelFlag(event)
-    requesting = event.assoc
-
-    def pending(counts: Final) -> None:
-        rsp = C_MOVE()
-        rsp.MessageIDBeingRespondedTo = req.MessageID
-        rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
-        counts.rewrite(rsp, UID(str(event.context.transfer_syntax)))
-        send_response(requesting, rsp, int(event.context.context_id))
-
-    try:
-        return Retrieval(
-            "C-MOVE", archive, items, opened.link, opened.accepted, int(req.MessageID or 0),
-            int(req.Priority or 0),
-            originator=(requesting.requestor.ae_title, int(req.MessageID or 0)),
-            pending=pending, cancelled=cancel,
-            requestor_up=lambda: requestor_present(requesting)).run()
-    finally:
-        opened.release()
 
 
 def _refusal(refusal: Dataset) -> Final:

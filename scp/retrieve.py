@@ -17,6 +17,7 @@ gets a line and the others one line together (:meth:`Retrieval.finish`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -29,6 +30,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
+from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
@@ -39,6 +41,7 @@ from . import status
 from .config import PeerConfig
 from .engine import dimse
 from .engine import retrieve as engine_retrieve
+from .engine.reactor import leased
 from .engine.sender import AssociationFailed, Link, ReceiverGone, StoreAssociation
 
 logger = logging.getLogger(__name__)
@@ -93,8 +96,10 @@ def proposed_contexts(
 def data_set_for(archive: Archive, item: StoredInstance,
                  contexts: list[tuple[int, str]]) -> tuple[int, Iterable[bytes]]:
     """The presentation context ``item`` goes on, and its data set: the stored bytes when
-    the receiver accepted the stored syntax, else decoded and encoded into one it accepted
-    (:meth:`storage.Archive.read_instance`). The stored file is read before this returns.
+    the receiver accepted the stored syntax; Explicit VR Little Endian rewritten as Implicit
+    on the bytes when the receiver took only that (:meth:`storage.Archive.stored_as_implicit`);
+    else decoded and encoded into one it accepted (:meth:`storage.Archive.read_instance`).
+    The stored file is read before this returns.
 
     Raises
     ------
@@ -111,6 +116,13 @@ def data_set_for(archive: Archive, item: StoredInstance,
             except NotAsWritten:
                 break
             return context_id, itertools.chain([first], pieces)
+    if item.transfer_syntax_uid == ExplicitVRLittleEndian:
+        for context_id, syntax in contexts:
+            if syntax == ImplicitVRLittleEndian:  # the same values, other headers
+                try:
+                    return context_id, [archive.stored_as_implicit(item)]
+                except (NotAsWritten, CannotConvert):
+                    break  # decoded below, which says why if that fails too
     ds = archive.read_instance(item, [syntax for _, syntax in contexts])
     produced = str(ds.file_meta.TransferSyntaxUID)
     ranked = sorted(contexts, key=lambda c: (c[1] != produced,
@@ -335,3 +347,90 @@ class MoveDestination:
             logger.error("C-MOVE to %s: %s (%s)", peer.ae_title, reason, exc.detail)
             return Final(status.MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS, failed=len(items),
                          comment=status.trim_comment(reason))
+
+
+class Requestor:
+    """The association a C-GET or C-MOVE came on, as its retrieve sees it: where Pending
+    responses go, whether a C-CANCEL came (PS3.4 C.4.2.3.1, C.4.3.3.1), whether the
+    requestor is still there. Over its socket, lent by pynetdicom (``link``,
+    :func:`scp.engine.reactor.leased`), or, when it could not be lent (a C-MOVE with an
+    untested pynetdicom), through pynetdicom."""
+
+    def __init__(self, event: Any, link: Link | None, command_field: int) -> None:
+        self.event = event
+        self.link = link
+        self.command_field = command_field
+        self.request = event.request
+        self.context_id = int(event.context.context_id)
+        self._cancelled = False
+
+    def pending(self, counts: Final) -> None:
+        req = self.request
+        if self.link is not None:
+            with contextlib.suppress(ReceiverGone):  # the next check says it is gone
+                self.link.command(self.context_id, dimse.retrieve_pending(
+                    self.command_field, int(req.MessageID or 0), str(req.AffectedSOPClassUID),
+                    counts.status, counts.remaining or 0, counts.completed, counts.failed,
+                    counts.warning))
+            return
+        rsp = C_MOVE()
+        rsp.MessageIDBeingRespondedTo = req.MessageID
+        rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+        counts.rewrite(rsp, UID(str(self.event.context.transfer_syntax)))
+        engine_retrieve.send_response(self.event.assoc, rsp, self.context_id)
+
+    def cancelled(self) -> bool:
+        """A C-CANCEL of this request came (remembered: pynetdicom forgets it once asked)."""
+        if self.link is not None:
+            with contextlib.suppress(ReceiverGone):
+                self.link.poll()
+            return self.link.cancelled
+        self._cancelled = self._cancelled or bool(self.event.is_cancelled)
+        return self._cancelled
+
+    def present(self) -> bool:
+        if self.link is not None:
+            return self.link.gone is None
+        return engine_retrieve.requestor_present(self.event.assoc)
+
+
+def run_get(event: Any, archive: Archive, items: list[StoredInstance]) -> Final:
+    """The sub-operations of a C-GET, over its own association (PS3.4 C.4.3.3), and the
+    final response to give."""
+    if not items:
+        return Final(status.SUCCESS)
+    req = event.request
+    with leased(event.assoc, cancel_of=int(req.MessageID or 0)) as link:
+        if link is None:  # pynetdicom could not lend its socket: an untested version
+            reason = "this server cannot send C-GET sub-operations (see its log at start)"
+            logger.error("C-GET from %s: %s", event.assoc.requestor.ae_title, reason)
+            return Final(status.MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS, failed=len(items),
+                         comment=reason)
+        requestor = Requestor(event, link, dimse.C_GET_RSP)
+        return Retrieval("C-GET", archive, items, link, get_contexts(event.assoc),
+                         int(req.MessageID or 0), int(req.Priority or 0),
+                         pending=requestor.pending, cancelled=requestor.cancelled).run()
+
+
+def run_move(event: Any, archive: Archive, items: list[StoredInstance],
+             destination: MoveDestination) -> Final:
+    """The sub-operations of a C-MOVE, over an association of ours to ``destination``
+    (PS3.4 C.4.2.3), and the final response to give."""
+    if not items:
+        return Final(status.SUCCESS)
+    opened = destination.open(items)
+    if isinstance(opened, Final):
+        return opened
+    req = event.request
+    message_id = int(req.MessageID or 0)
+    try:
+        with leased(event.assoc, cancel_of=message_id) as link:
+            requestor = Requestor(event, link, dimse.C_MOVE_RSP)
+            return Retrieval(
+                "C-MOVE", archive, items, opened.link, opened.accepted, message_id,
+                int(req.Priority or 0),
+                originator=(event.assoc.requestor.ae_title, message_id),
+                pending=requestor.pending, cancelled=requestor.cancelled,
+                requestor_up=requestor.present).run()
+    finally:
+        opened.release()

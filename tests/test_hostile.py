@@ -1118,13 +1118,19 @@ def _spools() -> set[Path]:
 
 
 def test_a_store_cut_off_leaves_no_spool_file(pacs: Running) -> None:
-    """The data set of a C-STORE goes to a temporary file as it arrives (scp/engine/reactor.py);
-    one whose association ends before the last fragment must not stay there."""
+    """The data set of a C-STORE larger than scp/engine/receiver.py keeps in memory goes to
+    a temporary file as it arrives (pynetdicom's path, scp/engine/reactor.py); one whose
+    association ends before the last fragment must not stay there."""
+    from scp.engine.receiver import IN_MEMORY_UP_TO
+
     before = snapshot(pacs)
     spools = _spools()
     with established(pacs) as peer:
         peer.send(p_data(CT_ID, 0x03, c_store_rq(CT, uid())))
-        peer.send(p_data(CT_ID, 0x00, image()[:200]))  # not the last fragment
+        piece = 200_000  # under the server's maximum PDU length
+        fragment = p_data(CT_ID, 0x00, (image() * (piece // 400 + 1))[:piece])
+        for _ in range(IN_MEMORY_UP_TO // piece + 1):  # over the limit, none the last
+            peer.send(fragment)
         deadline = time.monotonic() + 10
         while not _spools() - spools and time.monotonic() < deadline:
             time.sleep(0.01)  # the server has started its spool
@@ -1133,6 +1139,17 @@ def test_a_store_cut_off_leaves_no_spool_file(pacs: Running) -> None:
     while _spools() - spools and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not _spools() - spools
+    assert_nothing_written(pacs, before)
+    assert_serving(pacs)
+
+
+def test_a_small_store_cut_off_writes_nothing(pacs: Running) -> None:
+    """A C-STORE read by scp/engine/receiver.py whose association ends before its last
+    fragment: nothing stored, nothing left, the server still serving."""
+    before = snapshot(pacs)
+    with established(pacs) as peer:
+        peer.send(p_data(CT_ID, 0x03, c_store_rq(CT, uid())))
+        peer.send(p_data(CT_ID, 0x00, image()[:200]))  # not the last fragment
     assert_nothing_written(pacs, before)
     assert_serving(pacs)
 

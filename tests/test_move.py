@@ -374,8 +374,10 @@ def test_a_receiver_that_does_not_answer_fails_after_the_dimse_timeout(
 def test_a_requestor_that_aborts_mid_move(start_server: Callable[..., Running],
                                           start_peer: Callable[..., Peer],
                                           caplog: Any) -> None:
-    """pynetdicom stops a C-MOVE whose requestor aborted (ServiceClass._wrap_handler): the
-    instances it did not send are accounted for, the first named, the others counted."""
+    """A C-MOVE whose requestor aborted stops after the sub-operation in flight (its
+    association's socket, lent to the move, shows the A-ABORT between two
+    sub-operations): the instances not sent are accounted for, the first named, the
+    others counted; pynetdicom then takes the A-ABORT in."""
     slow = start_peer("SLOW")
     slow.hold = threading.Event()
     arrived = threading.Event()
@@ -400,10 +402,10 @@ def test_a_requestor_that_aborts_mid_move(start_server: Callable[..., Running],
     with caplog.at_level(logging.DEBUG):
         assoc.send_c_move(q, "SLOW", STUDY_ROOT)  # the request goes at once
         assert arrived.wait(30)  # the first sub-operation waits for its response
-        assoc.abort()
-        assert abort_taken_in.wait(30)
+        assoc.abort()  # sent before it returns
         slow.hold.set()
         assert running.server.activity.wait_idle(30)
+        assert abort_taken_in.wait(30)
     assert len(slow.received) == 1
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     not_sent = "not sent: the requestor is gone (it released or aborted the association)"
@@ -739,3 +741,28 @@ def test_every_retrieve_is_in_the_association_log_line(stored_and_peer: Any, cap
         while "association from MOVESCU" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.01)
     assert "1 move, 1 move failed" in caplog.text
+
+
+def test_a_move_whose_association_cannot_be_lent_goes_through_pynetdicom(
+        stored_and_peer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an untested pynetdicom the requesting association's socket cannot be lent
+    (scp/engine/reactor.py installs nothing): the Pending responses go through pynetdicom,
+    and the move still completes."""
+    import contextlib
+
+    from scp import retrieve
+
+    @contextlib.contextmanager
+    def not_lent(*_: Any, **__: Any) -> Iterator[None]:
+        yield None
+
+    monkeypatch.setattr(retrieve, "leased", not_lent)
+    running, peer, datasets = stored_and_peer
+    wanted = [ds for ds in datasets if ds.PatientID == "PID1"]
+    responses = c_move(running, PATIENT_ROOT, peer.ae_title, QueryRetrieveLevel="PATIENT",
+                       PatientID="PID1")
+    assert [int(r.Status) for r in responses] == [status.PENDING] * len(wanted) + [
+        status.SUCCESS]
+    assert [r.NumberOfCompletedSuboperations for r in responses] == list(
+        range(1, len(wanted) + 1)) + [len(wanted)]
+    assert len(peer.received) == len(wanted)

@@ -12,6 +12,7 @@ that the rest of scp/ uses; what minipacs needs below it lives here:
 - :mod:`.contexts`: cheap per-association copies of the presentation contexts;
 - :mod:`.acse`: rejecting an association request (scp/access.py);
 - :mod:`.retrieve`: the final response of a C-GET or C-MOVE, rewritten on its way out;
+- :mod:`.receiver`: C-STORE requests read and answered by the DUL thread itself;
 - :mod:`.sender` and :mod:`.dimse`: the C-STORE sub-operations of retrieves, written to
   the socket by hand (an association of ours to a C-MOVE destination, or the C-GET's
   own, lent by its DUL thread: :func:`.reactor.leased`).
@@ -90,11 +91,14 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
      " guards: end the acceptor's wait"),
     ("pynetdicom.dul:DULServiceProvider.event_queue", "reactor: wake the DUL; guards:"
      " queue Evt19"),
-    ("pynetdicom.dul:DULServiceProvider.state_machine", "guards: do_action"),
+    ("pynetdicom.dul:DULServiceProvider.state_machine", "guards: do_action; receiver: the"
+     " DUL state"),
+    ("pynetdicom.fsm:StateMachine.current_state", "receiver: C-STORE requests are read"
+     " only in Sta6 (data transfer)"),
     ("pynetdicom.dul:DULServiceProvider._kill_thread", "guards: keep the DUL loop running"
      " after a failed action, until Sta1; reactor: a lent socket is given back"),
-    ("pynetdicom.dul:DULServiceProvider._idle_timer", "reactor: the network idle timer"
-     " starts over when a lent socket is given back"),
+    ("pynetdicom.dul:DULServiceProvider._idle_timer", "reactor, receiver: the network idle"
+     " timer starts over when a lent socket is given back, and after a C-STORE read here"),
     ("pynetdicom.transport:AssociationSocket.ready", "reactor: true while bytes a C-GET"
      " read and gave back wait to be read"),
     ("pynetdicom.dul:DULServiceProvider.send_pdu", "responses: queue a packed P-DATA"),
@@ -105,7 +109,7 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("pynetdicom.dimse:DIMSEServiceProvider.msg_queue", "reactor: wake the association"
      " when a message is queued"),
     ("pynetdicom.dimse:DIMSEServiceProvider.message", "guards, reactor: the message being"
-     " received, and its spool"),
+     " received, and its spool; receiver: none half received by pynetdicom"),
     ("pynetdicom.dimse:DIMSEServiceProvider.maximum_pdu_size", "responses: fall back when"
      " a response needs fragmenting"),
     ("pynetdicom.dimse_messages:DIMSEMessage._data_set_file", "guards, reactor: remove the"
@@ -120,6 +124,7 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
 found in its source (``self.<name>``)."""
 
 PRIVATE_VALUES: tuple[tuple[str, str, str], ...] = (
+    ("pynetdicom.fsm:STATES", "Sta6", "receiver: the DUL state of data transfer"),
     ("pynetdicom.fsm:EVENTS", "Evt19", "guards: the event queued for an undecodable command"
      " set (invalid PDU)"),
     ("pynetdicom.association:Association._run_reactor", "time.sleep(0.001)",
@@ -136,7 +141,8 @@ NOT_INSTALLED = (
     "the reactors of each association poll every 1 ms (slower C-STORE, CPU when idle);"
     " C-STORE data sets are held in memory, not spooled to a file; C-FIND responses are"
     " encoded by pynetdicom; each association copies every presentation context the slow"
-    " way; C-GET cannot send sub-operations (its socket cannot be lent: answered A702);"
+    " way; C-STORE requests go through pynetdicom's per-PDU path; C-GET cannot send"
+    " sub-operations (its socket cannot be lent: answered A702);"
     " pynetdicom logs \"Unknown Move Destination\" before the final response of every"
     " C-MOVE")
 """What does not happen when :func:`install` installs nothing."""

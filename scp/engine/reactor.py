@@ -38,9 +38,11 @@ of scp/engine/versions.py; with another version nothing is installed and a warni
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
+import ssl
 import threading
 import time
 import weakref
@@ -57,6 +59,7 @@ from pynetdicom.transport import AssociationSocket
 from storage import transfer_syntax_group
 
 from . import guards
+from .receiver import StoreReceiver
 from .sender import Link
 from .versions import tested
 
@@ -85,6 +88,7 @@ class _Waker:
         self.reactor_waiting = False
         self._lock = threading.Lock()  # no write to a closed (and perhaps reused) fd
         self._lease = _IDLE  # the socket lent to a retrieve (see :func:`leased`)
+        self.receiver: StoreReceiver | None = None  # set for associations we accept
         self._lease_changed = threading.Condition()
 
     def wake_dul(self) -> None:
@@ -134,12 +138,16 @@ class _Waker:
             return  # TLS: bytes already decrypted, invisible to select
         watched = [self.read_fd] + ([sock] if sock is not None else [])
         try:
-            select.select(watched, [], [], IDLE_WAIT)
+            ready, _, _ = select.select(watched, [], [], IDLE_WAIT)
         except (OSError, ValueError):  # closed under us: pynetdicom notices on its own
             time.sleep(ASSOCIATION_LOOP_SLEEP)
             return
         with contextlib.suppress(OSError):
             os.read(self.read_fd, 4096)
+        receiver = self.receiver
+        if (receiver is not None and sock in ready and self._lease is _IDLE
+                and receiver.ready()):
+            receiver.serve(sock)  # C-STORE requests, read and answered here
 
     # -- lending the socket to a retrieve (see leased) ---------------------------------
 
@@ -184,6 +192,10 @@ class _Waker:
                         os.close(fd)
 
 
+RECEIVE_C_STORE = True
+"""Whether the DUL threads of associations we accept (plain TCP) read C-STORE requests
+themselves (:mod:`scp.engine.receiver`) rather than through pynetdicom's per-PDU path."""
+
 _IDLE, _WANTED, _LENT = "idle", "wanted", "lent"
 _UNREAD = "_minipacs_unread"
 """The attribute of an AssociationSocket holding bytes a retrieve read and gave back."""
@@ -221,28 +233,28 @@ def leased(assoc: Any, cancel_of: int | None = None) -> Iterator[Link | None]:
 
 
 def _unread(transport: Any, data: bytes) -> None:
-    """Put ``data`` in front of what ``transport`` reads next (:func:`leased`)."""
+    """Put ``data`` in front of what ``transport`` reads next (:func:`leased`,
+    scp/engine/receiver.py): :func:`_recv_unread` serves it first, beneath every wrapper of
+    ``recv`` (the guards' PDU checks see these bytes as they would have)."""
     if not data:
         return
-    buffer = bytearray(data)
-    setattr(transport, _UNREAD, buffer)
-    previous = transport.__dict__.get("recv")  # quick_ack's, or none (the class's)
-    recv = transport.recv
+    buffer = getattr(transport, _UNREAD, None)
+    if buffer:
+        buffer[:0] = data
+    else:
+        setattr(transport, _UNREAD, bytearray(data))
 
-    def recv_unread(nr_bytes: int) -> Any:
-        out = bytearray(buffer[:nr_bytes])
-        del buffer[:nr_bytes]
-        if not buffer:
-            setattr(transport, _UNREAD, None)
-            if previous is None:
-                del transport.recv
-            else:
-                transport.recv = previous
-        if len(out) < nr_bytes:
-            out += recv(nr_bytes - len(out))
-        return out
 
-    transport.recv = recv_unread
+def _recv_unread(self: Any, nr_bytes: int) -> bytearray:
+    """AssociationSocket.recv, serving first the bytes given back by :func:`_unread`."""
+    buffer = getattr(self, _UNREAD, None)
+    if not buffer:
+        return _recv(self, nr_bytes)
+    out = bytearray(buffer[:nr_bytes])
+    del buffer[:nr_bytes]
+    if len(out) < nr_bytes:
+        out += _recv(self, nr_bytes - len(out))
+    return out
 
 
 def _ready_or_unread(self: Any) -> bool:
@@ -251,6 +263,7 @@ def _ready_or_unread(self: Any) -> bool:
 
 
 _ready = AssociationSocket.ready
+_recv = AssociationSocket.recv
 
 
 class _TimeProxy:
@@ -330,6 +343,7 @@ def install() -> bool:
     _dimse_messages.create_file_meta = _spool_meta  # type: ignore[assignment]
     _dimse_messages.write_file_meta_info = _write_spool_meta  # type: ignore[assignment]
     AssociationSocket.ready = property(_ready_or_unread)  # type: ignore[method-assign,assignment]
+    AssociationSocket.recv = _recv_unread  # type: ignore[method-assign]
     _installed = True
     return True
 
@@ -355,6 +369,11 @@ def handle_conn_open(event: evt.Event) -> None:
         waker.wake_association()
 
     checkpoint.clear = clear_and_wake  # type: ignore[method-assign]
+    transport = dul.socket
+    if (assoc.is_acceptor and RECEIVE_C_STORE
+            and not isinstance(getattr(transport, "socket", None), ssl.SSLSocket)):
+        waker.receiver = StoreReceiver(assoc, functools.partial(_unread, transport),
+                                       assoc.network_timeout)
     _wakers[assoc] = waker
     _wakers[dul] = waker
 

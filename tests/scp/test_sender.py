@@ -280,3 +280,50 @@ def test_a_cancel_on_the_link_is_recorded_and_other_messages_are_handed_back() -
         with pytest.raises(ReceiverGone):
             link.poll()
         assert link.leftover() == release_rq + b"next"
+
+
+# -- the receive path (scp/engine/receiver.py) -------------------------------------------
+
+def test_c_store_requests_are_answered_by_the_engine_as_pynetdicom_would(
+        start_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the engine installed, a plain C-STORE never goes through pynetdicom's Storage
+    service class: the DUL thread reads it and answers; the response carries what
+    pynetdicom's would (Status, Error Comment, the UIDs, the Message ID)."""
+    from pynetdicom.service_class import StorageServiceClass
+
+    from scp.engine import receiver
+
+    answered: list[int] = []
+    original = receiver.StoreReceiver._answer
+
+    def counted(self: Any, sock: Any, request: Any, context: Any, data: bytes) -> None:
+        answered.append(int(request.MessageID))
+        original(self, sock, request, context, data)
+
+    def refuse(*_: Any) -> None:
+        raise AssertionError("pynetdicom's Storage SCP was used")
+
+    monkeypatch.setattr(receiver.StoreReceiver, "_answer", counted)
+    monkeypatch.setattr(StorageServiceClass, "SCP", refuse)
+    running = start_server()
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CT, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title)
+    good = make_ds()
+    sent: list[Any] = []
+    assoc.bind(evt.EVT_DIMSE_RECV, lambda event: sent.append(event.message.command_set))
+    rsp = assoc.send_c_store(good, msg_id=11)
+    assert rsp.Status == 0x0000
+    bad = make_ds(StudyInstanceUID=None)  # cannot be indexed: a failure with a comment
+    rsp = assoc.send_c_store(bad, msg_id=12)
+    assert rsp.Status >> 12 in (0xA, 0xC) and "StudyInstanceUID" in rsp.ErrorComment
+    assoc.release()
+    assert answered == [11, 12]
+    first, second = sent
+    assert (first.MessageIDBeingRespondedTo, first.AffectedSOPInstanceUID,
+            first.AffectedSOPClassUID, first.CommandDataSetType) == (
+                11, good.SOPInstanceUID, CT, 0x0101)
+    assert second.MessageIDBeingRespondedTo == 12
+    from storage.models import Instance
+
+    assert [row.sop_instance_uid for row in Instance.select()] == [good.SOPInstanceUID]

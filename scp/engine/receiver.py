@@ -1,0 +1,261 @@
+"""C-STORE requests read off the socket by the DUL thread itself, without pynetdicom's
+per-PDU path.
+
+pynetdicom receives a C-STORE through its state machine, its DIMSE assembler and two
+queues, and answers through the same: about 1 ms of Python per instance, before any
+storing (bench/README.md, "The ceiling of pynetdicom"). Here, when the DUL thread of an
+association we accepted wakes up to a readable socket (:func:`scp.engine.reactor`'s
+``wait_dul``), :meth:`StoreReceiver.serve` reads the next message itself, whole PDUs at a
+time, and keeps it only if it is a well-formed C-STORE request on an accepted context:
+then it calls the EVT_C_STORE handler as pynetdicom would (a :class:`pynetdicom.events.Event`
+with the request primitive and its context) and writes the C-STORE response (its command
+set encoded by hand, :mod:`scp.engine.dimse`). Anything else (another request, a release
+or abort, a malformed or oversized PDU, a data set larger than :data:`IN_MEMORY_UP_TO`, a
+stall in the middle of a message, a request whose SOP Class is not its context's) is given
+back unread (:func:`scp.engine.reactor._unread`)
+and pynetdicom, with the guards of scp/engine/guards.py, deals with it as usual, the
+message included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import struct
+import time
+from io import BytesIO
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+
+from . import dimse
+
+logger = logging.getLogger(__name__)
+
+IN_MEMORY_UP_TO = 4 * 1024 * 1024
+"""Data sets up to this size are taken here; a larger one goes to pynetdicom, which spools
+it to a file as it arrives."""
+HANDLER_FAILED = 0xC211
+"""pynetdicom's status when the EVT_C_STORE handler raises (PS3.7 C.5: Cxxx failure)."""
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+class _NotOurs(Exception):
+    """The message is not one this path takes: give every byte read back."""
+
+
+class StoreReceiver:
+    """The C-STORE requests of one association we accepted (see the module's docstring).
+
+    ``unread`` puts bytes back in front of what pynetdicom reads next; ``network_timeout``
+    bounds the wait for the rest of a message once its first bytes are there (a stall
+    then goes to pynetdicom's guards, with everything read so far).
+    """
+
+    def __init__(self, assoc: Any, unread: Any, network_timeout: float | None) -> None:
+        self.assoc = assoc
+        self.dul = assoc.dul
+        self.unread = unread
+        self.network_timeout = network_timeout or 60.0
+        self._contexts: dict[int, Any] | None = None
+
+    def contexts(self) -> dict[int, Any]:
+        """The accepted contexts on which the peer may send us C-STORE requests."""
+        if self._contexts is None:
+            self._contexts = {int(cx.context_id): cx for cx in self.assoc.accepted_contexts
+                              if cx.as_scp}
+        return self._contexts
+
+    def ready(self) -> bool:
+        """Whether this path may read now: data transfer, no message half received by
+        pynetdicom, nothing of its own waiting to be read or sent."""
+        dul = self.dul
+        return (self.assoc.is_established
+                and dul.state_machine.current_state == "Sta6"
+                and self.assoc.dimse.message is None
+                and not dul.to_provider_queue.qsize() and not dul.event_queue.qsize()
+                and not dul.to_user_queue.qsize())
+
+    def serve(self, sock: Any) -> None:
+        """Take C-STORE requests from ``sock`` (readable) while they come back to back."""
+        while self.ready():
+            raws: list[bytes] = []
+            buffer = bytearray()
+            try:
+                request, context, data = self._read(sock, raws, buffer)
+            except _NotOurs:
+                self.unread(b"".join(raws) + bytes(buffer))
+                return
+            except Exception:  # a fault of ours: pynetdicom gets the message, as it came
+                logger.exception("C-STORE fast path: a message is handed to pynetdicom")
+                self.unread(b"".join(raws) + bytes(buffer))
+                return
+            self._answer(sock, request, context, data)
+            if buffer:  # the next message began in the same read
+                self.unread(bytes(buffer))
+                return
+            if not _readable(sock, 0):
+                return
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _read(self, sock: Any, raws: list[bytes], buffer: bytearray) -> tuple[
+            C_STORE, Any, bytes]:
+        deadline = time.monotonic() + self.network_timeout
+        maximum = int(self.assoc.acceptor.maximum_length or 0)
+        command = bytearray()
+        data = bytearray()
+        context_id: int | None = None
+        command_done: dict[int, int | str] | None = None
+        while True:
+            raw = _read_pdu(sock, buffer, deadline, maximum)
+            raws.append(raw)
+            if raw[0] != dimse.P_DATA_TF:
+                raise _NotOurs
+            try:
+                items = list(dimse.pdvs(memoryview(raw)[6:]))
+            except ValueError:
+                raise _NotOurs from None
+            for cx_id, control, fragment in items:
+                if context_id is None:
+                    context_id = cx_id
+                if cx_id != context_id:
+                    raise _NotOurs
+                if command_done is None:
+                    if not control & dimse.COMMAND:
+                        raise _NotOurs  # a data set before its command: pynetdicom's to judge
+                    command += fragment
+                    if control & dimse.LAST:
+                        command_done = self._check_command(command, context_id)
+                    continue
+                if control & dimse.COMMAND:
+                    raise _NotOurs
+                data += fragment
+                if len(data) > IN_MEMORY_UP_TO:
+                    raise _NotOurs
+                if control & dimse.LAST:
+                    context = self.contexts()[context_id]
+                    return _primitive(command_done, data), context, bytes(data)
+
+    def _check_command(self, command: bytearray, context_id: int) -> dict[int, int | str]:
+        try:
+            fields = dimse.read_command(command)
+        except ValueError:
+            raise _NotOurs from None
+        if (fields.get(dimse.COMMAND_FIELD) != dimse.C_STORE_RQ
+                or fields.get(dimse.COMMAND_DATA_SET_TYPE) == dimse.NO_DATA_SET
+                or context_id not in self.contexts()
+                or fields.get(dimse.AFFECTED_SOP_CLASS_UID) != str(
+                    self.contexts()[context_id].abstract_syntax)
+                or not isinstance(fields.get(dimse.MESSAGE_ID), int)
+                or not fields.get(dimse.AFFECTED_SOP_CLASS_UID)
+                or not fields.get(dimse.AFFECTED_SOP_INSTANCE_UID)):
+            raise _NotOurs
+        return fields
+
+    # -- answering -----------------------------------------------------------------------
+
+    def _answer(self, sock: Any, request: C_STORE, context: Any, data: bytes) -> None:
+        try:
+            result = evt.trigger(self.assoc, evt.EVT_C_STORE,
+                                 {"request": request, "context": context.as_tuple})
+        except Exception:
+            logger.exception("Exception in handler bound to 'evt.EVT_C_STORE'")
+            result = HANDLER_FAILED
+        code, comment = _status(result)
+        elements = {
+            dimse.AFFECTED_SOP_CLASS_UID: dimse._uid(str(request.AffectedSOPClassUID)),
+            dimse.COMMAND_FIELD: dimse._us(dimse.C_STORE_RSP),
+            dimse.MESSAGE_ID_BEING_RESPONDED_TO: dimse._us(int(request.MessageID or 0)),
+            dimse.COMMAND_DATA_SET_TYPE: dimse._us(dimse.NO_DATA_SET),
+            dimse.STATUS: dimse._us(code),
+            dimse.AFFECTED_SOP_INSTANCE_UID: dimse._uid(str(request.AffectedSOPInstanceUID)),
+        }
+        if comment:
+            elements[dimse.ERROR_COMMENT] = dimse._text(comment[:64])
+        peer_max = int(self.assoc.requestor.maximum_length or 0) or (1 << 20)
+        pdus = list(dimse.fragments(int(context.context_id), dimse.COMMAND,
+                                    dimse.command_set(elements), peer_max))
+        try:
+            sock.sendall(b"".join(pdus))
+        except OSError as exc:  # the peer is gone: pynetdicom notices on its next read
+            logger.debug("C-STORE response not sent: %r", exc)
+        self.dul._idle_timer.restart()
+
+
+def _status(result: Any) -> tuple[int, str | None]:
+    """The Status and Error Comment of what a C-STORE handler returned (an int, or a
+    Dataset with Status and perhaps ErrorComment: pynetdicom's contract)."""
+    if isinstance(result, Dataset):
+        code = result.get("Status")
+        comment = result.get("ErrorComment")
+        return (int(code) if code is not None else HANDLER_FAILED,
+                str(comment) if comment else None)
+    try:
+        return int(result), None
+    except (TypeError, ValueError):
+        return HANDLER_FAILED, None
+
+
+def _primitive(fields: dict[int, int | str], data: bytearray) -> C_STORE:
+    request = C_STORE()
+    request.MessageID = int(fields[dimse.MESSAGE_ID])
+    request.AffectedSOPClassUID = str(fields[dimse.AFFECTED_SOP_CLASS_UID])
+    request.AffectedSOPInstanceUID = str(fields[dimse.AFFECTED_SOP_INSTANCE_UID])
+    request.Priority = int(fields.get(dimse.PRIORITY, 0))
+    originator = fields.get(dimse.MOVE_ORIGINATOR_AE_TITLE)
+    if originator:
+        request.MoveOriginatorApplicationEntityTitle = str(originator)
+    originator_id = fields.get(dimse.MOVE_ORIGINATOR_MESSAGE_ID)
+    if isinstance(originator_id, int):
+        request.MoveOriginatorMessageID = originator_id
+    request.DataSet = BytesIO(bytes(data))
+    return request
+
+
+def _readable(sock: Any, timeout: float) -> bool:
+    try:
+        ready, _, _ = select.select([sock], [], [], timeout)
+    except (OSError, ValueError):
+        return False
+    return bool(ready)
+
+
+def _read_pdu(sock: Any, buffer: bytearray, deadline: float, maximum: int) -> bytes:
+    """One whole PDU, or :class:`_NotOurs` (what was read stays in ``buffer``): a stall
+    past ``deadline``, a closed connection, a PDU longer than ``maximum`` (our Maximum
+    Length Received; 0 = none)."""
+    _fill(sock, buffer, 6, deadline)
+    _, _, length = struct.unpack_from(">BBI", buffer)
+    if maximum and length > maximum + 6:
+        raise _NotOurs
+    _fill(sock, buffer, 6 + length, deadline)
+    raw = bytes(buffer[:6 + length])
+    del buffer[:6 + length]
+    return raw
+
+
+def _fill(sock: Any, buffer: bytearray, size: int, deadline: float) -> None:
+    while len(buffer) < size:
+        wait = deadline - time.monotonic()
+        if wait <= 0 or not _readable(sock, min(wait, 0.5)):
+            if time.monotonic() >= deadline:
+                raise _NotOurs
+            continue
+        try:
+            chunk = sock.recv(max(size - len(buffer), 65536), socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError:
+            raise _NotOurs from None
+        if not chunk:
+            raise _NotOurs  # closed: pynetdicom reads the end of the stream too
+        buffer += chunk
+        if _QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
