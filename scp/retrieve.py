@@ -207,6 +207,8 @@ class Retrieval:
         self.failed_uids: list[str] = []
         self.was_cancelled = False
         self._last_pending = -engine_retrieve.PENDING_INTERVAL
+        self._ahead_of: StoredInstance | None = None  # the instance read ahead, and what
+        self._ahead: tuple[int, Iterable[bytes]] | Exception | None = None  # it gave
         self._repeated: dict[str, int] = {}  # reason -> failures after its first line
 
     def run(self) -> Final:
@@ -222,7 +224,8 @@ class Retrieval:
                         self._once(rest.sop_instance_uid, REQUESTOR_GONE)
                     done = len(self.items)
                     break
-                self._one(done, item)
+                following = self.items[done + 1] if done + 1 < len(self.items) else None
+                self._one(done, item, following)
                 self._maybe_pending(done + 1)
             else:
                 done = len(self.items)
@@ -230,26 +233,42 @@ class Retrieval:
             self.finish()
         return self.final(done)
 
-    def _one(self, number: int, item: StoredInstance) -> None:
+    def _prepare(self, item: StoredInstance) -> tuple[int, Iterable[bytes]] | Exception:
+        """What :func:`data_set_for` gives for ``item``, or the exception it raised."""
+        try:
+            return data_set_for(self.archive, item, self.contexts.get(item.sop_class_uid, []))
+        except Exception as exc:
+            return exc
+
+    def _one(self, number: int, item: StoredInstance,
+             following: StoredInstance | None) -> None:
+        """Send ``item``; while its response is awaited, read ``following``'s file (one
+        file read ahead: the receiver works meanwhile)."""
         uid = item.sop_instance_uid
         if self.link.gone is not None:
             self._fail(uid, RECEIVER_GONE, once=True)
             return
-        try:
-            context_id, data_set = data_set_for(
-                self.archive, item, self.contexts.get(item.sop_class_uid, []))
-        except (InstanceUnavailable, CannotConvert) as exc:
-            self._fail(uid, str(exc))
+        ahead = self._ahead if self._ahead_of is item else None
+        prepared = ahead if ahead is not None else self._prepare(item)
+        self._ahead_of = self._ahead = None
+        if isinstance(prepared, (InstanceUnavailable, CannotConvert)):
+            self._fail(uid, str(prepared))
             return
-        except Exception:  # a fault of ours: this sub-operation fails, not the retrieve
-            self._fail(uid, "an unexpected error", exc_info=True)
+        if isinstance(prepared, Exception):  # a fault of ours: this one fails, not all
+            self._fail(uid, "an unexpected error", exc_info=prepared)
             return
+        context_id, data_set = prepared
+
+        def read_ahead() -> None:
+            if following is not None:
+                self._ahead_of, self._ahead = following, self._prepare(following)
         message_id = (self.message_id + number) % 65535 + 1  # US, 1..65535
         originator, originator_id = self.originator or (None, None)
         command = dimse.c_store_rq(message_id, item.sop_class_uid, uid, self.priority,
                                    originator, originator_id)
         try:
-            code, _ = self.link.store(context_id, command, data_set, message_id)
+            code, _ = self.link.store(context_id, command, data_set, message_id,
+                                      meanwhile=read_ahead)
         except ReceiverGone as exc:
             self._fail(uid, str(exc))
             return
@@ -265,7 +284,7 @@ class Retrieval:
             self._fail(uid, f"the receiver answered {code:04X} ({meaning})")
 
     def _fail(self, uid: str, reason: str, once: bool = False,
-              exc_info: bool = False) -> None:
+              exc_info: bool | BaseException = False) -> None:
         self.failed_uids.append(uid)
         if once:
             self._once(uid, reason, counted=True)

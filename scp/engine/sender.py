@@ -114,9 +114,12 @@ class Link:
             self._lost(CLOSED, exc)
 
     def store(self, context_id: int, command: bytes, data_set: Iterable[bytes],
-              message_id: int) -> tuple[int, str | None]:
+              message_id: int, meanwhile: Callable[[], None] | None = None,
+              ) -> tuple[int, str | None]:
         """Send one C-STORE request (``command``, then the pieces of ``data_set`` as they
         are) and wait for its response: its Status and Error Comment (PS3.7 9.3.1.2).
+        ``meanwhile`` runs once the request is sent, before the wait (the next file is
+        read while the receiver works on this one).
 
         The first piece is taken before anything is sent: an exception from it leaves the
         link as it was. One from a later piece leaves a data set half sent: the link is
@@ -133,6 +136,8 @@ class Link:
                                                   last=following is None)))
             head = []
             if following is None:
+                if meanwhile is not None:
+                    meanwhile()
                 return self.response(message_id)
             piece = following
 
