@@ -115,7 +115,6 @@ class FilesystemStore:
         self._durable: set[Path] = set()  # fan-out folders whose own entries were fsync'd
         self._durable_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None  # fsyncs of a batch (_fsync_files)
-        self._spares = _Spares(self.root / TEMP_DIR)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._lock()
@@ -149,9 +148,6 @@ class FilesystemStore:
 
     def close(self) -> None:
         """Give the store back (idempotent)."""
-        spares = getattr(self, "_spares", None)
-        if spares is not None:
-            spares.close()
         pool, self._pool = getattr(self, "_pool", None), None
         if pool is not None:
             pool.shutdown()
@@ -192,7 +188,7 @@ class FilesystemStore:
             When the file cannot be written; nothing is left behind.
         """
         key = new_key()
-        tmp = self._spares.take() or self.root / TEMP_DIR / f"{key}.part"
+        tmp = self.root / TEMP_DIR / f"{key}.part"
         try:
             with open(tmp, "wb") as f:
                 for chunk in chunks:
@@ -302,78 +298,6 @@ class FilesystemStore:
 
 FOLDER_MINUTES = 1
 """Minutes during which new files go to one ``ab/cd`` folder (see :func:`new_key`)."""
-
-
-SPARE_FILES = 16
-"""Empty temporary files :class:`_Spares` keeps ready for :meth:`FilesystemStore.stage`."""
-
-
-class _Spares:
-    """Empty files in the store's temporary folder, made ahead of need by a thread of their
-    own, so that writing an instance does not wait for a new inode.
-
-    Creating a file costs 0.7 ms on the benchmark machine's ext4 and writing 10 kB into an
-    existing empty one 0.01 ms (bench/README.md, "The receive path"): as much as the rest
-    of storing a small instance. :meth:`take` hands one over (``None`` when none is ready:
-    the caller creates its own) and wakes the thread to make another. The files are empty
-    and under ``*.part`` names, so what a crash leaves is swept like any temporary file.
-    """
-
-    def __init__(self, folder: Path, count: int = SPARE_FILES) -> None:
-        self.folder = folder
-        self.count = count
-        self._ready: list[Path] = []
-        self._lock = threading.Lock()
-        self._wanted = threading.Event()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-
-    def take(self) -> Path | None:
-        with self._lock:
-            if self._closed:
-                return None
-            spare = self._ready.pop() if self._ready else None
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="minipacs-spares",
-                                                daemon=True)
-                self._thread.start()
-        self._wanted.set()
-        return spare
-
-    def _run(self) -> None:
-        while True:
-            self._wanted.wait()
-            self._wanted.clear()
-            while True:
-                with self._lock:
-                    if self._closed:
-                        return
-                    if len(self._ready) >= self.count:
-                        break
-                path = self.folder / f"spare-{uuid.uuid4().hex}.part"
-                try:
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-                except OSError:
-                    break  # disk full, read-only: stage makes its own and says why
-                with self._lock:
-                    if self._closed:
-                        with contextlib.suppress(OSError):
-                            path.unlink()
-                        return
-                    self._ready.append(path)
-
-    def close(self) -> None:
-        """Stop making files and remove those not taken (idempotent)."""
-        with self._lock:
-            self._closed = True
-            ready, self._ready = self._ready, []
-            thread = self._thread
-        self._wanted.set()
-        if thread is not None:
-            thread.join(timeout=5)
-        for path in ready:
-            with contextlib.suppress(OSError):
-                path.unlink()
 
 
 def new_key(now: float | None = None) -> str:

@@ -101,8 +101,7 @@ def test_store_writes_the_senders_bytes_behind_a_file_meta_header(archive: Archi
     assert saved.file_meta.SourceApplicationEntityTitle == "MODALITY"
     assert saved.PatientName == "Doe^John"
     assert len(path.relative_to(tmp_path / "files").parts) == 3  # ab/cd/<key>
-    assert not [p for p in (tmp_path / "files" / "tmp").iterdir()
-                if not p.name.startswith("spare-")]  # spares: empty, made ahead (files.py)
+    assert not list((tmp_path / "files" / "tmp").iterdir())
 
 
 def test_counters_match_the_stored_hierarchy(archive: Archive) -> None:
@@ -579,31 +578,3 @@ def test_stored_data_set_is_the_senders_bytes_and_fails_before_yielding(
     path.unlink()
     with pytest.raises(InstanceUnavailable, match="cannot be read"):
         next(archive.stored_data_set(item))
-
-
-def test_spare_files_are_used_and_removed(tmp_path: Path) -> None:
-    """FilesystemStore.stage writes into an empty file made ahead (storage/files.py
-    _Spares) instead of creating one; close() removes those left; a spare a crash left is
-    swept when the store is opened again."""
-    import time
-
-    from storage.files import SPARE_FILES, FilesystemStore
-
-    store = FilesystemStore(tmp_path / "files")
-    temp = tmp_path / "files" / "tmp"
-    first = store.put([b"first"])  # no spare yet: it makes its own, and starts the maker
-    deadline = time.monotonic() + 30
-    while len(list(temp.glob("spare-*.part"))) < SPARE_FILES and time.monotonic() < deadline:
-        time.sleep(0.01)
-    spares = set(temp.glob("spare-*.part"))
-    assert len(spares) == SPARE_FILES and all(p.stat().st_size == 0 for p in spares)
-    staged = store.stage([b"second"])
-    assert staged.temp in spares and staged.temp.read_bytes() == b"second"
-    store.publish([staged])
-    assert store.path(staged.key).read_bytes() == b"second"
-    assert store.path(first).read_bytes() == b"first"
-    store.close()
-    assert list(temp.iterdir()) == []
-    (temp / "spare-left-by-a-crash.part").write_bytes(b"")
-    FilesystemStore(tmp_path / "files").close()
-    assert list(temp.iterdir()) == []
