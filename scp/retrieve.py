@@ -403,13 +403,17 @@ class Requestor:
         if self.link is not None:
             with contextlib.suppress(ReceiverGone):
                 self.link.poll()
-            return self.link.cancelled
+            self._cancelled = self._cancelled or self.link.cancelled
+        # one pynetdicom took in before the socket was lent (during the query, or while
+        # the destination was being reached) is in its queue
         self._cancelled = self._cancelled or bool(self.event.is_cancelled)
         return self._cancelled
 
     def present(self) -> bool:
+        """The requestor is there, and the server is not stopping (it wants the socket
+        back to abort the association: the rest are then not sent)."""
         if self.link is not None:
-            return self.link.gone is None
+            return self.link.present()
         return engine_retrieve.requestor_present(self.event.assoc)
 
 
@@ -426,9 +430,14 @@ def run_get(event: Any, archive: Archive, items: list[StoredInstance]) -> Final:
             return Final(status.MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS, failed=len(items),
                          comment=reason)
         requestor = Requestor(event, link, dimse.C_GET_RSP)
-        return Retrieval("C-GET", archive, items, link, get_contexts(event.assoc),
-                         int(req.MessageID or 0), int(req.Priority or 0),
-                         pending=requestor.pending, cancelled=requestor.cancelled).run()
+        final = Retrieval("C-GET", archive, items, link, get_contexts(event.assoc),
+                          int(req.MessageID or 0), int(req.Priority or 0),
+                          pending=requestor.pending, cancelled=requestor.cancelled).run()
+    if link.must_abort:  # a data set left half sent, no response in time: PS3.8 7.3
+        logger.error("C-GET from %s: association aborted: %s",
+                     event.assoc.requestor.ae_title, link.gone)
+        event.assoc.abort()
+    return final
 
 
 def run_move(event: Any, archive: Archive, items: list[StoredInstance],
@@ -444,6 +453,8 @@ def run_move(event: Any, archive: Archive, items: list[StoredInstance],
     message_id = int(req.MessageID or 0)
     try:
         with leased(event.assoc, cancel_of=message_id) as link:
+            if link is not None:  # a server that stops does not wait for the destination
+                opened.link.wanted_back = link.wanted_back
             requestor = Requestor(event, link, dimse.C_MOVE_RSP)
             return Retrieval(
                 "C-MOVE", archive, items, opened.link, opened.accepted, message_id,

@@ -1265,3 +1265,21 @@ def test_connections_that_never_associate_do_not_hold_association_slots(
         if accepted:
             assoc.release()
     assert accepted, "every association is rejected after 16 probes"
+
+
+def test_a_store_whose_uid_is_not_ascii_is_answered_not_cut_off(pacs: Running) -> None:
+    """A C-STORE request whose Affected SOP Instance UID holds a byte no UID may (PS3.5
+    9.1) is not taken by scp/engine/receiver.py: pynetdicom answers it, as it did before
+    that path existed, and the association goes on."""
+    with established(pacs) as peer:
+        bad_uid = "1.2.3.\xe9"
+        peer.send(p_data(CT_ID, 0x03, command(
+            (0x0002, CT.encode()), (0x0100, us(0x0001)), (0x0110, us(1)), (0x0700, us(0)),
+            (0x0800, us(0x0000)), (0x1000, bad_uid.encode("latin-1") + b"\0"))))
+        peer.send(p_data(CT_ID, 0x02, image()))
+        reply = peer.reply(timeout=30)
+        assert isinstance(reply.outcome, int), reply  # a C-STORE response, not a cut-off
+        peer.request(VER_ID, c_echo_rq(2))
+        assert peer.reply(timeout=10).outcome == status.SUCCESS
+        assert peer.release() == "A-RELEASE-RP"
+    assert_serving(pacs)

@@ -5,6 +5,7 @@ storescp."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
@@ -767,3 +768,35 @@ def test_a_move_whose_association_cannot_be_lent_goes_through_pynetdicom(
     assert [r.NumberOfCompletedSuboperations for r in responses] == list(
         range(1, len(wanted) + 1)) + [len(wanted)]
     assert len(peer.received) == len(wanted)
+
+
+def test_a_server_that_stops_does_not_wait_for_a_move_to_end(
+        start_server: Callable[..., Running], start_peer: Callable[..., Peer]) -> None:
+    """Server.stop aborts what is still running after its grace period: a C-MOVE whose
+    destination holds its response gives up at once (scp/engine/sender.py Link.wanted_back),
+    rather than when the destination answers or the DIMSE timeout passes."""
+    slow = start_peer("SLOW")
+    slow.hold = threading.Event()
+    arrived = threading.Event()
+    slow.arrived = arrived
+    running = start_server(peers=[slow.entry()])
+    study = [ds for ds in hierarchy() if ds.PatientID == "PID1"]
+    for ds in study:
+        running.archive.store(encode(ds), ExplicitVRLittleEndian)
+    def move() -> None:
+        with contextlib.suppress(Exception):  # its association is aborted by the stop
+            c_move(running, STUDY_ROOT, "SLOW", QueryRetrieveLevel="STUDY",
+                   StudyInstanceUID=study[0].StudyInstanceUID)
+
+    moving = threading.Thread(target=move, daemon=True)
+    moving.start()
+    assert arrived.wait(30)  # the first sub-operation waits for its response
+    stopped = threading.Event()
+    threading.Thread(target=lambda: (running.server.stop(grace=0.5), stopped.set()),
+                     daemon=True).start()
+    try:
+        assert stopped.wait(20), "the server waited for the destination to answer"
+    finally:
+        slow.hold.set()
+        moving.join(30)
+    assert len(slow.received) <= 1

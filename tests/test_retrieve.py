@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -479,3 +480,54 @@ def test_no_pynetdicom_log_filter_for_an_untested_pynetdicom() -> None:
     assert "pynetdicom logs \"Unknown Move Destination\" before the final response" in out
 
 
+
+
+def test_a_cancel_taken_in_before_the_sub_operations_is_not_lost(
+        server: Running, stored: list[Dataset]) -> None:
+    """A C-CANCEL that pynetdicom read while the query ran (before the association's socket
+    was lent to the retrieve) still cancels it: FE00, nothing sent (PS3.4 C.4.3.3.1)."""
+    import threading
+
+    started, proceed = threading.Event(), threading.Event()
+    real = server.archive.retrieve
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        assert proceed.wait(30)
+        return real(*args, **kwargs)
+
+    server.archive.retrieve = slow  # type: ignore[method-assign]
+    received: list[str] = []
+    ae = AE(ae_title="GETSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    model = PatientRootQueryRetrieveInformationModelGet
+    ae.add_requested_context(model)
+    classes = sorted({str(ds.SOPClassUID) for ds in hierarchy()})
+    for uid in classes:
+        ae.add_requested_context(uid, ExplicitVRLittleEndian)
+    handlers = [(evt.EVT_C_STORE, lambda event: received.append("one") or 0x0000)]
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.ae_title,
+                         ext_neg=[build_role(uid, scp_role=True) for uid in classes],
+                         evt_handlers=handlers)
+    q = Dataset()
+    q.QueryRetrieveLevel = "PATIENT"
+    q.PatientID = "PID1"
+    responses: list[Any] = []
+    getting = threading.Thread(target=lambda: responses.extend(
+        rsp for rsp, _ in assoc.send_c_get(q, model, msg_id=7)), daemon=True)
+    getting.start()
+    assert started.wait(30)
+    context_id = next(cx.context_id for cx in assoc.accepted_contexts
+                      if cx.abstract_syntax == model)
+    assoc.send_c_cancel(7, context_id)
+    theirs = next(a for a in server.server.ae.active_associations
+                  if a.requestor.ae_title == "GETSCU")
+    deadline = time.monotonic() + 30  # pynetdicom's DUL has read the C-CANCEL
+    while not theirs.dimse.cancel_req and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert theirs.dimse.cancel_req
+    proceed.set()
+    getting.join(30)
+    assoc.release()
+    assert [int(r.Status) for r in responses] == [status.CANCEL]
+    assert received == []

@@ -179,6 +179,8 @@ def fragments(context_id: int, control: int, payload: bytes | bytearray | memory
     peer's Maximum Length Received (PS3.8 D.1), the last one marked :data:`LAST` unless
     more of the same message follows (``last`` false)."""
     size = max_pdu - PDV_OVERHEAD
+    if size <= 0:
+        raise ValueError(f"a Maximum Length Received of {max_pdu} leaves no room for data")
     view = memoryview(payload)
     total = len(view)
     start = 0

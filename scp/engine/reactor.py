@@ -177,6 +177,8 @@ class _Waker:
         """In the DUL thread: stop, reading nothing, until the socket is given back; then
         the network idle timer starts over (the lender read what came meanwhile)."""
         with self._lease_changed:
+            if self._lease is not _WANTED:  # the borrower gave up meanwhile
+                return
             self._lease = _LENT
             self._lease_changed.notify_all()
             while self._lease is _LENT and not self.dul._kill_thread:
@@ -222,7 +224,8 @@ def leased(assoc: Any, cancel_of: int | None = None) -> Iterator[Link | None]:
     sock = transport.socket
     timeout = sock.gettimeout()
     link = Link(sock, int(assoc.requestor.maximum_length or 0), assoc.dimse_timeout,
-                wanted_back=waker.wanted_back, cancel_of=cancel_of)
+                wanted_back=waker.wanted_back, cancel_of=cancel_of,
+                max_receive=int(assoc.acceptor.maximum_length or 0))
     try:
         yield link
     finally:

@@ -75,6 +75,9 @@ class StoreReceiver:
         """Whether this path may read now: data transfer, no message half received by
         pynetdicom, nothing of its own waiting to be read or sent."""
         dul = self.dul
+        peer_max = int(self.assoc.requestor.maximum_length or 0)
+        if 0 < peer_max <= dimse.PDV_OVERHEAD:
+            return False  # no response could carry a byte: pynetdicom's to refuse
         return (self.assoc.is_established
                 and dul.state_machine.current_state == "Sta6"
                 and self.assoc.dimse.message is None
@@ -95,7 +98,12 @@ class StoreReceiver:
                 logger.exception("C-STORE fast path: a message is handed to pynetdicom")
                 self.unread(b"".join(raws) + bytes(buffer))
                 return
-            self._answer(sock, request, context, data)
+            try:
+                self._answer(sock, request, context, data)
+            except Exception:  # a fault of ours after the message was taken: say so
+                logger.exception("C-STORE response not made; the association is aborted")
+                self.assoc.abort(block=False)
+                return
             if buffer:  # the next message began in the same read
                 self.unread(bytes(buffer))
                 return
@@ -147,6 +155,10 @@ class StoreReceiver:
             fields = dimse.read_command(command)
         except ValueError:
             raise _NotOurs from None
+        uids = (fields.get(dimse.AFFECTED_SOP_CLASS_UID),
+                fields.get(dimse.AFFECTED_SOP_INSTANCE_UID))
+        if not all(isinstance(uid, str) and uid.isascii() for uid in uids):
+            raise _NotOurs  # bytes no UID has (PS3.5 9.1): pynetdicom's to judge
         if (fields.get(dimse.COMMAND_FIELD) != dimse.C_STORE_RQ
                 or fields.get(dimse.COMMAND_DATA_SET_TYPE) == dimse.NO_DATA_SET
                 or context_id not in self.contexts()

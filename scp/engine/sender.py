@@ -58,6 +58,11 @@ INTERRUPTED = "the association is being closed (the server stops, or the peer ab
 HALFWAY = "a data set could not be read to its end and was sent in part; the association\
  was aborted"
 PROTOCOL = "the receiver sent what it may not (an unexpected PDU or message)"
+TOO_SMALL = ("the receiver's Maximum Length Received ({}) leaves no room for data (PS3.8"
+             " D.1); the association was aborted")
+UNBOUNDED_WAIT = 60.0
+"""The wait for the rest of a PDU begun between two sub-operations, without a DIMSE
+timeout."""
 
 
 class ReceiverGone(Exception):
@@ -99,14 +104,27 @@ class Link:
     _command: bytearray = field(default_factory=bytearray)
     _raw: list[bytes] = field(default_factory=list)
 
+    max_receive: int = 0
+    """Our own Maximum Length Received (0: :data:`UNLIMITED_PDU`): a longer PDU from the
+    peer is a protocol error, not read (PS3.8 D.1; the guards abort such a PDU too)."""
+    must_abort: bool = False
+    """The association must be aborted (PS3.8 7.3): no response within the DIMSE timeout,
+    a data set sent in part, a PDU over our maximum left half read, a peer maximum too
+    small to carry data."""
+
     def __post_init__(self) -> None:
-        self.fragment = (self.max_pdu or UNLIMITED_PDU)
+        self.fragment = self.max_pdu or UNLIMITED_PDU
+        if self.fragment <= dimse.PDV_OVERHEAD:  # no room for a single byte of data
+            self.gone = TOO_SMALL.format(self.max_pdu)
+            self.must_abort = True
 
     # -- sending ------------------------------------------------------------------------
 
     def send(self, pdus: Sequence[bytes]) -> None:
         """Write ``pdus`` (raises :class:`ReceiverGone` when the connection is lost)."""
         self._usable()
+        if self.wanted_back():
+            self._lost(INTERRUPTED)
         try:
             self.sock.settimeout(self.dimse_timeout)
             self.sock.sendall(pdus[0] if len(pdus) == 1 else b"".join(pdus))
@@ -146,6 +164,7 @@ class Link:
             return next(pieces, None)
         except Exception:
             self.gone = HALFWAY
+            self.must_abort = True
             raise
 
     def command(self, context_id: int, command: bytes) -> None:
@@ -176,10 +195,20 @@ class Link:
 
     def poll(self) -> None:
         """Read, without waiting, what has arrived (a C-CANCEL between two
-        sub-operations); raises :class:`ReceiverGone` as :meth:`response` does."""
+        sub-operations); raises :class:`ReceiverGone` as :meth:`response` does, and when
+        the socket's owner wants it back."""
+        self._usable()
+        if self.wanted_back():
+            self._lost(INTERRUPTED)
         while self._readable(0):
-            if self._next_command(None, once=True) is not None:
+            # once a PDU has begun, the rest of it comes within the DIMSE timeout
+            deadline = time.monotonic() + (self.dimse_timeout or UNBOUNDED_WAIT)
+            if self._next_command(deadline, once=True) is not None:
                 self._foreign_message()
+
+    def present(self) -> bool:
+        """Usable, and not wanted back by the socket's owner."""
+        return self.gone is None and not self.wanted_back()
 
     def _foreign_message(self) -> None:
         self.foreign.extend(self._raw)
@@ -246,7 +275,8 @@ class Link:
                 self._lost(INTERRUPTED)
             wait = WAIT_SLICE if deadline is None else min(
                 WAIT_SLICE, deadline - time.monotonic())
-            if wait <= 0:
+            if wait <= 0:  # PS3.7 9.1.1.1: the association is aborted
+                self.must_abort = True
                 self._lost(f"no response within the DIMSE timeout ({self.dimse_timeout:g} s);"
                            " the association was aborted")
             if not self._readable(wait):
@@ -265,6 +295,9 @@ class Link:
     def _read_pdu(self, deadline: float | None) -> bytes:
         self._fill(6, deadline)
         _, length = dimse.pdu_header(self._buffer[:6])
+        if length > (self.max_receive or UNLIMITED_PDU):
+            self.must_abort = True  # its body is not read: the stream cannot be resumed
+            self._lost(f"{PROTOCOL}: a PDU of {length} bytes, over our maximum")
         self._fill(6 + length, deadline)
         raw = bytes(self._buffer[:6 + length])
         del self._buffer[:6 + length]
@@ -354,7 +387,8 @@ class StoreAssociation:
         for item in primitive.user_information:
             if isinstance(item, MaximumLengthNotification):
                 peer_max = int(item.maximum_length_received or 0)
-        assoc = cls(sock, Link(sock, peer_max, dimse_timeout), accepted, acse_timeout)
+        assoc = cls(sock, Link(sock, peer_max, dimse_timeout, max_receive=max_pdu),
+                    accepted, acse_timeout)
         if not accepted:
             assoc.abort()
             raise AssociationFailed("no presentation context accepted", where)
@@ -363,6 +397,9 @@ class StoreAssociation:
     def release(self) -> None:
         """A-RELEASE-RQ, then wait (ACSE timeout) for the A-RELEASE-RP; abort if none."""
         link = self.link
+        if link.gone is not None and link.gone not in (ABORTED, CLOSED):
+            self.abort()  # anything but the peer leaving: it is told, not left hanging
+            return
         if link.gone is None:
             try:
                 link.send([bytes.fromhex("05000000000400000000")])

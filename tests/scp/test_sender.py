@@ -327,3 +327,73 @@ def test_c_store_requests_are_answered_by_the_engine_as_pynetdicom_would(
     from storage.models import Instance
 
     assert [row.sop_instance_uid for row in Instance.select()] == [good.SOPInstanceUID]
+
+
+def test_a_peer_maximum_too_small_for_data_is_refused_not_looped() -> None:
+    """A Maximum Length Received of 1 to 6 leaves no room for a byte of data (PS3.8 D.1):
+    the link is unusable and must be aborted; fragmenting for it refuses, never loops."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        link = Link(ours, 6, 5.0)
+        assert link.gone is not None and link.must_abort
+        with pytest.raises(ReceiverGone):
+            link.store(1, dimse.c_store_rq(1, CT, "1.2.3"), [b"data"], 1)
+    with pytest.raises(ValueError):
+        next(dimse.fragments(1, dimse.DATA, b"data", 6))
+
+
+def test_a_pdu_over_our_maximum_is_not_read() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        link = Link(ours, 0, 5.0, max_receive=16384)
+        theirs.sendall(bytes([dimse.P_DATA_TF, 0]) + (1 << 31).to_bytes(4, "big") + b"x" * 100)
+        with pytest.raises(ReceiverGone, match="over our maximum"):
+            link.response(1)
+        assert link.must_abort
+
+
+def test_a_pdu_begun_between_sub_operations_must_end_in_time() -> None:
+    """poll() reads what has arrived; a PDU whose header stops half way is waited for no
+    longer than the DIMSE timeout, then the association is to be aborted."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        link = Link(ours, 0, 0.3)
+        theirs.sendall(b"\x04\x00\x00")  # half a header, and nothing more
+        with pytest.raises(ReceiverGone, match="DIMSE timeout"):
+            link.poll()
+        assert link.must_abort
+
+
+def test_a_link_gone_for_a_reason_of_ours_is_aborted_not_dropped(receiver: Receiver) -> None:
+    """After a data set sent in part, release() tells the receiver with an A-ABORT."""
+    aborted = threading.Event()
+    receiver.ae.shutdown()
+    receiver.server = receiver.ae.start_server(
+        ("127.0.0.1", 0), block=False,
+        evt_handlers=[(evt.EVT_ABORTED, lambda event: aborted.set())])
+    receiver.port = int(receiver.server.server_address[1])
+    assoc = open_to(receiver)
+    ((context_id, _), *_) = assoc.accepted[CT]
+
+    def pieces() -> Iterator[bytes]:
+        yield b"\x08\x00\x16\x00"
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError):
+        assoc.link.store(context_id, dimse.c_store_rq(1, CT, "1.2.3"), pieces(), 1)
+    assoc.release()
+    assert aborted.wait(10), "the receiver saw no A-ABORT"
+
+
+def test_a_wanted_back_link_stops_at_once() -> None:
+    """The socket's owner wants it back (the server stops): poll(), send() and present()
+    give up without waiting for anything."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        wanted = [False]
+        link = Link(ours, 0, 30.0, wanted_back=lambda: wanted[0])
+        assert link.present()
+        wanted[0] = True
+        assert not link.present()
+        with pytest.raises(ReceiverGone, match="being closed"):
+            link.poll()

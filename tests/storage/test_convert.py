@@ -261,9 +261,29 @@ def test_explicit_to_implicit_keeps_every_value() -> None:
     b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff",  # encapsulated
     b"\x08\x00\x16\x00UI\x08\x001.2",  # runs past the end
     file_parts(get_testdata_file("MR_truncated.dcm"))[0],  # pixel data cut short
+    b"\x08\x00\x16\x00XX\x02\x00ab",  # not a VR
+    b"\xfe\xff\x00\xe0\x00\x00\x00\x00",  # an item outside any sequence
+    # an element straight inside a sequence of undefined length, not in an item
+    b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff\x08\x00\x16\x00UI\x02\x001\x00"
+    b"\xfe\xff\xdd\xe0\x00\x00\x00\x00",
 ])
 def test_explicit_to_implicit_refuses_what_it_cannot_carry(bad: bytes) -> None:
+    """Bytes that are not a valid data set, or hold what Implicit VR cannot carry."""
     from storage.convert import explicit_to_implicit
 
     with pytest.raises(CannotConvert):
         explicit_to_implicit(bad)
+
+
+def test_explicit_to_implicit_leaves_group_lengths_out() -> None:
+    """A group length counts explicit headers, which shrink: it is left out (retired)."""
+    from storage.convert import explicit_to_implicit
+
+    sequence = (b"\x08\x00\x15\x11SQ\x00\x00\x10\x00\x00\x00"  # (0008,1115), 16 bytes
+                b"\xfe\xff\x00\xe0\x08\x00\x00\x00"  # an item of 8 bytes
+                b"\x08\x00\x50\x11UI\x00\x00")  # (0008,1150), empty
+    data = b"\x08\x00\x00\x00UL\x04\x00" + len(sequence).to_bytes(4, "little") + sequence
+    assert explicit_to_implicit(data) == (
+        b"\x08\x00\x15\x11\x10\x00\x00\x00"
+        b"\xfe\xff\x00\xe0\x08\x00\x00\x00"
+        b"\x08\x00\x50\x11\x00\x00\x00\x00")
