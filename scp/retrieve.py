@@ -137,6 +137,11 @@ def data_set_for(archive: Archive, item: StoredInstance,
     raise CannotConvert(f"{item.sop_instance_uid}: no accepted syntax can be produced")
 
 
+PENDING_EVERY_SUBOPERATION_UP_TO = 1000
+"""Retrieves of up to this many instances get a Pending response after every one."""
+PENDING_INTERVAL = 0.5
+"""Larger ones get one Pending response per this many seconds at most."""
+
 RECEIVER_GONE = "the receiver is gone (it released or aborted the association)"
 REQUESTOR_GONE = "not sent: the requestor is gone (it released or aborted the association)"
 CANCELLED = "cancelled"
@@ -175,8 +180,8 @@ class Final:
 class Retrieval:
     """The C-STORE sub-operations of one C-GET or C-MOVE (``service``), one at a time over
     ``link``, counted, logged when they fail, with Pending responses through ``pending``
-    (every sub-operation up to :data:`~scp.engine.retrieve.PENDING_EVERY_SUBOPERATION_UP_TO`
-    instances, else every :data:`~scp.engine.retrieve.PENDING_INTERVAL` s; PS3.4
+    (every sub-operation up to :data:`PENDING_EVERY_SUBOPERATION_UP_TO` instances, else
+    every :data:`PENDING_INTERVAL` s; PS3.4
     C.4.2.3.1 and C.4.3.3.1 make them optional).
 
     ``message_id`` is the request's: the sub-operations take the Message IDs after it, as
@@ -206,7 +211,7 @@ class Retrieval:
         self.completed = self.warning = 0
         self.failed_uids: list[str] = []
         self.was_cancelled = False
-        self._last_pending = -engine_retrieve.PENDING_INTERVAL
+        self._last_pending = -PENDING_INTERVAL
         self._ahead_of: StoredInstance | None = None  # the instance read ahead, and what
         self._ahead: tuple[int, Iterable[bytes]] | Exception | None = None  # it gave
         self._repeated: dict[str, int] = {}  # reason -> failures after its first line
@@ -313,8 +318,8 @@ class Retrieval:
 
     def _maybe_pending(self, done: int) -> None:
         now = time.monotonic()
-        if (len(self.items) > engine_retrieve.PENDING_EVERY_SUBOPERATION_UP_TO
-                and now - self._last_pending < engine_retrieve.PENDING_INTERVAL):
+        if (len(self.items) > PENDING_EVERY_SUBOPERATION_UP_TO
+                and now - self._last_pending < PENDING_INTERVAL):
             return
         self._last_pending = now
         self._pending(Final(status.PENDING, len(self.items) - done, self.completed,

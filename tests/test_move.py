@@ -611,7 +611,7 @@ def test_large_retrieves_get_pending_responses_at_a_bounded_rate(
         stored_and_peer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Up to PENDING_EVERY_SUBOPERATION_UP_TO instances: a Pending after each (tested above);
     more: at most one per PENDING_INTERVAL. Here the limits are made small."""
-    from scp.engine import retrieve
+    from scp import retrieve
 
     running, peer, datasets = stored_and_peer
     monkeypatch.setattr(retrieve, "PENDING_EVERY_SUBOPERATION_UP_TO", 3)

@@ -262,7 +262,7 @@ def test_get_converts_for_what_the_requestor_accepted(server: Running, caplog: A
 
 def test_get_pending_responses_at_a_bounded_rate(server: Running, stored: list[Dataset],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from scp.engine import retrieve
+    from scp import retrieve
 
     monkeypatch.setattr(retrieve, "PENDING_EVERY_SUBOPERATION_UP_TO", 3)
     monkeypatch.setattr(retrieve, "PENDING_INTERVAL", 3600.0)

@@ -8,7 +8,6 @@ scp/engine/sender.py. Pinned to pynetdicom 3.0, like the rest of scp/engine/.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,11 +15,6 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 
 from ..status import PENDING_CODES
-
-PENDING_EVERY_SUBOPERATION_UP_TO = 1000
-"""Retrieves of up to this many instances get a Pending response after every one."""
-PENDING_INTERVAL = 0.5
-"""Larger ones get one Pending response per this many seconds at most."""
 
 UNKNOWN_MOVE_DESTINATION = "Unknown Move Destination: "
 """pynetdicom 3.0's ERROR (service_class.py ``_move_scp``) when the handler yields no
@@ -68,10 +62,6 @@ class Responses:
     the final response or :meth:`restore`), this wraps the requesting association's DIMSE
     ``send_msg`` and, for this request's responses only:
 
-    - lets every Pending through for retrieves of up to
-      :data:`PENDING_EVERY_SUBOPERATION_UP_TO` instances (``total``), and at most one per
-      :data:`PENDING_INTERVAL` seconds for larger ones (PS3.4 C.4.2.3.1 and C.4.3.3.1:
-      Pending responses are optional);
     - hands the final response to ``rewrite``, which gives it the outcome
       (:class:`scp.retrieve.Final`);
     - sends the final response without a data set when no sub-operation failed: PS3.4
@@ -97,11 +87,6 @@ class Responses:
         self.kind = type(request)
         self.message_id = request.MessageID
         self.rewrite = rewrite
-        self.total = 0
-        self.failed = 0
-        """The failed sub-operations so far, as pynetdicom counts them: the Number of
-        Failed Sub-operations of the last Pending response it made (sent or not)."""
-        self._last_pending = -PENDING_INTERVAL
         self._original: Callable[[Any, int], None] | None = None
 
     def install(self) -> None:
@@ -121,14 +106,7 @@ class Responses:
         assert original is not None  # we are installed
         ours = isinstance(primitive, self.kind) and (
             primitive.MessageIDBeingRespondedTo == self.message_id)
-        if ours and primitive.Status in PENDING_CODES:
-            self.failed = primitive.NumberOfFailedSuboperations or 0
-            now = time.monotonic()
-            if (self.total > PENDING_EVERY_SUBOPERATION_UP_TO
-                    and now - self._last_pending < PENDING_INTERVAL):
-                return
-            self._last_pending = now
-        elif ours:
+        if ours and primitive.Status not in PENDING_CODES:  # the final response
             if self.rewrite is not None:
                 self.rewrite(primitive)
             if not primitive.NumberOfFailedSuboperations:
