@@ -116,6 +116,23 @@ def c_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str, prior
     return command_set(elements)
 
 
+def c_store_rsp(message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int,
+                error_comment: str | None = None) -> bytes:
+    """The command set of a C-STORE response (PS3.7 9.3.1.2), without a data set; an Error
+    Comment is cut to its 64 characters (LO)."""
+    elements = {
+        AFFECTED_SOP_CLASS_UID: _uid(sop_class_uid),
+        COMMAND_FIELD: _us(C_STORE_RSP),
+        MESSAGE_ID_BEING_RESPONDED_TO: _us(message_id),
+        COMMAND_DATA_SET_TYPE: _us(NO_DATA_SET),
+        STATUS: _us(status),
+        AFFECTED_SOP_INSTANCE_UID: _uid(sop_instance_uid),
+    }
+    if error_comment:
+        elements[ERROR_COMMENT] = _text(error_comment[:64])
+    return command_set(elements)
+
+
 def retrieve_pending(command_field: int, message_id: int, sop_class_uid: str, status: int,
                      remaining: int, completed: int, failed: int, warning: int) -> bytes:
     """The command set of a Pending C-GET or C-MOVE response (PS3.7 9.3.3.2, 9.3.4.2),

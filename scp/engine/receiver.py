@@ -90,7 +90,7 @@ class StoreReceiver:
             raws: list[bytes] = []
             buffer = bytearray()
             try:
-                request, context, data = self._read(sock, raws, buffer)
+                request, context = self._read(sock, raws, buffer)
             except _NotOurs:
                 self.unread(b"".join(raws) + bytes(buffer))
                 return
@@ -99,7 +99,7 @@ class StoreReceiver:
                 self.unread(b"".join(raws) + bytes(buffer))
                 return
             try:
-                self._answer(sock, request, context, data)
+                self._answer(sock, request, context)
             except Exception:  # a fault of ours after the message was taken: say so
                 logger.exception("C-STORE response not made; the association is aborted")
                 self.assoc.abort(block=False)
@@ -112,8 +112,7 @@ class StoreReceiver:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _read(self, sock: Any, raws: list[bytes], buffer: bytearray) -> tuple[
-            C_STORE, Any, bytes]:
+    def _read(self, sock: Any, raws: list[bytes], buffer: bytearray) -> tuple[C_STORE, Any]:
         deadline = time.monotonic() + self.network_timeout
         maximum = int(self.assoc.acceptor.maximum_length or 0)
         command = bytearray()
@@ -148,7 +147,7 @@ class StoreReceiver:
                     raise _NotOurs
                 if control & dimse.LAST:
                     context = self.contexts()[context_id]
-                    return _primitive(command_done, data), context, bytes(data)
+                    return _primitive(command_done, data), context
 
     def _check_command(self, command: bytearray, context_id: int) -> dict[int, int | str]:
         try:
@@ -172,7 +171,7 @@ class StoreReceiver:
 
     # -- answering -----------------------------------------------------------------------
 
-    def _answer(self, sock: Any, request: C_STORE, context: Any, data: bytes) -> None:
+    def _answer(self, sock: Any, request: C_STORE, context: Any) -> None:
         try:
             result = evt.trigger(self.assoc, evt.EVT_C_STORE,
                                  {"request": request, "context": context.as_tuple})
@@ -180,19 +179,11 @@ class StoreReceiver:
             logger.exception("Exception in handler bound to 'evt.EVT_C_STORE'")
             result = HANDLER_FAILED
         code, comment = _status(result)
-        elements = {
-            dimse.AFFECTED_SOP_CLASS_UID: dimse._uid(str(request.AffectedSOPClassUID)),
-            dimse.COMMAND_FIELD: dimse._us(dimse.C_STORE_RSP),
-            dimse.MESSAGE_ID_BEING_RESPONDED_TO: dimse._us(int(request.MessageID or 0)),
-            dimse.COMMAND_DATA_SET_TYPE: dimse._us(dimse.NO_DATA_SET),
-            dimse.STATUS: dimse._us(code),
-            dimse.AFFECTED_SOP_INSTANCE_UID: dimse._uid(str(request.AffectedSOPInstanceUID)),
-        }
-        if comment:
-            elements[dimse.ERROR_COMMENT] = dimse._text(comment[:64])
+        command = dimse.c_store_rsp(int(request.MessageID or 0),
+                                    str(request.AffectedSOPClassUID),
+                                    str(request.AffectedSOPInstanceUID), code, comment)
         peer_max = int(self.assoc.requestor.maximum_length or 0) or (1 << 20)
-        pdus = list(dimse.fragments(int(context.context_id), dimse.COMMAND,
-                                    dimse.command_set(elements), peer_max))
+        pdus = list(dimse.fragments(int(context.context_id), dimse.COMMAND, command, peer_max))
         try:
             sock.sendall(b"".join(pdus))
         except OSError as exc:  # the peer is gone: pynetdicom notices on its next read

@@ -69,6 +69,19 @@ def test_pending_response_is_pynetdicoms(kind: Any, message: Any, field: int) ->
     assert ours == pynetdicom_command(message(), primitive)
 
 
+@pytest.mark.parametrize("comment", [None, "cannot be indexed: no StudyInstanceUID"])
+def test_c_store_rsp_is_pynetdicoms(comment: str | None) -> None:
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 300
+    primitive.AffectedSOPClassUID = CT
+    primitive.AffectedSOPInstanceUID = "1.2.3.44"
+    primitive.Status = 0xA900 if comment else 0x0000
+    if comment:
+        primitive.ErrorComment = comment
+    ours = dimse.c_store_rsp(300, CT, "1.2.3.44", primitive.Status, comment)
+    assert ours == pynetdicom_command(C_STORE_RSP(), primitive)
+
+
 def test_read_command_reads_a_pynetdicom_response() -> None:
     primitive = C_STORE()
     primitive.MessageIDBeingRespondedTo = 77
@@ -296,9 +309,9 @@ def test_c_store_requests_are_answered_by_the_engine_as_pynetdicom_would(
     answered: list[int] = []
     original = receiver.StoreReceiver._answer
 
-    def counted(self: Any, sock: Any, request: Any, context: Any, data: bytes) -> None:
+    def counted(self: Any, sock: Any, request: Any, context: Any) -> None:
         answered.append(int(request.MessageID))
-        original(self, sock, request, context, data)
+        original(self, sock, request, context)
 
     def refuse(*_: Any) -> None:
         raise AssertionError("pynetdicom's Storage SCP was used")
