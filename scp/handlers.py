@@ -1,46 +1,37 @@
 """Event handlers: thin adapters from pynetdicom events to the storage façade.
 
-Each handler takes what the event carries, calls one ``Archive`` method and maps the result
-(or the error) to a status through :mod:`scp.status`. No parsing, SQL or paths here, and no
-exception ever reaches pynetdicom's catch-all.
+Each handler takes what the event carries, calls one ``Archive`` method and answers with
+the status of its result, or refuses with :class:`scp.service.Refused`. Access checks,
+activity counts, errors and their statuses are the shared wrapper's (:mod:`scp.service`).
+No parsing, SQL or paths here.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 from pynetdicom import events as evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 
-from storage import (
-    Archive,
-    Model,
-    Origin,
-    Query,
-    Spooled,
-)
+from storage import Archive, Model, Origin, Query, Spooled
 
 from . import status
 from .access import Access
 from .activity import Activity
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from .engine import responses
-from .engine.retrieve import Responses
 from .retrieve import Final, MoveDestination, run_get, run_move
+from .service import ECHO, FIND, GET, MOVE, STORE, Matches, Refused, handler
 
 logger = logging.getLogger(__name__)
 
 
-def handle_echo(event: evt.Event, activity: Activity, access: Access) -> int | Dataset:
+@handler(ECHO)
+def handle_echo(event: evt.Event, activity: Activity, access: Access) -> int:
     """C-ECHO (PS3.4 A.4): Success, unless the peer may not use it (0124)."""
-    if not access.allows(event, "echo"):
-        activity.count(event, "echo", ok=False)
-        return status.not_authorised("echo")
-    activity.count(event, "echo", ok=True)
     return status.SUCCESS
 
 
@@ -74,159 +65,72 @@ def handle_sop_extended(event: evt.Event, activity: Activity) -> dict[str, bytes
     return accepted
 
 
-def handle_store(
-    event: evt.Event, archive: Archive, activity: Activity, access: Access
-) -> int | Dataset:
-    """C-STORE (PS3.4 B.2): store the sender's bytes, answer only once they are indexed."""
+@handler(STORE)
+def handle_store(event: evt.Event, archive: Archive, activity: Activity,
+                 access: Access) -> int | Dataset:
+    """C-STORE (PS3.4 B.2): store the sender's bytes, answer only once they are indexed
+    (PS3.4 B.2.3: Success, or the Warning of storage's outcome)."""
     req = cast(C_STORE, event.request)
-    if not access.allows(event, "store"):
-        activity.count(event, "store", ok=False)
-        return status.not_authorised("store")
-    if (mismatch := _context_mismatch(event)) is not None:
-        activity.count(event, "store", ok=False)
-        return mismatch
-    with activity.operation():
-        try:
-            outcome = archive.store(
-                _received(event),
-                str(event.context.transfer_syntax),
-                sop_class_uid=str(req.AffectedSOPClassUID),
-                sop_instance_uid=str(req.AffectedSOPInstanceUID),
-                origin=Origin(event.assoc.requestor.ae_title, event.assoc.requestor.address),
-            )
-        except Exception as exc:  # mapped to a status in one place; logged once
-            result = status.store_error_status(exc)
-            _log_failure("C-STORE", event, exc)
-            activity.count(event, "store", ok=False)
-            return result
-    activity.count(event, "store", ok=True)
+    _check_context(event)
+    outcome = archive.store(
+        _received(event),
+        str(event.context.transfer_syntax),
+        sop_class_uid=str(req.AffectedSOPClassUID),
+        sop_instance_uid=str(req.AffectedSOPInstanceUID),
+        origin=Origin(event.assoc.requestor.ae_title, event.assoc.requestor.address),
+    )
     return status.store_status(outcome)
 
 
-def handle_find(
-    event: evt.Event, archive: Archive, activity: Activity, access: Access
-) -> Iterator[Any]:
+@handler(FIND)
+def handle_find(event: evt.Event, archive: Archive, activity: Activity,
+                access: Access) -> Matches:
     """C-FIND (PS3.4 C.4.1): one Pending per match, produced lazily so C-CANCEL works."""
-    if not access.allows(event, "find"):
-        activity.count(event, "find", ok=False)
-        yield status.not_authorised("find"), None
-        return
-    sop_class = str(event.request.AffectedSOPClassUID)
     model = _model(event, FIND_MODELS)
-    if isinstance(model, Dataset):
-        activity.count(event, "find", ok=False)
-        yield model, None
-        return
-    extended = activity.extended(event, sop_class)
-    with activity.operation():
-        try:
-            query = _parse_query(
-                archive,
-                event,
-                model,
-                relational=_accepted(extended, RELATIONAL_QUERIES),
-                combined_datetime=_accepted(extended, COMBINED_DATETIME),
-                multiple_values=_accepted(extended, MULTIPLE_VALUES),
-            )
-            pending = status.PENDING_WARNING if query.ignored else status.PENDING
-            cancel = _CancelFlag(event)
-            syntax = str(event.context.transfer_syntax)
-            for identifier in responses.identifiers(archive, query, cancel, event.assoc,
-                                                    syntax):
-                yield pending, identifier  # cancel is checked before every row
-            if cancel():
-                yield status.CANCEL, None  # PS3.4 C.4.1.1.4 Cancel
-                return
-        except Exception as exc:
-            _log_failure("C-FIND", event, exc)
-            activity.count(event, "find", ok=False)
-            yield status.find_error_status(exc), None
-            return
-    activity.count(event, "find", ok=True)
+    extended = activity.extended(event, str(event.request.AffectedSOPClassUID))
+    query = _parse_query(
+        archive,
+        event,
+        model,
+        relational=_accepted(extended, RELATIONAL_QUERIES),
+        combined_datetime=_accepted(extended, COMBINED_DATETIME),
+        multiple_values=_accepted(extended, MULTIPLE_VALUES),
+    )
+    pending = status.PENDING_WARNING if query.ignored else status.PENDING
+    cancel = _CancelFlag(event)
+    syntax = str(event.context.transfer_syntax)
+    for identifier in responses.identifiers(archive, query, cancel, event.assoc, syntax):
+        yield pending, identifier  # cancel is checked before every row
+    return status.CANCEL if cancel() else None  # PS3.4 C.4.1.1.4 Cancel
 
 
-def handle_get(
-    event: evt.Event, archive: Archive, activity: Activity, access: Access
-) -> Iterator[Any]:
+@handler(GET)
+def handle_get(event: evt.Event, archive: Archive, activity: Activity,
+               access: Access) -> Final:
     """C-GET (PS3.4 C.4.3): the matching instances go back over this association, which
     pynetdicom lends us for the sub-operations (:class:`scp.retrieve.Retrieval`)."""
-    req = cast(C_GET, event.request)
-    model = _model(event, GET_MODELS)
-    outcome = "get failed"
-    with activity.operation():
-        final: Final | None = None
-        responses = Responses(event.assoc, req, rewrite=lambda rsp: _final(rsp, final, event))
-        try:  # finally: also when pynetdicom drops us (the association went away)
-            responses.install()
-            refusal = None if access.allows(event, "get") else status.not_authorised("get")
-            if refusal is None and isinstance(model, Dataset):
-                refusal = model
-            elif refusal is None and isinstance(model, Model):
-                try:
-                    items = archive.retrieve(_parse_query(archive, event, model))
-                except Exception as exc:
-                    _log_failure("C-GET", event, exc)
-                    refusal = status.find_error_status(exc)
-            if refusal is not None:
-                final = Final(int(refusal.Status), comment=refusal.get("ErrorComment"))
-            else:
-                final = run_get(event, archive, items)
-                outcome = "get cancelled" if final.status == status.CANCEL else "get"
-            yield 1  # pynetdicom wants a number first: the final response follows it
-            yield status.SUCCESS, None  # rewritten with ``final`` on its way out
-        finally:
-            responses.restore()
-            activity.count(event, outcome, ok=True)
+    items = archive.retrieve(_parse_query(archive, event, _model(event, GET_MODELS)))
+    return run_get(event, archive, items)
 
 
-def handle_move(
-    event: evt.Event, archive: Archive, activity: Activity, access: Access
-) -> Iterator[Any]:
+@handler(MOVE)
+def handle_move(event: evt.Event, archive: Archive, activity: Activity,
+                access: Access) -> Final:
     """C-MOVE (PS3.4 C.4.2): the matching instances go to the Move Destination, a peer of
     the configuration, over an association we open to it (:class:`scp.retrieve.MoveDestination`)."""
-    req = cast(C_MOVE, event.request)
+    destination = str(cast(C_MOVE, event.request).MoveDestination)
     model = _model(event, MOVE_MODELS)
     config = access.config
-    peer = config.destination(str(req.MoveDestination))
-    outcome = "move failed"
-    with activity.operation():
-        final: Final | None = None
-        responses = Responses(event.assoc, req, rewrite=lambda rsp: _final(rsp, final, event))
-        try:  # finally: also when pynetdicom drops us
-            responses.install()
-            if not access.allows(event, "move"):
-                final = _refusal(status.not_authorised("move"))
-            elif isinstance(model, Dataset):
-                final = _refusal(model)
-            elif peer is None:
-                logger.warning("C-MOVE from %s: Move Destination %r is not in peers (or has"
-                               " no host)", _peer_name(event), str(req.MoveDestination))
-                final = Final(status.MOVE_DESTINATION_UNKNOWN)  # PS3.4 C.4.2.1.5 A801
-            else:
-                try:
-                    items = archive.retrieve(_parse_query(archive, event, model))
-                except Exception as exc:
-                    _log_failure("C-MOVE", event, exc)
-                    final = _refusal(status.find_error_status(exc))
-                else:
-                    final = run_move(event, archive, items, MoveDestination(
-                        peer, config.ae.title, config.ae.max_pdu_size,
-                        config.ae.acse_timeout, config.ae.dimse_timeout))
-                    outcome = "move cancelled" if final.status == status.CANCEL else "move"
-            yield None, None  # pynetdicom answers A801, rewritten with ``final``
-        finally:
-            responses.restore()
-            activity.count(event, outcome, ok=True)
-
-
-def _refusal(refusal: Dataset) -> Final:
-    return Final(int(refusal.Status), comment=refusal.get("ErrorComment"))
-
-
-def _final(primitive: Any, final: Final | None, event: evt.Event) -> None:
-    """The final response of a C-GET or C-MOVE, as :class:`scp.retrieve.Final` says."""
-    if final is not None:
-        final.rewrite(primitive, UID(str(event.context.transfer_syntax)))
+    peer = config.destination(destination)
+    if peer is None:
+        requestor = event.assoc.requestor
+        logger.warning("C-MOVE from %s@%s: Move Destination %r is not in peers (or has no"
+                       " host)", requestor.ae_title, requestor.address, destination)
+        raise Refused(status.MOVE_DESTINATION_UNKNOWN)  # PS3.4 C.4.2.1.5 A801
+    items = archive.retrieve(_parse_query(archive, event, model))
+    return run_move(event, archive, items, MoveDestination(
+        peer, config.ae.title, config.ae.max_pdu_size, config.ae.acse_timeout,
+        config.ae.dimse_timeout))
 
 
 class _CancelFlag:
@@ -262,27 +166,29 @@ bytes, not mapped and streamed (bounded; measured no faster nor slower on small
 instances: 167-171 vs 165-173 inst/s, bench/profile_ingest.py, 2,000 64x64)."""
 
 
-def _context_mismatch(event: evt.Event) -> Dataset | None:
-    """The refusal of a request whose Affected SOP Class UID is not the abstract syntax of
-    the presentation context it came on (PS3.8 7.1.1.13: a context carries one abstract
+def _check_context(event: evt.Event) -> None:
+    """Refuse a request whose Affected SOP Class UID is not the abstract syntax of the
+    presentation context it came on (PS3.8 7.1.1.13: a context carries one abstract
     syntax, the SOP Class of the messages on it; pynetdicom picks the service from the
-    command's), ``None`` when they agree:
-    A900, the data set / identifier does not match the SOP Class (PS3.4 B.2.3, C.4.1.1.4).
+    command's): A900, the data set / identifier does not match the SOP Class (PS3.4
+    B.2.3, C.4.1.1.4).
     """
     command = str(event.request.AffectedSOPClassUID)
     context = str(event.context.abstract_syntax)
-    return status.sop_class_mismatch(command, context) if command != context else None
+    if command != context:
+        raise Refused(status.sop_class_mismatch(command, context))
 
 
-def _model(event: evt.Event, models: Mapping[str, Model]) -> Model | Dataset:
-    """The query model of a C-FIND / C-GET / C-MOVE, or the refusal to answer with: A900
-    for a context mismatch (see :func:`_context_mismatch`), 0122 SOP Class not supported
-    (PS3.7 C.5) for a model we do not have, such as the retired Patient/Study Only."""
-    refusal = _context_mismatch(event)
-    if refusal is not None:
-        return refusal
+def _model(event: evt.Event, models: Mapping[str, Model]) -> Model:
+    """The query model of a C-FIND / C-GET / C-MOVE; refused with A900 for a context
+    mismatch (see :func:`_check_context`), with 0122 SOP Class not supported (PS3.7 C.5)
+    for a model we do not have, such as the retired Patient/Study Only."""
+    _check_context(event)
     sop_class = str(event.request.AffectedSOPClassUID)
-    return models.get(sop_class) or status.sop_class_not_supported(sop_class)
+    model = models.get(sop_class)
+    if model is None:
+        raise Refused(status.sop_class_not_supported(sop_class))
+    return model
 
 
 def _parse_query(archive: Archive, event: evt.Event, model: Model, **negotiated: bool) -> Query:
@@ -295,17 +201,3 @@ def _parse_query(archive: Archive, event: evt.Event, model: Model, **negotiated:
 
 def _accepted(extended: bytes, option: int) -> bool:
     return extended[option:option + 1] == b"\x01"
-
-
-def _peer_name(event: evt.Event) -> str:
-    return f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
-
-
-def _log_failure(service: str, event: evt.Event, exc: Exception) -> None:
-    peer = _peer_name(event)
-    if isinstance(exc, ValueError | LookupError | OSError) or type(exc).__module__.startswith(
-        "storage"
-    ):
-        logger.warning("%s from %s failed: %s", service, peer, exc)
-    else:
-        logger.exception("%s from %s failed unexpectedly", service, peer)

@@ -161,6 +161,14 @@ class Final:
     failed_uids: list[str] = field(default_factory=list)
     comment: str | None = None
 
+    @classmethod
+    def of(cls, refusal: int | Dataset) -> Final:
+        """The final response of a retrieve refused (or failed) before any sub-operation
+        with ``refusal``: its code, and its ErrorComment if it has one."""
+        if isinstance(refusal, Dataset):
+            return cls(int(refusal.Status), comment=refusal.get("ErrorComment"))
+        return cls(refusal)
+
     def rewrite(self, primitive: Any, transfer_syntax: UID) -> None:
         primitive.Status = self.status
         primitive.NumberOfRemainingSuboperations = self.remaining

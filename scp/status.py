@@ -29,6 +29,7 @@ SUCCESS = 0x0000
 
 # PS3.7 Annex C, general statuses
 DUPLICATE_SOP_INSTANCE = int(FailureCode.DUPLICATE_SOP_INSTANCE)
+PROCESSING_FAILURE = 0x0110  # a fault of ours, in a service without codes of its own
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
 NOT_AUTHORISED = 0x0124  # Refused: Not Authorised
 
@@ -109,6 +110,12 @@ def store_error_status(exc: Exception) -> Dataset:
     comment = str(exc) if isinstance(exc, StorageError) else \
         f"internal error: {type(exc).__name__}"
     return with_comment(int(failure_code(exc)), comment)
+
+
+def error_status(exc: Exception) -> Dataset:
+    """Map an error raised while performing a service without failure codes of its own
+    (C-ECHO, PS3.7 9.1.5.1.4) to 0110 Processing Failure (PS3.7 Annex C, general status)."""
+    return with_comment(PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
 
 
 def find_error_status(exc: Exception) -> Dataset:
