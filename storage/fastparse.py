@@ -1,7 +1,7 @@
 """The common header read straight from its bytes, without building a pydicom Dataset.
 
 :func:`fast_parse` gives what ``extract(read_header(data, ts))`` gives (the same
-:class:`~storage.parsing.Parsed`, byte for byte) for the data sets most modalities send:
+:class:`~storage.parsed.Parsed`, byte for byte) for the data sets most modalities send:
 little endian, elements of simple VRs and sequences of them (defined or undefined
 lengths, nested), a single-byte or UTF-8 character set. Whatever it is not sure of it
 declines (:class:`Declined`), and
@@ -32,15 +32,15 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from .keys import LEVEL_OF, Level
-from .parsing import (
-    _PIXEL_TAGS,
-    _REQUIRED_UIDS,
-    BULK_THRESHOLD,
+from .parsed import BULK_THRESHOLD, REQUIRED_UIDS, Parsed, dump_levels, parsed_from
+from .structure import (
+    ITEM,
+    ITEM_END,
+    PIXEL_TAGS,
+    SEQUENCE_END,
+    UNDEFINED,
     Buffer,
-    Parsed,
     check_structure,
-    dump_levels,
-    parsed_from,
 )
 from .values import is_uid, strip
 
@@ -283,7 +283,7 @@ _COLUMN_TAGS = {keyword: int(tag_for_keyword(keyword) or 0) for keyword in (
     "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber",
     "StudyID", "StudyDescription", "Modality", "SeriesNumber", "SeriesDescription",
     "InstanceNumber")}
-_UID_TAGS = {int(tag_for_keyword(keyword) or 0): keyword for keyword in _REQUIRED_UIDS}
+_UID_TAGS = {int(tag_for_keyword(keyword) or 0): keyword for keyword in REQUIRED_UIDS}
 
 _EXPLICIT_HEAD = struct.Struct("<HH2sH").unpack_from
 _IMPLICIT_HEAD = struct.Struct("<HHL").unpack_from
@@ -294,7 +294,7 @@ def fast_parse(data: Buffer, transfer_syntax_uid: str) -> Parsed:
     """What ``extract(read_header(data, transfer_syntax_uid))`` gives, read straight from
     the bytes.
 
-    The structure check (:func:`~storage.parsing.check_structure`) runs first, as on the
+    The structure check (:func:`~storage.structure.check_structure`) runs first, as on the
     slow path, and raises as it does.
 
     Raises
@@ -327,8 +327,6 @@ def fast_parse(data: Buffer, transfer_syntax_uid: str) -> Parsed:
     return _parse(elements)
 
 
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_UNDEFINED = 0xFFFFFFFF
 _ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
 
 Node = tuple[int, str, Any]
@@ -352,7 +350,7 @@ def _elements(raw: bytes, pos: int, end: int, implicit: bool,
     PS3.5 7.5.2). Returns them and the offset after them.
 
     Sequences nest by recursion, as deep as the structure check allows
-    (:data:`~storage.parsing.MAX_DEPTH`). An item is read in its data set's syntax
+    (:data:`~storage.structure.MAX_DEPTH`). An item is read in its data set's syntax
     (pydicom reads an item of an explicit VR data set that starts without a VR as
     implicit VR; here the unknown VR declines it)."""
     elements: list[Node] = []
@@ -367,7 +365,7 @@ def _elements(raw: bytes, pos: int, end: int, implicit: bool,
             group, elem, length = _IMPLICIT_HEAD(raw, pos)
             tag = group << 16 | elem
             if group == 0xFFFE:
-                if delimited and tag == _ITEM_END:
+                if delimited and tag == ITEM_END:
                     return elements, pos + 8
                 raise Declined(f"delimiter ({group:04X},{elem:04X}) inside a data set")
             vr = _implicit_vr(tag)
@@ -378,7 +376,7 @@ def _elements(raw: bytes, pos: int, end: int, implicit: bool,
             group, elem, code, length = _EXPLICIT_HEAD(raw, pos)
             tag = group << 16 | elem
             if group == 0xFFFE:
-                if delimited and tag == _ITEM_END:
+                if delimited and tag == ITEM_END:
                     return elements, pos + 8
                 raise Declined(f"delimiter ({group:04X},{elem:04X}) inside a data set")
             vr = _EXPLICIT.get(code)
@@ -402,7 +400,7 @@ def _elements(raw: bytes, pos: int, end: int, implicit: bool,
             items, pos = _items(raw, pos, length, end, implicit)
             elements.append((tag, vr, items))
             continue
-        if length == _UNDEFINED:
+        if length == UNDEFINED:
             raise Declined("undefined length other than a sequence's")
         if pos + length > end:
             raise Declined("a value beyond its data set")
@@ -415,7 +413,7 @@ def _items(raw: bytes, pos: int, length: int, end: int,
     """A sequence's items (PS3.5 7.5): of defined length, or up to the Sequence
     Delimitation Item; each item of defined or undefined length. Returns them and the
     offset after the sequence."""
-    if length == _UNDEFINED:
+    if length == UNDEFINED:
         stop, delimited = end, True
     else:
         stop, delimited = pos + length, False
@@ -432,11 +430,11 @@ def _items(raw: bytes, pos: int, length: int, end: int,
         tag_group, tag_elem, item_length = _IMPLICIT_HEAD(raw, pos)  # PS3.5 7.5
         tag = tag_group << 16 | tag_elem
         pos += 8
-        if tag == _SEQUENCE_END and delimited:
+        if tag == SEQUENCE_END and delimited:
             return items, pos
-        if tag != _ITEM:  # pydicom ends a defined-length sequence at a stray delimiter
+        if tag != ITEM:  # pydicom ends a defined-length sequence at a stray delimiter
             raise Declined(f"({tag_group:04X},{tag_elem:04X}) where an item must be")
-        if item_length == _UNDEFINED:
+        if item_length == UNDEFINED:
             item, pos = _elements(raw, pos, stop, implicit, True)
         else:
             if pos + item_length > stop:
@@ -481,7 +479,7 @@ def _parse(elements: list[Node]) -> Parsed:
             if tag in _UID_TAGS:
                 raws[tag] = vr, value
         texts[tag] = text
-        if (tag >> 16) == 0x0002 or tag in _PIXEL_TAGS or (tag & 0xFFFF) == 0:
+        if (tag >> 16) == 0x0002 or tag in PIXEL_TAGS or (tag & 0xFFFF) == 0:
             continue
         out[level_of(tag, image)][f"{tag:08X}"] = element
     uids = []

@@ -1,8 +1,10 @@
 """Reading what the index needs from an incoming data set, and writing its File Meta.
 
 Only the header is parsed (up to the pixel data); what follows is walked, not decoded, to
-make sure it is complete. Every value needed for an index column and the per-level DICOM
-JSON come from here; nothing is re-encoded.
+make sure it is complete (:mod:`storage.structure`). Every value needed for an index
+column and the per-level DICOM JSON come from here (:class:`~storage.parsed.Parsed`), by
+pydicom's path or, when it is sure of the bytes, by :mod:`storage.fastparse`'s; nothing is
+re-encoded.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import math
 import mmap
 import os
@@ -18,46 +19,28 @@ import re
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
 
+from . import fastparse
 from .errors import InvalidInstance
-from .index import InstanceRecord
 from .keys import Level, level_of
-from .values import clean_text, is_uid, norm_da, norm_pn, norm_tm, pn_framed, pn_groups, strip
+from .parsed import BULK_THRESHOLD, REQUIRED_UIDS, Parsed, dump_levels, parsed_from
+from .structure import LONG_VRS, PIXEL_TAGS, Buffer, check_structure
+from .values import clean_text, is_uid, strip
 
 IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["minipacs"])
 IMPLEMENTATION_VERSION_NAME = "MINIPACS_01"
-BULK_THRESHOLD = 1024
-"""Binary values longer than this many bytes are bulk data: kept in the file, not the index."""
 HEADER_LIMIT = 64 * 1024 * 1024
 """Most bytes of a deflated data set inflated to read its header."""
 INFLATED_LIMIT = 4 * 1024 * 1024 * 1024
 """Most bytes a deflated data set may inflate to (a "deflate bomb" is refused)."""
-
-_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
-# explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
-_UNDEFINED = 0xFFFFFFFF
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-
-
-@dataclass
-class Parsed:
-    """What one header gives the index."""
-
-    record: InstanceRecord
-    sop_class_uid: str
-    sop_instance_uid: str
-    warnings: list[str] = field(default_factory=list)
 
 
 def read_header(data: Buffer, transfer_syntax_uid: str, strict: bool = True) -> Dataset:
@@ -88,8 +71,6 @@ def parse_header(data: Buffer, transfer_syntax_uid: str) -> Parsed:
     InvalidInstance
         As :func:`read_header` and :func:`extract` raise it.
     """
-    from . import fastparse  # it builds on this module
-
     try:
         return fastparse.fast_parse(data, transfer_syntax_uid)
     except InvalidInstance:
@@ -134,7 +115,7 @@ def _read(data: Buffer, transfer_syntax_uid: str, stop_at_pixel_data: bool,
         fp = io.BytesIO(bytes(data[:header_end + 12 if stop_at_pixel_data else len(data)]))
 
     def at_pixel_data(tag: Any, vr: Any, length: int) -> bool:
-        return stop_at_pixel_data and int(tag) in _PIXEL_TAGS
+        return stop_at_pixel_data and int(tag) in PIXEL_TAGS
 
     try:
         ds = read_dataset(fp, implicit, little, stop_when=at_pixel_data)
@@ -175,186 +156,11 @@ def _inflate_header(data: Buffer) -> tuple[bytes, bool]:
     return head, total == len(head)
 
 
-MAX_DEPTH = 64
-"""Most sequences nested in one another in a data set we accept (real IODs nest a few)."""
-
-_DATASET, _SEQUENCE, _FRAGMENTS = 0, 1, 2
-
-
-@dataclass
-class _Frame:
-    """One open container of the structure walk: a data set (the top one or an item), a
-    sequence's items, or encapsulated pixel data's fragments."""
-
-    kind: int
-    end: int  # where its bytes must end (a defined length, or its parent's end)
-    until: int | None  # the delimiter that closes it (undefined length), else None
-    implicit: bool | None  # None: an item whose first element tells (see check_structure)
-
-
-_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS",
-                  b"LO", b"LT", b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH",
-                  b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
-                  b"UR", b"US", b"UT", b"UV"})
-
-
-def check_structure(data: Buffer, implicit: bool, little: bool, complete: bool = True) -> int:
-    """Check that ``data`` is one complete data set: every element header whole, every
-    value inside its container, every undefined length closed by its delimiter, no stray
-    delimiter, and in an explicit VR syntax a VR on every top-level element (PS3.5 7.1,
-    7.5, A.4).
-
-    Values are not decoded; sequences and items are followed iteratively, at most
-    :data:`MAX_DEPTH` deep. With ``complete`` false (the first bytes of a longer data set)
-    the walk ends at the top-level pixel data or where the bytes end.
-
-    What pydicom and other toolkits read, and devices write, is accepted: an item of an
-    explicit VR sequence encoded in implicit VR (and the items of an undefined-length UN
-    in explicit VR, written before CP-246), told by its first element; top-level pixel
-    data whose element header is implicit in an explicit VR data set; an implicit VR
-    element the dictionary calls a sequence whose value is not items (a text, as some
-    anonymisers write); and a delimiter inside a defined-length item or sequence.
-
-    Returns the offset of the top-level pixel data element (the length of ``data`` when it
-    has none): what precedes it is the header.
-
-    Raises
-    ------
-    InvalidInstance
-        Naming the first fault and its byte offset.
-    """
-    order = "<" if little else ">"
-    tag_of = struct.Struct(order + "HH").unpack_from
-    u16 = struct.Struct(order + "H").unpack_from
-    u32 = struct.Struct(order + "L").unpack_from
-    size = len(data)
-    stack = [_Frame(_DATASET, size, None, implicit)]
-    pos = 0
-    pixel_at = size
-    while stack:
-        frame = stack[-1]
-        if pos == frame.end:
-            if frame.until is not None:
-                if not complete and pos == size:
-                    return pixel_at
-                raise InvalidInstance(
-                    f"data set is truncated at byte {pos}: a sequence or item never ends")
-            stack.pop()
-            continue
-        if pos + 8 > frame.end:
-            if not complete and pos + 8 > size:
-                return pixel_at
-            raise InvalidInstance(f"data set is truncated at byte {pos}: element header "
-                                  f"cut short")
-        group, elem = tag_of(data, pos)
-        tag = group << 16 | elem
-        name = f"({group:04X},{elem:04X})"
-        if frame.kind != _DATASET:
-            # a sequence holds items and its delimiter; pixel data, fragments (PS3.5 A.4)
-            if tag == _SEQUENCE_END and (frame.until == _SEQUENCE_END or frame.until is None):
-                pos += 8
-                if frame.until is not None:
-                    stack.pop()
-                continue  # in a defined-length sequence: a redundant delimiter
-            if tag != _ITEM:
-                raise InvalidInstance(f"unexpected {name} at byte {pos}, where an item "
-                                      f"must be")
-            (length,) = u32(data, pos + 4)
-            pos += 8
-            item_syntax = frame.implicit if implicit else None  # explicit: ask the item
-            if length == _UNDEFINED and frame.kind == _SEQUENCE:
-                stack.append(_Frame(_DATASET, frame.end, _ITEM_END, item_syntax))
-            elif length == _UNDEFINED or pos + length > frame.end:
-                if not complete and length != _UNDEFINED and pos + length > size:
-                    return pixel_at
-                raise InvalidInstance(f"item at byte {pos - 8} runs past its end")
-            elif frame.kind == _SEQUENCE:
-                stack.append(_Frame(_DATASET, pos + length, None, item_syntax))
-            else:
-                pos += length
-            continue
-        if group == 0xFFFE:
-            if tag == _ITEM_END and (frame.until == _ITEM_END
-                                     or (frame.until is None and len(stack) > 1)):
-                pos += 8
-                if frame.until is not None:
-                    stack.pop()
-                continue  # in a defined-length item: a redundant delimiter
-            raise InvalidInstance(f"unexpected delimiter {name} at byte {pos}")
-        top = len(stack) == 1
-        if top and tag in _PIXEL_TAGS and pixel_at == size:
-            pixel_at = pos
-            if not complete:
-                return pixel_at
-        vr = bytes(data[pos + 4:pos + 6])
-        if frame.implicit is None:  # an item's first element: explicit if it has a VR
-            frame.implicit = vr not in _VRS
-        element_implicit = frame.implicit
-        if not element_implicit and not (vr.isalpha() or vr == b"  "):  # as pydicom reads
-            if not (top and tag in _PIXEL_TAGS):
-                raise InvalidInstance(f"element {name} at byte {pos} has no VR, in an "
-                                      f"explicit VR transfer syntax")
-            element_implicit = True  # some writers encode the pixel data header so
-        if element_implicit:
-            vr = b""
-            (length,) = u32(data, pos + 4)
-            pos += 8
-        elif vr in _LONG_VRS:
-            if pos + 12 > frame.end:
-                if not complete and pos + 12 > size:
-                    return pixel_at
-                raise InvalidInstance(f"data set is truncated at byte {pos}: "
-                                      f"element header cut short")
-            (length,) = u32(data, pos + 8)
-            pos += 12
-        else:
-            (length,) = u16(data, pos + 6)
-            pos += 8
-        sequence = vr == b"SQ" or (element_implicit and _is_sequence(tag))
-        if length == _UNDEFINED:
-            if tag in _PIXEL_TAGS or vr in (b"OB", b"OW"):
-                stack.append(_Frame(_FRAGMENTS, frame.end, _SEQUENCE_END, frame.implicit))
-            elif sequence or vr == b"UN" or element_implicit:
-                # UN of undefined length is a sequence in implicit VR (PS3.5 6.2.2)
-                stack.append(_Frame(_SEQUENCE, frame.end, _SEQUENCE_END,
-                                    True if vr == b"UN" else frame.implicit))
-            else:
-                raise InvalidInstance(f"element {name} ({vr.decode()}) at byte {pos} "
-                                      f"has an undefined length")
-        elif pos + length > frame.end:
-            if not complete and pos + length > size:
-                return pixel_at
-            raise InvalidInstance(
-                f"value of {name} is truncated: {length} bytes announced, "
-                f"{frame.end - pos} left")
-        elif sequence and (vr == b"SQ" or length == 0 or bytes(data[pos:pos + 4]) in _ITEM_TAGS):
-            stack.append(_Frame(_SEQUENCE, pos + length, None, frame.implicit))
-        else:
-            pos += length  # a value; an implicit "sequence" that holds no items is one too
-        if len(stack) > 2 * MAX_DEPTH + 1:
-            raise InvalidInstance(f"sequences are nested more than {MAX_DEPTH} deep")
-    return pixel_at
-
-
-_ITEM_TAGS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")  # (FFFE,E000), little and big endian
-
-
-def _is_sequence(tag: int) -> bool:
-    """Whether an implicit VR element is a sequence, by the data dictionary."""
-    try:
-        return bool(dictionary_VR(tag) == "SQ")
-    except KeyError:
-        return False
-
-
-_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-
-
 def _check_raw_uids(ds: Dataset) -> None:
     """Check the required UIDs as sent: pydicom's UID strips surrounding whitespace and
     control characters, which would index ``1.2.3`` for a value stored as ``\\t1.2.3``. Only
     trailing NUL padding (and, leniently, spaces) is insignificant (PS3.5 6.2, 9.1)."""
-    for keyword in _REQUIRED_UIDS:
+    for keyword in REQUIRED_UIDS:
         elem = ds.get_item(keyword)
         raw = elem.value if elem is not None else None
         if isinstance(raw, bytes):
@@ -393,63 +199,9 @@ def extract(ds: Dataset) -> Parsed:
     InvalidInstance
         When a required UID is missing or malformed.
     """
-    uids = [_uid(ds, keyword) for keyword in _REQUIRED_UIDS]
+    uids = [_uid(ds, keyword) for keyword in REQUIRED_UIDS]
     attrs, warnings = _level_json(ds)
     return parsed_from(uids, attrs, warnings, lambda keyword, vr: _text(ds, keyword, vr))
-
-
-def parsed_from(uids: list[str], attrs: dict[Level, str], warnings: list[str],
-                text: Callable[[str, str], str]) -> Parsed:
-    """The :class:`Parsed` of one header, whichever way it was read: ``uids`` are the
-    values of :data:`_REQUIRED_UIDS` (checked), ``attrs`` the per-level DICOM JSON, and
-    ``text(keyword, vr)`` a key's column value as :func:`_text` gives it."""
-    sop_class_uid, sop_instance_uid, study_uid, series_uid = uids
-    patient_id = text("PatientID", "LO")
-    issuer = text("IssuerOfPatientID", "LO")
-    patient_name = text("PatientName", "PN")
-    alphabetic, ideographic, phonetic = pn_groups(patient_name, folded=True)
-    referring = text("ReferringPhysicianName", "PN")
-    record = InstanceRecord(
-        patient={
-            # PS3.4 C.6.1.1.1: PatientID is the patient's Unique key. An instance without
-            # one is a patient of its own, per study, never merged with other anonymous ones.
-            "patient_key": f"{issuer}\\{patient_id}" if patient_id else f"\\\\{study_uid}",
-            "patient_id": patient_id,
-            "issuer_of_patient_id": issuer,
-            "patient_name": norm_pn(patient_name),
-            "patient_name_alphabetic_folded": alphabetic,
-            "patient_name_ideographic_folded": ideographic,
-            "patient_name_phonetic_folded": phonetic,
-            "patient_birth_date": norm_da(text("PatientBirthDate", "DA")),
-            "patient_sex": text("PatientSex", "CS"),
-            "attrs": attrs[Level.PATIENT],
-        },
-        study={
-            "study_instance_uid": study_uid,
-            "study_date": norm_da(text("StudyDate", "DA")),
-            "study_time": norm_tm(text("StudyTime", "TM")),
-            "accession_number": text("AccessionNumber", "SH"),
-            "study_id": text("StudyID", "SH"),
-            "referring_physician_name": norm_pn(referring),
-            "referring_physician_name_folded": pn_framed(referring, folded=True),
-            "study_description": text("StudyDescription", "LO"),
-            "attrs": attrs[Level.STUDY],
-        },
-        series={
-            "series_instance_uid": series_uid,
-            "modality": text("Modality", "CS"),
-            "series_number": text("SeriesNumber", "IS"),
-            "series_description": text("SeriesDescription", "LO"),
-            "attrs": attrs[Level.SERIES],
-        },
-        instance={
-            "sop_instance_uid": sop_instance_uid,
-            "sop_class_uid": sop_class_uid,
-            "instance_number": text("InstanceNumber", "IS"),
-            "attrs": attrs[Level.IMAGE],
-        },
-    )
-    return Parsed(record, sop_class_uid, sop_instance_uid, warnings)
 
 
 def _bulk_uri(elem: DataElement) -> str:
@@ -461,7 +213,7 @@ def _level_json(ds: Dataset) -> tuple[dict[Level, str], list[str]]:
     warnings: list[str] = []
     for elem in ds:
         tag = int(elem.tag)
-        if (tag >> 16) == 0x0002 or tag in _PIXEL_TAGS or (tag & 0xFFFF) == 0:
+        if (tag >> 16) == 0x0002 or tag in PIXEL_TAGS or (tag & 0xFFFF) == 0:
             continue
         try:  # a bulk value (binary, > BULK_THRESHOLD) is kept as {"vr", "BulkDataURI": ""}
             out[level_of(tag)][f"{tag:08X}"] = _element_json(
@@ -470,14 +222,6 @@ def _level_json(ds: Dataset) -> tuple[dict[Level, str], list[str]]:
         except Exception as exc:  # one malformed optional element does not refuse the image
             warnings.append(f"{elem.keyword or elem.tag} not indexed: {exc}")
     return dump_levels(out), warnings
-
-
-def dump_levels(out: dict[Level, dict[str, Any]]) -> dict[Level, str]:
-    """The per-level DICOM JSON strings of the index (PS3.18 F.2), compact."""
-    # RFC 8259 (PS3.18 F.2) has no NaN or Infinity: _element_json keeps them out, and a
-    # number that slipped through would be refused here rather than written
-    return {lv: json.dumps(v, separators=(",", ":"), allow_nan=False)
-            for lv, v in out.items()}
 
 
 # PS3.5 Table 6.2-1 DS: a fixed or floating point number (ANSI X3.9), at most 16 bytes
@@ -601,7 +345,7 @@ def _padded(text: str) -> bytes:
 
 
 def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         return struct.pack("<HH2sHL", 0x0002, elem, vr, 0, len(value)) + value
     return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
 
@@ -691,10 +435,6 @@ class Spooled:
                     whole.release()
             finally:
                 mapped.close()
-
-
-Buffer = bytes | memoryview
-"""Data set bytes: in memory, or a view of a spooled file (:meth:`Spooled.view`)."""
 
 
 _PART10_MAGIC_AT = 128

@@ -27,7 +27,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import anyio
 import anyio.to_thread
@@ -36,9 +36,6 @@ from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import FORBIDDEN, UNAUTHORIZED
-
-if TYPE_CHECKING:
-    from .config import WebConfig
 
 logger = logging.getLogger("minipacs.web")
 
@@ -399,13 +396,30 @@ class Refusal(Exception):
     """Credentials that name no account (answered 401)."""
 
 
+class AccessRules(Protocol):
+    """What :class:`AccessMiddleware` reads of the ``web`` section
+    (:class:`web.config.WebConfig`, which checks its entries with :func:`entry_problems`)."""
+
+    @property
+    def users(self) -> tuple[str, ...]: ...
+
+    @property
+    def tokens(self) -> tuple[str, ...]: ...
+
+    @property
+    def anonymous_local(self) -> str: ...
+
+    @property
+    def anonymous_remote(self) -> str: ...
+
+
 class AccessMiddleware:
     """Refuse with 401 (no, unknown or wrong credentials) or 403 (not enough rights) before
     any endpoint runs; log each refusal at INFO with the peer and the reason. An allowed
     request carries its rights and account name in ``scope["minipacs.rights"]`` and
     ``scope["minipacs.user"]`` (empty when anonymous)."""
 
-    def __init__(self, app: ASGIApp, config: WebConfig) -> None:
+    def __init__(self, app: ASGIApp, config: AccessRules) -> None:
         self.app = app
         self.config = config
         self.accounts = Accounts(config.users, config.tokens)

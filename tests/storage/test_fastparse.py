@@ -27,14 +27,8 @@ from pydicom.uid import UID, CTImageStorage, DeflatedExplicitVRLittleEndian
 
 from storage import Archive, InvalidInstance
 from storage.fastparse import Declined, fast_parse
-from storage.parsing import (
-    MAX_DEPTH,
-    Parsed,
-    extract,
-    parse_header,
-    read_header,
-    split_part10,
-)
+from storage.parsing import Parsed, extract, parse_header, read_header, split_part10
+from storage.structure import MAX_DEPTH
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 IMPLICIT = "1.2.840.10008.1.2"
