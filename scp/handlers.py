@@ -22,7 +22,7 @@ from . import status
 from .access import Access
 from .activity import Activity
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
-from .engine import responses
+from .engine import reactor, responses
 from .retrieve import Final, MoveDestination, run_get, run_move
 from .service import ECHO, FIND, GET, MOVE, STORE, Matches, Refused, handler
 
@@ -146,15 +146,11 @@ class _CancelFlag:
 
 
 def _received(event: evt.Event) -> bytes | Spooled:
-    """The C-STORE data set as received: in the file pynetdicom spooled it to (see
-    scp/engine/reactor.py, _SpoolingConfig), or in memory."""
-    try:
-        path = event.dataset_path
-    except AttributeError:  # pynetdicom without spooling
-        path = None
-    if path is None:  # not spooled
+    """The C-STORE data set as received: in the file pynetdicom spooled it to
+    (:func:`scp.engine.reactor.spooled`), or in memory."""
+    spooled = reactor.spooled(event)
+    if spooled is None:
         return event.encoded_dataset(include_meta=False)
-    _, spooled = Spooled.part10(path)  # the syntax is the context's, as written there
     if spooled.length <= _IN_MEMORY_UP_TO:
         return b"".join(spooled.chunks(size=_IN_MEMORY_UP_TO))  # one read
     return spooled

@@ -39,7 +39,7 @@ from .instances import (
     syntax_for,
 )
 from .keys import Level, Model
-from .parsing import Spooled, read_identifier, transfer_syntax_group
+from .parsing import Spooled, read_identifier
 from .query import Query, Search, SearchAnswer, response_charset_problem
 from .values import is_uid
 
@@ -90,5 +90,4 @@ __all__ = [
     "read_identifier",
     "response_charset_problem",
     "syntax_for",
-    "transfer_syntax_group",
 ]

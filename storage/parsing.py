@@ -328,12 +328,6 @@ def meta_group(elements: list[tuple[int, bytes, bytes]]) -> bytes:
     return _meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body
 
 
-def transfer_syntax_group(transfer_syntax_uid: str) -> bytes:
-    """The smallest File Meta group :func:`split_part10` reads back: the Transfer Syntax
-    UID (a spool's, see scp/engine/reactor.py)."""
-    return meta_group([(0x0010, b"UI", _ui(transfer_syntax_uid))])
-
-
 def _ui(uid: str) -> bytes:
     value = uid.encode("ascii")
     return value + b"\0" if len(value) % 2 else value

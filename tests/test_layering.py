@@ -22,7 +22,7 @@ FRONT_ENDS = ("scp", "web")
 PENDING_FACADE_EXCEPTIONS: set[tuple[str, str]] = set()
 """(file, storage submodule) pairs that still reach behind the façade, each to be removed
 by the owner of scp/engine/ once it imports from ``storage`` (which already exports what
-these use: ``transfer_syntax_group``, ``read_identifier``, ``Query``). A new entry is not a
+these use: ``read_identifier``, ``Query``). A new entry is not a
 fix: export the name from storage/__init__.py instead. The test below fails when an entry
 is no longer needed, so that it is removed with the import."""
 

@@ -25,9 +25,10 @@ of associations nobody registered, are untouched: the modules' ``time`` is repla
 proxy that changes ``sleep`` only for a registered thread at the loop's own sleep.
 
 The same registry makes pynetdicom's DIMSE decoder spool the C-STORE data sets of our
-associations to a temporary file as they arrive (:class:`_SpoolingConfig`), behind a
-minimal File Meta group (:func:`_write_spool_meta`), and lets a C-GET borrow the socket of
-its association from the DUL thread for its sub-operations (:func:`leased`).
+associations to a temporary file as they arrive (:class:`_SpoolingConfig`), the data set
+alone, with no File Meta before it (:func:`_start_spool`): the handler hands storage the
+whole file as it is (:func:`spooled`). It also lets a C-GET borrow the socket of its
+association from the DUL thread for its sub-operations (:func:`leased`).
 
 Pinned to pynetdicom 3.0 (the loops in dul.py ``run_reactor`` and association.py
 ``_run_reactor``, the ``_config`` lookup of dimse_messages.py ``decode_msg``), by the gate
@@ -47,6 +48,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from pynetdicom import _config as _pynetdicom_config
@@ -56,7 +58,7 @@ from pynetdicom import dul as _dul
 from pynetdicom import events as evt
 from pynetdicom.transport import AssociationSocket
 
-from storage import transfer_syntax_group
+from storage import Spooled
 
 from . import guards
 from .receiver import StoreReceiver
@@ -303,9 +305,10 @@ class _SpoolingConfig:
     """pynetdicom's ``_config`` as its DIMSE decoder sees it: STORE_RECV_CHUNKED_DATASET is
     true in the DUL thread of our own associations, so the data set of every C-STORE they
     receive goes to a temporary file as it arrives (scp/handlers.py hands it to the archive
-    as :class:`storage.Spooled`: a 1 GB multi-frame is never in memory), and false
-    elsewhere: the C-MOVE sub-associations we open (a request the destination sent there
-    would be spooled with no handler to remove the file), other pynetdicom users."""
+    as :class:`storage.Spooled`, :func:`spooled`: a 1 GB multi-frame is never in memory),
+    and false elsewhere: the C-MOVE sub-associations we open (a request the destination
+    sent there would be spooled with no handler to remove the file), other pynetdicom
+    users."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(_pynetdicom_config, name)
@@ -316,19 +319,34 @@ class _SpoolingConfig:
         return waker is not None and bool(waker.assoc.is_acceptor)
 
 
-def _spool_meta(*, sop_class_uid: Any = None, sop_instance_uid: Any = None,
-                transfer_syntax: Any = None, **_: Any) -> str:
-    """What dimse_messages.py ``decode_msg`` builds the spool's File Meta from (it calls
-    pydicom's ``create_file_meta``, then ``write_file_meta_info``: together ~1 ms per
-    C-STORE, about as much as storing a small instance): only the transfer syntax, which is
-    all :meth:`storage.Spooled.part10` reads back."""
-    return str(transfer_syntax)
+def _no_file_meta(**_: Any) -> None:
+    """In place of pynetdicom's ``create_file_meta``, which dimse_messages.py ``decode_msg``
+    calls to build the spool's File Meta (it and ``write_file_meta_info`` cost ~1 ms per
+    C-STORE, about as much as storing a small instance): the spool has none
+    (:func:`_start_spool`)."""
+    return None
 
 
-def _write_spool_meta(fp: Any, transfer_syntax: str, *_: Any, **__: Any) -> None:
-    """A minimal File Meta group (its group length and Transfer Syntax UID), after the
-    preamble and prefix pynetdicom has written."""
-    fp.write(transfer_syntax_group(transfer_syntax))
+def _start_spool(fp: Any, *_: Any, **__: Any) -> None:
+    """In place of pydicom's ``write_file_meta_info``, which dimse_messages.py
+    ``decode_msg`` calls on the new spool ``fp`` once the request's command set is
+    complete, after the preamble and prefix it wrote there and before the data set's first
+    fragment: the file is emptied, so that the data set is all it holds (:func:`spooled`)."""
+    fp.seek(0)
+    fp.truncate()
+
+
+def spooled(event: evt.Event) -> Spooled | None:
+    """The data set of ``event``'s C-STORE request where pynetdicom spooled it, or
+    ``None`` when it is in memory (``event.encoded_dataset()``): the whole spool file,
+    which holds the data set alone (:func:`_start_spool`), its syntax the context's."""
+    try:
+        path = event.dataset_path
+    except AttributeError:  # pynetdicom spools nothing (this module is not installed)
+        return None
+    if path is None:
+        return None
+    return Spooled(Path(path), 0, os.stat(path).st_size)
 
 
 def install() -> bool:
@@ -343,8 +361,8 @@ def install() -> bool:
     _dul.time = _TimeProxy("dul")  # type: ignore[assignment]
     _association.time = _TimeProxy("association")  # type: ignore[assignment]
     _dimse_messages._config = _SpoolingConfig()  # type: ignore[assignment]
-    _dimse_messages.create_file_meta = _spool_meta  # type: ignore[assignment]
-    _dimse_messages.write_file_meta_info = _write_spool_meta  # type: ignore[assignment]
+    _dimse_messages.create_file_meta = _no_file_meta  # type: ignore[assignment]
+    _dimse_messages.write_file_meta_info = _start_spool
     AssociationSocket.ready = property(_ready_or_unread)  # type: ignore[method-assign,assignment]
     AssociationSocket.recv = _recv_unread  # type: ignore[method-assign]
     _installed = True
