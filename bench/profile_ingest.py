@@ -75,6 +75,9 @@ def main() -> int:
                         help="storescu without TCP_NODELAY=1 (Debian's DCMTK default)")
     parser.add_argument("--idle", action="store_true",
                         help="count threads that wait too (where the wall-clock time goes)")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the work folder (runs in a row: a removal slows the next"
+                             " run's file creation, see bench/README.md)")
     args = parser.parse_args()
 
     bench.WORK_ROOT.mkdir(exist_ok=True)
@@ -126,7 +129,8 @@ def main() -> int:
         return 0 if not any(codes) and held == args.count else 1
     finally:
         bench.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
