@@ -196,10 +196,12 @@ class Archive:
         origin: Origin | None = None,
     ) -> StoreOutcome:
         """Store one encoded data set and wait for the outcome: :meth:`submit`, then its
-        future's result. Raises what :meth:`submit` and its future raise."""
-        return self.submit(data, transfer_syntax_uid, sop_class_uid=sop_class_uid,
-                           sop_instance_uid=sop_instance_uid,
-                           study_instance_uid=study_instance_uid, origin=origin).result()
+        future's result, committed in this thread (see :mod:`storage.commit`). Raises what
+        :meth:`submit` and its future raise."""
+        pending = self._submit(data, transfer_syntax_uid, sop_class_uid, sop_instance_uid,
+                               study_instance_uid, origin, wake=False)
+        self._committer.commit_now(pending.future)
+        return pending.result()
 
     def submit(
         self,
@@ -255,6 +257,15 @@ class Archive:
         Each is raised here or by the future's result (those found once the file is
         written: a duplicate refused by the index, a file or index that cannot be written).
         """
+        return self._submit(data, transfer_syntax_uid, sop_class_uid, sop_instance_uid,
+                            study_instance_uid, origin, wake=True)
+
+    def _submit(self, data: bytes | Spooled, transfer_syntax_uid: str,
+                sop_class_uid: str | None, sop_instance_uid: str | None,
+                study_instance_uid: str | None, origin: Origin | None,
+                wake: bool) -> PendingStore:
+        """:meth:`submit`; ``wake=False``: the caller commits the store itself
+        (:meth:`storage.commit.GroupCommit.commit_now`)."""
         origin = origin or Origin()
         size = data.length if isinstance(data, Spooled) else len(data)
         limit = self.options.max_instance_bytes
@@ -294,7 +305,7 @@ class Archive:
             self._in_flight[uid] += 1
         try:
             pending = self._stage_and_queue(data, transfer_syntax_uid, size, parsed, digest,
-                                            origin, uids, queued_before)
+                                            origin, uids, queued_before, wake)
         except BaseException:
             self._leave(uid)
             raise
@@ -303,7 +314,7 @@ class Archive:
 
     def _stage_and_queue(self, data: bytes | Spooled, transfer_syntax_uid: str, size: int,
                          parsed: Parsed, digest: str, origin: Origin, uids: dict[str, Any],
-                         queued_before: bool) -> PendingStore:
+                         queued_before: bool, wake: bool) -> PendingStore:
         """:meth:`submit` once the header is checked: the early duplicate check, the file
         staged, the store queued for the group commit."""
         uid = parsed.sop_instance_uid
@@ -347,7 +358,7 @@ class Archive:
                 logger.warning("%s: %s", uid, warning)
             outcome.set_result(StoreOutcome(result.result, uid, warnings, **uids))
 
-        self._committer.submit(staged, record).add_done_callback(settle)
+        self._committer.submit(staged, record, wake=wake).add_done_callback(settle)
         return PendingStore(parsed.sop_class_uid, uid, outcome)
 
     def _leave(self, uid: str) -> None:
