@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 
+import storage.files
 from storage import (
     Archive,
     ArchiveOptions,
@@ -26,6 +28,7 @@ from storage import (
 from storage.files import FilesystemStore
 from storage.index import InstanceRecord
 from storage.models import database_proxy
+from storage.parsing import extract
 from tests.factory import encode, expected_table, make_ds, study_counts, uid
 from tests.storage.test_archive import stored_files, study_query
 
@@ -224,3 +227,96 @@ def test_an_index_error_in_a_batch_fails_only_the_instance_at_fault(
         assert len(stored_files(tmp_path)) == 4
     finally:
         archive.close()
+
+
+def _commit_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "minipacs-commit"]
+
+
+def test_a_store_that_waits_commits_in_its_own_thread(tmp_path: Path) -> None:
+    """``Archive.store`` (a C-STORE) commits its own store: no committer thread is woken
+    for it, and the instance is durable and indexed when it returns."""
+    archive = _archive(tmp_path)
+    try:
+        before = _commit_threads()
+        ds = make_ds()
+        assert archive.store(encode(ds), TS).result is WriteResult.STORED
+        assert _commit_threads() == before
+        assert _counts(archive) == expected_table([ds])
+        assert len(stored_files(tmp_path)) == 1
+    finally:
+        archive.close()
+
+
+def test_stores_queued_during_a_commit_share_the_next(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores that arrive while another commits wait for the commit lock; the next
+    holder commits all of them in one batch (one set of flushes), and each gets its own
+    outcome."""
+    archive = _archive(tmp_path)
+    committer = archive._committer
+    batches: list[int] = []
+    real_commit = committer._commit
+    monkeypatch.setattr(committer, "_commit",
+                        lambda batch: (batches.append(len(batch)), real_commit(batch))[1])
+    datasets = [make_ds() for _ in range(3)]
+    results: list[WriteResult] = []
+    threads = [threading.Thread(target=lambda ds=ds: results.append(
+        archive.store(encode(ds), TS).result)) for ds in datasets]
+    try:
+        with committer._committing:  # a commit in progress
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 30
+            while len(committer._queue) < 3 and time.monotonic() < deadline:
+                time.sleep(0.005)  # polls the queue, which the three threads fill
+            assert len(committer._queue) == 3
+        for thread in threads:
+            thread.join(30)
+        assert results == [WriteResult.STORED] * 3
+        assert batches == [3]
+        assert _counts(archive) == expected_table(datasets)
+    finally:
+        archive.close()
+
+
+def test_close_commits_a_store_whose_caller_has_not_committed_it(tmp_path: Path) -> None:
+    """A store queued for its caller to commit (``wake=False``) is still committed by
+    :meth:`GroupCommit.close` if the caller never does."""
+    archive = _archive(tmp_path)
+    files = archive.files
+    staged = files.stage([b"x" * 10])
+    ds = make_ds()
+    record = extract(ds).record
+    record.instance.update(file_key=staged.key, file_size=10, content_hash="0" * 64,
+                           transfer_syntax_uid=TS)
+    future = archive._committer.submit(staged, record, wake=False)
+    assert not future.done()
+    archive.close()
+    assert future.result(timeout=0).result is WriteResult.STORED
+    assert files.path(staged.key).exists()
+
+
+def test_a_folder_that_cannot_be_flushed_fails_its_files(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files and their folder are fsync'd at once after the renames; when the
+    folder's fsync fails, its files are removed and each gets the error; nothing is left
+    under a key or in the temporary folder."""
+    real = storage.files._fsync_error
+    failing = tmp_path / "files"
+
+    def fsync(path: Path) -> OSError | None:
+        if path.is_dir() and path.parent.parent == failing:
+            return OSError(5, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(storage.files, "_fsync_error", fsync)
+    store = FilesystemStore(failing)
+    try:
+        staged = [store.stage([b"x" * n]) for n in (10, 20)]
+        errors = store.publish(staged)
+        assert all(isinstance(error, StorageFull) for error in errors)
+        assert not any(store.path(item.key).exists() for item in staged)
+        assert not _temp_files(tmp_path)
+    finally:
+        store.close()
