@@ -10,7 +10,12 @@ no file, no index), and times DCMTK ``storescu`` sending small instances to it, 
   spooling, TCP_NODELAY and TCP_QUICKACK, ``scp/engine/responses.py``), the handler still empty,
   C-STORE requests through pynetdicom's own path;
 - ``engine receive``: the same, C-STORE requests read and answered by the DUL thread itself
-  (``scp/engine/receiver.py``).
+  (``scp/engine/receiver.py``);
+- ``engine receive + flushes``: the same, and the handler stores the way minipacs must
+  (issue 15, target 2) with nothing else: the data set written to a new temporary file,
+  renamed into a folder, the file and the folder fsync'd at once, then one row (its key and
+  SOP Instance UID) committed to a SQLite index in WAL mode with ``synchronous=FULL``; no
+  parse, no File Meta, no counters. The floor of the durable design.
 
 No minipacs handler can be faster than the second; if it is slower than another server,
 pynetdicom alone is (issue 6, target 1)::
@@ -21,11 +26,16 @@ pynetdicom alone is (issue 6, target 1)::
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +50,50 @@ from pynetdicom.presentation import AllStoragePresentationContexts  # noqa: E402
 from scp.engine import reactor, responses  # noqa: E402
 from scp.engine.sockets import disable_nagle, quick_ack  # noqa: E402
 
-VARIANTS = ("plain", "minipacs", "engine receive")
+VARIANTS = ("plain", "minipacs", "engine receive", "engine receive + flushes")
 """pynetdicom as shipped; with minipacs's wake-ups, socket options and C-FIND responses,
 C-STORE still through pynetdicom's per-PDU path; the same with C-STORE requests read and
-answered by the DUL thread itself (scp/engine/receiver.py)."""
+answered by the DUL thread itself (scp/engine/receiver.py); the same storing durably."""
+
+
+class Flushes:
+    """A C-STORE handler that stores as durably as minipacs, and does nothing else."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "tmp").mkdir(parents=True)
+        (root / "files").mkdir()
+        self.index = sqlite3.connect(root / "index.sqlite", check_same_thread=False,
+                                     isolation_level=None)
+        self.index.execute("PRAGMA journal_mode=WAL")
+        self.index.execute("PRAGMA synchronous=FULL")
+        self.index.execute("CREATE TABLE instance (file_key TEXT PRIMARY KEY,"
+                           " sop_instance_uid TEXT)")  # each round sends the same UIDs
+        self.index.execute("CREATE INDEX instance_uid ON instance (sop_instance_uid)")
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(4)
+
+    def handle_store(self, event: Any) -> int:
+        key = uuid.uuid4().hex
+        temp, final = self.root / "tmp" / key, self.root / "files" / key
+        with open(temp, "wb") as f:
+            f.write(event.request.DataSet.getvalue())
+        os.replace(temp, final)
+        folder = self.pool.submit(_fsync, self.root / "files")
+        _fsync(final)
+        folder.result()
+        with self.lock:
+            self.index.execute("BEGIN IMMEDIATE")
+            self.index.execute("INSERT INTO instance VALUES (?, ?)",
+                               (key, str(event.request.AffectedSOPInstanceUID)))
+            self.index.execute("COMMIT")
+        return 0x0000
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # a failure ends the benchmark: no need to close
+    os.close(fd)
 
 
 def handle_store(event: Any) -> int:
@@ -51,13 +101,13 @@ def handle_store(event: Any) -> int:
     return 0x0000
 
 
-def serve(patched: bool) -> tuple[AE, Any]:
+def serve(patched: bool, store: Any = handle_store) -> tuple[AE, Any]:
     """A do-nothing SCP. The patches are installed process-wide, but they change only the
     associations registered by ``reactor.handle_conn_open``: the plain one has none."""
     ae = AE(ae_title="FLOOR")
     ae.supported_contexts = AllStoragePresentationContexts
     ae.maximum_pdu_size = 262144
-    handlers: list[Any] = [(evt.EVT_C_STORE, handle_store)]
+    handlers: list[Any] = [(evt.EVT_C_STORE, store)]
     if patched:
         handlers = [(evt.EVT_CONN_OPEN, disable_nagle), (evt.EVT_CONN_OPEN, quick_ack),
                     (evt.EVT_CONN_OPEN, reactor.handle_conn_open),
@@ -91,17 +141,19 @@ def main() -> int:
         data = bench.generate(work / "in", "floor", args.count, 64, 10, 10, 2, seed=11)
         reactor.install()
         responses.install()
-        servers = {name: serve(name != "plain") for name in VARIANTS}
+        flushes = Flushes(work / "flushes")
+        servers = {name: serve(name != "plain", flushes.handle_store if "flushes" in name
+                               else handle_store) for name in VARIANTS}
         rates: dict[str, list[float]] = {name: [] for name in servers}
         for _ in range(args.rounds):  # alternated, so that the machine's drift falls on both
             for name, (_, server) in servers.items():
                 port = int(server.server_address[1])
-                reactor.RECEIVE_C_STORE = name == "engine receive"
+                reactor.RECEIVE_C_STORE = name.startswith("engine receive")
                 rates[name].append(args.count / send(port, data, args.parallel))
         for ae, _ in servers.values():
             ae.shutdown()
         for name, values in rates.items():
-            print(f"{name}: do-nothing pynetdicom C-STORE SCP, {args.count} small instances, "
+            print(f"{name}: pynetdicom C-STORE SCP, {args.count} small instances, "
                   f"{args.parallel} association(s): "
                   + ", ".join(f"{r:.0f}" for r in values) + " inst/s")
         return 0
