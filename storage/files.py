@@ -114,7 +114,7 @@ class FilesystemStore:
         self._lock_fd: int | None = None
         self._durable: set[Path] = set()  # fan-out folders whose own entries were fsync'd
         self._durable_lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None  # fsyncs at once (_fsync_all)
+        self._pool: ThreadPoolExecutor | None = None  # fsyncs of a batch (_fsync_files)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._lock()
@@ -200,72 +200,57 @@ class FilesystemStore:
         return Staged(key, tmp)
 
     def publish(self, staged: Sequence[Staged]) -> list[StorageFull | None]:
-        """Make ``staged`` files durable under their keys: rename each into place, then
-        fsync the files and their folders all at once (:meth:`_fsync_all`), and a new
-        folder's own entry (:meth:`_make_folder_durable`).
-
-        Until this returns a crash may leave under a key a file that is not whole: no
-        index row points to it (the index is committed only after this returns, DESIGN.md
-        C-STORE step 3), and ``verify`` reports it as a file no row names. A file's fsync
-        and then its folder's cost 0.37-0.53 ms here, both at once 0.31-0.36
-        (bench/README.md, "Issue 15: ingest").
+        """Make ``staged`` files durable under their keys: fsync them (several at once,
+        :meth:`_fsync_files`), rename each into place, then fsync each folder once (and a
+        new folder's own entry, see :meth:`_make_folder_durable`). A crash before the
+        folder's fsync leaves either no file or a whole one under the key, and no index row
+        yet points to it.
 
         Returns, per file, the error that kept it from being published (the file is then
         removed), else None.
         """
         errors: list[StorageFull | None] = [None] * len(staged)
+        synced = self._fsync_files([item.temp for item in staged]) if self.fsync else None
         placed: dict[Path, list[int]] = {}
         for i, item in enumerate(staged):
             final = self.path(item.key)
+            failure = synced[i] if synced is not None else None
             try:
+                if failure is not None:
+                    raise failure
                 if final.parent not in placed:
                     final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(item.temp, final)
             except OSError as exc:
                 self.abandon(item)
-                errors[i] = _write_error(exc)
+                errors[i] = StorageFull(
+                    f"cannot write to the file store: {exc.strerror or exc}")
                 continue
             placed.setdefault(final.parent, []).append(i)
-        if not self.fsync:
-            return errors
-        files = [i for members in placed.values() for i in members]
-        failures = self._fsync_all([self.path(staged[i].key) for i in files] + list(placed))
-        for i, failure in zip(files, failures[:len(files)], strict=True):
-            if failure is not None:
-                self._unpublish(staged[i].key, failure, errors, i)
-        for (folder, members), failure in zip(placed.items(), failures[len(files):],
-                                              strict=True):
-            if failure is None:
+        if self.fsync:
+            for folder, members in placed.items():
                 try:
+                    _fsync(folder)
                     self._make_folder_durable(folder)
                 except OSError as exc:
-                    failure = exc
-            if failure is not None:
-                for i in members:
-                    self._unpublish(staged[i].key, failure, errors, i)
+                    for i in members:
+                        with contextlib.suppress(OSError):
+                            self.delete(staged[i].key)
+                        errors[i] = StorageFull(
+                            f"cannot write to the file store: {exc.strerror or exc}")
         return errors
 
-    def _unpublish(self, key: str, failure: OSError, errors: list[StorageFull | None],
-                   i: int) -> None:
-        """A file renamed into place that could not be made durable: removed, its error
-        noted."""
-        with contextlib.suppress(OSError):
-            self.delete(key)
-        errors[i] = _write_error(failure)
-
-    def _fsync_all(self, paths: list[Path]) -> list[OSError | None]:
-        """fsync each file or folder, all at once: the first in this thread, the others
-        from a few threads, which the file system then flushes together (one after the
-        other, each costs a flush of its own). Per path, the error, else None."""
+    def _fsync_files(self, paths: list[Path]) -> list[OSError | None]:
+        """fsync each file; several at once from a few threads, which the file system
+        then flushes together (on ext4, one file after another costs a journal commit
+        each). Per file, the error, else None."""
         if len(paths) == 1:
             return [_fsync_error(paths[0])]
         with self._durable_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(FSYNC_THREADS, "minipacs-fsync")
             pool = self._pool
-        others = [pool.submit(_fsync_error, path) for path in paths[1:]]
-        first = _fsync_error(paths[0])
-        return [first, *(other.result() for other in others)]
+        return list(pool.map(_fsync_error, paths))
 
     def abandon(self, staged: Staged) -> None:
         """Remove a staged file that will not be published (missing is not an error)."""
@@ -325,10 +310,6 @@ def new_key(now: float | None = None) -> str:
     """
     minute = int((time.time() if now is None else now) // (60 * FOLDER_MINUTES))
     return f"{minute & 0xFFFF:04x}{uuid.uuid4().hex[4:]}"
-
-
-def _write_error(exc: OSError) -> StorageFull:
-    return StorageFull(f"cannot write to the file store: {exc.strerror or exc}")
 
 
 def _fsync_error(path: Path) -> OSError | None:

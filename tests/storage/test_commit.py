@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
-import storage.files
 from storage import (
     Archive,
     ArchiveOptions,
@@ -296,27 +295,3 @@ def test_close_commits_a_store_whose_caller_has_not_committed_it(tmp_path: Path)
     assert future.result(timeout=0).result is WriteResult.STORED
     assert files.path(staged.key).exists()
 
-
-def test_a_folder_that_cannot_be_flushed_fails_its_files(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The files and their folder are fsync'd at once after the renames; when the
-    folder's fsync fails, its files are removed and each gets the error; nothing is left
-    under a key or in the temporary folder."""
-    real = storage.files._fsync_error
-    failing = tmp_path / "files"
-
-    def fsync(path: Path) -> OSError | None:
-        if path.is_dir() and path.parent.parent == failing:
-            return OSError(5, "Input/output error")
-        return real(path)
-
-    monkeypatch.setattr(storage.files, "_fsync_error", fsync)
-    store = FilesystemStore(failing)
-    try:
-        staged = [store.stage([b"x" * n]) for n in (10, 20)]
-        errors = store.publish(staged)
-        assert all(isinstance(error, StorageFull) for error in errors)
-        assert not any(store.path(item.key).exists() for item in staged)
-        assert not _temp_files(tmp_path)
-    finally:
-        store.close()
