@@ -13,7 +13,7 @@ no file, no index), and times DCMTK ``storescu`` sending small instances to it, 
   (``scp/engine/receiver.py``);
 - ``engine receive + flushes``: the same, and the handler stores the way minipacs must
   (issue 15, target 2) with nothing else: the data set written to a new temporary file,
-  renamed into a folder, the file and the folder fsync'd at once, then one row (its key and
+  fsync'd, renamed into a folder, the folder fsync'd, then one row (its key and
   SOP Instance UID) committed to a SQLite index in WAL mode with ``synchronous=FULL``; no
   parse, no File Meta, no counters. The floor of the durable design.
 
@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,17 +70,15 @@ class Flushes:
                            " sop_instance_uid TEXT)")  # each round sends the same UIDs
         self.index.execute("CREATE INDEX instance_uid ON instance (sop_instance_uid)")
         self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(4)
 
     def handle_store(self, event: Any) -> int:
         key = uuid.uuid4().hex
         temp, final = self.root / "tmp" / key, self.root / "files" / key
         with open(temp, "wb") as f:
             f.write(event.request.DataSet.getvalue())
+        _fsync(temp)
         os.replace(temp, final)
-        folder = self.pool.submit(_fsync, self.root / "files")
-        _fsync(final)
-        folder.result()
+        _fsync(self.root / "files")
         with self.lock:
             self.index.execute("BEGIN IMMEDIATE")
             self.index.execute("INSERT INTO instance VALUES (?, ?)",
