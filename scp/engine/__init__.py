@@ -45,10 +45,10 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
      " wait on an event"),
     ("pynetdicom.dimse_messages:_config", "reactor: STORE_RECV_CHUNKED_DATASET true only in"
      " the DUL threads of associations we accept (spooling)"),
-    ("pynetdicom.dimse_messages:create_file_meta", "reactor: the spool's File Meta is built"
-     " from the transfer syntax only"),
-    ("pynetdicom.dimse_messages:write_file_meta_info", "reactor: a minimal File Meta group"
-     " in the spool"),
+    ("pynetdicom.dimse_messages:create_file_meta", "reactor: no File Meta is built for a"
+     " spool"),
+    ("pynetdicom.dimse_messages:write_file_meta_info", "reactor: the spool emptied of its"
+     " preamble; it holds the data set alone"),
     ("pynetdicom._config:STORE_RECV_CHUNKED_DATASET", "reactor: read through our proxy of"
      " _config"),
     ("pynetdicom._config:LOG_REQUEST_IDENTIFIERS", "responses: identifiers not decoded for"
