@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -136,6 +135,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="floor-", dir=bench.WORK_ROOT))
     try:
         data = bench.generate(work / "in", "floor", args.count, 64, 10, 10, 2, seed=11)
+        bench.after_removals()
         reactor.install()
         responses.install()
         flushes = Flushes(work / "flushes")
@@ -155,7 +155,7 @@ def main() -> int:
                   + ", ".join(f"{r:.0f}" for r in values) + " inst/s")
         return 0
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        bench.remove(work)
 
 
 if __name__ == "__main__":

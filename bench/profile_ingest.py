@@ -76,14 +76,14 @@ def main() -> int:
     parser.add_argument("--idle", action="store_true",
                         help="count threads that wait too (where the wall-clock time goes)")
     parser.add_argument("--keep", action="store_true",
-                        help="leave the work folder (runs in a row: a removal slows the next"
-                             " run's file creation, see bench/README.md)")
+                        help="leave the work folder")
     args = parser.parse_args()
 
     bench.WORK_ROOT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="profile-", dir=bench.WORK_ROOT))
     try:
         data = bench.generate(work / "data", "p", args.count, args.size, 2, 2, 2, seed=7)
+        bench.after_removals()
         server = bench.Minipacs(work, work)
         server.start(work / "pacs", "profile")
         assert server.proc is not None
@@ -130,7 +130,7 @@ def main() -> int:
     finally:
         bench.cleanup()
         if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+            bench.remove(work)
 
 
 if __name__ == "__main__":

@@ -269,6 +269,38 @@ def _series_template(
 # -- processes ----------------------------------------------------------------------------
 
 
+REMOVAL_MARK = WORK_ROOT / ".removed"
+"""Touched whenever a benchmark removes its files (:func:`remove`)."""
+
+INODE_REUSE_DELAY = 61.0
+"""Seconds after a removal (its inode tables written back) during which this VM's ext4
+makes every new file scan past the removed inodes: fs/ext4/ialloc.c, recently_deleted(),
+60 s, 360 s while their inode table block is dirty; up to 0.6 ms a file (bench/README.md,
+"Creating a file after a removal")."""
+
+
+def remove(path: Path) -> None:
+    """Remove a benchmark's folder, write the removal back, and mark when
+    (:func:`after_removals`)."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+    WORK_ROOT.mkdir(exist_ok=True)
+    REMOVAL_MARK.touch()
+
+
+def after_removals() -> None:
+    """Wait out :data:`INODE_REUSE_DELAY` since the last :func:`remove` of any benchmark,
+    so that no receiver's first files pay for it."""
+    try:
+        since = time.time() - REMOVAL_MARK.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if since < INODE_REUSE_DELAY:
+        print(f"waiting {INODE_REUSE_DELAY - since:.0f} s: files were removed {since:.0f} s"
+              " ago (bench/README.md, \"Creating a file after a removal\")", flush=True)
+        time.sleep(INODE_REUSE_DELAY - since)
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -1231,7 +1263,7 @@ def run_cell(
         # dirty), and every file created beside them scans past them first, up to
         # 0.6 ms a file (perf: find_inode_bit -> recently_deleted). A cell run after
         # removing the previous cell's thousands of files paid that on every instance
-        # (bench/README.md, "Creating a file after a deletion").
+        # (bench/README.md, "Creating a file after a removal").
         os.sync()  # the next cell must not pay for this one's writeback
 
 
@@ -1644,6 +1676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             nagle = (generate(work / "data-nagle", "nagle", min(NAGLE_COUNT, args.small), 64, 3,
                               2, 2, seed=3) if args.nagle else None)
             os.sync()
+            after_removals()
             print(
                 f"  {small.count} small ({small.total_bytes / 1e6:.0f} MB, "
                 f"{len(small.studies)} studies), {ct.count} CT "
@@ -1658,7 +1691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             cleanup()
             if not args.keep:
-                shutil.rmtree(work, ignore_errors=True)
+                remove(work)
     block = report(results, args.receivers, args, time.perf_counter() - began, machine)
     print()
     print(block)
