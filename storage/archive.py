@@ -347,7 +347,7 @@ class Archive:
         )
         outcome: Future[StoreOutcome] = Future()
 
-        def settle(written: Future[WriteOutcome]) -> None:  # in the committer's thread
+        def settle(written: Future[WriteOutcome]) -> None:  # in the committing thread
             error = written.exception()
             if error is not None:
                 outcome.set_exception(error)

@@ -57,7 +57,9 @@ class Pending:
 
 
 class GroupCommit:
-    """The committer thread of one archive (started with the first store).
+    """The group commit of one archive: the callers of :meth:`commit_now`, and a committer
+    thread for the stores that do not wait (started with the first :meth:`submit` that
+    wakes it).
 
     Parameters
     ----------
@@ -132,8 +134,7 @@ class GroupCommit:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         with self._committing:  # stores queued for commit_now whose caller has not run it
-            batch = self._take()
-            if batch:
+            while batch := self._take():
                 self._commit(batch)
 
     def _take(self) -> list[Pending]:
@@ -158,7 +159,19 @@ class GroupCommit:
 
     def _commit(self, batch: list[Pending]) -> None:
         """Publish the batch's files, index them, settle each future; no store may wait for
-        ever, whatever fails."""
+        ever, whatever fails: what interrupts the committing thread itself (SystemExit,
+        KeyboardInterrupt) fails the batch's unsettled stores before it goes on (their
+        files stay: the transaction may have committed; ``verify`` settles them)."""
+        try:
+            self._publish_and_index(batch)
+        except BaseException:
+            interrupted = StorageFull("the commit was interrupted")
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(interrupted)
+            raise
+
+    def _publish_and_index(self, batch: list[Pending]) -> None:
         try:
             errors = self.files.publish([p.staged for p in batch])
         except Exception as exc:  # noqa: BLE001 - a fault of ours: every store fails

@@ -279,19 +279,51 @@ def test_stores_queued_during_a_commit_share_the_next(tmp_path: Path,
         archive.close()
 
 
-def test_close_commits_a_store_whose_caller_has_not_committed_it(tmp_path: Path) -> None:
-    """A store queued for its caller to commit (``wake=False``) is still committed by
-    :meth:`GroupCommit.close` if the caller never does."""
-    archive = _archive(tmp_path)
-    files = archive.files
-    staged = files.stage([b"x" * 10])
-    ds = make_ds()
-    record = extract(ds).record
-    record.instance.update(file_key=staged.key, file_size=10, content_hash="0" * 64,
-                           transfer_syntax_uid=TS)
-    future = archive._committer.submit(staged, record, wake=False)
-    assert not future.done()
-    archive.close()
-    assert future.result(timeout=0).result is WriteResult.STORED
-    assert files.path(staged.key).exists()
+def _queue_unwoken(archive: Archive, count: int) -> list[tuple[str, Any]]:
+    """``count`` staged stores queued for their callers to commit (``wake=False``)."""
+    queued = []
+    for _ in range(count):
+        staged = archive.files.stage([b"x" * 10])
+        record = extract(make_ds()).record
+        record.instance.update(file_key=staged.key, file_size=10, content_hash="0" * 64,
+                               transfer_syntax_uid=TS)
+        queued.append((staged.key, archive._committer.submit(staged, record, wake=False)))
+    return queued
 
+
+def test_close_commits_every_store_whose_caller_has_not_committed_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores queued for their callers to commit (``wake=False``) are still committed by
+    :meth:`GroupCommit.close` if the callers never do, however many batches they take."""
+    monkeypatch.setattr("storage.commit.MAX_BATCH", 2)
+    archive = _archive(tmp_path)
+    queued = _queue_unwoken(archive, 5)
+    assert not any(future.done() for _, future in queued)
+    archive.close()
+    assert [future.result(timeout=0).result for _, future in queued] == [WriteResult.STORED] * 5
+    assert all(archive.files.path(key).exists() for key, _ in queued)
+
+
+class _Interrupt(BaseException):
+    """What ends a thread without being an error (as SystemExit would)."""
+
+
+def test_an_interrupted_commit_fails_the_other_stores_of_its_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread that commits a batch carries other callers' stores: if it is interrupted,
+    their stores fail (A700 for the sender) instead of waiting for ever."""
+    archive = _archive(tmp_path)
+    try:
+        (_, mine), (_, other) = _queue_unwoken(archive, 2)
+
+        def interrupted(staged: Any) -> Any:
+            raise _Interrupt
+
+        monkeypatch.setattr(archive.files, "publish", interrupted)
+        with pytest.raises(_Interrupt):
+            archive._committer.commit_now(mine)
+        assert isinstance(other.exception(timeout=0), StorageFull)
+        assert isinstance(mine.exception(timeout=0), StorageFull)
+    finally:
+        monkeypatch.undo()
+        archive.close()
