@@ -66,6 +66,7 @@ def write_instance(path: Path, mib: int) -> int:
 
 def start_idle(work: Path, tag: str) -> tuple[bench.Minipacs, int, float]:
     """minipacs on ``work/pacs``, its pid, and its VmRSS (MiB) after a second idle."""
+    bench.after_removals()
     server = bench.Minipacs(work, work)
     server.start(work / "pacs", tag)
     assert server.proc is not None
@@ -116,7 +117,7 @@ def many(count: int) -> tuple[int, list[str]]:
         return (0 if sender.returncode == 0 and held == count else 1), lines
     finally:
         bench.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+        bench.remove(work)
 
 
 def _rss_at(samples: list[tuple[float, float]], when: float) -> float:
@@ -189,7 +190,7 @@ def large(mb: int) -> tuple[int, list[str]]:
         return (0 if sender.returncode == 0 and held == 1 else 1), lines
     finally:
         bench.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+        bench.remove(work)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ to DCMTK ``storescp --ignore`` (receives, stores nothing), as bench/run.py's C-M
 from __future__ import annotations
 
 import argparse
-import shutil
 import struct
 import subprocess
 import sys
@@ -139,7 +138,7 @@ def main() -> int:
     finally:
         receiver.terminate()
         receiver.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        bench.remove(work)
 
 
 if __name__ == "__main__":

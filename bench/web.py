@@ -996,6 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir.mkdir()
     work = Path(tempfile.mkdtemp(prefix=f"web-{stamp}-", dir=bench.WORK_ROOT))
     results = Results()
+    bench.after_removals()
     with bench.terminate_on_signal():
         try:
             if "qido" in args.only:
@@ -1004,7 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_files(args, work, log_dir, results)
         finally:
             bench.cleanup()
-            shutil.rmtree(work, ignore_errors=True)
+            bench.remove(work)
     for log in sorted(log_dir.glob("minipacs-*.log")):
         if "storescu" in log.name:
             continue  # bench.send reads those
