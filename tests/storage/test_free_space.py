@@ -31,12 +31,17 @@ class HeldStore(FilesystemStore):
         return super().stage(chunks)
 
 
-def test_a_store_in_flight_reserves_its_bytes(tmp_path: Path) -> None:
+def test_a_store_in_flight_reserves_its_bytes(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     files = tmp_path / "files"
     files.mkdir()
     size = 40 * MB
+    # the free space as measured now, whatever else writes to this disk meanwhile (a
+    # parallel test run took more than the 20 MB to spare between the two reads)
+    usage = shutil.disk_usage(files)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
     # room for one instance of 40 MB above the floor (20 MB to spare), not for two
-    floor = shutil.disk_usage(files).free - size - 20 * MB
+    floor = usage.free - size - 20 * MB
     if floor < 0:
         pytest.skip("less than 60 MB free on the test disk")
     options = ArchiveOptions(files_path=files, index_url=f"sqlite:///{tmp_path / 'i.sqlite'}",
