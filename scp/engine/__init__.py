@@ -82,7 +82,11 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("pynetdicom.acse:ACSE.send_reject", "acse: the A-ASSOCIATE-RJ"),
     ("pynetdicom.acse:ACSE.send_abort", "guards: the A-ABORT"),
     ("pynetdicom.association:Association._reactor_checkpoint", "reactor: a pause request"
-     " from another thread wakes the reactor"),
+     " from another thread wakes the reactor; a response taken while it is cleared goes back"),
+    ("pynetdicom.association:Association._serve_request", "reactor: a response a send_*()"
+     " waits for is put back, not dropped (pynetdicom#875)"),
+    ("pynetdicom.dimse:DIMSEServiceProvider.msg_queue", "reactor: where that response goes"
+     " back"),
     ("pynetdicom.dul:DULServiceProvider.socket", "guards, sockets, reactor: the"
      " connection's AssociationSocket"),
     ("pynetdicom.dul:DULServiceProvider.to_provider_queue", "reactor: wake the DUL when a"

@@ -365,8 +365,30 @@ def install() -> bool:
     _dimse_messages.write_file_meta_info = _start_spool
     AssociationSocket.ready = property(_ready_or_unread)  # type: ignore[method-assign,assignment]
     AssociationSocket.recv = _recv_unread  # type: ignore[method-assign]
+    _association.Association._serve_request = _keep_awaited_response(  # type: ignore[method-assign]
+        _association.Association._serve_request)
     _installed = True
     return True
+
+
+def _keep_awaited_response(serve_request: Any) -> Any:
+    """pynetdicom's requestor reactor can take a response off the DIMSE queue between its
+    pause checkpoint and the ``send_*()`` that waits for it, and drop it as "unexpected"
+    (pydicom/pynetdicom#875): the sender then waits for its DIMSE timeout. A response taken
+    while a ``send_*()`` has paused the reactor (its checkpoint cleared) goes back to the
+    front of the queue for that sender; anything else is served as pynetdicom would."""
+
+    def _serve_request(self: Any, msg: Any, context_id: int) -> None:
+        if (self.is_requestor and not msg.is_valid_request
+                and not self._reactor_checkpoint.is_set()):
+            waiting = self.dimse.msg_queue
+            with waiting.mutex:
+                waiting.queue.appendleft((context_id, msg))
+                waiting.not_empty.notify()
+            return
+        serve_request(self, msg, context_id)
+
+    return _serve_request
 
 
 def handle_conn_open(event: evt.Event) -> None:

@@ -416,3 +416,32 @@ def test_a_wanted_back_link_stops_at_once() -> None:
         assert not link.present()
         with pytest.raises(ReceiverGone, match="being closed"):
             link.poll()
+
+
+def test_a_response_the_reactor_takes_from_a_waiting_sender_goes_back(
+        start_server: Any) -> None:
+    """pynetdicom#875: a requestor's reactor that takes a response while a ``send_*()`` has
+    paused it (checkpoint cleared) puts it back at the front of the DIMSE queue for that
+    sender; a response no one waits for is still dropped, as pynetdicom does."""
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    running = start_server()
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title)
+    assert assoc.is_established
+    try:
+        response = C_ECHO()
+        response.MessageIDBeingRespondedTo = 7
+        response.AffectedSOPClassUID = Verification
+        response.Status = 0x0000
+        assert not response.is_valid_request
+        assoc._reactor_checkpoint.clear()  # as send_c_echo() does before it sends
+        assoc._serve_request(response, 1)
+        assert assoc.dimse.get_msg(block=False) == (1, response)
+        assoc._reactor_checkpoint.set()  # no send_*() waiting
+        assoc._serve_request(response, 1)
+        assert assoc.dimse.get_msg(block=False) == (None, None)
+    finally:
+        assoc._reactor_checkpoint.set()
+        assoc.release()
