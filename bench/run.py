@@ -1257,13 +1257,8 @@ def run_cell(
         print(f"    ! {results.errors[-1]}", flush=True)
     finally:
         receiver.stop()
-        # The folder stays until the run ends (main removes the whole work folder): on
-        # this VM's ext4 a new inode is not taken from those deleted in the last 60 s
-        # (fs/ext4/ialloc.c, recently_deleted(); 360 s while their inode table block is
-        # dirty), and every file created beside them scans past them first, up to
-        # 0.6 ms a file (perf: find_inode_bit -> recently_deleted). A cell run after
-        # removing the previous cell's thousands of files paid that on every instance
-        # (bench/README.md, "Creating a file after a removal").
+        # The folder stays until the run ends (main removes the whole work folder): a
+        # removal here would slow the next cell's file creation (INODE_REUSE_DELAY).
         os.sync()  # the next cell must not pay for this one's writeback
 
 
