@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -197,6 +198,22 @@ def find(running: Running, model: Any = StudyRootQueryRetrieveInformationModelFi
             final = code
     assoc.release()
     return matches, final
+
+
+def hold(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
+         timeout: float = 30.0) -> tuple[threading.Event, threading.Event]:
+    """Make every call of ``owner.name`` wait until the returned ``release`` is set, and
+    say when one has begun: ``(entered, release)``."""
+    entered, release = threading.Event(), threading.Event()
+    original = getattr(owner, name)
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        assert release.wait(timeout)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, held)
+    return entered, release
 
 
 def hold_second_read_until_cancelled(running: Running) -> None:

@@ -22,7 +22,7 @@ from scp import status
 from storage import ArchiveOptions, open_archive
 from storage.files import TEMP_DIR
 from storage.models import Instance, Study
-from tests.conftest import client_ae
+from tests.conftest import client_ae, hold
 from tests.factory import encode, make_ds, uid
 from tests.test_cli import REPO, free_port, minipacs_command, wait_until_echo
 
@@ -168,15 +168,7 @@ def test_no_success_before_the_index_commit(start_server: Any,
     from storage import index
 
     running = start_server()
-    entered, release = threading.Event(), threading.Event()
-    real = index.write_instance
-
-    def held(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        assert release.wait(60)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(index, "write_instance", held)
+    entered, release = hold(monkeypatch, index, "write_instance", timeout=60)
     answered = threading.Event()
     result: list[Any] = []
 

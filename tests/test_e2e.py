@@ -23,7 +23,7 @@ from pynetdicom.sop_class import (
 )
 
 from scp import status
-from tests.conftest import Running, associate, client_ae, find
+from tests.conftest import Running, associate, client_ae, find, hold
 from tests.factory import (
     encode,
     expected_table,
@@ -453,16 +453,9 @@ def test_unwritable_file_store_answers_out_of_resources(server: Running) -> None
     assert (matches, final) == ([], status.SUCCESS)
 
 
-def test_stop_lets_a_store_in_flight_finish_and_refuses_new_associations(server: Running) -> None:
-    entered, release = threading.Event(), threading.Event()
-    original = server.archive.store
-
-    def held_store(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        assert release.wait(30)
-        return original(*args, **kwargs)
-
-    server.archive.store = held_store  # type: ignore[method-assign]
+def test_stop_lets_a_store_in_flight_finish_and_refuses_new_associations(
+        server: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    entered, release = hold(monkeypatch, server.archive, "store")
     result: list[int] = []
     assoc = associate(server)
     sender = threading.Thread(target=lambda: result.append(int(assoc.send_c_store(make_ds()).Status)))

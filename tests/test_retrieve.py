@@ -23,7 +23,7 @@ from pynetdicom.sop_class import (
 )
 
 from scp import status
-from tests.conftest import Running, hold_second_read_until_cancelled
+from tests.conftest import Running, hold, hold_second_read_until_cancelled
 from tests.factory import LEVEL_CASE_IDS, encode, hierarchy, retrieve_levels
 
 
@@ -483,20 +483,12 @@ def test_no_pynetdicom_log_filter_for_an_untested_pynetdicom() -> None:
 
 
 def test_a_cancel_taken_in_before_the_sub_operations_is_not_lost(
-        server: Running, stored: list[Dataset]) -> None:
+        server: Running, stored: list[Dataset], monkeypatch: pytest.MonkeyPatch) -> None:
     """A C-CANCEL that pynetdicom read while the query ran (before the association's socket
     was lent to the retrieve) still cancels it: FE00, nothing sent (PS3.4 C.4.3.3.1)."""
     import threading
 
-    started, proceed = threading.Event(), threading.Event()
-    real = server.archive.retrieve
-
-    def slow(*args: Any, **kwargs: Any) -> Any:
-        started.set()
-        assert proceed.wait(30)
-        return real(*args, **kwargs)
-
-    server.archive.retrieve = slow  # type: ignore[method-assign]
+    started, proceed = hold(monkeypatch, server.archive, "retrieve")
     received: list[str] = []
     ae = AE(ae_title="GETSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
