@@ -100,7 +100,8 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("pynetdicom.fsm:StateMachine.current_state", "receiver: C-STORE requests are read"
      " only in Sta6 (data transfer)"),
     ("pynetdicom.dul:DULServiceProvider._kill_thread", "guards: keep the DUL loop running"
-     " after a failed action, until Sta1; reactor: a lent socket is given back"),
+     " after a failed action, until Sta1; reactor: a lent socket is given back, and the"
+     " DUL's wait ends"),
     ("pynetdicom.dul:DULServiceProvider._idle_timer", "reactor, receiver: the network idle"
      " timer starts over when a lent socket is given back, and after a C-STORE read here"),
     ("pynetdicom.transport:AssociationSocket.ready", "reactor: true while bytes a C-GET"

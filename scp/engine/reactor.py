@@ -125,30 +125,42 @@ class _Waker:
 
     def wait_dul(self) -> None:
         """The DUL reactor's sleep: until the socket has data or work is queued; while the
-        socket is lent (:func:`leased`), until it is given back."""
+        socket is lent (:func:`leased`), until it is given back.
+
+        C-STORE requests the receiver takes are served here, and the wait goes on here
+        afterwards: back in pynetdicom's loop, a request that arrived before its next sleep
+        would be read by pynetdicom's per-PDU path (its ``_is_transport_event`` looks at
+        the socket first), which happened to 10-15 % of the requests of four parallel
+        senders, the GIL keeping this thread away from its sleep (bench/README.md).
+        pynetdicom's loop runs again as soon as it has work: something queued, a kill, bytes
+        handed back, a wake-up, a message the receiver does not take, or :data:`IDLE_WAIT`
+        without a request (for its timers)."""
         dul = self.dul
-        if dul.to_provider_queue.qsize() or dul.event_queue.qsize():
-            return
-        if self._lease is _WANTED:
-            self._lend()
-            return
-        if getattr(dul.socket, _UNREAD, None):
-            return  # bytes a retrieve read and handed back: the loop reads them next
-        transport = dul.socket
-        sock = getattr(transport, "socket", None)
-        if sock is not None and getattr(sock, "pending", None) and sock.pending():
-            return  # TLS: bytes already decrypted, invisible to select
-        watched = [self.read_fd] + ([sock] if sock is not None else [])
-        try:
-            ready, _, _ = select.select(watched, [], [], IDLE_WAIT)
-        except (OSError, ValueError):  # closed under us: pynetdicom notices on its own
-            time.sleep(ASSOCIATION_LOOP_SLEEP)
-            return
-        with contextlib.suppress(OSError):
-            os.read(self.read_fd, 4096)
-        receiver = self.receiver
-        if (receiver is not None and sock in ready and self._lease is _IDLE
-                and receiver.ready()):
+        while True:
+            if dul.to_provider_queue.qsize() or dul.event_queue.qsize() or dul._kill_thread:
+                return
+            if self._lease is _WANTED:
+                self._lend()
+                return
+            if getattr(dul.socket, _UNREAD, None):
+                return  # bytes a retrieve or the receiver handed back: the loop reads them
+            transport = dul.socket
+            sock = getattr(transport, "socket", None)
+            if sock is not None and getattr(sock, "pending", None) and sock.pending():
+                return  # TLS: bytes already decrypted, invisible to select
+            watched = [self.read_fd] + ([sock] if sock is not None else [])
+            try:
+                ready, _, _ = select.select(watched, [], [], IDLE_WAIT)
+            except (OSError, ValueError):  # closed under us: pynetdicom notices on its own
+                time.sleep(ASSOCIATION_LOOP_SLEEP)
+                return
+            if self.read_fd in ready:
+                with contextlib.suppress(OSError):
+                    os.read(self.read_fd, 4096)
+            receiver = self.receiver
+            if (receiver is None or sock not in ready or self._lease is not _IDLE
+                    or not receiver.ready()):
+                return
             receiver.serve(sock)  # C-STORE requests, read and answered here
 
     # -- lending the socket to a retrieve (see leased) ---------------------------------

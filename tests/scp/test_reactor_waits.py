@@ -1,18 +1,26 @@
 """scp/engine/reactor.py's waits on the associations it serves, accepted or opened for a C-MOVE:
 when the association reactor waits, when it returns at once, and where C-STORE data sets
 are spooled. Unit tests on a stand-in association (the network paths are in
-tests/test_move.py and the rest of the suite)."""
+tests/test_move.py and the rest of the suite), and one on a real association: where the
+DUL thread waits once the receiver has answered."""
 
 from __future__ import annotations
 
 import queue
+import select
 import threading
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from scp import status
 from scp.engine import reactor
+from scp.engine.receiver import StoreReceiver
+from storage import Spooled
+from tests.conftest import Running, associate
+from tests.factory import make_ds
 
 
 class _Recording:
@@ -85,3 +93,36 @@ def test_only_associations_we_accept_spool_c_store_data_sets(
     monkeypatch.setitem(reactor._wakers, threading.current_thread(), waker)
     assert reactor._SpoolingConfig().STORE_RECV_CHUNKED_DATASET is spooled
     waker.close()
+
+
+def test_a_request_there_when_the_receiver_returns_is_the_receivers_too(
+        start_server: Callable[..., Running], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the receiver (scp/engine/receiver.py) has answered, the DUL thread goes on
+    waiting in ``wait_dul``: a C-STORE request already there when ``serve`` returns is read
+    by the receiver too, not by pynetdicom's per-PDU path, which looks at the socket before
+    its loop sleeps again (and spools the data set: ``reactor.spooled`` gives a file)."""
+    serve = StoreReceiver.serve
+    lingered: list[bool] = []
+
+    def serve_then_linger(self: StoreReceiver, sock: Any) -> None:
+        serve(self, sock)
+        if handed and not lingered:  # once a store is answered: until the next is there
+            lingered.append(bool(select.select([sock], [], [], 10)[0]))
+    monkeypatch.setattr(StoreReceiver, "serve", serve_then_linger)
+    handed: list[Spooled | None] = []
+    spooled = reactor.spooled
+
+    def recorded(event: Any) -> Spooled | None:
+        handed.append(spooled(event))
+        return handed[-1]
+    monkeypatch.setattr(reactor, "spooled", recorded)
+    running = start_server()
+    assoc = associate(running)
+    try:
+        assert assoc.send_c_echo().Status == status.SUCCESS  # the association settled
+        for _ in range(3):
+            assert assoc.send_c_store(make_ds()).Status == status.SUCCESS
+    finally:
+        assoc.release()
+    assert lingered == [True]
+    assert handed == [None, None, None]  # each read by the receiver, in memory
