@@ -216,6 +216,19 @@ def hold(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
     return entered, release
 
 
+def record_returns(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[Any]:
+    """Record what every call of ``owner.name`` returns, in order (the list returned)."""
+    returned: list[Any] = []
+    original = getattr(owner, name)
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        returned.append(original(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(owner, name, recorded)
+    return returned
+
+
 def hold_second_read_until_cancelled(running: Running) -> None:
     """Make ``running``'s second instance read of a retrieve wait (polling, with a
     deadline) until a C-CANCEL has arrived, so that a cancel test is not a race."""

@@ -19,7 +19,7 @@ from scp import status
 from scp.engine import reactor
 from scp.engine.receiver import StoreReceiver
 from storage import Spooled
-from tests.conftest import Running, associate
+from tests.conftest import Running, associate, record_returns
 from tests.factory import make_ds
 
 
@@ -109,13 +109,7 @@ def test_a_request_there_when_the_receiver_returns_is_the_receivers_too(
         if handed and not lingered:  # once a store is answered: until the next is there
             lingered.append(bool(select.select([sock], [], [], 10)[0]))
     monkeypatch.setattr(StoreReceiver, "serve", serve_then_linger)
-    handed: list[Spooled | None] = []
-    spooled = reactor.spooled
-
-    def recorded(event: Any) -> Spooled | None:
-        handed.append(spooled(event))
-        return handed[-1]
-    monkeypatch.setattr(reactor, "spooled", recorded)
+    handed: list[Spooled | None] = record_returns(monkeypatch, reactor, "spooled")
     running = start_server()
     assoc = associate(running)
     try:

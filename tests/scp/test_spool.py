@@ -8,7 +8,6 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
@@ -16,7 +15,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from scp import status
 from scp.engine import reactor
 from storage import Spooled
-from tests.conftest import Running, associate, client_ae
+from tests.conftest import Running, associate, client_ae, record_returns
 from tests.factory import file_parts, make_ds, save
 
 
@@ -53,13 +52,7 @@ def test_a_spooled_c_store_is_stored_byte_for_byte(
         start_server: Callable[..., Running], monkeypatch: pytest.MonkeyPatch,
         tmp_path: Path, rows: int, fast_receiver: bool) -> None:
     monkeypatch.setattr(reactor, "RECEIVE_C_STORE", fast_receiver)
-    handed: list[Spooled | None] = []
-    spooled = reactor.spooled
-
-    def recorded(event: Any) -> Spooled | None:
-        handed.append(spooled(event))
-        return handed[-1]
-    monkeypatch.setattr(reactor, "spooled", recorded)
+    handed: list[Spooled | None] = record_returns(monkeypatch, reactor, "spooled")
     running = start_server()
     ds = make_ds(Rows=rows, Columns=rows, BitsAllocated=16, BitsStored=16, HighBit=15,
                  PixelData=bytes(range(256)) * (rows * rows * 2 // 256))
