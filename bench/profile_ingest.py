@@ -10,6 +10,10 @@ threads (idle time, a thread asleep or blocked, is left out: what remains is CPU
     .venv/bin/python bench/profile_ingest.py --count 2000            # small, 1 association
     .venv/bin/python bench/profile_ingest.py --size 512 --count 300  # CT
     .venv/bin/python bench/profile_ingest.py --no-profile            # rate only
+    .venv/bin/python bench/profile_ingest.py --receiver orthanc      # another receiver
+
+Every run also prints the CPU time per instance of the server (user and system, its
+threads and worker processes) and of the ``storescu`` processes.
 
 Needs DCMTK and py-spy (``pip install py-spy``). Not part of ``make test``; the top entries
 it prints are what bench/README.md records before and after each ingest change.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -63,6 +68,26 @@ def _short(frame: str) -> str:
     return f"{name} ({file})"
 
 
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time so far of a process, its threads and its live child
+    processes (``ae.workers``), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    user, system = int(fields[11]) / tick, int(fields[12]) / tick
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # the thread has ended meanwhile
+            continue
+        for child in children:
+            try:
+                child_user, child_system = _cpu_seconds(int(child))
+            except FileNotFoundError:
+                continue
+            user, system = user + child_user, system + child_system
+    return user, system
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=2000)
@@ -77,14 +102,27 @@ def main() -> int:
                         help="count threads that wait too (where the wall-clock time goes)")
     parser.add_argument("--keep", action="store_true",
                         help="leave the work folder")
+    parser.add_argument("--receiver", choices=("minipacs", "orthanc", "storescp"),
+                        default="minipacs",
+                        help="another receiver, for its rate and CPU (implies --no-profile)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="minipacs's ae.workers (more than 1 implies --no-profile)")
     args = parser.parse_args()
+    if args.receiver != "minipacs" or args.workers > 1:
+        args.no_profile = True
 
     bench.WORK_ROOT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="profile-", dir=bench.WORK_ROOT))
     try:
         data = bench.generate(work / "data", "p", args.count, args.size, 2, 2, 2, seed=7)
         bench.after_removals()
-        server = bench.Minipacs(work, work)
+        server: bench.Receiver
+        if args.receiver == "orthanc":
+            server = bench.Orthanc(work)
+        elif args.receiver == "storescp":
+            server = bench.Storescp(work)
+        else:
+            server = bench.Minipacs(work, work, workers=args.workers)
         server.start(work / "pacs", "profile")
         assert server.proc is not None
         spy = None
@@ -100,14 +138,21 @@ def main() -> int:
         sender_env = dict(bench.DCMTK_ENV)
         if args.nagle:
             sender_env.pop("TCP_NODELAY", None)
+        cpu_before = _cpu_seconds(server.proc.pid)
         started = time.perf_counter()
         senders = [subprocess.Popen(
             ["storescu", "-aet", bench.SCU_AET, "-aec", server.aet, "-ta", "300", "+sd", "+r",
              bench.HOST, str(server.port), str(part)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=sender_env)
             for part in parts]
-        codes = [s.wait() for s in senders]
+        waited = [os.wait4(s.pid, 0) for s in senders]
         elapsed = time.perf_counter() - started
+        user, system = (after - before for after, before
+                        in zip(_cpu_seconds(server.proc.pid), cpu_before, strict=True))
+        sender_cpu = sum(usage.ru_utime + usage.ru_stime for _, _, usage in waited)
+        codes = [os.waitstatus_to_exitcode(status) for _, status, _ in waited]
+        for sender, code in zip(senders, codes, strict=True):
+            sender.returncode = code
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
             spy.wait(60)
@@ -117,6 +162,10 @@ def main() -> int:
         print(f"{args.count} instances of {args.size}x{args.size}, {args.parallel} "
               f"association(s){nagle}: {elapsed:.2f} s, {args.count / elapsed:.0f} inst/s; "
               f"storescu exit {codes}; server holds {held} ({how})")
+        print(f"CPU per instance: server {1000 * user / args.count:.3f} ms user + "
+              f"{1000 * system / args.count:.3f} ms system, storescu "
+              f"{1000 * sender_cpu / args.count:.3f} ms; wall {1000 * elapsed / args.count:.3f} "
+              f"ms" + (" (the server's includes py-spy's sampling)" if spy else ""))
         if spy is not None and raw.exists():
             total, own, inclusive = parse_collapsed(raw)
             what = "server threads" if args.idle else "non-idle server threads"
