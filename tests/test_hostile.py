@@ -1154,6 +1154,44 @@ def test_a_small_store_cut_off_writes_nothing(pacs: Running) -> None:
     assert_serving(pacs)
 
 
+def test_a_store_in_pdus_longer_than_the_read_ahead_is_stored_whole(pacs: Running) -> None:
+    """scp/engine/receiver.py reads a PDU longer than its READ_AHEAD into a buffer of its
+    own as it trickles in (its header and first bytes come with the command's PDU): the
+    data set stored is the one sent, byte for byte."""
+    from scp.engine.receiver import READ_AHEAD
+
+    ds = make_ds(Rows=256, Columns=512, PixelData=bytes(range(256)) * 1024)
+    data = encode(ds)
+    half = len(data) // 2
+    assert half > READ_AHEAD
+    first = p_data(CT_ID, 0x00, data[:half])
+    with established(pacs) as peer:
+        peer.send(p_data(CT_ID, 0x03, c_store_rq(CT, ds.SOPInstanceUID)) + first[:1000])
+        for part in (first[1000:READ_AHEAD], first[READ_AHEAD:],
+                     p_data(CT_ID, 0x02, data[half:])):
+            peer.send(part)
+        assert peer.reply(timeout=30).outcome == status.SUCCESS
+        assert peer.release() == "A-RELEASE-RP"
+    assert stored_bytes(pacs, ds.SOPInstanceUID) == data
+    assert_serving(pacs)
+
+
+@pytest.mark.parametrize("stored_first", [True, False], ids=["after-a-store", "at-once"])
+def test_the_end_of_the_stream_ends_the_association(pacs: Running, stored_first: bool) -> None:
+    """A peer that closes its sending side (EOF) once associated, with or without a
+    C-STORE answered by scp/engine/receiver.py first: the server sees the end and closes
+    or aborts, rather than waiting on a socket that only ever reads as the end."""
+    with established(pacs) as peer:
+        if stored_first:
+            ds = make_ds()
+            peer.send(p_data(CT_ID, 0x03, c_store_rq(CT, ds.SOPInstanceUID))
+                      + p_data(CT_ID, 0x02, encode(ds)))
+            assert peer.reply(timeout=30).outcome == status.SUCCESS
+        peer.sock.shutdown(socket.SHUT_WR)
+        assert peer.answer(timeout=10) in (ABORT, CLOSED)
+    assert_serving(pacs)
+
+
 def test_p_data_without_pdv_is_ignored(pacs: Running) -> None:
     """A P-DATA-TF with no PDV item carries nothing: it is ignored (an A-ABORT would be
     right too) and the association stays usable."""
@@ -1213,11 +1251,15 @@ def test_a_peer_cut_off_while_sending_still_reads_the_verdict() -> None:
 PARTIAL_PDUS = {
     "mid-associate-rq": lambda: _rq()[:30],
     "mid-p-data": lambda: struct.pack(">BBL", 0x04, 0, 1000) + b"abc",
+    # a C-STORE whose data set PDU (longer than scp/engine/receiver.py's READ_AHEAD) stops
+    # after its first bytes: what the receiver read goes back to pynetdicom's guards
+    "mid-long-p-data": lambda: p_data(CT_ID, 0x03, c_store_rq(CT, uid()))
+    + p_data(CT_ID, 0x02, bytes(200_000))[:70_000],
 }
 
 
 def _stall(peer: Peer, kind: str, running: Running) -> None:
-    if kind == "mid-p-data":
+    if kind != "mid-associate-rq":
         peer.associate(CONTEXTS, called=running.ae_title)
     peer.send(PARTIAL_PDUS[kind]())
 

@@ -132,9 +132,9 @@ class _Waker:
         would be read by pynetdicom's per-PDU path (its ``_is_transport_event`` looks at
         the socket first), which happened to 10-15 % of the requests of four parallel
         senders, the GIL keeping this thread away from its sleep (bench/README.md).
-        pynetdicom's loop runs again as soon as it has work: something queued, a kill, bytes
-        handed back, a wake-up, a message the receiver does not take, or :data:`IDLE_WAIT`
-        without a request (for its timers)."""
+        pynetdicom's loop runs again as soon as it has work: something queued, a kill, a
+        wake-up, anything the receiver did not take (another message, bytes handed back,
+        the end of the stream), or :data:`IDLE_WAIT` without a request (for its timers)."""
         dul = self.dul
         while True:
             if dul.to_provider_queue.qsize() or dul.event_queue.qsize() or dul._kill_thread:
@@ -161,7 +161,8 @@ class _Waker:
             if (receiver is None or sock not in ready or self._lease is not _IDLE
                     or not receiver.ready()):
                 return
-            receiver.serve(sock)  # C-STORE requests, read and answered here
+            if not receiver.serve(sock):  # C-STORE requests, read and answered here
+                return  # pynetdicom reads what the receiver did not take (an end included)
 
     # -- lending the socket to a retrieve (see leased) ---------------------------------
 

@@ -42,6 +42,10 @@ it to a file as it arrives."""
 HANDLER_FAILED = 0xC211
 """pynetdicom's status when the EVT_C_STORE handler raises (PS3.7 C.5: Cxxx failure)."""
 
+READ_AHEAD = 65536
+"""Bytes asked of the socket at a time for a PDU up to this size (the next PDU's first
+bytes may come with them); a longer PDU is read into a buffer of its own."""
+
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
@@ -84,39 +88,47 @@ class StoreReceiver:
                 and not dul.to_provider_queue.qsize() and not dul.event_queue.qsize()
                 and not dul.to_user_queue.qsize())
 
-    def serve(self, sock: Any) -> None:
-        """Take C-STORE requests from ``sock`` (readable) while they come back to back."""
+    def serve(self, sock: Any) -> bool:
+        """Take C-STORE requests from ``sock`` (readable) while they come back to back.
+
+        Returns whether the caller may wait for the next one here: every request read was
+        answered and nothing is left to read (not so when a message, bytes of one, or the
+        end of the stream went back to pynetdicom, or the association is no longer one this
+        path reads)."""
         while self.ready():
-            raws: list[bytes] = []
+            raws: list[bytes | bytearray] = []
             buffer = bytearray()
             try:
                 request, context = self._read(sock, raws, buffer)
             except _NotOurs:
                 self.unread(b"".join(raws) + bytes(buffer))
-                return
+                return False
             except Exception:  # a fault of ours: pynetdicom gets the message, as it came
                 logger.exception("C-STORE fast path: a message is handed to pynetdicom")
                 self.unread(b"".join(raws) + bytes(buffer))
-                return
+                return False
             try:
                 self._answer(sock, request, context)
             except Exception:  # a fault of ours after the message was taken: say so
                 logger.exception("C-STORE response not made; the association is aborted")
                 self.assoc.abort(block=False)
-                return
+                return False
             if buffer:  # the next message began in the same read
                 self.unread(bytes(buffer))
-                return
+                return False
             if not _readable(sock, 0):
-                return
+                return True
+        return False
 
     # -- reading -------------------------------------------------------------------------
 
-    def _read(self, sock: Any, raws: list[bytes], buffer: bytearray) -> tuple[C_STORE, Any]:
+    def _read(self, sock: Any, raws: list[bytes | bytearray],
+              buffer: bytearray) -> tuple[C_STORE, Any]:
         deadline = time.monotonic() + self.network_timeout
         maximum = int(self.assoc.acceptor.maximum_length or 0)
         command = bytearray()
-        data = bytearray()
+        fragments: list[memoryview] = []  # of the data set, views of ``raws``
+        size = 0
         context_id: int | None = None
         command_done: dict[int, int | str] | None = None
         while True:
@@ -142,12 +154,13 @@ class StoreReceiver:
                     continue
                 if control & dimse.COMMAND:
                     raise _NotOurs
-                data += fragment
-                if len(data) > IN_MEMORY_UP_TO:
+                fragments.append(fragment)
+                size += len(fragment)
+                if size > IN_MEMORY_UP_TO:
                     raise _NotOurs
                 if control & dimse.LAST:
                     context = self.contexts()[context_id]
-                    return _primitive(command_done, data), context
+                    return _primitive(command_done, b"".join(fragments)), context
 
     def _check_command(self, command: bytearray, context_id: int) -> dict[int, int | str]:
         try:
@@ -205,7 +218,7 @@ def _status(result: Any) -> tuple[int, str | None]:
         return HANDLER_FAILED, None
 
 
-def _primitive(fields: dict[int, int | str], data: bytearray) -> C_STORE:
+def _primitive(fields: dict[int, int | str], data: bytes) -> C_STORE:
     request = C_STORE()
     request.MessageID = int(fields[dimse.MESSAGE_ID])
     request.AffectedSOPClassUID = str(fields[dimse.AFFECTED_SOP_CLASS_UID])
@@ -217,7 +230,7 @@ def _primitive(fields: dict[int, int | str], data: bytearray) -> C_STORE:
     originator_id = fields.get(dimse.MOVE_ORIGINATOR_MESSAGE_ID)
     if isinstance(originator_id, int):
         request.MoveOriginatorMessageID = originator_id
-    request.DataSet = BytesIO(bytes(data))
+    request.DataSet = BytesIO(data)  # shares ``data`` until written to
     return request
 
 
@@ -229,29 +242,59 @@ def _readable(sock: Any, timeout: float) -> bool:
     return bool(ready)
 
 
-def _read_pdu(sock: Any, buffer: bytearray, deadline: float, maximum: int) -> bytes:
+def _read_pdu(sock: Any, buffer: bytearray, deadline: float, maximum: int) -> bytes | bytearray:
     """One whole PDU, or :class:`_NotOurs` (what was read stays in ``buffer``): a stall
     past ``deadline``, a closed connection, a PDU longer than ``maximum`` (our Maximum
-    Length Received; 0 = none)."""
+    Length Received; 0 = none).
+
+    A PDU longer than :data:`READ_AHEAD` is read into a buffer of its own, straight from
+    the socket (a CT image's 256 KiB PDUs are not copied through ``buffer`` twice)."""
     _fill(sock, buffer, 6, deadline)
     _, _, length = struct.unpack_from(">BBI", buffer)
     if maximum and length > maximum + 6:
         raise _NotOurs
+    if 6 + length > READ_AHEAD:
+        return _read_whole(sock, buffer, 6 + length, deadline)
     _fill(sock, buffer, 6 + length, deadline)
-    raw = bytes(buffer[:6 + length])
+    with memoryview(buffer) as view:
+        raw = bytes(view[:6 + length])
     del buffer[:6 + length]
+    return raw
+
+
+def _read_whole(sock: Any, buffer: bytearray, size: int, deadline: float) -> bytearray:
+    """The next ``size`` bytes, the first of them in ``buffer``, the rest read from
+    ``sock`` into the result itself; :class:`_NotOurs` as :func:`_fill` (then everything
+    read is in ``buffer``)."""
+    raw = bytearray(size)
+    have = min(len(buffer), size)
+    raw[:have] = buffer[:have]
+    del buffer[:have]
+    with memoryview(raw) as view:
+        try:
+            while have < size:
+                _wait_readable(sock, deadline)
+                try:
+                    count = sock.recv_into(view[have:], size - have, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    raise _NotOurs from None
+                if not count:
+                    raise _NotOurs  # closed: pynetdicom reads the end of the stream too
+                have += count
+                _ack(sock)
+        except _NotOurs:
+            buffer[:0] = view[:have]
+            raise
     return raw
 
 
 def _fill(sock: Any, buffer: bytearray, size: int, deadline: float) -> None:
     while len(buffer) < size:
-        wait = deadline - time.monotonic()
-        if wait <= 0 or not _readable(sock, min(wait, 0.5)):
-            if time.monotonic() >= deadline:
-                raise _NotOurs
-            continue
+        _wait_readable(sock, deadline)
         try:
-            chunk = sock.recv(max(size - len(buffer), 65536), socket.MSG_DONTWAIT)
+            chunk = sock.recv(max(size - len(buffer), READ_AHEAD), socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             continue
         except OSError:
@@ -259,6 +302,21 @@ def _fill(sock: Any, buffer: bytearray, size: int, deadline: float) -> None:
         if not chunk:
             raise _NotOurs  # closed: pynetdicom reads the end of the stream too
         buffer += chunk
-        if _QUICKACK is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        _ack(sock)
+
+
+def _wait_readable(sock: Any, deadline: float) -> None:
+    """Until ``sock`` is readable; :class:`_NotOurs` past ``deadline``."""
+    while True:
+        wait = deadline - time.monotonic()
+        if wait > 0 and _readable(sock, min(wait, 0.5)):
+            return
+        if time.monotonic() >= deadline:
+            raise _NotOurs
+
+
+def _ack(sock: Any) -> None:
+    """Acknowledge what was read at once (TCP_QUICKACK: see scp/engine/sockets.py)."""
+    if _QUICKACK is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)

@@ -104,10 +104,11 @@ def test_a_request_there_when_the_receiver_returns_is_the_receivers_too(
     serve = StoreReceiver.serve
     lingered: list[bool] = []
 
-    def serve_then_linger(self: StoreReceiver, sock: Any) -> None:
-        serve(self, sock)
+    def serve_then_linger(self: StoreReceiver, sock: Any) -> bool:
+        served = serve(self, sock)
         if handed and not lingered:  # once a store is answered: until the next is there
             lingered.append(bool(select.select([sock], [], [], 10)[0]))
+        return served
     monkeypatch.setattr(StoreReceiver, "serve", serve_then_linger)
     handed: list[Spooled | None] = record_returns(monkeypatch, reactor, "spooled")
     running = start_server()
