@@ -25,8 +25,9 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from io import BytesIO
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
@@ -273,17 +274,8 @@ def _read_whole(sock: Any, buffer: bytearray, size: int, deadline: float) -> byt
     with memoryview(raw) as view:
         try:
             while have < size:
-                _wait_readable(sock, deadline)
-                try:
-                    count = sock.recv_into(view[have:], size - have, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    raise _NotOurs from None
-                if not count:
-                    raise _NotOurs  # closed: pynetdicom reads the end of the stream too
-                have += count
-                _ack(sock)
+                have += _receive(sock, deadline, lambda at=have: sock.recv_into(
+                    view[at:], size - at, socket.MSG_DONTWAIT))
         except _NotOurs:
             buffer[:0] = view[:have]
             raise
@@ -292,27 +284,33 @@ def _read_whole(sock: Any, buffer: bytearray, size: int, deadline: float) -> byt
 
 def _fill(sock: Any, buffer: bytearray, size: int, deadline: float) -> None:
     while len(buffer) < size:
-        _wait_readable(sock, deadline)
+        need = max(size - len(buffer), READ_AHEAD)
+        buffer += _receive(sock, deadline, lambda ask=need: sock.recv(ask, socket.MSG_DONTWAIT))
+
+
+_Got = TypeVar("_Got", bytes, int)
+
+
+def _receive(sock: Any, deadline: float, read: Callable[[], _Got]) -> _Got:
+    """What ``read`` (a non-blocking read of ``sock``) gives once ``sock`` is readable:
+    bytes, or a count of bytes; :class:`_NotOurs` past ``deadline``, on an error, or at the
+    end of the stream (pynetdicom reads the end too)."""
+    while True:
+        wait = deadline - time.monotonic()
+        if wait <= 0 or not _readable(sock, min(wait, 0.5)):
+            if time.monotonic() >= deadline:
+                raise _NotOurs
+            continue
         try:
-            chunk = sock.recv(max(size - len(buffer), READ_AHEAD), socket.MSG_DONTWAIT)
+            got = read()
         except (BlockingIOError, InterruptedError):
             continue
         except OSError:
             raise _NotOurs from None
-        if not chunk:
-            raise _NotOurs  # closed: pynetdicom reads the end of the stream too
-        buffer += chunk
-        _ack(sock)
-
-
-def _wait_readable(sock: Any, deadline: float) -> None:
-    """Until ``sock`` is readable; :class:`_NotOurs` past ``deadline``."""
-    while True:
-        wait = deadline - time.monotonic()
-        if wait > 0 and _readable(sock, min(wait, 0.5)):
-            return
-        if time.monotonic() >= deadline:
+        if not got:
             raise _NotOurs
+        _ack(sock)
+        return got
 
 
 def _ack(sock: Any) -> None:
