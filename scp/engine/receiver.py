@@ -20,6 +20,7 @@ message included.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import select
 import socket
@@ -274,8 +275,8 @@ def _read_whole(sock: Any, buffer: bytearray, size: int, deadline: float) -> byt
     with memoryview(raw) as view:
         try:
             while have < size:
-                have += _receive(sock, deadline, lambda at=have: sock.recv_into(
-                    view[at:], size - at, socket.MSG_DONTWAIT))
+                have += _receive(sock, deadline, functools.partial(
+                    sock.recv_into, view[have:], size - have, socket.MSG_DONTWAIT))
         except _NotOurs:
             buffer[:0] = view[:have]
             raise
@@ -284,8 +285,8 @@ def _read_whole(sock: Any, buffer: bytearray, size: int, deadline: float) -> byt
 
 def _fill(sock: Any, buffer: bytearray, size: int, deadline: float) -> None:
     while len(buffer) < size:
-        need = max(size - len(buffer), READ_AHEAD)
-        buffer += _receive(sock, deadline, lambda ask=need: sock.recv(ask, socket.MSG_DONTWAIT))
+        buffer += _receive(sock, deadline, functools.partial(
+            sock.recv, max(size - len(buffer), READ_AHEAD), socket.MSG_DONTWAIT))
 
 
 _Got = TypeVar("_Got", bytes, int)
