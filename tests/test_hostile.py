@@ -1178,9 +1178,11 @@ def test_a_store_in_pdus_longer_than_the_read_ahead_is_stored_whole(pacs: Runnin
 
 @pytest.mark.parametrize("stored_first", [True, False], ids=["after-a-store", "at-once"])
 def test_the_end_of_the_stream_ends_the_association(pacs: Running, stored_first: bool) -> None:
-    """A peer that closes its sending side (EOF) once associated, with or without a
-    C-STORE answered by scp/engine/receiver.py first: the server sees the end and closes
-    or aborts, rather than waiting on a socket that only ever reads as the end."""
+    """A peer that closes its sending side (EOF) once associated: the server sees the end
+    and closes or aborts, rather than waiting on a socket that only ever reads as the end.
+    After a C-STORE answered by scp/engine/receiver.py the DUL thread waits in
+    scp/engine/reactor.py (which must hand the end to pynetdicom); at once, pynetdicom's
+    loop may read it first."""
     with established(pacs) as peer:
         if stored_first:
             ds = make_ds()

@@ -134,7 +134,10 @@ class _Waker:
         senders, the GIL keeping this thread away from its sleep (bench/README.md).
         pynetdicom's loop runs again as soon as it has work: something queued, a kill, a
         wake-up, anything the receiver did not take (another message, bytes handed back,
-        the end of the stream), or :data:`IDLE_WAIT` without a request (for its timers)."""
+        the end of the stream), or an association the receiver no longer reads (not in
+        data transfer, where ARTIM runs). In data transfer with nothing to read, the wait
+        goes on here, :data:`IDLE_WAIT` at a time: the network idle timeout is the
+        association thread's to check."""
         dul = self.dul
         while True:
             if dul.to_provider_queue.qsize() or dul.event_queue.qsize() or dul._kill_thread:
@@ -158,9 +161,12 @@ class _Waker:
                 with contextlib.suppress(OSError):
                     os.read(self.read_fd, 4096)
             receiver = self.receiver
-            if (receiver is None or sock not in ready or self._lease is not _IDLE
-                    or not receiver.ready()):
+            if receiver is None or self._lease is not _IDLE or not receiver.ready():
                 return
+            if not ready:
+                continue  # data transfer, idle: pynetdicom's loop has nothing to do (no ARTIM)
+            if sock not in ready:
+                return  # a wake-up
             if not receiver.serve(sock):  # C-STORE requests, read and answered here
                 return  # pynetdicom reads what the receiver did not take (an end included)
 

@@ -44,6 +44,10 @@ it to a file as it arrives."""
 HANDLER_FAILED = 0xC211
 """pynetdicom's status when the EVT_C_STORE handler raises (PS3.7 C.5: Cxxx failure)."""
 
+PDU_MARGIN = 12
+"""A P-DATA-TF's bytes beyond its data set fragment: the PDV item's length, context and
+control (PS3.8 9.3.5.1), and the command's PDV when both share the PDU (at most a few
+hundred bytes, not counted: the limit is approximate either way)."""
 READ_AHEAD = 65536
 """Bytes asked of the socket at a time for a PDU up to this size (the next PDU's first
 bytes may come with them); a longer PDU is read into a buffer of its own."""
@@ -250,12 +254,16 @@ def _read_pdu(sock: Any, buffer: bytearray, deadline: float, maximum: int) -> by
     Length Received; 0 = none).
 
     A PDU longer than :data:`READ_AHEAD` is read into a buffer of its own, straight from
-    the socket (a CT image's 256 KiB PDUs are not copied through ``buffer`` twice)."""
+    the socket (a CT image's 256 KiB PDUs are not copied through ``buffer`` twice), made
+    at the PDU's announced length: one that would carry more than :data:`IN_MEMORY_UP_TO`
+    is pynetdicom's, unread."""
     _fill(sock, buffer, 6, deadline)
     _, _, length = struct.unpack_from(">BBI", buffer)
     if maximum and length > maximum + 6:
         raise _NotOurs
     if 6 + length > READ_AHEAD:
+        if length > IN_MEMORY_UP_TO + PDU_MARGIN:
+            raise _NotOurs  # more than this path keeps (ae.max_pdu_size 0 sets no maximum)
         return _read_whole(sock, buffer, 6 + length, deadline)
     _fill(sock, buffer, 6 + length, deadline)
     with memoryview(buffer) as view:
@@ -298,9 +306,13 @@ def _receive(sock: Any, deadline: float, read: Callable[[], _Got]) -> _Got:
     end of the stream (pynetdicom reads the end too)."""
     while True:
         wait = deadline - time.monotonic()
-        if wait <= 0 or not _readable(sock, min(wait, 0.5)):
-            if time.monotonic() >= deadline:
-                raise _NotOurs
+        if wait <= 0:
+            raise _NotOurs
+        try:
+            ready, _, _ = select.select([sock], [], [], min(wait, 0.5))
+        except (OSError, ValueError):  # closed under us (a server stop): not a spin
+            raise _NotOurs from None
+        if not ready:
             continue
         try:
             got = read()

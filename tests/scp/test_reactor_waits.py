@@ -120,4 +120,7 @@ def test_a_request_there_when_the_receiver_returns_is_the_receivers_too(
     finally:
         assoc.release()
     assert lingered == [True]
-    assert handed == [None, None, None]  # each read by the receiver, in memory
+    # the second (there as the receiver returned) and the third (after the receiver's
+    # wait) read by the receiver, in memory; the first may be pynetdicom's, which reads
+    # again without sleeping after an action of its own (the C-ECHO response)
+    assert len(handed) == 3 and handed[1:] == [None, None]

@@ -45,3 +45,31 @@ def test_a_long_pdu_whose_peer_closes_leaves_every_byte_read_in_the_buffer() -> 
         with pytest.raises(receiver._NotOurs):
             receiver._read_whole(ours, buffer, len(PDU), time.monotonic() + 10)
         assert buffer == PDU[:50_000]
+
+
+def test_a_pdu_longer_than_what_is_kept_in_memory_is_not_read() -> None:
+    """The receiver's buffer is made at a PDU's announced length: one beyond
+    IN_MEMORY_UP_TO (possible with ae.max_pdu_size 0) is pynetdicom's, and nothing is
+    allocated for it here."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        header = struct.pack(">BBL", 0x04, 0, 0xFFFFFFF0)
+        theirs.sendall(header + b"abc")
+        buffer = bytearray()
+        started = time.monotonic()
+        with pytest.raises(receiver._NotOurs):
+            receiver._read_pdu(ours, buffer, started + 30, 0)
+        assert time.monotonic() - started < 10  # not waiting for the rest of it
+        assert buffer == header + b"abc"  # all of it, for pynetdicom to read
+
+
+def test_a_read_on_a_socket_closed_under_it_ends_at_once() -> None:
+    """A server stop closes an association's socket under its DUL thread: a read waiting
+    for the rest of a message gives up at once instead of spinning until its deadline."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        ours.close()
+        started = time.monotonic()
+        with pytest.raises(receiver._NotOurs):
+            receiver._fill(ours, bytearray(), 6, started + 30)
+        assert time.monotonic() - started < 10
