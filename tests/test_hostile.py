@@ -1194,6 +1194,33 @@ def test_the_end_of_the_stream_ends_the_association(pacs: Running, stored_first:
     assert_serving(pacs)
 
 
+def test_a_store_arriving_across_the_idle_timeout_keeps_the_association(
+        own_server: Callable[..., Running], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-STORE that begins shortly before the network timeout and arrives a PDU at a
+    time, never that long without one: scp/engine/receiver.py restarts the idle timer at
+    every PDU, as pynetdicom does, so the association is not aborted after its Success."""
+    from scp.engine import reactor
+    from tests.conftest import record_returns
+
+    handed = record_returns(monkeypatch, reactor, "spooled")
+    running = own_server(**{"ae.network_timeout": 2, "ae.acse_timeout": 2})
+    ds = make_ds()
+    data = encode(ds)
+    with Peer(running.port) as peer:
+        peer.associate(CONTEXTS, called=running.ae_title)
+        time.sleep(1.5)  # idle, within the 2 s network timeout
+        peer.send(p_data(CT_ID, 0x03, c_store_rq(CT, ds.SOPInstanceUID)))
+        for i in range(0, 400, 50):  # a PDU every 0.2 s: never 2 s without one
+            time.sleep(0.2)
+            peer.send(p_data(CT_ID, 0x00, data[i:i + 50]))
+        peer.send(p_data(CT_ID, 0x02, data[400:]))
+        assert peer.reply(timeout=10).outcome == status.SUCCESS
+        peer.request(VER_ID, c_echo_rq(2))
+        assert peer.reply(timeout=10).outcome == status.SUCCESS  # not aborted
+        assert peer.release() == "A-RELEASE-RP"
+    assert handed == [None]  # the receiver's, not pynetdicom's
+
+
 def test_p_data_without_pdv_is_ignored(pacs: Running) -> None:
     """A P-DATA-TF with no PDV item carries nothing: it is ignored (an A-ABORT would be
     right too) and the association stays usable."""

@@ -103,7 +103,8 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
      " after a failed action, until Sta1; reactor: a lent socket is given back, and the"
      " DUL's wait ends"),
     ("pynetdicom.dul:DULServiceProvider._idle_timer", "reactor, receiver: the network idle"
-     " timer starts over when a lent socket is given back, and after a C-STORE read here"),
+     " timer starts over when a lent socket is given back, at every PDU read here and"
+     " after a C-STORE answered here"),
     ("pynetdicom.transport:AssociationSocket.ready", "reactor: true while bytes a C-GET"
      " read and gave back wait to be read"),
     ("pynetdicom.dul:DULServiceProvider.send_pdu", "responses: queue a packed P-DATA"),

@@ -140,6 +140,7 @@ class StoreReceiver:
         while True:
             raw = _read_pdu(sock, buffer, deadline, maximum)
             raws.append(raw)
+            self.dul._idle_timer.restart()  # as pynetdicom does at every PDU it reads
             if raw[0] != dimse.P_DATA_TF:
                 raise _NotOurs
             try:
