@@ -250,18 +250,18 @@ def _readable(sock: Any, timeout: float) -> bool:
 
 
 def _read_pdu(sock: Any, buffer: bytearray, deadline: float, maximum: int) -> bytes | bytearray:
-    """One whole PDU, or :class:`_NotOurs` (what was read stays in ``buffer``): a stall
-    past ``deadline``, a closed connection, a PDU longer than ``maximum`` (our Maximum
-    Length Received; 0 = none).
+    """One whole P-DATA-TF PDU, or :class:`_NotOurs` (what was read stays in ``buffer``):
+    another PDU type, a stall past ``deadline``, a closed connection, a PDU longer than
+    ``maximum`` (our Maximum Length Received; 0 = none).
 
     A PDU longer than :data:`READ_AHEAD` is read into a buffer of its own, straight from
     the socket (a CT image's 256 KiB PDUs are not copied through ``buffer`` twice), made
     at the PDU's announced length: one that would carry more than :data:`IN_MEMORY_UP_TO`
     is pynetdicom's, unread."""
     _fill(sock, buffer, 6, deadline)
-    _, _, length = struct.unpack_from(">BBI", buffer)
-    if maximum and length > maximum + 6:
-        raise _NotOurs
+    kind, _, length = struct.unpack_from(">BBI", buffer)
+    if kind != dimse.P_DATA_TF or (maximum and length > maximum + 6):
+        raise _NotOurs  # pynetdicom's (and its guards') from its header on
     if 6 + length > READ_AHEAD:
         if length > IN_MEMORY_UP_TO + PDU_MARGIN:
             raise _NotOurs  # more than this path keeps (ae.max_pdu_size 0 sets no maximum)

@@ -73,3 +73,18 @@ def test_a_read_on_a_socket_closed_under_it_ends_at_once() -> None:
         with pytest.raises(receiver._NotOurs):
             receiver._fill(ours, bytearray(), 6, started + 30)
         assert time.monotonic() - started < 10
+
+
+def test_a_pdu_of_another_type_is_left_from_its_header_on() -> None:
+    """An A-RELEASE-RQ (or any PDU but a P-DATA-TF) is pynetdicom's as soon as its header
+    is read: the receiver does not wait for its body."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        header = struct.pack(">BBL", 0x05, 0, 4)
+        theirs.sendall(header)  # its 4 bytes of body never come
+        buffer = bytearray()
+        started = time.monotonic()
+        with pytest.raises(receiver._NotOurs):
+            receiver._read_pdu(ours, buffer, started + 30, 0)
+        assert time.monotonic() - started < 10
+        assert buffer == header
