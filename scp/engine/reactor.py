@@ -163,9 +163,9 @@ class _Waker:
             receiver = self.receiver
             if receiver is None or self._lease is not _IDLE or not receiver.ready():
                 return
-            if not ready:
+            if not ready and sock is not None:
                 continue  # data transfer, idle: pynetdicom's loop has nothing to do (no ARTIM)
-            if sock not in ready:
+            if sock is None or sock not in ready:
                 return  # a wake-up
             if not receiver.serve(sock):  # C-STORE requests, read and answered here
                 return  # pynetdicom reads what the receiver did not take (an end included)
