@@ -44,8 +44,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 from scp import status
+from scp.engine import reactor
 from scp.server import Server
-from tests.conftest import Running, server_config
+from tests.conftest import Running, record_returns, server_config
 from tests.factory import encode, file_parts, make_ds, uid
 
 # hostile values make pydicom warn by design
@@ -1199,9 +1200,6 @@ def test_a_store_arriving_across_the_idle_timeout_keeps_the_association(
     """A C-STORE that begins shortly before the network timeout and arrives a PDU at a
     time, never that long without one: scp/engine/receiver.py restarts the idle timer at
     every PDU, as pynetdicom does, so the association is not aborted after its Success."""
-    from scp.engine import reactor
-    from tests.conftest import record_returns
-
     handed = record_returns(monkeypatch, reactor, "spooled")
     running = own_server(**{"ae.network_timeout": 2, "ae.acse_timeout": 2})
     ds = make_ds()

@@ -165,7 +165,7 @@ class _Waker:
                 return
             if not ready and sock is not None:
                 continue  # data transfer, idle: pynetdicom's loop has nothing to do (no ARTIM)
-            if sock is None or sock not in ready:
+            if sock not in ready:
                 return  # a wake-up
             if not receiver.serve(sock):  # C-STORE requests, read and answered here
                 return  # pynetdicom reads what the receiver did not take (an end included)

@@ -19,7 +19,6 @@ message included.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import select
@@ -35,6 +34,7 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from . import dimse
+from .sockets import ack_now
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,6 @@ hundred bytes, not counted: the limit is approximate either way)."""
 READ_AHEAD = 65536
 """Bytes asked of the socket at a time for a PDU up to this size (the next PDU's first
 bytes may come with them); a longer PDU is read into a buffer of its own."""
-
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class _NotOurs(Exception):
@@ -141,8 +139,6 @@ class StoreReceiver:
             raw = _read_pdu(sock, buffer, deadline, maximum)
             raws.append(raw)
             self.dul._idle_timer.restart()  # as pynetdicom does at every PDU it reads
-            if raw[0] != dimse.P_DATA_TF:
-                raise _NotOurs
             try:
                 items = list(dimse.pdvs(memoryview(raw)[6:]))
             except ValueError:
@@ -323,12 +319,6 @@ def _receive(sock: Any, deadline: float, read: Callable[[], _Got]) -> _Got:
             raise _NotOurs from None
         if not got:
             raise _NotOurs
-        _ack(sock)
+        ack_now(sock)
         return got
 
-
-def _ack(sock: Any) -> None:
-    """Acknowledge what was read at once (TCP_QUICKACK: see scp/engine/sockets.py)."""
-    if _QUICKACK is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)

@@ -39,7 +39,6 @@ def quick_ack(event: evt.Event) -> None:
     read of the connection (a setsockopt per read). Measured with bench/profile_ingest.py
     --nagle (bench/README.md).
     """
-    option = getattr(socket, "TCP_QUICKACK", None)
     try:
         transport: Any = event.assoc.dul.socket
         sock = transport.socket
@@ -47,16 +46,26 @@ def quick_ack(event: evt.Event) -> None:
     except AttributeError as exc:  # another pynetdicom layout
         logger.debug("cannot set TCP_QUICKACK: %s", exc)
         return
-    if option is None or sock is None:
+    if _QUICKACK is None or sock is None:
         return
 
     def recv_and_ack(nr_bytes: int) -> Any:
         data = recv(nr_bytes)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+        ack_now(sock)
         return data
 
     transport.recv = recv_and_ack
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def ack_now(sock: Any) -> None:
+    """Acknowledge what was just read at once (TCP_QUICKACK, Linux; see :func:`quick_ack`);
+    nothing where the option does not exist or the socket is gone."""
+    if _QUICKACK is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
 
 def adopt_listeners(listeners: dict[int, socket.socket]) -> None:
