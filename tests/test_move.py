@@ -31,6 +31,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom import events as evt
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelMove,
@@ -403,7 +404,15 @@ def test_a_requestor_that_aborts_mid_move(start_server: Callable[..., Running],
     with caplog.at_level(logging.DEBUG):
         assoc.send_c_move(q, "SLOW", STUDY_ROOT)  # the request goes at once
         assert arrived.wait(30)  # the first sub-operation waits for its response
-        assoc.abort()  # sent before it returns
+        # the A-ABORT on the wire before the socket closes: pynetdicom's abort() gives its
+        # DUL thread 0.1 s to send it, which a loaded machine can miss (the server then
+        # sees the connection end, not the A-ABORT: CI run of 2026-12-05)
+        aborted = threading.Event()
+        assoc.bind(evt.EVT_PDU_SENT,
+                   lambda event: aborted.set() if isinstance(event.pdu, A_ABORT_RQ) else None)
+        assoc.acse.send_abort(0x00)
+        assert aborted.wait(30)
+        assoc.kill()
         slow.hold.set()
         assert running.server.activity.wait_idle(30)
         assert abort_taken_in.wait(30)
