@@ -1,5 +1,5 @@
-"""The command line: ``minipacs serve | verify | reindex | import | hash-password | new-token``,
-``minipacs --version``.
+"""The command line: ``minipacs serve | verify | reindex | import | delete | hash-password |
+new-token``, ``minipacs --version``.
 The only place that exits, and the only one that configures logging (with
 :func:`scp.logs.setup_logging`, which worker processes call too)."""
 
@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from storage import Archive, StorageError, open_archive
+from storage import Archive, Selection, StorageError, open_archive
 from web import WebListenError, WebServer
 from web.auth import ACCOUNT_RIGHTS, hash_password, hash_token, name_problem, new_token
 
@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     importer = commands.add_parser(
         "import", help="store a folder of DICOM files through the C-STORE path")
     importer.add_argument("folder", type=Path)
+    deleter = commands.add_parser(
+        "delete", help="delete patients, studies, series or instances (the server may run)")
+    for flag, what in (("--patient", "every study of this PatientID (any issuer)"),
+                       ("--study", "this StudyInstanceUID"), ("--series", "this SeriesInstanceUID"),
+                       ("--instance", "this SOPInstanceUID")):
+        deleter.add_argument(flag, action="append", default=[], metavar="ID",
+                             help=f"{what}; repeatable")
+    deleter.add_argument("--dry-run", action="store_true", help="list what would go; change"
+                         " nothing")
+    deleter.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     commands.add_parser(
         "hash-password", help="print the hash of a password for web.users (asked for at a"
         " prompt, or read from standard input's first line when that is not a terminal)")
@@ -81,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         "new-token", help="print a new bearer token and its web.tokens entry")
     token.add_argument("name", help="whom the token is for (logged when it is refused)")
     token.add_argument("rights", choices=ACCOUNT_RIGHTS)
-    for sub in (verify, commands.choices["reindex"], importer):
+    for sub in (verify, commands.choices["reindex"], importer, deleter):
         sub.add_argument("--config", type=Path, help=f"configuration file (default: ./"
                          f"{DEFAULT_CONFIG} if present, else built-ins)")
         sub.add_argument("--data-dir", help="override storage.data_dir")
@@ -231,6 +241,55 @@ def import_folder(config: Config, folder: Path) -> int:
     return 1 if report.rejected else 0
 
 
+def delete(config: Config, args: argparse.Namespace) -> int:
+    """``minipacs delete``: list what the selection holds, ask (unless ``--yes``), delete.
+    0 when something was deleted (or, dry, would be), 1 when nothing matched or a file
+    is left, 2 for a refused request."""
+    selection = Selection(tuple(args.patient), tuple(args.study), tuple(args.series),
+                          tuple(args.instance))
+    if not selection:
+        print("minipacs: delete needs --patient, --study, --series or --instance",
+              file=sys.stderr)
+        return 2
+    # beside a running server: the store shared (delete writes no file), no sweep
+    archive = open_archive(dataclasses.replace(config.archive_options(), shared=True))
+    try:
+        plan = archive.plan_delete(selection)
+        for part in plan.studies_selected:
+            whole = "whole study" if part.selected == part.held else \
+                f"{part.selected} of its {part.held} instances"
+            print(f"study {part.study_instance_uid} of {part.patient_id!r} "
+                  f"({part.patient_name or 'no name'}, {part.study_date or 'no date'}): "
+                  f"{whole}")
+        if not plan.instances:
+            print("nothing selected is stored")
+            return 1
+        if args.dry_run:
+            print(f"would delete {plan.instances} instance(s) of "
+                  f"{len(plan.studies_selected)} study(ies)")
+            return 0
+        if not args.yes and not _confirmed(f"delete {plan.instances} instance(s)?"):
+            print("nothing deleted")
+            return 1
+        done = archive.delete(selection)
+    finally:
+        archive.close()
+    print(f"deleted {done.instances} instance(s): {done.series} series, {done.studies} "
+          f"study(ies), {done.patients} patient(s) left nothing; {done.files_removed} "
+          f"file(s) removed")
+    for key in done.files_left:
+        print(f"file {key} could not be removed: verify --repair or the next delete retries")
+    return 1 if done.files_left else 0
+
+
+def _confirmed(question: str) -> bool:
+    """Ask on the terminal; without one, the answer is no (use ``--yes``)."""
+    if not sys.stdin.isatty():
+        print(f"minipacs: {question} (no terminal to ask: pass --yes)", file=sys.stderr)
+        return False
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
 def password_hash() -> int:
     """``minipacs hash-password``: print the hash of a password read from a prompt (twice)
     or, when standard input is not a terminal, from its first line; never from argv."""
@@ -280,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             return reindex(config)
         if args.command == "import":
             return import_folder(config, args.folder)
+        if args.command == "delete":
+            return delete(config, args)
         return serve(config)
     except StorageError as exc:
         logging.getLogger("minipacs").error("%s", exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -48,7 +49,9 @@ class Server:
 
     def __init__(self, config: Config, archive: Archive | None = None) -> None:
         self.config = config
-        self.archive = archive or open_archive(config.archive_options())
+        # serving: a second server is kept out, ``delete`` may run beside this one
+        self.archive = archive or open_archive(
+            dataclasses.replace(config.archive_options(), serving=True))
         self.activity = Activity(on_association_end=self.archive.release)
         self.access = Access(config)
         self.ae = self._build_ae()

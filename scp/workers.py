@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import multiprocessing
 import os
@@ -39,7 +38,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from storage import StorageError, StoreInUse, open_archive
+from storage import StorageError, open_archive, server_lock
 
 from .config import Config
 from .engine.sockets import adopt_listeners
@@ -47,7 +46,6 @@ from .logs import setup_logging
 
 logger = logging.getLogger("minipacs")
 
-SERVER_LOCK = ".server.lock"
 READY_TIMEOUT = 120.0
 """Seconds a worker may take to open the archive and start listening."""
 STOP_MARGIN = 10.0
@@ -116,15 +114,8 @@ def _listen(listeners: dict[int, socket.socket], host: str, port: int) -> None:
 
 
 def _server_lock(config: Config) -> int:
-    """``flock`` on ``<files>/.server.lock``, held by the supervisor while it runs."""
-    fd = os.open(config.files_path / SERVER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreInUse(f"{config.files_path} is in use by another minipacs server: "
-                         "stop it first") from None
-    return fd
+    """:data:`storage.SERVER_LOCK`, held by the supervisor while it runs."""
+    return server_lock(config.files_path)
 
 
 def _start(config: Config, listeners: dict[int, socket.socket], log_level: str,

@@ -28,6 +28,7 @@ from .errors import (
     WarningCode,
     failure_code,
 )
+from .files import SERVER_LOCK, server_lock
 from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .instances import (
     ANY_SYNTAX,
@@ -41,6 +42,7 @@ from .instances import (
 from .keys import Level, Model
 from .parsing import Spooled, read_identifier
 from .query import Query, Search, SearchAnswer, response_charset_problem
+from .removal import Deletion, Selection, StudyPart
 from .values import is_uid
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -53,6 +55,7 @@ __all__ = [
     "CannotConvert",
     "DECODERS_LOGGER",
     "DEFAULT_SYNTAX",
+    "Deletion",
     "DuplicatePolicy",
     "DuplicateRejected",
     "FailureCode",
@@ -65,8 +68,10 @@ __all__ = [
     "Origin",
     "PixelSource",
     "Query",
+    "SERVER_LOCK",
     "Search",
     "SearchAnswer",
+    "Selection",
     "Spooled",
     "QueryFailed",
     "SOPClassMismatch",
@@ -76,6 +81,7 @@ __all__ = [
     "PendingStore",
     "StoreOutcome",
     "StoredInstance",
+    "StudyPart",
     "StudyMismatch",
     "TooManyMatches",
     "TransferSyntaxNotSupported",
@@ -88,6 +94,7 @@ __all__ = [
     "is_uid",
     "open_archive",
     "read_identifier",
+    "server_lock",
     "response_charset_problem",
     "syntax_for",
 ]

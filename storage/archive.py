@@ -29,7 +29,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
-from . import index, instances, maintenance, query
+from . import index, instances, maintenance, query, removal
 from .commit import GroupCommit
 from .convert import as_stored, explicit_to_implicit, to_accepted
 from .errors import (
@@ -148,7 +148,11 @@ class ArchiveOptions:
         after a store, counting the stores in flight of this process (0 = no check).
     shared : bool
         One of several worker processes of a server (``ae.workers``): the file store is
-        shared with the others (see :class:`~storage.files.FilesystemStore`).
+        shared with the others (see :class:`~storage.files.FilesystemStore`); also
+        ``delete``, which runs beside a server.
+    serving : bool
+        The archive of a single-process server (see
+        :class:`~storage.files.FilesystemStore`): ``delete`` may run beside it.
     """
 
     files_path: Path
@@ -162,6 +166,7 @@ class ArchiveOptions:
     max_instance_bytes: int = 0
     min_free_bytes: int = 0
     shared: bool = False
+    serving: bool = False
 
 
 class Archive:
@@ -170,7 +175,7 @@ class Archive:
     def __init__(self, options: ArchiveOptions, files: FileStore | None = None) -> None:
         self.options = options
         self.files: FileStore = files or FilesystemStore(options.files_path, options.durable,
-                                                         options.shared)
+                                                         options.shared, options.serving)
         try:
             self.database = index.connect(options.index_url, synchronous_full=options.durable)
         except BaseException:
@@ -806,6 +811,21 @@ class Archive:
                 return index.write_instance(parsed.record, DuplicatePolicy.KEEP).result
         except pw.DatabaseError as exc:
             raise StorageFull(f"cannot write to the index: {exc}") from exc
+
+    def plan_delete(self, selection: removal.Selection) -> removal.Deletion:
+        """What :meth:`delete` would delete, per study; nothing changes."""
+        return removal.plan(selection)
+
+    def delete(self, selection: removal.Selection) -> removal.Deletion:
+        """Delete the selected instances: their index rows and the counters in one
+        transaction, then their files (:mod:`storage.removal`).
+
+        Raises
+        ------
+        StorageError
+            Nothing selected, or the index cannot be written (nothing was deleted).
+        """
+        return removal.delete(selection, self.files, self.writing)
 
     def verify(
         self, repair: bool = False, progress: maintenance.Progress | None = None

@@ -35,6 +35,9 @@ FSYNC_THREADS = 8
 """Threads that fsync the files of one group commit together (:meth:`FilesystemStore.publish`)."""
 TEMP_DIR = "tmp"
 LOCK_FILE = ".lock"
+SERVER_LOCK = ".server.lock"
+"""Held (exclusively) by the one server of a store: a single-process server
+(``serving``), or the supervisor of ``ae.workers`` processes."""
 
 
 @dataclass(frozen=True)
@@ -104,14 +107,23 @@ class FilesystemStore:
         Several server processes use the store at once (``ae.workers``): the lock is shared
         (maintenance commands, which take it alone, are still kept out), and temporary files
         are not swept, since another process may be writing them; the supervisor swept them
-        before it started the workers.
+        before it started the workers. A ``delete`` takes the store shared too: it removes
+        files, and writes none.
+    serving : bool
+        The store of a single-process server: it holds :data:`SERVER_LOCK` (a second server
+        is kept out) and ``.lock`` shared, so that ``delete`` can run beside it while
+        ``verify``, ``reindex`` and ``import`` still cannot; it sweeps temporary files,
+        which no other process writes meanwhile.
     """
 
-    def __init__(self, root: Path, fsync: bool = True, shared: bool = False) -> None:
+    def __init__(self, root: Path, fsync: bool = True, shared: bool = False,
+                 serving: bool = False) -> None:
         self.root = Path(root)
         self.fsync = fsync
         self.shared = shared
+        self.serving = serving
         self._lock_fd: int | None = None
+        self._server_fd: int | None = None
         self._durable: set[Path] = set()  # fan-out folders whose own entries were fsync'd
         self._durable_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None  # fsyncs of a batch (_fsync_files)
@@ -131,15 +143,19 @@ class FilesystemStore:
         when shared (``flock`` on ``<root>/.lock``, released by :meth:`close` or when the
         process dies, even by SIGKILL).
 
-        A server, ``verify``, ``reindex`` and ``import`` each assume that no one else
-        writes: ``verify`` would take a file being written for a stray, or remove another
-        process's temporary file.
+        ``verify``, ``reindex`` and ``import`` each assume that no one else writes:
+        ``verify`` would take a file being written for a stray, or remove another process's
+        temporary file. A server (``serving``) and ``delete`` take it shared.
         """
+        if self.serving:
+            self._server_fd = server_lock(self.root)
         fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared or self.serving else fcntl.LOCK_EX)
+                        | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            self.close()  # the server lock too
             raise StoreInUse(
                 f"{self.root} is in use by another minipacs process (a server, verify,"
                 " reindex or import): stop it first"
@@ -151,11 +167,13 @@ class FilesystemStore:
         pool, self._pool = getattr(self, "_pool", None), None
         if pool is not None:
             pool.shutdown()
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        for name in ("_lock_fd", "_server_fd"):
+            fd = getattr(self, name, None)
+            setattr(self, name, None)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
 
     def path(self, key: str) -> Path:
         """Return the path of ``key``, refusing anything that is not a key we made."""
@@ -298,6 +316,25 @@ class FilesystemStore:
 
 FOLDER_MINUTES = 1
 """Minutes during which new files go to one ``ab/cd`` folder (see :func:`new_key`)."""
+
+
+def server_lock(root: Path) -> int:
+    """Take :data:`SERVER_LOCK` of the store at ``root`` (its file descriptor; closing it
+    gives the lock back).
+
+    Raises
+    ------
+    StoreInUse
+        Another server holds it.
+    """
+    fd = os.open(Path(root) / SERVER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreInUse(f"{root} is in use by another minipacs server: stop it first"
+                         ) from None
+    return fd
 
 
 def new_key(now: float | None = None) -> str:

@@ -193,7 +193,13 @@ def _patient_name_groups(database: pw.Database) -> None:
     # the indexes: create_tables makes them after the migration
 
 
-_MIGRATIONS = {1: _patient_name_groups}
+def _pending_removals(database: pw.Database) -> None:
+    """2 to 3: nothing to change in the existing tables; ``create_tables`` then adds
+    ``pending_removal``. The version moves on so that an older minipacs, which does not
+    know that table, refuses the index instead of indexing a deleted instance's file again."""
+
+
+_MIGRATIONS = {1: _patient_name_groups, 2: _pending_removals}
 
 
 def close() -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import index
+from . import index, removal
 from .errors import InvalidInstance, StorageError
 from .files import FileStore
 from .index import WriteResult
@@ -103,6 +103,16 @@ def verify(
     """Check the index against the file store, and with ``repair`` make them agree."""
     report = VerifyReport()
     keys = set(archive.files.keys())
+    pending = removal.pending_keys()
+    left = set(removal.finish(archive.files, archive.writing)[1]) if repair and pending \
+        else set()
+    for key in sorted(pending & keys):  # a delete's files left by a crash: not strays
+        removed = repair and key not in left
+        report.problems.append(Problem(
+            "deleted instance's file", key, "its instance was deleted; the file was left"
+            + (": removed" if removed else ": kept, it cannot be removed" if repair else ""),
+            removed))
+    keys -= pending
     report.files = len(keys)
     total = Instance.select().count() + len(keys)
     done = 0

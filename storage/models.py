@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import peewee as pw
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The version of the schema below; :mod:`storage.index` migrates an older index to it.
 
 1. The first schema.
 2. PatientName kept folded per component group, each indexed, instead of one framed column.
+3. ``pending_removal``: the files of deleted instances, until they are removed (an older
+   minipacs would take them for unindexed instances and index them again).
 """
 
 database_proxy: Any = pw.DatabaseProxy()
@@ -114,4 +116,14 @@ class Instance(BaseModel):
         indexes = ((("study", "sop_class_uid"), False),)
 
 
-MODELS: tuple[type[BaseModel], ...] = (SchemaVersion, Patient, Study, Series, Instance)
+class PendingRemoval(BaseModel):
+    """A deleted instance's file, recorded in the transaction that deleted its row and
+    removed once the file is gone (:mod:`storage.removal`)."""
+
+    file_key = pw.CharField(max_length=64, unique=True)
+    sop_instance_uid = pw.CharField(max_length=64)
+    queued_at = pw.DateTimeField()
+
+
+MODELS: tuple[type[BaseModel], ...] = (SchemaVersion, Patient, Study, Series, Instance,
+                                       PendingRemoval)

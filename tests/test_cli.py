@@ -21,8 +21,8 @@ from pydicom.uid import UID, generate_uid
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from scp import status
-from tests.conftest import Running, client_ae, find, free_port
-from tests.factory import make_ds
+from tests.conftest import Running, associate, client_ae, find, free_port
+from tests.factory import expected_counts, hierarchy, make_ds
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -250,3 +250,55 @@ def test_maintenance_refuses_a_data_folder_a_server_uses(tmp_path: Path) -> None
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_delete_beside_a_running_server(tmp_path: Path, server: Running) -> None:
+    """``minipacs delete`` in another process while the server runs: what it deletes is gone
+    from the server's C-FIND at once, with exact counts for the rest, and can be sent
+    again (issue 16, item 1)."""
+    datasets = hierarchy()
+    assoc = associate(server)
+    for ds in datasets:
+        assert assoc.send_c_store(ds).Status == status.SUCCESS
+    assoc.release()
+    study = datasets[0].StudyInstanceUID
+    ours = [ds for ds in datasets if ds.StudyInstanceUID == study]
+
+    def delete(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*minipacs_command(), "delete", *args, "--data-dir", str(server.data_dir)],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+
+    def studies() -> dict[str, int]:
+        matches, final = find(server, QueryRetrieveLevel="STUDY", StudyInstanceUID="",
+                              NumberOfStudyRelatedInstances="")
+        assert final == status.SUCCESS
+        return {str(m.StudyInstanceUID): int(m.NumberOfStudyRelatedInstances) for m in matches}
+
+    everything = {s: len(c.instances) for s, c in expected_counts(datasets).items()}
+    assert studies() == everything
+
+    dry = delete("--study", study, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"study {study} of 'PID1'" in dry.stdout and "whole study" in dry.stdout
+    assert f"would delete {len(ours)} instance(s) of 1 study(ies)" in dry.stdout
+    asked = delete("--study", study)  # no terminal to ask on, no --yes: nothing happens
+    assert asked.returncode == 1 and "pass --yes" in asked.stderr
+    assert studies() == everything
+
+    done = delete("--study", study, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (f"deleted {len(ours)} instance(s): 3 series, 1 study(ies), 0 patient(s) left"
+            f" nothing; {len(ours)} file(s) removed") in done.stdout
+    rest = {s: n for s, n in everything.items() if s != study}
+    assert studies() == rest
+
+    assoc = associate(server)  # sent again: stored anew
+    for ds in ours:
+        assert assoc.send_c_store(ds).Status == status.SUCCESS
+    assoc.release()
+    assert studies() == everything
+
+    assert delete("--study", "1.2.3.4", "--yes").returncode == 1
+    refused = delete()
+    assert refused.returncode == 2 and "needs --patient" in refused.stderr

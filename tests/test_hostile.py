@@ -451,7 +451,7 @@ class Snapshot:
 
 
 _KEY_PATH = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}$")
-_STORE_OWN = re.compile(r"^(tmp/[^/]+|\.[A-Za-z0-9_-]+)$")  # temporary files, a lock file
+_STORE_OWN = re.compile(r"^(tmp/[^/]+|\.[A-Za-z0-9_.-]+)$")  # temporary files, the lock files
 
 
 def instance_files(files: frozenset[str]) -> list[str]:

@@ -14,7 +14,7 @@ from tests.factory import make_ds
 
 
 def files_in(data_dir: Path) -> list[Path]:
-    return [p for p in (data_dir / "files").rglob("*") if p.is_file() and p.name != ".lock"]
+    return [p for p in (data_dir / "files").rglob("*") if p.is_file() and p.name not in (".lock", ".server.lock")]
 
 
 def test_associations_beyond_the_maximum_are_rejected_transient(

@@ -23,7 +23,8 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from scp import status
 from scp.config import load_config
-from scp.workers import SERVER_LOCK, _start, _stop
+from scp.workers import _start, _stop
+from storage import SERVER_LOCK
 from tests.conftest import client_ae, dcmtk_tool
 from tests.factory import make_ds, save, uid
 from tests.test_cli import free_port, minipacs_command, wait_until_echo

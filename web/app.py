@@ -13,14 +13,14 @@ from starlette.routing import BaseRoute, Mount
 
 from storage import Archive
 
-from . import errors, qido, stow, viewer, wado
+from . import delete, errors, qido, stow, viewer, wado
 from .auth import AccessMiddleware
 from .config import WebConfig
 
 
 def create_app(archive: Archive, config: WebConfig) -> Starlette:
     """The application serving ``archive`` as ``config`` says."""
-    dicomweb: list[BaseRoute] = [*qido.ROUTES, *wado.ROUTES, *stow.ROUTES]
+    dicomweb: list[BaseRoute] = [*qido.ROUTES, *wado.ROUTES, *stow.ROUTES, *delete.ROUTES]
     routes: list[BaseRoute] = [Mount(config.base_path, routes=dicomweb)]
     if config.viewer:
         routes += viewer.routes(config)
@@ -28,7 +28,7 @@ def create_app(archive: Archive, config: WebConfig) -> Starlette:
     if config.cors_origins:  # outermost: a refused request still says where it may come from
         middleware.insert(0, Middleware(
             CORSMiddleware, allow_origins=list(config.cors_origins),
-            allow_methods=["GET", "HEAD", "POST", "OPTIONS"], allow_headers=["*"],
+            allow_methods=["GET", "HEAD", "POST", "DELETE", "OPTIONS"], allow_headers=["*"],
             expose_headers=["Content-Location", "Warning"]))
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers=errors.handlers())

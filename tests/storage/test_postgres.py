@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
-from storage import Archive, ArchiveOptions, Model, StorageError, index, open_archive
-from storage.models import SCHEMA_VERSION
+from storage import Archive, ArchiveOptions, Model, Selection, StorageError, index, open_archive
+from storage.models import SCHEMA_VERSION, PendingRemoval
 from storage.query import page_select
 from tests.conftest import free_port
 from tests.factory import encode, expected_table, hierarchy, make_ds, study_counts
@@ -134,6 +134,22 @@ def test_counts_and_matching_on_postgresql(pg_archive: Archive) -> None:
     # LIKE's own wildcards are literal in DICOM (PS3.4 C.2.2.2.4): escaped in the SQL too
     assert studies(StudyDescription="Study%*") == set()
     assert _candidates(pg_archive, StudyDescription="Study%*") == 0
+
+
+def test_delete_on_postgresql(pg_archive: Archive) -> None:
+    """Issue 16, item 1: the rows, counters and files on PostgreSQL, with its table locks."""
+    datasets = hierarchy()
+    for ds in datasets:
+        pg_archive.store(encode(ds), "1.2.840.10008.1.2.1")
+    first = datasets[0].StudyInstanceUID
+    done = pg_archive.delete(Selection(patient_ids=("PID2",), study_uids=(first,)))
+    kept = [ds for ds in datasets if ds.PatientID != "PID2" and ds.StudyInstanceUID != first]
+    assert (done.instances, done.studies, done.patients, done.files_left) == (15, 2, 1, [])
+    assert {r.StudyInstanceUID: study_counts(r) for r in _query(pg_archive)} == \
+        expected_table(kept)
+    assert len(list(pg_archive.files.keys())) == len(kept)
+    assert PendingRemoval.select().count() == 0
+    assert pg_archive.verify().problems == []
 
 
 def test_names_in_every_group_on_postgresql(pg_archive: Archive) -> None:

@@ -1,0 +1,235 @@
+"""Deleting instances: the index rows first, in one transaction, then the files.
+
+A delete selects instances by PatientID, Study, Series or SOP Instance UID (any mix: the
+union), and then:
+
+1. in one write transaction, records each selected file in ``pending_removal``, deletes
+   the instance rows, and recounts what held them (:func:`storage.index.recompute_counters`,
+   which also removes the series, studies and patients left empty): once it commits, no
+   query and no retrieve sees the instances, and each can be stored again;
+2. removes the files, then their ``pending_removal`` rows.
+
+A crash between the two leaves files that ``pending_removal`` names: the next delete
+removes them first (:func:`finish`), and ``verify --repair`` does too, rather than take
+them for instances nobody indexed and index them again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import peewee as pw
+
+from . import index
+from .errors import StorageError
+from .files import FileStore
+from .models import Instance, Patient, PendingRemoval, Series, Study
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 500
+"""Rows per statement (SQLite allows 32,766 variables; PostgreSQL more)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to delete: every instance of these patients (by PatientID, any issuer), studies,
+    series and instances."""
+
+    patient_ids: tuple[str, ...] = ()
+    study_uids: tuple[str, ...] = ()
+    series_uids: tuple[str, ...] = ()
+    instance_uids: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.patient_ids or self.study_uids or self.series_uids
+                    or self.instance_uids)
+
+
+@dataclass(frozen=True)
+class StudyPart:
+    """A study with instances selected: what ``--dry-run`` lists."""
+
+    patient_id: str
+    patient_name: str
+    study_instance_uid: str
+    study_date: str
+    selected: int
+    held: int
+
+
+@dataclass
+class Deletion:
+    """What a delete did (or, dry, would do)."""
+
+    instances: int = 0
+    series: int = 0
+    studies: int = 0
+    patients: int = 0
+    studies_selected: list[StudyPart] = field(default_factory=list)
+    files_removed: int = 0
+    files_left: list[str] = field(default_factory=list)
+
+
+def plan(selection: Selection) -> Deletion:
+    """What :func:`delete` would delete, per study, without changing anything."""
+    deletion = Deletion()
+    per_study: dict[int, int] = {}
+    for _, _, study_id in _selected(selection):
+        per_study[study_id] = per_study.get(study_id, 0) + 1
+    deletion.instances = sum(per_study.values())
+    for start in range(0, len(per_study), _CHUNK):
+        ids = list(per_study)[start:start + _CHUNK]
+        rows: Any = (Study.select(Study.id, Study.study_instance_uid, Study.study_date,
+                             Study.num_instances, Patient.patient_id, Patient.patient_name)
+                .join(Patient).where(Study.id.in_(ids)).order_by(Study.id).dicts())
+        for row in rows:
+            deletion.studies_selected.append(StudyPart(
+                row["patient_id"], row["patient_name"], row["study_instance_uid"],
+                row["study_date"], per_study[row["id"]], row["num_instances"]))
+    return deletion
+
+
+def delete(selection: Selection, files: FileStore,
+           writing: Callable[[], AbstractContextManager[None]]) -> Deletion:
+    """Delete the selected instances (index first, in one ``writing()`` transaction, then
+    the files; see the module). A file that cannot be removed stays in
+    ``pending_removal`` and is listed in :attr:`Deletion.files_left`.
+
+    Raises
+    ------
+    StorageError
+        The index cannot be written: nothing was deleted.
+    """
+    if not selection:
+        raise StorageError("nothing selected: name a patient, study, series or instance")
+    finish(files, writing)  # what an earlier delete left
+    deletion = plan(selection)
+    try:
+        with writing():
+            database = Instance._meta.database
+            if not isinstance(database.obj, pw.SqliteDatabase):
+                # SQLite's BEGIN IMMEDIATE already keeps every other writer out until the
+                # commit; PostgreSQL is told to: a store committing into a study between
+                # this transaction's recount and its commit would leave a counter short
+                database.execute_sql('LOCK TABLE "patient", "study", "series", "instance"'
+                                     " IN SHARE ROW EXCLUSIVE MODE")
+            rows = list(_selected(selection))
+            keys = [(key, uid) for key, uid, _ in rows]
+            series_ids = _series_of([key for key, _ in keys])
+            study_ids = {study_id for _, _, study_id in rows}
+            patient_ids = _patients_of(study_ids)
+            now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+            for chunk in _chunks(keys):
+                PendingRemoval.insert_many(
+                    [(key, uid, now) for key, uid in chunk],
+                    fields=[PendingRemoval.file_key, PendingRemoval.sop_instance_uid,
+                            PendingRemoval.queued_at]).execute()
+                Instance.delete().where(Instance.file_key.in_([k for k, _ in chunk])).execute()
+            index.recompute_counters(study_ids)
+            deletion.instances = len(rows)
+            deletion.series = len(series_ids) - _existing(Series, series_ids)
+            deletion.studies = len(study_ids) - _existing(Study, study_ids)
+            deletion.patients = len(patient_ids) - _existing(Patient, patient_ids)
+    except pw.DatabaseError as exc:
+        raise StorageError(f"cannot write the index: {exc}; nothing was deleted") from exc
+    for key, uid in keys:
+        logger.info("deleted %s (file %s)", uid, key)
+    deletion.files_removed, deletion.files_left = _remove(files, [k for k, _ in keys], writing)
+    return deletion
+
+
+def finish(files: FileStore, writing: Callable[[], AbstractContextManager[None]]
+           ) -> tuple[int, list[str]]:
+    """Remove the files an earlier delete could not (a crash, an I/O error): how many were
+    removed, and the keys still left."""
+    keys = [row.file_key for row in PendingRemoval.select(PendingRemoval.file_key)]
+    return _remove(files, keys, writing) if keys else (0, [])
+
+
+def pending_keys() -> set[str]:
+    """The files of deleted instances not yet removed."""
+    return {row.file_key for row in PendingRemoval.select(PendingRemoval.file_key)}
+
+
+def forget(keys: list[str], writing: Callable[[], AbstractContextManager[None]]) -> None:
+    """Drop the ``pending_removal`` rows of files that are gone."""
+    with writing():
+        for chunk in _chunks(keys):
+            PendingRemoval.delete().where(PendingRemoval.file_key.in_(chunk)).execute()
+
+
+def _remove(files: FileStore, keys: list[str],
+            writing: Callable[[], AbstractContextManager[None]]) -> tuple[int, list[str]]:
+    removed: list[str] = []
+    left: list[str] = []
+    for key in keys:
+        try:
+            files.delete(key)  # a file already gone is not an error
+        except (OSError, StorageError) as exc:
+            logger.error("cannot remove the file %s of a deleted instance: %s; "
+                         "verify --repair or the next delete retries", key, exc)
+            left.append(key)
+            continue
+        removed.append(key)
+    try:
+        forget(removed, writing)
+    except pw.DatabaseError as exc:  # the files are gone; the rows name nothing now
+        logger.warning("cannot drop %d pending_removal rows: %s", len(removed), exc)
+    return len(removed), left
+
+
+def _selected(selection: Selection) -> Iterator[tuple[str, str, int]]:
+    """``(file_key, SOP Instance UID, study id)`` of every selected instance."""
+    conditions: list[Any] = []
+    if selection.instance_uids:
+        conditions.append(Instance.sop_instance_uid.in_(list(selection.instance_uids)))
+    if selection.series_uids:
+        conditions.append(Instance.series.in_(
+            Series.select(Series.id).where(Series.series_instance_uid.in_(
+                list(selection.series_uids)))))
+    if selection.study_uids:
+        conditions.append(Instance.study.in_(
+            Study.select(Study.id).where(Study.study_instance_uid.in_(
+                list(selection.study_uids)))))
+    if selection.patient_ids:
+        conditions.append(Instance.study.in_(
+            Study.select(Study.id).join(Patient).where(Patient.patient_id.in_(
+                list(selection.patient_ids)))))
+    where = conditions[0]
+    for condition in conditions[1:]:
+        where = where | condition
+    query: Any = (Instance.select(Instance.file_key, Instance.sop_instance_uid, Instance.study)
+                  .where(where).order_by(Instance.id).tuples())
+    yield from query
+
+
+def _series_of(keys: list[str]) -> set[int]:
+    found: set[int] = set()
+    for chunk in _chunks(keys):
+        rows: Any = Instance.select(Instance.series).where(Instance.file_key.in_(chunk))
+        found |= {row[0] for row in rows.tuples()}
+    return found
+
+
+def _patients_of(study_ids: set[int]) -> set[int]:
+    found: set[int] = set()
+    for chunk in _chunks(list(study_ids)):
+        rows: Any = Study.select(Study.patient).where(Study.id.in_(chunk))
+        found |= {row[0] for row in rows.tuples()}
+    return found
+
+
+def _existing(model: Any, ids: set[int]) -> int:
+    return sum(model.select().where(model.id.in_(chunk)).count()
+               for chunk in _chunks(list(ids)))
+
+
+def _chunks(items: list[Any]) -> Iterator[list[Any]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start:start + _CHUNK]
