@@ -1,5 +1,5 @@
-"""The command line: ``minipacs serve | verify | reindex | import | delete | hash-password |
-new-token``, ``minipacs --version``.
+"""The command line: ``minipacs serve | verify | reindex | import | delete | send |
+hash-password | new-token``, ``minipacs --version``.
 The only place that exits, and the only one that configures logging (with
 :func:`scp.logs.setup_logging`, which worker processes call too)."""
 
@@ -27,6 +27,7 @@ from web.auth import ACCOUNT_RIGHTS, hash_password, hash_token, name_problem, ne
 from . import engine
 from .config import Config, ConfigError, load_config
 from .logs import setup_logging
+from .retrieve import MoveDestination, run_send
 from .server import ListenError, Server
 from .workers import serve_workers
 
@@ -76,14 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     importer.add_argument("folder", type=Path)
     deleter = commands.add_parser(
         "delete", help="delete patients, studies, series or instances (the server may run)")
-    for flag, what in (("--patient", "every study of this PatientID (any issuer)"),
-                       ("--study", "this StudyInstanceUID"), ("--series", "this SeriesInstanceUID"),
-                       ("--instance", "this SOPInstanceUID")):
-        deleter.add_argument(flag, action="append", default=[], metavar="ID",
-                             help=f"{what}; repeatable")
+    _selectors(deleter)
     deleter.add_argument("--dry-run", action="store_true", help="list what would go; change"
                          " nothing")
     deleter.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    sender = commands.add_parser(
+        "send", help="send patients, studies, series or instances to a peer by C-STORE")
+    sender.add_argument("peer", help="the AE title of a peer with a host, from peers")
+    _selectors(sender)
+    sender.add_argument("--dry-run", action="store_true", help="say what would be sent")
     commands.add_parser(
         "hash-password", help="print the hash of a password for web.users (asked for at a"
         " prompt, or read from standard input's first line when that is not a terminal)")
@@ -91,11 +93,31 @@ def _parser() -> argparse.ArgumentParser:
         "new-token", help="print a new bearer token and its web.tokens entry")
     token.add_argument("name", help="whom the token is for (logged when it is refused)")
     token.add_argument("rights", choices=ACCOUNT_RIGHTS)
-    for sub in (verify, commands.choices["reindex"], importer, deleter):
+    for sub in (verify, commands.choices["reindex"], importer, deleter, sender):
         sub.add_argument("--config", type=Path, help=f"configuration file (default: ./"
                          f"{DEFAULT_CONFIG} if present, else built-ins)")
         sub.add_argument("--data-dir", help="override storage.data_dir")
     return parser
+
+
+def _selectors(parser: argparse.ArgumentParser) -> None:
+    """The options that select instances (``delete``, ``send``)."""
+    for flag, what in (("--patient", "every study of this PatientID (any issuer)"),
+                       ("--study", "this StudyInstanceUID"), ("--series", "this SeriesInstanceUID"),
+                       ("--instance", "this SOPInstanceUID")):
+        parser.add_argument(flag, action="append", default=[], metavar="ID",
+                            help=f"{what}; repeatable")
+
+
+def _selection(args: argparse.Namespace) -> Selection | None:
+    """What the selector options name; ``None`` (and a message) when there is none."""
+    selection = Selection(tuple(args.patient), tuple(args.study), tuple(args.series),
+                          tuple(args.instance))
+    if not selection:
+        print(f"minipacs: {args.command} needs --patient, --study, --series or --instance",
+              file=sys.stderr)
+        return None
+    return selection
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -245,11 +267,8 @@ def delete(config: Config, args: argparse.Namespace) -> int:
     """``minipacs delete``: list what the selection holds, ask (unless ``--yes``), delete.
     0 when something was deleted (or, dry, would be), 1 when nothing matched or a file
     is left, 2 for a refused request."""
-    selection = Selection(tuple(args.patient), tuple(args.study), tuple(args.series),
-                          tuple(args.instance))
-    if not selection:
-        print("minipacs: delete needs --patient, --study, --series or --instance",
-              file=sys.stderr)
+    selection = _selection(args)
+    if selection is None:
         return 2
     # beside a running server: the store shared (delete writes no file), no sweep
     archive = open_archive(dataclasses.replace(config.archive_options(), shared=True))
@@ -280,6 +299,44 @@ def delete(config: Config, args: argparse.Namespace) -> int:
     for key in done.files_left:
         print(f"file {key} could not be removed: verify --repair or the next delete retries")
     return 1 if done.files_left else 0
+
+
+def send(config: Config, args: argparse.Namespace) -> int:
+    """``minipacs send PEER``: the selected instances to a peer, as a C-MOVE sends them, with
+    a progress bar and a summary. 0 when every one was sent, 1 when any failed or nothing
+    selected is stored, 2 for a refused request."""
+    selection = _selection(args)
+    if selection is None:
+        return 2
+    peer = config.destination(args.peer)
+    if peer is None:
+        print(f"minipacs: {args.peer!r} is not in peers, or has no host", file=sys.stderr)
+        return 2
+    where = f"{peer.ae_title} at {peer.host}:{peer.port}"
+    archive = open_archive(dataclasses.replace(config.archive_options(), shared=True))
+    try:
+        items = archive.selected(selection)
+        if not items:
+            print("nothing selected is stored")
+            return 1
+        if args.dry_run:
+            print(f"would send {len(items)} instance(s) to {where}")
+            return 0
+        bar = _ProgressBar("send")
+        try:
+            final = run_send(archive, items, MoveDestination(
+                peer, config.ae.title, config.ae.max_pdu_size, config.ae.acse_timeout,
+                config.ae.dimse_timeout), bar)
+        finally:
+            bar.close()
+    finally:
+        archive.close()
+    print(f"sent {final.completed} of {len(items)} instance(s) to {where}: {final.warning}"
+          f" with a warning, {final.failed} failed"
+          + (f" ({final.comment})" if final.comment else ""))
+    for uid in final.failed_uids:
+        print(f"not sent: {uid}")
+    return 1 if final.failed else 0
 
 
 def _confirmed(question: str) -> bool:
@@ -341,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             return import_folder(config, args.folder)
         if args.command == "delete":
             return delete(config, args)
+        if args.command == "send":
+            return send(config, args)
         return serve(config)
     except StorageError as exc:
         logging.getLogger("minipacs").error("%s", exc)

@@ -381,6 +381,33 @@ class MoveDestination:
                          comment=status.trim_comment(reason))
 
 
+def run_send(archive: Archive, items: list[StoredInstance], destination: MoveDestination,
+             progress: Callable[[int, int], None] | None = None) -> Final:
+    """``minipacs send``: the C-STORE sub-operations of a C-MOVE with no requestor, to
+    ``destination`` (stored files as stored when it accepts their syntax, as for C-MOVE);
+    ``progress(done, total)`` as they go. The outcome's counts, as a C-MOVE's final
+    response would give them."""
+    if not items:
+        return Final(status.SUCCESS)
+    opened = destination.open(items)
+    if isinstance(opened, Final):
+        return opened
+    total = len(items)
+
+    def pending(counts: Final) -> None:
+        if progress is not None:
+            progress(total - (counts.remaining or 0), total)
+
+    try:
+        final = Retrieval("send", archive, items, opened.link, opened.accepted, 0,
+                          pending=pending).run()
+    finally:
+        opened.release()
+    if progress is not None:
+        progress(total, total)
+    return final
+
+
 class Requestor:
     """The association a C-GET or C-MOVE came on, as its retrieve sees it: where Pending
     responses go, whether a C-CANCEL came (PS3.4 C.4.2.3.1, C.4.3.3.1), whether the

@@ -42,7 +42,8 @@ from .instances import (
 from .keys import Level, Model
 from .parsing import Spooled, read_identifier
 from .query import Query, Search, SearchAnswer, response_charset_problem
-from .removal import Deletion, Selection, StudyPart
+from .removal import Deletion, StudyPart
+from .selection import Selection
 from .values import is_uid
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -62,6 +62,8 @@ from .parsing import (
     read_identifier,
     split_part10,
 )
+from .selection import Selection
+from .selection import instances as selected_instances
 from .values import strip
 
 logger = logging.getLogger(__name__)
@@ -812,11 +814,19 @@ class Archive:
         except pw.DatabaseError as exc:
             raise StorageFull(f"cannot write to the index: {exc}") from exc
 
-    def plan_delete(self, selection: removal.Selection) -> removal.Deletion:
+    def selected(self, selection: Selection) -> list[StoredInstance]:
+        """The instances ``selection`` names, as a retrieve sends them (``minipacs send``):
+        index rows only, in the order they were stored."""
+        try:
+            return selected_instances(selection)
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not be read: {exc}") from exc
+
+    def plan_delete(self, selection: Selection) -> removal.Deletion:
         """What :meth:`delete` would delete, per study; nothing changes."""
         return removal.plan(selection)
 
-    def delete(self, selection: removal.Selection) -> removal.Deletion:
+    def delete(self, selection: Selection) -> removal.Deletion:
         """Delete the selected instances: their index rows and the counters in one
         transaction, then their files (:mod:`storage.removal`).
 

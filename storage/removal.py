@@ -1,7 +1,7 @@
 """Deleting instances: the index rows first, in one transaction, then the files.
 
 A delete selects instances by PatientID, Study, Series or SOP Instance UID (any mix: the
-union), and then:
+union; :mod:`storage.selection`), and then:
 
 1. in one write transaction, records each selected file in ``pending_removal``, deletes
    the instance rows, and recounts what held them (:func:`storage.index.recompute_counters`,
@@ -29,26 +29,13 @@ from . import index
 from .errors import StorageError
 from .files import FileStore
 from .models import Instance, Patient, PendingRemoval, Series, Study
+from .selection import Selection
+from .selection import rows as selected_rows
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 500
 """Rows per statement (SQLite allows 32,766 variables; PostgreSQL more)."""
-
-
-@dataclass(frozen=True)
-class Selection:
-    """What to delete: every instance of these patients (by PatientID, any issuer), studies,
-    series and instances."""
-
-    patient_ids: tuple[str, ...] = ()
-    study_uids: tuple[str, ...] = ()
-    series_uids: tuple[str, ...] = ()
-    instance_uids: tuple[str, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.patient_ids or self.study_uids or self.series_uids
-                    or self.instance_uids)
 
 
 @dataclass(frozen=True)
@@ -80,7 +67,7 @@ def plan(selection: Selection) -> Deletion:
     """What :func:`delete` would delete, per study, without changing anything."""
     deletion = Deletion()
     per_study: dict[int, int] = {}
-    for _, _, study_id in _selected(selection):
+    for _, _, study_id in selected_rows(selection):
         per_study[study_id] = per_study.get(study_id, 0) + 1
     deletion.instances = sum(per_study.values())
     for start in range(0, len(per_study), _CHUNK):
@@ -119,7 +106,7 @@ def delete(selection: Selection, files: FileStore,
                 # this transaction's recount and its commit would leave a counter short
                 database.execute_sql('LOCK TABLE "patient", "study", "series", "instance"'
                                      " IN SHARE ROW EXCLUSIVE MODE")
-            rows = list(_selected(selection))
+            rows = list(selected_rows(selection))
             keys = [(key, uid) for key, uid, _ in rows]
             series_ids = _series_of([key for key, _ in keys])
             study_ids = {study_id for _, _, study_id in rows}
@@ -182,31 +169,6 @@ def _remove(files: FileStore, keys: list[str],
     except pw.DatabaseError as exc:  # the files are gone; the rows name nothing now
         logger.warning("cannot drop %d pending_removal rows: %s", len(removed), exc)
     return len(removed), left
-
-
-def _selected(selection: Selection) -> Iterator[tuple[str, str, int]]:
-    """``(file_key, SOP Instance UID, study id)`` of every selected instance."""
-    conditions: list[Any] = []
-    if selection.instance_uids:
-        conditions.append(Instance.sop_instance_uid.in_(list(selection.instance_uids)))
-    if selection.series_uids:
-        conditions.append(Instance.series.in_(
-            Series.select(Series.id).where(Series.series_instance_uid.in_(
-                list(selection.series_uids)))))
-    if selection.study_uids:
-        conditions.append(Instance.study.in_(
-            Study.select(Study.id).where(Study.study_instance_uid.in_(
-                list(selection.study_uids)))))
-    if selection.patient_ids:
-        conditions.append(Instance.study.in_(
-            Study.select(Study.id).join(Patient).where(Patient.patient_id.in_(
-                list(selection.patient_ids)))))
-    where = conditions[0]
-    for condition in conditions[1:]:
-        where = where | condition
-    query: Any = (Instance.select(Instance.file_key, Instance.sop_instance_uid, Instance.study)
-                  .where(where).order_by(Instance.id).tuples())
-    yield from query
 
 
 def _series_of(keys: list[str]) -> set[int]:

@@ -41,6 +41,7 @@ from scp import status
 from tests.conftest import (
     Running,
     dcmtk_tool,
+    free_port,
     hold_second_read_until_cancelled,
     reserved_port,
 )
@@ -53,6 +54,7 @@ from tests.factory import (
     make_ds,
     retrieve_levels,
 )
+from tests.test_cli import minipacs_command
 
 PATIENT_ROOT = PatientRootQueryRetrieveInformationModelMove
 STUDY_ROOT = StudyRootQueryRetrieveInformationModelMove
@@ -99,8 +101,10 @@ def start_peer() -> Iterator[Callable[..., Peer]]:
             syntax = str(event.context.transfer_syntax)
             req = event.request
             peer.requests.append(str(req.AffectedSOPInstanceUID))
-            peer.originators.append((str(req.MoveOriginatorApplicationEntityTitle).strip(),
-                                     int(req.MoveOriginatorMessageID)))
+            if req.MoveOriginatorMessageID is not None:  # none from minipacs send
+                peer.originators.append((
+                    str(req.MoveOriginatorApplicationEntityTitle).strip(),
+                    int(req.MoveOriginatorMessageID)))
             if peer.abort_after and len(peer.received) + 1 >= peer.abort_after:
                 event.assoc.abort()
                 return 0x0000
@@ -809,3 +813,47 @@ def test_a_server_that_stops_does_not_wait_for_a_move_to_end(
         slow.hold.set()
         moving.join(30)
     assert len(slow.received) <= 1
+
+
+def test_minipacs_send_a_study_and_a_series_to_a_peer_as_stored(
+        stored_and_peer: Any, tmp_path: Path) -> None:
+    """``minipacs send PEER`` (issue 16, item 2), in another process while the server runs:
+    the selected instances reach the peer byte for byte in their stored syntax."""
+    running, peer, datasets = stored_and_peer
+    config = tmp_path / "send.yaml"
+    config.write_text(f"peers:\n  - ae_title: {peer.ae_title}\n    host: 127.0.0.1\n"
+                      f"    port: {peer.port}\n  - ae_title: NOWHERE\n    host: 127.0.0.1\n"
+                      f"    port: {free_port()}\n")
+
+    def send(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*minipacs_command(), "send", *args, "--config", str(config), "--data-dir",
+             str(running.data_dir)], capture_output=True, text=True, timeout=120,
+            cwd=tmp_path)
+
+    study = datasets[0].StudyInstanceUID
+    other_series = next(ds.SeriesInstanceUID for ds in datasets if ds.PatientID == "PID2")
+    wanted = [ds for ds in datasets
+              if ds.StudyInstanceUID == study or ds.SeriesInstanceUID == other_series]
+    where = f"{peer.ae_title} at 127.0.0.1:{peer.port}"
+
+    dry = send(peer.ae_title, "--study", study, "--series", other_series, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"would send {len(wanted)} instance(s) to {where}" in dry.stdout
+    assert peer.received == []
+
+    done = send(peer.ae_title, "--study", study, "--series", other_series)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (f"sent {len(wanted)} of {len(wanted)} instance(s) to {where}: 0 with a warning,"
+            " 0 failed") in done.stdout
+    assert sorted(peer.received) == sorted((encode(ds), ExplicitVRLittleEndian)
+                                           for ds in wanted)
+    assert peer.originators == []  # PS3.7 9.3.1.1: a Move Originator only for a C-MOVE's
+
+    nowhere = send("NOWHERE", "--study", study)  # nobody listens there
+    assert nowhere.returncode == 1
+    assert "sent 0 of 6 instance(s) to NOWHERE" in nowhere.stdout and "6 failed" in nowhere.stdout
+    unknown = send("STRANGER", "--study", study)
+    assert unknown.returncode == 2 and "'STRANGER' is not in peers" in unknown.stderr
+    assert send(peer.ae_title, "--study", "1.2.3.4").returncode == 1
+    assert send(peer.ae_title).returncode == 2
