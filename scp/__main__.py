@@ -290,9 +290,12 @@ def delete(config: Config, args: argparse.Namespace) -> int:
         if not args.yes and not _confirmed(f"delete {plan.instances} instance(s)?"):
             print("nothing deleted")
             return 1
-        done = archive.delete(selection)
+        done = archive.delete(selection, only=plan.file_keys)  # nothing stored since
     finally:
         archive.close()
+    if done.instances != plan.instances:
+        print(f"{plan.instances - done.instances} of the instances listed were replaced or"
+              " deleted meanwhile: left as they are")
     print(f"deleted {done.instances} instance(s): {done.series} series, {done.studies} "
           f"study(ies), {done.patients} patient(s) left nothing; {done.files_removed} "
           f"file(s) removed")

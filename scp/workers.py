@@ -66,7 +66,8 @@ def serve_workers(
     ``beside`` gives a context that runs in this process for as long as the workers do,
     entered once they listen (the web listener); an :class:`OSError` or
     :class:`~storage.StorageError` from it stops them (exit code 1)."""
-    open_archive(config.archive_options()).close()  # schema, sweep; raises when in use
+    # schema, sweep (unless a delete runs); raises when another server has the store
+    open_archive(dataclasses.replace(config.archive_options(), serving=True)).close()
     lock = _server_lock(config)
     listeners: dict[int, socket.socket] = {}
     workers: list[Any] = []

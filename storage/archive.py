@@ -826,16 +826,19 @@ class Archive:
         """What :meth:`delete` would delete, per study; nothing changes."""
         return removal.plan(selection)
 
-    def delete(self, selection: Selection) -> removal.Deletion:
+    def delete(self, selection: Selection, only: Collection[str] | None = None
+               ) -> removal.Deletion:
         """Delete the selected instances: their index rows and the counters in one
-        transaction, then their files (:mod:`storage.removal`).
+        transaction, then their files (:mod:`storage.removal`); with ``only``, none but
+        those whose file is one of these (the ``file_keys`` of :meth:`plan_delete` that
+        someone confirmed).
 
         Raises
         ------
         StorageError
             Nothing selected, or the index cannot be written (nothing was deleted).
         """
-        return removal.delete(selection, self.files, self.writing)
+        return removal.delete(selection, self.files, self.writing, only)
 
     def verify(
         self, repair: bool = False, progress: maintenance.Progress | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import threading
@@ -30,6 +31,7 @@ from typing import BinaryIO, Protocol
 
 from .errors import StorageError, StorageFull, StoreInUse
 
+logger = logging.getLogger(__name__)
 _KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 FSYNC_THREADS = 8
 """Threads that fsync the files of one group commit together (:meth:`FilesystemStore.publish`)."""
@@ -129,28 +131,43 @@ class FilesystemStore:
         self._pool: ThreadPoolExecutor | None = None  # fsyncs of a batch (_fsync_files)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._lock()
+            alone = self._lock()
             (self.root / TEMP_DIR).mkdir(exist_ok=True)
             # what a crash left half-written is no one's file: no index row points to it
-            for leftover in [] if shared else (self.root / TEMP_DIR).glob("*.part"):
+            for leftover in (self.root / TEMP_DIR).glob("*.part") if alone else []:
                 leftover.unlink()
+            if alone and serving and self._lock_fd is not None:  # swept: now shared
+                fcntl.flock(self._lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
             self.close()
             raise StorageError(f"cannot use {self.root} as the file store: {exc}") from exc
 
-    def _lock(self) -> None:
+    def _lock(self) -> bool:
         """Take the store for this process alone, or with the other workers of one server
         when shared (``flock`` on ``<root>/.lock``, released by :meth:`close` or when the
         process dies, even by SIGKILL).
 
         ``verify``, ``reindex`` and ``import`` each assume that no one else writes:
         ``verify`` would take a file being written for a stray, or remove another process's
-        temporary file. A server (``serving``) and ``delete`` take it shared.
+        temporary file. A server (``serving``) and ``delete`` take it shared. A server
+        takes it alone first when it can, to sweep temporary files, then shares it; when a
+        ``delete`` (or a worker of a server killed a moment ago) holds it, it starts
+        without sweeping.
+
+        Returns whether the store is this process's alone (temporary files may be swept).
         """
         if self.serving:
             self._server_fd = server_lock(self.root)
         fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            if self.serving:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self._lock_fd = fd
+                    return True
+                except BlockingIOError:
+                    logger.info("%s is shared with a delete or a stopping server: temporary"
+                                " files are not swept this time", self.root)
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared or self.serving else fcntl.LOCK_EX)
                         | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -161,6 +178,7 @@ class FilesystemStore:
                 " reindex or import): stop it first"
             ) from None
         self._lock_fd = fd
+        return not (self.shared or self.serving)
 
     def close(self) -> None:
         """Give the store back (idempotent)."""

@@ -208,16 +208,25 @@ def close() -> None:
         db.close()
 
 
+WRITE_LOCK_KEY = 0x6D696E69
+"""PostgreSQL's transaction-level advisory lock every index write takes first ("mini")."""
+
+
 @contextlib.contextmanager
 def write_transaction() -> Iterator[Any]:
-    """A write transaction that takes the write lock at once on SQLite; yields peewee's
-    transaction (``.rollback()`` undoes what was done in it)."""
+    """A write transaction that keeps every other writer out until it ends, in this process
+    and in others (a server and ``minipacs delete``): SQLite's ``BEGIN IMMEDIATE``, or on
+    PostgreSQL an advisory lock taken as its first statement (a delete's recount and a
+    store into the same study would otherwise interleave, and table locks taken in
+    different orders deadlock). Yields peewee's transaction (``.rollback()`` undoes what
+    was done in it)."""
     database = db.obj
     if isinstance(database, pw.SqliteDatabase):
         with database.atomic("IMMEDIATE") as txn:
             yield txn
     else:
         with database.atomic() as txn:
+            database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
             yield txn
 
 

@@ -334,11 +334,14 @@ def reindex(archive: MaintainedArchive, progress: Progress | None = None) -> Imp
     The files the index named are indexed first, so that what was acknowledged last stays
     current; then the others, newest first. A file of an instance already indexed from
     another file is left alone (counted as a duplicate; ``verify --repair`` removes it once
-    the indexed file is known to be intact). Nothing is deleted.
+    the indexed file is known to be intact). Nothing is deleted, and the files of deleted
+    instances not yet removed (``pending_removal``) are not indexed again: ``verify
+    --repair`` or the next ``delete`` removes them.
     """
     keys = set(archive.files.keys())
     current = {r.file_key for r in Instance.select(Instance.file_key)} & keys
-    others = sorted(keys - current, key=lambda k: -_modified(archive, k))
+    deleted = removal.pending_keys()
+    others = sorted(keys - current - deleted, key=lambda k: -_modified(archive, k))
     with archive.writing():
         for model in (Instance, Series, Study, Patient):
             model.delete().execute()

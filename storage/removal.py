@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,15 +61,21 @@ class Deletion:
     studies_selected: list[StudyPart] = field(default_factory=list)
     files_removed: int = 0
     files_left: list[str] = field(default_factory=list)
+    file_keys: frozenset[str] = frozenset()
+    """The files of the instances listed (:func:`plan`): what a confirmed delete may
+    remove (``only``), nothing stored since."""
 
 
 def plan(selection: Selection) -> Deletion:
     """What :func:`delete` would delete, per study, without changing anything."""
     deletion = Deletion()
     per_study: dict[int, int] = {}
-    for _, _, study_id in selected_rows(selection):
+    keys: set[str] = set()
+    for key, _, study_id in selected_rows(selection):
         per_study[study_id] = per_study.get(study_id, 0) + 1
+        keys.add(key)
     deletion.instances = sum(per_study.values())
+    deletion.file_keys = frozenset(keys)
     for start in range(0, len(per_study), _CHUNK):
         ids = list(per_study)[start:start + _CHUNK]
         rows: Any = (Study.select(Study.id, Study.study_instance_uid, Study.study_date,
@@ -83,10 +89,13 @@ def plan(selection: Selection) -> Deletion:
 
 
 def delete(selection: Selection, files: FileStore,
-           writing: Callable[[], AbstractContextManager[None]]) -> Deletion:
+           writing: Callable[[], AbstractContextManager[None]],
+           only: Collection[str] | None = None) -> Deletion:
     """Delete the selected instances (index first, in one ``writing()`` transaction, then
     the files; see the module). A file that cannot be removed stays in
-    ``pending_removal`` and is listed in :attr:`Deletion.files_left`.
+    ``pending_removal`` and is listed in :attr:`Deletion.files_left`. ``only``: delete
+    no instance but those whose file is one of these (the :attr:`Deletion.file_keys` of
+    the plan someone confirmed: what was stored or replaced since stays).
 
     Raises
     ------
@@ -98,15 +107,11 @@ def delete(selection: Selection, files: FileStore,
     finish(files, writing)  # what an earlier delete left
     deletion = plan(selection)
     try:
+        # every other writer waits (storage.index.write_transaction): a store committing
+        # into a study between this recount and its commit would leave a counter short
         with writing():
-            database = Instance._meta.database
-            if not isinstance(database.obj, pw.SqliteDatabase):
-                # SQLite's BEGIN IMMEDIATE already keeps every other writer out until the
-                # commit; PostgreSQL is told to: a store committing into a study between
-                # this transaction's recount and its commit would leave a counter short
-                database.execute_sql('LOCK TABLE "patient", "study", "series", "instance"'
-                                     " IN SHARE ROW EXCLUSIVE MODE")
-            rows = list(selected_rows(selection))
+            rows = [row for row in selected_rows(selection)
+                    if only is None or row[0] in only]
             keys = [(key, uid) for key, uid, _ in rows]
             series_ids = _series_of([key for key, _ in keys])
             study_ids = {study_id for _, _, study_id in rows}
@@ -134,14 +139,22 @@ def delete(selection: Selection, files: FileStore,
 def finish(files: FileStore, writing: Callable[[], AbstractContextManager[None]]
            ) -> tuple[int, list[str]]:
     """Remove the files an earlier delete could not (a crash, an I/O error): how many were
-    removed, and the keys still left."""
-    keys = [row.file_key for row in PendingRemoval.select(PendingRemoval.file_key)]
+    removed, and the keys still left. A file an instance row names again (``reindex``
+    indexed it meanwhile) is that instance's now: only its pending row goes."""
+    live = [row.file_key for row in PendingRemoval.select(PendingRemoval.file_key).where(
+        PendingRemoval.file_key.in_(Instance.select(Instance.file_key)))]
+    if live:
+        logger.warning("%d file(s) of deleted instances are indexed again (reindex?): kept",
+                       len(live))
+        forget(live, writing)
+    keys = list(pending_keys())
     return _remove(files, keys, writing) if keys else (0, [])
 
 
 def pending_keys() -> set[str]:
-    """The files of deleted instances not yet removed."""
-    return {row.file_key for row in PendingRemoval.select(PendingRemoval.file_key)}
+    """The files of deleted instances not yet removed that no instance row names."""
+    return {row.file_key for row in PendingRemoval.select(PendingRemoval.file_key).where(
+        PendingRemoval.file_key.not_in(Instance.select(Instance.file_key)))}
 
 
 def forget(keys: list[str], writing: Callable[[], AbstractContextManager[None]]) -> None:

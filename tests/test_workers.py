@@ -247,3 +247,47 @@ def test_a_worker_that_dies_stops_the_server(tmp_path: Path) -> None:
     # nothing listens on the port any more
     assoc = client_ae(storage=False).associate("127.0.0.1", running.port, ae_title="CLITEST")
     assert not assoc.is_established
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_server_starts_beside_a_delete_that_verify_waits_for(tmp_path: Path,
+                                                               workers: int) -> None:
+    """``minipacs delete`` holds the store's lock shared, as a server does: a server of one
+    or more processes starts beside it (without sweeping temporary files, which it would
+    only do alone), and ``verify`` is still kept out (review of 8c7ce42: the supervisor
+    wanted the lock alone to sweep)."""
+    data = tmp_path / "data"
+    (data / "files" / "tmp").mkdir(parents=True)
+    leftover = data / "files" / "tmp" / "0123456789abcdef0123456789abcdef.part"
+    leftover.write_bytes(b"a crash left this")
+    fd = os.open(data / "files" / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # as a delete waiting at its prompt holds it
+    try:
+        port = free_port()
+        proc = subprocess.Popen(
+            [*minipacs_command(), "serve", "--http-port", "0", "--config",
+             str(_config(tmp_path, workers=workers)), "--port", str(port), "--data-dir",
+             str(data)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=tmp_path, start_new_session=True)
+        try:
+            wait_until_echo(port, proc)
+            assert leftover.exists()  # not alone: not swept
+            verify = subprocess.run([*minipacs_command(), "verify", "--data-dir", str(data)],
+                                    capture_output=True, text=True, timeout=60, cwd=tmp_path)
+            assert verify.returncode == 1
+            assert "in use by another minipacs process" in verify.stderr
+        finally:
+            log = _end(proc)
+        assert "temporary files are not swept this time" in log
+    finally:
+        os.close(fd)
+    alone = subprocess.Popen(  # alone again: the next start sweeps
+        [*minipacs_command(), "serve", "--http-port", "0", "--config",
+         str(_config(tmp_path, workers=workers)), "--port", str(port := free_port()),
+         "--data-dir", str(data)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, cwd=tmp_path, start_new_session=True)
+    try:
+        wait_until_echo(port, alone)
+        assert not leftover.exists()
+    finally:
+        _end(alone)

@@ -51,7 +51,7 @@ def delete(request: Request) -> Response:
             raise WebError(NOT_FOUND, f"no such {what}" + ("" if what == "study" else
                                                             " in that " + ("series" if sop
                                                                            else "study")))
-        done = archive.delete(selection)
+        done = archive.delete(selection, only=plan.file_keys)  # what was checked, no more
     finally:
         archive.release()
     account = request.scope.get("minipacs.user") or "anonymous"

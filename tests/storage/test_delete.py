@@ -4,6 +4,7 @@ then the files; what a failure between the two leaves is removed by the next del
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import peewee as pw
@@ -13,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from storage import Archive, Model, Selection, StorageError, WriteResult, removal
 from storage.models import Instance, Patient, PendingRemoval
-from tests.factory import encode, expected_table, hierarchy, study_counts
+from tests.factory import encode, expected_table, hierarchy, make_ds, study_counts
 
 
 @pytest.fixture
@@ -201,3 +202,59 @@ def test_an_index_that_cannot_be_written_deletes_nothing(
         archive.delete(Selection(study_uids=(datasets[0].StudyInstanceUID,)))
     assert (answers(archive), files(archive)) == before
     assert PendingRemoval.select().count() == 0
+
+
+def test_reindex_leaves_a_deleted_instances_file_out_and_live_files_stay(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of 8c7ce42: a file a delete could not remove was indexed again by reindex,
+    and the next delete then removed the file under that live row."""
+    datasets = stored(archive)
+    real_delete = archive.files.delete
+    monkeypatch.setattr(archive.files, "delete", lambda key: (_ for _ in ()).throw(
+        OSError(5, "Input/output error")))
+    left = archive.delete(Selection(patient_ids=("PID3",))).files_left
+    assert len(left) == 2
+    monkeypatch.setattr(archive.files, "delete", real_delete)
+
+    archive.reindex()
+    kept = [ds for ds in datasets if ds.PatientID != "PID3"]
+    assert "PID3" not in patients(archive)
+    assert answers(archive) == expected_table(kept)
+
+    archive.delete(Selection(patient_ids=("PID4",)))  # removes PID3's files, nothing live
+    kept = [ds for ds in kept if ds.PatientID != "PID4"]
+    assert files(archive).isdisjoint(left)
+    assert len(files(archive)) == len(kept)
+    assert archive.verify().problems == []
+
+
+def test_a_pending_file_that_a_row_names_again_is_kept(archive: Archive) -> None:
+    """A file of a deleted instance indexed again (a reindex of an index without the
+    pending rows' protection, an import) belongs to that instance: never removed."""
+    datasets = stored(archive)
+    live = Instance.get(Instance.sop_instance_uid == datasets[0].SOPInstanceUID).file_key
+    with archive.writing():
+        PendingRemoval.create(file_key=live, sop_instance_uid=datasets[0].SOPInstanceUID,
+                              queued_at=datetime.datetime(2026, 1, 1))
+    assert archive.verify().problems == []  # not reported as a deleted instance's file
+    archive.delete(Selection(patient_ids=("PID4",)))
+    assert live in files(archive)
+    assert PendingRemoval.select().count() == 0
+    assert archive.verify().problems == []
+
+
+def test_only_what_was_listed_is_deleted(archive: Archive) -> None:
+    """A delete confirmed from a listing removes what was listed, not an instance stored
+    into the selection since (review of 8c7ce42)."""
+    datasets = stored(archive)
+    listed = archive.plan_delete(Selection(patient_ids=("PID2",)))
+    late = make_ds(PatientID="PID2", PatientName="Smith^Anna", StudyDate="20250101")
+    archive.store(encode(late), ExplicitVRLittleEndian)
+
+    done = archive.delete(Selection(patient_ids=("PID2",)), only=listed.file_keys)
+
+    assert done.instances == listed.instances == 9
+    assert answers(archive) == expected_table(
+        [ds for ds in datasets if ds.PatientID != "PID2"] + [late])
+    assert patients(archive)["PID2"] == (1, 1, 1)

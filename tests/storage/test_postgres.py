@@ -152,6 +152,33 @@ def test_delete_on_postgresql(pg_archive: Archive) -> None:
     assert pg_archive.verify().problems == []
 
 
+def test_index_writes_of_two_processes_take_turns_on_postgresql(
+        postgres: Callable[[], str], tmp_path: Path) -> None:
+    """Every write transaction takes one advisory lock first (a server's stores and a
+    delete in another process): while one is open, another connection's write waits,
+    where table locks taken in different orders deadlocked (review of 8c7ce42)."""
+    import psycopg2
+
+    url = postgres()
+    archive = open_archive(ArchiveOptions(files_path=tmp_path / "files", index_url=url))
+    other = psycopg2.connect(url)
+    try:
+        with archive.writing():
+            cur = other.cursor()
+            cur.execute("SET lock_timeout = '300ms'")
+            with pytest.raises(psycopg2.errors.LockNotAvailable):
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (index.WRITE_LOCK_KEY,))
+            other.rollback()
+        cur = other.cursor()  # the writer is done: the lock is free
+        cur.execute("SET lock_timeout = '5s'")
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (index.WRITE_LOCK_KEY,))
+        other.rollback()
+    finally:
+        other.close()
+        archive.close()
+        index.disconnect()
+
+
 def test_names_in_every_group_on_postgresql(pg_archive: Archive) -> None:
     for n, name in enumerate(["Yamada^Tarou=山田^太郎=やまだ^たろう", "=李^四", "O_Brien^Pat",
                               "Oxbrien^Pat"]):
