@@ -21,7 +21,7 @@ from tests.factory import file_parts, make_ds, save
 
 def _stored(running: Running) -> list[bytes]:
     files = running.data_dir / "files"
-    return [file_parts(p)[0] for p in files.rglob("*") if p.is_file() and p.name != ".lock"]
+    return [file_parts(p)[0] for p in files.rglob("*") if p.is_file() and p.name not in (".lock", ".server.lock")]
 
 
 def test_the_spool_holds_the_data_set_alone() -> None:
