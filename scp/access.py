@@ -25,6 +25,7 @@ import socket
 
 from pynetdicom import events as evt
 
+from . import metrics
 from .config import Config, PeerConfig
 from .engine import acse
 
@@ -85,6 +86,8 @@ class Access:
         logger.warning("association from %s@%s to %s rejected: %s", calling, address, called,
                        why)
         acse.reject(assoc, REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
+        metrics.REJECTED.labels(metrics.calling_ae(
+            calling, lambda title: self.config.peer(title) is not None)).inc()
 
     def allows(self, event: evt.Event, service: str) -> bool:
         """May ``event``'s peer use ``service`` (one of ``config.SERVICES``)? Logs a

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from pynetdicom import events as evt
 
+from . import metrics
+
 logger = logging.getLogger("minipacs.association")
 
 
@@ -32,7 +34,9 @@ class Activity:
         to give back that thread's index connection.
     """
 
-    def __init__(self, on_association_end: Callable[[], None] | None = None) -> None:
+    def __init__(self, on_association_end: Callable[[], None] | None = None,
+                 known_peer: Callable[[str], bool] = lambda _: False) -> None:
+        self._known_peer = known_peer
         self._lock = threading.Condition()
         self._in_flight = 0
         self._stats: dict[int, _AssocStats] = {}
@@ -71,11 +75,21 @@ class Activity:
 
     def handle_established(self, event: evt.Event) -> None:
         self._stats[id(event.assoc)] = _AssocStats()
+        metrics.ASSOCIATIONS_OPEN.inc()
+        metrics.ASSOCIATIONS.labels(
+            metrics.calling_ae(event.assoc.requestor.ae_title, self._known_peer)).inc()
+
+    def handle_rejected(self, event: evt.Event) -> None:
+        """EVT_REJECTED: pynetdicom rejected a request itself (too many associations, no
+        presentation context, ...); scp/access.py counts its own rejections."""
+        metrics.REJECTED.labels(
+            metrics.calling_ae(event.assoc.requestor.ae_title, self._known_peer)).inc()
 
     def handle_closed(self, event: evt.Event) -> None:
         self._extended.pop(id(event.assoc), None)
         stats = self._stats.pop(id(event.assoc), None)
         if stats is not None:
+            metrics.ASSOCIATIONS_OPEN.dec()
             how = "aborted" if event.event is evt.EVT_ABORTED else "released"
             counts = ", ".join(f"{n} {name}" for name, n in sorted(stats.counts.items()))
             requestor = event.assoc.requestor

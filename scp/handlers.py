@@ -18,7 +18,7 @@ from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 
 from storage import Archive, Model, Origin, Query, Spooled
 
-from . import status
+from . import metrics, status
 from .access import Access
 from .activity import Activity
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
@@ -72,8 +72,11 @@ def handle_store(event: evt.Event, archive: Archive, activity: Activity,
     (PS3.4 B.2.3: Success, or the Warning of storage's outcome)."""
     req = cast(C_STORE, event.request)
     _check_context(event)
+    received = _received(event)
+    metrics.BYTES.labels("C-STORE", "in").inc(
+        received.length if isinstance(received, Spooled) else len(received))
     outcome = archive.store(
-        _received(event),
+        received,
         str(event.context.transfer_syntax),
         sop_class_uid=str(req.AffectedSOPClassUID),
         sop_instance_uid=str(req.AffectedSOPInstanceUID),

@@ -37,7 +37,7 @@ from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CL
 
 from storage import Archive, CannotConvert, InstanceUnavailable, NotAsWritten, StoredInstance
 
-from . import status
+from . import metrics, status
 from .config import PeerConfig
 from .engine import dimse
 from .engine import retrieve as engine_retrieve
@@ -289,6 +289,8 @@ class Retrieval:
             self._fail(uid, str(exc))
             return
         category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))
+        if category in (STATUS_SUCCESS, STATUS_WARNING):
+            metrics.BYTES.labels(self.service, "out").inc(item.file_size)
         if category == STATUS_SUCCESS:
             self.completed += 1
         elif category == STATUS_WARNING:

@@ -52,7 +52,8 @@ class Server:
         # serving: a second server is kept out, ``delete`` may run beside this one
         self.archive = archive or open_archive(
             dataclasses.replace(config.archive_options(), serving=True))
-        self.activity = Activity(on_association_end=self.archive.release)
+        self.activity = Activity(on_association_end=self.archive.release,
+                                 known_peer=lambda title: config.peer(title) is not None)
         self.access = Access(config)
         self.ae = self._build_ae()
         self._server: Any = None
@@ -96,6 +97,7 @@ class Server:
             (evt.EVT_C_GET, handle_get, [a, act, acc]),
             (evt.EVT_C_MOVE, handle_move, [a, act, acc]),
             (evt.EVT_ESTABLISHED, act.handle_established),
+            (evt.EVT_REJECTED, act.handle_rejected),
             (evt.EVT_RELEASED, act.handle_closed),
             (evt.EVT_ABORTED, act.handle_closed),
             (evt.EVT_CONN_CLOSE, act.handle_closed),

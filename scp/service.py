@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, ParamSpec, cast
@@ -32,7 +33,7 @@ from pydicom.uid import UID
 from pynetdicom import events as evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 
-from . import status
+from . import metrics, status
 from .access import Access
 from .activity import Activity
 from .engine.retrieve import Responses
@@ -121,6 +122,7 @@ class _Request:
         self.activity = activity
         self.access = access
         self.logger = logger
+        self.started = time.monotonic()
 
     def check_access(self) -> None:
         """0124 Refused: Not Authorised (PS3.7 C.5.x, general status) when the peer may
@@ -147,6 +149,14 @@ class _Request:
         name = f"{self.service.name} cancelled" if cancelled else self.service.name
         self.activity.count(self.event, name, ok=ok)
 
+    def measured(self, answer: Status | None) -> None:
+        """Record the operation for ``/metrics``: its final status (``None``: Success, as
+        pynetdicom sends it for a C-FIND) and how long it took."""
+        code = status.SUCCESS if answer is None else int(
+            answer.Status if isinstance(answer, Dataset) else answer)
+        metrics.OPERATIONS.labels(self.service.label, metrics.status_label(code)).observe(
+            time.monotonic() - self.started)
+
 
 def _answer(request: _Request, body: Callable[[], Status]) -> Status:
     """:attr:`Kind.ANSWER`: the body's status, or the failure's."""
@@ -155,8 +165,11 @@ def _answer(request: _Request, body: Callable[[], Status]) -> Status:
             request.check_access()
             answer = body()
         except Exception as exc:
-            return request.failure(exc)
+            answer = request.failure(exc)
+            request.measured(answer)
+            return answer
     request.count(ok=True)
+    request.measured(answer)
     return answer
 
 
@@ -170,12 +183,16 @@ def _matches(request: _Request, body: Callable[[], Matches]) -> Iterator[Any]:
             request.check_access()
             final = yield from body()
             if final is not None:  # PS3.4 C.4.1.1.4 FE00 Cancel
+                request.measured(final)
                 yield final, None
                 return
         except Exception as exc:
-            yield request.failure(exc), None
+            failed = request.failure(exc)
+            request.measured(failed)
+            yield failed, None
             return
     request.count(ok=True)
+    request.measured(None)
 
 
 def _retrieve(request: _Request, body: Callable[[], Final]) -> Iterator[Any]:
@@ -200,6 +217,7 @@ def _retrieve(request: _Request, body: Callable[[], Final]) -> Iterator[Any]:
                 final = Final.of(request.failure(exc))
             else:
                 request.count(ok=True, cancelled=final.status == status.CANCEL)
+            request.measured(final.status)
             if isinstance(event.request, C_GET):
                 yield 1  # pynetdicom wants a number first: the final response follows it
                 yield status.SUCCESS, None  # rewritten with ``final`` on its way out

@@ -40,6 +40,7 @@ from typing import Any
 
 from storage import StorageError, open_archive, server_lock
 
+from . import metrics
 from .config import Config
 from .engine.sockets import adopt_listeners
 from .logs import setup_logging
@@ -71,6 +72,8 @@ def serve_workers(
     lock = _server_lock(config)
     listeners: dict[int, socket.socket] = {}
     workers: list[Any] = []
+    metrics_dir = contextlib.ExitStack()  # the workers' /metrics, read by web/metrics.py
+    metrics_dir.enter_context(metrics.multiprocess_dir())
     try:
         try:
             if not config.tls.only:
@@ -105,6 +108,7 @@ def serve_workers(
         _stop(workers, config.ae.dimse_timeout + STOP_MARGIN)
         for sock in listeners.values():
             sock.close()
+        metrics_dir.close()
         os.close(lock)
 
 

@@ -814,6 +814,25 @@ class Archive:
         except pw.DatabaseError as exc:
             raise StorageFull(f"cannot write to the index: {exc}") from exc
 
+    def totals(self) -> dict[str, int]:
+        """How many patients, studies, series and instances the index holds (from the
+        study counters: no instance row is read), for ``/metrics``.
+
+        Raises
+        ------
+        QueryFailed
+            The index could not be read.
+        """
+        try:
+            return index.totals()
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not be read: {exc}") from exc
+
+    def disk_usage(self) -> tuple[int, int]:
+        """Free and total bytes of the file store's disk."""
+        usage = shutil.disk_usage(self.options.files_path)
+        return usage.free, usage.total
+
     def selected(self, selection: Selection) -> list[StoredInstance]:
         """The instances ``selection`` names, as a retrieve sends them (``minipacs send``):
         index rows only, in the order they were stored."""

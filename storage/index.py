@@ -230,6 +230,15 @@ def write_transaction() -> Iterator[Any]:
             yield txn
 
 
+def totals() -> dict[str, int]:
+    """Patients, studies, series and instances held, from the counters."""
+    series, instances = Study.select(pw.fn.COALESCE(pw.fn.SUM(Study.num_series), 0),
+                                     pw.fn.COALESCE(pw.fn.SUM(Study.num_instances), 0)
+                                     ).scalar(as_tuple=True)
+    return {"patients": Patient.select().count(), "studies": Study.select().count(),
+            "series": int(series), "instances": int(instances)}
+
+
 def lookup(sop_instance_uid: str) -> tuple[str, str] | None:
     """Return ``(content_hash, file_key)`` of a stored instance, or ``None``."""
     database = db.obj

@@ -1,4 +1,5 @@
-"""The ASGI application: DICOMweb under ``web.base_path``, the viewer under ``/viewer/``.
+"""The ASGI application: DICOMweb under ``web.base_path``, the viewer under ``/viewer/``,
+``/metrics``.
 
 Endpoints find the archive and the configuration in ``request.app.state`` (``archive``,
 ``config``). Each service keeps its routes in its own module; this one assembles them.
@@ -13,7 +14,7 @@ from starlette.routing import BaseRoute, Mount
 
 from storage import Archive
 
-from . import delete, errors, qido, stow, viewer, wado
+from . import delete, errors, metrics, qido, stow, viewer, wado
 from .auth import AccessMiddleware
 from .config import WebConfig
 
@@ -21,7 +22,7 @@ from .config import WebConfig
 def create_app(archive: Archive, config: WebConfig) -> Starlette:
     """The application serving ``archive`` as ``config`` says."""
     dicomweb: list[BaseRoute] = [*qido.ROUTES, *wado.ROUTES, *stow.ROUTES, *delete.ROUTES]
-    routes: list[BaseRoute] = [Mount(config.base_path, routes=dicomweb)]
+    routes: list[BaseRoute] = [*metrics.ROUTES, Mount(config.base_path, routes=dicomweb)]
     if config.viewer:
         routes += viewer.routes(config)
     middleware = [Middleware(AccessMiddleware, config=config)]
@@ -30,8 +31,11 @@ def create_app(archive: Archive, config: WebConfig) -> Starlette:
             CORSMiddleware, allow_origins=list(config.cors_origins),
             allow_methods=["GET", "HEAD", "POST", "DELETE", "OPTIONS"], allow_headers=["*"],
             expose_headers=["Content-Location", "Warning"]))
+    registry, http = metrics.registry(archive)
+    middleware.insert(0, Middleware(metrics.MetricsMiddleware, http=http))  # counts all
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers=errors.handlers())
+    app.state.metrics = registry
     app.state.archive = archive
     app.state.config = config
     return app
