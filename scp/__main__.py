@@ -107,15 +107,24 @@ def _selectors(parser: argparse.ArgumentParser) -> None:
                        ("--instance", "this SOPInstanceUID")):
         parser.add_argument(flag, action="append", default=[], metavar="ID",
                             help=f"{what}; repeatable")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="every study a QIDO-RS study search with these parameters"
+                        " matches (StudyDate=20200101-20201231, ModalitiesInStudy=CT,"
+                        " PatientName=DOE*); repeatable, all must match")
 
 
 def _selection(args: argparse.Namespace) -> Selection | None:
     """What the selector options name; ``None`` (and a message) when there is none."""
+    bad = [pair for pair in args.where if "=" not in pair or pair.startswith("=")]
+    if bad:
+        print(f"minipacs: --where takes KEY=VALUE, not {bad[0]!r}", file=sys.stderr)
+        return None
     selection = Selection(tuple(args.patient), tuple(args.study), tuple(args.series),
-                          tuple(args.instance))
+                          tuple(args.instance),
+                          query=tuple(tuple(pair.split("=", 1)) for pair in args.where))
     if not selection:
-        print(f"minipacs: {args.command} needs --patient, --study, --series or --instance",
-              file=sys.stderr)
+        print(f"minipacs: {args.command} needs --patient, --study, --series, --instance or"
+              " --where", file=sys.stderr)
         return None
     return selection
 

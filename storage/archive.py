@@ -171,6 +171,11 @@ class ArchiveOptions:
     serving: bool = False
 
 
+MAX_SELECTED_STUDIES = 30_000
+"""Most studies a query may select for ``delete`` or ``send`` (SQLite binds at most 32,766
+values in one statement)."""
+
+
 class Archive:
     """The archive: a file store plus its index. Thread-safe; one per process."""
 
@@ -835,15 +840,40 @@ class Archive:
 
     def selected(self, selection: Selection) -> list[StoredInstance]:
         """The instances ``selection`` names, as a retrieve sends them (``minipacs send``):
-        index rows only, in the order they were stored."""
+        index rows only, in the order they were stored.
+
+        Raises
+        ------
+        InvalidQuery
+            The selection's query is not a valid study-level search.
+        QueryFailed
+            The index could not be read, or the query matches too many studies.
+        """
         try:
-            return selected_instances(selection)
+            return selected_instances(self._resolved(selection))
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
 
     def plan_delete(self, selection: Selection) -> removal.Deletion:
-        """What :meth:`delete` would delete, per study; nothing changes."""
-        return removal.plan(selection)
+        """What :meth:`delete` would delete, per study; nothing changes (raises as
+        :meth:`selected` does)."""
+        return removal.plan(self._resolved(selection))
+
+    def _resolved(self, selection: Selection) -> Selection:
+        """``selection`` with its query's studies found (PS3.18 10.6: the search's
+        parameters, matched as C-FIND matches them, PS3.4 C.2.2.2)."""
+        if not selection.query or selection.study_ids is not None:
+            return selection
+        search = self.parse_search(selection.query, query.Level.STUDY)
+        try:
+            ids = [row.rows[query.Level.STUDY].id for row in query.select_rows(search.query)
+                   if query.row_matches(search.query, row)]
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not be read: {exc}") from exc
+        if len(ids) > MAX_SELECTED_STUDIES:
+            raise QueryFailed(f"the query matches {len(ids)} studies, more than"
+                              f" {MAX_SELECTED_STUDIES} at once: narrow it")
+        return dataclasses.replace(selection, study_ids=tuple(ids))
 
     def delete(self, selection: Selection, only: Collection[str] | None = None
                ) -> removal.Deletion:
@@ -857,7 +887,7 @@ class Archive:
         StorageError
             Nothing selected, or the index cannot be written (nothing was deleted).
         """
-        return removal.delete(selection, self.files, self.writing, only)
+        return removal.delete(self._resolved(selection), self.files, self.writing, only)
 
     def verify(
         self, repair: bool = False, progress: maintenance.Progress | None = None

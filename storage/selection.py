@@ -20,10 +20,16 @@ class Selection:
     study_uids: tuple[str, ...] = ()
     series_uids: tuple[str, ...] = ()
     instance_uids: tuple[str, ...] = ()
+    query: tuple[tuple[str, str], ...] = ()
+    """Every study a study-level QIDO-RS search with these parameters matches (PS3.18
+    10.6.1.2: ``StudyDate=20200101-20201231``, ``ModalitiesInStudy=CT``, ...), matched as
+    C-FIND matches; :meth:`storage.Archive` resolves it into :attr:`study_ids`."""
+    study_ids: tuple[int, ...] | None = None
+    """The index rows of the studies :attr:`query` matched (``None``: not resolved yet)."""
 
     def __bool__(self) -> bool:
         return bool(self.patient_ids or self.study_uids or self.series_uids
-                    or self.instance_uids)
+                    or self.instance_uids or self.query)
 
 
 def condition(selection: Selection) -> Any:
@@ -44,6 +50,10 @@ def condition(selection: Selection) -> Any:
         conditions.append(Instance.study.in_(
             Study.select(Study.id).join(Patient).where(Patient.patient_id.in_(
                 list(selection.patient_ids)))))
+    if selection.query:
+        if selection.study_ids is None:
+            raise ValueError("the selection's query is not resolved (Archive does it)")
+        conditions.append(Instance.study.in_(list(selection.study_ids)))
     where = conditions[0]
     for other in conditions[1:]:
         where = where | other

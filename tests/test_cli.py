@@ -282,6 +282,13 @@ def test_delete_beside_a_running_server(tmp_path: Path, server: Running) -> None
     assert dry.returncode == 0, dry.stderr
     assert f"study {study} of 'PID1'" in dry.stdout and "whole study" in dry.stdout
     assert f"would delete {len(ours)} instance(s) of 1 study(ies)" in dry.stdout
+    by_query = delete("--where", "PatientID=PID1", "--where", "StudyDate=20240101-",
+                      "--dry-run")
+    assert by_query.returncode == 0, by_query.stderr
+    assert "would delete 10 instance(s) of 2 study(ies)" in by_query.stdout
+    assert delete("--where", "StudyDate").returncode == 2  # not KEY=VALUE
+    malformed = delete("--where", "StudyDate=yesterday", "--dry-run")
+    assert malformed.returncode == 1 and "malformed DA value" in malformed.stderr
     asked = delete("--study", study)  # no terminal to ask on, no --yes: nothing happens
     assert asked.returncode == 1 and "pass --yes" in asked.stderr
     assert studies() == everything

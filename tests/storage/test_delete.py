@@ -258,3 +258,23 @@ def test_only_what_was_listed_is_deleted(archive: Archive) -> None:
     assert answers(archive) == expected_table(
         [ds for ds in datasets if ds.PatientID != "PID2"] + [late])
     assert patients(archive)["PID2"] == (1, 1, 1)
+
+
+def test_a_query_selects_studies_as_c_find_matches_them(archive: Archive) -> None:
+    datasets = stored(archive)
+    by_date = Selection(query=(("StudyDate", "20240101-"),))  # PID1's two studies
+    wanted = {ds.StudyInstanceUID for ds in datasets if (ds.get("StudyDate") or "") >= "2024"}
+    assert {p.study_instance_uid for p in archive.plan_delete(by_date).studies_selected} \
+        == wanted
+    assert len(archive.selected(by_date)) == 10
+    mr_and_date = Selection(query=(("ModalitiesInStudy", "MR"), ("StudyDate", "20220707")))
+    assert archive.plan_delete(mr_and_date).instances == 0  # both must match
+    with pytest.raises(StorageError, match="StudyDate"):
+        archive.plan_delete(Selection(query=(("StudyDate", "yesterday"),)))
+
+    done = archive.delete(Selection(query=(("ModalitiesInStudy", "MR"),),
+                                    patient_ids=("PID3",)))  # the union of both
+    kept = [ds for ds in datasets if ds.PatientID == "PID1"
+            and ds.StudyInstanceUID != datasets[0].StudyInstanceUID]
+    assert done.instances == len(datasets) - len(kept)
+    assert answers(archive) == expected_table(kept)
