@@ -12,6 +12,7 @@ import getpass
 import importlib.metadata
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -25,6 +26,7 @@ from web import WebListenError, WebServer
 from web.auth import ACCOUNT_RIGHTS, hash_password, hash_token, name_problem, new_token
 
 from . import engine
+from .audit import Audit, open_audit
 from .config import Config, ConfigError, load_config
 from .logs import setup_logging
 from .retrieve import MoveDestination, run_send
@@ -169,7 +171,7 @@ def serve(config: Config) -> int:
     try:
         server.start()
         if config.web.enabled:
-            web = web_server(config, server.archive)
+            web = web_server(config, server.archive, server.audit)
             web.start()
     except (ListenError, WebListenError) as exc:  # the listeners are closed again
         logging.getLogger("minipacs").error("%s", exc)
@@ -183,9 +185,16 @@ def serve(config: Config) -> int:
     return 0
 
 
-def web_server(config: Config, archive: Archive) -> WebServer:
-    """The HTTP listener of ``config`` (``web``) serving ``archive``."""
-    return WebServer(config.web, archive, config.tls.certificate, config.tls.private_key)
+def web_server(config: Config, archive: Archive, audit: Audit) -> WebServer:
+    """The HTTP listener of ``config`` (``web``) serving ``archive``, each request a line
+    of ``audit``."""
+    return WebServer(config.web, archive, config.tls.certificate, config.tls.private_key,
+                     audit=audit.record)
+
+
+def _audit(config: Config) -> Audit:
+    return open_audit(config.audit.enabled, config.audit_path, config.audit.max_mb,
+                      config.audit.backups)
 
 
 @contextlib.contextmanager
@@ -194,13 +203,15 @@ def _web_beside_workers(config: Config) -> Iterator[None]:
         yield
         return
     archive = open_archive(dataclasses.replace(config.archive_options(), shared=True))
-    web = web_server(config, archive)
+    audit = _audit(config)
+    web = web_server(config, archive, audit)
     try:
         web.start()
         yield
         web.stop(grace=config.ae.dimse_timeout)
     finally:
         archive.close()
+        audit.close()
 
 
 class _ProgressBar:
@@ -300,6 +311,12 @@ def delete(config: Config, args: argparse.Namespace) -> int:
             print("nothing deleted")
             return 1
         done = archive.delete(selection, only=plan.file_keys)  # nothing stored since
+        audit = _audit(config)
+        audit.record("delete", user=_os_user(), via="minipacs delete",
+                     selection=_described(selection), instances=done.instances,
+                     series=done.series, studies=done.studies, patients=done.patients,
+                     files_left=len(done.files_left) or None)
+        audit.close()
     finally:
         archive.close()
     if done.instances != plan.instances:
@@ -310,7 +327,7 @@ def delete(config: Config, args: argparse.Namespace) -> int:
           f"file(s) removed")
     for key in done.files_left:
         print(f"file {key} could not be removed: verify --repair or the next delete retries")
-    return 1 if done.files_left else 0
+    return 1 if done.files_left or not done.instances else 0
 
 
 def send(config: Config, args: argparse.Namespace) -> int:
@@ -341,6 +358,12 @@ def send(config: Config, args: argparse.Namespace) -> int:
                 config.ae.dimse_timeout), bar)
         finally:
             bar.close()
+        audit = _audit(config)
+        audit.record("send", user=_os_user(), via="minipacs send", peer=peer.ae_title,
+                     address=f"{peer.host}:{peer.port}", selection=_described(selection),
+                     status=f"{final.status:04X}", completed=final.completed,
+                     failed=final.failed, warning=final.warning)
+        audit.close()
     finally:
         archive.close()
     print(f"sent {final.completed} of {len(items)} instance(s) to {where}: {final.warning}"
@@ -349,6 +372,22 @@ def send(config: Config, args: argparse.Namespace) -> int:
     for uid in final.failed_uids:
         print(f"not sent: {uid}")
     return 1 if final.failed else 0
+
+
+def _os_user() -> str:
+    """Who ran the command, for the audit trail."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return f"uid {os.getuid()}"
+
+
+def _described(selection: Selection) -> dict[str, Any]:
+    """A selection as the audit trail records it."""
+    return {key: list(value) for key, value in (
+        ("patient_ids", selection.patient_ids), ("study_uids", selection.study_uids),
+        ("series_uids", selection.series_uids), ("instance_uids", selection.instance_uids),
+        ("query", ["=".join(pair) for pair in selection.query])) if value}
 
 
 def _confirmed(question: str) -> bool:
@@ -400,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"minipacs: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.logging.level, process_ids=config.ae.workers > 1)
+    setup_logging(config.logging.level, process_ids=config.ae.workers > 1,
+                  json_lines=config.logging.json)
     try:
         if args.command == "verify":
             return verify(config, args.repair)

@@ -26,6 +26,7 @@ import socket
 from pynetdicom import events as evt
 
 from . import metrics
+from .audit import Audit, NoAudit
 from .config import Config, PeerConfig
 from .engine import acse
 
@@ -41,8 +42,9 @@ CALLED_AE_NOT_RECOGNISED = 0x07
 class Access:
     """The ``security`` and ``peers`` settings, applied to associations and requests."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, audit: Audit | None = None) -> None:
         self.config = config
+        self.audit: Audit = audit or NoAudit()
         self._networks = {
             p.ae_title.strip(" "): _networks(p) for p in config.peers if p.network or p.host
         }
@@ -85,9 +87,12 @@ class Access:
         reason, why = refused
         logger.warning("association from %s@%s to %s rejected: %s", calling, address, called,
                        why)
-        acse.reject(assoc, REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
+        # counted first: the peer learns of the rejection before reject() returns
         metrics.REJECTED.labels(metrics.calling_ae(
             calling, lambda title: self.config.peer(title) is not None)).inc()
+        self.audit.record("association-rejected", calling_ae=calling, called_ae=called,
+                          address=address, reason=why)
+        acse.reject(assoc, REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
 
     def allows(self, event: evt.Event, service: str) -> bool:
         """May ``event``'s peer use ``service`` (one of ``config.SERVICES``)? Logs a

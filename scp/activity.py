@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pynetdicom import events as evt
 
 from . import metrics
+from .audit import Audit, NoAudit
 
 logger = logging.getLogger("minipacs.association")
 
@@ -35,11 +36,13 @@ class Activity:
     """
 
     def __init__(self, on_association_end: Callable[[], None] | None = None,
-                 known_peer: Callable[[str], bool] = lambda _: False) -> None:
+                 known_peer: Callable[[str], bool] = lambda _: False,
+                 audit: Audit | None = None) -> None:
         self._known_peer = known_peer
+        self.audit: Audit = audit or NoAudit()
         self._lock = threading.Condition()
         self._in_flight = 0
-        self._stats: dict[int, _AssocStats] = {}
+        self._stats: dict[int, _AssocStats] = {}  # of the associations open now
         self._extended: dict[int, dict[str, bytes]] = {}
         self._on_end = on_association_end
 
@@ -62,8 +65,9 @@ class Activity:
 
     def count(self, event: evt.Event, service: str, ok: bool) -> None:
         """Count one operation of ``event``'s association."""
-        stats = self._stats.setdefault(id(event.assoc), _AssocStats())
-        stats.counts[service if ok else f"{service} failed"] += 1
+        stats = self._stats.get(id(event.assoc))
+        if stats is not None:  # else it closed meanwhile (a connection lost mid-move)
+            stats.counts[service if ok else f"{service} failed"] += 1
 
     def set_extended(self, event: evt.Event, accepted: dict[str, bytes]) -> None:
         """Remember the SOP Class Extended Negotiation accepted for ``event``'s association."""
@@ -75,15 +79,21 @@ class Activity:
 
     def handle_established(self, event: evt.Event) -> None:
         self._stats[id(event.assoc)] = _AssocStats()
+        requestor = event.assoc.requestor
         metrics.ASSOCIATIONS_OPEN.inc()
         metrics.ASSOCIATIONS.labels(
-            metrics.calling_ae(event.assoc.requestor.ae_title, self._known_peer)).inc()
+            metrics.calling_ae(requestor.ae_title, self._known_peer)).inc()
+        self.audit.record("association-established", calling_ae=requestor.ae_title.strip(),
+                          called_ae=event.assoc.acceptor.ae_title.strip(),
+                          address=requestor.address, port=requestor.port)
 
     def handle_rejected(self, event: evt.Event) -> None:
         """EVT_REJECTED: pynetdicom rejected a request itself (too many associations, no
         presentation context, ...); scp/access.py counts its own rejections."""
-        metrics.REJECTED.labels(
-            metrics.calling_ae(event.assoc.requestor.ae_title, self._known_peer)).inc()
+        requestor = event.assoc.requestor
+        metrics.REJECTED.labels(metrics.calling_ae(requestor.ae_title, self._known_peer)).inc()
+        self.audit.record("association-rejected", calling_ae=requestor.ae_title.strip(),
+                          address=requestor.address)
 
     def handle_closed(self, event: evt.Event) -> None:
         self._extended.pop(id(event.assoc), None)
@@ -102,5 +112,9 @@ class Activity:
                 time.monotonic() - stats.started,
                 counts or "no operations",
             )
+            self.audit.record("association-" + how, calling_ae=requestor.ae_title.strip(),
+                              address=requestor.address, port=requestor.port,
+                              seconds=round(time.monotonic() - stats.started, 3),
+                              operations=dict(stats.counts))
         if self._on_end is not None:
             self._on_end()

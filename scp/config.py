@@ -101,6 +101,18 @@ class LoggingConfig:
     """``logging``: what the server writes to its log (standard error)."""
 
     level: str = "INFO"
+    json: bool = False
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """``audit``: the audit trail (:mod:`scp.audit`), one JSON object per line for every
+    association, DIMSE operation, HTTP request, delete and send."""
+
+    enabled: bool = True
+    path: str = ""
+    max_mb: int = 100
+    backups: int = 10
 
 
 SERVICES: tuple[str, ...] = ("echo", "find", "get", "move", "store")
@@ -168,6 +180,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     web: WebConfig = field(default_factory=WebConfig)
@@ -183,6 +196,12 @@ class Config:
         """The peer called ``ae_title`` if a C-MOVE may send to it (it has a host)."""
         peer = self.peer(ae_title)
         return peer if peer is not None and peer.host else None
+
+    @property
+    def audit_path(self) -> Path:
+        """The audit trail's file: ``audit.path``, by default ``<data_dir>/audit.jsonl``."""
+        return Path(self.audit.path) if self.audit.path else (
+            self.storage.data_dir / "audit.jsonl")
 
     @property
     def files_path(self) -> Path:
@@ -217,6 +236,7 @@ SECTIONS: dict[str, type] = {
     "storage": StorageConfig,
     "query": QueryConfig,
     "logging": LoggingConfig,
+    "audit": AuditConfig,
     "security": SecurityConfig,
     "tls": TLSConfig,
     "web": WebConfig,
@@ -391,6 +411,8 @@ def _section(name: str, cls: type, raw: Any, base: Path, problems: list[str]) ->
         for key in TLS_FILES:
             if values.get(key):
                 values[key] = str((base / Path(values[key]).expanduser()).resolve())
+    if name == "audit" and values.get("path"):  # relative to the configuration's folder
+        values["path"] = str((base / Path(values["path"]).expanduser()).resolve())
     url = values.get("index_url")
     if isinstance(url, str) and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         values["index_url"] = f"sqlite:///{(base / url[len('sqlite:///'):]).resolve()}"
@@ -469,6 +491,11 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
         for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
             if key in values and values[key] <= 0:
                 problems.append(f"ae.{key}: must be a positive number of seconds")
+    if section == "audit":
+        if values.get("max_mb", 1) < 1:
+            problems.append("audit.max_mb: must be at least 1")
+        if values.get("backups", 1) < 1:
+            problems.append("audit.backups: must be at least 1")
     if section == "query" and values.get("max_results", 0) < 0:
         problems.append("query.max_results: must not be negative (0 = no limit)")
     if section == "query" and "response_charset" in values:

@@ -73,8 +73,8 @@ def handle_store(event: evt.Event, archive: Archive, activity: Activity,
     req = cast(C_STORE, event.request)
     _check_context(event)
     received = _received(event)
-    metrics.BYTES.labels("C-STORE", "in").inc(
-        received.length if isinstance(received, Spooled) else len(received))
+    metrics.count_bytes("C-STORE", "in",
+                        received.length if isinstance(received, Spooled) else len(received))
     outcome = archive.store(
         received,
         str(event.context.transfer_syntax),

@@ -3,7 +3,7 @@
 The metrics live in ``prometheus_client``'s default registry, which the HTTP listener
 exports (:mod:`web.metrics`) without importing ``scp``. With ``ae.workers`` > 1 each worker
 writes them to ``PROMETHEUS_MULTIPROC_DIR``, which the supervisor sets before it starts
-them (:func:`multiprocess_dir`) and its HTTP listener reads.
+them (:func:`multiprocess_dir`, ``<data_dir>/.metrics``) and its HTTP listener reads.
 
 Calling AE titles are labels only when ``peers`` names them; any other is ``other``, so
 that a peer cannot create series at will.
@@ -11,13 +11,16 @@ that a peer cannot create series at will.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
+
+logger = logging.getLogger(__name__)
 
 OTHER = "other"
 """The calling AE title label of a peer not in ``peers``."""
@@ -46,6 +49,15 @@ BYTES = Counter(
     " sub-operations of C-GET and C-MOVE (direction=out)", ["operation", "direction"])
 
 
+def count_bytes(operation: str, direction: str, size: int) -> None:
+    """Add to :data:`BYTES`; a failure (the workers' metric files on a full disk) is
+    logged, never the operation's."""
+    try:
+        BYTES.labels(operation, direction).inc(size)
+    except Exception:
+        logger.exception("the %s bytes of %s not counted", direction, operation)
+
+
 def calling_ae(title: str, known: Callable[[str], bool]) -> str:
     """The label of a calling AE title: itself when ``peers`` names it, else ``other``."""
     title = title.strip()
@@ -58,14 +70,16 @@ def status_label(code: int) -> str:
 
 
 @contextmanager
-def multiprocess_dir() -> Iterator[str]:
-    """A fresh folder for the workers' metrics, in ``PROMETHEUS_MULTIPROC_DIR`` while the
-    block runs (workers started meanwhile inherit it), removed afterwards."""
-    folder = tempfile.mkdtemp(prefix="minipacs-metrics-")
+def multiprocess_dir(folder: Path) -> Iterator[str]:
+    """``folder`` emptied for the workers' metrics, in ``PROMETHEUS_MULTIPROC_DIR`` while
+    the block runs (workers started meanwhile inherit it), removed afterwards (what a
+    killed supervisor left goes at the next start)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     try:
-        yield folder
+        yield str(folder)
     finally:
         if before is None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)

@@ -22,7 +22,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
@@ -270,7 +270,14 @@ class Retrieval:
         if isinstance(prepared, Exception):  # a fault of ours: this one fails, not all
             self._fail(uid, "an unexpected error", exc_info=prepared)
             return
-        context_id, data_set = prepared
+        context_id, chunks = prepared
+        sent = [0]
+
+        def counted() -> Iterator[bytes]:  # what goes out: converted, no File Meta
+            for chunk in chunks:
+                sent[0] += len(chunk)
+                yield chunk
+        data_set = counted()
 
         def read_ahead() -> None:
             if following is not None:
@@ -290,7 +297,7 @@ class Retrieval:
             return
         category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))
         if category in (STATUS_SUCCESS, STATUS_WARNING):
-            metrics.BYTES.labels(self.service, "out").inc(item.file_size)
+            metrics.count_bytes(self.service, "out", sent[0])
         if category == STATUS_SUCCESS:
             self.completed += 1
         elif category == STATUS_WARNING:

@@ -14,6 +14,7 @@ from storage import Archive, install_decoder_log_filter, open_archive
 from . import engine
 from .access import Access
 from .activity import Activity
+from .audit import open_audit
 from .config import Config
 from .contexts import STORAGE, SUPPORTED
 from .engine import reactor
@@ -52,9 +53,12 @@ class Server:
         # serving: a second server is kept out, ``delete`` may run beside this one
         self.archive = archive or open_archive(
             dataclasses.replace(config.archive_options(), serving=True))
+        self.audit = open_audit(config.audit.enabled, config.audit_path, config.audit.max_mb,
+                                config.audit.backups)
         self.activity = Activity(on_association_end=self.archive.release,
-                                 known_peer=lambda title: config.peer(title) is not None)
-        self.access = Access(config)
+                                 known_peer=lambda title: config.peer(title) is not None,
+                                 audit=self.audit)
+        self.access = Access(config, self.audit)
         self.ae = self._build_ae()
         self._server: Any = None
         self._tls_server: Any = None
@@ -188,5 +192,6 @@ class Server:
         reactor.settle(self.ae.active_associations, timeout=min(grace, 5.0))
         self.ae.shutdown()
         self.archive.close()
+        self.audit.close()
         logger.info("minipacs stopped")
 

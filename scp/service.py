@@ -149,13 +149,48 @@ class _Request:
         name = f"{self.service.name} cancelled" if cancelled else self.service.name
         self.activity.count(self.event, name, ok=ok)
 
-    def measured(self, answer: Status | None) -> None:
-        """Record the operation for ``/metrics``: its final status (``None``: Success, as
-        pynetdicom sends it for a C-FIND) and how long it took."""
-        code = status.SUCCESS if answer is None else int(
-            answer.Status if isinstance(answer, Dataset) else answer)
-        metrics.OPERATIONS.labels(self.service.label, metrics.status_label(code)).observe(
-            time.monotonic() - self.started)
+    def measured(self, answer: Status | None, final: Final | None = None) -> None:
+        """Record the operation for ``/metrics`` and in the audit trail: its final status
+        (``None``: Success, as pynetdicom sends it for a C-FIND), how long it took, who
+        asked for what (a retrieve's ``final`` counts too)."""
+        try:  # never the operation's failure
+            code = status.SUCCESS if answer is None else int(
+                answer.Status if isinstance(answer, Dataset) else answer)
+            seconds = time.monotonic() - self.started
+            label = metrics.status_label(code)
+            metrics.OPERATIONS.labels(self.service.label, label).observe(seconds)
+            requestor = self.event.assoc.requestor
+            counts = {} if final is None else {
+                "completed": final.completed, "failed": final.failed,
+                "warning": final.warning}
+            self.activity.audit.record(
+                "dimse", operation=self.service.label, status=label,
+                calling_ae=str(requestor.ae_title).strip(), address=requestor.address,
+                ms=round(seconds * 1000, 1), **self.what(), **counts)
+        except Exception:
+            self.logger.exception("%s: metrics or audit trail not written", self.service.label)
+
+    def what(self) -> dict[str, Any]:
+        """What the request named, for the audit trail: a C-STORE's SOP Class and
+        Instance, a query's or retrieve's non-empty keys (and a C-MOVE's destination)."""
+        request: Any = self.event.request
+        if request is None:
+            return {}
+        if self.service is STORE:
+            return {"sop_class_uid": str(request.AffectedSOPClassUID),
+                    "sop_instance_uid": str(request.AffectedSOPInstanceUID)}
+        if self.service is ECHO:
+            return {}
+        try:
+            identifier = self.event.identifier
+            keys = {elem.keyword or str(elem.tag): str(elem.value) for elem in identifier
+                    if elem.VR != "SQ" and elem.value not in (None, "", b"")}
+        except Exception:  # an identifier that cannot be decoded was refused already
+            keys = {}
+        what: dict[str, Any] = {"keys": keys}
+        if self.service is MOVE:
+            what["destination"] = str(request.MoveDestination).strip()
+        return what
 
 
 def _answer(request: _Request, body: Callable[[], Status]) -> Status:
@@ -217,7 +252,7 @@ def _retrieve(request: _Request, body: Callable[[], Final]) -> Iterator[Any]:
                 final = Final.of(request.failure(exc))
             else:
                 request.count(ok=True, cancelled=final.status == status.CANCEL)
-            request.measured(final.status)
+            request.measured(final.status, final)
             if isinstance(event.request, C_GET):
                 yield 1  # pynetdicom wants a number first: the final response follows it
                 yield status.SUCCESS, None  # rewritten with ``final`` on its way out

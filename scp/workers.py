@@ -73,7 +73,7 @@ def serve_workers(
     listeners: dict[int, socket.socket] = {}
     workers: list[Any] = []
     metrics_dir = contextlib.ExitStack()  # the workers' /metrics, read by web/metrics.py
-    metrics_dir.enter_context(metrics.multiprocess_dir())
+    metrics_dir.enter_context(metrics.multiprocess_dir(config.storage.data_dir / ".metrics"))
     try:
         try:
             if not config.tls.only:
@@ -206,7 +206,7 @@ def worker_main(config: Config, listeners: dict[int, socket.socket], ready: Conn
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-    setup_logging(log_level, process_ids=True)
+    setup_logging(log_level, process_ids=True, json_lines=config.logging.json)
     adopt_listeners(listeners)
     options = dataclasses.replace(config.archive_options(), shared=True)
     try:

@@ -67,7 +67,8 @@ class Peer:
     ae_title: str
     port: int
     received: list[tuple[bytes, str]] = field(default_factory=list)  # (data set, syntax)
-    originators: list[tuple[str, int]] = field(default_factory=list)  # Move Originator AE, id
+    originators: list[tuple[str | None, int | None]] = field(
+        default_factory=list)  # Move Originator AE title and Message ID of each request
     datasets: list[Dataset] = field(default_factory=list)
     associations: int = 0
     abort_after: int = 0  # abort the association at this C-STORE (0 = never)
@@ -101,10 +102,9 @@ def start_peer() -> Iterator[Callable[..., Peer]]:
             syntax = str(event.context.transfer_syntax)
             req = event.request
             peer.requests.append(str(req.AffectedSOPInstanceUID))
-            if req.MoveOriginatorMessageID is not None:  # none from minipacs send
-                peer.originators.append((
-                    str(req.MoveOriginatorApplicationEntityTitle).strip(),
-                    int(req.MoveOriginatorMessageID)))
+            title, number = req.MoveOriginatorApplicationEntityTitle, req.MoveOriginatorMessageID
+            peer.originators.append((str(title).strip() if title else None,  # None: absent
+                                     int(number) if number is not None else None))
             if peer.abort_after and len(peer.received) + 1 >= peer.abort_after:
                 event.assoc.abort()
                 return 0x0000
@@ -848,7 +848,7 @@ def test_minipacs_send_a_study_and_a_series_to_a_peer_as_stored(
             " 0 failed") in done.stdout
     assert sorted(peer.received) == sorted((encode(ds), ExplicitVRLittleEndian)
                                            for ds in wanted)
-    assert peer.originators == []  # PS3.7 9.3.1.1: a Move Originator only for a C-MOVE's
+    assert peer.originators == [(None, None)] * len(wanted)  # PS3.7 9.3.1.1: a C-MOVE's
 
     nowhere = send("NOWHERE", "--study", study)  # nobody listens there
     assert nowhere.returncode == 1

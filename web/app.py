@@ -7,6 +7,8 @@ Endpoints find the archive and the configuration in ``request.app.state`` (``arc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -18,9 +20,15 @@ from . import delete, errors, metrics, qido, stow, viewer, wado
 from .auth import AccessMiddleware
 from .config import WebConfig
 
+AuditRecord = Callable[..., None]
+"""``audit(event, **fields)``: one line of the server's audit trail (scp/audit.py's
+``AuditTrail.record``, handed in by ``scp``, which this package does not import)."""
 
-def create_app(archive: Archive, config: WebConfig) -> Starlette:
-    """The application serving ``archive`` as ``config`` says."""
+
+def create_app(archive: Archive, config: WebConfig, audit: AuditRecord | None = None
+               ) -> Starlette:
+    """The application serving ``archive`` as ``config`` says; each request is a line of
+    ``audit`` when given."""
     dicomweb: list[BaseRoute] = [*qido.ROUTES, *wado.ROUTES, *stow.ROUTES, *delete.ROUTES]
     routes: list[BaseRoute] = [*metrics.ROUTES, Mount(config.base_path, routes=dicomweb)]
     if config.viewer:
@@ -32,7 +40,8 @@ def create_app(archive: Archive, config: WebConfig) -> Starlette:
             allow_methods=["GET", "HEAD", "POST", "DELETE", "OPTIONS"], allow_headers=["*"],
             expose_headers=["Content-Location", "Warning"]))
     registry, http = metrics.registry(archive)
-    middleware.insert(0, Middleware(metrics.MetricsMiddleware, http=http))  # counts all
+    middleware.insert(0, Middleware(metrics.MetricsMiddleware, http=http,
+                                    audit=audit))  # counts all, refusals too
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers=errors.handlers())
     app.state.metrics = registry

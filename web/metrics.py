@@ -7,7 +7,8 @@ Three sources, one registry per application (:func:`registry`):
   supervisor runs ``ae.workers`` processes, what they wrote to ``PROMETHEUS_MULTIPROC_DIR``
   (``scp/metrics.py`` defines them; this module never imports ``scp``);
 - the HTTP listener's own (:class:`MetricsMiddleware`): requests by service, method and
-  status with their latency, and body bytes in and out;
+  status with their latency, and body bytes in and out (the same middleware writes each
+  request, scrapes but, to the audit trail it is given);
 - the archive's state, read at each scrape (:class:`ArchiveCollector`): patients, studies,
   series and instances held, the file store's disk.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -50,6 +51,10 @@ SERVICES = {"web.qido": "QIDO-RS", "web.wado": "WADO-RS", "web.stow": "STOW-RS",
             "web.delete": "DELETE", "web.viewer": "viewer", "web.metrics": "metrics"}
 """The service label of a request, by its endpoint's module; ``other`` for the rest (a
 path no route has, a refusal before routing)."""
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+"""Methods that are labels as they are; any other is ``other`` (a client may send any
+token as a method: it must not make series at will)."""
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)
@@ -122,9 +127,11 @@ def registry(archive: Archive) -> tuple[CollectorRegistry, HttpMetrics]:
 class MetricsMiddleware:
     """Counts every request (pure ASGI: streamed bodies pass through untouched)."""
 
-    def __init__(self, app: ASGIApp, http: HttpMetrics) -> None:
+    def __init__(self, app: ASGIApp, http: HttpMetrics,
+                 audit: Callable[..., None] | None = None) -> None:
         self.app = app
         self.http = http
+        self.audit = audit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -153,11 +160,20 @@ class MetricsMiddleware:
         finally:
             endpoint = scope.get("endpoint")
             service = SERVICES.get(getattr(endpoint, "__module__", ""), "other")
-            self.http.requests.labels(service, scope["method"], str(code)).observe(
-                time.monotonic() - started)
+            seconds = time.monotonic() - started
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.http.requests.labels(service, method, str(code)).observe(seconds)
             for direction, size in sizes.items():
                 if size:
                     self.http.bytes.labels(service, direction).inc(size)
+            if self.audit is not None and service != "metrics":  # scrapes: not an action
+                client = scope.get("client") or ("", 0)
+                self.audit("http", service=service, method=scope["method"],
+                           path=scope.get("path", ""),
+                           query=scope.get("query_string", b"").decode("latin-1") or None,
+                           status=code, user=scope.get("minipacs.user") or None,
+                           address=client[0], bytes_in=sizes["in"], bytes_out=sizes["out"],
+                           ms=round(seconds * 1000, 1))
 
 
 def metrics(request: Request) -> Response:

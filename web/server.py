@@ -19,7 +19,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from storage import Archive
 
-from .app import create_app
+from .app import AuditRecord, create_app
 from .config import WebConfig
 
 logger = logging.getLogger("minipacs.web")
@@ -93,10 +93,11 @@ class WebServer:
     """
 
     def __init__(self, config: WebConfig, archive: Archive, certificate: str = "",
-                 private_key: str = "", *, header_timeout: float = HEADER_TIMEOUT) -> None:
+                 private_key: str = "", *, header_timeout: float = HEADER_TIMEOUT,
+                 audit: AuditRecord | None = None) -> None:
         self.config = config
         self.archive = archive
-        self.app = create_app(archive, config)
+        self.app = create_app(archive, config, audit)
         self._tls = (certificate, private_key) if config.https else None
         self._port = config.port
         self._server: uvicorn.Server | None = None

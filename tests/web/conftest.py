@@ -45,7 +45,8 @@ def start_web(start_server: Callable[..., Running]) -> Iterator[Callable[..., We
         overrides = {"web.port": 0, "web.bind": "127.0.0.1", **overrides}
         running = start_server(**overrides)
         cfg = running.config
-        web = WebServer(cfg.web, running.archive, cfg.tls.certificate, cfg.tls.private_key)
+        web = WebServer(cfg.web, running.archive, cfg.tls.certificate, cfg.tls.private_key,
+                        audit=running.server.audit.record)  # as scp/__main__.py does
         started.append(web)
         web.start()
         return WebRunning(running, web)

@@ -53,6 +53,7 @@ def test_dimse_http_and_archive_metrics(start_web: Callable[..., WebRunning]) ->
     assert final == status.SUCCESS
     assert httpx.get(f"{web.url}/studies").status_code == 200
     assert httpx.get(f"{web.url}/studies/1.2.3/metadata").status_code == 404
+    assert httpx.request("M0X", f"{web.url}/studies").status_code == 405  # any token
     stranger = AE(ae_title="STRANGER")
     stranger.add_requested_context("1.2.840.10008.1.1")
     refused_assoc = stranger.associate("127.0.0.1", web.dicom.port,
@@ -64,8 +65,11 @@ def test_dimse_http_and_archive_metrics(start_web: Callable[..., WebRunning]) ->
     scrapes = 2  # ``before``'s and the one while the association was open
     while True:
         after = scrape(web.root)  # in the next answer, not in its own
-        if value(after, "minipacs_dicom_associations_open") == value(
-                before, "minipacs_dicom_associations_open") or time.monotonic() > deadline:
+        settled = value(after, "minipacs_dicom_associations_open") == value(
+            before, "minipacs_dicom_associations_open") and value(
+            after, "minipacs_dicom_associations_rejected_total", calling_ae="other") > value(
+            before, "minipacs_dicom_associations_rejected_total", calling_ae="other")
+        if settled or time.monotonic() > deadline:
             break
         scrapes += 1
         time.sleep(0.02)  # poll interval
@@ -94,6 +98,9 @@ def test_dimse_http_and_archive_metrics(start_web: Callable[..., WebRunning]) ->
     assert delta("minipacs_http_request_seconds_count", service="metrics", method="GET",
                  status="200") == scrapes  # a scrape is counted once its answer is sent
     assert delta("minipacs_http_bytes_total", service="QIDO-RS", direction="out") > 0
+    assert delta("minipacs_http_request_seconds_count", service="QIDO-RS", method="other",
+                 status="405") == 1  # not a series of its own
+    assert not any(dict(k[1]).get("method") == "M0X" for k in after)
     studies = {ds.StudyInstanceUID for ds in datasets}
     assert value(after, "minipacs_held", level="instances") == 5
     assert value(after, "minipacs_held", level="studies") == len(studies)

@@ -1,0 +1,144 @@
+"""The audit trail: who did what, when, with what result, one JSON object per line.
+
+Every association (established, ended, rejected), DIMSE operation, HTTP request, delete and
+send is a line of ``audit.path`` (``<data_dir>/audit.jsonl`` by default)::
+
+    {"time": "2026-12-05T14:02:11.532Z", "event": "dimse", "operation": "C-STORE",
+     "status": "0000", "calling_ae": "CT1", "address": "10.0.0.7", "sop_instance_uid": ...}
+
+:class:`AuditTrail` appends each line with one ``write`` to a file opened ``O_APPEND``, so
+the lines of several processes (``ae.workers``, a ``minipacs delete`` beside the server)
+never interleave. The file is rotated before a line would take it past ``audit.max_mb``
+(``audit.jsonl.1`` ... ``audit.jsonl.<backups>``) by whichever process finds it full, under
+an ``flock`` of ``<path>.lock``; the others reopen the new file at their next line.
+Writing never fails an operation: an error is logged once, and the line is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class AuditTrail:
+    """An append-only JSON-lines file, rotated by size (see the module).
+
+    Parameters
+    ----------
+    path : Path
+        The file; its folder is created when missing.
+    max_bytes : int
+        Size past which the file is rotated.
+    backups : int
+        Rotated files kept.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._failed = False
+
+    def record(self, event: str, **fields: Any) -> None:
+        """Append one line: the time, ``event``, then ``fields`` (``None`` values left out)."""
+        now = datetime.datetime.now(datetime.UTC)
+        line = {"time": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
+                "event": event, **{k: v for k, v in fields.items() if v is not None}}
+        data = (json.dumps(line, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        with self._lock:
+            try:
+                fd = self._current()
+                size = os.fstat(fd).st_size
+                if size and size + len(data) > self.max_bytes:  # full: a new file first
+                    self._rotate()
+                    fd = self._current()
+                os.write(fd, data)
+            except OSError as exc:
+                if not self._failed:
+                    logger.error("cannot write the audit trail %s: %s", self.path, exc)
+                self._failed = True
+                return
+            self._failed = False
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+
+    def _current(self) -> int:
+        """The file's descriptor, reopened when another process rotated it."""
+        fd = self._fd
+        if fd is not None:
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+            self._fd = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        return self._fd
+
+    def _current_fd(self) -> int:
+        assert self._fd is not None  # _current opened it
+        return self._fd
+
+    def _rotate(self) -> None:
+        """``path`` -> ``path.1`` -> ... -> ``path.<backups>`` (the oldest dropped), unless
+        another process is at it or did it already."""
+        lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another process rotates it now
+            try:
+                if os.stat(self.path).st_ino != os.fstat(self._current_fd()).st_ino:
+                    return  # rotated meanwhile by another process: write to the new one
+            except FileNotFoundError:
+                return
+            prefix = self.path.name + "."
+            numbers = sorted((int(name[len(prefix):]) for name in os.listdir(self.path.parent)
+                              if name.startswith(prefix) and name[len(prefix):].isdigit()),
+                             reverse=True)
+            for n in numbers:  # the highest first; past ``backups``, dropped
+                with contextlib.suppress(FileNotFoundError):
+                    if n >= self.backups:
+                        os.remove(f"{self.path}.{n}")
+                    else:
+                        os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        finally:
+            os.close(lock)  # the flock goes with it
+
+
+class NoAudit:
+    """``audit.enabled: false``: records nothing."""
+
+    def record(self, event: str, **fields: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+Audit = AuditTrail | NoAudit
+
+
+def open_audit(enabled: bool, path: Path, max_mb: int, backups: int) -> Audit:
+    """The audit trail the ``audit`` section asks for."""
+    return AuditTrail(path, max_mb * 1024 * 1024, backups) if enabled else NoAudit()
