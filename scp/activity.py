@@ -100,7 +100,8 @@ class Activity:
         stats = self._stats.pop(id(event.assoc), None)
         if stats is not None:
             metrics.ASSOCIATIONS_OPEN.dec()
-            how = "aborted" if event.event is evt.EVT_ABORTED else "released"
+            # from the association, not the event: EVT_CONN_CLOSE may come first
+            how = "released" if getattr(event.assoc, "is_released", False) else "aborted"
             counts = ", ".join(f"{n} {name}" for name, n in sorted(stats.counts.items()))
             requestor = event.assoc.requestor
             logger.info(

@@ -11,7 +11,8 @@ the lines of several processes (``ae.workers``, a ``minipacs delete`` beside the
 never interleave. The file is rotated before a line would take it past ``audit.max_mb``
 (``audit.jsonl.1`` ... ``audit.jsonl.<backups>``) by whichever process finds it full, under
 an ``flock`` of ``<path>.lock``; the others reopen the new file at their next line.
-Writing never fails an operation: an error is logged once, and the line is lost.
+Writing never fails an operation: a line that cannot be written is lost, and the log says so
+(once a minute at most); a rotation that fails lets the file grow rather than lose lines.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+COMPLAIN_EVERY = 60.0
+"""Seconds between two log lines about the same trail's trouble."""
 
 
 class AuditTrail:
@@ -48,31 +53,46 @@ class AuditTrail:
         self.backups = backups
         self._lock = threading.Lock()
         self._fd: int | None = None
-        self._failed = False
+        self._closed = False
+        self._complained = -COMPLAIN_EVERY
 
     def record(self, event: str, **fields: Any) -> None:
-        """Append one line: the time, ``event``, then ``fields`` (``None`` values left out)."""
-        now = datetime.datetime.now(datetime.UTC)
-        line = {"time": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
-                "event": event, **{k: v for k, v in fields.items() if v is not None}}
-        data = (json.dumps(line, ensure_ascii=False, default=str) + "\n").encode("utf-8")
-        with self._lock:
-            try:
+        """Append one line: the time, ``event``, then ``fields`` (``None`` values left out).
+        Never raises: a line that cannot be written is lost, and said so in the log."""
+        try:
+            now = datetime.datetime.now(datetime.UTC)
+            line = {"time": now.strftime("%Y-%m-%dT%H:%M:%S.")
+                    + f"{now.microsecond // 1000:03d}Z",
+                    "event": event, **{k: v for k, v in fields.items() if v is not None}}
+            data = (json.dumps(line, ensure_ascii=False, default=str) + "\n").encode(
+                "utf-8", errors="backslashreplace")  # lone surrogates (argv's undecodable bytes)
+            with self._lock:
+                if self._closed:
+                    return
                 fd = self._current()
                 size = os.fstat(fd).st_size
                 if size and size + len(data) > self.max_bytes:  # full: a new file first
-                    self._rotate()
+                    try:
+                        self._rotate()
+                    except OSError as exc:  # then this one grows on: no line lost for it
+                        self._complain(f"cannot rotate it: {exc}")
                     fd = self._current()
                 os.write(fd, data)
-            except OSError as exc:
-                if not self._failed:
-                    logger.error("cannot write the audit trail %s: %s", self.path, exc)
-                self._failed = True
-                return
-            self._failed = False
+        except Exception as exc:
+            self._complain(f"a line is lost: {exc}")
+
+    def _complain(self, what: str) -> None:
+        """Log a problem of the trail, at most once a minute."""
+        now = time.monotonic()
+        if now - self._complained >= COMPLAIN_EVERY:
+            self._complained = now
+            logger.error("audit trail %s: %s", self.path, what)
 
     def close(self) -> None:
+        """Close the file; later records are dropped (an operation that outlived the
+        server's stop)."""
         with self._lock:
+            self._closed = True
             fd, self._fd = self._fd, None
             if fd is not None:
                 os.close(fd)
@@ -113,8 +133,8 @@ class AuditTrail:
                 return
             prefix = self.path.name + "."
             numbers = sorted((int(name[len(prefix):]) for name in os.listdir(self.path.parent)
-                              if name.startswith(prefix) and name[len(prefix):].isdigit()),
-                             reverse=True)
+                              if name.startswith(prefix) and name[len(prefix):].isascii()
+                              and name[len(prefix):].isdigit()), reverse=True)
             for n in numbers:  # the highest first; past ``backups``, dropped
                 with contextlib.suppress(FileNotFoundError):
                     if n >= self.backups:

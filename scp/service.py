@@ -50,6 +50,16 @@ identifiers (data sets, or as scp/engine/responses.py encodes them), and the sta
 ends the matching early, if any."""
 
 
+AUDIT_IDENTIFIER = 64 * 1024
+"""Largest identifier whose keys the audit trail records (bytes, as received)."""
+AUDIT_KEYS = 32
+AUDIT_VALUE = 256
+"""Most keys, and characters of each, an audit line records of a query."""
+TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                      "TM", "UC", "UI", "UR", "UT", "US", "UL", "SS", "SL"})
+"""VRs of the query keys an audit line records (no binary, no sequence)."""
+
+
 class Kind(enum.Enum):
     """How pynetdicom wants a service's handler to answer."""
 
@@ -149,15 +159,17 @@ class _Request:
         name = f"{self.service.name} cancelled" if cancelled else self.service.name
         self.activity.count(self.event, name, ok=ok)
 
-    def measured(self, answer: Status | None, final: Final | None = None) -> None:
+    def measured(self, answer: Status | None, final: Final | None = None,
+                 aborted: bool = False) -> None:
         """Record the operation for ``/metrics`` and in the audit trail: its final status
-        (``None``: Success, as pynetdicom sends it for a C-FIND), how long it took, who
-        asked for what (a retrieve's ``final`` counts too)."""
+        (``None``: Success, as pynetdicom sends it for a C-FIND; ``aborted``: cut off with
+        its association), how long it took, who asked for what (a retrieve's ``final``
+        counts too)."""
         try:  # never the operation's failure
             code = status.SUCCESS if answer is None else int(
                 answer.Status if isinstance(answer, Dataset) else answer)
             seconds = time.monotonic() - self.started
-            label = metrics.status_label(code)
+            label = "aborted" if aborted else metrics.status_label(code)
             metrics.OPERATIONS.labels(self.service.label, label).observe(seconds)
             requestor = self.event.assoc.requestor
             counts = {} if final is None else {
@@ -170,6 +182,37 @@ class _Request:
         except Exception:
             self.logger.exception("%s: metrics or audit trail not written", self.service.label)
 
+    def gone(self) -> bool:
+        """The peer aborted or released while the operation ran (its A-ABORT or
+        A-RELEASE-RQ waits for the association's thread, busy here)."""
+        try:
+            assoc = self.event.assoc
+            return not assoc.is_established or bool(assoc.acse.is_aborted())
+        except AttributeError:  # not an association of pynetdicom's (unit tests)
+            return False
+
+    def _keys(self, request: Any) -> dict[str, str]:
+        """A query's non-empty text keys, bounded (:data:`AUDIT_KEYS`, :data:`AUDIT_VALUE`):
+        decoded again only when small and not deflated (the handler parsed it with
+        storage's own checks; pynetdicom's decoder inflates a deflated one whole)."""
+        raw: Any = getattr(request, "Identifier", None)
+        size = len(raw.getvalue()) if hasattr(raw, "getvalue") else 0
+        if not size:
+            return {}
+        if size > AUDIT_IDENTIFIER or self.event.context.transfer_syntax.is_deflated:
+            return {"(identifier)": f"{size} bytes, not recorded"}
+        try:
+            identifier = self.event.identifier
+            keys = {}
+            for elem in identifier:
+                if elem.VR in TEXT_VRS and elem.value not in (None, ""):
+                    keys[elem.keyword or str(elem.tag)] = str(elem.value)[:AUDIT_VALUE]
+                if len(keys) == AUDIT_KEYS:
+                    break
+            return keys
+        except Exception:  # one that cannot be decoded was refused already
+            return {}
+
     def what(self) -> dict[str, Any]:
         """What the request named, for the audit trail: a C-STORE's SOP Class and
         Instance, a query's or retrieve's non-empty keys (and a C-MOVE's destination)."""
@@ -181,13 +224,7 @@ class _Request:
                     "sop_instance_uid": str(request.AffectedSOPInstanceUID)}
         if self.service is ECHO:
             return {}
-        try:
-            identifier = self.event.identifier
-            keys = {elem.keyword or str(elem.tag): str(elem.value) for elem in identifier
-                    if elem.VR != "SQ" and elem.value not in (None, "", b"")}
-        except Exception:  # an identifier that cannot be decoded was refused already
-            keys = {}
-        what: dict[str, Any] = {"keys": keys}
+        what: dict[str, Any] = {"keys": self._keys(request)}
         if self.service is MOVE:
             what["destination"] = str(request.MoveDestination).strip()
         return what
@@ -221,13 +258,16 @@ def _matches(request: _Request, body: Callable[[], Matches]) -> Iterator[Any]:
                 request.measured(final)
                 yield final, None
                 return
+        except GeneratorExit:  # pynetdicom stopped asking: the association went away
+            request.measured(None, aborted=True)
+            raise
         except Exception as exc:
             failed = request.failure(exc)
             request.measured(failed)
             yield failed, None
             return
     request.count(ok=True)
-    request.measured(None)
+    request.measured(None, aborted=request.gone())
 
 
 def _retrieve(request: _Request, body: Callable[[], Final]) -> Iterator[Any]:

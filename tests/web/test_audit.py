@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from scp import status
 from scp.audit import AuditTrail
@@ -150,3 +152,44 @@ def test_json_log_lines() -> None:
     assert (line["level"], line["logger"], line["message"]) == ("WARNING", "minipacs",
                                                                 "a json line")
     assert line["time"].endswith("Z")
+
+
+def test_a_huge_or_deflated_identifier_is_not_written_out(server: Any) -> None:
+    """Review of 002856f: the keys of a query were decoded again by pynetdicom (a deflated
+    identifier inflated whole) and written out however large."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = "P" * 64
+    block = query.private_block(0x0009, "MINIPACS TEST", create=True)
+    block.add_new(0x01, "OB", bytes(200_000))
+    _, final = find(server, **{k.keyword: k.value for k in query if k.keyword})
+    assoc = associate(server)
+    responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    assoc.release()
+    assert responses[-1][0].Status in (status.SUCCESS, status.PENDING_WARNING)
+    got = wait_for(server.config.audit_path,
+                   lambda ls: sum(e.get("operation") == "C-FIND" for e in ls) == 2)
+    small, large = [e for e in got if e.get("operation") == "C-FIND"]
+    assert small["keys"]["PatientID"] == "P" * 64
+    assert "not recorded" in large["keys"]["(identifier)"]
+    assert max(len(line) for line in server.config.audit_path.read_text().splitlines()) < 4000
+
+
+def test_a_rotation_that_fails_loses_no_line(tmp_path: Path) -> None:
+    """Review of 002856f: after one failed rotation every later line was lost."""
+    (tmp_path / "a.jsonl.lock").mkdir()  # cannot be opened as the rotation's lock file
+    trail = AuditTrail(tmp_path / "a.jsonl", 300, 3)
+    for n in range(20):
+        trail.record("test", n=n)
+    trail.close()
+    assert [e["n"] for e in lines(tmp_path / "a.jsonl")] == list(range(20))
+
+
+def test_a_line_that_cannot_be_encoded_is_written_escaped_never_raised(tmp_path: Path) -> None:
+    trail = AuditTrail(tmp_path / "a.jsonl", 10_000, 3)
+    trail.record("delete", user="\udcff")  # an undecodable byte of argv (surrogateescape)
+    trail.record("after", n=1)
+    trail.close()
+    trail.record("closed", n=2)  # an operation that outlived the server: dropped quietly
+    got = (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(got) == 2 and "\\udcff" in got[0] and json.loads(got[1])["n"] == 1
