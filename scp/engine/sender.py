@@ -321,6 +321,14 @@ class Link:
         raise ReceiverGone(why)
 
 
+REFUSED_RETRY = 2.0
+"""Seconds during which a destination that refuses the connection is tried again: an SCU
+that is its own Move Destination may listen only once its C-MOVE request is sent (GDCM's
+``gdcmscu --move`` does), and a C-MOVE answered at once would find no one there."""
+REFUSED_PAUSE = 0.05
+"""Seconds between two tries."""
+
+
 class StoreAssociation:
     """The association a C-MOVE opens to its destination (we are its requestor and the
     C-STORE SCU), negotiated with pynetdicom's PDU classes over a socket of ours."""
@@ -341,10 +349,17 @@ class StoreAssociation:
              ssl_context: ssl.SSLContext | None = None) -> StoreAssociation:
         """Connect and negotiate (PS3.8 7.1); raises :class:`AssociationFailed`."""
         where = f"{called} at {address[0]}:{address[1]}"
-        try:
-            sock = socket.create_connection(address, timeout=connect_timeout)
-        except OSError as exc:
-            raise AssociationFailed("no answer", f"{where}: {exc}") from exc
+        refused_until = time.monotonic() + min(REFUSED_RETRY, connect_timeout or REFUSED_RETRY)
+        while True:
+            try:
+                sock = socket.create_connection(address, timeout=connect_timeout)
+                break
+            except ConnectionRefusedError as exc:
+                if time.monotonic() >= refused_until:
+                    raise AssociationFailed("no answer", f"{where}: {exc}") from exc
+                time.sleep(REFUSED_PAUSE)  # a destination about to listen: try again
+            except OSError as exc:
+                raise AssociationFailed("no answer", f"{where}: {exc}") from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if ssl_context is not None:

@@ -445,3 +445,30 @@ def test_a_response_the_reactor_takes_from_a_waiting_sender_goes_back(
     finally:
         assoc._reactor_checkpoint.set()
         assoc.release()
+
+
+def test_a_destination_that_listens_a_moment_later_is_reached() -> None:
+    """gdcmscu --move listens for its sub-operations only after sending the C-MOVE: a
+    refused connection is tried again for REFUSED_RETRY seconds (a loaded CI run saw
+    gdcmscu wait forever for a move answered 'no answer')."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))  # bound, not listening yet: refused
+        port = held.getsockname()[1]
+        rejected = b"\x03\x00\x00\x00\x00\x04\x00\x01\x01\x01"  # A-ASSOCIATE-RJ
+
+        def listen_then_reject() -> None:
+            held.listen(1)
+            conn, _ = held.accept()
+            with conn:
+                conn.recv(65536)  # the A-ASSOCIATE-RQ
+                conn.sendall(rejected)
+
+        later = threading.Timer(0.3, listen_then_reject)
+        later.start()
+        try:
+            with pytest.raises(AssociationFailed, match="association rejected"):
+                StoreAssociation.open(("127.0.0.1", port), calling="A", called="B",
+                                      contexts=[build_context(CT)], max_pdu=0,
+                                      connect_timeout=5, acse_timeout=5, dimse_timeout=5)
+        finally:
+            later.join(10)
