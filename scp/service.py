@@ -36,7 +36,7 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from . import metrics, status
 from .access import Access
 from .activity import Activity
-from .engine.retrieve import Responses
+from .engine.retrieve import Responses, association_gone
 from .retrieve import Final
 
 P = ParamSpec("P")
@@ -186,8 +186,7 @@ class _Request:
         """The peer aborted or released while the operation ran (its A-ABORT or
         A-RELEASE-RQ waits for the association's thread, busy here)."""
         try:
-            assoc = self.event.assoc
-            return not assoc.is_established or bool(assoc.acse.is_aborted())
+            return association_gone(self.event.assoc)
         except AttributeError:  # not an association of pynetdicom's (unit tests)
             return False
 

@@ -32,6 +32,13 @@ def requestor_present(assoc: Association) -> bool:
         acse.is_aborted() or acse.is_release_requested())
 
 
+def association_gone(assoc: Association) -> bool:
+    """The association ended, or an A-ABORT of its peer waits in its reactor's queue (which
+    the thread running a handler does not take in until the handler returns); unlike
+    :func:`requestor_present` it takes no A-RELEASE-RQ out of the queue."""
+    return not assoc.is_established or bool(assoc.acse.is_aborted())
+
+
 def send_response(assoc: Association, primitive: C_GET | C_MOVE, context_id: int) -> None:
     """Send a (Pending) C-GET or C-MOVE response on the requesting association, through
     pynetdicom's DIMSE provider and DUL thread, as its service class would."""
