@@ -52,7 +52,8 @@ class StudyPart:
 
 @dataclass
 class Deletion:
-    """What a delete did (or, dry, would do)."""
+    """What a delete did (or, dry, would do); :attr:`studies_selected` and
+    :attr:`file_keys` are a plan's (:func:`plan`), the files' outcome a delete's."""
 
     instances: int = 0
     series: int = 0
@@ -71,7 +72,7 @@ def plan(selection: Selection) -> Deletion:
     deletion = Deletion()
     per_study: dict[int, int] = {}
     keys: set[str] = set()
-    for key, _, study_id in selected_rows(selection):
+    for key, _, study_id, _ in selected_rows(selection):
         per_study[study_id] = per_study.get(study_id, 0) + 1
         keys.add(key)
     deletion.instances = sum(per_study.values())
@@ -105,16 +106,16 @@ def delete(selection: Selection, files: FileStore,
     if not selection:
         raise StorageError("nothing selected: name a patient, study, series or instance")
     finish(files, writing)  # what an earlier delete left
-    deletion = plan(selection)
+    deletion = Deletion()
     try:
         # every other writer waits (storage.index.write_transaction): a store committing
         # into a study between this recount and its commit would leave a counter short
         with writing():
             rows = [row for row in selected_rows(selection)
                     if only is None or row[0] in only]
-            keys = [(key, uid) for key, uid, _ in rows]
-            series_ids = _series_of([key for key, _ in keys])
-            study_ids = {study_id for _, _, study_id in rows}
+            keys = [(key, uid) for key, uid, _, _ in rows]
+            series_ids = {series_id for *_, series_id in rows}
+            study_ids = {study_id for _, _, study_id, _ in rows}
             patient_ids = _patients_of(study_ids)
             now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
             for chunk in _chunks(keys):
@@ -182,14 +183,6 @@ def _remove(files: FileStore, keys: list[str],
     except pw.DatabaseError as exc:  # the files are gone; the rows name nothing now
         logger.warning("cannot drop %d pending_removal rows: %s", len(removed), exc)
     return len(removed), left
-
-
-def _series_of(keys: list[str]) -> set[int]:
-    found: set[int] = set()
-    for chunk in _chunks(keys):
-        rows: Any = Instance.select(Instance.series).where(Instance.file_key.in_(chunk))
-        found |= {row[0] for row in rows.tuples()}
-    return found
 
 
 def _patients_of(study_ids: set[int]) -> set[int]:

@@ -72,8 +72,9 @@ def instances(selection: Selection) -> list[StoredInstance]:
     return [StoredInstance(*row) for row in rows]
 
 
-def rows(selection: Selection) -> Iterator[tuple[str, str, int]]:
-    """``(file_key, SOP Instance UID, study id)`` of every selected instance."""
-    query: Any = (Instance.select(Instance.file_key, Instance.sop_instance_uid, Instance.study)
+def rows(selection: Selection) -> Iterator[tuple[str, str, int, int]]:
+    """``(file_key, SOP Instance UID, study id, series id)`` of every selected instance."""
+    query: Any = (Instance.select(Instance.file_key, Instance.sop_instance_uid, Instance.study,
+                                  Instance.series)
                   .where(condition(selection)).order_by(Instance.id).tuples())
     yield from query
