@@ -192,18 +192,13 @@ def web_server(config: Config, archive: Archive, audit: Audit) -> WebServer:
                      audit=audit.record)
 
 
-def _audit(config: Config) -> Audit:
-    return open_audit(config.audit.enabled, config.audit_path, config.audit.max_mb,
-                      config.audit.backups)
-
-
 @contextlib.contextmanager
 def _web_beside_workers(config: Config) -> Iterator[None]:
     if not config.web.enabled:
         yield
         return
     archive = open_archive(dataclasses.replace(config.archive_options(), shared=True))
-    audit = _audit(config)
+    audit = open_audit(config)
     web = web_server(config, archive, audit)
     try:
         web.start()
@@ -311,7 +306,7 @@ def delete(config: Config, args: argparse.Namespace) -> int:
             print("nothing deleted")
             return 1
         done = archive.delete(selection, only=plan.file_keys)  # nothing stored since
-        audit = _audit(config)
+        audit = open_audit(config)
         audit.record("delete", user=_os_user(), via="minipacs delete",
                      selection=_described(selection), instances=done.instances,
                      series=done.series, studies=done.studies, patients=done.patients,
@@ -358,7 +353,7 @@ def send(config: Config, args: argparse.Namespace) -> int:
                 config.ae.dimse_timeout), bar)
         finally:
             bar.close()
-        audit = _audit(config)
+        audit = open_audit(config)
         audit.record("send", user=_os_user(), via="minipacs send", peer=peer.ae_title,
                      address=f"{peer.host}:{peer.port}", selection=_described(selection),
                      status=f"{final.status:04X}", completed=final.completed,

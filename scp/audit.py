@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .config import Config
+
 logger = logging.getLogger(__name__)
 
 COMPLAIN_EVERY = 60.0
@@ -159,6 +161,8 @@ class NoAudit:
 Audit = AuditTrail | NoAudit
 
 
-def open_audit(enabled: bool, path: Path, max_mb: int, backups: int) -> Audit:
-    """The audit trail the ``audit`` section asks for."""
-    return AuditTrail(path, max_mb * 1024 * 1024, backups) if enabled else NoAudit()
+def open_audit(config: Config) -> Audit:
+    """The audit trail ``config``'s ``audit`` section asks for."""
+    audit = config.audit
+    return AuditTrail(config.audit_path, audit.max_mb * 1024 * 1024, audit.backups) \
+        if audit.enabled else NoAudit()

@@ -53,8 +53,7 @@ class Server:
         # serving: a second server is kept out, ``delete`` may run beside this one
         self.archive = archive or open_archive(
             dataclasses.replace(config.archive_options(), serving=True))
-        self.audit = open_audit(config.audit.enabled, config.audit_path, config.audit.max_mb,
-                                config.audit.backups)
+        self.audit = open_audit(config)
         self.activity = Activity(on_association_end=self.archive.release,
                                  known_peer=lambda title: config.peer(title) is not None,
                                  audit=self.audit)

@@ -123,7 +123,7 @@ def test_several_processes_append_whole_lines_and_rotate_together(tmp_path: Path
     line is whole, none is lost (1,000 backups keep them all), none is written twice."""
     path = tmp_path / "audit.jsonl"
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), "400"],
-                              cwd=Path(__file__).resolve().parent.parent)
+                              cwd=Path(__file__).resolve().parents[2])  # the repository
              for w in range(4)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
     files = [path, *sorted(tmp_path.glob("audit.jsonl.[0-9]*"))]
