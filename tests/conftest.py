@@ -29,6 +29,10 @@ from pynetdicom.sop_class import (
 from scp import status
 from scp.config import Config, load_config
 from scp.server import Server
+from storage.files import LOCK_FILE, SERVER_LOCK
+
+STORE_LOCKS = (LOCK_FILE, SERVER_LOCK)
+"""The file store's own lock files, beside the stored files (storage/files.py)."""
 
 DCMTK_TOOLS = ("storescu", "findscu", "echoscu")
 

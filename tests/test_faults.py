@@ -14,12 +14,12 @@ import pytest
 
 from scp import status
 from storage.models import Instance
-from tests.conftest import Running, associate
+from tests.conftest import STORE_LOCKS, Running, associate
 from tests.factory import make_ds
 
 
 def everything_in(data_dir: Path) -> list[Path]:
-    return [p for p in (data_dir / "files").rglob("*") if p.is_file() and p.name not in (".lock", ".server.lock")]
+    return [p for p in (data_dir / "files").rglob("*") if p.is_file() and p.name not in STORE_LOCKS]
 
 
 @pytest.mark.parametrize("fault", ["disk full at fsync", "read-only file store"])

@@ -9,12 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scp import status
-from tests.conftest import Running, associate, client_ae
+from tests.conftest import STORE_LOCKS, Running, associate, client_ae
 from tests.factory import make_ds
 
 
 def files_in(data_dir: Path) -> list[Path]:
-    return [p for p in (data_dir / "files").rglob("*") if p.is_file() and p.name not in (".lock", ".server.lock")]
+    return [p for p in (data_dir / "files").rglob("*") if p.is_file() and p.name not in STORE_LOCKS]
 
 
 def test_associations_beyond_the_maximum_are_rejected_transient(

@@ -15,13 +15,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from scp import status
 from scp.engine import reactor
 from storage import Spooled
-from tests.conftest import Running, associate, client_ae, record_returns
+from tests.conftest import STORE_LOCKS, Running, associate, client_ae, record_returns
 from tests.factory import file_parts, make_ds, save
 
 
 def _stored(running: Running) -> list[bytes]:
     files = running.data_dir / "files"
-    return [file_parts(p)[0] for p in files.rglob("*") if p.is_file() and p.name not in (".lock", ".server.lock")]
+    return [file_parts(p)[0] for p in files.rglob("*") if p.is_file() and p.name not in STORE_LOCKS]
 
 
 def test_the_spool_holds_the_data_set_alone() -> None:

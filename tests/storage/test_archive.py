@@ -30,6 +30,7 @@ from storage import (
     index,
     open_archive,
 )
+from tests.conftest import STORE_LOCKS
 from tests.factory import encode, expected_table, hierarchy, make_ds, study_counts, uid
 
 STUDY_KEYS = ("StudyInstanceUID", "PatientID", "PatientName", "NumberOfStudyRelatedInstances",
@@ -82,7 +83,7 @@ def check_counts(archive: Archive, datasets: list[Dataset]) -> None:
 
 def stored_files(tmp_path: Path) -> list[Path]:
     return [p for p in (tmp_path / "files").rglob("*")
-            if p.is_file() and p.parent.name != "tmp" and p.name not in (".lock", ".server.lock")]
+            if p.is_file() and p.parent.name != "tmp" and p.name not in STORE_LOCKS]
 
 
 def test_store_writes_the_senders_bytes_behind_a_file_meta_header(archive: Archive, tmp_path: Path) -> None:
