@@ -100,8 +100,10 @@ class Activity:
         stats = self._stats.pop(id(event.assoc), None)
         if stats is not None:
             metrics.ASSOCIATIONS_OPEN.dec()
-            # from the association, not the event: EVT_CONN_CLOSE may come first
-            how = "released" if getattr(event.assoc, "is_released", False) else "aborted"
+            # EVT_CONN_CLOSE may come before either: on a release, the peer closes as soon
+            # as it has the A-RELEASE-RP, before pynetdicom marks the association released
+            aborted = event.event is evt.EVT_ABORTED or getattr(event.assoc, "is_aborted", False)
+            how = "aborted" if aborted else "released"
             counts = ", ".join(f"{n} {name}" for name, n in sorted(stats.counts.items()))
             requestor = event.assoc.requestor
             logger.info(

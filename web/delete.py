@@ -23,22 +23,15 @@ from starlette.routing import BaseRoute, Route
 from storage import Archive, Selection
 
 from .errors import NOT_FOUND, WebError
-from .urls import path_uid
+from .urls import path_target
+from .wado import INSTANCE, SERIES, STUDY
 
 logger = logging.getLogger(__name__)
-
-STUDY = "/studies/{study}"
-SERIES = STUDY + "/series/{series}"
-INSTANCE = SERIES + "/instances/{instance}"
-
 
 def delete(request: Request) -> Response:
     """Delete the study, series or instance the path names, once it is found there."""
     archive: Archive = request.app.state.archive
-    params = request.path_params
-    study = path_uid(params["study"], "study")
-    series = path_uid(params["series"], "series") if "series" in params else None
-    sop = path_uid(params["instance"], "instance") if "instance" in params else None
+    study, series, sop = path_target(request)
     selection = (Selection(instance_uids=(sop,)) if sop else
                  Selection(series_uids=(series,)) if series else
                  Selection(study_uids=(study,)))

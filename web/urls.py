@@ -35,3 +35,13 @@ def path_uid(text: str, what: str) -> str:
     if not is_uid(text):
         raise WebError(BAD_REQUEST, f"{what} is not a valid UID: {text[:80]!r}")
     return text
+
+
+def path_target(request: Request) -> tuple[str, str | None, str | None]:
+    """The study, series and instance UIDs the path names (``None`` where it stops; 400
+    for one that is not a UID: :func:`path_uid`)."""
+    params = request.path_params
+    study = path_uid(params["study"], "study")
+    series = path_uid(params["series"], "series") if "series" in params else None
+    sop = path_uid(params["instance"], "instance") if "instance" in params else None
+    return study, series, sop

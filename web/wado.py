@@ -35,7 +35,7 @@ from .accept import DICOM, DICOM_JSON, OCTET_STREAM, PixelChoice
 from .errors import BAD_REQUEST, NOT_ACCEPTABLE, NOT_FOUND, WebError
 from .multipart_out import OK, PARTIAL_CONTENT, Part, multipart
 from .rendered import Rendering, part_type, render, rendering
-from .urls import path_uid, service_url
+from .urls import path_target, service_url
 
 """PS3.5 9.1: a UID is at most 64 characters, digits in dot-separated components."""
 MAX_FRAME_DIGITS = 9
@@ -74,15 +74,6 @@ def _head(request: Request) -> bool:
     return request.method == "HEAD"
 
 
-def _target(request: Request) -> tuple[str, str | None, str | None]:
-    """The study, series and instance UIDs the path names (``None`` where it stops)."""
-    params = request.path_params
-    study = path_uid(params["study"], "study")
-    series = path_uid(params["series"], "series") if "series" in params else None
-    sop = path_uid(params["instance"], "instance") if "instance" in params else None
-    return study, series, sop
-
-
 def _instance_url(request: Request) -> Callable[[str, str, str], str]:
     """The URL of an instance on this server, as the client reached it."""
     root = service_url(request)
@@ -104,7 +95,7 @@ def retrieve(request: Request) -> Response:
     """A study, series or instance as ``multipart/related; type="application/dicom"``
     (PS3.18 10.4.1.1.1), each instance in the first transfer syntax asked for that it can
     go in (8.7.8.2): 200 when all can, 206 when some can (Table 10.4.3-1), else 406."""
-    study, series, sop = _target(request)
+    study, series, sop = path_target(request)
     archive = _archive(request)
     items = archive.locate(study, series, sop)
     wanted = accept.instance_syntaxes(accept.ranges(request))
@@ -135,14 +126,14 @@ def _first_syntax(item: WebInstance, wanted: list[str]) -> str | None:
 def metadata(request: Request) -> Response:
     """The metadata of a study, series or instance (PS3.18 10.4.1.1.2): one DICOM JSON
     object per instance, from the index alone."""
-    study, series, sop = _target(request)
+    study, series, sop = path_target(request)
     accept.require_json(accept.ranges(request))
     body = _archive(request).metadata(study, series, sop, _instance_url(request))
     return Response(body, media_type=DICOM_JSON)
 
 
 def _one(request: Request) -> tuple[Archive, WebInstance]:
-    study, series, sop = _target(request)
+    study, series, sop = path_target(request)
     archive = _archive(request)
     return archive, archive.locate(study, series, sop)[0]
 
@@ -236,7 +227,7 @@ def rendered_images(request: Request) -> Response:
     body without its closing delimiter (:mod:`web.multipart_out`). 406 when nothing has
     pixel data, 404 when nothing is stored there or no file of an image can be read.
     """
-    study, series, _ = _target(request)
+    study, series, _ = path_target(request)
     how = rendering(request, part_type(accept.ranges(request)))
     archive = _archive(request)
     items = archive.locate(study, series)
@@ -293,7 +284,7 @@ def thumbnail(request: Request) -> Response:
     """A small rendering (PS3.18 10.4.1.1.4) of a study's or series' representative image
     (:meth:`Archive.representative`), an instance or a frame: the middle frame unless a
     frame is named."""
-    study, series, sop = _target(request)
+    study, series, sop = path_target(request)
     frame = request.path_params.get("frames")
     number = _single_frame(frame) if frame is not None else None
     how = rendering(request, accept.rendered_type(accept.ranges(request)), thumbnail=True)
