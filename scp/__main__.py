@@ -1,4 +1,4 @@
-"""The command line: ``minipacs serve | verify | reindex | import | delete | send |
+"""The command line: ``minipacs serve | verify | reindex | import | delete | send | queue |
 hash-password | new-token``, ``minipacs --version``.
 The only place that exits, and the only one that configures logging (with
 :func:`scp.logs.setup_logging`, which worker processes call too)."""
@@ -34,6 +34,9 @@ from .server import ListenError, Server
 from .workers import serve_workers
 
 DEFAULT_CONFIG = "config.yaml"
+
+QUEUE_ACTIONS = ("show", "list", "retry", "drop")
+"""What ``minipacs queue`` does."""
 
 OVERRIDES: dict[str, tuple[str, str]] = {
     "port": ("ae.port", "--port"),
@@ -88,6 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     sender.add_argument("peer", help="the AE title of a peer with a host, from peers")
     _selectors(sender)
     sender.add_argument("--dry-run", action="store_true", help="say what would be sent")
+    queue = commands.add_parser(
+        "queue", help="routing's outbox: what waits or failed, per peer; retry or drop"
+        " items (the server may run)")
+    queue.add_argument("action", nargs="?", choices=QUEUE_ACTIONS, default="show",
+                       help="show (per peer; the default), list (the items), retry (due"
+                       " now, attempts from zero), drop (never sent)")
+    queue.add_argument("--peer", help="only this peer's items")
+    queue.add_argument("--id", type=int, action="append", default=[], metavar="N",
+                       help="retry or drop this item (from list); repeatable")
+    queue.add_argument("--all", action="store_true", help="list, retry or drop waiting items"
+                       " too, not only failed ones")
+    queue.add_argument("--yes", action="store_true", help="drop without asking")
     commands.add_parser(
         "hash-password", help="print the hash of a password for web.users (asked for at a"
         " prompt, or read from standard input's first line when that is not a terminal)")
@@ -95,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
         "new-token", help="print a new bearer token and its web.tokens entry")
     token.add_argument("name", help="whom the token is for (logged when it is refused)")
     token.add_argument("rights", choices=ACCOUNT_RIGHTS)
-    for sub in (verify, commands.choices["reindex"], importer, deleter, sender):
+    for sub in (verify, commands.choices["reindex"], importer, deleter, sender, queue):
         sub.add_argument("--config", type=Path, help=f"configuration file (default: ./"
                          f"{DEFAULT_CONFIG} if present, else built-ins)")
         sub.add_argument("--data-dir", help="override storage.data_dir")
@@ -350,7 +365,7 @@ def send(config: Config, args: argparse.Namespace) -> int:
         try:
             final = run_send(archive, items, MoveDestination(
                 peer, config.ae.title, config.ae.max_pdu_size, config.ae.acse_timeout,
-                config.ae.dimse_timeout), bar)
+                config.ae.dimse_timeout, service="send"), bar)
         finally:
             bar.close()
         audit = open_audit(config)
@@ -367,6 +382,45 @@ def send(config: Config, args: argparse.Namespace) -> int:
     for uid in final.failed_uids:
         print(f"not sent: {uid}")
     return 1 if final.failed else 0
+
+
+def queue(config: Config, args: argparse.Namespace) -> int:
+    """``minipacs queue [show|list|retry|drop]``: routing's outbox, beside a running server.
+    0 when done, 1 when retry or drop found nothing, 2 for a refused request."""
+    if args.id and args.action not in ("retry", "drop"):
+        print("minipacs: --id is for retry and drop", file=sys.stderr)
+        return 2
+    archive = open_archive(dataclasses.replace(config.archive_options(), shared=True))
+    try:
+        outbox = archive.outbox
+        if args.action == "show":
+            queues = [q for q in archive.routing_queue()
+                      if args.peer is None or q.peer == args.peer]
+            for q in queues:
+                oldest = f", oldest queued {q.oldest:%Y-%m-%d %H:%M:%S} UTC" if q.oldest else ""
+                print(f"{q.peer}: {q.waiting} waiting, {q.failed} failed{oldest}")
+            if not queues:
+                print("the routing queue is empty")
+            return 0
+        if args.action == "list":
+            for e in outbox.entries(args.peer, None if args.all else True):
+                state = "failed" if e.failed else f"due {e.due_at:%Y-%m-%d %H:%M:%S}"
+                print(f"{e.id} {e.peer} {e.route} {e.sop_instance_uid} {state} after"
+                      f" {e.attempts} attempt(s)" + (f": {e.last_error}" if e.last_error else ""))
+            return 0
+        if args.action == "drop" and not args.yes and not _confirmed(
+                "drop these items from the routing queue, never to be sent?"):
+            return 2
+        act = outbox.retry if args.action == "retry" else outbox.drop
+        count = act(args.peer, args.id, failed_only=not args.all and not args.id)
+        audit = open_audit(config)
+        audit.record(f"queue-{args.action}", user=_os_user(), via="minipacs queue",
+                     peer=args.peer or "", ids=args.id, all=args.all, items=count)
+        audit.close()
+        print(f"{args.action}: {count} item(s)")
+        return 0 if count else 1
+    finally:
+        archive.close()
 
 
 def _os_user() -> str:
@@ -447,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
             return delete(config, args)
         if args.command == "send":
             return send(config, args)
+        if args.command == "queue":
+            return queue(config, args)
         return serve(config)
     except StorageError as exc:
         logging.getLogger("minipacs").error("%s", exc)

@@ -23,7 +23,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from storage import ArchiveOptions, DuplicatePolicy, response_charset_problem
+from storage import ArchiveOptions, DuplicatePolicy, Route, response_charset_problem
+from storage.outbox import match_key_problem
 from web.config import CHOICES as WEB_CHOICES
 from web.config import WebConfig
 from web.config import check as check_web
@@ -163,6 +164,32 @@ class SecurityConfig:
 
 PEER_REQUIRED: tuple[str, ...] = ("ae_title",)
 
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One entry of ``routes``: every stored instance that matches ``match`` is sent to
+    each peer of ``to`` (:mod:`storage.outbox`, :mod:`scp.routing`)."""
+
+    name: str = ""
+    match: dict[str, str] = field(default_factory=dict)
+    to: tuple[str, ...] = ()
+    stable_seconds: float = 0.0
+
+
+ROUTE_REQUIRED: tuple[str, ...] = ("name", "to")
+
+REQUIRED: dict[str, tuple[str, ...]] = {"peers": PEER_REQUIRED, "routes": ROUTE_REQUIRED}
+"""The keys an entry of each list section must have."""
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """``routing``: how the senders of ``routes`` retry."""
+
+    retry_seconds: float = 10.0
+    retry_max_seconds: float = 600.0
+    max_attempts: int = 20
+
 # what ``peers[].transfer_syntax`` may name: syntaxes we can always produce from any stored
 # instance whose pixel data can be decoded
 PEER_TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -184,7 +211,9 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     peers: tuple[PeerConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
 
     def peer(self, ae_title: str) -> PeerConfig | None:
         """The peer called ``ae_title`` (leading and trailing spaces ignored, PS3.5 AE), if
@@ -228,6 +257,8 @@ class Config:
             retrieve_ae_title=self.ae.title,
             max_instance_bytes=self.storage.max_instance_mb * 1024 * 1024,
             min_free_bytes=self.storage.min_free_disk_mb * 1024 * 1024,
+            routes=tuple(Route(r.name, tuple(r.match.items()), r.to, r.stable_seconds)
+                         for r in self.routes),
         )
 
 
@@ -240,10 +271,12 @@ SECTIONS: dict[str, type] = {
     "security": SecurityConfig,
     "tls": TLSConfig,
     "web": WebConfig,
+    "routing": RoutingConfig,
 }
 
 LIST_SECTIONS: dict[str, type] = {
     "peers": PeerConfig,
+    "routes": RouteConfig,
 }
 """Sections that hold a list of mappings, each one entry."""
 
@@ -335,6 +368,7 @@ def load_config(
         problems.append(f"web.port: {web.port} is ae.port too; give the web listener its own")
     if web.enabled and web.https and not (tls.certificate and tls.private_key):
         problems.append("web.https: needs tls.certificate and tls.private_key")
+    _check_routes(sections["routes"], sections["peers"], problems)
     if ae.workers > 1 and sections["storage"].index_url.startswith(("postgres",)):
         # only SQLite's BEGIN IMMEDIATE serialises the index writes of several processes
         problems.append("ae.workers: more than 1 needs the SQLite index (storage.index_url"
@@ -376,14 +410,24 @@ def _list_section(
     entries = tuple(
         _section(f"{name}[{i}]", cls, item, base, problems) for i, item in enumerate(raw)
     )
-    if name == "peers":
-        seen: set[str] = set()
-        for entry in entries:
-            title = entry.ae_title.strip(" ")
-            if title and title in seen:
-                problems.append(f"peers: AE title {title!r} is listed more than once")
-            seen.add(title)
+    seen: set[str] = set()
+    for entry in entries:
+        key = entry.ae_title.strip(" ") if name == "peers" else entry.name
+        if key and key in seen:
+            what = "AE title" if name == "peers" else "name"
+            problems.append(f"{name}: {what} {key!r} is listed more than once")
+        seen.add(key)
     return entries
+
+
+def _check_routes(routes: tuple[RouteConfig, ...], peers: tuple[PeerConfig, ...],
+                  problems: list[str]) -> None:
+    """Each route's peers are peers we can send to."""
+    reachable = {p.ae_title.strip(" ") for p in peers if p.host}
+    for i, route in enumerate(routes):
+        for title in route.to:
+            if title.strip(" ") not in reachable:
+                problems.append(f"routes[{i}].to: {title!r} is not in peers with a host")
 
 
 def _section(name: str, cls: type, raw: Any, base: Path, problems: list[str]) -> Any:
@@ -443,6 +487,11 @@ def _convert(dotted: str, hint: Any, value: Any, base: Path, problems: list[str]
         if isinstance(value, str):
             return value
         problems.append(f"{dotted}: must be a string, not {value!r}")
+    elif typing.get_origin(hint) is dict:  # dict[str, str]: a YAML mapping of strings
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in value.items()):
+            return dict(value)
+        problems.append(f"{dotted}: must be a mapping of strings to strings, not {value!r}")
     elif typing.get_origin(hint) is tuple:  # tuple[str, ...]: a YAML list of strings
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
@@ -504,6 +553,14 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
             problems.append(f"query.response_charset: {why}, not {values['response_charset']!r}")
     if section.startswith("peers["):
         _check_peer(section, values, problems)
+    if section.startswith("routes["):
+        _check_route(section, values, problems)
+    if section == "routing":
+        for key in ("retry_seconds", "retry_max_seconds"):
+            if key in values and values[key] <= 0:
+                problems.append(f"routing.{key}: must be a positive number of seconds")
+        if values.get("max_attempts", 1) < 1:
+            problems.append("routing.max_attempts: must be at least 1")
     if section == "tls":
         _check_tls(values, problems)
     if section == "web":
@@ -550,6 +607,20 @@ def _check_peer(section: str, values: dict[str, Any], problems: list[str]) -> No
             f"{section}.transfer_syntax: must be empty (as stored) or one of {allowed},"
             f" not {syntax!r}"
         )
+
+
+def _check_route(section: str, values: dict[str, Any], problems: list[str]) -> None:
+    for key in ROUTE_REQUIRED:
+        if not values.get(key):
+            problems.append(f"{section}.{key}: is required")
+    name = values.get("name", "")
+    if name and (len(name) > 64 or not name.isprintable()):
+        problems.append(f"{section}.name: must be at most 64 printable characters")
+    for keyword in values.get("match", {}):
+        if why := match_key_problem(keyword):
+            problems.append(f"{section}.match: {why}")
+    if values.get("stable_seconds", 0) < 0:
+        problems.append(f"{section}.stable_seconds: must not be negative")
 
 
 def _check_tls(values: dict[str, Any], problems: list[str]) -> None:

@@ -47,6 +47,10 @@ BYTES = Counter(
     "minipacs_dimse_bytes",
     "Data set bytes received by C-STORE (direction=in) and sent by the C-STORE"
     " sub-operations of C-GET and C-MOVE (direction=out)", ["operation", "direction"])
+ROUTED = Counter(
+    "minipacs_dicom_routed_instances",
+    "Instances routing sent to a peer (outcome=sent) or could not send (outcome=failed:"
+    " each failed attempt)", ["peer", "outcome"])
 
 
 def count_bytes(operation: str, direction: str, size: int) -> None:

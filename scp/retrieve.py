@@ -367,7 +367,9 @@ class MoveDestination:
     """
 
     def __init__(self, peer: PeerConfig, calling: str, max_pdu_size: int,
-                 acse_timeout: float | None, dimse_timeout: float | None) -> None:
+                 acse_timeout: float | None, dimse_timeout: float | None,
+                 service: str = "C-MOVE") -> None:
+        self.service = service  # what the log calls the sending
         self.peer = peer
         self.calling = calling
         self.max_pdu_size = peer.max_pdu_size or max_pdu_size
@@ -385,7 +387,7 @@ class MoveDestination:
                 dimse_timeout=self.dimse_timeout)
         except AssociationFailed as exc:
             reason = f"{exc}: {peer.ae_title} at {peer.host}:{peer.port}"
-            logger.error("C-MOVE to %s: %s (%s)", peer.ae_title, reason, exc.detail)
+            logger.error("%s to %s: %s (%s)", self.service, peer.ae_title, reason, exc.detail)
             return Final(status.MOVE_UNABLE_TO_PERFORM_SUBOPERATIONS, failed=len(items),
                          comment=status.trim_comment(reason))
 

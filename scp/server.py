@@ -28,6 +28,7 @@ from .handlers import (
     handle_sop_extended,
     handle_store,
 )
+from .routing import Router
 from .tls import server_context
 
 logger = logging.getLogger("minipacs")
@@ -58,6 +59,7 @@ class Server:
                                  known_peer=lambda title: config.peer(title) is not None,
                                  audit=self.audit)
         self.access = Access(config, self.audit)
+        self.router = Router(config, self.archive, self.audit)
         self.ae = self._build_ae()
         self._server: Any = None
         self._tls_server: Any = None
@@ -146,6 +148,7 @@ class Server:
                 " %s)", cfg.title, cfg.bind, self.tls_port,
                 "required" if tls.require_client_cert else "not required",
             )
+        self.router.start()
         if self.config.security.allow_unknown_peers:
             logger.warning(
                 "security.allow_unknown_peers is true: any AE title may store, query and"
@@ -190,6 +193,7 @@ class Server:
         close_unassociated(self.ae)
         reactor.settle(self.ae.active_associations, timeout=min(grace, 5.0))
         self.ae.shutdown()
+        self.router.stop(grace)
         self.archive.close()
         self.audit.close()
         logger.info("minipacs stopped")

@@ -40,6 +40,8 @@ from .instances import (
     syntax_for,
 )
 from .keys import Level, Model
+from .outbox import Entry as OutboxEntry
+from .outbox import PeerQueue, Route
 from .parsing import Spooled, read_identifier
 from .query import Query, Search, SearchAnswer, response_charset_problem
 from .removal import Deletion, StudyPart
@@ -67,6 +69,8 @@ __all__ = [
     "Model",
     "NotFound",
     "Origin",
+    "OutboxEntry",
+    "PeerQueue",
     "PixelSource",
     "Query",
     "SERVER_LOCK",
@@ -75,6 +79,7 @@ __all__ = [
     "Selection",
     "Spooled",
     "QueryFailed",
+    "Route",
     "SOPClassMismatch",
     "StorageError",
     "StorageFull",

@@ -29,7 +29,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
-from . import index, instances, maintenance, query, removal
+from . import index, instances, maintenance, outbox, query, removal
 from .commit import GroupCommit
 from .convert import as_stored, explicit_to_implicit, to_accepted
 from .errors import (
@@ -155,6 +155,9 @@ class ArchiveOptions:
     serving : bool
         The archive of a single-process server (see
         :class:`~storage.files.FilesystemStore`): ``delete`` may run beside it.
+    routes : tuple of Route
+        ``routes``: each stored instance that matches one is queued in the outbox for its
+        peers (:mod:`storage.outbox`).
     """
 
     files_path: Path
@@ -169,6 +172,7 @@ class ArchiveOptions:
     min_free_bytes: int = 0
     shared: bool = False
     serving: bool = False
+    routes: tuple[outbox.Route, ...] = ()
 
 
 MAX_SELECTED_STUDIES = 30_000
@@ -189,7 +193,9 @@ class Archive:
             self.files.close()
             raise
         self._write_lock = threading.Lock()
-        self._committer = GroupCommit(self.files, options.on_duplicate, self._write_lock)
+        self.outbox = outbox.Outbox(self._write_lock)
+        self._committer = GroupCommit(self.files, options.on_duplicate, self._write_lock,
+                                      routed=self.outbox.notify)
         self._in_flight: collections.Counter[str] = collections.Counter()  # UIDs queued
         self._in_flight_lock = threading.Lock()
         self._reserve_lock = threading.Lock()
@@ -370,7 +376,9 @@ class Archive:
                 logger.warning("%s: %s", uid, warning)
             outcome.set_result(StoreOutcome(result.result, uid, warnings, **uids))
 
-        self._committer.submit(staged, record, wake=wake).add_done_callback(settle)
+        targets = outbox.targets(self.options.routes, record, origin.ae_title)
+        self._committer.submit(staged, record, wake=wake,
+                               targets=targets).add_done_callback(settle)
         return PendingStore(parsed.sop_class_uid, uid, outcome)
 
     def _leave(self, uid: str) -> None:
@@ -830,6 +838,19 @@ class Archive:
         """
         try:
             return index.totals()
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not be read: {exc}") from exc
+
+    def routing_queue(self) -> list[outbox.PeerQueue]:
+        """Per peer, what routing still has to send (:meth:`storage.outbox.Outbox.summary`).
+
+        Raises
+        ------
+        QueryFailed
+            The index could not be read.
+        """
+        try:
+            return self.outbox.summary()
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
 

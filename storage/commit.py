@@ -31,13 +31,14 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import peewee as pw
 
-from . import index
+from . import index, outbox
 from .errors import StorageError, StorageFull
 from .files import FileStore, Staged
 from .index import DuplicatePolicy, InstanceRecord, WriteOutcome, WriteResult
@@ -47,13 +48,19 @@ logger = logging.getLogger(__name__)
 MAX_BATCH = 256
 """Most instances indexed in one transaction."""
 
+ROUTED = (WriteResult.STORED, WriteResult.REPLACED)
+"""The outcomes that queue an instance for routing: new content (an identical resend, or
+one kept out by ``on_duplicate: keep``, is not sent again)."""
+
 
 @dataclass
 class Pending:
-    """A store waiting for the committer: its staged file and its index record."""
+    """A store waiting for the committer: its staged file, its index record, and where
+    routing must send it (queued in the outbox in the same transaction)."""
 
     staged: Staged
     record: InstanceRecord
+    targets: list[outbox.Target] = field(default_factory=list)
     future: Future[WriteOutcome] = field(default_factory=Future)
 
 
@@ -70,22 +77,27 @@ class GroupCommit:
         ``storage.on_duplicate``.
     write_lock : threading.Lock
         The archive's lock around index writes (maintenance writes take it too).
+    routed : callable, optional
+        Called after a commit that queued something in the outbox.
     """
 
     def __init__(self, files: FileStore, policy: DuplicatePolicy,
-                 write_lock: threading.Lock) -> None:
+                 write_lock: threading.Lock,
+                 routed: Callable[[], None] = lambda: None) -> None:
         self.files = files
         self.policy = policy
         self.write_lock = write_lock
+        self.routed = routed
         self._queue: collections.deque[Pending] = collections.deque()
         self._wake = threading.Condition()  # guards _queue, _thread and _closing
         self._committing = threading.Lock()  # held by whoever commits a batch
         self._thread: threading.Thread | None = None
         self._closing = False
 
-    def submit(self, staged: Staged, record: InstanceRecord, *,
-               wake: bool = True) -> Future[WriteOutcome]:
-        """Queue a staged file and its record; the future gives the index's
+    def submit(self, staged: Staged, record: InstanceRecord, *, wake: bool = True,
+               targets: list[outbox.Target] | None = None) -> Future[WriteOutcome]:
+        """Queue a staged file and its record (and the routing ``targets`` to queue it
+        for once it is indexed, unless it was a duplicate); the future gives the index's
         :class:`~storage.index.WriteOutcome` once the file is durable and the transaction
         committed, or the :class:`~storage.errors.StorageError` that kept it from being
         stored (its file is then removed).
@@ -98,7 +110,7 @@ class GroupCommit:
         StorageError
             The archive is closed (the staged file is removed).
         """
-        pending = Pending(staged, record)
+        pending = Pending(staged, record, targets or [])
         with self._wake:
             if self._closing:
                 self.files.abandon(staged)
@@ -202,6 +214,8 @@ class GroupCommit:
         try:
             with self.write_lock, index.write_transaction():
                 outcomes = [self._write(p) for p in batch]
+                routed = any(p.targets for p, o in zip(batch, outcomes, strict=True)
+                             if not isinstance(o, StorageError) and o.result in ROUTED)
         except pw.DatabaseError as exc:
             if len(batch) > 1:
                 logger.warning("group commit of %d instances failed (%s); indexing them"
@@ -217,6 +231,11 @@ class GroupCommit:
             return
         # committed: from here on nothing may turn an answer into a failure, nor remove
         # a file a committed row names
+        if routed:
+            try:
+                self.routed()
+            except Exception:  # noqa: BLE001 - the senders poll anyway
+                logger.exception("waking the routing senders failed")
         for p, outcome in zip(batch, outcomes, strict=True):
             try:
                 if isinstance(outcome, StorageError):
@@ -232,11 +251,16 @@ class GroupCommit:
                 logger.exception("settling a committed store failed")
 
     def _write(self, pending: Pending) -> WriteOutcome | StorageError:
-        """One instance's rows, or the duplicate refusal that wrote none."""
+        """One instance's rows (and its outbox rows when it is new content), or the
+        duplicate refusal that wrote none."""
         try:
-            return index.write_instance(pending.record, self.policy)
+            outcome = index.write_instance(pending.record, self.policy)
         except StorageError as exc:
             return exc
+        if pending.targets and outcome.result in ROUTED:
+            outbox.enqueue(pending.targets, pending.record.instance["sop_instance_uid"],
+                           pending.record.study["study_instance_uid"])
+        return outcome
 
     def _fail(self, batch: list[Pending], error: StorageError) -> None:
         """Nothing of ``batch`` was indexed: remove its files, fail each store."""

@@ -199,7 +199,12 @@ def _pending_removals(database: pw.Database) -> None:
     know that table, refuses the index instead of indexing a deleted instance's file again."""
 
 
-_MIGRATIONS = {1: _patient_name_groups, 2: _pending_removals}
+def _outbox(database: pw.Database) -> None:
+    """3 to 4: ``create_tables`` adds ``outbox`` (routing); an older minipacs, which would
+    not send what it holds, refuses the index."""
+
+
+_MIGRATIONS = {1: _patient_name_groups, 2: _pending_removals, 3: _outbox}
 
 
 def close() -> None:

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import peewee as pw
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The version of the schema below; :mod:`storage.index` migrates an older index to it.
 
 1. The first schema.
 2. PatientName kept folded per component group, each indexed, instead of one framed column.
 3. ``pending_removal``: the files of deleted instances, until they are removed (an older
    minipacs would take them for unindexed instances and index them again).
+4. ``outbox``: the instances routing must still send (:mod:`storage.outbox`).
 """
 
 database_proxy: Any = pw.DatabaseProxy()
@@ -125,5 +126,29 @@ class PendingRemoval(BaseModel):
     queued_at = pw.DateTimeField()
 
 
+class OutboxItem(BaseModel):
+    """An instance a route must still send to a peer (:mod:`storage.outbox`), written in the
+    transaction that indexed it: one row per peer and instance."""
+
+    peer = pw.CharField(max_length=16)
+    route = pw.CharField(max_length=64)
+    sop_instance_uid = pw.CharField(max_length=64)
+    study_instance_uid = pw.CharField(max_length=64, index=True)
+    queued_at = pw.DateTimeField()
+    due_at = pw.DateTimeField()
+    attempts = pw.IntegerField(default=0)
+    failed = pw.BooleanField(default=False)
+    last_error = pw.TextField(default="")
+    # a new store of the instance while a sender has it: that sender must not delete it
+    generation = pw.IntegerField(default=0)
+    lease_owner = pw.CharField(max_length=128, default="")
+    lease_until = pw.DateTimeField(null=True)
+
+    class Meta:
+        table_name = "outbox"
+        indexes = ((("peer", "sop_instance_uid"), True),
+                   (("peer", "failed", "due_at"), False))
+
+
 MODELS: tuple[type[BaseModel], ...] = (SchemaVersion, Patient, Study, Series, Instance,
-                                       PendingRemoval)
+                                       PendingRemoval, OutboxItem)

@@ -10,13 +10,14 @@ Three sources, one registry per application (:func:`registry`):
   status with their latency, and body bytes in and out (the same middleware writes each
   request, scrapes but, to the audit trail it is given);
 - the archive's state, read at each scrape (:class:`ArchiveCollector`): patients, studies,
-  series and instances held, the file store's disk.
+  series and instances held, the file store's disk, routing's queue per peer.
 
 ``GET /metrics`` needs ``read`` rights, as DICOMweb's GETs do (:mod:`web.auth`).
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import time
@@ -83,6 +84,7 @@ class ArchiveCollector(Collector):
         try:
             totals = self.archive.totals()
             free, total = self.archive.disk_usage()
+            queues = self.archive.routing_queue()
         except (StorageError, OSError) as exc:
             logger.warning("/metrics: the archive could not be read: %s", exc)
             return
@@ -97,6 +99,21 @@ class ArchiveCollector(Collector):
                                 "Free bytes on the file store's disk", value=free)
         yield GaugeMetricFamily("minipacs_files_disk_size_bytes",
                                 "Size of the file store's disk", value=total)
+        items = GaugeMetricFamily(
+            "minipacs_routing_queue_items", "Instances routing has still to send, by peer:"
+            " waiting (to be sent or retried) or failed (given up until retried)",
+            labels=["peer", "state"])
+        oldest = GaugeMetricFamily(
+            "minipacs_routing_queue_oldest_seconds",
+            "Age of the oldest instance routing has still to send, by peer", labels=["peer"])
+        now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+        for queue in queues:
+            items.add_metric([queue.peer, "waiting"], queue.waiting)
+            items.add_metric([queue.peer, "failed"], queue.failed)
+            if queue.oldest is not None:
+                oldest.add_metric([queue.peer], max(0.0, (now - queue.oldest).total_seconds()))
+        yield items
+        yield oldest
 
 
 class HttpMetrics:

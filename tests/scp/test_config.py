@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from scp.config import LIST_SECTIONS, PEER_REQUIRED, SECTIONS, ConfigError, load_config
+from scp.config import LIST_SECTIONS, REQUIRED, SECTIONS, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ def list_defaults() -> dict[str, Any]:
     """``peers[].port`` -> its default; required keys -> "(required)"; lists as YAML."""
     def shown(value: Any) -> Any:
         return f"[{', '.join(value)}]" if isinstance(value, tuple) else value
-    return {f"{name}[].{f.name}": "(required)" if f.name in PEER_REQUIRED
+    return {f"{name}[].{f.name}": "(required)" if f.name in REQUIRED[name]
             else shown(getattr(cls(), f.name))
             for name, cls in LIST_SECTIONS.items() for f in dataclasses.fields(cls)}
 
@@ -42,17 +42,20 @@ def test_config_yaml_holds_every_key_with_the_code_default() -> None:
                  if section not in LIST_SECTIONS for key, value in keys.items()}
     assert from_yaml == code_defaults()
     assert {name: raw[name] for name in LIST_SECTIONS} == {name: [] for name in LIST_SECTIONS}
-    # the commented example entry names every key of a list entry, with its default
-    example = yaml.safe_load("\n".join(
-        line.replace("#   ", "  ", 1).replace("# - ", "- ", 1)
-        for line in text.splitlines() if line.startswith(("#   ", "# - "))))
-    cls = LIST_SECTIONS["peers"]
-    entry = example[0]
-    assert set(entry) == {f.name for f in dataclasses.fields(cls)}
-    for f in dataclasses.fields(cls):
-        if f.name not in PEER_REQUIRED:
-            value = entry[f.name]
-            assert (tuple(value) if isinstance(value, list) else value) == getattr(cls(), f.name)
+    # the commented example entry above each list section names every key of an entry, with
+    # its default
+    for name, cls in LIST_SECTIONS.items():
+        block = text.split(f"\n{name}: []")[0].split("\n\n")[-1]
+        example = yaml.safe_load("\n".join(
+            line.replace("#   ", "  ", 1).replace("# - ", "- ", 1)
+            for line in block.splitlines() if line.startswith(("#   ", "# - "))))
+        entry = example[0]
+        assert set(entry) == {f.name for f in dataclasses.fields(cls)}, name
+        for f in dataclasses.fields(cls):
+            if f.name not in REQUIRED[name]:
+                value = entry[f.name]
+                assert (tuple(value) if isinstance(value, list) else value) == getattr(
+                    cls(), f.name), f"{name}[].{f.name}"
 
 
 def test_readme_documents_every_key_with_its_default() -> None:
@@ -189,6 +192,34 @@ def test_peer_network_and_services_are_checked(tmp_path: Path) -> None:
                      "security.allow_unknown_peers: must be true or false"):
         assert any(fragment in p for p in problems), (fragment, problems)
     assert len(problems) == 4
+
+
+def test_routes_are_loaded_and_every_problem_reported(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("peers:\n  - {ae_title: AI, host: 10.0.0.9}\n  - {ae_title: WARD}\n"
+                    "routes:\n  - {name: ct, match: {Modality: CT, CallingAETitle: 'CT*'},"
+                    " to: [AI], stable_seconds: 30}\n")
+    config = load_config(path)
+    [route] = config.archive_options().routes
+    assert (route.name, route.match, route.to, route.stable_seconds) == (
+        "ct", (("Modality", "CT"), ("CallingAETitle", "CT*")), ("AI",), 30.0)
+    path.write_text("peers:\n  - {ae_title: AI, host: 10.0.0.9}\n  - {ae_title: WARD}\n"
+                    "routes:\n  - {match: {Modalty: CT}, to: [WARD]}\n"
+                    "  - {name: a, to: [NOBODY], match: {Modality: [CT]}, stable_seconds: -1}\n"
+                    "  - {name: a}\n"
+                    "routing: {retry_seconds: 0, max_attempts: 0}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    for fragment in ("routes[0].name: is required", "routes[0].match: 'Modalty' is not a DICOM",
+                     "routes[0].to: 'WARD' is not in peers with a host",
+                     "routes[1].match: must be a mapping of strings",
+                     "routes[1].stable_seconds: must not be negative",
+                     "routes[1].to: 'NOBODY' is not in peers", "routes[2].to: is required",
+                     "routes: name 'a' is listed more than once",
+                     "routing.retry_seconds: must be a positive", "routing.max_attempts"):
+        assert any(fragment in p for p in problems), (fragment, problems)
+    assert len(problems) == 10
 
 
 def test_workers_need_the_sqlite_index(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 
 from scp import status
-from tests.conftest import associate, find
+from tests.conftest import associate, find, reserved_port
 from tests.factory import encode, hierarchy, make_ds
 from tests.test_cli import free_port, minipacs_command, wait_until_echo
 from tests.web.conftest import WebRunning
@@ -157,3 +157,34 @@ def test_worker_processes_counts_add_up(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=120)
     assert proc.returncode == 0
+
+
+def test_routing_queue_metrics(start_web: Callable[..., WebRunning]) -> None:
+    """Routing's queue per peer and what was routed, while a peer cannot be reached."""
+    with reserved_port() as port:
+        web = start_web(**{"peers": [{"ae_title": "DOWN", "host": "127.0.0.1", "port": port}],
+                           "routes": [{"name": "ct", "match": {"Modality": "CT"},
+                                       "to": ["DOWN"]}],
+                           "routing.retry_seconds": 60.0})
+    before = scrape(web.root)
+    assoc = associate(web.dicom)
+    for ds in [make_ds(Modality="CT") for _ in range(3)] + [make_ds(Modality="MR")]:
+        assert assoc.send_c_store(ds).Status == status.SUCCESS
+    assoc.release()
+    deadline = time.monotonic() + 30
+    while True:  # poll until the sender has tried (its first batch may be one instance)
+        after = scrape(web.root)
+        failed = value(after, "minipacs_dicom_routed_instances_total", peer="DOWN",
+                       outcome="failed") - value(before, "minipacs_dicom_routed_instances_total",
+                                                 peer="DOWN", outcome="failed")
+        if failed >= 1:
+            break
+        assert time.monotonic() < deadline, "the sender did not try"
+        time.sleep(0.05)  # poll interval
+    assert failed <= 3
+    assert value(after, "minipacs_routing_queue_items", peer="DOWN", state="waiting") == 3
+    assert value(after, "minipacs_routing_queue_items", peer="DOWN", state="failed") == 0
+    assert value(after, "minipacs_routing_queue_oldest_seconds", peer="DOWN") >= 0
+    assert value(after, "minipacs_dicom_routed_instances_total", peer="DOWN",
+                 outcome="sent") == value(before, "minipacs_dicom_routed_instances_total",
+                                          peer="DOWN", outcome="sent")

@@ -1,0 +1,154 @@
+"""Auto-routing's senders: one thread per destination peer of ``routes`` works off that
+peer's part of the outbox (:mod:`storage.outbox`), so that one dead destination never
+holds back another.
+
+A sender claims the items due for its peer (at most :data:`BATCH`, leased for
+:data:`LEASE_SECONDS`), sends them over one association as ``minipacs send`` does (stored
+files as stored when the peer accepts their syntax, else converted; ``peers[].transfer_syntax``
+honoured: :func:`scp.retrieve.run_send`), then deletes those the peer took and puts the
+others off: ``routing.retry_seconds`` after the first failure, doubling up to
+``routing.retry_max_seconds``, failed after ``routing.max_attempts`` (kept, shown by
+``minipacs queue``, until retried or dropped). When the association cannot be opened the
+sender also waits that long before it tries the peer again. An instance deleted since it
+was queued is dropped from the outbox. Each batch is one audit line and a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+from storage import Archive, OutboxEntry, Selection
+from storage.outbox import lease_owner
+
+from . import metrics
+from .audit import Audit
+from .config import Config, PeerConfig, RoutingConfig
+from .retrieve import MoveDestination, run_send
+
+logger = logging.getLogger(__name__)
+
+BATCH = 100
+"""Most items one association sends."""
+LEASE_SECONDS = 600.0
+"""How long a claim keeps other senders off a batch (a sender that dies keeps it that long,
+unless a process of its host frees it first: :meth:`storage.outbox.Outbox.free_dead_leases`)."""
+POLL_SECONDS = 1.0
+"""How often an idle sender looks for items queued by other processes or now due."""
+
+
+def delay(routing: RoutingConfig, attempts: int) -> float:
+    """Seconds before attempt ``attempts + 1``: ``retry_seconds`` doubled per attempt after
+    the first, at most ``retry_max_seconds``."""
+    return min(routing.retry_max_seconds, routing.retry_seconds * 2 ** max(0, attempts - 1))
+
+
+class Router:
+    """The senders of one server process.
+
+    Parameters
+    ----------
+    config : Config
+        Its ``routes``, ``routing``, ``peers`` and ``ae``.
+    archive : Archive
+        Whose outbox it works off.
+    audit : Audit
+        Where each batch is recorded.
+    """
+
+    def __init__(self, config: Config, archive: Archive, audit: Audit) -> None:
+        self.config = config
+        self.archive = archive
+        self.audit = audit
+        self.owner = lease_owner()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        titles = dict.fromkeys(t for route in config.routes for t in route.to)
+        self.peers = [p for t in titles if (p := config.destination(t)) is not None]
+
+    def start(self) -> None:
+        """Free what dead processes of this host left leased, then start one sender per
+        peer (none without routes)."""
+        if not self.peers:
+            return
+        freed = self.archive.outbox.free_dead_leases(socket.gethostname())
+        if freed:
+            logger.info("routing: %d item(s) left by a stopped process are queued again", freed)
+        for peer in self.peers:
+            thread = threading.Thread(target=self._run, args=(peer,), daemon=True,
+                                      name=f"minipacs-route-{peer.ae_title}")
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop after the batches being sent (waiting up to ``grace`` s for them; what is
+        still leased is freed by the next start)."""
+        self._stop.set()
+        self.archive.outbox.notify()
+        for thread in self._threads:
+            thread.join(grace)
+        self._threads.clear()
+
+    def _run(self, peer: PeerConfig) -> None:
+        seen = 0
+        unreachable = 0  # batches in a row whose association could not be opened
+        try:
+            while not self._stop.is_set():
+                if unreachable and self._stop.wait(delay(self.config.routing, unreachable)):
+                    return
+                try:
+                    entries = self.archive.outbox.claim(peer.ae_title, self.owner, BATCH,
+                                                        LEASE_SECONDS)
+                    if not entries:
+                        unreachable = 0
+                        seen = self.archive.outbox.wait(seen, POLL_SECONDS)
+                        continue
+                    unreachable = 0 if self._send(peer, entries) else unreachable + 1
+                except Exception:  # noqa: BLE001 - e.g. the index is down: try again later
+                    logger.exception("routing to %s failed; trying again", peer.ae_title)
+                    unreachable += 1
+                finally:
+                    self.archive.release()
+        finally:
+            self.archive.release()
+
+    def _send(self, peer: PeerConfig, entries: list[OutboxEntry]) -> bool:
+        """Send one claimed batch; ``False`` when the association could not be opened."""
+        outbox, routing, owner = self.archive.outbox, self.config.routing, self.owner
+        by_uid = {e.sop_instance_uid: e for e in entries}
+        items = self.archive.selected(Selection(instance_uids=tuple(by_uid)))
+        stored = {i.sop_instance_uid for i in items}
+        gone = [e for e in entries if e.sop_instance_uid not in stored]
+        if gone:
+            logger.info("routing to %s: %d queued instance(s) no longer stored, dropped",
+                        peer.ae_title, len(gone))
+            outbox.sent(gone, owner)
+        if not items:
+            return True
+        cfg = self.config.ae
+        final = run_send(self.archive, items, MoveDestination(
+            peer, cfg.title, cfg.max_pdu_size, cfg.acse_timeout, cfg.dimse_timeout,
+            service="routing"))
+        unopened = final.failed == len(items) and not final.failed_uids
+        failed = {i.sop_instance_uid for i in items} if unopened else set(final.failed_uids)
+        done = [by_uid[uid] for uid in stored if uid not in failed]
+        outbox.sent(done, owner)
+        reason = final.comment or "the peer did not take it (see the log)"
+        outbox.put_off([by_uid[uid] for uid in failed], owner, reason,
+                       lambda attempts: delay(routing, attempts), routing.max_attempts)
+        metrics.ROUTED.labels(peer.ae_title, "sent").inc(len(done))
+        metrics.ROUTED.labels(peer.ae_title, "failed").inc(len(failed))
+        routes = sorted({e.route for e in entries})
+        self.audit.record("route", user="routing", peer=peer.ae_title,
+                          address=f"{peer.host}:{peer.port}", routes=routes,
+                          status=f"{final.status:04X}", completed=final.completed,
+                          warning=final.warning, failed=len(failed),
+                          instances=sorted(stored))
+        logger.info("routing to %s (%s): %d sent, %d failed%s", peer.ae_title,
+                    ", ".join(routes), len(done), len(failed),
+                    f" ({final.comment})" if final.comment else "")
+        return not unopened
+
+
+__all__ = ["BATCH", "LEASE_SECONDS", "POLL_SECONDS", "Router", "delay"]

@@ -1,0 +1,375 @@
+"""Routing's outbox: the stored instances a route must still send to a peer, kept in the
+index (DESIGN.md, "Routing and other background work").
+
+A stored instance that matches a :class:`Route` gets one row per destination peer in the
+transaction that indexes it (:mod:`storage.commit`), so that nothing acknowledged is ever
+left unrouted, whatever is killed when. A sender (:mod:`scp.routing`) claims the rows due
+for its peer under a lease (:meth:`Outbox.claim`), sends them, and deletes them once the
+peer took them (:meth:`Outbox.sent`) or puts them off with a growing delay
+(:meth:`Outbox.put_off`); after ``max_attempts`` an item is *failed*: kept and shown until
+someone retries or drops it. A sender killed mid-batch leaves its rows leased: a process
+of this host frees the leases of its dead processes when it starts
+(:meth:`Outbox.free_dead_leases`), and any lease ends by itself after its time. The
+promise is at-least-once: a batch that was sent but not yet marked sent goes again.
+
+A route with ``stable_seconds`` holds a study's items until no instance of the study has
+matched it for that long: each new one puts the study's waiting items off again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import peewee as pw
+from pydicom.datadict import tag_for_keyword
+
+from . import index
+from .index import InstanceRecord
+from .keys import Level, level_of
+from .models import OutboxItem
+
+CALLING_AE_TITLE = "CallingAETitle"
+"""The match key that is not an attribute: the AE title the instance came from (empty for
+STOW-RS)."""
+
+COLUMN_OF: dict[str, str] = {
+    "PatientID": "patient_id", "IssuerOfPatientID": "issuer_of_patient_id",
+    "PatientName": "patient_name", "PatientBirthDate": "patient_birth_date",
+    "PatientSex": "patient_sex", "StudyInstanceUID": "study_instance_uid",
+    "StudyDate": "study_date", "StudyTime": "study_time",
+    "AccessionNumber": "accession_number", "StudyID": "study_id",
+    "ReferringPhysicianName": "referring_physician_name",
+    "StudyDescription": "study_description", "SeriesInstanceUID": "series_instance_uid",
+    "Modality": "modality", "SeriesNumber": "series_number",
+    "SeriesDescription": "series_description", "SOPInstanceUID": "sop_instance_uid",
+    "SOPClassUID": "sop_class_uid", "InstanceNumber": "instance_number",
+}
+"""The attributes an :class:`~storage.index.InstanceRecord` keeps as columns, not in its
+levels' DICOM JSON (:func:`storage.parsed.parsed_from`)."""
+
+
+def match_key_problem(keyword: str) -> str | None:
+    """Why ``keyword`` cannot be a key of ``routes[].match``, or ``None``."""
+    if keyword == CALLING_AE_TITLE or keyword in COLUMN_OF:
+        return None
+    if tag_for_keyword(keyword) is None:
+        return f"{keyword!r} is not a DICOM keyword (nor {CALLING_AE_TITLE})"
+    return None
+
+
+@dataclass(frozen=True)
+class Route:
+    """One entry of ``routes``: every stored instance whose attributes match each pattern
+    of ``match`` (``*`` and ``?`` wildcards, case-sensitive; a multi-valued attribute
+    matches when one value does) is sent to each peer of ``to``."""
+
+    name: str
+    match: tuple[tuple[str, str], ...]
+    to: tuple[str, ...]
+    stable_seconds: float = 0.0
+
+    def matches(self, values: Callable[[str], list[str]]) -> bool:
+        """Does the instance whose values of a keyword ``values`` gives match?"""
+        return all(any(fnmatch.fnmatchcase(v, pattern) for v in values(keyword) or [""])
+                   for keyword, pattern in self.match)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one stored instance goes: a route and one of its peers."""
+
+    route: str
+    peer: str
+    stable_seconds: float
+
+
+def targets(routes: Sequence[Route], record: InstanceRecord,
+            calling_ae_title: str) -> list[Target]:
+    """Where ``record``'s instance, received from ``calling_ae_title``, must be sent: one
+    :class:`Target` per peer (the first route to name a peer wins)."""
+    if not routes:
+        return []
+    levels = {Level.PATIENT: record.patient, Level.STUDY: record.study,
+              Level.SERIES: record.series, Level.IMAGE: record.instance}
+    decoded: dict[Level, dict[str, Any]] = {}
+
+    def values(keyword: str) -> list[str]:
+        if keyword == CALLING_AE_TITLE:
+            return [calling_ae_title.strip(" ")]
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            return []
+        row = levels[level_of(tag)]
+        if keyword in COLUMN_OF:
+            value = str(row.get(COLUMN_OF[keyword], ""))
+            return value.split("\\") if value else []
+        level = level_of(tag)
+        if level not in decoded:
+            decoded[level] = json.loads(row.get("attrs") or "{}")
+        element = decoded[level].get(f"{int(tag):08X}", {})
+        return [_text(v) for v in element.get("Value", [])]
+
+    out: dict[str, Target] = {}
+    for route in routes:
+        if route.matches(values):
+            for peer in route.to:
+                out.setdefault(peer, Target(route.name, peer, route.stable_seconds))
+    return list(out.values())
+
+
+def _text(value: Any) -> str:
+    """A DICOM JSON value as text (PS3.18 F.2.3: a PN's Alphabetic group)."""
+    if isinstance(value, dict):
+        return str(value.get("Alphabetic", ""))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One outbox row."""
+
+    id: int
+    peer: str
+    route: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    queued_at: datetime.datetime
+    due_at: datetime.datetime
+    attempts: int
+    failed: bool
+    last_error: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class PeerQueue:
+    """What the outbox holds for one peer."""
+
+    peer: str
+    waiting: int
+    failed: int
+    oldest: datetime.datetime | None
+
+
+def enqueue(found: Iterable[Target], sop_instance_uid: str, study_instance_uid: str) -> int:
+    """Queue a just-indexed instance for each of ``found``, in the caller's write
+    transaction (:mod:`storage.commit`); an instance already queued for a peer is queued
+    again from now (a new version of it was stored). Returns how many were queued."""
+    now = _now()
+    count = 0
+    for target in found:
+        due = now + datetime.timedelta(seconds=target.stable_seconds)
+        if target.stable_seconds:  # the study is not stable yet: its waiting items wait
+            OutboxItem.update(due_at=due).where(
+                (OutboxItem.study_instance_uid == study_instance_uid)
+                & (OutboxItem.route == target.route) & (OutboxItem.attempts == 0)
+                & (OutboxItem.failed == False)  # noqa: E712 - peewee's SQL comparison
+                & (OutboxItem.due_at < due)).execute()
+        updated = OutboxItem.update(
+            route=target.route, due_at=due, attempts=0, failed=False, last_error="",
+            generation=OutboxItem.generation + 1, queued_at=now,
+        ).where((OutboxItem.peer == target.peer)
+                & (OutboxItem.sop_instance_uid == sop_instance_uid)).execute()
+        if not updated:
+            OutboxItem.insert(peer=target.peer, route=target.route,
+                              sop_instance_uid=sop_instance_uid,
+                              study_instance_uid=study_instance_uid, queued_at=now,
+                              due_at=due).execute()
+        count += 1
+    return count
+
+
+class Outbox:
+    """The outbox of one archive, for its senders and for ``minipacs queue``.
+
+    Parameters
+    ----------
+    write_lock : threading.Lock
+        The archive's lock around index writes.
+    """
+
+    def __init__(self, write_lock: threading.Lock) -> None:
+        self.write_lock = write_lock
+        self._changed = threading.Condition()
+        self._version = 0
+
+    # -- in-process wake-ups ----------------------------------------------------------
+
+    def notify(self) -> None:
+        """Something was queued in this process: wake the senders."""
+        with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> int:
+        """Wait until something is queued after ``seen`` (a value this returned before; 0
+        the first time) or ``timeout`` s pass; return the new value."""
+        with self._changed:
+            if self._version == seen:
+                self._changed.wait(timeout)
+            return self._version
+
+    # -- senders ----------------------------------------------------------------------
+
+    def claim(self, peer: str, owner: str, limit: int,
+              lease_seconds: float) -> list[Entry]:
+        """Lease up to ``limit`` items due for ``peer`` to ``owner``, oldest due first;
+        nothing is written when none is due."""
+        now = _now()
+        due = ((OutboxItem.peer == peer) & (OutboxItem.failed == False)  # noqa: E712
+               & (OutboxItem.due_at <= now)
+               & (OutboxItem.lease_until.is_null() | (OutboxItem.lease_until < now)))
+        if not OutboxItem.select(OutboxItem.id).where(due).limit(1).exists():
+            return []
+        with self.write_lock, index.write_transaction():
+            rows = list(OutboxItem.select().where(due)
+                        .order_by(OutboxItem.due_at, OutboxItem.id).limit(limit))
+            if rows:
+                OutboxItem.update(
+                    lease_owner=owner,
+                    lease_until=now + datetime.timedelta(seconds=lease_seconds),
+                ).where(OutboxItem.id.in_([r.id for r in rows])).execute()
+        return [_entry(r) for r in rows]
+
+    def sent(self, entries: Iterable[Entry], owner: str) -> None:
+        """``entries`` went (or need not go any more): delete them, unless stored again
+        since they were claimed (then they are only let go, to go again)."""
+        entries = list(entries)
+        if not entries:
+            return
+        with self.write_lock, index.write_transaction():
+            for e in entries:
+                mine = (OutboxItem.id == e.id) & (OutboxItem.lease_owner == owner)
+                if not OutboxItem.delete().where(
+                        mine & (OutboxItem.generation == e.generation)).execute():
+                    OutboxItem.update(lease_owner="", lease_until=None).where(mine).execute()
+
+    def put_off(self, entries: Iterable[Entry], owner: str, error: str,
+                delay: Callable[[int], float], max_attempts: int) -> None:
+        """``entries`` could not go: count the attempt, keep ``error``, and make each due
+        again after ``delay(attempts)`` seconds, or failed after ``max_attempts``."""
+        entries = list(entries)
+        if not entries:
+            return
+        now = _now()
+        with self.write_lock, index.write_transaction():
+            for e in entries:
+                attempts = e.attempts + 1
+                OutboxItem.update(
+                    attempts=attempts, failed=attempts >= max_attempts,
+                    last_error=error[:1000], lease_owner="", lease_until=None,
+                    due_at=now + datetime.timedelta(seconds=delay(attempts)),
+                ).where((OutboxItem.id == e.id) & (OutboxItem.lease_owner == owner)
+                        & (OutboxItem.generation == e.generation)).execute()
+
+    def free_dead_leases(self, host: str) -> int:
+        """Free the leases of this host's processes that are gone (owners written by
+        :func:`lease_owner`); returns how many items were freed."""
+        owners = [row.lease_owner for row in OutboxItem.select(OutboxItem.lease_owner)
+                  .where(OutboxItem.lease_owner.startswith(f"{host}:")).distinct()]
+        dead = [owner for owner in owners if not _alive(owner, host)]
+        if not dead:
+            return 0
+        with self.write_lock, index.write_transaction():
+            return int(OutboxItem.update(lease_owner="", lease_until=None)
+                       .where(OutboxItem.lease_owner.in_(dead)).execute())
+
+    # -- ``minipacs queue`` ------------------------------------------------------------
+
+    def summary(self) -> list[PeerQueue]:
+        """Per peer: the items waiting (due or not), those failed, the oldest queued."""
+        failed = pw.fn.SUM(pw.Case(None, [(OutboxItem.failed == True, 1)], 0))  # noqa: E712
+        query: Any = (OutboxItem.select(OutboxItem.peer, pw.fn.COUNT(OutboxItem.id), failed,
+                                        pw.fn.MIN(OutboxItem.queued_at))
+                      .group_by(OutboxItem.peer).order_by(OutboxItem.peer).tuples())
+        rows: list[tuple[Any, ...]] = list(query)
+        out = []
+        for peer, count, failed_count, oldest in rows:
+            if isinstance(oldest, str):  # SQLite's MIN() gives the stored text
+                oldest = OutboxItem.queued_at.python_value(oldest)
+            out.append(PeerQueue(peer, int(count) - int(failed_count or 0),
+                                 int(failed_count or 0), oldest))
+        return out
+
+    def entries(self, peer: str | None = None, failed: bool | None = None,
+                limit: int = 1000) -> list[Entry]:
+        """Outbox rows, oldest queued first."""
+        query = OutboxItem.select()
+        if peer is not None:
+            query = query.where(OutboxItem.peer == peer)
+        if failed is not None:
+            query = query.where(OutboxItem.failed == failed)
+        return [_entry(r) for r in query.order_by(OutboxItem.queued_at, OutboxItem.id)
+                .limit(limit)]
+
+    def retry(self, peer: str | None = None, ids: Sequence[int] = (),
+              failed_only: bool = True) -> int:
+        """Make items due now with their attempts counted from zero: the failed ones (or
+        all, ``failed_only=False``) of ``peer``, or those of ``ids``. Returns how many."""
+        with self.write_lock, index.write_transaction():
+            return int(OutboxItem.update(attempts=0, failed=False, due_at=_now())
+                       .where(_chosen(peer, ids, failed_only)).execute())
+
+    def drop(self, peer: str | None = None, ids: Sequence[int] = (),
+             failed_only: bool = True) -> int:
+        """Delete items without sending them (chosen as :meth:`retry` chooses)."""
+        with self.write_lock, index.write_transaction():
+            return int(OutboxItem.delete().where(_chosen(peer, ids, failed_only)).execute())
+
+
+def _chosen(peer: str | None, ids: Sequence[int], failed_only: bool) -> Any:
+    where: Any = OutboxItem.id.in_(list(ids)) if ids else (OutboxItem.id > 0)
+    if peer is not None:
+        where &= OutboxItem.peer == peer
+    if failed_only:
+        where &= OutboxItem.failed == True  # noqa: E712
+    return where
+
+
+def lease_owner() -> str:
+    """This process's name on the leases it takes: host, process ID and a random tag (a
+    new process with the ID of a dead one is not taken for it)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_TAG}"
+
+
+_TAG = os.urandom(4).hex()
+
+
+def _alive(owner: str, host: str) -> bool:
+    """Is the process of this host that ``owner`` names still running?"""
+    try:
+        pid_text, tag = owner[len(host) + 1:].split(":", 1)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return tag == _TAG
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _entry(row: OutboxItem) -> Entry:
+    return Entry(row.id, row.peer, row.route, row.sop_instance_uid, row.study_instance_uid,
+                 row.queued_at, row.due_at, row.attempts, bool(row.failed), row.last_error,
+                 row.generation)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+
+
+__all__ = ["CALLING_AE_TITLE", "Entry", "Outbox", "PeerQueue", "Route", "Target",
+           "enqueue", "lease_owner", "match_key_problem", "targets"]

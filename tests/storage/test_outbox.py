@@ -1,0 +1,99 @@
+"""Routing's outbox (storage.outbox): what a route matches, rows written with the instance,
+claims under a lease, put off then failed, a new store while a sender has an item, and
+the leases of dead processes freed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+
+from storage import Archive, ArchiveOptions, Origin, Route, open_archive
+from storage.models import OutboxItem
+from storage.outbox import lease_owner
+from tests.factory import encode, make_ds
+
+ROUTES = (
+    Route("ct-scanners", (("Modality", "CT"), ("CallingAETitle", "SCANNER*")), ("AI",)),
+    Route("axial", (("ImageType", "AXIAL"),), ("RECON",)),  # multi-valued, in the JSON
+    Route("does", (("PatientName", "Doe^*"), ("BodyPartExamined", "CHEST")), ("TEACH",)),
+    Route("no-pn", (("PatientName", ""),), ("EMPTY",)),  # absent = empty
+)
+
+
+@pytest.fixture
+def routed(tmp_path: Path) -> Iterator[Archive]:
+    archive = open_archive(ArchiveOptions(
+        files_path=tmp_path / "files", index_url=f"sqlite:///{tmp_path / 'index.sqlite'}",
+        routes=ROUTES))
+    yield archive
+    archive.close()
+
+
+def peers_of(archive: Archive, uid: str) -> set[str]:
+    return {e.peer for e in archive.outbox.entries(failed=None) if e.sop_instance_uid == uid}
+
+
+def test_what_each_route_matches(routed: Archive) -> None:
+    cases = [
+        (dict(Modality="CT"), "SCANNER2", {"AI"}),
+        (dict(Modality="CT"), "WARD", set()),
+        (dict(Modality="MR"), "SCANNER2", set()),
+        (dict(Modality="MR", ImageType=["ORIGINAL", "PRIMARY", "AXIAL"]), "X", {"RECON"}),
+        (dict(Modality="MR", ImageType=["ORIGINAL", "PRIMARY"]), "X", set()),
+        (dict(Modality="MR", PatientName="Doe^Jane", BodyPartExamined="CHEST"), "X",
+         {"TEACH"}),
+        (dict(Modality="MR", PatientName="Roe^Jane", BodyPartExamined="CHEST"), "X", set()),
+        (dict(Modality="MR", PatientName=None), "X", {"EMPTY"}),
+    ]
+    for keywords, calling, expected in cases:
+        ds = make_ds(**keywords)
+        routed.store(encode(ds), ExplicitVRLittleEndian, origin=Origin(ae_title=calling))
+        assert peers_of(routed, str(ds.SOPInstanceUID)) == expected, (keywords, calling)
+
+
+def test_claim_put_off_fail_retry_and_a_new_store_while_claimed(routed: Archive) -> None:
+    outbox, me = routed.outbox, lease_owner()
+    ds = make_ds(Modality="CT")
+    routed.store(encode(ds), ExplicitVRLittleEndian, origin=Origin(ae_title="SCANNER1"))
+    [entry] = outbox.claim("AI", me, 10, 60)
+    assert outbox.claim("AI", me, 10, 60) == []  # leased
+    outbox.put_off([entry], me, "no answer", lambda attempts: 0.0, max_attempts=2)
+    [entry] = outbox.claim("AI", me, 10, 60)
+    assert (entry.attempts, entry.last_error) == (1, "no answer")
+    outbox.put_off([entry], me, "still no answer", lambda attempts: 0.0, max_attempts=2)
+    assert outbox.claim("AI", me, 10, 60) == []  # failed: only by hand
+    [failed] = outbox.entries(failed=True)
+    assert (failed.attempts, failed.failed) == (2, True)
+    assert outbox.retry("AI") == 1
+    [entry] = outbox.claim("AI", me, 10, 60)
+    assert entry.attempts == 0
+    # stored again (other content) while the sender has it: it must go again
+    ds.PatientName = "Other^Name"
+    routed.store(encode(ds), ExplicitVRLittleEndian, origin=Origin(ae_title="SCANNER1"))
+    outbox.sent([entry], me)
+    [again] = outbox.claim("AI", me, 10, 60)
+    assert again.generation == entry.generation + 1
+    outbox.sent([again], me)
+    assert outbox.entries(failed=None) == []
+
+
+def test_the_leases_of_dead_processes_are_freed(routed: Archive) -> None:
+    import socket
+
+    host = socket.gethostname()
+    routed.store(encode(make_ds(Modality="CT")), ExplicitVRLittleEndian,
+                 origin=Origin(ae_title="SCANNER1"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert routed.outbox.claim("AI", f"{host}:{dead}:0000", 10, 3600)
+    assert routed.outbox.free_dead_leases("elsewhere") == 0  # another host's: left
+    assert routed.outbox.claim("AI", lease_owner(), 10, 60) == []
+    assert routed.outbox.free_dead_leases(host) == 1
+    assert routed.outbox.claim("AI", lease_owner(), 10, 60)
+    assert routed.outbox.free_dead_leases(host) == 0  # this process's own: alive
+    assert OutboxItem.select().count() == 1
