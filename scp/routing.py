@@ -127,9 +127,16 @@ class Router:
         if not items:
             return True
         cfg = self.config.ae
-        final = run_send(self.archive, items, MoveDestination(
-            peer, cfg.title, cfg.max_pdu_size, cfg.acse_timeout, cfg.dimse_timeout,
-            service="routing"))
+        try:
+            final = run_send(self.archive, items, MoveDestination(
+                peer, cfg.title, cfg.max_pdu_size, cfg.acse_timeout, cfg.dimse_timeout,
+                service="routing"))
+        except Exception as exc:  # a fault of ours: the batch is tried again later
+            logger.exception("routing to %s failed", peer.ae_title)
+            outbox.put_off([by_uid[i.sop_instance_uid] for i in items], owner,
+                           f"an unexpected error: {exc}",
+                           lambda attempts: delay(routing, attempts), routing.max_attempts)
+            return False
         unopened = final.failed == len(items) and not final.failed_uids
         failed = {i.sop_instance_uid for i in items} if unopened else set(final.failed_uids)
         done = [by_uid[uid] for uid in stored if uid not in failed]

@@ -263,19 +263,22 @@ class Outbox:
         with self.write_lock, index.write_transaction():
             for e in entries:
                 attempts = e.attempts + 1
-                OutboxItem.update(
-                    attempts=attempts, failed=attempts >= max_attempts,
-                    last_error=error[:1000], lease_owner="", lease_until=None,
-                    due_at=now + datetime.timedelta(seconds=delay(attempts)),
-                ).where((OutboxItem.id == e.id) & (OutboxItem.lease_owner == owner)
-                        & (OutboxItem.generation == e.generation)).execute()
+                mine = (OutboxItem.id == e.id) & (OutboxItem.lease_owner == owner)
+                if not OutboxItem.update(
+                        attempts=attempts, failed=attempts >= max_attempts,
+                        last_error=error[:1000], lease_owner="", lease_until=None,
+                        due_at=now + datetime.timedelta(seconds=delay(attempts)),
+                ).where(mine & (OutboxItem.generation == e.generation)).execute():
+                    # stored again meanwhile: the new version is due as queued
+                    OutboxItem.update(lease_owner="", lease_until=None).where(mine).execute()
 
     def free_dead_leases(self, host: str) -> int:
         """Free the leases of this host's processes that are gone (owners written by
         :func:`lease_owner`); returns how many items were freed."""
         owners = [row.lease_owner for row in OutboxItem.select(OutboxItem.lease_owner)
-                  .where(OutboxItem.lease_owner.startswith(f"{host}:")).distinct()]
-        dead = [owner for owner in owners if not _alive(owner, host)]
+                  .where(OutboxItem.lease_owner != "").distinct()]
+        dead = [owner for owner in owners
+                if owner.startswith(f"{host}:") and not _alive(owner, host)]
         if not dead:
             return 0
         with self.write_lock, index.write_transaction():

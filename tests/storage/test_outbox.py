@@ -97,3 +97,16 @@ def test_the_leases_of_dead_processes_are_freed(routed: Archive) -> None:
     assert routed.outbox.claim("AI", lease_owner(), 10, 60)
     assert routed.outbox.free_dead_leases(host) == 0  # this process's own: alive
     assert OutboxItem.select().count() == 1
+
+
+def test_an_item_stored_again_while_it_failed_is_due_at_once(routed: Archive) -> None:
+    outbox, me = routed.outbox, lease_owner()
+    ds = make_ds(Modality="CT")
+    routed.store(encode(ds), ExplicitVRLittleEndian, origin=Origin(ae_title="SCANNER1"))
+    [entry] = outbox.claim("AI", me, 10, 3600)
+    ds.PatientName = "Other^Name"
+    routed.store(encode(ds), ExplicitVRLittleEndian, origin=Origin(ae_title="SCANNER1"))
+    # the attempt at the old version failed: the new version is neither put off nor leased
+    outbox.put_off([entry], me, "no answer", lambda attempts: 3600.0, max_attempts=1)
+    [again] = outbox.claim("AI", me, 10, 60)
+    assert (again.attempts, again.failed, again.generation) == (0, False, entry.generation + 1)
