@@ -257,8 +257,9 @@ class Config:
             retrieve_ae_title=self.ae.title,
             max_instance_bytes=self.storage.max_instance_mb * 1024 * 1024,
             min_free_bytes=self.storage.min_free_disk_mb * 1024 * 1024,
-            routes=tuple(Route(r.name, tuple(r.match.items()), r.to, r.stable_seconds)
-                         for r in self.routes),
+            routes=tuple(Route(r.name, tuple(r.match.items()),
+                               tuple(dict.fromkeys(t.strip(" ") for t in r.to)),
+                               r.stable_seconds) for r in self.routes),
         )
 
 

@@ -393,11 +393,13 @@ class MoveDestination:
 
 
 def run_send(archive: Archive, items: list[StoredInstance], destination: MoveDestination,
-             progress: Callable[[int, int], None] | None = None) -> Final:
+             progress: Callable[[int, int], None] | None = None,
+             cancelled: Callable[[], bool] = lambda: False) -> Final:
     """``minipacs send``: the C-STORE sub-operations of a C-MOVE with no requestor, to
     ``destination`` (stored files as stored when it accepts their syntax, as for C-MOVE);
-    ``progress(done, total)`` as they go. The outcome's counts, as a C-MOVE's final
-    response would give them."""
+    ``progress(done, total)`` as they go; ``cancelled()`` asked before each instance
+    stops it early (Cancel, with the instances not tried as ``remaining``: they are the
+    last ones). The outcome's counts, as a C-MOVE's final response would give them."""
     if not items:
         return Final(status.SUCCESS)
     opened = destination.open(items)
@@ -411,7 +413,7 @@ def run_send(archive: Archive, items: list[StoredInstance], destination: MoveDes
 
     try:
         final = Retrieval("send", archive, items, opened.link, opened.accepted, 0,
-                          pending=pending).run()
+                          pending=pending, cancelled=cancelled).run()
     finally:
         opened.release()
     if progress is not None:

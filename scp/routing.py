@@ -15,9 +15,11 @@ was queued is dropped from the outbox. Each batch is one audit line and a log li
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
+import time
 
 from storage import Archive, OutboxEntry, Selection
 from storage.outbox import lease_owner
@@ -36,12 +38,15 @@ LEASE_SECONDS = 600.0
 unless a process of its host frees it first: :meth:`storage.outbox.Outbox.free_dead_leases`)."""
 POLL_SECONDS = 1.0
 """How often an idle sender looks for items queued by other processes or now due."""
+MAX_DOUBLINGS = 40
+"""The retry delay doubles at most this many times (then ``retry_max_seconds`` holds it)."""
 
 
 def delay(routing: RoutingConfig, attempts: int) -> float:
     """Seconds before attempt ``attempts + 1``: ``retry_seconds`` doubled per attempt after
     the first, at most ``retry_max_seconds``."""
-    return min(routing.retry_max_seconds, routing.retry_seconds * 2 ** max(0, attempts - 1))
+    return min(routing.retry_max_seconds,
+               routing.retry_seconds * 2 ** min(MAX_DOUBLINGS, max(0, attempts - 1)))
 
 
 class Router:
@@ -64,7 +69,7 @@ class Router:
         self.owner = lease_owner()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        titles = dict.fromkeys(t for route in config.routes for t in route.to)
+        titles = dict.fromkeys(t.strip(" ") for route in config.routes for t in route.to)
         self.peers = [p for t in titles if (p := config.destination(t)) is not None]
 
     def start(self) -> None:
@@ -72,7 +77,13 @@ class Router:
         peer (none without routes)."""
         if not self.peers:
             return
-        freed = self.archive.outbox.free_dead_leases(socket.gethostname())
+        try:
+            freed = self.archive.outbox.free_dead_leases(socket.gethostname())
+        except Exception:  # noqa: BLE001 - their leases end by themselves
+            logger.exception("routing: the leases of stopped processes could not be freed")
+            freed = 0
+        finally:
+            self.archive.release()
         if freed:
             logger.info("routing: %d item(s) left by a stopped process are queued again", freed)
         for peer in self.peers:
@@ -86,8 +97,9 @@ class Router:
         still leased is freed by the next start)."""
         self._stop.set()
         self.archive.outbox.notify()
+        deadline = time.monotonic() + grace
         for thread in self._threads:
-            thread.join(grace)
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
 
     def _run(self, peer: PeerConfig) -> None:
@@ -97,25 +109,45 @@ class Router:
             while not self._stop.is_set():
                 if unreachable and self._stop.wait(delay(self.config.routing, unreachable)):
                     return
+                entries: list[OutboxEntry] = []
                 try:
-                    entries = self.archive.outbox.claim(peer.ae_title, self.owner, BATCH,
+                    entries = self.archive.outbox.claim(self.title(peer), self.owner, BATCH,
                                                         LEASE_SECONDS)
                     if not entries:
                         unreachable = 0
                         seen = self.archive.outbox.wait(seen, POLL_SECONDS)
                         continue
                     unreachable = 0 if self._send(peer, entries) else unreachable + 1
-                except Exception:  # noqa: BLE001 - e.g. the index is down: try again later
+                except Exception as exc:  # noqa: BLE001 - e.g. the index is down
                     logger.exception("routing to %s failed; trying again", peer.ae_title)
                     unreachable += 1
+                    self._put_off(entries, f"an unexpected error: {exc}")
                 finally:
-                    self.archive.release()
+                    with contextlib.suppress(Exception):
+                        self.archive.release()
         finally:
-            self.archive.release()
+            with contextlib.suppress(Exception):
+                self.archive.release()
+
+    @staticmethod
+    def title(peer: PeerConfig) -> str:
+        """The peer's name in the outbox (as :mod:`storage.outbox` rows have it)."""
+        return peer.ae_title.strip(" ")
+
+    def _put_off(self, entries: list[OutboxEntry], error: str) -> None:
+        """Put ``entries`` off after an attempt that failed; a failure to do so is logged
+        (their leases end by themselves)."""
+        routing = self.config.routing
+        try:
+            self.archive.outbox.put_off(entries, self.owner, error,
+                                        lambda attempts: delay(routing, attempts),
+                                        routing.max_attempts)
+        except Exception:  # noqa: BLE001
+            logger.exception("routing: %d item(s) could not be put off", len(entries))
 
     def _send(self, peer: PeerConfig, entries: list[OutboxEntry]) -> bool:
         """Send one claimed batch; ``False`` when the association could not be opened."""
-        outbox, routing, owner = self.archive.outbox, self.config.routing, self.owner
+        outbox, owner = self.archive.outbox, self.owner
         by_uid = {e.sop_instance_uid: e for e in entries}
         items = self.archive.selected(Selection(instance_uids=tuple(by_uid)))
         stored = {i.sop_instance_uid for i in items}
@@ -127,23 +159,18 @@ class Router:
         if not items:
             return True
         cfg = self.config.ae
-        try:
-            final = run_send(self.archive, items, MoveDestination(
-                peer, cfg.title, cfg.max_pdu_size, cfg.acse_timeout, cfg.dimse_timeout,
-                service="routing"))
-        except Exception as exc:  # a fault of ours: the batch is tried again later
-            logger.exception("routing to %s failed", peer.ae_title)
-            outbox.put_off([by_uid[i.sop_instance_uid] for i in items], owner,
-                           f"an unexpected error: {exc}",
-                           lambda attempts: delay(routing, attempts), routing.max_attempts)
-            return False
+        final = run_send(self.archive, items, MoveDestination(
+            peer, cfg.title, cfg.max_pdu_size, cfg.acse_timeout, cfg.dimse_timeout,
+            service="routing"), cancelled=self._stop.is_set)
         unopened = final.failed == len(items) and not final.failed_uids
         failed = {i.sop_instance_uid for i in items} if unopened else set(final.failed_uids)
-        done = [by_uid[uid] for uid in stored if uid not in failed]
+        # stopped early: the instances not tried are the last ``remaining``; they stay
+        # leased to this process (freed by the next start)
+        tried = items[:len(items) - (final.remaining or 0)]
+        done = [by_uid[i.sop_instance_uid] for i in tried if i.sop_instance_uid not in failed]
         outbox.sent(done, owner)
         reason = final.comment or "the peer did not take it (see the log)"
-        outbox.put_off([by_uid[uid] for uid in failed], owner, reason,
-                       lambda attempts: delay(routing, attempts), routing.max_attempts)
+        self._put_off([by_uid[uid] for uid in failed], reason)
         metrics.ROUTED.labels(peer.ae_title, "sent").inc(len(done))
         metrics.ROUTED.labels(peer.ae_title, "failed").inc(len(failed))
         routes = sorted({e.route for e in entries})

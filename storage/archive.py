@@ -352,6 +352,7 @@ class Archive:
                 done.set_result(dataclasses.replace(early, **uids))
                 return PendingStore(parsed.sop_class_uid, uid, done)
 
+        targets = outbox.targets(self.options.routes, parsed.record, origin.ae_title)
         meta = file_meta(parsed, transfer_syntax_uid, origin.ae_title)
         chunks = itertools.chain((meta,), chunks_of(data))
         with self._reserving(len(meta) + size):  # after the resend check: it writes nothing
@@ -376,7 +377,6 @@ class Archive:
                 logger.warning("%s: %s", uid, warning)
             outcome.set_result(StoreOutcome(result.result, uid, warnings, **uids))
 
-        targets = outbox.targets(self.options.routes, record, origin.ae_title)
         self._committer.submit(staged, record, wake=wake,
                                targets=targets).add_done_callback(settle)
         return PendingStore(parsed.sop_class_uid, uid, outcome)

@@ -176,6 +176,7 @@ def enqueue(found: Iterable[Target], sop_instance_uid: str, study_instance_uid: 
         updated = OutboxItem.update(
             route=target.route, due_at=due, attempts=0, failed=False, last_error="",
             generation=OutboxItem.generation + 1, queued_at=now,
+            study_instance_uid=study_instance_uid,
         ).where((OutboxItem.peer == target.peer)
                 & (OutboxItem.sop_instance_uid == sop_instance_uid)).execute()
         if not updated:

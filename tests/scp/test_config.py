@@ -198,8 +198,8 @@ def test_routes_are_loaded_and_every_problem_reported(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("peers:\n  - {ae_title: AI, host: 10.0.0.9}\n  - {ae_title: WARD}\n"
                     "routes:\n  - {name: ct, match: {Modality: CT, CallingAETitle: 'CT*'},"
-                    " to: [AI], stable_seconds: 30}\n")
-    config = load_config(path)
+                    " to: ['AI ', AI], stable_seconds: 30}\n")
+    config = load_config(path)  # the outbox names a peer by its title without spaces
     [route] = config.archive_options().routes
     assert (route.name, route.match, route.to, route.stable_seconds) == (
         "ct", (("Modality", "CT"), ("CallingAETitle", "CT*")), ("AI",), 30.0)
