@@ -23,8 +23,13 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from storage import ArchiveOptions, DuplicatePolicy, Route, response_charset_problem
-from storage.outbox import match_key_problem
+from storage import (
+    ArchiveOptions,
+    DuplicatePolicy,
+    Route,
+    match_key_problem,
+    response_charset_problem,
+)
 from web.config import CHOICES as WEB_CHOICES
 from web.config import WebConfig
 from web.config import check as check_web
@@ -116,7 +121,7 @@ class AuditConfig:
     backups: int = 10
 
 
-SERVICES: tuple[str, ...] = ("echo", "find", "get", "move", "store")
+SERVICES: tuple[str, ...] = ("echo", "find", "get", "move", "store", "commit")
 """What a peer may be allowed to do (``peers[].services``)."""
 
 

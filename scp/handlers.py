@@ -18,13 +18,13 @@ from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 
 from storage import Archive, Model, Origin, Query, Spooled
 
-from . import metrics, status
+from . import commitment, metrics, status
 from .access import Access
 from .activity import Activity
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from .engine import reactor, responses
 from .retrieve import Final, MoveDestination, run_get, run_move
-from .service import ECHO, FIND, GET, MOVE, STORE, Matches, Refused, handler
+from .service import COMMIT, ECHO, FIND, GET, MOVE, STORE, Matches, Refused, Status, handler
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,18 @@ def handle_store(event: evt.Event, archive: Archive, activity: Activity,
         origin=Origin(event.assoc.requestor.ae_title, event.assoc.requestor.address),
     )
     return status.store_status(outcome)
+
+
+@handler(COMMIT)
+def handle_n_action(event: evt.Event, archive: Archive, activity: Activity,
+                    access: Access) -> Status:
+    """N-ACTION of the Storage Commitment Push Model (PS3.4 J.3.2): Success once the
+    request is recorded (the report follows on its own association,
+    :class:`scp.commitment.Reporter`); refused (0110, 0115, 0117, 0123) when it cannot be."""
+    transaction, references = commitment.parse_request(event)
+    peer = commitment.requester(access.config, event)
+    archive.outbox.add_commitment(peer.ae_title.strip(" "), transaction, references)
+    return status.SUCCESS
 
 
 @handler(FIND)

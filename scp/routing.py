@@ -21,8 +21,7 @@ import socket
 import threading
 import time
 
-from storage import Archive, OutboxEntry, Selection
-from storage.outbox import lease_owner
+from storage import Archive, OutboxEntry, Selection, lease_owner
 
 from . import metrics
 from .audit import Audit

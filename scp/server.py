@@ -15,6 +15,7 @@ from . import engine
 from .access import Access
 from .activity import Activity
 from .audit import open_audit
+from .commitment import Reporter
 from .config import Config
 from .contexts import STORAGE, SUPPORTED
 from .engine import reactor
@@ -25,6 +26,7 @@ from .handlers import (
     handle_find,
     handle_get,
     handle_move,
+    handle_n_action,
     handle_sop_extended,
     handle_store,
 )
@@ -60,6 +62,7 @@ class Server:
                                  audit=self.audit)
         self.access = Access(config, self.audit)
         self.router = Router(config, self.archive, self.audit)
+        self.reporter = Reporter(config, self.archive, self.audit)
         self.ae = self._build_ae()
         self._server: Any = None
         self._tls_server: Any = None
@@ -101,6 +104,7 @@ class Server:
             (evt.EVT_C_FIND, handle_find, [a, act, acc]),
             (evt.EVT_C_GET, handle_get, [a, act, acc]),
             (evt.EVT_C_MOVE, handle_move, [a, act, acc]),
+            (evt.EVT_N_ACTION, handle_n_action, [a, act, acc]),
             (evt.EVT_ESTABLISHED, act.handle_established),
             (evt.EVT_REJECTED, act.handle_rejected),
             (evt.EVT_RELEASED, act.handle_closed),
@@ -149,6 +153,7 @@ class Server:
                 "required" if tls.require_client_cert else "not required",
             )
         self.router.start()
+        self.reporter.start()
         if self.config.security.allow_unknown_peers:
             logger.warning(
                 "security.allow_unknown_peers is true: any AE title may store, query and"
@@ -194,6 +199,7 @@ class Server:
         reactor.settle(self.ae.active_associations, timeout=min(grace, 5.0))
         self.ae.shutdown()
         self.router.stop(grace)
+        self.reporter.stop(grace)
         self.archive.close()
         self.audit.close()
         logger.info("minipacs stopped")

@@ -13,6 +13,8 @@ with statuses of its own:
 - :attr:`Kind.MATCHES` (C-FIND): the body yields ``(Pending status, identifier)`` pairs and
   returns ``None`` when the matching is done, or the status that ends it early (FE00
   Cancel); the handler yields both;
+- :attr:`Kind.ACTION` (N-ACTION): the body returns the status, the handler it and no
+  Action Reply;
 - :attr:`Kind.RETRIEVE` (C-GET, C-MOVE): the body performs the sub-operations and returns
   their final response (:class:`scp.retrieve.Final`); the handler makes pynetdicom send
   its own final response, which :class:`scp.engine.retrieve.Responses` rewrites with it.
@@ -64,6 +66,7 @@ class Kind(enum.Enum):
     """How pynetdicom wants a service's handler to answer."""
 
     ANSWER = "answer"
+    ACTION = "action"
     MATCHES = "matches"
     RETRIEVE = "retrieve"
 
@@ -86,6 +89,7 @@ STORE = Service("store", "C-STORE", Kind.ANSWER, status.store_error_status)
 FIND = Service("find", "C-FIND", Kind.MATCHES, status.find_error_status)
 GET = Service("get", "C-GET", Kind.RETRIEVE, status.find_error_status)
 MOVE = Service("move", "C-MOVE", Kind.RETRIEVE, status.find_error_status)
+COMMIT = Service("commit", "N-ACTION", Kind.ACTION, status.error_status)
 
 
 class Refused(Exception):
@@ -221,7 +225,7 @@ class _Request:
         if self.service is STORE:
             return {"sop_class_uid": str(request.AffectedSOPClassUID),
                     "sop_instance_uid": str(request.AffectedSOPInstanceUID)}
-        if self.service is ECHO:
+        if self.service is ECHO or self.service is COMMIT:
             return {}
         what: dict[str, Any] = {"keys": self._keys(request)}
         if self.service is MOVE:
@@ -242,6 +246,11 @@ def _answer(request: _Request, body: Callable[[], Status]) -> Status:
     request.count(ok=True)
     request.measured(answer)
     return answer
+
+
+def _action(request: _Request, body: Callable[[], Status]) -> tuple[Status, None]:
+    """:attr:`Kind.ACTION`: as :attr:`Kind.ANSWER`, with no Action Reply."""
+    return _answer(request, body), None
 
 
 def _matches(request: _Request, body: Callable[[], Matches]) -> Iterator[Any]:
@@ -302,4 +311,5 @@ def _retrieve(request: _Request, body: Callable[[], Final]) -> Iterator[Any]:
 
 
 _RUNS: dict[Kind, Callable[[_Request, Callable[[], Any]], Any]] = {
-    Kind.ANSWER: _answer, Kind.MATCHES: _matches, Kind.RETRIEVE: _retrieve}
+    Kind.ANSWER: _answer, Kind.ACTION: _action, Kind.MATCHES: _matches,
+    Kind.RETRIEVE: _retrieve}

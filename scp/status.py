@@ -13,6 +13,7 @@ import logging
 from pydicom.dataset import Dataset
 
 from storage import (
+    Commitment,
     FailureCode,
     InvalidQuery,
     QueryFailed,
@@ -32,6 +33,18 @@ DUPLICATE_SOP_INSTANCE = int(FailureCode.DUPLICATE_SOP_INSTANCE)
 PROCESSING_FAILURE = 0x0110  # a fault of ours, in a service without codes of its own
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
 NOT_AUTHORISED = 0x0124  # Refused: Not Authorised
+
+# PS3.7 10.1.4.1.10, N-ACTION; PS3.4 Table J.3-2, a Storage Commitment report's Failure
+# Reason (0008,1197) for an instance not committed
+NO_SUCH_OBJECT_INSTANCE = 0x0112
+INVALID_ARGUMENT_VALUE = 0x0115
+INVALID_OBJECT_INSTANCE = 0x0117
+CLASS_INSTANCE_CONFLICT = 0x0119
+NO_SUCH_ACTION = 0x0123
+
+# PS3.4 J.3.3.1, N-EVENT-REPORT Event Type ID of a Storage Commitment report
+COMMITMENT_SUCCESSFUL = 1
+COMMITMENT_FAILURES_EXIST = 2
 
 # PS3.4 B.2.3, Storage: which storage error gets which code is storage's FailureCode, which
 # outcome gets a Warning status storage's WarningCode
@@ -110,6 +123,14 @@ def store_error_status(exc: Exception) -> Dataset:
     comment = str(exc) if isinstance(exc, StorageError) else \
         f"internal error: {type(exc).__name__}"
     return with_comment(int(failure_code(exc)), comment)
+
+
+def failure_reason(result: Commitment) -> int:
+    """The Failure Reason (0008,1197) of an instance not committed (PS3.4 J.3.3.1.1,
+    Table J.3-2): not held (0112), held under another SOP Class (0119), held but its file
+    does not verify (0110 Processing failure)."""
+    return {Commitment.NO_SUCH_INSTANCE: NO_SUCH_OBJECT_INSTANCE,
+            Commitment.CLASS_CONFLICT: CLASS_INSTANCE_CONFLICT}.get(result, PROCESSING_FAILURE)
 
 
 def error_status(exc: Exception) -> Dataset:

@@ -6,7 +6,15 @@ The public API is :class:`Archive` (open it with :func:`open_archive`); it never
 
 import logging
 
-from .archive import Archive, ArchiveOptions, Origin, PendingStore, StoreOutcome, open_archive
+from .archive import (
+    Archive,
+    ArchiveOptions,
+    Commitment,
+    Origin,
+    PendingStore,
+    StoreOutcome,
+    open_archive,
+)
 from .convert import DECODERS_LOGGER
 from .convert import install_log_filters as install_decoder_log_filter
 from .errors import (
@@ -40,8 +48,8 @@ from .instances import (
     syntax_for,
 )
 from .keys import Level, Model
+from .outbox import COMMITMENT, PeerQueue, Route, lease_owner, match_key_problem
 from .outbox import Entry as OutboxEntry
-from .outbox import PeerQueue, Route
 from .parsing import Spooled, read_identifier
 from .query import Query, Search, SearchAnswer, response_charset_problem
 from .removal import Deletion, StudyPart
@@ -55,7 +63,9 @@ __all__ = [
     "ANY_SYNTAX",
     "Archive",
     "ArchiveOptions",
+    "COMMITMENT",
     "CannotConvert",
+    "Commitment",
     "DECODERS_LOGGER",
     "DEFAULT_SYNTAX",
     "Deletion",
@@ -98,6 +108,8 @@ __all__ = [
     "failure_code",
     "install_decoder_log_filter",
     "is_uid",
+    "lease_owner",
+    "match_key_problem",
     "open_archive",
     "read_identifier",
     "server_lock",

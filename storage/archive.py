@@ -12,12 +12,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import enum
 import functools
 import itertools
 import logging
 import shutil
 import threading
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from .files import TEMP_DIR, FileStore, FilesystemStore
 from .index import DuplicatePolicy, StoredInstance, WriteOutcome, WriteResult
 from .instances import PixelSource, WebInstance
 from .keys import Model
+from .models import Instance
 from .parsing import (
     Parsed,
     Spooled,
@@ -173,6 +175,16 @@ class ArchiveOptions:
     shared: bool = False
     serving: bool = False
     routes: tuple[outbox.Route, ...] = ()
+
+
+class Commitment(enum.Enum):
+    """What :meth:`Archive.commitment` says of one instance (PS3.4 J.3.3.1.1: the SCP
+    commits only what it holds; scp/status.py maps each failure to its Failure Reason)."""
+
+    COMMITTED = "committed"
+    NO_SUCH_INSTANCE = "no such instance"
+    CLASS_CONFLICT = "stored under another SOP Class"
+    DAMAGED = "its file is missing or does not verify"
 
 
 MAX_SELECTED_STUDIES = 30_000
@@ -840,6 +852,43 @@ class Archive:
             return index.totals()
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
+
+    def commitment(self, references: Sequence[tuple[str, str]]
+                   ) -> list[tuple[str, str, Commitment]]:
+        """Storage Commitment (PS3.4 J.3.3.1): for each (SOP Class UID, SOP Instance UID),
+        whether we hold the instance safely: stored under that class, and its file has
+        the bytes indexed (read and hashed now).
+
+        Raises
+        ------
+        QueryFailed
+            The index could not be read.
+        """
+        uids = list(dict.fromkeys(uid for _, uid in references))
+        rows: dict[str, Any] = {}
+        try:
+            for start in range(0, len(uids), 500):
+                for found in Instance.select(
+                        Instance.sop_instance_uid, Instance.sop_class_uid, Instance.file_key,
+                        Instance.file_size, Instance.content_hash).where(
+                        Instance.sop_instance_uid.in_(uids[start:start + 500])):
+                    rows[found.sop_instance_uid] = found
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not be read: {exc}") from exc
+        out = []
+        for sop_class, uid in references:
+            row: Any = rows.get(uid)
+            if row is None:
+                result = Commitment.NO_SUCH_INSTANCE
+            elif row.sop_class_uid != sop_class:
+                result = Commitment.CLASS_CONFLICT
+            else:
+                problem = maintenance.check_row(self, row, present=True)  # else unreadable
+                if problem is not None:
+                    logger.error("storage commitment of %s refused: %s", uid, problem.detail)
+                result = Commitment.COMMITTED if problem is None else Commitment.DAMAGED
+            out.append((sop_class, uid, result))
+        return out
 
     def routing_queue(self) -> list[outbox.PeerQueue]:
         """Per peer, what routing still has to send (:meth:`storage.outbox.Outbox.summary`).

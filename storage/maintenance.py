@@ -163,6 +163,13 @@ def _rows() -> Iterator[Any]:
         last = page[-1].id
 
 
+def check_row(archive: MaintainedArchive, row: Any, present: bool) -> Problem | None:
+    """What is wrong with the file of the index row ``row`` (its ``sop_instance_uid``,
+    ``file_key``, ``file_size`` and ``content_hash``; ``present``: the store lists the
+    file): missing, unreadable, or not the bytes indexed. ``None`` when it verifies."""
+    return _check_row(archive, row, present)
+
+
 def _check_row(archive: MaintainedArchive, row: Any, present: bool) -> Problem | None:
     uid = row.sop_instance_uid
     if not present:

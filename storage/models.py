@@ -22,7 +22,8 @@ SCHEMA_VERSION = 4
 2. PatientName kept folded per component group, each indexed, instead of one framed column.
 3. ``pending_removal``: the files of deleted instances, until they are removed (an older
    minipacs would take them for unindexed instances and index them again).
-4. ``outbox``: the instances routing must still send (:mod:`storage.outbox`).
+4. ``outbox``: the instances routing must still send, the Storage Commitment reports to
+   send (:mod:`storage.outbox`).
 """
 
 database_proxy: Any = pw.DatabaseProxy()
@@ -127,9 +128,12 @@ class PendingRemoval(BaseModel):
 
 
 class OutboxItem(BaseModel):
-    """An instance a route must still send to a peer (:mod:`storage.outbox`), written in the
-    transaction that indexed it: one row per peer and instance."""
+    """Work for a peer that must survive a crash (:mod:`storage.outbox`): an instance a route
+    must still send (``kind`` route, written in the transaction that indexed it: one row
+    per peer and instance), or a Storage Commitment report to send (``kind`` commitment:
+    ``sop_instance_uid`` holds the Transaction UID, ``payload`` the references)."""
 
+    kind = pw.CharField(max_length=16, default="route")
     peer = pw.CharField(max_length=16)
     route = pw.CharField(max_length=64)
     sop_instance_uid = pw.CharField(max_length=64)
@@ -143,11 +147,12 @@ class OutboxItem(BaseModel):
     generation = pw.IntegerField(default=0)
     lease_owner = pw.CharField(max_length=128, default="")
     lease_until = pw.DateTimeField(null=True)
+    payload = pw.TextField(default="")
 
     class Meta:
         table_name = "outbox"
-        indexes = ((("peer", "sop_instance_uid"), True),
-                   (("peer", "failed", "due_at"), False))
+        indexes = ((("kind", "peer", "sop_instance_uid"), True),
+                   (("kind", "peer", "failed", "due_at"), False))
 
 
 MODELS: tuple[type[BaseModel], ...] = (SchemaVersion, Patient, Study, Series, Instance,

@@ -14,6 +14,10 @@ promise is at-least-once: a batch that was sent but not yet marked sent goes aga
 
 A route with ``stable_seconds`` holds a study's items until no instance of the study has
 matched it for that long: each new one puts the study's waiting items off again.
+
+The outbox also keeps the Storage Commitment requests whose report (N-EVENT-REPORT) is
+still to be sent (kind :data:`COMMITMENT`, :meth:`Outbox.add_commitment`), claimed and put
+off the same way; ``minipacs queue`` and the routing metrics show routes' items only.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ from . import index
 from .index import InstanceRecord
 from .keys import Level, level_of
 from .models import OutboxItem
+
+ROUTE = "route"
+COMMITMENT = "commitment"
+"""The kinds of outbox item: an instance to route; a Storage Commitment report to send."""
 
 CALLING_AE_TITLE = "CallingAETitle"
 """The match key that is not an attribute: the AE title the instance came from (empty for
@@ -140,6 +148,7 @@ class Entry:
     peer: str
     route: str
     sop_instance_uid: str
+    """The instance to route; for a commitment report, its Transaction UID."""
     study_instance_uid: str
     queued_at: datetime.datetime
     due_at: datetime.datetime
@@ -147,6 +156,8 @@ class Entry:
     failed: bool
     last_error: str
     generation: int
+    kind: str = ROUTE
+    payload: str = ""
 
 
 @dataclass(frozen=True)
@@ -169,7 +180,8 @@ def enqueue(found: Iterable[Target], sop_instance_uid: str, study_instance_uid: 
         due = now + datetime.timedelta(seconds=target.stable_seconds)
         if target.stable_seconds:  # the study is not stable yet: its waiting items wait
             OutboxItem.update(due_at=due).where(
-                (OutboxItem.study_instance_uid == study_instance_uid)
+                (OutboxItem.kind == ROUTE)
+                & (OutboxItem.study_instance_uid == study_instance_uid)
                 & (OutboxItem.route == target.route) & (OutboxItem.attempts == 0)
                 & (OutboxItem.failed == False)  # noqa: E712 - peewee's SQL comparison
                 & (OutboxItem.due_at < due)).execute()
@@ -177,7 +189,7 @@ def enqueue(found: Iterable[Target], sop_instance_uid: str, study_instance_uid: 
             route=target.route, due_at=due, attempts=0, failed=False, last_error="",
             generation=OutboxItem.generation + 1, queued_at=now,
             study_instance_uid=study_instance_uid,
-        ).where((OutboxItem.peer == target.peer)
+        ).where((OutboxItem.kind == ROUTE) & (OutboxItem.peer == target.peer)
                 & (OutboxItem.sop_instance_uid == sop_instance_uid)).execute()
         if not updated:
             OutboxItem.insert(peer=target.peer, route=target.route,
@@ -220,14 +232,16 @@ class Outbox:
 
     # -- senders ----------------------------------------------------------------------
 
-    def claim(self, peer: str, owner: str, limit: int,
-              lease_seconds: float) -> list[Entry]:
-        """Lease up to ``limit`` items due for ``peer`` to ``owner``, oldest due first;
-        nothing is written when none is due."""
+    def claim(self, peer: str | None, owner: str, limit: int, lease_seconds: float,
+              kind: str = ROUTE) -> list[Entry]:
+        """Lease up to ``limit`` items of ``kind`` due for ``peer`` (``None``: any) to
+        ``owner``, oldest due first; nothing is written when none is due."""
         now = _now()
-        due = ((OutboxItem.peer == peer) & (OutboxItem.failed == False)  # noqa: E712
+        due = ((OutboxItem.kind == kind) & (OutboxItem.failed == False)  # noqa: E712
                & (OutboxItem.due_at <= now)
                & (OutboxItem.lease_until.is_null() | (OutboxItem.lease_until < now)))
+        if peer is not None:
+            due &= OutboxItem.peer == peer
         if not OutboxItem.select(OutboxItem.id).where(due).limit(1).exists():
             return []
         with self.write_lock, index.write_transaction():
@@ -273,6 +287,28 @@ class Outbox:
                     # stored again meanwhile: the new version is due as queued
                     OutboxItem.update(lease_owner="", lease_until=None).where(mine).execute()
 
+    def add_commitment(self, peer: str, transaction_uid: str,
+                       references: Sequence[tuple[str, str]]) -> None:
+        """Record a Storage Commitment request of ``peer`` (its Transaction UID and the
+        SOP Class and Instance UIDs it names), to be reported on; a request with the
+        Transaction UID of one not yet reported replaces it.
+
+        Raises
+        ------
+        peewee.DatabaseError
+            It could not be recorded (the request must then be refused).
+        """
+        now = _now()
+        payload = json.dumps([list(r) for r in references])
+        with self.write_lock, index.write_transaction():
+            OutboxItem.delete().where(
+                (OutboxItem.kind == COMMITMENT) & (OutboxItem.peer == peer)
+                & (OutboxItem.sop_instance_uid == transaction_uid)).execute()
+            OutboxItem.insert(kind=COMMITMENT, peer=peer, route="storage-commitment",
+                              sop_instance_uid=transaction_uid, study_instance_uid="",
+                              queued_at=now, due_at=now, payload=payload).execute()
+        self.notify()
+
     def free_dead_leases(self, host: str) -> int:
         """Free the leases of this host's processes that are gone (owners written by
         :func:`lease_owner`); returns how many items were freed."""
@@ -294,7 +330,7 @@ class Outbox:
         query: Any = (OutboxItem.select(OutboxItem.peer, pw.fn.COUNT(OutboxItem.id), failed,
                                         pw.fn.MIN(OutboxItem.queued_at))
                       .group_by(OutboxItem.peer).order_by(OutboxItem.peer).tuples())
-        rows: list[tuple[Any, ...]] = list(query)
+        rows: list[tuple[Any, ...]] = list(query.where(OutboxItem.kind == ROUTE))
         out = []
         for peer, count, failed_count, oldest in rows:
             if isinstance(oldest, str):  # SQLite's MIN() gives the stored text
@@ -304,9 +340,9 @@ class Outbox:
         return out
 
     def entries(self, peer: str | None = None, failed: bool | None = None,
-                limit: int = 1000) -> list[Entry]:
-        """Outbox rows, oldest queued first."""
-        query = OutboxItem.select()
+                limit: int = 1000, kind: str = ROUTE) -> list[Entry]:
+        """Outbox rows of ``kind``, oldest queued first."""
+        query = OutboxItem.select().where(OutboxItem.kind == kind)
         if peer is not None:
             query = query.where(OutboxItem.peer == peer)
         if failed is not None:
@@ -330,7 +366,9 @@ class Outbox:
 
 
 def _chosen(peer: str | None, ids: Sequence[int], failed_only: bool) -> Any:
-    where: Any = OutboxItem.id.in_(list(ids)) if ids else (OutboxItem.id > 0)
+    where: Any = OutboxItem.kind == ROUTE
+    if ids:
+        where &= OutboxItem.id.in_(list(ids))
     if peer is not None:
         where &= OutboxItem.peer == peer
     if failed_only:
@@ -368,12 +406,12 @@ def _alive(owner: str, host: str) -> bool:
 def _entry(row: OutboxItem) -> Entry:
     return Entry(row.id, row.peer, row.route, row.sop_instance_uid, row.study_instance_uid,
                  row.queued_at, row.due_at, row.attempts, bool(row.failed), row.last_error,
-                 row.generation)
+                 row.generation, row.kind, row.payload)
 
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
-__all__ = ["CALLING_AE_TITLE", "Entry", "Outbox", "PeerQueue", "Route", "Target",
-           "enqueue", "lease_owner", "match_key_problem", "targets"]
+__all__ = ["CALLING_AE_TITLE", "COMMITMENT", "ROUTE", "Entry", "Outbox", "PeerQueue", "Route",
+           "Target", "enqueue", "lease_owner", "match_key_problem", "targets"]
