@@ -1,5 +1,5 @@
 """The command line: ``minipacs serve | verify | reindex | import | delete | send | queue |
-hash-password | new-token``, ``minipacs --version``.
+retention | hash-password | new-token``, ``minipacs --version``.
 The only place that exits, and the only one that configures logging (with
 :func:`scp.logs.setup_logging`, which worker processes call too)."""
 
@@ -29,6 +29,7 @@ from . import engine
 from .audit import Audit, open_audit
 from .config import Config, ConfigError, load_config
 from .logs import setup_logging
+from .retention import PassRunning, run_pass
 from .retrieve import MoveDestination, run_send
 from .server import ListenError, Server
 from .workers import serve_workers
@@ -103,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     queue.add_argument("--all", action="store_true", help="list, retry or drop waiting items"
                        " too, not only failed ones")
     queue.add_argument("--yes", action="store_true", help="drop without asking")
+    keeper = commands.add_parser(
+        "retention", help="apply the retention rules now: list the studies they choose,"
+        " then delete them (the server may run)")
+    keeper.add_argument("--dry-run", action="store_true", help="list only")
+    keeper.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     commands.add_parser(
         "hash-password", help="print the hash of a password for web.users (asked for at a"
         " prompt, or read from standard input's first line when that is not a terminal)")
@@ -110,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
         "new-token", help="print a new bearer token and its web.tokens entry")
     token.add_argument("name", help="whom the token is for (logged when it is refused)")
     token.add_argument("rights", choices=ACCOUNT_RIGHTS)
-    for sub in (verify, commands.choices["reindex"], importer, deleter, sender, queue):
+    for sub in (verify, commands.choices["reindex"], importer, deleter, sender, queue,
+                keeper):
         sub.add_argument("--config", type=Path, help=f"configuration file (default: ./"
                          f"{DEFAULT_CONFIG} if present, else built-ins)")
         sub.add_argument("--data-dir", help="override storage.data_dir")
@@ -423,6 +430,50 @@ def queue(config: Config, args: argparse.Namespace) -> int:
         archive.close()
 
 
+def retention(config: Config, args: argparse.Namespace) -> int:
+    """``minipacs retention``: one pass of the retention rules now, beside the server: the
+    studies they choose, then (asked first unless ``--yes``; never with ``--dry-run``)
+    deleted. 0 when done, 1 when a deletion failed, nothing was confirmed or another pass
+    was running, 2 when no rule is on."""
+    if not config.retention.rules():
+        print("minipacs: no retention rule is on (retention.max_age_days,"
+              " retention.max_disk_percent)", file=sys.stderr)
+        return 2
+
+    def listed(chosen: list[Any]) -> bool:  # shown the plan: go ahead?
+        for study in chosen:
+            print(f"study {study.study_instance_uid} of {study.patient_id!r} ("
+                  f"{study.study_date or 'no date'}, received {study.received:%Y-%m-%d},"
+                  f" {study.instances} instances, {study.bytes / 2**20:.1f} MB):"
+                  f" {study.reason}")
+        if args.dry_run:
+            print(f"{len(chosen)} study(ies) would be deleted")
+            return False
+        return bool(args.yes) or _confirmed(f"delete these {len(chosen)} study(ies)?")
+
+    archive = open_archive(dataclasses.replace(config.archive_options(), shared=True))
+    audit = open_audit(config)
+    try:
+        outcomes = run_pass(config, archive, audit, _os_user(), "minipacs retention",
+                            confirm=listed)
+    except PassRunning as exc:
+        print(f"minipacs: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        audit.close()
+        archive.close()
+    if not outcomes:
+        print("the retention rules choose no study")
+        return 0
+    if args.dry_run:
+        return 0
+    deleted = [o.deletion for o in outcomes if o.deletion is not None]
+    failed = sum(1 for o in outcomes if o.error)
+    print(f"deleted {len(deleted)} study(ies), {sum(d.instances for d in deleted)}"
+          f" instance(s); {failed} failed")
+    return 1 if failed or not deleted else 0
+
+
 def _os_user() -> str:
     """Who ran the command, for the audit trail."""
     try:
@@ -503,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
             return send(config, args)
         if args.command == "queue":
             return queue(config, args)
+        if args.command == "retention":
+            return retention(config, args)
         return serve(config)
     except StorageError as exc:
         logging.getLogger("minipacs").error("%s", exc)

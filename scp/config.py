@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from pydicom.uid import (
 )
 
 from storage import (
+    AGE_BY,
     ArchiveOptions,
     DuplicatePolicy,
+    RetentionRules,
     Route,
     match_key_problem,
     response_charset_problem,
@@ -205,6 +208,24 @@ PEER_TRANSFER_SYNTAXES: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """``retention``: which studies the server deletes by itself (:mod:`scp.retention`)."""
+
+    max_age_days: int = 0
+    age_by: str = "received"
+    max_disk_percent: float = 0.0
+    protect: tuple[str, ...] = ()
+    interval_minutes: float = 60.0
+
+    def rules(self) -> RetentionRules:
+        """The rules, as storage reads them (each ``protect`` a query string's pairs)."""
+        return RetentionRules(
+            self.max_age_days, self.age_by, self.max_disk_percent,
+            tuple(tuple(urllib.parse.parse_qsl(p, keep_blank_values=True))
+                  for p in self.protect))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -217,6 +238,7 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     web: WebConfig = field(default_factory=WebConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     peers: tuple[PeerConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
 
@@ -278,6 +300,7 @@ SECTIONS: dict[str, type] = {
     "tls": TLSConfig,
     "web": WebConfig,
     "routing": RoutingConfig,
+    "retention": RetentionConfig,
 }
 
 LIST_SECTIONS: dict[str, type] = {
@@ -290,6 +313,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("storage", "on_duplicate"): tuple(p.value for p in DuplicatePolicy),
     ("storage", "durability"): ("full", "relaxed"),
     ("logging", "level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
+    ("retention", "age_by"): AGE_BY,
     **{("web", key): choices for key, choices in WEB_CHOICES.items()},
 }
 
@@ -559,6 +583,19 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
             problems.append(f"query.response_charset: {why}, not {values['response_charset']!r}")
     if section.startswith("peers["):
         _check_peer(section, values, problems)
+    if section == "retention":
+        if values.get("max_age_days", 0) < 0:
+            problems.append("retention.max_age_days: must not be negative (0 = no age rule)")
+        if not 0 <= values.get("max_disk_percent", 0) < 100:
+            problems.append("retention.max_disk_percent: must be from 0 (no disk rule) to"
+                            " less than 100")
+        if values.get("interval_minutes", 1) <= 0:
+            problems.append("retention.interval_minutes: must be a positive number")
+        for search in values.get("protect", ()):
+            pairs = urllib.parse.parse_qsl(search, keep_blank_values=True)
+            if not pairs or not all(key for key, _ in pairs):
+                problems.append(f"retention.protect: {search!r} is not a query such as"
+                                " ModalitiesInStudy=MG or PatientID=VIP*&StudyDate=2020-")
     if section.startswith("routes["):
         _check_route(section, values, problems)
     if section == "routing":

@@ -30,6 +30,7 @@ from .handlers import (
     handle_sop_extended,
     handle_store,
 )
+from .retention import Retention
 from .routing import Router
 from .tls import server_context
 
@@ -63,6 +64,7 @@ class Server:
         self.access = Access(config, self.audit)
         self.router = Router(config, self.archive, self.audit)
         self.reporter = Reporter(config, self.archive, self.audit)
+        self.retention = Retention(config, self.archive, self.audit)
         self.ae = self._build_ae()
         self._server: Any = None
         self._tls_server: Any = None
@@ -154,6 +156,7 @@ class Server:
             )
         self.router.start()
         self.reporter.start()
+        self.retention.start()
         if self.config.security.allow_unknown_peers:
             logger.warning(
                 "security.allow_unknown_peers is true: any AE title may store, query and"
@@ -200,6 +203,7 @@ class Server:
         self.ae.shutdown()
         self.router.stop(grace)
         self.reporter.stop(grace)
+        self.retention.stop(grace)
         self.archive.close()
         self.audit.close()
         logger.info("minipacs stopped")

@@ -53,12 +53,16 @@ from .outbox import Entry as OutboxEntry
 from .parsing import Spooled, read_identifier
 from .query import Query, Search, SearchAnswer, response_charset_problem
 from .removal import Deletion, StudyPart
+from .retention import AGE_BY, Doomed, RetentionRules
 from .selection import Selection
 from .values import is_uid
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "AGE_BY",
+    "Doomed",
+    "RetentionRules",
     "NotAsWritten",
     "ANY_SYNTAX",
     "Archive",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import datetime
 import enum
 import functools
 import itertools
@@ -30,7 +31,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
-from . import index, instances, maintenance, outbox, query, removal
+from . import index, instances, maintenance, outbox, query, removal, retention
 from .commit import GroupCommit
 from .convert import as_stored, explicit_to_implicit, to_accepted
 from .errors import (
@@ -929,21 +930,52 @@ class Archive:
         :meth:`selected` does)."""
         return removal.plan(self._resolved(selection))
 
+    def plan_retention(self, rules: retention.RetentionRules) -> list[retention.Doomed]:
+        """The studies ``rules`` delete now (:func:`storage.retention.plan`), oldest first;
+        nothing changes.
+
+        Raises
+        ------
+        InvalidQuery
+            A ``protect`` search is not a valid study-level search.
+        QueryFailed
+            The index could not be read.
+        """
+        protected: set[int] = set()
+        for search in rules.protect:  # however many: no MAX_SELECTED_STUDIES here
+            protected.update(self._matching_studies(search))
+        free, total = self.disk_usage()
+        now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+        try:
+            return retention.plan(rules, protected, total - free, total, now)
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not be read: {exc}") from exc
+
+    def delete_study(self, study_instance_uid: str) -> removal.Deletion:
+        """Delete what the study holds now (retention), as :meth:`delete` does."""
+        selection = Selection(study_uids=(study_instance_uid,))
+        return self.delete(selection, only=self.plan_delete(selection).file_keys)
+
     def _resolved(self, selection: Selection) -> Selection:
         """``selection`` with its query's studies found (PS3.18 10.6: the search's
         parameters, matched as C-FIND matches them, PS3.4 C.2.2.2)."""
         if not selection.query or selection.study_ids is not None:
             return selection
-        search = self.parse_search(selection.query, query.Level.STUDY)
-        try:
-            ids = [row.rows[query.Level.STUDY].id for row in query.select_rows(search.query)
-                   if query.row_matches(search.query, row)]
-        except pw.DatabaseError as exc:
-            raise QueryFailed(f"the index could not be read: {exc}") from exc
+        ids = self._matching_studies(selection.query)
         if len(ids) > MAX_SELECTED_STUDIES:
             raise QueryFailed(f"the query matches {len(ids)} studies, more than"
                               f" {MAX_SELECTED_STUDIES} at once: narrow it")
         return dataclasses.replace(selection, study_ids=tuple(ids))
+
+    def _matching_studies(self, search_pairs: tuple[tuple[str, str], ...]) -> list[int]:
+        """The study rows a study-level QIDO-RS search matches (raises as
+        :meth:`_resolved`)."""
+        search = self.parse_search(search_pairs, query.Level.STUDY)
+        try:
+            return [row.rows[query.Level.STUDY].id for row in query.select_rows(search.query)
+                    if query.row_matches(search.query, row)]
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not be read: {exc}") from exc
 
     def delete(self, selection: Selection, only: Collection[str] | None = None
                ) -> removal.Deletion:
