@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from storage import Archive, Selection, StorageError, open_archive
+from storage import COMMITMENT, ROUTE, Archive, Selection, StorageError, open_archive
 from web import WebListenError, WebServer
 from web.auth import ACCOUNT_RIGHTS, hash_password, hash_token, name_problem, new_token
 
@@ -104,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     queue.add_argument("--all", action="store_true", help="list, retry or drop waiting items"
                        " too, not only failed ones")
     queue.add_argument("--yes", action="store_true", help="drop without asking")
+    queue.add_argument("--commitments", action="store_true", help="the Storage Commitment"
+                       " reports still to send, instead of routing's items")
     keeper = commands.add_parser(
         "retention", help="apply the retention rules now: list the studies they choose,"
         " then delete them (the server may run)")
@@ -397,20 +399,22 @@ def queue(config: Config, args: argparse.Namespace) -> int:
     if args.id and args.action not in ("retry", "drop"):
         print("minipacs: --id is for retry and drop", file=sys.stderr)
         return 2
+    kind = COMMITMENT if args.commitments else ROUTE
     archive = open_archive(dataclasses.replace(config.archive_options(), shared=True))
     try:
         outbox = archive.outbox
         if args.action == "show":
-            queues = [q for q in archive.routing_queue()
+            queues = [q for q in archive.routing_queue(kind)
                       if args.peer is None or q.peer == args.peer]
             for q in queues:
                 oldest = f", oldest queued {q.oldest:%Y-%m-%d %H:%M:%S} UTC" if q.oldest else ""
                 print(f"{q.peer}: {q.waiting} waiting, {q.failed} failed{oldest}")
             if not queues:
-                print("the routing queue is empty")
+                print("no Storage Commitment report is waiting" if args.commitments
+                      else "the routing queue is empty")
             return 0
         if args.action == "list":
-            for e in outbox.entries(args.peer, None if args.all else True):
+            for e in outbox.entries(args.peer, None if args.all else True, kind=kind):
                 state = "failed" if e.failed else f"due {e.due_at:%Y-%m-%d %H:%M:%S}"
                 print(f"{e.id} {e.peer} {e.route} {e.sop_instance_uid} {state} after"
                       f" {e.attempts} attempt(s)" + (f": {e.last_error}" if e.last_error else ""))
@@ -419,7 +423,7 @@ def queue(config: Config, args: argparse.Namespace) -> int:
                 "drop these items from the routing queue, never to be sent?"):
             return 2
         act = outbox.retry if args.action == "retry" else outbox.drop
-        count = act(args.peer, args.id, failed_only=not args.all and not args.id)
+        count = act(args.peer, args.id, failed_only=not args.all and not args.id, kind=kind)
         audit = open_audit(config)
         audit.record(f"queue-{args.action}", user=_os_user(), via="minipacs queue",
                      peer=args.peer or "", ids=args.id, all=args.all, items=count)

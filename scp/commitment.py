@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role
 from pynetdicom.dimse_primitives import N_ACTION
 
@@ -45,8 +45,8 @@ SOP_INSTANCE = "1.2.840.10008.1.20.1.1"
 """Its well-known SOP Instance (PS3.4 J.3.5)."""
 REQUEST_COMMITMENT = 1
 """The Action Type ID of a request (PS3.4 J.3.2.1)."""
-MAX_REFERENCES = 10_000
-"""Most instances one request may name."""
+MAX_REFERENCES = 200_000
+"""Most instances one request may name (more: 0213 Resource limitation)."""
 TRANSFER_SYNTAXES = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
 
 
@@ -57,14 +57,15 @@ def parse_request(event: Any) -> tuple[str, list[tuple[str, str]]]:
     Raises
     ------
     Refused
-        0117 Invalid Object Instance (not the well-known instance), 0123 No Such Action
-        (not Action Type 1), 0115 Invalid Argument Value (no Transaction UID, no or too
-        many references, a reference without its UIDs), each with an ErrorComment.
+        0112 No Such Object Instance (not the well-known instance), 0123 No Such Action
+        (not Action Type 1), 0115 Invalid Argument Value (no Transaction UID, no
+        references, a reference without its UIDs), 0213 Resource Limitation (more than
+        :data:`MAX_REFERENCES`), each with an ErrorComment.
     """
     request = event.request
     assert isinstance(request, N_ACTION)
     if str(request.RequestedSOPInstanceUID) != SOP_INSTANCE:
-        raise Refused(with_comment(status.INVALID_OBJECT_INSTANCE,
+        raise Refused(with_comment(status.NO_SUCH_OBJECT_INSTANCE,
                                    f"the SOP Instance must be {SOP_INSTANCE}"))
     if request.ActionTypeID != REQUEST_COMMITMENT:
         raise Refused(with_comment(status.NO_SUCH_ACTION,
@@ -80,11 +81,13 @@ def parse_request(event: Any) -> tuple[str, list[tuple[str, str]]]:
                                    f"the Action Information cannot be read: {exc}")) from exc
     if not transaction or len(transaction) > 64:
         raise Refused(with_comment(status.INVALID_ARGUMENT_VALUE, "no valid Transaction UID"))
-    if not references or len(references) > MAX_REFERENCES or not all(
-            cls and uid for cls, uid in references):
+    if len(references) > MAX_REFERENCES:
+        raise Refused(with_comment(status.RESOURCE_LIMITATION,
+                                   f"more than {MAX_REFERENCES} instances in one request"))
+    if not references or not all(cls and uid for cls, uid in references):
         raise Refused(with_comment(
             status.INVALID_ARGUMENT_VALUE,
-            f"Referenced SOP Sequence: 1 to {MAX_REFERENCES} items, each with both UIDs"))
+            "Referenced SOP Sequence: one item or more, each with both UIDs"))
     return transaction, references
 
 
@@ -139,6 +142,7 @@ class Reporter:
         self.owner = new_lease_owner()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._unreachable: dict[str, tuple[int, float]] = {}  # peer: (failures, until)
         self.ae = AE(ae_title=config.ae.title)
         self.ae.acse_timeout = config.ae.acse_timeout
         self.ae.dimse_timeout = config.ae.dimse_timeout
@@ -151,11 +155,20 @@ class Reporter:
                                         name="minipacs-commitment")
         self._thread.start()
 
-    def stop(self, grace: float = 30.0) -> None:
+    def request_stop(self) -> None:
+        """Stop after the report being sent (see :meth:`join`)."""
         self._stop.set()
         self.archive.outbox.notify()
+
+    def join(self, deadline: float) -> None:
+        """Wait for the thread until ``deadline`` (``time.monotonic()``)."""
         if self._thread is not None:
-            self._thread.join(grace)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _resting(self) -> list[str]:
+        """The peers not to be tried again yet (their association failed lately)."""
+        now = time.monotonic()
+        return [peer for peer, (_, until) in self._unreachable.items() if until > now]
 
     def _run(self) -> None:
         seen = 0
@@ -163,7 +176,7 @@ class Reporter:
             entries: list[OutboxEntry] = []
             try:
                 entries = self.archive.outbox.claim(None, self.owner, 1, LEASE_SECONDS,
-                                                    kind=COMMITMENT)
+                                                    kind=COMMITMENT, exclude=self._resting())
                 if not entries:
                     seen = self.archive.outbox.wait(seen, POLL_SECONDS)
                     continue
@@ -195,7 +208,13 @@ class Reporter:
                                   self.config.ae.title)
         failed = len(info.get("FailedSOPSequence", []))
         started = time.monotonic()
-        error = self._deliver(peer, event_type, info)
+        error, reached = self._deliver(peer, event_type, info)
+        if reached:
+            self._unreachable.pop(entry.peer, None)
+        else:  # not tried again before the delay a routed peer would wait
+            failures = self._unreachable.get(entry.peer, (0, 0.0))[0] + 1
+            self._unreachable[entry.peer] = (
+                failures, time.monotonic() + delay(self.config.routing, failures))
         if error is None:
             self.archive.outbox.sent([entry], self.owner)
         else:
@@ -211,24 +230,29 @@ class Reporter:
             logger.info("storage commitment %s reported to %s: %d committed, %d failed",
                         transaction, peer.ae_title, len(references) - failed, failed)
 
-    def _deliver(self, peer: PeerConfig, event_type: int, info: Dataset) -> str | None:
-        """Send the N-EVENT-REPORT on a new association; ``None``, or why it did not go."""
+    def _deliver(self, peer: PeerConfig, event_type: int,
+                 info: Dataset) -> tuple[str | None, bool]:
+        """Send the N-EVENT-REPORT on a new association: ``None`` or why it did not go,
+        and whether an association was established."""
         assoc = self.ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
                                   ext_neg=[build_role(SOP_CLASS, scp_role=True)])
         if not assoc.is_established:
-            return f"no association with {peer.ae_title} at {peer.host}:{peer.port}"
+            return f"no association with {peer.ae_title} at {peer.host}:{peer.port}", False
         try:
-            cx = next((c for c in assoc.accepted_contexts
-                       if c.abstract_syntax == SOP_CLASS and c.as_scp), None)
-            if cx is None:
-                return (f"{peer.ae_title} did not accept us as the Storage Commitment SCP"
-                        " (SCP/SCU Role Selection)")
+            if not any(str(c.abstract_syntax) == SOP_CLASS for c in assoc.accepted_contexts):
+                return f"{peer.ae_title} did not accept the Storage Commitment SOP Class", True
+            # PS3.7 D.3.3.4: an acceptor that answered the role selection must let us be
+            # the SCP; one that did not answer it (many do not) is sent the report anyway
+            roles = assoc.acceptor.role_selection.get(UID(SOP_CLASS))
+            if roles is not None and not roles.scp_role:
+                return (f"{peer.ae_title} refused us the SCP role of Storage Commitment"
+                        " (SCP/SCU Role Selection)"), True
             rsp, _ = assoc.send_n_event_report(info, event_type, SOP_CLASS, SOP_INSTANCE)
             code = int(rsp.get("Status", -1)) if rsp is not None else -1
             if code != status.SUCCESS:
                 return ("no answer to the N-EVENT-REPORT" if code < 0
-                        else f"the N-EVENT-REPORT was answered {code:04X}")
-            return None
+                        else f"the N-EVENT-REPORT was answered {code:04X}"), True
+            return None, True
         finally:
             if assoc.is_established:
                 assoc.release()

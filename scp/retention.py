@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +66,11 @@ def exclusive(data_dir: Path) -> Iterator[None]:
 
 def run_pass(config: Config, archive: Archive, audit: Audit, user: str, via: str,
              dry_run: bool = False,
-             confirm: Callable[[list[Doomed]], bool] = lambda _: True) -> list[Outcome]:
+             confirm: Callable[[list[Doomed]], bool] = lambda _: True,
+             stop: threading.Event | None = None) -> list[Outcome]:
     """One pass of ``config.retention``'s rules: what they choose, deleted unless
-    ``dry_run`` or ``confirm`` (shown the list) says no.
+    ``dry_run`` or ``confirm`` (shown the list) says no; ``stop`` set ends it after the
+    study being deleted.
 
     Raises
     ------
@@ -83,6 +86,8 @@ def run_pass(config: Config, archive: Archive, audit: Audit, user: str, via: str
             return [Outcome(study, None) for study in chosen]
         outcomes = []
         for study in chosen:
+            if stop is not None and stop.is_set():
+                break
             try:
                 deletion = archive.delete_study(study.study_instance_uid)
                 error = ""
@@ -124,17 +129,22 @@ class Retention:
                                         name="minipacs-retention")
         self._thread.start()
 
-    def stop(self, grace: float = 30.0) -> None:
+    def request_stop(self) -> None:
+        """Stop after the study being deleted (see :meth:`join`)."""
         self._stop.set()
+
+    def join(self, deadline: float) -> None:
+        """Wait for the thread until ``deadline`` (``time.monotonic()``)."""
         if self._thread is not None:
-            self._thread.join(grace)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         wait = min(self.FIRST_PASS_SECONDS, self.config.retention.interval_minutes * 60)
         while not self._stop.wait(wait):
             wait = self.config.retention.interval_minutes * 60
             try:
-                run_pass(self.config, self.archive, self.audit, "retention", "server")
+                run_pass(self.config, self.archive, self.audit, "retention", "server",
+                         stop=self._stop)
             except PassRunning:
                 logger.info("retention: another pass is running; this one is skipped")
             except Exception:  # noqa: BLE001 - the next pass tries again

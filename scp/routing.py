@@ -48,6 +48,21 @@ def delay(routing: RoutingConfig, attempts: int) -> float:
                routing.retry_seconds * 2 ** min(MAX_DOUBLINGS, max(0, attempts - 1)))
 
 
+def free_dead_leases(archive: Archive) -> None:
+    """Queue again what dead processes of this host left leased (routes and Storage
+    Commitment reports); a failure is logged (their leases end by themselves)."""
+    try:
+        freed = archive.outbox.free_dead_leases(socket.gethostname())
+    except Exception:  # noqa: BLE001
+        logger.exception("the outbox leases of stopped processes could not be freed")
+        return
+    finally:
+        with contextlib.suppress(Exception):
+            archive.release()
+    if freed:
+        logger.info("%d outbox item(s) left by a stopped process are queued again", freed)
+
+
 class Router:
     """The senders of one server process.
 
@@ -72,31 +87,21 @@ class Router:
         self.peers = [p for t in titles if (p := config.destination(t)) is not None]
 
     def start(self) -> None:
-        """Free what dead processes of this host left leased, then start one sender per
-        peer (none without routes)."""
-        if not self.peers:
-            return
-        try:
-            freed = self.archive.outbox.free_dead_leases(socket.gethostname())
-        except Exception:  # noqa: BLE001 - their leases end by themselves
-            logger.exception("routing: the leases of stopped processes could not be freed")
-            freed = 0
-        finally:
-            self.archive.release()
-        if freed:
-            logger.info("routing: %d item(s) left by a stopped process are queued again", freed)
+        """Start one sender per peer (none without routes)."""
         for peer in self.peers:
             thread = threading.Thread(target=self._run, args=(peer,), daemon=True,
                                       name=f"minipacs-route-{peer.ae_title}")
             thread.start()
             self._threads.append(thread)
 
-    def stop(self, grace: float = 30.0) -> None:
-        """Stop after the batches being sent (waiting up to ``grace`` s for them; what is
-        still leased is freed by the next start)."""
+    def request_stop(self) -> None:
+        """Stop after the instance being sent (what a batch did not try stays leased, for
+        the next start: :func:`free_dead_leases`); see :meth:`join`."""
         self._stop.set()
         self.archive.outbox.notify()
-        deadline = time.monotonic() + grace
+
+    def join(self, deadline: float) -> None:
+        """Wait for the senders until ``deadline`` (``time.monotonic()``)."""
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
@@ -184,4 +189,4 @@ class Router:
         return not unopened
 
 
-__all__ = ["BATCH", "LEASE_SECONDS", "POLL_SECONDS", "Router", "delay"]
+__all__ = ["BATCH", "LEASE_SECONDS", "POLL_SECONDS", "Router", "delay", "free_dead_leases"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 from pynetdicom import AE
@@ -31,7 +32,7 @@ from .handlers import (
     handle_store,
 )
 from .retention import Retention
-from .routing import Router
+from .routing import Router, free_dead_leases
 from .tls import server_context
 
 logger = logging.getLogger("minipacs")
@@ -154,6 +155,7 @@ class Server:
                 " %s)", cfg.title, cfg.bind, self.tls_port,
                 "required" if tls.require_client_cert else "not required",
             )
+        free_dead_leases(self.archive)
         self.router.start()
         self.reporter.start()
         self.retention.start()
@@ -201,9 +203,12 @@ class Server:
         close_unassociated(self.ae)
         reactor.settle(self.ae.active_associations, timeout=min(grace, 5.0))
         self.ae.shutdown()
-        self.router.stop(grace)
-        self.reporter.stop(grace)
-        self.retention.stop(grace)
+        background = (self.router, self.reporter, self.retention)
+        for part in background:
+            part.request_stop()
+        deadline = time.monotonic() + grace
+        for part in background:
+            part.join(deadline)
         self.archive.close()
         self.audit.close()
         logger.info("minipacs stopped")

@@ -48,7 +48,7 @@ from .instances import (
     syntax_for,
 )
 from .keys import Level, Model
-from .outbox import COMMITMENT, PeerQueue, Route, lease_owner, match_key_problem
+from .outbox import COMMITMENT, ROUTE, PeerQueue, Route, lease_owner, match_key_problem
 from .outbox import Entry as OutboxEntry
 from .parsing import Spooled, read_identifier
 from .query import Query, Search, SearchAnswer, response_charset_problem
@@ -93,6 +93,7 @@ __all__ = [
     "Selection",
     "Spooled",
     "QueryFailed",
+    "ROUTE",
     "Route",
     "SOPClassMismatch",
     "StorageError",

@@ -891,8 +891,9 @@ class Archive:
             out.append((sop_class, uid, result))
         return out
 
-    def routing_queue(self) -> list[outbox.PeerQueue]:
-        """Per peer, what routing still has to send (:meth:`storage.outbox.Outbox.summary`).
+    def routing_queue(self, kind: str = outbox.ROUTE) -> list[outbox.PeerQueue]:
+        """Per peer, what routing (or, ``kind`` :data:`storage.outbox.COMMITMENT`, Storage
+        Commitment) still has to send (:meth:`storage.outbox.Outbox.summary`).
 
         Raises
         ------
@@ -900,7 +901,7 @@ class Archive:
             The index could not be read.
         """
         try:
-            return self.outbox.summary()
+            return self.outbox.summary(kind)
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
 

@@ -233,15 +233,18 @@ class Outbox:
     # -- senders ----------------------------------------------------------------------
 
     def claim(self, peer: str | None, owner: str, limit: int, lease_seconds: float,
-              kind: str = ROUTE) -> list[Entry]:
-        """Lease up to ``limit`` items of ``kind`` due for ``peer`` (``None``: any) to
-        ``owner``, oldest due first; nothing is written when none is due."""
+              kind: str = ROUTE, exclude: Sequence[str] = ()) -> list[Entry]:
+        """Lease up to ``limit`` items of ``kind`` due for ``peer`` (``None``: any but
+        those of ``exclude``) to ``owner``, oldest due first; nothing is written when none
+        is due."""
         now = _now()
         due = ((OutboxItem.kind == kind) & (OutboxItem.failed == False)  # noqa: E712
                & (OutboxItem.due_at <= now)
                & (OutboxItem.lease_until.is_null() | (OutboxItem.lease_until < now)))
         if peer is not None:
             due &= OutboxItem.peer == peer
+        if exclude:
+            due &= OutboxItem.peer.not_in(list(exclude))
         if not OutboxItem.select(OutboxItem.id).where(due).limit(1).exists():
             return []
         with self.write_lock, index.write_transaction():
@@ -324,13 +327,14 @@ class Outbox:
 
     # -- ``minipacs queue`` ------------------------------------------------------------
 
-    def summary(self) -> list[PeerQueue]:
-        """Per peer: the items waiting (due or not), those failed, the oldest queued."""
+    def summary(self, kind: str = ROUTE) -> list[PeerQueue]:
+        """Per peer: the items of ``kind`` waiting (due or not), those failed, the oldest
+        queued."""
         failed = pw.fn.SUM(pw.Case(None, [(OutboxItem.failed == True, 1)], 0))  # noqa: E712
         query: Any = (OutboxItem.select(OutboxItem.peer, pw.fn.COUNT(OutboxItem.id), failed,
                                         pw.fn.MIN(OutboxItem.queued_at))
                       .group_by(OutboxItem.peer).order_by(OutboxItem.peer).tuples())
-        rows: list[tuple[Any, ...]] = list(query.where(OutboxItem.kind == ROUTE))
+        rows: list[tuple[Any, ...]] = list(query.where(OutboxItem.kind == kind))
         out = []
         for peer, count, failed_count, oldest in rows:
             if isinstance(oldest, str):  # SQLite's MIN() gives the stored text
@@ -351,22 +355,23 @@ class Outbox:
                 .limit(limit)]
 
     def retry(self, peer: str | None = None, ids: Sequence[int] = (),
-              failed_only: bool = True) -> int:
+              failed_only: bool = True, kind: str = ROUTE) -> int:
         """Make items due now with their attempts counted from zero: the failed ones (or
         all, ``failed_only=False``) of ``peer``, or those of ``ids``. Returns how many."""
         with self.write_lock, index.write_transaction():
             return int(OutboxItem.update(attempts=0, failed=False, due_at=_now())
-                       .where(_chosen(peer, ids, failed_only)).execute())
+                       .where(_chosen(peer, ids, failed_only, kind)).execute())
 
     def drop(self, peer: str | None = None, ids: Sequence[int] = (),
-             failed_only: bool = True) -> int:
+             failed_only: bool = True, kind: str = ROUTE) -> int:
         """Delete items without sending them (chosen as :meth:`retry` chooses)."""
         with self.write_lock, index.write_transaction():
-            return int(OutboxItem.delete().where(_chosen(peer, ids, failed_only)).execute())
+            return int(OutboxItem.delete().where(
+                _chosen(peer, ids, failed_only, kind)).execute())
 
 
-def _chosen(peer: str | None, ids: Sequence[int], failed_only: bool) -> Any:
-    where: Any = OutboxItem.kind == ROUTE
+def _chosen(peer: str | None, ids: Sequence[int], failed_only: bool, kind: str) -> Any:
+    where: Any = OutboxItem.kind == kind
     if ids:
         where &= OutboxItem.id.in_(list(ids))
     if peer is not None:

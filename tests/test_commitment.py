@@ -8,7 +8,9 @@ refused with the N-ACTION statuses of PS3.7."""
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from scp.commitment import SOP_CLASS, SOP_INSTANCE
 from storage import index
 from tests.conftest import Running, reserved_port
 from tests.factory import encode, make_ds, uid
+from tests.test_cli import minipacs_command
 
 MODALITY = "MODALITY"
 
@@ -32,21 +35,23 @@ MODALITY = "MODALITY"
 class Modality:
     """A modality: it asks for commitment and listens for the reports."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, answers_role_selection: bool = True) -> None:
         self.port = port
         self.reports: queue.Queue[tuple[int, Dataset, str]] = queue.Queue()
         self.ae = AE(ae_title=MODALITY)
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 30
         self.ae.add_requested_context(SOP_CLASS)
-        # accept the archive proposing to be the SCP on the association it opens to us
-        self.ae.add_supported_context(SOP_CLASS, scu_role=True, scp_role=True)
+        if answers_role_selection:  # accepts the archive proposing to be the SCP
+            self.ae.add_supported_context(SOP_CLASS, scu_role=True, scp_role=True)
+        else:  # ignores the role selection, as many modalities do
+            self.ae.add_supported_context(SOP_CLASS)
         self.server: Any = None
 
     def listen(self) -> None:
-        def on_report(event: Any) -> int:
+        def on_report(event: Any) -> tuple[int, None]:
             self.reports.put((int(event.event_type), event.event_information,
                               str(event.assoc.requestor.ae_title).strip()))
-            return status.SUCCESS
+            return status.SUCCESS, None
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
                                            evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
 
@@ -78,8 +83,16 @@ class Modality:
             assoc.release()
         return rsp
 
-    def report(self, timeout: float = 60) -> tuple[int, Dataset, str]:
-        return self.reports.get(timeout=timeout)
+    def report(self, running: Running, timeout: float = 60) -> tuple[int, Dataset, str]:
+        """The one report: once it came, and minipacs took it as delivered (its outbox
+        row is gone), no other comes."""
+        got = self.reports.get(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while running.archive.outbox.entries(kind="commitment"):
+            assert time.monotonic() < deadline, "the report was not settled"
+            time.sleep(0.05)  # poll interval
+        assert self.reports.empty()
+        return got
 
 
 @contextlib.contextmanager
@@ -119,7 +132,7 @@ def test_committed_and_failed_instances_are_reported(
         transaction = uid()
         rsp = modality.request(running, transaction, asked)
         assert rsp.Status == status.SUCCESS
-        event_type, info, sender = modality.report()
+        event_type, info, sender = modality.report(running)
     assert (event_type, sender) == (status.COMMITMENT_FAILURES_EXIST, running.ae_title)
     assert info.TransactionUID == transaction
     assert info.RetrieveAETitle == running.ae_title
@@ -140,10 +153,28 @@ def test_all_committed_is_event_type_1(start_server: Callable[..., Running]) -> 
         transaction = uid()
         assert modality.request(running, transaction, [
             (CTImageStorage, str(ds.SOPInstanceUID)) for ds in stored]).Status == 0
-        event_type, info, _ = modality.report()
+        event_type, info, _ = modality.report(running)
     assert event_type == status.COMMITMENT_SUCCESSFUL
     assert "FailedSOPSequence" not in info
     assert len(info.ReferencedSOPSequence) == 3
+
+
+def test_a_modality_that_ignores_role_selection_gets_its_report(
+        start_server: Callable[..., Running]) -> None:
+    with reserved_port() as port:
+        running = start_server(peers=[{"ae_title": MODALITY, "host": "127.0.0.1",
+                                       "port": port}])
+    modality = Modality(port, answers_role_selection=False)
+    try:
+        modality.listen()
+        ds = make_ds(Modality="CT", SOPClassUID=CTImageStorage)
+        running.archive.store(encode(ds), ExplicitVRLittleEndian)
+        assert modality.request(running, uid(), [
+            (CTImageStorage, str(ds.SOPInstanceUID))]).Status == status.SUCCESS
+        event_type, _, _ = modality.report(running)
+    finally:
+        modality.close()
+    assert event_type == status.COMMITMENT_SUCCESSFUL
 
 
 def test_a_report_waits_for_the_modality_across_a_restart(
@@ -161,12 +192,15 @@ def test_a_report_waits_for_the_modality_across_a_restart(
                 kind="commitment")):
             assert time.monotonic() < deadline, "no attempt to report"
             time.sleep(0.05)  # poll interval
+        shown = subprocess.run([*minipacs_command(), "queue", "--commitments", "--data-dir",
+                                str(running.data_dir)], capture_output=True, text=True,
+                               timeout=120, env=dict(os.environ))
+        assert f"{MODALITY}: 1 waiting, 0 failed" in shown.stdout, shown
         running.server.stop(grace=5)
         again = start_server(data_dir=running.data_dir, peers=[
             {"ae_title": MODALITY, "host": "127.0.0.1", "port": modality.port}], **overrides)
         modality.listen()
-        event_type, info, _ = modality.report()
-        assert again.port
+        event_type, info, _ = modality.report(again)
     assert (event_type, info.TransactionUID) == (status.COMMITMENT_SUCCESSFUL, transaction)
 
 
@@ -179,7 +213,7 @@ def test_requests_that_cannot_be_committed_are_refused(
              "not in peers with a host"),
             (dict(transaction=uid(), refs=[ct], action=2), status.NO_SUCH_ACTION, "Action"),
             (dict(transaction=uid(), refs=[ct], instance=uid()),
-             status.INVALID_OBJECT_INSTANCE, "SOP Instance"),
+             status.NO_SUCH_OBJECT_INSTANCE, "SOP Instance"),
             (dict(transaction="", refs=[ct]), status.INVALID_ARGUMENT_VALUE, "Transaction"),
             (dict(transaction=uid(), refs=[]), status.INVALID_ARGUMENT_VALUE, "Referenced"),
         ]

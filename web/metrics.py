@@ -40,7 +40,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from storage import Archive, StorageError
+from storage import COMMITMENT, Archive, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class ArchiveCollector(Collector):
             totals = self.archive.totals()
             free, total = self.archive.disk_usage()
             queues = self.archive.routing_queue()
+            reports = self.archive.routing_queue(COMMITMENT)
         except (StorageError, OSError) as exc:
             logger.warning("/metrics: the archive could not be read: %s", exc)
             return
@@ -114,6 +115,13 @@ class ArchiveCollector(Collector):
                 oldest.add_metric([queue.peer], max(0.0, (now - queue.oldest).total_seconds()))
         yield items
         yield oldest
+        commitment = GaugeMetricFamily(
+            "minipacs_storage_commitment_reports", "Storage Commitment reports still to"
+            " send: waiting (to be sent or retried) or failed (given up until retried)",
+            labels=["state"])
+        commitment.add_metric(["waiting"], sum(r.waiting for r in reports))
+        commitment.add_metric(["failed"], sum(r.failed for r in reports))
+        yield commitment
 
 
 class HttpMetrics:

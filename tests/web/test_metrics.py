@@ -187,6 +187,7 @@ def test_routing_queue_metrics(start_web: Callable[..., WebRunning], held_port: 
     given_up = ("minipacs_routing_queue_items", (("peer", "DOWN"), ("state", "failed")))
     oldest = ("minipacs_routing_queue_oldest_seconds", (("peer", "DOWN"),))
     assert (after[waiting], after[given_up]) == (3, 0)
+    assert after[("minipacs_storage_commitment_reports", (("state", "waiting"),))] == 0
     assert 0 <= after[oldest] < 600
     assert value(after, "minipacs_dicom_routed_instances_total", peer="DOWN",
                  outcome="sent") == 0
