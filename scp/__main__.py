@@ -473,9 +473,12 @@ def retention(config: Config, args: argparse.Namespace) -> int:
         return 0
     deleted = [o.deletion for o in outcomes if o.deletion is not None]
     failed = sum(1 for o in outcomes if o.error)
+    if not deleted and not failed:
+        print("nothing deleted")
+        return 1
     print(f"deleted {len(deleted)} study(ies), {sum(d.instances for d in deleted)}"
           f" instance(s); {failed} failed")
-    return 1 if failed or not deleted else 0
+    return 1 if failed else 0
 
 
 def _os_user() -> str:

@@ -31,6 +31,7 @@ from storage import (
     RetentionRules,
     Route,
     match_key_problem,
+    protect_problem,
     response_charset_problem,
 )
 from web.config import CHOICES as WEB_CHOICES
@@ -219,10 +220,21 @@ class RetentionConfig:
 
     def rules(self) -> RetentionRules:
         """The rules, as storage reads them (each ``protect`` a query string's pairs)."""
-        return RetentionRules(
-            self.max_age_days, self.age_by, self.max_disk_percent,
-            tuple(tuple(urllib.parse.parse_qsl(p, keep_blank_values=True))
-                  for p in self.protect))
+        return RetentionRules(self.max_age_days, self.age_by, self.max_disk_percent,
+                              tuple(search_pairs(p) for p in self.protect))
+
+
+MAX_RETENTION_DAYS = 36_500
+MAX_INTERVAL_MINUTES = 525_600
+"""Upper bounds of ``retention.max_age_days`` (a century) and ``interval_minutes`` (a year)."""
+
+
+def search_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """A query string's (key, value) pairs: split on ``&`` and the first ``=``, each side
+    percent-decoded, ``+`` kept (a PatientID may hold one)."""
+    return tuple((urllib.parse.unquote(key), urllib.parse.unquote(value))
+                 for key, _, value in (part.partition("=") for part in text.split("&"))
+                 if key)
 
 
 @dataclass(frozen=True)
@@ -584,18 +596,22 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
     if section.startswith("peers["):
         _check_peer(section, values, problems)
     if section == "retention":
-        if values.get("max_age_days", 0) < 0:
-            problems.append("retention.max_age_days: must not be negative (0 = no age rule)")
+        if not 0 <= values.get("max_age_days", 0) <= MAX_RETENTION_DAYS:
+            problems.append(f"retention.max_age_days: must be from 0 (no age rule) to"
+                            f" {MAX_RETENTION_DAYS}")
         if not 0 <= values.get("max_disk_percent", 0) < 100:
             problems.append("retention.max_disk_percent: must be from 0 (no disk rule) to"
                             " less than 100")
-        if values.get("interval_minutes", 1) <= 0:
-            problems.append("retention.interval_minutes: must be a positive number")
+        if not 0 < values.get("interval_minutes", 1) <= MAX_INTERVAL_MINUTES:
+            problems.append(f"retention.interval_minutes: must be more than 0, at most"
+                            f" {MAX_INTERVAL_MINUTES}")
         for search in values.get("protect", ()):
-            pairs = urllib.parse.parse_qsl(search, keep_blank_values=True)
-            if not pairs or not all(key for key, _ in pairs):
-                problems.append(f"retention.protect: {search!r} is not a query such as"
-                                " ModalitiesInStudy=MG or PatientID=VIP*&StudyDate=2020-")
+            why = protect_problem(search_pairs(search)) if search_pairs(search) else \
+                "it is empty"
+            if why:
+                problems.append(f"retention.protect: {search!r}: {why} (a study-level"
+                                " QIDO-RS search such as ModalitiesInStudy=MG or"
+                                " PatientID=VIP*&StudyDate=-20151231)")
     if section.startswith("routes["):
         _check_route(section, values, problems)
     if section == "routing":

@@ -85,16 +85,21 @@ def run_pass(config: Config, archive: Archive, audit: Audit, user: str, via: str
         if dry_run or not chosen or not confirm(chosen):
             return [Outcome(study, None) for study in chosen]
         outcomes = []
-        for study in chosen:
+        for number, study in enumerate(chosen):
             if stop is not None and stop.is_set():
                 break
             try:
-                deletion = archive.delete_study(study.study_instance_uid)
+                deletion = archive.delete_retained(study, rules, tidy=number == 0)
                 error = ""
             except Exception as exc:  # noqa: BLE001 - logged; the next study goes on
                 deletion, error = None, str(exc)
                 logger.error("retention: study %s could not be deleted: %s",
                              study.study_instance_uid, exc)
+            else:
+                if deletion is None:  # protected since it was chosen
+                    logger.info("retention: study %s is protected now: kept",
+                                study.study_instance_uid)
+                    continue
             if deletion is not None:
                 logger.info("retention: deleted study %s of %r (%d instances): %s",
                             study.study_instance_uid, study.patient_id,

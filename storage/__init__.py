@@ -53,7 +53,7 @@ from .outbox import Entry as OutboxEntry
 from .parsing import Spooled, read_identifier
 from .query import Query, Search, SearchAnswer, response_charset_problem
 from .removal import Deletion, StudyPart
-from .retention import AGE_BY, Doomed, RetentionRules
+from .retention import AGE_BY, Doomed, RetentionRules, protect_problem
 from .selection import Selection
 from .values import is_uid
 
@@ -115,6 +115,7 @@ __all__ = [
     "is_uid",
     "lease_owner",
     "match_key_problem",
+    "protect_problem",
     "open_archive",
     "read_identifier",
     "server_lock",

@@ -932,8 +932,8 @@ class Archive:
         return removal.plan(self._resolved(selection))
 
     def plan_retention(self, rules: retention.RetentionRules) -> list[retention.Doomed]:
-        """The studies ``rules`` delete now (:func:`storage.retention.plan`), oldest first;
-        nothing changes.
+        """The studies ``rules`` delete now (:func:`storage.retention.plan`), oldest first,
+        each with its files at this moment; nothing changes.
 
         Raises
         ------
@@ -948,14 +948,30 @@ class Archive:
         free, total = self.disk_usage()
         now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
         try:
-            return retention.plan(rules, protected, total - free, total, now)
+            chosen = retention.plan(rules, protected, total - free, total, now)
+            return [dataclasses.replace(d, file_keys=self.plan_delete(
+                Selection(study_uids=(d.study_instance_uid,))).file_keys) for d in chosen]
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
 
-    def delete_study(self, study_instance_uid: str) -> removal.Deletion:
-        """Delete what the study holds now (retention), as :meth:`delete` does."""
-        selection = Selection(study_uids=(study_instance_uid,))
-        return self.delete(selection, only=self.plan_delete(selection).file_keys)
+    def delete_retained(self, doomed: retention.Doomed, rules: retention.RetentionRules,
+                        tidy: bool = True) -> removal.Deletion | None:
+        """Delete a study :meth:`plan_retention` chose, as :meth:`delete` does: the
+        instances it held then (what was stored since stays), unless a ``protect`` search
+        matches it now (``None``). ``tidy``: first remove what earlier deletes left
+        (once a pass is enough).
+
+        Raises
+        ------
+        StorageError
+            As :meth:`delete`, or a ``protect`` search cannot be run.
+        """
+        uid = doomed.study_instance_uid
+        for search in rules.protect:
+            if self._matching_studies((*search, ("StudyInstanceUID", uid))):
+                return None
+        return removal.delete(Selection(study_uids=(uid,)), self.files, self.writing,
+                              doomed.file_keys, tidy=tidy)
 
     def _resolved(self, selection: Selection) -> Selection:
         """``selection`` with its query's studies found (PS3.18 10.6: the search's

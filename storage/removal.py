@@ -91,12 +91,14 @@ def plan(selection: Selection) -> Deletion:
 
 def delete(selection: Selection, files: FileStore,
            writing: Callable[[], AbstractContextManager[None]],
-           only: Collection[str] | None = None) -> Deletion:
+           only: Collection[str] | None = None, tidy: bool = True) -> Deletion:
     """Delete the selected instances (index first, in one ``writing()`` transaction, then
     the files; see the module). A file that cannot be removed stays in
     ``pending_removal`` and is listed in :attr:`Deletion.files_left`. ``only``: delete
     no instance but those whose file is one of these (the :attr:`Deletion.file_keys` of
-    the plan someone confirmed: what was stored or replaced since stays).
+    the plan someone confirmed: what was stored or replaced since stays). ``tidy``: first
+    remove the files earlier deletes left (:func:`finish`; it reads every instance's
+    file key, so a caller deleting many studies in a row does it once).
 
     Raises
     ------
@@ -105,7 +107,8 @@ def delete(selection: Selection, files: FileStore,
     """
     if not selection:
         raise StorageError("nothing selected: name a patient, study, series or instance")
-    finish(files, writing)  # what an earlier delete left
+    if tidy:
+        finish(files, writing)  # what an earlier delete left
     deletion = Deletion()
     try:
         # every other writer waits (storage.index.write_transaction): a store committing

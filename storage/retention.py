@@ -12,13 +12,22 @@ what was listed and nothing stored since.
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import peewee as pw
 
+from . import query
+from .errors import InvalidQuery
 from .models import Instance, Patient, Study
+
+EARLIEST_STUDY_DATE = "19000101"
+"""A StudyDate before this (``00000000``, ``18991230``: the placeholders of anonymised or
+converted data) is taken for no date: never old by date."""
+
+logger = logging.getLogger(__name__)
 
 RECEIVED = "received"
 STUDY_DATE = "study_date"
@@ -65,6 +74,8 @@ class Doomed:
     instances: int
     bytes: int
     reason: str
+    file_keys: frozenset[str] = frozenset()
+    """Its instances' files when it was chosen: only those are deleted."""
 
 
 def plan(rules: RetentionRules, protected: Collection[int], used: int, total: int,
@@ -76,7 +87,8 @@ def plan(rules: RetentionRules, protected: Collection[int], used: int, total: in
     if rules.max_age_days:
         limit = now - datetime.timedelta(days=rules.max_age_days)
         if rules.age_by == STUDY_DATE:
-            where = (Study.study_date != "") & (Study.study_date < limit.strftime("%Y%m%d"))
+            where = ((Study.study_date >= EARLIEST_STUDY_DATE)
+                     & (Study.study_date < limit.strftime("%Y%m%d")))
             why = f"StudyDate before {limit:%Y-%m-%d} (max_age_days {rules.max_age_days})"
         else:
             where = Study.created_at < limit
@@ -89,17 +101,46 @@ def plan(rules: RetentionRules, protected: Collection[int], used: int, total: in
         allowed = int(total * rules.max_disk_percent / 100)
         excess = used - allowed - sum(d.bytes for d in chosen.values())
         if excess > 0:
-            why = f"the disk is {100 * used / total:.1f} % full (max_disk_percent" \
-                  f" {rules.max_disk_percent:g})"
-            for row in _studies(Study.id > 0):
-                if excess <= 0:
-                    break
-                if row["id"] in protected or row["id"] in chosen:
-                    continue
-                doomed = _doomed(row, why)
-                chosen[row["id"]] = doomed
-                excess -= doomed.bytes
+            chosen.update(_to_free(excess, protected, chosen, used, total, rules))
     return sorted(chosen.values(), key=lambda d: d.received)
+
+
+def _to_free(excess: int, protected: Collection[int], chosen: dict[int, Doomed], used: int,
+             total: int, rules: RetentionRules) -> dict[int, Doomed]:
+    """The oldest studies whose files hold ``excess`` bytes; none when all of them would
+    not (what fills the disk is not the archive: deleting it all would not help)."""
+    why = f"the disk is {100 * used / total:.1f} % full (max_disk_percent" \
+          f" {rules.max_disk_percent:g})"
+    out: dict[int, Doomed] = {}
+    for row in _studies(Study.id > 0):
+        if excess <= 0:
+            return out
+        if row["id"] in protected or row["id"] in chosen:
+            continue
+        doomed = _doomed(row, why)
+        out[row["id"]] = doomed
+        excess -= doomed.bytes
+    if excess > 0:
+        logger.error("retention: the disk is %.1f %% full, above max_disk_percent %g, but the"
+                     " studies retention may delete hold too little to bring it under: none"
+                     " is deleted for the disk (what fills it?)", 100 * used / total,
+                     rules.max_disk_percent)
+        return {}
+    return out
+
+
+def protect_problem(search: tuple[tuple[str, str], ...]) -> str | None:
+    """Why ``search`` cannot be a ``retention.protect`` search, or ``None``: not a valid
+    study-level QIDO-RS search, one that matches every study, or one with paging."""
+    try:
+        parsed = query.parse_search(search, query.Level.STUDY)
+    except InvalidQuery as exc:
+        return str(exc)
+    if parsed.offset or parsed.limit is not None:
+        return "limit and offset have no place in it"
+    if not parsed.query.constraints:
+        return "it matches every study"
+    return None
 
 
 def _studies(where: Any) -> list[dict[str, Any]]:
@@ -121,4 +162,5 @@ def _doomed(row: dict[str, Any], reason: str) -> Doomed:
                   int(row["num_instances"]), int(row["bytes"] or 0), reason)
 
 
-__all__ = ["AGE_BY", "RECEIVED", "STUDY_DATE", "Doomed", "RetentionRules", "plan"]
+__all__ = ["AGE_BY", "EARLIEST_STUDY_DATE", "RECEIVED", "STUDY_DATE", "Doomed",
+           "RetentionRules", "plan", "protect_problem"]

@@ -194,6 +194,16 @@ def test_peer_network_and_services_are_checked(tmp_path: Path) -> None:
     assert len(problems) == 4
 
 
+def assert_reported(path: Path, *fragments: str) -> None:
+    """Loading ``path`` reports one problem per fragment, each containing it."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    for fragment in fragments:
+        assert any(fragment in p for p in problems), (fragment, problems)
+    assert len(problems) == len(fragments), problems
+
+
 def test_routes_are_loaded_and_every_problem_reported(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("peers:\n  - {ae_title: AI, host: 10.0.0.9}\n  - {ae_title: WARD}\n"
@@ -208,18 +218,31 @@ def test_routes_are_loaded_and_every_problem_reported(tmp_path: Path) -> None:
                     "  - {name: a, to: [NOBODY], match: {Modality: [CT]}, stable_seconds: -1}\n"
                     "  - {name: a}\n"
                     "routing: {retry_seconds: 0, max_attempts: 0}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    problems = info.value.problems
-    for fragment in ("routes[0].name: is required", "routes[0].match: 'Modalty' is not a DICOM",
-                     "routes[0].to: 'WARD' is not in peers with a host",
-                     "routes[1].match: must be a mapping of strings",
-                     "routes[1].stable_seconds: must not be negative",
-                     "routes[1].to: 'NOBODY' is not in peers", "routes[2].to: is required",
-                     "routes: name 'a' is listed more than once",
-                     "routing.retry_seconds: must be a positive", "routing.max_attempts"):
-        assert any(fragment in p for p in problems), (fragment, problems)
-    assert len(problems) == 10
+    assert_reported(path, "routes[0].name: is required",
+                    "routes[0].match: 'Modalty' is not a DICOM",
+                    "routes[0].to: 'WARD' is not in peers with a host",
+                    "routes[1].match: must be a mapping of strings",
+                    "routes[1].stable_seconds: must not be negative",
+                    "routes[1].to: 'NOBODY' is not in peers", "routes[2].to: is required",
+                    "routes: name 'a' is listed more than once",
+                    "routing.retry_seconds: must be a positive", "routing.max_attempts")
+
+
+def test_retention_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("retention: {max_age_days: 30, protect: ['PatientID=A+B&StudyDate=20200101-',"
+                    " 'ModalitiesInStudy=MG']}\n")
+    rules = load_config(path).retention.rules()
+    assert rules.protect == ((("PatientID", "A+B"), ("StudyDate", "20200101-")),
+                             (("ModalitiesInStudy", "MG"),))  # + is kept
+    path.write_text("retention: {max_age_days: 99999, max_disk_percent: 100, age_by: date,"
+                    " interval_minutes: 0, protect: ['ModalityInStudy=MG', 'limit=1',"
+                    " 'ModalitiesInStudy=', '']}\n")
+    assert_reported(path, "retention.max_age_days: must be from 0",
+                    "retention.max_disk_percent",
+                    "retention.age_by: must be one of received, study_date",
+                    "retention.interval_minutes", "'ModalityInStudy=MG'", "'limit=1'",
+                    "'ModalitiesInStudy=': it matches every study", "'': it is empty")
 
 
 def test_workers_need_the_sqlite_index(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian
 
-from storage import Archive, RetentionRules
+from storage import Archive, RetentionRules, Selection
 from storage.models import Study
 from storage.retention import STUDY_DATE, plan
 from tests.factory import encode, make_ds, uid
@@ -73,3 +73,42 @@ def test_the_disk_rule_takes_the_oldest_until_enough(new_archive: Archive) -> No
         uids[0], uids[2]]
 
 
+
+
+def test_what_arrives_after_the_choice_stays_and_protect_is_asked_again(
+        new_archive: Archive) -> None:
+    archive = new_archive
+    grows = study(archive, 40, Modality="CT")
+    turns_mammo = study(archive, 40, Modality="CT")
+    rules = RetentionRules(max_age_days=30, protect=((("ModalitiesInStudy", "MG"),),))
+    chosen = {d.study_instance_uid: d for d in archive.plan_retention(rules)}
+    assert set(chosen) == {grows, turns_mammo}
+    late = make_ds(StudyInstanceUID=grows, Modality="CT")
+    archive.store(encode(late), ExplicitVRLittleEndian)
+    archive.store(encode(make_ds(StudyInstanceUID=turns_mammo, Modality="MG")),
+                  ExplicitVRLittleEndian)
+    deletion = archive.delete_retained(chosen[grows], rules)
+    assert deletion is not None and deletion.instances == 2
+    assert [i.sop_instance_uid for i in archive.selected(Selection(study_uids=(grows,)))] \
+        == [late.SOPInstanceUID]
+    assert archive.delete_retained(chosen[turns_mammo], rules) is None  # protected now
+    assert archive.totals()["instances"] == 4
+
+
+def test_placeholder_study_dates_are_no_dates(new_archive: Archive) -> None:
+    archive = new_archive
+    for date in ("00000000", "18991231"):
+        study(archive, 1, StudyDate=date)
+    dated = study(archive, 1, StudyDate="19500101")
+    rules = RetentionRules(max_age_days=365, age_by=STUDY_DATE)
+    assert [d.study_instance_uid for d in archive.plan_retention(rules)] == [dated]
+
+
+def test_the_disk_rule_deletes_nothing_when_the_archive_is_not_what_fills_the_disk(
+        new_archive: Archive, caplog: Any) -> None:
+    study(new_archive, 10)
+    study(new_archive, 5)
+    total = 100 * 2**30
+    with caplog.at_level("ERROR", logger="storage.retention"):
+        assert plan(RetentionRules(max_disk_percent=90.0), set(), 99 * 2**30, total, NOW) == []
+    assert "hold too little to bring it under" in caplog.text
