@@ -27,7 +27,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
 from scp import status
-from storage import open_archive
+from storage import Selection, open_archive
 from tests.conftest import Running, dcmtk_tool, free_port, reserved_port
 from tests.factory import encode, file_parts, make_ds, uid
 from tests.test_cli import REPO, minipacs_command, wait_until_echo
@@ -314,3 +314,19 @@ def queue_empty(data: Path) -> bool:
                             capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
     return "the routing queue is empty" in result.stdout
+
+
+def test_an_instance_deleted_before_its_turn_is_dropped_from_the_queue(
+        start_server: Callable[..., Running], held_port: int, caplog: Any) -> None:
+    running = start_server(
+        peers=[{"ae_title": "GONE", "host": "127.0.0.1", "port": held_port}],
+        routes=[{"name": "all", "to": ["GONE"]}], **{"routing.retry_seconds": 0.1,
+                                                     "routing.max_attempts": 1})
+    ds = ct()
+    store_from("CT1", running.port, [ds])
+    wait_for("the attempt to fail", lambda: queue_of(running) == {"GONE": (0, 1)})
+    running.archive.delete(Selection(instance_uids=(str(ds.SOPInstanceUID),)))
+    caplog.set_level("INFO", logger="scp.routing")
+    assert running.archive.outbox.retry("GONE") == 1
+    wait_for("the queue to empty", lambda: queue_of(running) == {})
+    assert "1 queued instance(s) no longer stored, dropped" in caplog.text
