@@ -48,6 +48,9 @@ REQUEST_COMMITMENT = 1
 MAX_REFERENCES = 200_000
 """Most instances one request may name (more: 0213 Resource limitation)."""
 TRANSFER_SYNTAXES = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+IDLE_POLL_SECONDS = 60.0
+"""How often the reporter looks at the index when it knows of no report to send (a request
+to this process wakes it at once; one to another process is that process's to report)."""
 
 
 def parse_request(event: Any) -> tuple[str, list[tuple[str, str]]]:
@@ -158,7 +161,7 @@ class Reporter:
     def request_stop(self) -> None:
         """Stop after the report being sent (see :meth:`join`)."""
         self._stop.set()
-        self.archive.outbox.notify()
+        self.archive.outbox.notify(COMMITMENT)
 
     def join(self, deadline: float) -> None:
         """Wait for the thread until ``deadline`` (``time.monotonic()``)."""
@@ -178,7 +181,12 @@ class Reporter:
                 entries = self.archive.outbox.claim(None, self.owner, 1, LEASE_SECONDS,
                                                     kind=COMMITMENT, exclude=self._resting())
                 if not entries:
-                    seen = self.archive.outbox.wait(seen, POLL_SECONDS)
+                    # reports put off: look again soon; none at all: wait to be woken by
+                    # a request (this process takes its own), with a rare look for others
+                    waiting = bool(self.archive.outbox.entries(limit=1, kind=COMMITMENT))
+                    self.archive.release()
+                    seen = self.archive.outbox.wait(
+                        seen, POLL_SECONDS if waiting else IDLE_POLL_SECONDS, COMMITMENT)
                     continue
                 self._send(entries[0])
             except Exception as exc:  # noqa: BLE001 - e.g. the index is down

@@ -37,6 +37,11 @@ LEASE_SECONDS = 600.0
 unless a process of its host frees it first: :meth:`storage.outbox.Outbox.free_dead_leases`)."""
 POLL_SECONDS = 1.0
 """How often an idle sender looks for items queued by other processes or now due."""
+GATHER_SECONDS = 0.25
+"""How long a sender woken by a store, or done with a batch smaller than :data:`BATCH`,
+waits for more before it claims: during an ingest its batches (and associations, and
+claim transactions, which hold the index's write lock) come at most 4 a second, not one
+per instance."""
 MAX_DOUBLINGS = 40
 """The retry delay doubles at most this many times (then ``retry_max_seconds`` holds it)."""
 
@@ -119,9 +124,13 @@ class Router:
                                                         LEASE_SECONDS)
                     if not entries:
                         unreachable = 0
-                        seen = self.archive.outbox.wait(seen, POLL_SECONDS)
+                        before, seen = seen, self.archive.outbox.wait(seen, POLL_SECONDS)
+                        if seen != before:  # a store queued one: let the others come too
+                            self._stop.wait(GATHER_SECONDS)
                         continue
                     unreachable = 0 if self._send(peer, entries) else unreachable + 1
+                    if len(entries) < BATCH:  # caught up with the stores: gather again
+                        self._stop.wait(GATHER_SECONDS)
                 except Exception as exc:  # noqa: BLE001 - e.g. the index is down
                     logger.exception("routing to %s failed; trying again", peer.ae_title)
                     unreachable += 1

@@ -173,31 +173,50 @@ class PeerQueue:
 def enqueue(found: Iterable[Target], sop_instance_uid: str, study_instance_uid: str) -> int:
     """Queue a just-indexed instance for each of ``found``, in the caller's write
     transaction (:mod:`storage.commit`); an instance already queued for a peer is queued
-    again from now (a new version of it was stored). Returns how many were queued."""
+    again from now (a new version of it was stored). Returns how many were queued.
+
+    One statement for all of them (``INSERT ... ON CONFLICT DO UPDATE``, SQLite 3.24+ and
+    PostgreSQL), in plain SQL: building peewee queries would cost more than running them,
+    once per stored instance."""
+    found = list(found)
+    if not found:
+        return 0
     now = _now()
-    count = 0
     for target in found:
-        due = now + datetime.timedelta(seconds=target.stable_seconds)
         if target.stable_seconds:  # the study is not stable yet: its waiting items wait
+            due = now + datetime.timedelta(seconds=target.stable_seconds)
             OutboxItem.update(due_at=due).where(
                 (OutboxItem.kind == ROUTE)
                 & (OutboxItem.study_instance_uid == study_instance_uid)
                 & (OutboxItem.route == target.route) & (OutboxItem.attempts == 0)
                 & (OutboxItem.failed == False)  # noqa: E712 - peewee's SQL comparison
                 & (OutboxItem.due_at < due)).execute()
-        updated = OutboxItem.update(
-            route=target.route, due_at=due, attempts=0, failed=False, last_error="",
-            generation=OutboxItem.generation + 1, queued_at=now,
-            study_instance_uid=study_instance_uid,
-        ).where((OutboxItem.kind == ROUTE) & (OutboxItem.peer == target.peer)
-                & (OutboxItem.sop_instance_uid == sop_instance_uid)).execute()
-        if not updated:
-            OutboxItem.insert(peer=target.peer, route=target.route,
-                              sop_instance_uid=sop_instance_uid,
-                              study_instance_uid=study_instance_uid, queued_at=now,
-                              due_at=due).execute()
-        count += 1
-    return count
+    database = OutboxItem._meta.database
+    mark = database.param
+    values = []
+    for target in found:
+        due = now + datetime.timedelta(seconds=target.stable_seconds)
+        values += [ROUTE, target.peer, target.route, sop_instance_uid, study_instance_uid,
+                   OutboxItem.queued_at.db_value(now), OutboxItem.due_at.db_value(due)]
+    row = f"({', '.join([mark] * 7)}, 0, {_FALSE[_dialect(database)]}, '', 0, '', NULL, '')"
+    database.execute_sql(
+        'INSERT INTO "outbox" ("kind", "peer", "route", "sop_instance_uid",'
+        ' "study_instance_uid", "queued_at", "due_at", "attempts", "failed", "last_error",'
+        ' "generation", "lease_owner", "lease_until", "payload") VALUES '
+        + ", ".join([row] * len(found))
+        + ' ON CONFLICT ("kind", "peer", "sop_instance_uid") DO UPDATE SET'
+        ' "route" = excluded."route", "due_at" = excluded."due_at", "attempts" = 0,'
+        f' "failed" = {_FALSE[_dialect(database)]}, "last_error" = \'\','
+        ' "generation" = "outbox"."generation" + 1, "queued_at" = excluded."queued_at",'
+        ' "study_instance_uid" = excluded."study_instance_uid"', values)
+    return len(found)
+
+
+_FALSE = {"sqlite": "0", "postgresql": "FALSE"}
+
+
+def _dialect(database: Any) -> str:
+    return "sqlite" if isinstance(database, pw.SqliteDatabase) else "postgresql"
 
 
 class Outbox:
@@ -211,24 +230,24 @@ class Outbox:
 
     def __init__(self, write_lock: threading.Lock) -> None:
         self.write_lock = write_lock
-        self._changed = threading.Condition()
-        self._version = 0
+        self._changed = {ROUTE: threading.Condition(), COMMITMENT: threading.Condition()}
+        self._version = {ROUTE: 0, COMMITMENT: 0}
 
     # -- in-process wake-ups ----------------------------------------------------------
 
-    def notify(self) -> None:
-        """Something was queued in this process: wake the senders."""
-        with self._changed:
-            self._version += 1
-            self._changed.notify_all()
+    def notify(self, kind: str = ROUTE) -> None:
+        """Something of ``kind`` was queued in this process: wake its senders."""
+        with self._changed[kind]:
+            self._version[kind] += 1
+            self._changed[kind].notify_all()
 
-    def wait(self, seen: int, timeout: float) -> int:
-        """Wait until something is queued after ``seen`` (a value this returned before; 0
-        the first time) or ``timeout`` s pass; return the new value."""
-        with self._changed:
-            if self._version == seen:
-                self._changed.wait(timeout)
-            return self._version
+    def wait(self, seen: int, timeout: float, kind: str = ROUTE) -> int:
+        """Wait until something of ``kind`` is queued after ``seen`` (a value this returned
+        before; 0 the first time) or ``timeout`` s pass; return the new value."""
+        with self._changed[kind]:
+            if self._version[kind] == seen:
+                self._changed[kind].wait(timeout)
+            return self._version[kind]
 
     # -- senders ----------------------------------------------------------------------
 
@@ -310,7 +329,7 @@ class Outbox:
             OutboxItem.insert(kind=COMMITMENT, peer=peer, route="storage-commitment",
                               sop_instance_uid=transaction_uid, study_instance_uid="",
                               queued_at=now, due_at=now, payload=payload).execute()
-        self.notify()
+        self.notify(COMMITMENT)
 
     def free_dead_leases(self, host: str) -> int:
         """Free the leases of this host's processes that are gone (owners written by

@@ -152,6 +152,32 @@ def test_delete_on_postgresql(pg_archive: Archive) -> None:
     assert pg_archive.verify().problems == []
 
 
+def test_routing_outbox_and_retention_on_postgresql(postgres: Callable[[], str],
+                                                    tmp_path: Path) -> None:
+    """Issue 16, items 3 and 4: the outbox's upsert, claim and settle, and a retention
+    plan, on PostgreSQL."""
+    from storage import Origin, RetentionRules, Route, lease_owner
+
+    route = Route("ct", (("Modality", "CT"),), ("AI", "WS"), stable_seconds=0.0)
+    archive = open_archive(ArchiveOptions(files_path=tmp_path / "files", index_url=postgres(),
+                                          routes=(route,)))
+    try:
+        ds = make_ds(Modality="CT")
+        archive.store(encode(ds), "1.2.840.10008.1.2.1", origin=Origin("CT1"))
+        [first] = archive.outbox.claim("AI", lease_owner(), 10, 60)
+        ds.PatientName = "Other^Name"  # replaced while claimed: queued again
+        archive.store(encode(ds), "1.2.840.10008.1.2.1", origin=Origin("CT1"))
+        archive.outbox.sent([first], lease_owner())
+        [again] = archive.outbox.claim("AI", lease_owner(), 10, 60)
+        assert again.generation == first.generation + 1
+        archive.outbox.sent([again], lease_owner())
+        assert [q.peer for q in archive.routing_queue()] == ["WS"]
+        assert archive.plan_retention(RetentionRules(max_age_days=1)) == []
+    finally:
+        archive.close()
+        index.disconnect()
+
+
 def test_index_writes_of_two_processes_take_turns_on_postgresql(
         postgres: Callable[[], str], tmp_path: Path) -> None:
     """Every write transaction takes one advisory lock first (a server's stores and a

@@ -1,0 +1,163 @@
+"""Routing's benchmark (issue 16): ingest with three routes active against none, and how
+fast the outbox drains to each of the three peers against a C-MOVE of the same instances.
+
+Three DCMTK ``storescp --ignore`` peers (the C-MOVE destination of bench/run.py, each on
+its own port), minipacs with ``storage.durability: full`` on SQLite:
+
+1. no routes: ``storescu`` sends the set over one association (the ingest rate);
+2. the same set (fresh UIDs) with three routes, one per peer, every instance matching:
+   the ingest rate, and the drain rate per peer (its instances / seconds from the start of
+   the ingest until it has received the last one, so it includes the wait behind ingest);
+3. one C-MOVE of the set's studies to one peer (``movescu``): the rate routing must reach;
+4. a backlog: the peers stopped, a second set stored, the peers started again: how fast
+   the outbox drains to each (all three at once) when it does not wait for the ingest.
+
+Usage::
+
+    TCP_NODELAY=1 .venv/bin/python bench/routing.py [--count 2000] [--size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(BENCH_DIR.parent))
+
+import run as bench  # noqa: E402
+from profile_ingest import _cpu_seconds  # noqa: E402
+
+PEERS = ("ROUTEA", "ROUTEB", "ROUTEC")
+
+
+class Peer(bench.Destination):
+    """A ``storescp --ignore -v`` peer called ``aet``."""
+
+    def __init__(self, log_dir: Path, aet: str) -> None:
+        super().__init__(log_dir)
+        self.aet = aet
+        self.log = log_dir / f"storescp-{aet}.log"
+
+    def start(self) -> None:
+        cmd = ["storescp", "--ignore", "-v", "-aet", self.aet, str(self.port)]
+        with open(self.log, "wb") as log:
+            self.proc = bench.spawn(cmd, log)
+        bench.wait_until(lambda: bench.echo_ok(self.aet, self.port), self.proc,
+                         f"storescp {self.aet}", self.log)
+
+
+class RoutedMinipacs(bench.Minipacs):
+    """minipacs whose configuration adds the peers and, with ``routes``, one route each."""
+
+    def __init__(self, log_dir: Path, config_dir: Path, peers: list[Peer], routes: bool,
+                 move_to: Peer) -> None:
+        super().__init__(log_dir, config_dir, dest_port=move_to.port)
+        text = self.config.read_text()
+        for peer in peers:
+            text += f"  - ae_title: {peer.aet}\n    host: {bench.HOST}\n    port: {peer.port}\n"
+        if routes:
+            text += "routes:\n" + "".join(
+                f"  - {{name: to-{p.aet.lower()}, to: [{p.aet}]}}\n" for p in peers)
+            text += ("routing:\n  retry_seconds: 0.5\n  retry_max_seconds: 0.5\n"
+                     "  max_attempts: 100000\n")
+        self.config.write_text(text)
+
+
+def received(peer: Peer, offset: int) -> int:
+    return peer.received_since(offset)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=64, help="pixels per side (64: 8 kB)")
+    parser.add_argument("--routes", type=int, default=3, choices=(1, 2, 3),
+                        help="how many of the three peers get a route")
+    args = parser.parse_args(argv)
+    bench.WORK_ROOT.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="routing-", dir=bench.WORK_ROOT))
+    try:
+        logs = work / "logs"
+        logs.mkdir()
+        peers = [Peer(logs, aet) for aet in PEERS[:args.routes]]
+        for peer in peers:
+            peer.start()
+        move_to = bench.Destination(logs)
+        move_to.start()
+        results: dict[str, float] = {}
+        routed = f"{args.routes} route(s)"
+        for label, routes in (("no routes", False), (routed, True)):
+            data = bench.generate(work / f"data-{routes}", label, args.count, args.size,
+                                  patients=4, studies_per_patient=2, series_per_study=2,
+                                  seed=7 if routes else 8)
+            server = RoutedMinipacs(logs, work, peers, routes, move_to)
+            server.start(work / f"minipacs-{routes}", label.replace(" ", "-"))
+            offsets = [p.log_size() for p in peers]
+            assert server.proc is not None
+            cpu_before = sum(_cpu_seconds(server.proc.pid))
+            start = time.perf_counter()
+            cell = bench.send(server, data, 1, logs, label.replace(" ", "-"))
+            results[f"ingest, {label}"] = cell.rate
+            print(f"ingest, {label}: {cell.rate:.0f} inst/s"
+                  + (f" PROBLEMS {cell.problems}" if cell.problems else ""), flush=True)
+            if routes:
+                pending = {p.aet: (p, offset) for p, offset in zip(peers, offsets, strict=True)}
+                deadline = start + 600
+                while pending and time.perf_counter() < deadline:
+                    for aet, (peer, offset) in list(pending.items()):
+                        if received(peer, offset) >= args.count:
+                            seconds = time.perf_counter() - start
+                            results[f"drained to {aet}"] = args.count / seconds
+                            print(f"drained to {aet}: {args.count / seconds:.0f} inst/s"
+                                  f" ({seconds:.1f} s from the ingest's start)", flush=True)
+                            del pending[aet]
+                    time.sleep(0.05)
+                for aet in pending:
+                    print(f"drained to {aet}: NOT DONE in 600 s", flush=True)
+            cpu = sum(_cpu_seconds(server.proc.pid)) - cpu_before
+            print(f"server CPU, {label}: {1000 * cpu / args.count:.2f} ms per instance"
+                  + (" (ingest and routing)" if routes else " (ingest)"), flush=True)
+            if routes:  # a backlog: the peers down while a second set comes in, then up
+                for peer in peers:
+                    peer.stop()
+                backlog = bench.generate(work / "data-backlog", "backlog", args.count,
+                                         args.size, patients=4, studies_per_patient=2,
+                                         series_per_study=2, seed=9)
+                bench.send(server, backlog, 1, logs, "backlog")
+                start = time.perf_counter()  # their start-up counts against the drain
+                for peer in peers:  # each a new log: what the sender sends from now on
+                    peer.start()
+                offsets = [0] * len(peers)
+                pending = {p.aet: (p, offset) for p, offset in zip(peers, offsets, strict=True)}
+                while pending and time.perf_counter() < start + 120:
+                    for aet, (peer, offset) in list(pending.items()):
+                        if received(peer, offset) >= args.count:
+                            seconds = time.perf_counter() - start
+                            print(f"backlog of {args.count} drained to {aet}:"
+                                  f" {args.count / seconds:.0f} inst/s ({seconds:.1f} s, with"
+                                  f" up to 0.5 s before the next attempt)", flush=True)
+                            del pending[aet]
+                    time.sleep(0.05)
+            if not routes:
+                move = bench.retrieve(server, data, "C-MOVE", move_to, logs)
+                results["C-MOVE"] = move.rate
+                print(f"C-MOVE of the same instances: {move.rate:.0f} inst/s"
+                      + (f" PROBLEMS {move.problems}" if move.problems else ""), flush=True)
+            server.stop()
+        for peer in peers:
+            peer.stop()
+        move_to.stop()
+        return 0
+    finally:
+        bench.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
