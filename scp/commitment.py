@@ -33,13 +33,14 @@ from storage import lease_owner as new_lease_owner
 from . import status
 from .audit import Audit
 from .config import Config, PeerConfig
-from .routing import LEASE_SECONDS, POLL_SECONDS, delay
+from .contexts import STORAGE_COMMITMENT
+from .routing import LEASE_SECONDS, POLL_SECONDS, delay, put_off
 from .service import Refused
 from .status import with_comment
 
 logger = logging.getLogger(__name__)
 
-SOP_CLASS = "1.2.840.10008.1.20.1"
+SOP_CLASS = STORAGE_COMMITMENT
 """Storage Commitment Push Model SOP Class (PS3.4 J.3.1)."""
 SOP_INSTANCE = "1.2.840.10008.1.20.1.1"
 """Its well-known SOP Instance (PS3.4 J.3.5)."""
@@ -198,11 +199,7 @@ class Reporter:
                     self.archive.release()
 
     def _put_off(self, entries: list[OutboxEntry], error: str) -> None:
-        routing = self.config.routing
-        with contextlib.suppress(Exception):
-            self.archive.outbox.put_off(entries, self.owner, error,
-                                        lambda attempts: delay(routing, attempts),
-                                        routing.max_attempts)
+        put_off(self.archive, self.owner, self.config.routing, entries, error)
 
     def _send(self, entry: OutboxEntry) -> None:
         """Check the request's instances now, send the report, settle the entry."""

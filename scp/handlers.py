@@ -90,7 +90,7 @@ def handle_n_action(event: evt.Event, archive: Archive, activity: Activity,
                     access: Access) -> Status:
     """N-ACTION of the Storage Commitment Push Model (PS3.4 J.3.2): Success once the
     request is recorded (the report follows on its own association,
-    :class:`scp.commitment.Reporter`); refused (0110, 0115, 0117, 0123) when it cannot be."""
+    :class:`scp.commitment.Reporter`); refused (0110, 0112, 0115, 0123, 0213) when it cannot be."""
     transaction, references = commitment.parse_request(event)
     peer = commitment.requester(access.config, event)
     archive.outbox.add_commitment(peer.ae_title.strip(" "), transaction, references)

@@ -3,7 +3,7 @@
 
 A pass asks the archive which studies the rules choose
 (:meth:`storage.Archive.plan_retention`) and deletes each as ``minipacs delete`` would
-(:meth:`storage.Archive.delete_study`), with a log line and an audit line (``retention``)
+(:meth:`storage.Archive.delete_retained`), with a log line and an audit line (``retention``)
 for each. One pass at a time per data folder: a pass holds ``<data_dir>/.retention.lock``
 (worker processes, and the command beside the server, do not run theirs meanwhile).
 """
@@ -35,8 +35,8 @@ class PassRunning(Exception):
 
 @dataclass(frozen=True)
 class Outcome:
-    """One study a pass chose, and what its deletion did (``None``: dry run, or it failed
-    with ``error``)."""
+    """One study a pass chose, and what its deletion did (``None``: not confirmed, or it
+    failed with ``error``)."""
 
     study: Doomed
     deletion: Deletion | None
@@ -65,12 +65,12 @@ def exclusive(data_dir: Path) -> Iterator[None]:
 
 
 def run_pass(config: Config, archive: Archive, audit: Audit, user: str, via: str,
-             dry_run: bool = False,
              confirm: Callable[[list[Doomed]], bool] = lambda _: True,
              stop: threading.Event | None = None) -> list[Outcome]:
     """One pass of ``config.retention``'s rules: what they choose, deleted unless
-    ``dry_run`` or ``confirm`` (shown the list) says no; ``stop`` set ends it after the
-    study being deleted.
+    ``confirm`` (shown the list; the command's ``--dry-run`` says no) says no; ``stop`` set
+    ends it after the study being deleted; a study protected since it was chosen is kept
+    and left out.
 
     Raises
     ------
@@ -82,15 +82,15 @@ def run_pass(config: Config, archive: Archive, audit: Audit, user: str, via: str
     rules = config.retention.rules()
     with exclusive(config.storage.data_dir):
         chosen = archive.plan_retention(rules)
-        if dry_run or not chosen or not confirm(chosen):
+        if not chosen or not confirm(chosen):
             return [Outcome(study, None) for study in chosen]
         outcomes = []
         for number, study in enumerate(chosen):
             if stop is not None and stop.is_set():
                 break
+            error = ""
             try:
                 deletion = archive.delete_retained(study, rules, tidy=number == 0)
-                error = ""
             except Exception as exc:  # noqa: BLE001 - logged; the next study goes on
                 deletion, error = None, str(exc)
                 logger.error("retention: study %s could not be deleted: %s",
@@ -100,7 +100,6 @@ def run_pass(config: Config, archive: Archive, audit: Audit, user: str, via: str
                     logger.info("retention: study %s is protected now: kept",
                                 study.study_instance_uid)
                     continue
-            if deletion is not None:
                 logger.info("retention: deleted study %s of %r (%d instances): %s",
                             study.study_instance_uid, study.patient_id,
                             deletion.instances, study.reason)

@@ -68,6 +68,18 @@ def free_dead_leases(archive: Archive) -> None:
         logger.info("%d outbox item(s) left by a stopped process are queued again", freed)
 
 
+def put_off(archive: Archive, owner: str, routing: RoutingConfig,
+            entries: list[OutboxEntry], error: str) -> None:
+    """Put ``owner``'s ``entries`` off after an attempt that failed, as ``routing`` says
+    (routes and Storage Commitment reports alike); a failure to do so is logged (their
+    leases end by themselves)."""
+    try:
+        archive.outbox.put_off(entries, owner, error, lambda attempts: delay(routing, attempts),
+                               routing.max_attempts)
+    except Exception:  # noqa: BLE001
+        logger.exception("%d outbox item(s) could not be put off", len(entries))
+
+
 class Router:
     """The senders of one server process.
 
@@ -148,15 +160,7 @@ class Router:
         return peer.ae_title.strip(" ")
 
     def _put_off(self, entries: list[OutboxEntry], error: str) -> None:
-        """Put ``entries`` off after an attempt that failed; a failure to do so is logged
-        (their leases end by themselves)."""
-        routing = self.config.routing
-        try:
-            self.archive.outbox.put_off(entries, self.owner, error,
-                                        lambda attempts: delay(routing, attempts),
-                                        routing.max_attempts)
-        except Exception:  # noqa: BLE001
-            logger.exception("routing: %d item(s) could not be put off", len(entries))
+        put_off(self.archive, self.owner, self.config.routing, entries, error)
 
     def _send(self, peer: PeerConfig, entries: list[OutboxEntry]) -> bool:
         """Send one claimed batch; ``False`` when the association could not be opened."""
@@ -198,4 +202,5 @@ class Router:
         return not unopened
 
 
-__all__ = ["BATCH", "LEASE_SECONDS", "POLL_SECONDS", "Router", "delay", "free_dead_leases"]
+__all__ = ["BATCH", "LEASE_SECONDS", "POLL_SECONDS", "Router", "delay", "free_dead_leases",
+           "put_off"]

@@ -121,7 +121,7 @@ def verify(
     for row in _rows():
         report.instances += 1
         indexed_keys.add(row.file_key)
-        problem = _check_row(archive, row, row.file_key in keys)
+        problem = check_row(archive, row, row.file_key in keys)
         if problem is not None:
             damaged[row.sop_instance_uid] = (row, len(report.problems))
             report.problems.append(problem)
@@ -167,10 +167,6 @@ def check_row(archive: MaintainedArchive, row: Any, present: bool) -> Problem | 
     """What is wrong with the file of the index row ``row`` (its ``sop_instance_uid``,
     ``file_key``, ``file_size`` and ``content_hash``; ``present``: the store lists the
     file): missing, unreadable, or not the bytes indexed. ``None`` when it verifies."""
-    return _check_row(archive, row, present)
-
-
-def _check_row(archive: MaintainedArchive, row: Any, present: bool) -> Problem | None:
     uid = row.sop_instance_uid
     if not present:
         return Problem("missing file", uid, f"file {row.file_key} is not in the store")
