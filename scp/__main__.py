@@ -26,11 +26,11 @@ from web import WebListenError, WebServer
 from web.auth import ACCOUNT_RIGHTS, hash_password, hash_token, name_problem, new_token
 
 from . import engine
+from .admin import PageOperations, send_to, sent_summary
 from .audit import Audit, open_audit
 from .config import Config, ConfigError, load_config
 from .logs import setup_logging
 from .retention import PassRunning, run_pass
-from .retrieve import MoveDestination, run_send
 from .server import ListenError, Server
 from .workers import serve_workers
 
@@ -213,7 +213,7 @@ def web_server(config: Config, archive: Archive, audit: Audit) -> WebServer:
     """The HTTP listener of ``config`` (``web``) serving ``archive``, each request a line
     of ``audit``."""
     return WebServer(config.web, archive, config.tls.certificate, config.tls.private_key,
-                     audit=audit.record)
+                     audit=audit.record, operations=PageOperations(config, archive))
 
 
 @contextlib.contextmanager
@@ -372,9 +372,7 @@ def send(config: Config, args: argparse.Namespace) -> int:
             return 0
         bar = _ProgressBar("send")
         try:
-            final = run_send(archive, items, MoveDestination(
-                peer, config.ae.title, config.ae.max_pdu_size, config.ae.acse_timeout,
-                config.ae.dimse_timeout, service="send"), bar)
+            final = send_to(config, archive, peer, items, bar)
         finally:
             bar.close()
         audit = open_audit(config)
@@ -385,9 +383,7 @@ def send(config: Config, args: argparse.Namespace) -> int:
         audit.close()
     finally:
         archive.close()
-    print(f"sent {final.completed} of {len(items)} instance(s) to {where}: {final.warning}"
-          f" with a warning, {final.failed} failed"
-          + (f" ({final.comment})" if final.comment else ""))
+    print(sent_summary(final, len(items), peer))
     for uid in final.failed_uids:
         print(f"not sent: {uid}")
     return 1 if final.failed else 0

@@ -4,8 +4,9 @@ An ASGI application (Starlette) served by uvicorn beside the DICOM listener. It 
 ``storage``'s façade only, never ``scp`` or pynetdicom.
 """
 
+from .admin import Done, Operations, Peer
 from .app import create_app
 from .config import WebConfig
 from .server import WebListenError, WebServer
 
-__all__ = ["WebConfig", "WebListenError", "WebServer", "create_app"]
+__all__ = ["Done", "Operations", "Peer", "WebConfig", "WebListenError", "WebServer", "create_app"]

@@ -1,5 +1,5 @@
 """The ASGI application: DICOMweb under ``web.base_path``, the viewer under ``/viewer/``,
-``/metrics``.
+``/metrics``, the administrator's page at ``/`` and under ``/admin/``.
 
 Endpoints find the archive and the configuration in ``request.app.state`` (``archive``,
 ``config``). Each service keeps its routes in its own module; this one assembles them.
@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Mount
 
 from storage import Archive
 
-from . import delete, errors, metrics, qido, stow, viewer, wado
+from . import admin, delete, errors, metrics, qido, stow, viewer, wado
 from .auth import AccessMiddleware
 from .config import WebConfig
 
@@ -25,12 +25,14 @@ AuditRecord = Callable[..., None]
 ``AuditTrail.record``, handed in by ``scp``, which this package does not import)."""
 
 
-def create_app(archive: Archive, config: WebConfig, audit: AuditRecord | None = None
-               ) -> Starlette:
+def create_app(archive: Archive, config: WebConfig, audit: AuditRecord | None = None,
+               operations: admin.Operations | None = None) -> Starlette:
     """The application serving ``archive`` as ``config`` says; each request is a line of
-    ``audit`` when given."""
+    ``audit`` when given. ``operations`` are the DICOM actions the administrator's page
+    offers (:mod:`web.admin`; ``scp/admin.py`` makes them)."""
     dicomweb: list[BaseRoute] = [*qido.ROUTES, *wado.ROUTES, *stow.ROUTES, *delete.ROUTES]
-    routes: list[BaseRoute] = [*metrics.ROUTES, Mount(config.base_path, routes=dicomweb)]
+    routes: list[BaseRoute] = [*metrics.ROUTES, Mount(config.base_path, routes=dicomweb),
+                               *admin.routes()]
     if config.viewer:
         routes += viewer.routes(config)
     middleware = [Middleware(AccessMiddleware, config=config)]
@@ -47,4 +49,6 @@ def create_app(archive: Archive, config: WebConfig, audit: AuditRecord | None = 
     app.state.metrics = registry
     app.state.archive = archive
     app.state.config = config
+    app.state.audit = audit
+    app.state.operations = operations
     return app

@@ -32,6 +32,9 @@ class WebConfig:
     viewer_dir: Path = field(default=Path("viewer/dist"))
 
 
+RESERVED_PATHS: tuple[str, ...] = ("viewer", "admin", "metrics")
+"""The first path segments the listener keeps for itself: web.base_path may not be one."""
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "anonymous_local": RIGHTS,
     "anonymous_remote": RIGHTS,
@@ -44,10 +47,12 @@ def check(values: dict[str, Any], problems: list[str]) -> None:
     loader (``scp/config.py``) checks :data:`CHOICES`, ``port`` and ``bind`` as it does
     for every section."""
     base = values.get("base_path")
-    if base is not None and (not base.startswith("/") or base.endswith("/") or " " in base
-                             or base.startswith("/viewer")):
+    if base is not None and (not base.startswith("/") or base.endswith("/") or " " in base):
         problems.append("web.base_path: must start with / and not end with one (e.g."
                         f" /dicom-web), not {base!r}")
+    elif base is not None and base.split("/")[1] in RESERVED_PATHS:
+        problems.append(f"web.base_path: {base!r} is taken by the page (/"
+                        + ", /".join(RESERVED_PATHS) + ")")
     if values.get("max_request_mb", 1) < 0:
         problems.append("web.max_request_mb: must not be negative (0 = no limit)")
     for key in ("users", "tokens"):  # name:rights:hash, each hash of the right form

@@ -49,7 +49,8 @@ DIMSE_PREFIXES = ("minipacs_dicom_", "minipacs_dimse_")
 """The DICOM listener's metric families (scp/metrics.py)."""
 
 SERVICES = {"web.qido": "QIDO-RS", "web.wado": "WADO-RS", "web.stow": "STOW-RS",
-            "web.delete": "DELETE", "web.viewer": "viewer", "web.metrics": "metrics"}
+            "web.delete": "DELETE", "web.viewer": "viewer", "web.metrics": "metrics",
+            "web.admin": "page"}
 """The service label of a request, by its endpoint's module; ``other`` for the rest (a
 path no route has, a refusal before routing)."""
 

@@ -19,6 +19,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from storage import Archive
 
+from .admin import Operations
 from .app import AuditRecord, create_app
 from .config import WebConfig
 
@@ -90,14 +91,19 @@ class WebServer:
         The archive the DICOM listener serves too.
     certificate, private_key : str
         PEM files for HTTPS (``web.https``: the ``tls`` section's certificate).
+    audit : callable, optional
+        One line of the audit trail per request.
+    operations : Operations, optional
+        The DICOM actions of the administrator's page (:mod:`web.admin`).
     """
 
     def __init__(self, config: WebConfig, archive: Archive, certificate: str = "",
                  private_key: str = "", *, header_timeout: float = HEADER_TIMEOUT,
-                 audit: AuditRecord | None = None) -> None:
+                 audit: AuditRecord | None = None,
+                 operations: Operations | None = None) -> None:
         self.config = config
         self.archive = archive
-        self.app = create_app(archive, config, audit)
+        self.app = create_app(archive, config, audit, operations)
         self._tls = (certificate, private_key) if config.https else None
         self._port = config.port
         self._server: uvicorn.Server | None = None

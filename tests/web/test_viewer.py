@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,32 +14,17 @@ import httpx
 import pytest
 from PIL import Image
 from playwright.sync_api import Error as PlaywrightError
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from tests.conftest import associate, find
 from tests.factory import save, uid
-from tests.web.conftest import WebRunning
+from tests.web.conftest import WebRunning, require
 
 ROOT = Path(__file__).resolve().parents[2]
 VIEWER_DIST = ROOT / "viewer" / "dist"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [  # without the background-networking flags a closed network refuses Chromium
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-TIMEOUT_MS = 45_000
-
-
-def require(present: bool, message: str) -> None:
-    """Skip saying why, or fail when ``CI`` is set: a missing part is never a pass."""
-    if present:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 # -- the files, with a build of our own made like OHIF's ----------------------------------
@@ -188,23 +172,6 @@ def viewer_dist() -> Path:
     require((VIEWER_DIST / "index.html").is_file(),
             f"the OHIF viewer is not in {VIEWER_DIST}: run make viewer (make test does)")
     return VIEWER_DIST
-
-
-@pytest.fixture
-def chromium_page(tmp_path: Path) -> Iterator[Page]:
-    """A page of Debian's Chromium, headless, driven by Playwright (its own browser download
-    cannot work here: ``executable_path``), in a fresh profile."""
-    require(CHROMIUM.exists(), f"{CHROMIUM} is missing: install the Debian package chromium"
-                               " (make test does it when run as root)")
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM),
-            args=CHROMIUM_ARGS, headless=True, viewport={"width": 1920, "height": 1080})
-        try:
-            context.set_default_timeout(TIMEOUT_MS)
-            yield context.new_page()
-        finally:
-            context.close()
 
 
 def test_ohif_lists_the_studies_with_their_instance_counts_and_paints_one(

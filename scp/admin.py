@@ -1,0 +1,94 @@
+"""The DICOM side of the administrator's page (:class:`web.Operations`): the peers of the
+configuration, C-ECHO (:func:`scp.peers.echo`), sending as ``minipacs send`` does, and the
+end of the audit trail. ``minipacs serve`` hands one to the HTTP listener."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from storage import Archive, Selection, StoredInstance
+from web import Done, Peer
+
+from . import peers
+from .config import Config, PeerConfig
+from .retrieve import Final, MoveDestination, run_send
+
+AUDIT_TAIL_BYTES = 256 * 1024
+"""How much of the audit trail's end is read for its last lines."""
+
+
+def send_to(config: Config, archive: Archive, peer: PeerConfig, items: list[StoredInstance],
+            progress: Callable[[int, int], None] | None = None, service: str = "send"
+            ) -> Final:
+    """``items`` sent to ``peer`` by C-STORE, as a C-MOVE sends them (``minipacs send``,
+    the page's send button)."""
+    ae = config.ae
+    return run_send(archive, items, MoveDestination(
+        peer, ae.title, ae.max_pdu_size, ae.acse_timeout, ae.dimse_timeout, service=service),
+        progress)
+
+
+def sent_summary(final: Final, total: int, peer: PeerConfig) -> str:
+    """One line saying what a send did."""
+    return (f"sent {final.completed} of {total} instance(s) to {peer.ae_title} at"
+            f" {peer.host}:{peer.port}: {final.warning} with a warning, {final.failed} failed"
+            + (f" ({final.comment})" if final.comment else ""))
+
+
+class PageOperations:
+    """What the page's buttons do on the DICOM side, for ``config`` and ``archive``."""
+
+    def __init__(self, config: Config, archive: Archive) -> None:
+        self.config = config
+        self.archive = archive
+
+    def peers(self) -> list[Peer]:
+        return [Peer(p.ae_title, p.host, p.port, p.services) for p in self.config.peers]
+
+    def _peer(self, ae_title: str) -> PeerConfig | None:
+        return self.config.destination(ae_title)
+
+    def echo(self, ae_title: str) -> Done:
+        peer = self._peer(ae_title)
+        if peer is None:
+            return Done(False, f"{ae_title!r} is not in peers, or has no host")
+        result = peers.echo(self.config, peer)
+        return Done(result.ok, f"{result.message} ({result.seconds * 1000:.0f} ms)")
+
+    def send(self, ae_title: str, selection: Selection) -> Done:
+        peer = self._peer(ae_title)
+        if peer is None:
+            return Done(False, f"{ae_title!r} is not in peers, or has no host")
+        try:
+            items = self.archive.selected(selection)
+            if not items:
+                return Done(False, "nothing selected is stored")
+            final = send_to(self.config, self.archive, peer, items)
+        finally:
+            self.archive.release()
+        return Done(not final.failed, sent_summary(final, len(items), peer),
+                    {"completed": final.completed, "failed": final.failed,
+                     "warning": final.warning})
+
+    def audit_tail(self, count: int) -> list[dict[str, Any]]:
+        if not self.config.audit.enabled:
+            return []
+        try:
+            with open(self.config.audit_path, "rb") as file:
+                size = file.seek(0, os.SEEK_END)
+                file.seek(max(size - AUDIT_TAIL_BYTES, 0))
+                lines = file.read().splitlines()[-count:] if size else []
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                item = json.loads(line)
+            except ValueError:  # the first, cut in the middle, or a torn one
+                continue
+            if isinstance(item, dict):
+                out.append(item)
+        return out
