@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import UID
+
 from storage import COMMITMENT, ROUTE, Archive, Selection, StorageError, open_archive
 from web import WebListenError, WebServer
 from web.auth import ACCOUNT_RIGHTS, hash_password, hash_token, name_problem, new_token
@@ -30,6 +32,7 @@ from .admin import PageOperations, send_to, sent_summary
 from .audit import Audit, open_audit
 from .config import Config, ConfigError, load_config
 from .logs import setup_logging
+from .peers import doctor
 from .retention import PassRunning, run_pass
 from .server import ListenError, Server
 from .workers import serve_workers
@@ -106,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     queue.add_argument("--yes", action="store_true", help="drop without asking")
     queue.add_argument("--commitments", action="store_true", help="the Storage Commitment"
                        " reports still to send, instead of routing's items")
+    doctor = commands.add_parser(
+        "doctor", help="diagnose a peer: connection, association, C-ECHO timing, the"
+        " presentation contexts it accepts, a C-FIND; what to change, in plain words")
+    doctor.add_argument("peer", help="the AE title of a peer with a host, from peers")
     keeper = commands.add_parser(
         "retention", help="apply the retention rules now: list the studies they choose,"
         " then delete them (the server may run)")
@@ -119,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("name", help="whom the token is for (logged when it is refused)")
     token.add_argument("rights", choices=ACCOUNT_RIGHTS)
     for sub in (verify, commands.choices["reindex"], importer, deleter, sender, queue,
-                keeper):
+                keeper, doctor):
         sub.add_argument("--config", type=Path, help=f"configuration file (default: ./"
                          f"{DEFAULT_CONFIG} if present, else built-ins)")
         sub.add_argument("--data-dir", help="override storage.data_dir")
@@ -430,6 +437,34 @@ def queue(config: Config, args: argparse.Namespace) -> int:
         archive.close()
 
 
+def diagnose(config: Config, title: str) -> int:
+    """``minipacs doctor PEER``: each step of :func:`scp.peers.doctor` on a line, ``ok`` or
+    ``FAIL`` with what to do, then the contexts the peer accepted and rejected. 0 when every
+    step passed, 1 when one failed, 2 for an unknown peer."""
+    peer = config.destination(title)
+    if peer is None:
+        print(f"minipacs: {title!r} is not in peers, or has no host", file=sys.stderr)
+        return 2
+    archive = open_archive(dataclasses.replace(config.archive_options(), shared=True))
+    try:
+        held = archive.held_syntaxes()
+    finally:
+        archive.close()
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the findings say it
+    print(f"doctor: {peer.ae_title} at {peer.host}:{peer.port}, called by {config.ae.title}")
+    found = doctor(config, peer, held)
+    for finding in found.findings:
+        print(f"  {'ok  ' if finding.ok else 'FAIL'} {finding.step}: {finding.said}")
+        if finding.advice:
+            print(f"       -> {finding.advice}")
+    for cls, syntax in found.accepted:
+        print(f"  accepted {UID(cls).name} ({cls}) in {UID(syntax).name}")
+    for cls, reason in found.rejected:
+        print(f"  rejected {UID(cls).name} ({cls}): {reason}")
+    print("no problem found" if found.ok else "problems found: see FAIL above")
+    return 0 if found.ok else 1
+
+
 def retention(config: Config, args: argparse.Namespace) -> int:
     """``minipacs retention``: one pass of the retention rules now, beside the server: the
     studies they choose, then (asked first unless ``--yes``; never with ``--dry-run``)
@@ -559,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
             return queue(config, args)
         if args.command == "retention":
             return retention(config, args)
+        if args.command == "doctor":
+            return diagnose(config, args.peer)
         return serve(config)
     except StorageError as exc:
         logging.getLogger("minipacs").error("%s", exc)

@@ -76,7 +76,13 @@ def proposed_contexts(
     (those instances are converted); SOP Classes beyond 128 cannot be proposed at all
     and their sub-operations fail (logged).
     """
-    pairs = Counter((i.sop_class_uid, i.transfer_syntax_uid) for i in items)
+    return contexts_for(Counter((i.sop_class_uid, i.transfer_syntax_uid) for i in items), peer)
+
+
+def contexts_for(pairs: Counter[tuple[str, str]], peer: PeerConfig
+                 ) -> list[PresentationContext]:
+    """:func:`proposed_contexts` for instances counted by (SOP Class UID, stored transfer
+    syntax UID) (``minipacs doctor`` proposes them too)."""
     classes = list(dict.fromkeys(cls for cls, _ in pairs))
     plain = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
     fallback = [peer.transfer_syntax] if peer.transfer_syntax else plain

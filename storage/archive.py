@@ -905,6 +905,20 @@ class Archive:
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
 
+    def held_syntaxes(self) -> dict[tuple[str, str], int]:
+        """How many instances the archive holds of each (SOP Class UID, stored transfer
+        syntax UID), most first: what a send from it would propose (``minipacs doctor``).
+
+        Raises
+        ------
+        QueryFailed
+            The index could not be read.
+        """
+        try:
+            return index.held_syntaxes()
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not be read: {exc}") from exc
+
     def disk_usage(self) -> tuple[int, int]:
         """Free and total bytes of the file store's disk."""
         usage = shutil.disk_usage(self.options.files_path)

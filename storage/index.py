@@ -244,6 +244,16 @@ def totals() -> dict[str, int]:
             "series": int(series), "instances": int(instances)}
 
 
+def held_syntaxes() -> dict[tuple[str, str], int]:
+    """How many instances are held of each (SOP Class UID, stored transfer syntax UID), most
+    first (one scan of the instance table)."""
+    count = pw.fn.COUNT(Instance.id)
+    rows: Any = (Instance.select(Instance.sop_class_uid, Instance.transfer_syntax_uid, count)
+            .group_by(Instance.sop_class_uid, Instance.transfer_syntax_uid)
+            .order_by(count.desc()).tuples())
+    return {(str(cls), str(syntax)): int(n) for cls, syntax, n in rows}
+
+
 def lookup(sop_instance_uid: str) -> tuple[str, str] | None:
     """Return ``(content_hash, file_key)`` of a stored instance, or ``None``."""
     database = db.obj

@@ -223,3 +223,20 @@ def test_more_tls_config_problems(tmp_path: Path, pki: Pki) -> None:
     path.write_text("tls: {only: true}\n")
     with pytest.raises(ConfigError, match="tls.only: needs tls.enabled"):
         load_config(path)
+
+
+def test_doctor_says_a_tls_port_is_one(start_server: Callable[..., Running], pki: Pki) -> None:
+    """A plain association to a DICOM TLS port is closed without an answer; the doctor
+    probes with a TLS handshake and says so, with what to do (scp/peers.py)."""
+    from scp.config import PeerConfig
+    from scp.peers import doctor
+
+    running = tls_server(start_server, pki, **{"tls.only": True})
+    found = doctor(running.config, PeerConfig(ae_title="MINIPACS", host="127.0.0.1",
+                                              port=running.server.tls_port))
+    assert [f.step for f in found.findings] == ["connect", "association"]
+    association = found.findings[-1]
+    assert not association.ok
+    assert association.said.endswith("answers a TLS handshake: it is a DICOM TLS port"
+                                     " (PS3.15 B.9)")
+    assert association.advice.startswith("minipacs sends to peers without TLS")
