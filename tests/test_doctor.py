@@ -5,23 +5,20 @@ port: tests/test_tls.py.)"""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import yaml
-from pynetdicom import AE
 
 from scp.config import PeerConfig
 from scp.peers import FIND_RESPONSES, Diagnosis, doctor
-from tests.conftest import Running, associate, dcmtk_tool, reserved_port
+from tests.conftest import Running, associate, reserved_port
 from tests.factory import make_ds
 from tests.test_cli import minipacs_command
+from tests.test_routing import storescp
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 TIMEOUT = 30.0
@@ -96,47 +93,13 @@ def test_the_peer_does_not_know_us(start_server: Callable[..., Running]) -> None
                       " peer's known AEs")
 
 
-@contextlib.contextmanager
-def storescp(port: int, nagle: bool) -> Iterator[None]:
-    """DCMTK's storescp as READER, with Nagle's algorithm on (no TCP_NODELAY in its
-    environment: Debian's DCMTK's default) or off."""
-    tool = dcmtk_tool("storescp")
-    if tool is None:
-        message = "DCMTK is not installed: install the Debian package 'dcmtk'"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
-    if not nagle:
-        env["TCP_NODELAY"] = "1"
-    proc = subprocess.Popen([tool, "-aet", "READER", "--ignore", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        probe = AE(ae_title="PROBE")
-        probe.acse_timeout = probe.network_timeout = 2
-        probe.add_requested_context("1.2.840.10008.1.1")
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            assert proc.poll() is None, "storescp exited"
-            assoc = probe.associate("127.0.0.1", port, ae_title="READER")
-            if assoc.is_established:
-                assoc.release()
-                break
-            assert time.monotonic() < deadline, "storescp did not start"
-            time.sleep(0.05)
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def test_dcmtk_with_nagles_algorithm_on_is_named_and_without_it_passes(
         start_server: Callable[..., Running]) -> None:
     running = start_server()
     for nagle in (True, False):
         with reserved_port() as port:
             pass  # free again: storescp takes it
-        with storescp(port, nagle):
+        with storescp("READER", port, nagle=nagle):
             found = doctor(running.config, PeerConfig(ae_title="READER", host="127.0.0.1",
                                                       port=port))
         ok, said, advice = steps(found)["C-ECHO"]
@@ -161,7 +124,7 @@ def test_the_command_prints_each_step(tmp_path: Path) -> None:
                   {"ae_title": "CALLER"}]}))
     run = [*minipacs_command(), "doctor", "--config", str(config)]
     env = {**os.environ, "TCP_NODELAY": "1"}
-    with storescp(port, nagle=False):
+    with storescp("READER", port):
         done = subprocess.run([*run, "READER"], capture_output=True, text=True, env=env,
                               timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr

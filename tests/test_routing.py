@@ -55,17 +55,25 @@ def store_from(title: str, port: int, datasets: list[Dataset]) -> None:
 
 
 @contextlib.contextmanager
-def storescp(ae_title: str, port: int, out: Path) -> Iterator[None]:
+def storescp(ae_title: str, port: int, out: Path | None = None, nagle: bool = False
+             ) -> Iterator[None]:
     """DCMTK's storescp as ``ae_title`` on ``port``, writing every instance it receives to
-    ``out`` under a name of its own (``+uf``: a second copy is a second file)."""
+    ``out`` under a name of its own (``+uf``: a second copy is a second file), or keeping
+    none when ``out`` is ``None``. ``nagle``: without ``TCP_NODELAY`` in its environment, so
+    with Nagle's algorithm on (Debian's DCMTK's default)."""
     tool = dcmtk_tool("storescp")
     if tool is None:
         message = "DCMTK is not installed: install the Debian package 'dcmtk'"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    out.mkdir(exist_ok=True)
-    proc = subprocess.Popen([tool, "-aet", ae_title, "-od", str(out), "+uf", "+xa", str(port)],
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    if not nagle:
+        env["TCP_NODELAY"] = "1"
+    if out is not None:
+        out.mkdir(exist_ok=True)
+    keep = ["-od", str(out), "+uf", "+xa"] if out is not None else ["--ignore"]
+    proc = subprocess.Popen([tool, "-aet", ae_title, *keep, str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         echo = AE(ae_title="PROBE")
