@@ -1,5 +1,5 @@
 """The command line: ``minipacs serve | verify | reindex | import | delete | send | queue |
-retention | hash-password | new-token``, ``minipacs --version``.
+retention | doctor | conformance-statement | hash-password | new-token``, ``minipacs --version``.
 The only place that exits, and the only one that configures logging (with
 :func:`scp.logs.setup_logging`, which worker processes call too)."""
 
@@ -27,7 +27,7 @@ from storage import COMMITMENT, ROUTE, Archive, Selection, StorageError, open_ar
 from web import WebListenError, WebServer
 from web.auth import ACCOUNT_RIGHTS, hash_password, hash_token, name_problem, new_token
 
-from . import engine
+from . import conformance, engine
 from .admin import PageOperations, send_to, sent_summary
 from .audit import Audit, open_audit
 from .config import Config, ConfigError, load_config
@@ -113,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
         "doctor", help="diagnose a peer: connection, association, C-ECHO timing, the"
         " presentation contexts it accepts, a C-FIND; what to change, in plain words")
     doctor.add_argument("peer", help="the AE title of a peer with a host, from peers")
+    statement = commands.add_parser(
+        "conformance-statement", help="print the DICOM Conformance Statement (PS3.2) of"
+        " this code and configuration, as Markdown or HTML")
+    statement.add_argument("--format", choices=("markdown", "html"), default="markdown")
+    statement.add_argument("--output", type=Path, help="write it to this file instead")
     keeper = commands.add_parser(
         "retention", help="apply the retention rules now: list the studies they choose,"
         " then delete them (the server may run)")
@@ -126,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("name", help="whom the token is for (logged when it is refused)")
     token.add_argument("rights", choices=ACCOUNT_RIGHTS)
     for sub in (verify, commands.choices["reindex"], importer, deleter, sender, queue,
-                keeper, doctor):
+                keeper, doctor, statement):
         sub.add_argument("--config", type=Path, help=f"configuration file (default: ./"
                          f"{DEFAULT_CONFIG} if present, else built-ins)")
         sub.add_argument("--data-dir", help="override storage.data_dir")
@@ -465,6 +470,18 @@ def diagnose(config: Config, title: str) -> int:
     return 0 if found.ok else 1
 
 
+def conformance_statement(config: Config, form: str, output: Path | None) -> int:
+    """``minipacs conformance-statement``: :mod:`scp.conformance` written out."""
+    blocks = conformance.statement(config, version())
+    text = conformance.to_html(blocks) if form == "html" else conformance.to_markdown(blocks)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        print(f"wrote {output}")
+    return 0
+
+
 def retention(config: Config, args: argparse.Namespace) -> int:
     """``minipacs retention``: one pass of the retention rules now, beside the server: the
     studies they choose, then (asked first unless ``--yes``; never with ``--dry-run``)
@@ -596,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
             return retention(config, args)
         if args.command == "doctor":
             return diagnose(config, args.peer)
+        if args.command == "conformance-statement":
+            return conformance_statement(config, args.format, args.output)
         return serve(config)
     except StorageError as exc:
         logging.getLogger("minipacs").error("%s", exc)

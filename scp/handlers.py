@@ -44,7 +44,10 @@ RELATIONAL_QUERIES = 0
 COMBINED_DATETIME = 1
 EMPTY_VALUE = 5  # always performed; accepted when asked
 MULTIPLE_VALUES = 6
-_SUPPORTED_EXTENSIONS = (RELATIONAL_QUERIES, COMBINED_DATETIME, EMPTY_VALUE, MULTIPLE_VALUES)
+SUPPORTED_EXTENSIONS: dict[int, str] = {
+    RELATIONAL_QUERIES: "relational queries", COMBINED_DATETIME: "combined date-time matching",
+    EMPTY_VALUE: "empty value matching", MULTIPLE_VALUES: "multiple value matching"}
+"""The C-FIND extended negotiation bytes accepted when asked, with their names."""
 
 
 def handle_sop_extended(event: evt.Event, activity: Activity) -> dict[str, bytes]:
@@ -57,7 +60,7 @@ def handle_sop_extended(event: evt.Event, activity: Activity) -> dict[str, bytes
         if str(uid) not in FIND_MODELS or not info:
             continue
         reply = bytearray(len(info))
-        for i in _SUPPORTED_EXTENSIONS:
+        for i in SUPPORTED_EXTENSIONS:
             if i < len(info) and info[i] == 1:
                 reply[i] = 1
         accepted[str(uid)] = bytes(reply)

@@ -42,6 +42,28 @@ class ListenError(OSError):
     """A listener could not bind its address and port."""
 
 
+def build_ae(config: Config) -> AE:
+    """The AE a server of ``config`` listens with: its title, limits, timeouts and every
+    presentation context it accepts (``scp/contexts.py``; storage with SCU/SCP role
+    selection). ``minipacs conformance-statement`` describes this AE."""
+    cfg = config.ae
+    ae = AE(ae_title=cfg.title)
+    ae.maximum_associations = cfg.max_associations
+    ae.maximum_pdu_size = cfg.max_pdu_size
+    ae.acse_timeout = cfg.acse_timeout
+    ae.dimse_timeout = cfg.dimse_timeout
+    ae.network_timeout = cfg.network_timeout
+    ae.connection_timeout = cfg.acse_timeout  # TCP connect to a C-MOVE destination
+    for abstract_syntax, transfer_syntaxes in SUPPORTED:
+        if abstract_syntax in STORAGE:
+            ae.add_supported_context(
+                abstract_syntax, transfer_syntaxes, scu_role=True, scp_role=True
+            )
+        else:
+            ae.add_supported_context(abstract_syntax, transfer_syntaxes)
+    return ae
+
+
 class Server:
     """A running minipacs: the archive and one DICOM listener.
 
@@ -66,30 +88,12 @@ class Server:
         self.router = Router(config, self.archive, self.audit)
         self.reporter = Reporter(config, self.archive, self.audit)
         self.retention = Retention(config, self.archive, self.audit)
-        self.ae = self._build_ae()
+        self.ae = build_ae(config)
         self._server: Any = None
         self._tls_server: Any = None
         self._stopped = False
         self._port = config.ae.port
         self._tls_port = config.tls.port
-
-    def _build_ae(self) -> AE:
-        cfg = self.config.ae
-        ae = AE(ae_title=cfg.title)
-        ae.maximum_associations = cfg.max_associations
-        ae.maximum_pdu_size = cfg.max_pdu_size
-        ae.acse_timeout = cfg.acse_timeout
-        ae.dimse_timeout = cfg.dimse_timeout
-        ae.network_timeout = cfg.network_timeout
-        ae.connection_timeout = cfg.acse_timeout  # TCP connect to a C-MOVE destination
-        for abstract_syntax, transfer_syntaxes in SUPPORTED:
-            if abstract_syntax in STORAGE:
-                ae.add_supported_context(
-                    abstract_syntax, transfer_syntaxes, scu_role=True, scp_role=True
-                )
-            else:
-                ae.add_supported_context(abstract_syntax, transfer_syntaxes)
-        return ae
 
     def _handlers(self) -> list[Any]:
         a, act, acc = self.archive, self.activity, self.access

@@ -47,6 +47,8 @@ from .instances import (
     bulk_path,
     syntax_for,
 )
+from .keys import KEYS as QUERY_KEYS
+from .keys import Key as QueryKey
 from .keys import Level, Model
 from .outbox import COMMITMENT, ROUTE, PeerQueue, Route, lease_owner, match_key_problem
 from .outbox import Entry as OutboxEntry
@@ -80,6 +82,8 @@ __all__ = [
     "InvalidInstance",
     "InvalidQuery",
     "Level",
+    "QUERY_KEYS",
+    "QueryKey",
     "Model",
     "NotFound",
     "Origin",
