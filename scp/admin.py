@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from storage import Archive, Selection, StoredInstance
@@ -16,8 +17,9 @@ from . import peers
 from .config import Config, PeerConfig
 from .retrieve import Final, MoveDestination, run_send
 
-AUDIT_TAIL_BYTES = 256 * 1024
-"""How much of the audit trail's end is read for its last lines."""
+AUDIT_TAIL_BYTES = 1024 * 1024
+"""How much of each audit file's end is read for its last lines (a `route` line names up
+to 100 instances: a few KB)."""
 
 
 def send_to(config: Config, archive: Archive, peer: PeerConfig, items: list[StoredInstance],
@@ -76,19 +78,32 @@ class PageOperations:
     def audit_tail(self, count: int) -> list[dict[str, Any]]:
         if not self.config.audit.enabled:
             return []
-        try:
-            with open(self.config.audit_path, "rb") as file:
-                size = file.seek(0, os.SEEK_END)
-                file.seek(max(size - AUDIT_TAIL_BYTES, 0))
-                lines = file.read().splitlines()[-count:] if size else []
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                item = json.loads(line)
-            except ValueError:  # the first, cut in the middle, or a torn one
-                continue
-            if isinstance(item, dict):
-                out.append(item)
+        path = self.config.audit_path
+        out: list[dict[str, Any]] = []
+        for name in (path, path.with_name(path.name + ".1")):  # the newest rotated one too
+            out = _last_lines(name, count - len(out)) + out
+            if len(out) >= count:
+                break
         return out
+
+
+def _last_lines(path: Path, count: int) -> list[dict[str, Any]]:
+    """The last ``count`` JSON objects of ``path``'s last :data:`AUDIT_TAIL_BYTES`."""
+    try:
+        with open(path, "rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(max(size - AUDIT_TAIL_BYTES, 0))
+            lines = file.read().splitlines()
+    except FileNotFoundError:
+        return []
+    out: list[dict[str, Any]] = []
+    for line in reversed(lines):
+        if len(out) == count:
+            break
+        try:
+            item = json.loads(line)
+        except ValueError:  # the first, cut in the middle, or a torn one
+            continue
+        if isinstance(item, dict):
+            out.append(item)
+    return out[::-1]

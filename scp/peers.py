@@ -106,12 +106,17 @@ def echo(config: Config, peer: PeerConfig) -> EchoResult:
             return result(False, f"{peer.ae_title} at {where} rejected the association: "
                           f"{why}{hint}")
         if not assoc.is_established:
+            if any(getattr(a, "result", None) == 0 for a in answers):  # accepted, no context
+                return result(False, f"{peer.ae_title} at {where} does not support"
+                              " Verification (its presentation context was rejected)")
             return result(False, f"{peer.ae_title} at {where} did not accept an association"
-                          " with Verification (aborted, or no answer in time)")
+                          " (it closed or aborted it, or did not answer in time)")
         answer = assoc.send_c_echo()
         code = int(answer.Status) if "Status" in answer else None
         if code is None:
-            return result(False, f"{peer.ae_title} at {where} gave no C-ECHO answer in time")
+            return result(False, f"{peer.ae_title} at {where} gave no C-ECHO answer"
+                          + (" (it aborted the association)" if assoc.is_aborted
+                             else " in time"))
         if code != status.SUCCESS:
             return result(False, f"{peer.ae_title} at {where} answered C-ECHO with status"
                           f" {code:04X}")

@@ -144,3 +144,17 @@ def test_the_command_prints_each_step(tmp_path: Path) -> None:
                                  timeout=120)
         assert refused.returncode == 2
         assert f"{unknown!r} is not in peers, or has no host" in refused.stderr
+
+
+def test_the_pages_echo_says_a_rejection_in_words(start_server: Callable[..., Running]
+                                                  ) -> None:
+    """scp.peers.echo, the page's button: the peer's reason (PS3.8 9.3.4) and a hint."""
+    from scp.peers import echo
+
+    running = start_server(**{"security.require_called_ae_title": True})
+    rejected = echo(running.config, itself(running, "SOMEONE"))
+    assert not rejected.ok
+    assert rejected.message.startswith(
+        f"SOMEONE at 127.0.0.1:{running.port} rejected the association: Rejected Permanent,"
+        " by the Service User: Called AE title not recognised")
+    assert echo(running.config, itself(running)).ok

@@ -21,7 +21,7 @@ refused when the request's ``Origin`` is another site's: a form on another site 
 post one (a browser asks first, CORS preflight, for a JSON body), nor a script there.
 
 Every page says how long the server took to build it in a ``Server-Timing`` header (W3C
-Server Timing), which ``bench/web.py`` reads.
+Server Timing), which ``bench/page.py`` reads.
 
 Sending and echoing talk DICOM, which this package leaves to ``scp``: the server hands in an
 :class:`Operations` (``scp/admin.py``). Without one (an application built by
@@ -112,6 +112,11 @@ TEMPLATES = jinja2.Environment(
     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
+NOT_FRAMED = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+"""No page is shown inside another site's frame, where its buttons could be clicked for a
+visitor who does not see them (clickjacking)."""
+
+
 def _page(request: Request, template: str, started: float, status_code: int = 200,
           **values: Any) -> HTMLResponse:
     config = request.app.state.config
@@ -119,7 +124,7 @@ def _page(request: Request, template: str, started: float, status_code: int = 20
         base=config.base_path, viewer=config.viewer, path=request.url.path, **values)
     taken = (time.perf_counter() - started) * 1000
     return HTMLResponse(html, status_code=status_code,
-                        headers={"Server-Timing": f"app;dur={taken:.1f}"})
+                        headers={"Server-Timing": f"app;dur={taken:.1f}", **NOT_FRAMED})
 
 
 def _operations(request: Request) -> Operations | None:
@@ -131,11 +136,15 @@ def _operations(request: Request) -> Operations | None:
 
 def _value(item: dict[str, Any], keyword: str) -> str:
     """The value of ``keyword`` in a DICOM JSON object (PS3.18 F.2) as text: a person name
-    by its alphabetic group, several values joined by backslashes."""
+    by its first group present, several values joined by backslashes."""
     element = item.get(f"{tag_for_keyword(keyword):08X}") or {}
     values = element.get("Value") or []
-    return "\\".join(str(v.get("Alphabetic", "")) if isinstance(v, dict) else str(v)
-                     for v in values)
+    return "\\".join(_person(v) if isinstance(v, dict) else str(v) for v in values)
+
+
+def _person(name: dict[str, str]) -> str:
+    """A PN value's first group that is there (Alphabetic, Ideographic, Phonetic)."""
+    return next((name[g] for g in ("Alphabetic", "Ideographic", "Phonetic") if name.get(g)), "")
 
 
 def _rows(item_list: Iterable[dict[str, Any]], fields: Iterable[str]) -> list[dict[str, str]]:
@@ -330,8 +339,13 @@ async def _action_body(request: Request) -> dict[str, Any]:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         raise WebError(UNSUPPORTED_MEDIA_TYPE, "an action takes a JSON body")
+    site = request.headers.get("sec-fetch-site")
     origin = request.headers.get("origin")
-    if origin and urlsplit(origin).netloc != request.headers.get("host", ""):
+    if site is not None:  # a browser's own word (Fetch Metadata), whatever a proxy did
+        if site not in SAME_SITE:
+            raise WebError(FORBIDDEN, f"an action from another site ({site}) is not taken:"
+                           " the page's own origin only")
+    elif origin and urlsplit(origin).netloc not in _hosts(request):
         raise WebError(FORBIDDEN, f"an action from {origin} is not taken: the page's own"
                        " origin only")
     try:
@@ -343,8 +357,23 @@ async def _action_body(request: Request) -> dict[str, Any]:
     return body
 
 
+SAME_SITE = frozenset({"same-origin", "none"})
+"""``Sec-Fetch-Site`` values of a request the page itself made (``none``: typed by the user)."""
+
+
+def _hosts(request: Request) -> set[str]:
+    """The names this request was sent to: its ``Host``, and the ``X-Forwarded-Host`` a
+    reverse proxy that rewrites ``Host`` adds (another site's script cannot set either
+    without the browser's CORS check)."""
+    hosts = {request.headers.get("host", "")}
+    forwarded = request.headers.get("x-forwarded-host")
+    if forwarded:
+        hosts.add(forwarded.split(",")[0].strip())
+    return hosts
+
+
 def _text(body: dict[str, Any], key: str, required: bool = True) -> str:
-    value = body.get(key, "")
+    value = body.get(key) or ""
     if not isinstance(value, str) or (required and not value):
         raise WebError(BAD_REQUEST, f"{key!r} must be a non-empty string")
     return value
@@ -401,8 +430,9 @@ async def queue_action(request: Request) -> Response:
         raise WebError(BAD_REQUEST, "action must be retry or drop, kind route or commitment")
     peer = _text(body, "peer", required=False) or None
     item = body.get("id")
-    if item is not None and (not isinstance(item, int) or isinstance(item, bool)):
-        raise WebError(BAD_REQUEST, "id must be a number")
+    if item is not None and (not isinstance(item, int) or isinstance(item, bool)
+                             or not 0 < item < 2**63):
+        raise WebError(BAD_REQUEST, "id must be an item's number (a positive integer)")
     archive: Archive = request.app.state.archive
     act = archive.outbox.retry if action == "retry" else archive.outbox.drop
     ids = (item,) if item is not None else ()

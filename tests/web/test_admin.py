@@ -126,6 +126,8 @@ def test_the_search_matches_each_field_and_shows_each_studys_counts(
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"].startswith("text/html")
     assert answer.headers["server-timing"].startswith("app;dur=")
+    assert answer.headers["x-frame-options"] == "DENY"
+    assert answer.headers["content-security-policy"] == "frame-ancestors 'none'"
     rows = patients(answer.text)
     assert set(rows) == expected
     counts = {"Alpha^Ann": ("CT", "2", "3"), "Beta^Bob": ("MR", "1", "1"),
@@ -193,6 +195,16 @@ def test_an_action_takes_json_from_this_site_only(web: WebRunning) -> None:
     assert forged.status_code == 403 and "origin" in forged.text
     ours = httpx.post(url, json=body, headers={"Origin": web.root})
     assert ours.status_code == 200 and ours.json()["items"] == 0
+    for site, code in (("cross-site", 403), ("same-site", 403), ("same-origin", 200),
+                       ("none", 200)):  # Fetch Metadata, what browsers send now
+        answer = httpx.post(url, json=body, headers={"Sec-Fetch-Site": site})
+        assert answer.status_code == code, (site, answer.text)
+    proxied = {"Origin": "https://pacs.example.org", "X-Forwarded-Host": "pacs.example.org"}
+    assert httpx.post(url, json=body, headers=proxied).status_code == 200  # Host rewritten
+    assert httpx.post(url, json=body, headers={**proxied, "Sec-Fetch-Site": "cross-site"}
+                      ).status_code == 403
+    for item in (0, -1, 2**63, 10**20, True):
+        assert httpx.post(url, json={**body, "id": item}).status_code == 400, item
     assert httpx.post(url, content=b"{", headers={"Content-Type": "application/json"}
                       ).status_code == 400
     assert httpx.post(url, json={"action": "explode"}).status_code == 400
@@ -221,6 +233,8 @@ def test_the_status_page_shows_the_index_the_metrics_and_the_audit_trail(
 
     before = stores(httpx.get(web.root + "/admin/status").text)
     store(web, three_studies()["Alpha"])
+    wait_for("the association's last line", lambda: audit_events(web)[-1]["event"]
+             == "association-released")  # written once the A-RELEASE-RP is out
     page = httpx.get(web.root + "/admin/status").text
     storage = {row[0]: row[1] for row in _storage_rows(page)}
     assert storage["Studies"] == "1" and storage["Instances"] == "3"
@@ -387,35 +401,61 @@ def test_every_action_of_the_page_clicked_in_chromium(
     assert failures == [], failures
 
 
-def test_echo_says_why_in_plain_words(start_web: Callable[..., WebRunning],
+def test_echo_says_why_in_plain_words(start_web: Callable[..., WebRunning], tmp_path: Path,
                                       held_port: int) -> None:
-    """Success with its time; a closed port; a rejection with the peer's reason (here our own
-    server, which knows no AE title SOMEONE: security.require_called_ae_title); a peer
-    without a host, or none by that name."""
+    """Success with its time (DCMTK storescp); a closed port; a peer without a host, or
+    none by that name. (A rejection's words: tests/test_doctor.py.)"""
     with reserved_port() as port:
-        pass  # free again: the server takes it
-    running = start_web(**{"ae.port": port, "security.require_called_ae_title": True},
-                        peers=[{"ae_title": "MINIPACS", "host": "127.0.0.1", "port": port},
-                               {"ae_title": "SOMEONE", "host": "127.0.0.1", "port": port},
-                               {"ae_title": "CLOSED", "host": "127.0.0.1", "port": held_port},
-                               {"ae_title": "CALLER"}])
+        running = start_web(peers=[{"ae_title": "READER", "host": "127.0.0.1", "port": port},
+                                   {"ae_title": "CLOSED", "host": "127.0.0.1",
+                                    "port": held_port},
+                                   {"ae_title": "CALLER"}])
 
     def echo(title: str) -> dict[str, Any]:
         answer = httpx.post(running.root + "/admin/api/echo", json={"peer": title})
         assert answer.status_code == 200
         return answer.json()  # type: ignore[no-any-return]
 
-    assert echo("MINIPACS")["ok"] and "answered C-ECHO: Success" in echo("MINIPACS")["message"]
-    rejected = echo("SOMEONE")
-    assert not rejected["ok"]
-    assert "rejected the association: Rejected Permanent" in rejected["message"]
-    assert "Called AE title not recognised" in rejected["message"], rejected
+    with storescp("READER", port):
+        up = echo("READER")
+    assert up["ok"] and "answered C-ECHO: Success" in up["message"], up
     closed = echo("CLOSED")
     assert not closed["ok"] and "cannot connect to 127.0.0.1:" in closed["message"]
     assert "Connection refused" in closed["message"]
     for title in ("CALLER", "NOBODY"):
         assert echo(title) == {"ok": False, "message": f"{title!r} is not in peers, or has no"
                                                        " host"}
+
+
+def test_the_audit_tail_reaches_into_the_rotated_file(tmp_path: Path) -> None:
+    from scp.admin import PageOperations
+    from scp.config import load_config
+
+    path = tmp_path / "audit.jsonl"
+    (tmp_path / "audit.jsonl.1").write_text("".join(
+        json.dumps({"time": str(n), "event": "old"}) + "\n" for n in range(5)))
+    path.write_text('{"time": "5", "ev' + "\n" + json.dumps({"time": "6", "event": "new"})
+                    + "\n")  # a torn line, then one whole
+    config = tmp_path / "c.yaml"
+    config.write_text(f"audit:\n  path: {path}\n")
+    operations = PageOperations(load_config(config), None)  # type: ignore[arg-type]
+    assert [line["time"] for line in operations.audit_tail(3)] == ["3", "4", "6"]
+    assert [line["time"] for line in operations.audit_tail(50)] == ["0", "1", "2", "3", "4",
+                                                                     "6"]
+
+
+def test_an_upload_refused_whole_says_why(start_web: Callable[..., WebRunning],
+                                          chromium_page: Page, tmp_path: Path) -> None:
+    running = start_web(**{"web.max_request_mb": 1})
+    big = tmp_path / "big.dcm"
+    big.write_bytes(bytes(2 * 1024 * 1024))
+    page = chromium_page
+    page.goto(running.root + "/admin/upload")
+    page.locator("#files").set_input_files([big])
+    page.get_by_role("button", name="Upload").click()
+    said = page.locator("#result").filter(has_text="nothing stored: 413")
+    said.wait_for()
+    assert "max_request_mb" in said.inner_text(), said.inner_text()
 
 
 @pytest.mark.parametrize("base", ["/admin", "/viewer", "/metrics", "/admin/x"])

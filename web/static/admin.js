@@ -43,7 +43,8 @@ async function remove(button) {
   if (!response.ok) { say(result, `${response.status}: ${await reason(response)}`, false); return; }
   const done = await response.json();
   say(result, `deleted ${done.instances} instance(s)`, true);
-  if (button.dataset.then) { location.assign(button.dataset.then); } else { location.reload(); }
+  // the study is gone when its last series went: back to the list then
+  if (button.dataset.then || done.studies > 0) { location.assign("/"); } else { location.reload(); }
 }
 
 async function queue(button) {
@@ -64,7 +65,11 @@ document.addEventListener("click", (event) => {
   if (!button) return;
   event.preventDefault();
   button.disabled = true;
-  ACTIONS[button.dataset.action](button).finally(() => { button.disabled = false; });
+  ACTIONS[button.dataset.action](button)
+    .catch((error) => say(document.getElementById("result") ||
+                          button.closest("tr").querySelector(".echo-result"),
+                          `no answer from the server: ${error.message}`, false))
+    .finally(() => { button.disabled = false; });
 });
 
 // STOW-RS (PS3.18 10.5): the chosen files as one multipart/related request
@@ -81,12 +86,23 @@ async function upload(event) {
   }
   parts.push(`--${boundary}--\r\n`);
   say(result, `uploading ${files.length} file(s)…`, true);
-  const response = await fetch(dicomweb() + "/studies", {
-    method: "POST", body: new Blob(parts),
-    headers: {"Content-Type": `multipart/related; type="application/dicom"; boundary=${boundary}`,
-              "Accept": "application/dicom+json"}});
+  let response;
+  try {
+    response = await fetch(dicomweb() + "/studies", {
+      method: "POST", body: new Blob(parts),
+      headers: {"Content-Type": `multipart/related; type="application/dicom"; boundary=${boundary}`,
+                "Accept": "application/dicom+json"}});
+  } catch (error) {
+    say(result, `no answer from the server: ${error.message}`, false);
+    return;
+  }
+  const type = response.headers.get("Content-Type") || "";
+  if (!response.ok && !type.includes("json")) {  // the whole request refused: say why
+    say(result, `nothing stored: ${response.status}: ${await reason(response)}`, false);
+    return;
+  }
   let answer = {};
-  try { answer = await response.json(); } catch (e) { /* an error without a body */ }
+  try { answer = await response.json(); } catch (e) { /* an answer without a body */ }
   const stored = ((answer["00081199"] || {}).Value || []).length;
   const failed = (answer["00081198"] || {}).Value || [];
   for (const item of failed) {
