@@ -10,7 +10,8 @@ that the rest of scp/ uses; what minipacs needs below it lives here:
   shares (``ae.workers``);
 - :mod:`.responses`: C-FIND responses packed without pynetdicom's per-response encoding;
 - :mod:`.contexts`: cheap per-association copies of the presentation contexts;
-- :mod:`.acse`: rejecting an association request (scp/access.py);
+- :mod:`.acse`: rejecting an association request (scp/access.py), and a quick rejection
+  of ours as a requestor kept as a rejection, not an abort;
 - :mod:`.retrieve`: the final response of a C-GET or C-MOVE, rewritten on its way out;
 - :mod:`.receiver`: C-STORE requests read and answered by the DUL thread itself;
 - :mod:`.sender` and :mod:`.dimse`: the C-STORE sub-operations of retrieves, written to
@@ -57,6 +58,8 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
      " rendered for the log below DEBUG"),
     ("pynetdicom._config:LOG_HANDLER_LEVEL", "responses: pynetdicom's per-message log"
      " handlers off below DEBUG"),
+    ("pynetdicom.acse:ACSE._negotiate_as_requestor", "acse: an A-ASSOCIATE-RJ that"
+     " arrived before the requestor looked at its socket is kept as the rejection"),
     ("pynetdicom.service_class:encode", "responses: pre-encoded C-FIND identifiers pass"
      " through"),
     ("pynetdicom.service_class:LOGGER", "retrieve: the A801 line of a move we answer"
@@ -196,8 +199,9 @@ def install(allow_untested: bool | None = None) -> bool:
                        " nothing: %s", ALLOW_UNTESTED, "; ".join(problems), NOT_INSTALLED)
         _installed = False
         return False
-    from . import contexts, reactor, responses, retrieve
+    from . import acse, contexts, reactor, responses, retrieve
 
+    acse.keep_quick_rejections()  # a peer's quick A-ASSOCIATE-RJ is not taken for an abort
     reactor.install()  # also: C-STORE data sets spooled to files (storage.Spooled)
     retrieve.install()  # pynetdicom's A801 line, before our final response, dropped
     responses.install()  # C-FIND responses encoded by storage, command set by hand

@@ -12,3 +12,41 @@ def reject(assoc: Any, result: int, source: int, reason: int) -> None:
     until the DUL has sent it and end the association."""
     assoc.acse.send_reject(result, source, reason)
     assoc.kill()
+
+
+def keep_quick_rejections() -> None:
+    """A rejection that arrives before pynetdicom's requestor looks stays a rejection.
+
+    ``ACSE._negotiate_as_requestor`` sends the A-ASSOCIATE-RQ, waits until the socket is
+    ready, then takes a socket that is no longer connected for a failed connection and
+    aborts. But the DUL thread may already have received the peer's A-ASSOCIATE-RJ by then:
+    action AE-4 (PS3.8 9.2) queues the rejection for the user and closes the transport. So a
+    peer that rejects at once (ours does, for an AE title not in ``peers``) was seen as an
+    abort now and then, with ``is_rejected`` false and the reason lost: one association in a
+    few hundred on a loaded 2-core machine. After the negotiation, an abort with that
+    rejection still queued is turned back into the rejection it was, as pynetdicom's own
+    path records one (``acceptor.primitive``, ``is_rejected``, ``EVT_REJECTED``).
+    """
+    from pynetdicom import evt
+    from pynetdicom.acse import ACSE
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+
+    original = ACSE._negotiate_as_requestor
+    if getattr(original, "_minipacs", False):
+        return
+
+    def negotiate(self: Any) -> None:
+        original(self)
+        assoc = self.assoc
+        if assoc.is_rejected or assoc.is_established:
+            return
+        waiting = self.dul.peek_next_pdu()
+        if isinstance(waiting, A_ASSOCIATE) and waiting.result in (0x01, 0x02):
+            self.dul.receive_pdu(wait=False)
+            self.acceptor.primitive = waiting
+            assoc.is_aborted = False
+            assoc.is_rejected = True
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+
+    negotiate._minipacs = True  # type: ignore[attr-defined]
+    ACSE._negotiate_as_requestor = negotiate  # type: ignore[method-assign]
