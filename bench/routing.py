@@ -9,12 +9,16 @@ its own port), minipacs with ``storage.durability: full`` on SQLite:
    the ingest rate, and the drain rate per peer (its instances / seconds from the start of
    the ingest until it has received the last one, so it includes the wait behind ingest);
 3. one C-MOVE of the set's studies to one peer (``movescu``): the rate routing must reach;
-4. a backlog: the peers stopped, a second set stored, the peers started again: how fast
-   the outbox drains to each (all three at once) when it does not wait for the ingest.
+4. a backlog: the peers stopped, a second set stored (``--backlog``), the peers started
+   again: how fast the outbox drains to each (all at once) when it does not wait for the
+   ingest, from their start (with their start-up and the senders' wait before the next
+   attempt) and from each peer's first instance to its last (the sending alone); then a
+   C-MOVE of the same backlog, for the like-for-like rate.
 
 Usage::
 
-    TCP_NODELAY=1 .venv/bin/python bench/routing.py [--count 2000] [--size 64]
+    TCP_NODELAY=1 .venv/bin/python bench/routing.py [--count 2000] [--size 64] [--routes 3]
+        [--backlog N]
 """
 
 from __future__ import annotations
@@ -79,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="pixels per side (64: 8 kB)")
     parser.add_argument("--routes", type=int, default=3, choices=(1, 2, 3),
                         help="how many of the three peers get a route")
+    parser.add_argument("--backlog", type=int, default=0,
+                        help="instances stored while the peers are down (default: --count)")
     args = parser.parse_args(argv)
+    args.backlog = args.backlog or args.count
     bench.WORK_ROOT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="routing-", dir=bench.WORK_ROOT))
     try:
@@ -126,24 +133,34 @@ def main(argv: list[str] | None = None) -> int:
             if routes:  # a backlog: the peers down while a second set comes in, then up
                 for peer in peers:
                     peer.stop()
-                backlog = bench.generate(work / "data-backlog", "backlog", args.count,
+                backlog = bench.generate(work / "data-backlog", "backlog", args.backlog,
                                          args.size, patients=4, studies_per_patient=2,
                                          series_per_study=2, seed=9)
                 bench.send(server, backlog, 1, logs, "backlog")
                 start = time.perf_counter()  # their start-up counts against the drain
                 for peer in peers:  # each a new log: what the sender sends from now on
                     peer.start()
-                offsets = [0] * len(peers)
-                pending = {p.aet: (p, offset) for p, offset in zip(peers, offsets, strict=True)}
-                while pending and time.perf_counter() < start + 120:
-                    for aet, (peer, offset) in list(pending.items()):
-                        if received(peer, offset) >= args.count:
-                            seconds = time.perf_counter() - start
-                            print(f"backlog of {args.count} drained to {aet}:"
-                                  f" {args.count / seconds:.0f} inst/s ({seconds:.1f} s, with"
-                                  f" up to 0.5 s before the next attempt)", flush=True)
+                first: dict[str, float] = {}
+                pending = {p.aet: p for p in peers}
+                while pending and time.perf_counter() < start + 600:
+                    for aet, peer in list(pending.items()):
+                        got = received(peer, 0)
+                        if got and aet not in first:
+                            first[aet] = time.perf_counter()
+                        if got >= args.backlog:
+                            now = time.perf_counter()
+                            seconds, sending = now - start, now - first[aet]
+                            print(f"backlog of {args.backlog} drained to {aet}:"
+                                  f" {args.backlog / seconds:.0f} inst/s ({seconds:.1f} s, with"
+                                  f" the peer's start-up and up to 0.5 s before the next"
+                                  f" attempt); {(args.backlog - 1) / sending:.0f} inst/s"
+                                  f" from its first instance to its last ({sending:.2f} s)",
+                                  flush=True)
                             del pending[aet]
-                    time.sleep(0.05)
+                    time.sleep(0.02)
+                move = bench.retrieve(server, backlog, "C-MOVE", move_to, logs)
+                print(f"C-MOVE of the backlog's {args.backlog} instances: {move.rate:.0f} inst/s"
+                      + (f" PROBLEMS {move.problems}" if move.problems else ""), flush=True)
             if not routes:
                 move = bench.retrieve(server, data, "C-MOVE", move_to, logs)
                 results["C-MOVE"] = move.rate

@@ -267,14 +267,14 @@ class Outbox:
         if not OutboxItem.select(OutboxItem.id).where(due).limit(1).exists():
             return []
         with self.write_lock, index.write_transaction():
-            rows = list(OutboxItem.select().where(due)
-                        .order_by(OutboxItem.due_at, OutboxItem.id).limit(limit))
-            if rows:
-                OutboxItem.update(
-                    lease_owner=owner,
-                    lease_until=now + datetime.timedelta(seconds=lease_seconds),
-                ).where(OutboxItem.id.in_([r.id for r in rows])).execute()
-        return [_entry(r) for r in rows]
+            rows: Any = (OutboxItem.select(*ENTRY_COLUMNS).where(due)
+                         .order_by(OutboxItem.due_at, OutboxItem.id).limit(limit).tuples())
+            entries = [_entry_of(row) for row in rows]  # tuples: a backlog claims thousands
+            until = now + datetime.timedelta(seconds=lease_seconds)
+            for chunk in _chunks([e.id for e in entries]):
+                OutboxItem.update(lease_owner=owner, lease_until=until).where(
+                    OutboxItem.id.in_(chunk)).execute()
+        return entries
 
     def sent(self, entries: Iterable[Entry], owner: str) -> None:
         """``entries`` went (or need not go any more): delete them, unless stored again
@@ -283,11 +283,10 @@ class Outbox:
         if not entries:
             return
         with self.write_lock, index.write_transaction():
-            for e in entries:
-                mine = (OutboxItem.id == e.id) & (OutboxItem.lease_owner == owner)
-                if not OutboxItem.delete().where(
-                        mine & (OutboxItem.generation == e.generation)).execute():
-                    OutboxItem.update(lease_owner="", lease_until=None).where(mine).execute()
+            same, moved = _still_held(entries, owner)
+            for chunk in _chunks([e.id for e in same]):
+                OutboxItem.delete().where(OutboxItem.id.in_(chunk)).execute()
+            _let_go(moved)
 
     def put_off(self, entries: Iterable[Entry], owner: str, error: str,
                 delay: Callable[[int], float], max_attempts: int) -> None:
@@ -298,16 +297,18 @@ class Outbox:
             return
         now = _now()
         with self.write_lock, index.write_transaction():
-            for e in entries:
-                attempts = e.attempts + 1
-                mine = (OutboxItem.id == e.id) & (OutboxItem.lease_owner == owner)
-                if not OutboxItem.update(
+            same, moved = _still_held(entries, owner)
+            by_attempts: dict[int, list[int]] = {}
+            for e in same:  # a batch was claimed together: mostly one group
+                by_attempts.setdefault(e.attempts + 1, []).append(e.id)
+            for attempts, ids in by_attempts.items():
+                for chunk in _chunks(ids):
+                    OutboxItem.update(
                         attempts=attempts, failed=attempts >= max_attempts,
                         last_error=error[:1000], lease_owner="", lease_until=None,
                         due_at=now + datetime.timedelta(seconds=delay(attempts)),
-                ).where(mine & (OutboxItem.generation == e.generation)).execute():
-                    # stored again meanwhile: the new version is due as queued
-                    OutboxItem.update(lease_owner="", lease_until=None).where(mine).execute()
+                    ).where(OutboxItem.id.in_(chunk)).execute()
+            _let_go(moved)  # stored again meanwhile: the new version is due as queued
 
     def add_commitment(self, peer: str, transaction_uid: str,
                        references: Sequence[tuple[str, str]]) -> None:
@@ -389,6 +390,37 @@ class Outbox:
                 _chosen(peer, ids, failed_only, kind)).execute())
 
 
+CHUNK = 500
+"""Row IDs per ``IN (...)`` list: well under SQLite's and PostgreSQL's parameter limits."""
+
+
+def _chunks(ids: Sequence[int]) -> Iterable[list[int]]:
+    for start in range(0, len(ids), CHUNK):
+        yield list(ids[start:start + CHUNK])
+
+
+def _still_held(entries: Sequence[Entry], owner: str) -> tuple[list[Entry], list[Entry]]:
+    """Of ``entries``, in the caller's write transaction: those still leased to ``owner``
+    as claimed, and those leased to it but stored again since (a new generation). Rows
+    gone, or leased to another owner since (an expired lease), are neither."""
+    held: dict[int, int] = {}
+    for chunk in _chunks([e.id for e in entries]):
+        rows: Any = (OutboxItem.select(OutboxItem.id, OutboxItem.generation)
+                     .where(OutboxItem.id.in_(chunk) & (OutboxItem.lease_owner == owner))
+                     .tuples())
+        held.update((int(i), int(g)) for i, g in rows)
+    same = [e for e in entries if held.get(e.id) == e.generation]
+    moved = [e for e in entries if e.id in held and held[e.id] != e.generation]
+    return same, moved
+
+
+def _let_go(entries: Sequence[Entry]) -> None:
+    """Release the lease of ``entries`` (they go again as they are now queued)."""
+    for chunk in _chunks([e.id for e in entries]):
+        OutboxItem.update(lease_owner="", lease_until=None).where(
+            OutboxItem.id.in_(chunk)).execute()
+
+
 def _chosen(peer: str | None, ids: Sequence[int], failed_only: bool, kind: str) -> Any:
     where: Any = OutboxItem.kind == kind
     if ids:
@@ -425,6 +457,20 @@ def _alive(owner: str, host: str) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+ENTRY_COLUMNS = (OutboxItem.id, OutboxItem.peer, OutboxItem.route, OutboxItem.sop_instance_uid,
+                 OutboxItem.study_instance_uid, OutboxItem.queued_at, OutboxItem.due_at,
+                 OutboxItem.attempts, OutboxItem.failed, OutboxItem.last_error,
+                 OutboxItem.generation, OutboxItem.kind, OutboxItem.payload)
+"""An :class:`Entry`'s columns, in its order."""
+
+
+def _entry_of(row: tuple[Any, ...]) -> Entry:
+    """The :class:`Entry` of a row of :data:`ENTRY_COLUMNS` (as ``.tuples()`` gives it)."""
+    values = list(row)
+    values[8] = bool(values[8])
+    return Entry(*values)
 
 
 def _entry(row: OutboxItem) -> Entry:

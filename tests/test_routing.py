@@ -313,8 +313,8 @@ def test_a_server_killed_before_and_while_sending_sends_everything_after_restart
     copies = received(out)
     assert set(copies) == wanted
     # at least once; more only for what a killed sender had in flight (one batch)
-    from scp.routing import BATCH
-    assert sum(copies.values()) - len(wanted) <= BATCH, copies.most_common(3)
+    from scp.routing import MAX_BATCH
+    assert sum(copies.values()) - len(wanted) <= MAX_BATCH, copies.most_common(3)
 
 
 def queue_empty(data: Path) -> bool:
@@ -338,3 +338,16 @@ def test_an_instance_deleted_before_its_turn_is_dropped_from_the_queue(
     assert running.archive.outbox.retry("GONE") == 1
     wait_for("the queue to empty", lambda: queue_of(running) == {})
     assert "1 queued instance(s) no longer stored, dropped" in caplog.text
+
+
+def test_a_backlog_grows_the_claim_and_a_slow_or_short_batch_shrinks_it() -> None:
+    from scp.routing import BATCH, GROW_SECONDS, MAX_BATCH, next_size
+
+    sizes = [BATCH]
+    while sizes[-1] < MAX_BATCH:
+        sizes.append(next_size(sizes[-1], sizes[-1], 0.5, True))
+    assert sizes == [100, 400, 1600, 2500]
+    assert next_size(MAX_BATCH, MAX_BATCH, 0.5, True) == MAX_BATCH
+    assert next_size(1600, 1599, 0.5, True) == BATCH  # caught up
+    assert next_size(400, 400, GROW_SECONDS, True) == BATCH  # large instances: stay small
+    assert next_size(400, 400, 0.5, False) == BATCH  # the peer could not be reached

@@ -110,3 +110,4 @@ def test_an_item_stored_again_while_it_failed_is_due_at_once(routed: Archive) ->
     outbox.put_off([entry], me, "no answer", lambda attempts: 3600.0, max_attempts=1)
     [again] = outbox.claim("AI", me, 10, 60)
     assert (again.attempts, again.failed, again.generation) == (0, False, entry.generation + 1)
+
