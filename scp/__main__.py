@@ -455,6 +455,8 @@ def diagnose(config: Config, title: str) -> int:
         held = archive.held_syntaxes()
     finally:
         archive.close()
+    with contextlib.suppress(engine.UntestedVersion):  # a quick rejection seen as one
+        engine.install()
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the findings say it
     print(f"doctor: {peer.ae_title} at {peer.host}:{peer.port}, called by {config.ae.title}")
     found = doctor(config, peer, held)

@@ -18,8 +18,8 @@ from .config import Config, PeerConfig
 from .retrieve import Final, MoveDestination, run_send
 
 AUDIT_TAIL_BYTES = 1024 * 1024
-"""How much of each audit file's end is read for its last lines (a `route` line names up
-to 100 instances: a few KB)."""
+"""How much of each audit file's end is read for its last lines (a ``route`` line names up
+to 100 instances: about 7 KB)."""
 
 
 def send_to(config: Config, archive: Archive, peer: PeerConfig, items: list[StoredInstance],
@@ -79,23 +79,23 @@ class PageOperations:
         if not self.config.audit.enabled:
             return []
         path = self.config.audit_path
-        out: list[dict[str, Any]] = []
-        for name in (path, path.with_name(path.name + ".1")):  # the newest rotated one too
-            out = _last_lines(name, count - len(out)) + out
-            if len(out) >= count:
-                break
+        out, whole = _last_lines(path, count)
+        if len(out) < count and whole:  # just rotated: the newest rotated file goes on
+            out = _last_lines(path.with_name(path.name + ".1"), count - len(out))[0] + out
         return out
 
 
-def _last_lines(path: Path, count: int) -> list[dict[str, Any]]:
-    """The last ``count`` JSON objects of ``path``'s last :data:`AUDIT_TAIL_BYTES`."""
+def _last_lines(path: Path, count: int) -> tuple[list[dict[str, Any]], bool]:
+    """The last ``count`` JSON objects of ``path``'s last :data:`AUDIT_TAIL_BYTES`, and
+    whether that was the whole file (else lines before them were not read: nothing older
+    may be put before them)."""
     try:
         with open(path, "rb") as file:
             size = file.seek(0, os.SEEK_END)
             file.seek(max(size - AUDIT_TAIL_BYTES, 0))
             lines = file.read().splitlines()
     except FileNotFoundError:
-        return []
+        return [], True
     out: list[dict[str, Any]] = []
     for line in reversed(lines):
         if len(out) == count:
@@ -106,4 +106,4 @@ def _last_lines(path: Path, count: int) -> list[dict[str, Any]]:
             continue
         if isinstance(item, dict):
             out.append(item)
-    return out[::-1]
+    return out[::-1], size <= AUDIT_TAIL_BYTES

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from pydicom.charset import python_encoding
 from pydicom.uid import UID
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 from starlette.routing import BaseRoute, Mount, Route
 
 from storage import QUERY_KEYS, Level
@@ -41,6 +42,8 @@ from .contexts import (
 from .handlers import SUPPORTED_EXTENSIONS
 from .server import build_ae
 
+DOCTOR_FIND = str(StudyRootQueryRetrieveInformationModelFind)
+"""The one query model minipacs uses as an SCU: ``minipacs doctor``'s C-FIND."""
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 """The DICOM Application Context Name (PS3.7 A.2.1)."""
 PRESENTATION_TITLE = "Acceptable presentation contexts"
@@ -103,7 +106,8 @@ def statement(config: Config, version: str) -> list[Block]:
         Table("Network services", ("SOP Classes", "User of Service (SCU)",
                                    "Provider of Service (SCP)"), (
             (f"Storage: {len(storage_classes)} SOP Classes (section 4.2.1.1)", "Yes", "Yes"),
-            *((_name(uid), "No", "Yes") for uid in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS)),
+            *((_name(uid), "Yes (`minipacs doctor`)" if uid == DOCTOR_FIND else "No", "Yes")
+              for uid in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS)),
             (_name(STORAGE_COMMITMENT), "No", "Yes"),
             (_name(VERIFICATION), "Yes", "Yes"),
         )),
@@ -125,7 +129,8 @@ def statement(config: Config, version: str) -> list[Block]:
         Heading(3, f"4.2 AE Specifications: {title}"),
         Heading(4, "4.2.1.1 SOP Classes"),
         Table("SOP Classes", ("SOP Class", "UID", "SCU", "SCP"), tuple(
-            (_name(uid), uid, _yes(uid in STORAGE or uid == VERIFICATION), "Yes")
+            (_name(uid), uid, _yes(uid in STORAGE or uid in (VERIFICATION, DOCTOR_FIND)),
+             "Yes")
             for uid in (VERIFICATION, *storage_classes, *FIND_MODELS, *MOVE_MODELS,
                         *GET_MODELS, STORAGE_COMMITMENT))),
         Heading(4, "4.2.1.2 Association Policies"),

@@ -114,6 +114,7 @@ def echo(config: Config, peer: PeerConfig) -> EchoResult:
         answer = assoc.send_c_echo()
         code = int(answer.Status) if "Status" in answer else None
         if code is None:
+            assoc.join(timeout)  # its thread records an abort once the call has returned
             return result(False, f"{peer.ae_title} at {where} gave no C-ECHO answer"
                           + (" (it aborted the association)" if assoc.is_aborted
                              else " in time"))

@@ -11,7 +11,9 @@ others off: ``routing.retry_seconds`` after the first failure, doubling up to
 ``routing.retry_max_seconds``, failed after ``routing.max_attempts`` (kept, shown by
 ``minipacs queue``, until retried or dropped). When the association cannot be opened the
 sender also waits that long before it tries the peer again. An instance deleted since it
-was queued is dropped from the outbox. Each batch is one audit line and a log line.
+was queued is dropped from the outbox. Each batch is a log line, and an audit line per 100
+instances. A batch keeps its lease while it goes (renewed every minute); a sender that stops
+lets go of the items it had not tried.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ MAX_BATCH = 2500
 claim fourfold per batch up to this, so that its claim and ``sent`` transactions and its
 association weigh little (bench/README.md, "Routing": a backlog of 10,000 small instances
 went at 3,579 inst/s in batches of 100, at 5,515 in batches of 2,500; C-MOVE 4,834)."""
+RENEW_SECONDS = 60.0
+"""While a batch goes, its lease is renewed (to :data:`LEASE_SECONDS` from then) when this
+long has passed since the last renewal: a batch slower than its claim foresaw (large
+instances after small ones) keeps other senders off."""
+CHUNK = 500
+"""Instance UIDs per index read of a batch (an old SQLite takes 999 variables at most)."""
+AUDIT_INSTANCES = 100
+"""SOP Instance UIDs per ``route`` audit line: a batch of 2,500 is 25 lines."""
 GROW_SECONDS = 30.0
 """A full batch grows the next claim only if it was sent within this (a twentieth of
 :data:`LEASE_SECONDS`), so large instances keep small claims, far inside their lease."""
@@ -169,6 +179,7 @@ class Router:
                 except Exception as exc:  # noqa: BLE001 - e.g. the index is down
                     logger.exception("routing to %s failed; trying again", peer.ae_title)
                     unreachable += 1
+                    size = BATCH
                     self._put_off(entries, f"an unexpected error: {exc}")
                 finally:
                     with contextlib.suppress(Exception):
@@ -189,7 +200,10 @@ class Router:
         """Send one claimed batch; ``False`` when the association could not be opened."""
         outbox, owner = self.archive.outbox, self.owner
         by_uid = {e.sop_instance_uid: e for e in entries}
-        items = self.archive.selected(Selection(instance_uids=tuple(by_uid)))
+        uids = list(by_uid)
+        items = [item for start in range(0, len(uids), CHUNK)  # an old SQLite: 999 variables
+                 for item in self.archive.selected(Selection(
+                     instance_uids=tuple(uids[start:start + CHUNK])))]
         stored = {i.sop_instance_uid for i in items}
         gone = [e for e in entries if e.sop_instance_uid not in stored]
         if gone:
@@ -199,9 +213,17 @@ class Router:
         if not items:
             return True
         cfg = self.config.ae
+        renewed = time.monotonic()
+
+        def keep_lease(done: int, total: int) -> None:  # a long batch keeps its lease
+            nonlocal renewed
+            if time.monotonic() - renewed > RENEW_SECONDS:
+                renewed = time.monotonic()
+                outbox.renew(entries, owner, LEASE_SECONDS)
+
         final = run_send(self.archive, items, MoveDestination(
             peer, cfg.title, cfg.max_pdu_size, cfg.acse_timeout, cfg.dimse_timeout,
-            service="routing"), cancelled=self._stop.is_set)
+            service="routing"), keep_lease, cancelled=self._stop.is_set)
         unopened = final.failed == len(items) and not final.failed_uids
         failed = {i.sop_instance_uid for i in items} if unopened else set(final.failed_uids)
         # stopped early: the instances not tried are the last ``remaining``; they stay
@@ -209,16 +231,19 @@ class Router:
         tried = items[:len(items) - (final.remaining or 0)]
         done = [by_uid[i.sop_instance_uid] for i in tried if i.sop_instance_uid not in failed]
         outbox.sent(done, owner)
+        outbox.let_go([by_uid[i.sop_instance_uid] for i in items[len(tried):]], owner)
         reason = final.comment or "the peer did not take it (see the log)"
         self._put_off([by_uid[uid] for uid in failed], reason)
         metrics.ROUTED.labels(peer.ae_title, "sent").inc(len(done))
         metrics.ROUTED.labels(peer.ae_title, "failed").inc(len(failed))
         routes = sorted({e.route for e in entries})
-        self.audit.record("route", user="routing", peer=peer.ae_title,
-                          address=f"{peer.host}:{peer.port}", routes=routes,
-                          status=f"{final.status:04X}", completed=final.completed,
-                          warning=final.warning, failed=len(failed),
-                          instances=sorted(stored))
+        listed = sorted(stored)
+        for start in range(0, len(listed), AUDIT_INSTANCES):  # lines of a readable size
+            self.audit.record("route", user="routing", peer=peer.ae_title,
+                              address=f"{peer.host}:{peer.port}", routes=routes,
+                              status=f"{final.status:04X}", completed=final.completed,
+                              warning=final.warning, failed=len(failed),
+                              instances=listed[start:start + AUDIT_INSTANCES])
         logger.info("routing to %s (%s): %d sent, %d failed%s", peer.ae_title,
                     ", ".join(routes), len(done), len(failed),
                     f" ({final.comment})" if final.comment else "")

@@ -288,6 +288,28 @@ class Outbox:
                 OutboxItem.delete().where(OutboxItem.id.in_(chunk)).execute()
             _let_go(moved)
 
+    def renew(self, entries: Iterable[Entry], owner: str, lease_seconds: float) -> None:
+        """Extend the lease of ``entries`` still leased to ``owner`` to ``lease_seconds``
+        from now (a batch that takes long)."""
+        until = _now() + datetime.timedelta(seconds=lease_seconds)
+        ids = [e.id for e in entries]
+        if not ids:
+            return
+        with self.write_lock, index.write_transaction():
+            for chunk in _chunks(ids):
+                OutboxItem.update(lease_until=until).where(
+                    OutboxItem.id.in_(chunk) & (OutboxItem.lease_owner == owner)).execute()
+
+    def let_go(self, entries: Iterable[Entry], owner: str) -> None:
+        """Release the leases ``owner`` holds on ``entries``, unsent and unchanged: they are
+        due again at once (a sender that stopped before trying them)."""
+        entries = list(entries)
+        if not entries:
+            return
+        with self.write_lock, index.write_transaction():
+            same, moved = _still_held(entries, owner)
+            _let_go([*same, *moved])
+
     def put_off(self, entries: Iterable[Entry], owner: str, error: str,
                 delay: Callable[[int], float], max_attempts: int) -> None:
         """``entries`` could not go: count the attempt, keep ``error``, and make each due
@@ -402,7 +424,11 @@ def _chunks(ids: Sequence[int]) -> Iterable[list[int]]:
 def _still_held(entries: Sequence[Entry], owner: str) -> tuple[list[Entry], list[Entry]]:
     """Of ``entries``, in the caller's write transaction: those still leased to ``owner``
     as claimed, and those leased to it but stored again since (a new generation). Rows
-    gone, or leased to another owner since (an expired lease), are neither."""
+    gone, or leased to another owner since (an expired lease), are neither.
+
+    Reading first and then writing by ID is safe because every writer of the outbox holds
+    the index's write transaction (SQLite's ``BEGIN IMMEDIATE``, PostgreSQL's advisory
+    lock: :func:`storage.index.write_transaction`): nothing changes between the two."""
     held: dict[int, int] = {}
     for chunk in _chunks([e.id for e in entries]):
         rows: Any = (OutboxItem.select(OutboxItem.id, OutboxItem.generation)

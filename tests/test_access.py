@@ -193,9 +193,12 @@ def test_a_rejection_that_arrives_before_the_requestor_looks_is_a_rejection(
     stranger = AE(ae_title="STRANGER")
     stranger.add_requested_context("1.2.840.10008.1.1")
     rejected: list[Any] = []
+    aborted: list[Any] = []
     assoc = stranger.associate("127.0.0.1", running.port, ae_title="MINIPACS",
-                               evt_handlers=[(evt.EVT_REJECTED, rejected.append)])
+                               evt_handlers=[(evt.EVT_REJECTED, rejected.append),
+                                             (evt.EVT_ABORTED, aborted.append)])
     assert held == [True]
     assert assoc.is_rejected and not assoc.is_aborted and not assoc.is_established
     assert assoc.acceptor.primitive.reason_str == "Calling AE title not recognised"
-    assert len(rejected) == 1
+    assert len(rejected) == 1 and not aborted  # no A-ABORT was sent for it
+    assert "abort" not in vars(assoc)  # the class's own abort again

@@ -373,7 +373,9 @@ def _hosts(request: Request) -> set[str]:
 
 
 def _text(body: dict[str, Any], key: str, required: bool = True) -> str:
-    value = body.get(key) or ""
+    value = body.get(key)
+    if value is None:  # absent or null; any other falsy value is an error, not "all"
+        value = ""
     if not isinstance(value, str) or (required and not value):
         raise WebError(BAD_REQUEST, f"{key!r} must be a non-empty string")
     return value

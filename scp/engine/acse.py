@@ -3,7 +3,10 @@ EVT_REQUESTED handler (pynetdicom's ``ACSE`` provider of the association)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+logger = logging.getLogger("pynetdicom.acse")  # where pynetdicom says it
 
 
 def reject(assoc: Any, result: int, source: int, reason: int) -> None:
@@ -19,13 +22,14 @@ def keep_quick_rejections() -> None:
 
     ``ACSE._negotiate_as_requestor`` sends the A-ASSOCIATE-RQ, waits until the socket is
     ready, then takes a socket that is no longer connected for a failed connection and
-    aborts. But the DUL thread may already have received the peer's A-ASSOCIATE-RJ by then:
-    action AE-4 (PS3.8 9.2) queues the rejection for the user and closes the transport. So a
-    peer that rejects at once (ours does, for an AE title not in ``peers``) was seen as an
-    abort now and then, with ``is_rejected`` false and the reason lost: one association in a
-    few hundred on a loaded 2-core machine. After the negotiation, an abort with that
-    rejection still queued is turned back into the rejection it was, as pynetdicom's own
-    path records one (``acceptor.primitive``, ``is_rejected``, ``EVT_REJECTED``).
+    calls ``Association.abort()``. But the DUL thread may already have received the peer's
+    A-ASSOCIATE-RJ by then: action AE-4 (PS3.8 9.2) queues the rejection for the user and
+    closes the transport. So a peer that rejects at once (ours does, for an AE title not in
+    ``peers``) was seen as an abort now and then, with ``is_rejected`` false and the reason
+    lost: one association in a few hundred on a loaded 2-core machine. During the
+    negotiation, an ``abort()`` with that rejection queued records the rejection instead,
+    as pynetdicom's own path does when it reads one (``acceptor.primitive``, the log lines,
+    ``is_rejected``, ``EVT_REJECTED``, the DUL stopped); no A-ABORT is sent.
     """
     from pynetdicom import evt
     from pynetdicom.acse import ACSE
@@ -36,17 +40,29 @@ def keep_quick_rejections() -> None:
         return
 
     def negotiate(self: Any) -> None:
-        original(self)
         assoc = self.assoc
-        if assoc.is_rejected or assoc.is_established:
-            return
-        waiting = self.dul.peek_next_pdu()
-        if isinstance(waiting, A_ASSOCIATE) and waiting.result in (0x01, 0x02):
+        abort = assoc.abort
+
+        def abort_unless_rejected(*args: Any, **kwargs: Any) -> None:
+            waiting = self.dul.peek_next_pdu()
+            if not (isinstance(waiting, A_ASSOCIATE) and waiting.result in (0x01, 0x02)):
+                abort(*args, **kwargs)
+                return
             self.dul.receive_pdu(wait=False)
             self.acceptor.primitive = waiting
-            assoc.is_aborted = False
+            logger.error("Association Rejected")
+            logger.error("Result: %s, Source: %s", waiting.result_str, waiting.source_str)
+            logger.error("Reason: %s", waiting.reason_str)
             assoc.is_rejected = True
+            assoc.is_established = False
             evt.trigger(assoc, evt.EVT_REJECTED, {})
+            self.dul.kill_dul()
+
+        assoc.abort = abort_unless_rejected
+        try:
+            original(self)
+        finally:
+            del assoc.abort  # the class's own again
 
     negotiate._minipacs = True  # type: ignore[attr-defined]
     ACSE._negotiate_as_requestor = negotiate  # type: ignore[method-assign]

@@ -111,3 +111,22 @@ def test_an_item_stored_again_while_it_failed_is_due_at_once(routed: Archive) ->
     [again] = outbox.claim("AI", me, 10, 60)
     assert (again.attempts, again.failed, again.generation) == (0, False, entry.generation + 1)
 
+
+
+def test_a_long_batch_renews_its_lease_and_untried_items_are_let_go(routed: Archive) -> None:
+    outbox, me = routed.outbox, lease_owner()
+    for _ in range(3):
+        routed.store(encode(make_ds(Modality="CT")), ExplicitVRLittleEndian,
+                     origin=Origin(ae_title="SCANNER1"))
+    batch = outbox.claim("AI", me, 10, lease_seconds=30)
+    assert len(batch) == 3
+    before = {r.id: r.lease_until for r in OutboxItem.select()}
+    outbox.renew(batch, me, lease_seconds=600)
+    outbox.renew(batch, "someone-else", lease_seconds=6000)  # not theirs: nothing changes
+    after = {r.id: r.lease_until for r in OutboxItem.select()}
+    assert all((after[i] - before[i]).total_seconds() > 500 for i in before), (before, after)
+    assert outbox.claim("AI", "other:1:x", 10, lease_seconds=30) == []  # still ours
+    outbox.let_go(batch[1:], me)  # a stopping sender had not tried these
+    again = outbox.claim("AI", "other:1:x", 10, lease_seconds=30)
+    assert sorted(e.id for e in again) == sorted(e.id for e in batch[1:])
+    assert [e.attempts for e in again] == [0, 0]  # let go is not an attempt

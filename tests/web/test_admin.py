@@ -427,7 +427,8 @@ def test_echo_says_why_in_plain_words(start_web: Callable[..., WebRunning], tmp_
                                                        " host"}
 
 
-def test_the_audit_tail_reaches_into_the_rotated_file(tmp_path: Path) -> None:
+def test_the_audit_tail_reaches_into_the_rotated_file(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from scp.admin import PageOperations
     from scp.config import load_config
 
@@ -442,6 +443,13 @@ def test_the_audit_tail_reaches_into_the_rotated_file(tmp_path: Path) -> None:
     assert [line["time"] for line in operations.audit_tail(3)] == ["3", "4", "6"]
     assert [line["time"] for line in operations.audit_tail(50)] == ["0", "1", "2", "3", "4",
                                                                      "6"]
+    import scp.admin
+
+    long_line = json.dumps({"time": "7", "event": "route", "instances": ["1.2.3"] * 40})
+    path.write_text(json.dumps({"time": "6", "event": "new"}) + "\n" + long_line + "\n")
+    monkeypatch.setattr(scp.admin, "AUDIT_TAIL_BYTES", len(long_line) + 5)
+    # the current file was not read whole: nothing older goes before what was read
+    assert [line["time"] for line in operations.audit_tail(50)] == ["7"]
 
 
 def test_an_upload_refused_whole_says_why(start_web: Callable[..., WebRunning],
