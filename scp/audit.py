@@ -13,6 +13,8 @@ never interleave. The file is rotated before a line would take it past ``audit.m
 an ``flock`` of ``<path>.lock``; the others reopen the new file at their next line.
 Writing never fails an operation: a line that cannot be written is lost, and the log says so
 (once a minute at most); a rotation that fails lets the file grow rather than lose lines.
+With ``audit.syslog`` each line with a DICOM audit message counterpart is also sent to an
+audit record repository in the IHE ATNA form (:mod:`scp.atna`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .atna import SyslogForwarder
 from .config import Config
 
 logger = logging.getLogger(__name__)
@@ -49,8 +52,10 @@ class AuditTrail:
         Rotated files kept.
     """
 
-    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, backups: int,
+                 forward: SyslogForwarder | None = None) -> None:
         self.path = Path(path)
+        self.forward = forward
         self.max_bytes = max_bytes
         self.backups = backups
         self._lock = threading.Lock()
@@ -80,6 +85,8 @@ class AuditTrail:
                         self._complain(f"cannot rotate it: {exc}")
                     fd = self._current()
                 os.write(fd, data)
+            if self.forward is not None:  # queued: sent by its own thread
+                self.forward.put(line)
         except Exception as exc:
             self._complain(f"a line is lost: {exc}")
 
@@ -98,6 +105,8 @@ class AuditTrail:
             fd, self._fd = self._fd, None
             if fd is not None:
                 os.close(fd)
+        if self.forward is not None:
+            self.forward.close()
 
     def _current(self) -> int:
         """The file's descriptor, reopened when another process rotated it."""
@@ -164,5 +173,9 @@ Audit = AuditTrail | NoAudit
 def open_audit(config: Config) -> Audit:
     """The audit trail ``config``'s ``audit`` section asks for."""
     audit = config.audit
-    return AuditTrail(config.audit_path, audit.max_mb * 1024 * 1024, audit.backups) \
-        if audit.enabled else NoAudit()
+    if not audit.enabled:
+        return NoAudit()
+    forward = SyslogForwarder(
+        audit.syslog, config.ae.title, config.tls.certificate, config.tls.private_key,
+        config.tls.ca_certificates) if audit.syslog else None
+    return AuditTrail(config.audit_path, audit.max_mb * 1024 * 1024, audit.backups, forward)

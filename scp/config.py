@@ -38,6 +38,8 @@ from web.config import CHOICES as WEB_CHOICES
 from web.config import WebConfig
 from web.config import check as check_web
 
+from .atna import syslog_problem
+
 MAX_WORKERS = 64
 """Most server processes ``ae.workers`` may ask for."""
 
@@ -123,6 +125,7 @@ class AuditConfig:
     path: str = ""
     max_mb: int = 100
     backups: int = 10
+    syslog: str = ""
 
 
 SERVICES: tuple[str, ...] = ("echo", "find", "get", "move", "store", "commit")
@@ -587,6 +590,9 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
             problems.append("audit.max_mb: must be at least 1")
         if values.get("backups", 1) < 1:
             problems.append("audit.backups: must be at least 1")
+        why = syslog_problem(values.get("syslog", ""))
+        if why:
+            problems.append(f"audit.syslog: {why}")
     if section == "query" and values.get("max_results", 0) < 0:
         problems.append("query.max_results: must not be negative (0 = no limit)")
     if section == "query" and "response_charset" in values:

@@ -197,9 +197,13 @@ def statement(config: Config, version: str) -> list[Block]:
         Heading(2, "7 Security"),
         Paragraph("Access by AE title (`peers`, their `services` and `network`),"
                   " DICOM TLS with client certificates, and an audit trail of every"
-                  " association and operation as JSON lines (not the IHE ATNA syslog"
-                  " form). DICOMweb: HTTP Basic users and bearer tokens with read or"
-                  " read-write rights."),
+                  " association and operation as JSON lines, sent also to an audit record"
+                  " repository when `audit.syslog` names one: the Audit Trail Message"
+                  " Format Profile (PS3.15 A.5) over the Syslog-TLS (A.6) or Syslog-UDP"
+                  " (A.7) Transmission Profile, or syslog over TCP"
+                  + (f" (configured: {config.audit.syslog})" if config.audit.syslog else "")
+                  + ". DICOMweb: HTTP Basic users and bearer tokens with read or read-write"
+                  " rights."),
         Heading(2, "8 DICOMweb (PS3.18)"),
         Table("DICOMweb resources", ("Method", "Resource (under web.base_path)"), tuple(
             _routes([*qido.ROUTES, *wado.ROUTES, *stow.ROUTES, *web_delete.ROUTES]))),

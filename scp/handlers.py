@@ -24,7 +24,19 @@ from .activity import Activity
 from .contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from .engine import reactor, responses
 from .retrieve import Final, MoveDestination, run_get, run_move
-from .service import COMMIT, ECHO, FIND, GET, MOVE, STORE, Matches, Refused, Status, handler
+from .service import (
+    COMMIT,
+    ECHO,
+    FIND,
+    GET,
+    MOVE,
+    STORE,
+    Matches,
+    Refused,
+    Status,
+    handler,
+    note,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +97,8 @@ def handle_store(event: evt.Event, archive: Archive, activity: Activity,
         sop_instance_uid=str(req.AffectedSOPInstanceUID),
         origin=Origin(event.assoc.requestor.ae_title, event.assoc.requestor.address),
     )
+    if outcome.study_instance_uid:
+        note(event, study_instance_uid=outcome.study_instance_uid)
     return status.store_status(outcome)
 
 

@@ -160,6 +160,9 @@ class Server:
                 "required" if tls.require_client_cert else "not required",
             )
         free_dead_leases(self.archive)
+        self.audit.record("application-start", ae_title=cfg.title,
+                          port=self.port if self._server is not None else None,
+                          tls_port=self.tls_port if self._tls_server is not None else None)
         self.router.start()
         self.reporter.start()
         self.retention.start()
@@ -214,6 +217,7 @@ class Server:
         for part in background:
             part.join(deadline)
         self.archive.close()
+        self.audit.record("application-stop", ae_title=self.config.ae.title)
         self.audit.close()
         logger.info("minipacs stopped")
 

@@ -224,13 +224,26 @@ class _Request:
             return {}
         if self.service is STORE:
             return {"sop_class_uid": str(request.AffectedSOPClassUID),
-                    "sop_instance_uid": str(request.AffectedSOPInstanceUID)}
+                    "sop_instance_uid": str(request.AffectedSOPInstanceUID),
+                    **getattr(self.event, NOTED, {})}
         if self.service is ECHO or self.service is COMMIT:
             return {}
-        what: dict[str, Any] = {"keys": self._keys(request)}
+        what: dict[str, Any] = {"keys": self._keys(request),
+                                "sop_class_uid": str(self.event.context.abstract_syntax)}
         if self.service is MOVE:
             what["destination"] = str(request.MoveDestination).strip()
         return what
+
+
+NOTED = "minipacs_audit"
+"""The attribute of a pynetdicom event (our own) holding what its handler noted for its
+audit line (:func:`note`)."""
+
+
+def note(event: evt.Event, **fields: Any) -> None:
+    """Add ``fields`` to the audit line of ``event``'s operation (what only the handler
+    learns, e.g. a stored instance's Study Instance UID)."""
+    setattr(event, NOTED, {**getattr(event, NOTED, {}), **fields})
 
 
 def _answer(request: _Request, body: Callable[[], Status]) -> Status:

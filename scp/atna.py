@@ -1,0 +1,351 @@
+"""The audit trail to syslog in the IHE ATNA form: ``audit.syslog``.
+
+Each line of the audit trail (:mod:`scp.audit`) that has a counterpart among the DICOM
+audit messages of PS3.15 A.5.3 is also sent, as that message's XML (the Audit Message
+Format Profile, A.5.1's schema), in an RFC 5424 syslog message: ``<85>`` (facility 10,
+security; severity 5, notice), MSGID ``DICOM+RFC3881``, the XML as MSG after a UTF-8 BOM.
+The transport is the URL's scheme: ``tls://host:6514`` (RFC 5425, the ATNA profile, A.6:
+octet-counted frames over TLS 1.2 or later, the repository's certificate checked against
+``tls.ca_certificates`` or the system's, ours from ``tls.certificate`` when set), ``tcp://``
+(octet-counted frames, RFC 6587) or ``udp://host:514`` (RFC 5426, A.7: one message per
+datagram).
+
+=====================================  ==================================================
+audit trail line                       DICOM audit message (PS3.15 A.5.3)
+=====================================  ==================================================
+``application-start``, ``-stop``       Application Activity, Application Start / Stop
+``association-rejected``               Security Alert, Node Authentication, minor failure
+``dimse`` C-STORE                      DICOM Instances Transferred (create), from the peer
+``dimse`` C-MOVE, C-GET                DICOM Instances Transferred (read), from us
+``dimse`` C-FIND                       Query
+``delete``, ``retention``              DICOM Study Deleted
+``http`` answered 401                  User Authentication, Login, minor failure
+=====================================  ==================================================
+
+Sending never holds up an operation: lines are queued (:data:`QUEUE_SIZE`, the oldest
+dropped when full, counted in the log) and a thread of the process turns them into
+messages and sends them, connecting again (after 1 s, doubling up to 30 s) when the
+repository is away; a UDP datagram may be lost, as RFC 5426 allows.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+from urllib.parse import urlsplit
+from xml.etree import ElementTree as ET
+
+logger = logging.getLogger(__name__)
+
+SCHEMES = {"tls": 6514, "tcp": 601, "udp": 514}
+"""The transports of ``audit.syslog`` and their default ports."""
+PRI = "<85>"
+"""Facility 10 (security/authorization), severity 5 (notice): PS3.15 A.6, A.7."""
+MSGID = "DICOM+RFC3881"
+QUEUE_SIZE = 10_000
+"""Lines waiting for the repository at most; beyond, the oldest are dropped."""
+RETRY_SECONDS = (1.0, 30.0)
+"""First and longest wait before connecting again."""
+COMPLAIN_EVERY = 60.0
+
+DCM = "DCM"
+
+
+def syslog_problem(url: str) -> str | None:
+    """Why ``url`` cannot be ``audit.syslog`` (``None`` when it can, or is empty)."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in SCHEMES or not parts.hostname or port == -1 or parts.path not in (
+            "", "/"):
+        return ("must be tls://HOST[:PORT], tcp://HOST[:PORT] or udp://HOST[:PORT] (the audit"
+                f" record repository), not {url!r}")
+    return None
+
+
+# -- the messages (PS3.15 A.5) ---------------------------------------------------------------
+
+
+def _code(parent: ET.Element, tag: str, code: str, meaning: str, system: str = DCM) -> None:
+    ET.SubElement(parent, tag, {"csd-code": code, "codeSystemName": system,
+                                "originalText": meaning})
+
+
+def _participant(message: ET.Element, user: str, requestor: bool, address: str = "",
+                 role: tuple[str, str] | None = None, alternative: str = "") -> None:
+    attributes = {"UserID": user or "unknown", "UserIsRequestor": "true" if requestor else
+                  "false"}
+    if alternative:
+        attributes["AlternativeUserID"] = alternative
+    if address:
+        attributes["NetworkAccessPointID"] = address
+        attributes["NetworkAccessPointTypeCode"] = "2" if _is_ip(address) else "1"
+    element = ET.SubElement(message, "ActiveParticipant", attributes)
+    if role:
+        _code(element, "RoleIDCode", *role)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+        return True
+    except OSError:
+        return False
+
+
+def _study(objects: list[ET.Element], uid: str, sop_class: str = "", instance: str = ""
+           ) -> None:
+    """A study participant object (A.5.2.3 ... the Study Instance UID as its ID)."""
+    element = ET.Element("ParticipantObjectIdentification", {
+        "ParticipantObjectID": uid, "ParticipantObjectTypeCode": "2",
+        "ParticipantObjectTypeCodeRole": "3"})
+    _code(element, "ParticipantObjectIDTypeCode", "110180", "Study Instance UID")
+    ET.SubElement(element, "ParticipantObjectName").text = uid
+    if sop_class:
+        description = ET.SubElement(element, "ParticipantObjectDescription")
+        cls = ET.SubElement(description, "SOPClass", {"UID": sop_class,
+                                                      "NumberOfInstances": "1"})
+        if instance:
+            ET.SubElement(cls, "Instance", {"UID": instance})
+    objects.append(element)
+
+
+def _patient(objects: list[ET.Element], patient_id: str) -> None:
+    element = ET.Element("ParticipantObjectIdentification", {
+        "ParticipantObjectID": patient_id, "ParticipantObjectTypeCode": "1",
+        "ParticipantObjectTypeCodeRole": "1"})
+    _code(element, "ParticipantObjectIDTypeCode", "2", "Patient Number", "RFC-3881")
+    ET.SubElement(element, "ParticipantObjectName").text = patient_id
+    objects.append(element)
+
+
+def _uids(value: Any) -> list[str]:
+    """UIDs of a query key's value or a list (a UID list is backslash-separated)."""
+    if isinstance(value, list):
+        return [str(v) for v in value if v]
+    return [v for v in str(value or "").split("\\") if v]
+
+
+def message(line: dict[str, Any], ae_title: str, host: str) -> bytes | None:
+    """The DICOM audit message (XML, UTF-8) of an audit trail ``line``; ``None`` for a line
+    without a counterpart (see the module's table)."""
+    event, status = line.get("event", ""), str(line.get("status", ""))
+    operation = line.get("operation", "")
+    failed = status not in ("0000", "") and not status.startswith(("B", "FF", "FE"))
+    me = (ae_title, False, host)
+    peer = (str(line.get("calling_ae", "")), True, str(line.get("address", "")))
+    action, outcome = "E", "4" if failed else "0"
+    objects: list[ET.Element] = []
+    participants: list[tuple[tuple[str, bool, str], tuple[str, str] | None]] = []
+    if event in ("application-start", "application-stop"):
+        event_id, type_code = ("110100", "Application Activity"), (
+            ("110120", "Application Start") if event == "application-start"
+            else ("110121", "Application Stop"))
+        participants = [(me, ("110150", "Application"))]
+        outcome = "0"
+    elif event == "association-rejected":
+        event_id, type_code = ("110113", "Security Alert"), ("110126", "Node Authentication")
+        participants = [(me, None), (peer, None)]
+        outcome = "4"
+        node = ET.Element("ParticipantObjectIdentification", {
+            "ParticipantObjectID": peer[2] or "unknown", "ParticipantObjectTypeCode": "2",
+            "ParticipantObjectTypeCodeRole": "13"})
+        _code(node, "ParticipantObjectIDTypeCode", "110182", "Node ID")
+        ET.SubElement(node, "ParticipantObjectName").text = peer[0] or "unknown"
+        if line.get("reason"):
+            ET.SubElement(node, "ParticipantObjectDetail", {
+                "type": "Alert Description",
+                "value": base64.b64encode(str(line["reason"]).encode()).decode()})
+        objects.append(node)
+    elif event == "dimse" and operation == "C-STORE":
+        event_id, type_code, action = ("110104", "DICOM Instances Transferred"), None, "C"
+        participants = [(peer, ("110153", "Source Role ID")),
+                        (me, ("110152", "Destination Role ID"))]
+        if line.get("study_instance_uid"):
+            _study(objects, str(line["study_instance_uid"]), str(line.get("sop_class_uid", "")),
+                   str(line.get("sop_instance_uid", "")))
+        if line.get("patient_id"):
+            _patient(objects, str(line["patient_id"]))
+    elif event == "dimse" and operation in ("C-MOVE", "C-GET"):
+        event_id, type_code, action = ("110104", "DICOM Instances Transferred"), None, "R"
+        destination = str(line.get("destination") or peer[0])
+        participants = [(me, ("110153", "Source Role ID")),
+                        ((destination, False, "" if operation == "C-MOVE" else peer[2]),
+                         ("110152", "Destination Role ID"))]
+        if operation == "C-MOVE":
+            participants.append((peer, None))  # who asked, when not the destination
+        keys = line.get("keys") or {}
+        for uid in _uids(keys.get("StudyInstanceUID")):
+            _study(objects, uid)
+        for patient_id in _uids(keys.get("PatientID"))[:1]:
+            _patient(objects, patient_id)
+    elif event == "dimse" and operation == "C-FIND":
+        event_id, type_code = ("110112", "Query"), None
+        participants = [(peer, None), (me, None)]
+        query = ET.Element("ParticipantObjectIdentification", {
+            "ParticipantObjectID": str(line.get("sop_class_uid") or "unknown"),
+            "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "3"})
+        _code(query, "ParticipantObjectIDTypeCode", "110181", "SOP Class UID")
+        ET.SubElement(query, "ParticipantObjectQuery").text = base64.b64encode(
+            json.dumps(line.get("keys") or {}, ensure_ascii=False).encode()).decode()
+        objects.append(query)
+    elif event in ("delete", "retention"):
+        event_id, type_code, action = ("110105", "DICOM Study Deleted"), None, "D"
+        outcome = "4" if line.get("error") or line.get("files_left") else "0"
+        deleter = (str(line.get("user", "")), True, "")
+        participants = [(deleter, None), (me, None)]
+        studies = _uids(line.get("study_instance_uid")) or _uids(
+            (line.get("selection") or {}).get("study_uids"))
+        for uid in studies:
+            _study(objects, uid)
+        if line.get("patient_id"):
+            _patient(objects, str(line["patient_id"]))
+    elif event == "http" and line.get("status") == 401:
+        event_id, type_code = ("110114", "User Authentication"), ("110122", "Login")
+        participants = [((str(line.get("user") or "unknown"), True,
+                          str(line.get("address", ""))), None), (me, None)]
+        outcome = "4"
+    else:
+        return None
+    root = ET.Element("AuditMessage")
+    identification = ET.SubElement(root, "EventIdentification", {
+        "EventActionCode": action, "EventDateTime": str(line.get("time", "")),
+        "EventOutcomeIndicator": outcome})
+    _code(identification, "EventID", *event_id)
+    if type_code:
+        _code(identification, "EventTypeCode", *type_code)
+    for (user, requestor, address), role in participants:
+        _participant(root, user, requestor, address, role,
+                     alternative=str(os.getpid()) if user == ae_title else "")
+    source = ET.SubElement(root, "AuditSourceIdentification",
+                           {"AuditSourceID": f"{ae_title}@{host}"})
+    ET.SubElement(source, "AuditSourceTypeCode", {"csd-code": "4"})  # application server
+    root.extend(objects)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=False)
+
+
+def frame(xml: bytes, host: str, when: str, octet_counted: bool) -> bytes:
+    """An RFC 5424 SYSLOG-MSG holding ``xml``, octet-counted (RFC 5425, RFC 6587) when sent
+    on a stream."""
+    header = f"{PRI}1 {when or '-'} {host or '-'} minipacs {os.getpid()} {MSGID} - "
+    text = header.encode("ascii") + b"\xef\xbb\xbf" + xml
+    return f"{len(text)} ".encode("ascii") + text if octet_counted else text
+
+
+# -- the sender ------------------------------------------------------------------------------
+
+
+class SyslogForwarder:
+    """Sends audit trail lines to an audit record repository (see the module)."""
+
+    def __init__(self, url: str, ae_title: str, certificate: str = "", private_key: str = "",
+                 ca_certificates: str = "") -> None:
+        parts = urlsplit(url)
+        self.scheme = parts.scheme
+        self.address = (parts.hostname or "", parts.port or SCHEMES[parts.scheme])
+        self.ae_title = ae_title
+        self.host = socket.gethostname()
+        self._tls = (certificate, private_key, ca_certificates)
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_SIZE)
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self._dropped = 0
+        self._complained = -COMPLAIN_EVERY
+        self._thread = threading.Thread(target=self._run, name="audit-syslog", daemon=True)
+        self._thread.start()
+
+    def put(self, line: dict[str, Any]) -> None:
+        """Queue ``line`` (never blocks: the oldest waiting line goes when full)."""
+        while True:
+            try:
+                self._queue.put_nowait(line)
+                return
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()
+                    self._dropped += 1
+                except queue.Empty:
+                    pass
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Send what is queued for up to ``timeout`` seconds, then stop."""
+        self.put({"event": "(stop)"})
+        self._thread.join(timeout)
+        self._stop.set()
+        self._thread.join(1.0)
+        self._disconnect()
+
+    def _run(self) -> None:
+        pending: bytes | None = None
+        wait = RETRY_SECONDS[0]
+        while not self._stop.is_set():
+            if pending is None:
+                line = self._queue.get()
+                if line is None or line.get("event") == "(stop)":
+                    return
+                try:
+                    xml = message(line, self.ae_title, self.host)
+                except Exception:  # noqa: BLE001 - a line we cannot render is skipped
+                    logger.exception("audit syslog: a line could not be rendered")
+                    continue
+                if xml is None:
+                    continue
+                pending = frame(xml, self.host, str(line.get("time", "")),
+                                octet_counted=self.scheme != "udp")
+            try:
+                self._send(pending)
+                pending, wait = None, RETRY_SECONDS[0]
+            except (OSError, ssl.SSLError) as exc:
+                self._disconnect()
+                self._complain(f"cannot send to {self.scheme}://{self.address[0]}:"
+                               f"{self.address[1]}: {exc}; trying again in {wait:.0f} s")
+                if self._stop.wait(wait):
+                    return
+                wait = min(wait * 2, RETRY_SECONDS[1])
+            if self._dropped:
+                self._complain(f"{self._dropped} audit line(s) dropped: the repository"
+                               " could not keep up")
+                self._dropped = 0
+
+    def _send(self, data: bytes) -> None:
+        if self.scheme == "udp":
+            with socket.socket(socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET,
+                               socket.SOCK_DGRAM) as udp:
+                udp.sendto(data, self.address)
+            return
+        if self._sock is None:
+            raw = socket.create_connection(self.address, timeout=10)
+            if self.scheme == "tls":
+                certificate, key, cas = self._tls
+                context = ssl.create_default_context(cafile=cas or None)
+                context.minimum_version = ssl.TLSVersion.TLSv1_2
+                if certificate:
+                    context.load_cert_chain(certificate, key or None)
+                raw = context.wrap_socket(raw, server_hostname=self.address[0])
+            self._sock = raw
+        self._sock.sendall(data)
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+
+    def _complain(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._complained >= COMPLAIN_EVERY:
+            self._complained = now
+            logger.error("audit syslog: %s", what)

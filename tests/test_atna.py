@@ -1,0 +1,224 @@
+"""The audit trail in the IHE ATNA form (scp/atna.py, ``audit.syslog``): a running server's
+messages received by an audit record repository over TLS (RFC 5425, with client and server
+certificates), TCP and UDP, each an RFC 5424 syslog message whose XML is validated against
+the schema of DICOM PS3.15 A.5.1 (tests/data/dicom-audit-message.rnc, the standard's RELAX
+NG Compact text, read with rnc2rng and checked with lxml)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rnc2rng
+from lxml import etree
+from pynetdicom import AE
+
+from scp.atna import message
+from scp.config import ConfigError, load_config
+from tests.conftest import Running, associate, find, reserved_port
+from tests.factory import make_ds
+from tests.test_tls import Pki, pki, tls_server  # noqa: F401 - pki is a fixture
+
+SCHEMA = Path(__file__).parent / "data" / "dicom-audit-message.rnc"
+SYSLOG = re.compile(rb"<85>1 (\S+) (\S+) minipacs (\d+) DICOM\+RFC3881 - \xef\xbb\xbf(.*)",
+                    re.DOTALL)
+TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def schema() -> etree.RelaxNG:
+    # the standard's text has "##" documentation comments where RELAX NG Compact allows
+    # none (after a pattern); as plain comments they change nothing
+    text = SCHEMA.read_text().replace("##", "#")
+    return etree.RelaxNG(etree.fromstring(rnc2rng.dumps(rnc2rng.loads(text)).encode()))
+
+
+class Repository:
+    """An audit record repository for the test: syslog over TLS or TCP (octet-counted
+    frames) or UDP (a message per datagram) on a free loopback port."""
+
+    def __init__(self, scheme: str, context: ssl.SSLContext | None = None,
+                 port: int = 0) -> None:
+        self.scheme = scheme
+        self.context = context
+        self.messages: list[bytes] = []
+        self._changed = threading.Condition()
+        kind = socket.SOCK_DGRAM if scheme == "udp" else socket.SOCK_STREAM
+        self.sock = socket.socket(socket.AF_INET, kind)
+        self.sock.bind(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
+        if scheme != "udp":
+            self.sock.listen()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def _add(self, data: bytes) -> None:
+        with self._changed:
+            self.messages.append(data)
+            self._changed.notify_all()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                if self.scheme == "udp":
+                    self._add(self.sock.recv(65536))
+                    continue
+                conn, _ = self.sock.accept()
+                if self.context is not None:
+                    conn = self.context.wrap_socket(conn, server_side=True)
+                threading.Thread(target=self._frames, args=(conn,), daemon=True).start()
+        except OSError:
+            return  # closed
+
+    def _frames(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        with conn, reader:
+            while True:
+                digits = b""
+                while (char := reader.read(1)) not in (b" ", b""):
+                    digits += char
+                if not digits:
+                    return
+                self._add(reader.read(int(digits)))
+
+    def wait_for(self, count: int) -> list[bytes]:
+        deadline = time.monotonic() + TIMEOUT
+        with self._changed:
+            while len(self.messages) < count:
+                left = deadline - time.monotonic()
+                assert left > 0, f"{len(self.messages)} of {count} messages came"
+                self._changed.wait(left)
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def repositories() -> Iterator[list[Repository]]:
+    made: list[Repository] = []
+    yield made
+    for repository in made:
+        repository.close()
+
+
+def events(messages: list[bytes], schema: etree.RelaxNG) -> list[tuple[str, str, Any]]:
+    """(EventID code, EventTypeCode code or "", the XML) of each message, each checked:
+    the syslog header of PS3.15 A.6/A.7, the XML valid against the schema."""
+    out = []
+    for data in messages:
+        match = SYSLOG.fullmatch(data)
+        assert match, data[:200]
+        xml = etree.fromstring(match.group(4))
+        assert schema.validate(xml), (schema.error_log.last_error, match.group(4))
+        event_id = xml.find("EventIdentification/EventID").get("csd-code")
+        type_code = xml.find("EventIdentification/EventTypeCode")
+        out.append((event_id, "" if type_code is None else type_code.get("csd-code"), xml))
+    return out
+
+
+def test_the_schema_refuses_what_the_standard_does(schema: etree.RelaxNG) -> None:
+    line = {"time": "2026-12-06T01:02:03.456Z", "event": "application-start"}
+    good = etree.fromstring(message(line, "MINIPACS", "pacs"))
+    assert schema.validate(good)
+    code = good.find("EventIdentification/EventID")
+    del code.attrib["originalText"]  # a coded value without its meaning
+    assert not schema.validate(good)
+
+
+def test_a_tls_repository_gets_every_operation_valid(
+        start_server: Callable[..., Running], pki: Pki, schema: etree.RelaxNG,  # noqa: F811
+        repositories: list[Repository]) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    context.verify_mode = ssl.CERT_REQUIRED  # ATNA: both sides show a certificate
+    repository = Repository("tls", context)
+    repositories.append(repository)
+    running = tls_server(start_server, pki, peers=[{"ae_title": "PYTEST"}],
+                         **{"security.allow_unknown_peers": False,
+                            "audit.syslog": repository.url})
+    stored = [make_ds(), make_ds()]
+    assoc = associate(running)
+    try:
+        for ds in stored:
+            assert assoc.send_c_store(ds).Status == 0
+    finally:
+        assoc.release()
+    find(running, QueryRetrieveLevel="STUDY", PatientID="PID1")
+    stranger = AE(ae_title="STRANGER")
+    stranger.add_requested_context("1.2.840.10008.1.1")
+    assert stranger.associate("127.0.0.1", running.port, ae_title="MINIPACS").is_rejected
+    running.server.stop()  # application stop; the queue sent before the server is gone
+
+    got = events(repository.wait_for(6), schema)
+    assert [(e, t) for e, t, _ in got] == [
+        ("110100", "110120"),  # Application Activity: start
+        ("110104", ""), ("110104", ""),  # DICOM Instances Transferred
+        ("110112", ""),  # Query
+        ("110113", "110126"),  # Security Alert: Node Authentication
+        ("110100", "110121"),  # Application Activity: stop
+    ]
+    for (_, _, xml), ds in zip(got[1:3], stored, strict=True):
+        assert xml.find("EventIdentification").get("EventActionCode") == "C"
+        source, destination = xml.findall("ActiveParticipant")
+        assert (source.get("UserID"), source.get("UserIsRequestor")) == ("PYTEST", "true")
+        assert source.find("RoleIDCode").get("csd-code") == "110153"
+        assert destination.get("UserID") == "MINIPACS"
+        study = xml.find("ParticipantObjectIdentification")
+        assert study.get("ParticipantObjectID") == ds.StudyInstanceUID
+        assert study.find("ParticipantObjectDescription/SOPClass/Instance").get(
+            "UID") == ds.SOPInstanceUID
+    query = got[3][2].find("ParticipantObjectIdentification")
+    assert query.get("ParticipantObjectID") == "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root
+    alert = got[4][2]
+    assert alert.find("EventIdentification").get("EventOutcomeIndicator") == "4"
+    assert [p.get("UserID") for p in alert.findall("ActiveParticipant")] == [
+        "MINIPACS", "STRANGER"]
+
+
+def test_a_repository_that_comes_late_gets_what_waited(
+        start_server: Callable[..., Running], schema: etree.RelaxNG,
+        repositories: list[Repository]) -> None:
+    with reserved_port() as port:
+        pass  # nothing listens there yet
+    running = start_server(**{"audit.syslog": f"tcp://127.0.0.1:{port}"})
+    assoc = associate(running)
+    try:
+        assert assoc.send_c_store(make_ds()).Status == 0
+    finally:
+        assoc.release()
+    repository = Repository("tcp", port=port)  # up now: the sender connects again
+    repositories.append(repository)
+    got = events(repository.wait_for(2), schema)
+    assert [(e, t) for e, t, _ in got] == [("110100", "110120"), ("110104", "")]
+
+
+def test_udp_sends_a_message_per_datagram(
+        start_server: Callable[..., Running], schema: etree.RelaxNG,
+        repositories: list[Repository]) -> None:
+    repository = Repository("udp")
+    repositories.append(repository)
+    running = start_server(**{"audit.syslog": repository.url})
+    running.server.stop()
+    got = events(repository.wait_for(2), schema)
+    assert [(e, t) for e, t, _ in got] == [("110100", "110120"), ("110100", "110121")]
+
+
+def test_bad_syslog_urls_are_said_at_load(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("audit:\n  syslog: syslog://somewhere\n")
+    with pytest.raises(ConfigError, match=r"audit.syslog: must be tls://HOST\[:PORT\]"):
+        load_config(config)
+    for good in ("tls://repo.example", "udp://10.0.0.1:514", "tcp://[::1]:601", ""):
+        config.write_text(f"audit:\n  syslog: '{good}'\n")
+        assert load_config(config).audit.syslog == good
