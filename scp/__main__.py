@@ -344,7 +344,11 @@ def delete(config: Config, args: argparse.Namespace) -> int:
         done = archive.delete(selection, only=plan.file_keys)  # nothing stored since
         audit = open_audit(config)
         audit.record("delete", user=_os_user(), via="minipacs delete",
-                     selection=_described(selection), instances=done.instances,
+                     selection=_described(selection),
+                     study_uids=[part.study_instance_uid for part in plan.studies_selected],
+                     patient_ids=sorted({part.patient_id for part in plan.studies_selected
+                                         if part.patient_id}),
+                     instances=done.instances,
                      series=done.series, studies=done.studies, patients=done.patients,
                      files_left=len(done.files_left) or None)
         audit.close()

@@ -19,8 +19,12 @@ audit trail line                       DICOM audit message (PS3.15 A.5.3)
 ``dimse`` C-MOVE, C-GET                DICOM Instances Transferred (read), from us
 ``dimse`` C-FIND                       Query
 ``delete``, ``retention``              DICOM Study Deleted
-``http`` answered 401                  User Authentication, Login, minor failure
 =====================================  ==================================================
+
+A rejection pynetdicom makes itself (too many associations) is no security event: only
+minipacs's access refusals (with their ``reason``) are sent. A message names at most
+:data:`MAX_OBJECTS` studies and patients. A C-FIND's Query object holds the query's keys
+as JSON (base64), not the identifier's bytes.
 
 Sending never holds up an operation: lines are queued (:data:`QUEUE_SIZE`, the oldest
 dropped when full, counted in the log) and a thread of the process turns them into
@@ -36,6 +40,7 @@ import json
 import logging
 import os
 import queue
+import select
 import socket
 import ssl
 import threading
@@ -56,6 +61,12 @@ QUEUE_SIZE = 10_000
 RETRY_SECONDS = (1.0, 30.0)
 """First and longest wait before connecting again."""
 COMPLAIN_EVERY = 60.0
+MAX_OBJECTS = 50
+"""Studies (and patients) one message names at most: it must fit a UDP datagram."""
+CONNECT_SECONDS = 3.0
+"""TCP connection and TLS handshake timeout: below :data:`CLOSE_SECONDS`, so that a
+command's last lines are tried before it exits."""
+CLOSE_SECONDS = 5.0
 
 DCM = "DCM"
 
@@ -69,10 +80,16 @@ def syslog_problem(url: str) -> str | None:
         port = parts.port
     except ValueError:
         port = -1
-    if parts.scheme not in SCHEMES or not parts.hostname or port == -1 or parts.path not in (
-            "", "/"):
-        return ("must be tls://HOST[:PORT], tcp://HOST[:PORT] or udp://HOST[:PORT] (the audit"
-                f" record repository), not {url!r}")
+    usage = ("must be tls://HOST[:PORT], tcp://HOST[:PORT] or udp://HOST[:PORT] (the audit"
+             f" record repository), not {url!r}")
+    if (parts.scheme not in SCHEMES or not parts.hostname or port == -1 or port == 0
+            or parts.path not in ("", "/") or parts.query or parts.fragment
+            or parts.username or parts.password):
+        return usage
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        return usage
     return None
 
 
@@ -144,7 +161,8 @@ def message(line: dict[str, Any], ae_title: str, host: str) -> bytes | None:
     without a counterpart (see the module's table)."""
     event, status = line.get("event", ""), str(line.get("status", ""))
     operation = line.get("operation", "")
-    failed = status not in ("0000", "") and not status.startswith(("B", "FF", "FE"))
+    failed = (status not in ("0000", "") and not status.startswith(("B", "FF", "FE"))
+              or bool(line.get("failed")))  # a retrieve some of whose instances failed
     me = (ae_title, False, host)
     peer = (str(line.get("calling_ae", "")), True, str(line.get("address", "")))
     action, outcome = "E", "4" if failed else "0"
@@ -156,7 +174,7 @@ def message(line: dict[str, Any], ae_title: str, host: str) -> bytes | None:
             else ("110121", "Application Stop"))
         participants = [(me, ("110150", "Application"))]
         outcome = "0"
-    elif event == "association-rejected":
+    elif event == "association-rejected" and line.get("reason"):  # minipacs's access refusal
         event_id, type_code = ("110113", "Security Alert"), ("110126", "Node Authentication")
         participants = [(me, None), (peer, None)]
         outcome = "4"
@@ -182,19 +200,21 @@ def message(line: dict[str, Any], ae_title: str, host: str) -> bytes | None:
     elif event == "dimse" and operation in ("C-MOVE", "C-GET"):
         event_id, type_code, action = ("110104", "DICOM Instances Transferred"), None, "R"
         destination = str(line.get("destination") or peer[0])
+        asked = operation == "C-GET" or destination == peer[0]  # the destination asked
         participants = [(me, ("110153", "Source Role ID")),
-                        ((destination, False, "" if operation == "C-MOVE" else peer[2]),
+                        ((destination, asked, peer[2] if operation == "C-GET" else ""),
                          ("110152", "Destination Role ID"))]
-        if operation == "C-MOVE":
+        if not asked:
             participants.append((peer, None))  # who asked, when not the destination
         keys = line.get("keys") or {}
-        for uid in _uids(keys.get("StudyInstanceUID")):
+        for uid in _uids(keys.get("StudyInstanceUID"))[:MAX_OBJECTS]:
             _study(objects, uid)
         for patient_id in _uids(keys.get("PatientID"))[:1]:
             _patient(objects, patient_id)
     elif event == "dimse" and operation == "C-FIND":
         event_id, type_code = ("110112", "Query"), None
-        participants = [(peer, None), (me, None)]
+        participants = [(peer, ("110153", "Source Role ID")),
+                        (me, ("110152", "Destination Role ID"))]
         query = ET.Element("ParticipantObjectIdentification", {
             "ParticipantObjectID": str(line.get("sop_class_uid") or "unknown"),
             "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "3"})
@@ -207,17 +227,12 @@ def message(line: dict[str, Any], ae_title: str, host: str) -> bytes | None:
         outcome = "4" if line.get("error") or line.get("files_left") else "0"
         deleter = (str(line.get("user", "")), True, "")
         participants = [(deleter, None), (me, None)]
-        studies = _uids(line.get("study_instance_uid")) or _uids(
-            (line.get("selection") or {}).get("study_uids"))
-        for uid in studies:
+        studies = _uids(line.get("study_instance_uid")) or _uids(line.get("study_uids"))
+        for uid in studies[:MAX_OBJECTS]:
             _study(objects, uid)
-        if line.get("patient_id"):
-            _patient(objects, str(line["patient_id"]))
-    elif event == "http" and line.get("status") == 401:
-        event_id, type_code = ("110114", "User Authentication"), ("110122", "Login")
-        participants = [((str(line.get("user") or "unknown"), True,
-                          str(line.get("address", ""))), None), (me, None)]
-        outcome = "4"
+        for patient_id in (_uids(line.get("patient_id")) or _uids(line.get("patient_ids")))[
+                :MAX_OBJECTS]:
+            _patient(objects, patient_id)
     else:
         return None
     root = ET.Element("AuditMessage")
@@ -263,7 +278,7 @@ class SyslogForwarder:
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._dropped = 0
-        self._complained = -COMPLAIN_EVERY
+        self._complained = self._drops_said = -COMPLAIN_EVERY
         self._thread = threading.Thread(target=self._run, name="audit-syslog", daemon=True)
         self._thread.start()
 
@@ -280,13 +295,24 @@ class SyslogForwarder:
                 except queue.Empty:
                     pass
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Send what is queued for up to ``timeout`` seconds, then stop."""
+    def close(self, timeout: float = CLOSE_SECONDS) -> None:
+        """Send what is queued for up to ``timeout`` seconds, then stop; lines left unsent
+        are logged."""
         self.put({"event": "(stop)"})
         self._thread.join(timeout)
         self._stop.set()
-        self._thread.join(1.0)
-        self._disconnect()
+        if self._thread.is_alive():
+            left = self._queue.qsize()
+            logger.error("audit syslog: %d audit line(s) not sent to %s://%s:%d (the"
+                         " repository did not take them in %.0f s)", left, self.scheme,
+                         self.address[0], self.address[1], timeout)
+            sock = self._sock
+            if sock is not None:  # wakes the sender; it closes the socket itself
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._thread.join(1.0)
+        elif self._dropped:
+            self._report_drops(force=True)
 
     def _run(self) -> None:
         pending: bytes | None = None
@@ -308,17 +334,36 @@ class SyslogForwarder:
             try:
                 self._send(pending)
                 pending, wait = None, RETRY_SECONDS[0]
-            except (OSError, ssl.SSLError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the thread must live on
                 self._disconnect()
+                if self.scheme == "udp" or not isinstance(exc, OSError):
+                    # a datagram is sent or not (RFC 5426); a name that cannot be encoded
+                    # never will be: this message goes, the next ones are tried
+                    self._complain(f"a message to {self.scheme}://{self.address[0]}:"
+                                   f"{self.address[1]} is lost: {exc}")
+                    pending = None
+                    if not isinstance(exc, OSError) and self._stop.wait(wait):
+                        self._disconnect()
+                        return
+                    continue
                 self._complain(f"cannot send to {self.scheme}://{self.address[0]}:"
                                f"{self.address[1]}: {exc}; trying again in {wait:.0f} s")
                 if self._stop.wait(wait):
                     return
                 wait = min(wait * 2, RETRY_SECONDS[1])
             if self._dropped:
-                self._complain(f"{self._dropped} audit line(s) dropped: the repository"
-                               " could not keep up")
-                self._dropped = 0
+                self._report_drops()
+        self._disconnect()
+
+    def _report_drops(self, force: bool = False) -> None:
+        """Log the lines dropped from the full queue (once a minute at most), then count
+        anew."""
+        now = time.monotonic()
+        if force or now - self._drops_said >= COMPLAIN_EVERY:
+            self._drops_said = now
+            logger.error("audit syslog: %d audit line(s) dropped: the repository could not"
+                         " keep up", self._dropped)
+            self._dropped = 0
 
     def _send(self, data: bytes) -> None:
         if self.scheme == "udp":
@@ -326,8 +371,10 @@ class SyslogForwarder:
                                socket.SOCK_DGRAM) as udp:
                 udp.sendto(data, self.address)
             return
+        if self._sock is not None and select.select([self._sock], [], [], 0)[0]:
+            self._disconnect()  # the repository sends nothing: readable means it closed
         if self._sock is None:
-            raw = socket.create_connection(self.address, timeout=10)
+            raw = socket.create_connection(self.address, timeout=CONNECT_SECONDS)
             if self.scheme == "tls":
                 certificate, key, cas = self._tls
                 context = ssl.create_default_context(cafile=cas or None)

@@ -593,6 +593,9 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
         why = syslog_problem(values.get("syslog", ""))
         if why:
             problems.append(f"audit.syslog: {why}")
+        elif values.get("syslog") and values.get("enabled") is False:
+            problems.append("audit.syslog: needs audit.enabled (the lines it sends are the"
+                            " audit trail's)")
     if section == "query" and values.get("max_results", 0) < 0:
         problems.append("query.max_results: must not be negative (0 = no limit)")
     if section == "query" and "response_charset" in values:

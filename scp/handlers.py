@@ -97,8 +97,9 @@ def handle_store(event: evt.Event, archive: Archive, activity: Activity,
         sop_instance_uid=str(req.AffectedSOPInstanceUID),
         origin=Origin(event.assoc.requestor.ae_title, event.assoc.requestor.address),
     )
-    if outcome.study_instance_uid:
-        note(event, study_instance_uid=outcome.study_instance_uid)
+    if outcome.study_instance_uid:  # for the audit trail (and its ATNA messages)
+        note(event, study_instance_uid=outcome.study_instance_uid,
+             patient_id=outcome.patient_id or None)
     return status.store_status(outcome)
 
 

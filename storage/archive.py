@@ -99,6 +99,7 @@ class StoreOutcome:
     sop_class_uid: str = ""
     study_instance_uid: str = ""
     series_instance_uid: str = ""
+    patient_id: str = ""
 
     @property
     def warning_code(self) -> WarningCode | None:
@@ -329,7 +330,8 @@ class Archive:
         digest = content_hash(transfer_syntax_uid, data)
         uid = parsed.sop_instance_uid
         uids = {"sop_class_uid": parsed.sop_class_uid, "study_instance_uid": study,
-                "series_instance_uid": parsed.record.series["series_instance_uid"]}
+                "series_instance_uid": parsed.record.series["series_instance_uid"],
+                "patient_id": parsed.record.patient["patient_id"]}
 
         with self._in_flight_lock:  # stores of one UID are indexed in the order submitted
             queued_before = self._in_flight[uid] > 0

@@ -22,7 +22,7 @@ from pynetdicom import AE
 
 from scp.atna import message
 from scp.config import ConfigError, load_config
-from tests.conftest import Running, associate, find, reserved_port
+from tests.conftest import Running, associate, find
 from tests.factory import make_ds
 from tests.test_tls import Pki, pki, tls_server  # noqa: F401 - pki is a fixture
 
@@ -45,16 +45,24 @@ class Repository:
     frames) or UDP (a message per datagram) on a free loopback port."""
 
     def __init__(self, scheme: str, context: ssl.SSLContext | None = None,
-                 port: int = 0) -> None:
+                 up: bool = True, hang_up: bool = False) -> None:
         self.scheme = scheme
         self.context = context
+        self.hang_up = hang_up  # close each connection after its first message
+        self.hung_up = threading.Event()
         self.messages: list[bytes] = []
         self._changed = threading.Condition()
         kind = socket.SOCK_DGRAM if scheme == "udp" else socket.SOCK_STREAM
         self.sock = socket.socket(socket.AF_INET, kind)
-        self.sock.bind(("127.0.0.1", port))
+        self.sock.bind(("127.0.0.1", 0))  # the port is ours from now on
         self.port = self.sock.getsockname()[1]
-        if scheme != "udp":
+        if up:
+            self.up()
+
+    def up(self) -> None:
+        """Take connections (until then a connection is refused: the port is bound, not
+        listening)."""
+        if self.scheme != "udp":
             self.sock.listen()
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -90,6 +98,10 @@ class Repository:
                 if not digits:
                     return
                 self._add(reader.read(int(digits)))
+                if self.hang_up:
+                    conn.close()
+                    self.hung_up.set()
+                    return
 
     def wait_for(self, count: int) -> list[bytes]:
         deadline = time.monotonic() + TIMEOUT
@@ -189,16 +201,15 @@ def test_a_tls_repository_gets_every_operation_valid(
 def test_a_repository_that_comes_late_gets_what_waited(
         start_server: Callable[..., Running], schema: etree.RelaxNG,
         repositories: list[Repository]) -> None:
-    with reserved_port() as port:
-        pass  # nothing listens there yet
-    running = start_server(**{"audit.syslog": f"tcp://127.0.0.1:{port}"})
+    repository = Repository("tcp", up=False)  # its port bound, refusing connections
+    repositories.append(repository)
+    running = start_server(**{"audit.syslog": repository.url})
     assoc = associate(running)
     try:
         assert assoc.send_c_store(make_ds()).Status == 0
     finally:
         assoc.release()
-    repository = Repository("tcp", port=port)  # up now: the sender connects again
-    repositories.append(repository)
+    repository.up()  # the sender connects again
     got = events(repository.wait_for(2), schema)
     assert [(e, t) for e, t, _ in got] == [("110100", "110120"), ("110104", "")]
 
@@ -222,3 +233,91 @@ def test_bad_syslog_urls_are_said_at_load(tmp_path: Path) -> None:
     for good in ("tls://repo.example", "udp://10.0.0.1:514", "tcp://[::1]:601", ""):
         config.write_text(f"audit:\n  syslog: '{good}'\n")
         assert load_config(config).audit.syslog == good
+    for bad in ("tcp://a..b:601", "udp://host:0", "tls://user@host", "tcp://host/x?y"):
+        config.write_text(f"audit:\n  syslog: '{bad}'\n")
+        with pytest.raises(ConfigError, match="audit.syslog: must be"):
+            load_config(config)
+    config.write_text("audit:\n  enabled: false\n  syslog: udp://repo\n")
+    with pytest.raises(ConfigError, match="audit.syslog: needs audit.enabled"):
+        load_config(config)
+
+
+TIME = "2026-12-06T01:02:03.456Z"
+
+
+def test_the_messages_name_what_the_standard_asks(schema: etree.RelaxNG) -> None:
+    def xml(line: dict[str, Any]) -> Any:
+        data = message({"time": TIME, **line}, "MINIPACS", "pacs")
+        assert data is not None, line
+        parsed = etree.fromstring(data)
+        assert schema.validate(parsed), schema.error_log.last_error
+        return parsed
+
+    deleted = xml({"event": "delete", "user": "root", "study_uids": ["1.2", "1.3"],
+                   "patient_ids": ["P1"], "studies": 2, "patients": 1})
+    assert [o.get("ParticipantObjectID") for o in deleted.findall(
+        "ParticipantObjectIdentification")] == ["1.2", "1.3", "P1"]
+    get = xml({"event": "dimse", "operation": "C-GET", "status": "B000", "failed": 2,
+               "calling_ae": "WS", "address": "10.0.0.9",
+               "keys": {"StudyInstanceUID": "1.2"}})
+    assert get.find("EventIdentification").get("EventOutcomeIndicator") == "4"
+    assert [(p.get("UserID"), p.get("UserIsRequestor")) for p in get.findall(
+        "ActiveParticipant")] == [("MINIPACS", "false"), ("WS", "true")]
+    move = xml({"event": "dimse", "operation": "C-MOVE", "status": "0000",
+                "calling_ae": "WS", "address": "10.0.0.9", "destination": "WS", "keys": {}})
+    assert [p.get("UserID") for p in move.findall("ActiveParticipant")] == ["MINIPACS", "WS"]
+    query = xml({"event": "dimse", "operation": "C-FIND", "status": "0000",
+                 "calling_ae": "WS", "address": "10.0.0.9", "keys": {"PatientID": "P"},
+                 "sop_class_uid": "1.2.840.10008.5.1.4.1.2.2.1"})
+    assert [p.find("RoleIDCode").get("csd-code") for p in query.findall(
+        "ActiveParticipant")] == ["110153", "110152"]
+    # pynetdicom's own rejection (too many associations) is not a security event
+    assert message({"time": TIME, "event": "association-rejected", "calling_ae": "X"},
+                   "MINIPACS", "pacs") is None
+
+
+def test_a_message_that_cannot_go_is_dropped_and_the_next_go(
+        repositories: list[Repository], caplog: pytest.LogCaptureFixture) -> None:
+    from scp.atna import SyslogForwarder
+
+    repository = Repository("udp")
+    repositories.append(repository)
+    forwarder = SyslogForwarder(repository.url, "MINIPACS")
+    too_big = {"time": TIME, "event": "association-rejected", "calling_ae": "X",
+               "address": "127.0.0.1", "reason": "x" * 70_000}  # beyond a datagram
+    forwarder.put(too_big)
+    forwarder.put({"time": TIME, "event": "application-stop"})
+    assert len(repository.wait_for(1)) == 1
+    forwarder.close()
+    assert "is lost" in caplog.text
+
+
+def test_a_name_that_cannot_be_encoded_leaves_the_sender_alive(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from scp.atna import SyslogForwarder, syslog_problem
+
+    assert syslog_problem("tcp://a..b:601") is not None  # refused at load
+    forwarder = SyslogForwarder("tcp://a..b:601", "MINIPACS")  # had it got through
+    forwarder.put({"time": TIME, "event": "application-start"})
+    deadline = time.monotonic() + TIMEOUT
+    while "is lost" not in caplog.text:
+        assert time.monotonic() < deadline, caplog.text
+        time.sleep(0.05)
+    assert forwarder._thread.is_alive()
+    forwarder.close(timeout=1)
+
+
+def test_a_connection_the_repository_closed_is_noticed_before_the_next_message(
+        repositories: list[Repository], schema: etree.RelaxNG) -> None:
+    from scp.atna import SyslogForwarder
+
+    repository = Repository("tcp", hang_up=True)
+    repositories.append(repository)
+    forwarder = SyslogForwarder(repository.url, "MINIPACS")
+    forwarder.put({"time": TIME, "event": "application-start"})
+    repository.wait_for(1)
+    assert repository.hung_up.wait(TIMEOUT)
+    forwarder.put({"time": TIME, "event": "application-stop"})
+    got = events(repository.wait_for(2), schema)
+    assert [t for _, t, _ in got] == ["110120", "110121"]
+    forwarder.close()
