@@ -315,6 +315,12 @@ class SyslogForwarder:
             self._report_drops(force=True)
 
     def _run(self) -> None:
+        try:
+            self._work()
+        finally:
+            self._disconnect()  # the sender's own socket, closed by its own thread
+
+    def _work(self) -> None:
         pending: bytes | None = None
         wait = RETRY_SECONDS[0]
         while not self._stop.is_set():
@@ -343,7 +349,6 @@ class SyslogForwarder:
                                    f"{self.address[1]} is lost: {exc}")
                     pending = None
                     if not isinstance(exc, OSError) and self._stop.wait(wait):
-                        self._disconnect()
                         return
                     continue
                 self._complain(f"cannot send to {self.scheme}://{self.address[0]}:"
@@ -353,7 +358,6 @@ class SyslogForwarder:
                 wait = min(wait * 2, RETRY_SECONDS[1])
             if self._dropped:
                 self._report_drops()
-        self._disconnect()
 
     def _report_drops(self, force: bool = False) -> None:
         """Log the lines dropped from the full queue (once a minute at most), then count

@@ -99,9 +99,9 @@ class Repository:
                     return
                 self._add(reader.read(int(digits)))
                 if self.hang_up:
-                    conn.close()
-                    self.hung_up.set()
-                    return
+                    break
+        if self.hang_up:  # closed now (the file object held the socket open until here)
+            self.hung_up.set()
 
     def wait_for(self, count: int) -> list[bytes]:
         deadline = time.monotonic() + TIMEOUT
