@@ -28,12 +28,13 @@ from web import WebListenError, WebServer
 from web.auth import ACCOUNT_RIGHTS, hash_password, hash_token, name_problem, new_token
 
 from . import conformance, engine
-from .admin import PageOperations, send_to, sent_summary
+from .admin import PageOperations, sent_summary
 from .audit import Audit, open_audit
 from .config import Config, ConfigError, load_config
 from .logs import setup_logging
 from .peers import doctor
 from .retention import PassRunning, run_pass
+from .retrieve import send_to
 from .server import ListenError, Server
 from .workers import serve_workers
 

@@ -6,31 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from storage import Archive, Selection, StoredInstance
+from storage import Archive, Selection
 from web import Done, Peer
 
 from . import peers
 from .config import Config, PeerConfig
-from .retrieve import Final, MoveDestination, run_send
+from .retrieve import Final, send_to
 
 AUDIT_TAIL_BYTES = 1024 * 1024
 """How much of each audit file's end is read for its last lines (a ``route`` line names up
 to 100 instances: about 7 KB)."""
-
-
-def send_to(config: Config, archive: Archive, peer: PeerConfig, items: list[StoredInstance],
-            progress: Callable[[int, int], None] | None = None, service: str = "send"
-            ) -> Final:
-    """``items`` sent to ``peer`` by C-STORE, as a C-MOVE sends them (``minipacs send``,
-    the page's send button)."""
-    ae = config.ae
-    return run_send(archive, items, MoveDestination(
-        peer, ae.title, ae.max_pdu_size, ae.acse_timeout, ae.dimse_timeout, service=service),
-        progress)
 
 
 def sent_summary(final: Final, total: int, peer: PeerConfig) -> str:

@@ -38,7 +38,7 @@ from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CL
 from storage import Archive, CannotConvert, InstanceUnavailable, NotAsWritten, StoredInstance
 
 from . import metrics, status
-from .config import PeerConfig
+from .config import Config, PeerConfig
 from .engine import dimse
 from .engine import retrieve as engine_retrieve
 from .engine.reactor import leased
@@ -425,6 +425,17 @@ def run_send(archive: Archive, items: list[StoredInstance], destination: MoveDes
     if progress is not None:
         progress(total, total)
     return final
+
+
+def send_to(config: Config, archive: Archive, peer: PeerConfig, items: list[StoredInstance],
+            progress: Callable[[int, int], None] | None = None, service: str = "send",
+            cancelled: Callable[[], bool] = lambda: False) -> Final:
+    """``items`` sent to ``peer`` by C-STORE over an association calling it as ``config``'s
+    AE (:func:`run_send`): ``minipacs send``, the page's send button, routing."""
+    ae = config.ae
+    return run_send(archive, items, MoveDestination(
+        peer, ae.title, ae.max_pdu_size, ae.acse_timeout, ae.dimse_timeout, service=service),
+        progress, cancelled)
 
 
 class Requestor:

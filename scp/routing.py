@@ -29,7 +29,7 @@ from storage import Archive, OutboxEntry, Selection, lease_owner
 from . import metrics
 from .audit import Audit
 from .config import Config, PeerConfig, RoutingConfig
-from .retrieve import MoveDestination, run_send
+from .retrieve import send_to
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,6 @@ class Router:
             outbox.sent(gone, owner)
         if not items:
             return True
-        cfg = self.config.ae
         renewed = time.monotonic()
 
         def keep_lease(done: int, total: int) -> None:  # a long batch keeps its lease
@@ -221,9 +220,8 @@ class Router:
                 renewed = time.monotonic()
                 outbox.renew(entries, owner, LEASE_SECONDS)
 
-        final = run_send(self.archive, items, MoveDestination(
-            peer, cfg.title, cfg.max_pdu_size, cfg.acse_timeout, cfg.dimse_timeout,
-            service="routing"), keep_lease, cancelled=self._stop.is_set)
+        final = send_to(self.config, self.archive, peer, items, keep_lease, service="routing",
+                        cancelled=self._stop.is_set)
         unopened = final.failed == len(items) and not final.failed_uids
         failed = {i.sop_instance_uid for i in items} if unopened else set(final.failed_uids)
         # stopped early: the instances not tried are the last ``remaining``; they stay

@@ -388,13 +388,13 @@ class Outbox:
     def entries(self, peer: str | None = None, failed: bool | None = None,
                 limit: int = 1000, kind: str = ROUTE) -> list[Entry]:
         """Outbox rows of ``kind``, oldest queued first."""
-        query = OutboxItem.select().where(OutboxItem.kind == kind)
+        query = OutboxItem.select(*ENTRY_COLUMNS).where(OutboxItem.kind == kind)
         if peer is not None:
             query = query.where(OutboxItem.peer == peer)
         if failed is not None:
             query = query.where(OutboxItem.failed == failed)
-        return [_entry(r) for r in query.order_by(OutboxItem.queued_at, OutboxItem.id)
-                .limit(limit)]
+        rows: Any = query.order_by(OutboxItem.queued_at, OutboxItem.id).limit(limit).tuples()
+        return [_entry_of(row) for row in rows]
 
     def retry(self, peer: str | None = None, ids: Sequence[int] = (),
               failed_only: bool = True, kind: str = ROUTE) -> int:
@@ -497,12 +497,6 @@ def _entry_of(row: tuple[Any, ...]) -> Entry:
     values = list(row)
     values[8] = bool(values[8])
     return Entry(*values)
-
-
-def _entry(row: OutboxItem) -> Entry:
-    return Entry(row.id, row.peer, row.route, row.sop_instance_uid, row.study_instance_uid,
-                 row.queued_at, row.due_at, row.attempts, bool(row.failed), row.last_error,
-                 row.generation, row.kind, row.payload)
 
 
 def _now() -> datetime.datetime:
