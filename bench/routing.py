@@ -24,7 +24,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,6 +80,64 @@ def received(peer: Peer, offset: int) -> int:
     return peer.received_since(offset)
 
 
+def warm(server: bench.Minipacs) -> None:
+    """Read every stored file once: the drain would otherwise open them cold (written long
+    before, their inodes and pages maybe evicted) and the C-MOVE after it warm."""
+    for path in (server.data_dir / "files").rglob("*"):
+        if path.is_file():
+            path.read_bytes()
+
+
+def _machine() -> tuple[float, float]:
+    """Busy and total CPU seconds of the whole machine so far (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = values[3] + values[4]  # idle, iowait
+    return (sum(values) - idle) / tick, sum(values) / tick
+
+
+class Usage:
+    """CPU used from its making to :meth:`report`: the server's, and the machine's."""
+
+    def __init__(self, server: bench.Minipacs) -> None:
+        assert server.proc is not None
+        self.pid = server.proc.pid
+        self.server = sum(_cpu_seconds(self.pid))
+        self.busy, self.total = _machine()
+        self.wall = time.perf_counter()
+
+    def report(self, instances: int) -> str:
+        server = sum(_cpu_seconds(self.pid)) - self.server
+        busy, total = _machine()
+        wall = time.perf_counter() - self.wall
+        cores = (total - self.total) / wall
+        return (f"server CPU {1e6 * server / instances:.0f} us per instance; machine"
+                f" {(busy - self.busy) / wall:.2f} of {cores:.0f} cores busy")
+
+
+def profiler(server: bench.Minipacs, folder: Path | None,
+             name: str) -> subprocess.Popen[bytes] | None:
+    """``py-spy record`` of ``server`` (every thread, without pausing it) into
+    ``folder/name.txt``; ``None`` without ``--profile``. py-spy is not a dependency:
+    ``.venv/bin/pip install py-spy``."""
+    if folder is None:
+        return None
+    assert server.proc is not None
+    folder.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-p",
+                            str(server.proc.pid), "--threads", "--nonblocking", "--rate",
+                            "200", "--format", "raw", "-o", str(folder / f"{name}.txt")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches (no server to poll: it has no ready signal)
+    return spy
+
+
+def stop_profiler(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+        spy.wait(timeout=60)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=2000)
@@ -85,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="how many of the three peers get a route")
     parser.add_argument("--backlog", type=int, default=0,
                         help="instances stored while the peers are down (default: --count)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="a folder: py-spy profiles of the server while the backlog"
+                        " drains (drain.txt) and during its C-MOVE (move.txt), raw format")
     args = parser.parse_args(argv)
     args.backlog = args.backlog or args.count
     bench.WORK_ROOT.mkdir(exist_ok=True)
@@ -137,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                                          args.size, patients=4, studies_per_patient=2,
                                          series_per_study=2, seed=9)
                 bench.send(server, backlog, 1, logs, "backlog")
+                warm(server)  # both rates below read files as warm as each other
+                spy = profiler(server, args.profile, "drain")
+                usage = Usage(server)
                 start = time.perf_counter()  # their start-up counts against the drain
                 for peer in peers:  # each a new log: what the sender sends from now on
                     peer.start()
@@ -158,7 +225,13 @@ def main(argv: list[str] | None = None) -> int:
                                   flush=True)
                             del pending[aet]
                     time.sleep(0.02)
+                print(f"while it drained: {usage.report(args.backlog)}", flush=True)
+                stop_profiler(spy)
+                spy = profiler(server, args.profile, "move")
+                usage = Usage(server)
                 move = bench.retrieve(server, backlog, "C-MOVE", move_to, logs)
+                print(f"during the C-MOVE: {usage.report(args.backlog)}", flush=True)
+                stop_profiler(spy)
                 print(f"C-MOVE of the backlog's {args.backlog} instances: {move.rate:.0f} inst/s"
                       + (f" PROBLEMS {move.problems}" if move.problems else ""), flush=True)
             if not routes:

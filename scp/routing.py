@@ -13,7 +13,9 @@ others off: ``routing.retry_seconds`` after the first failure, doubling up to
 sender also waits that long before it tries the peer again. An instance deleted since it
 was queued is dropped from the outbox. Each batch is a log line, and an audit line per 100
 instances. A batch keeps its lease while it goes (renewed every minute); a sender that stops
-lets go of the items it had not tried.
+lets go of the items it had not tried. While a backlog lasts (a full claim), the next batch
+is claimed on a helper thread while the current one goes; what a batch sent is recorded
+before the next one starts, so a sender killed mid-batch sends at most that batch again.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
-from storage import Archive, OutboxEntry, Selection, lease_owner
+from storage import Archive, OutboxEntry, StoredInstance, lease_owner
 
 from . import metrics
 from .audit import Audit
 from .config import Config, PeerConfig, RoutingConfig
-from .retrieve import send_to
+from .retrieve import Final, send_to
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +50,6 @@ RENEW_SECONDS = 60.0
 """While a batch goes, its lease is renewed (to :data:`LEASE_SECONDS` from then) when this
 long has passed since the last renewal: a batch slower than its claim foresaw (large
 instances after small ones) keeps other senders off."""
-CHUNK = 500
-"""Instance UIDs per index read of a batch (an old SQLite takes 999 variables at most)."""
 AUDIT_INSTANCES = 100
 """SOP Instance UIDs per ``route`` audit line: a batch of 2,500 is 25 lines."""
 GROW_SECONDS = 30.0
@@ -153,40 +156,63 @@ class Router:
         self._threads.clear()
 
     def _run(self, peer: PeerConfig) -> None:
+        # during a backlog the next claim (with its instances' rows) is made on a helper
+        # thread while this one sends: it waits for the peer's responses about half its
+        # time (bench/README.md, "The backlog, like for like")
+        with ThreadPoolExecutor(1, thread_name_prefix=f"minipacs-route-{peer.ae_title}-index"
+                                ) as helper:
+            try:
+                self._work(peer, helper)
+            finally:
+                with contextlib.suppress(Exception):
+                    self.archive.release()
+
+    def _work(self, peer: PeerConfig, helper: ThreadPoolExecutor) -> None:
         seen = 0
         unreachable = 0  # batches in a row whose association could not be opened
         size = BATCH
+        ahead: Future[Batch | None] | None = None  # the next batch, claimed during a send
         try:
             while not self._stop.is_set():
                 if unreachable and self._stop.wait(delay(self.config.routing, unreachable)):
                     return
-                entries: list[OutboxEntry] = []
+                batch: Batch | None = None
                 try:
-                    entries = self.archive.outbox.claim(self.title(peer), self.owner, size,
-                                                        LEASE_SECONDS)
-                    if not entries:
+                    if ahead is not None:
+                        batch, ahead = ahead.result(), None
+                    else:
+                        batch = self._prepare(peer, size)
+                    if batch is None:
                         unreachable = 0
                         before, seen = seen, self.archive.outbox.wait(seen, POLL_SECONDS)
                         if seen != before:  # a store queued one: let the others come too
                             self._stop.wait(GATHER_SECONDS)
                         continue
-                    began, claimed = time.monotonic(), size
-                    unreachable = 0 if self._send(peer, entries) else unreachable + 1
-                    size = next_size(claimed, len(entries), time.monotonic() - began,
-                                     unreachable == 0)
-                    if len(entries) < claimed:  # caught up with the stores: gather again
+                    if batch.full:  # a backlog: claim the next while this one goes
+                        ahead = helper.submit(self._prepare, peer,
+                                              next_size(batch.size, batch.size, 0.0, True))
+                    began = time.monotonic()
+                    opened = self._send(peer, batch, helper)
+                    unreachable = 0 if opened else unreachable + 1
+                    size = next_size(batch.size, len(batch.entries), time.monotonic() - began,
+                                     opened)
+                    if not opened and ahead is not None:  # due again, as it was
+                        self._let_go(ahead)
+                        ahead = None
+                    if not batch.full:  # caught up with the stores: gather again
                         self._stop.wait(GATHER_SECONDS)
                 except Exception as exc:  # noqa: BLE001 - e.g. the index is down
                     logger.exception("routing to %s failed; trying again", peer.ae_title)
                     unreachable += 1
                     size = BATCH
-                    self._put_off(entries, f"an unexpected error: {exc}")
+                    if batch is not None:
+                        self._put_off(batch.entries, f"an unexpected error: {exc}")
                 finally:
                     with contextlib.suppress(Exception):
                         self.archive.release()
         finally:
-            with contextlib.suppress(Exception):
-                self.archive.release()
+            if ahead is not None:  # claimed for a batch that will not go now
+                self._let_go(ahead)
 
     @staticmethod
     def title(peer: PeerConfig) -> str:
@@ -196,20 +222,43 @@ class Router:
     def _put_off(self, entries: list[OutboxEntry], error: str) -> None:
         put_off(self.archive, self.owner, self.config.routing, entries, error)
 
-    def _send(self, peer: PeerConfig, entries: list[OutboxEntry]) -> bool:
-        """Send one claimed batch; ``False`` when the association could not be opened."""
-        outbox, owner = self.archive.outbox, self.owner
-        by_uid = {e.sop_instance_uid: e for e in entries}
-        uids = list(by_uid)
-        items = [item for start in range(0, len(uids), CHUNK)  # an old SQLite: 999 variables
-                 for item in self.archive.selected(Selection(
-                     instance_uids=tuple(uids[start:start + CHUNK])))]
-        stored = {i.sop_instance_uid for i in items}
-        gone = [e for e in entries if e.sop_instance_uid not in stored]
-        if gone:
-            logger.info("routing to %s: %d queued instance(s) no longer stored, dropped",
-                        peer.ae_title, len(gone))
-            outbox.sent(gone, owner)
+    def _let_go(self, ahead: Future[Batch | None]) -> None:
+        """Release a batch claimed ahead that will not be sent now (a failed claim's
+        leases end by themselves)."""
+        with contextlib.suppress(Exception):
+            batch = ahead.result()
+            if batch is not None:
+                self.archive.outbox.let_go(batch.entries, self.owner)
+        with contextlib.suppress(Exception):
+            self.archive.release()
+
+    def _prepare(self, peer: PeerConfig, size: int) -> Batch | None:
+        """Claim up to ``size`` items for ``peer``, with their instances' rows; those no
+        longer stored are dropped from the outbox. ``None`` when none is due."""
+        try:
+            outbox = self.archive.outbox
+            claimed = outbox.claim_instances(self.title(peer), self.owner, size, LEASE_SECONDS)
+            if not claimed:
+                return None
+            batch = Batch([entry for entry, _ in claimed],
+                          [item for _, item in claimed if item is not None], size)
+            if gone := [entry for entry, item in claimed if item is None]:
+                logger.info("routing to %s: %d queued instance(s) no longer stored, dropped",
+                            peer.ae_title, len(gone))
+                try:
+                    outbox.sent(gone, self.owner)
+                except Exception:  # noqa: BLE001 - dropped at their next claim
+                    logger.exception("routing to %s: the outbox could not be updated",
+                                     peer.ae_title)
+            return batch
+        finally:
+            with contextlib.suppress(Exception):
+                self.archive.release()
+
+    def _send(self, peer: PeerConfig, batch: Batch, helper: ThreadPoolExecutor) -> bool:
+        """Send one claimed batch (its lease renewed on ``helper``) and record what the
+        peer took or refused; ``False`` when the association could not be opened."""
+        items, entries, outbox, owner = batch.items, batch.entries, self.archive.outbox, self.owner
         if not items:
             return True
         renewed = time.monotonic()
@@ -218,14 +267,32 @@ class Router:
             nonlocal renewed
             if time.monotonic() - renewed > RENEW_SECONDS:
                 renewed = time.monotonic()
-                outbox.renew(entries, owner, LEASE_SECONDS)
+                helper.submit(self._released, outbox.renew, entries, owner, LEASE_SECONDS)
 
         final = send_to(self.config, self.archive, peer, items, keep_lease, service="routing",
                         cancelled=self._stop.is_set)
         unopened = final.failed == len(items) and not final.failed_uids
+        self._record(peer, batch, final, unopened)  # before the next batch goes: after a
+        return not unopened  # kill, at most the batch in flight goes twice
+
+    def _released(self, work: Callable[..., object], *args: object) -> None:
+        """``work(*args)`` on the helper thread, logged if it fails, its index connection
+        given back."""
+        try:
+            work(*args)
+        except Exception:  # noqa: BLE001 - leases end by themselves: sent again at worst
+            logger.exception("routing: the outbox could not be updated")
+        finally:
+            with contextlib.suppress(Exception):
+                self.archive.release()
+
+    def _record(self, peer: PeerConfig, batch: Batch, final: Final, unopened: bool) -> None:
+        """After a batch went: delete from the outbox what the peer took, put off what it
+        did not, let go of what was not tried; count, log and audit it."""
+        by_uid = {e.sop_instance_uid: e for e in batch.entries}
+        items, outbox, owner = batch.items, self.archive.outbox, self.owner
         failed = {i.sop_instance_uid for i in items} if unopened else set(final.failed_uids)
-        # stopped early: the instances not tried are the last ``remaining``; they stay
-        # leased to this process (freed by the next start)
+        # stopped early: the instances not tried are the last ``remaining``
         tried = items[:len(items) - (final.remaining or 0)]
         done = [by_uid[i.sop_instance_uid] for i in tried if i.sop_instance_uid not in failed]
         outbox.sent(done, owner)
@@ -234,18 +301,34 @@ class Router:
         self._put_off([by_uid[uid] for uid in failed], reason)
         metrics.ROUTED.labels(peer.ae_title, "sent").inc(len(done))
         metrics.ROUTED.labels(peer.ae_title, "failed").inc(len(failed))
-        routes = sorted({e.route for e in entries})
-        listed = sorted(stored)
+        routes = sorted({e.route for e in batch.entries})
+        listed = sorted(i.sop_instance_uid for i in items)
         for start in range(0, len(listed), AUDIT_INSTANCES):  # lines of a readable size
+            some = listed[start:start + AUDIT_INSTANCES]
             self.audit.record("route", user="routing", peer=peer.ae_title,
                               address=f"{peer.host}:{peer.port}", routes=routes,
                               status=f"{final.status:04X}", completed=final.completed,
                               warning=final.warning, failed=len(failed),
-                              instances=listed[start:start + AUDIT_INSTANCES])
+                              studies=sorted({by_uid[uid].study_instance_uid for uid in some}),
+                              instances=some)
         logger.info("routing to %s (%s): %d sent, %d failed%s", peer.ae_title,
                     ", ".join(routes), len(done), len(failed),
                     f" ({final.comment})" if final.comment else "")
-        return not unopened
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One claim of a sender: its outbox ``entries``, the ``items`` (instances) of those
+    still stored, in the order they were queued, and the ``size`` it asked for."""
+
+    entries: list[OutboxEntry]
+    items: list[StoredInstance]
+    size: int
+
+    @property
+    def full(self) -> bool:
+        """It got as many as it asked for: a backlog may wait behind it."""
+        return len(self.entries) == self.size
 
 
 __all__ = ["BATCH", "LEASE_SECONDS", "MAX_BATCH", "POLL_SECONDS", "Router", "delay",

@@ -36,9 +36,9 @@ import peewee as pw
 from pydicom.datadict import tag_for_keyword
 
 from . import index
-from .index import InstanceRecord
+from .index import InstanceRecord, StoredInstance
 from .keys import Level, level_of
-from .models import OutboxItem
+from .models import Instance, OutboxItem, database_proxy
 
 ROUTE = "route"
 COMMITMENT = "commitment"
@@ -266,27 +266,61 @@ class Outbox:
             due &= OutboxItem.peer.not_in(list(exclude))
         if not OutboxItem.select(OutboxItem.id).where(due).limit(1).exists():
             return []
+        return [entry for entry, _ in self._claim(due, now, owner, limit, lease_seconds)]
+
+    def claim_instances(self, peer: str, owner: str, limit: int, lease_seconds: float
+                        ) -> list[tuple[Entry, StoredInstance | None]]:
+        """:meth:`claim` routes' items for ``peer``, each with what a retrieve needs of its
+        instance, read in the same statement (``None``: no longer stored)."""
+        now = _now()
+        due = ((OutboxItem.kind == ROUTE) & (OutboxItem.failed == False)  # noqa: E712
+               & (OutboxItem.due_at <= now) & (OutboxItem.peer == peer)
+               & (OutboxItem.lease_until.is_null() | (OutboxItem.lease_until < now)))
+        if not OutboxItem.select(OutboxItem.id).where(due).limit(1).exists():
+            return []
+        return self._claim(due, now, owner, limit, lease_seconds, INSTANCE_COLUMNS)
+
+    def _claim(self, due: Any, now: datetime.datetime, owner: str, limit: int,
+               lease_seconds: float, instance_columns: Sequence[Any] = (),
+               ) -> list[tuple[Entry, StoredInstance | None]]:
         with self.write_lock, index.write_transaction():
-            rows: Any = (OutboxItem.select(*ENTRY_COLUMNS).where(due)
-                         .order_by(OutboxItem.due_at, OutboxItem.id).limit(limit).tuples())
-            entries = [_entry_of(row) for row in rows]  # tuples: a backlog claims thousands
-            until = now + datetime.timedelta(seconds=lease_seconds)
-            for chunk in _chunks([e.id for e in entries]):
-                OutboxItem.update(lease_owner=owner, lease_until=until).where(
-                    OutboxItem.id.in_(chunk)).execute()
-        return entries
+            def chosen(*columns: Any) -> Any:
+                return (OutboxItem.select(*columns).where(due)
+                        .order_by(OutboxItem.due_at, OutboxItem.id).limit(limit))
+            query = chosen(*ENTRY_COLUMNS, *instance_columns)
+            if instance_columns:
+                query = query.join(Instance, pw.JOIN.LEFT_OUTER, on=(
+                    Instance.sop_instance_uid == OutboxItem.sop_instance_uid))
+            width = len(ENTRY_COLUMNS)
+            # the driver's rows as they are, converted here: a backlog claims thousands,
+            # and peewee's conversion (its datetime parsing above all) took most of the time
+            claimed = [(_entry_of(row[:width]), _instance_of(row[width:])
+                        if instance_columns and row[width] is not None else None)
+                       for row in database_proxy.execute(query).fetchall()]
+            # the same rows (nothing else writes in this transaction), leased by one
+            # statement: no list of thousands of IDs to build and bind
+            OutboxItem.update(
+                lease_owner=owner, lease_until=now + datetime.timedelta(seconds=lease_seconds)
+            ).where(OutboxItem.id.in_(chosen(OutboxItem.id))).execute()
+        return claimed
 
     def sent(self, entries: Iterable[Entry], owner: str) -> None:
         """``entries`` went (or need not go any more): delete them, unless stored again
         since they were claimed (then they are only let go, to go again)."""
-        entries = list(entries)
-        if not entries:
+        by_generation: dict[int, list[int]] = {}
+        for e in entries:  # a batch was claimed together: mostly one group
+            by_generation.setdefault(e.generation, []).append(e.id)
+        if not by_generation:
             return
         with self.write_lock, index.write_transaction():
-            same, moved = _still_held(entries, owner)
-            for chunk in _chunks([e.id for e in same]):
-                OutboxItem.delete().where(OutboxItem.id.in_(chunk)).execute()
-            _let_go(moved)
+            for generation, ids in by_generation.items():
+                for chunk in _chunks(ids):
+                    held = OutboxItem.id.in_(chunk) & (OutboxItem.lease_owner == owner)
+                    deleted = OutboxItem.delete().where(
+                        held & (OutboxItem.generation == generation)).execute()
+                    if deleted < len(chunk):  # what is still ours was stored again
+                        OutboxItem.update(lease_owner="", lease_until=None).where(
+                            held).execute()
 
     def renew(self, entries: Iterable[Entry], owner: str, lease_seconds: float) -> None:
         """Extend the lease of ``entries`` still leased to ``owner`` to ``lease_seconds``
@@ -492,11 +526,32 @@ ENTRY_COLUMNS = (OutboxItem.id, OutboxItem.peer, OutboxItem.route, OutboxItem.so
 """An :class:`Entry`'s columns, in its order."""
 
 
-def _entry_of(row: tuple[Any, ...]) -> Entry:
-    """The :class:`Entry` of a row of :data:`ENTRY_COLUMNS` (as ``.tuples()`` gives it)."""
-    values = list(row)
-    values[8] = bool(values[8])
-    return Entry(*values)
+INSTANCE_COLUMNS = (Instance.sop_class_uid, Instance.sop_instance_uid,
+                    Instance.transfer_syntax_uid, Instance.file_key, Instance.file_size)
+"""A :class:`storage.index.StoredInstance`'s columns, in its order."""
+
+
+def _entry_of(row: Sequence[Any]) -> Entry:
+    """The :class:`Entry` of a row of :data:`ENTRY_COLUMNS` (as ``.tuples()`` gives it, or
+    the database driver: SQLite gives datetimes as text, booleans as integers)."""
+    (id_, peer, route, uid, study, queued_at, due_at, attempts, failed, last_error,
+     generation, kind, payload) = row
+    return Entry(int(id_), peer, route, uid, study, _when(queued_at), _when(due_at),
+                 int(attempts), bool(failed), last_error, int(generation), kind, payload)
+
+
+def _instance_of(row: Sequence[Any]) -> StoredInstance:
+    """The :class:`storage.index.StoredInstance` of a row of :data:`INSTANCE_COLUMNS`."""
+    sop_class_uid, sop_instance_uid, transfer_syntax_uid, file_key, file_size = row
+    return StoredInstance(sop_class_uid, sop_instance_uid, transfer_syntax_uid, file_key,
+                          int(file_size))
+
+
+def _when(value: Any) -> datetime.datetime:
+    """A datetime column's value: as it is, or parsed from SQLite's text."""
+    if isinstance(value, datetime.datetime):
+        return value
+    return datetime.datetime.fromisoformat(str(value))
 
 
 def _now() -> datetime.datetime:

@@ -156,7 +156,7 @@ def test_routing_outbox_and_retention_on_postgresql(postgres: Callable[[], str],
                                                     tmp_path: Path) -> None:
     """Issue 16, items 3 and 4: the outbox's upsert, claim and settle, and a retention
     plan, on PostgreSQL."""
-    from storage import Origin, RetentionRules, Route, lease_owner
+    from storage import Origin, RetentionRules, Route, Selection, lease_owner
 
     route = Route("ct", (("Modality", "CT"),), ("AI", "WS"), stable_seconds=0.0)
     archive = open_archive(ArchiveOptions(files_path=tmp_path / "files", index_url=postgres(),
@@ -168,10 +168,15 @@ def test_routing_outbox_and_retention_on_postgresql(postgres: Callable[[], str],
         ds.PatientName = "Other^Name"  # replaced while claimed: queued again
         archive.store(encode(ds), "1.2.840.10008.1.2.1", origin=Origin("CT1"))
         archive.outbox.sent([first], lease_owner())
-        [again] = archive.outbox.claim("AI", lease_owner(), 10, 60)
+        [(again, item)] = archive.outbox.claim_instances("AI", lease_owner(), 10, 60)
         assert again.generation == first.generation + 1
+        assert item is not None and item.sop_instance_uid == str(ds.SOPInstanceUID)
         archive.outbox.sent([again], lease_owner())
-        assert [q.peer for q in archive.routing_queue()] == ["WS"]
+        archive.delete(Selection(instance_uids=(str(ds.SOPInstanceUID),)))
+        [(gone, item)] = archive.outbox.claim_instances("WS", lease_owner(), 10, 60)
+        assert item is None  # no longer stored: the router drops it
+        archive.outbox.sent([gone], lease_owner())
+        assert archive.routing_queue() == []
         assert archive.plan_retention(RetentionRules(max_age_days=1)) == []
     finally:
         archive.close()
