@@ -18,13 +18,21 @@ audit trail line                       DICOM audit message (PS3.15 A.5.3)
 ``dimse`` C-STORE                      DICOM Instances Transferred (create), from the peer
 ``dimse`` C-MOVE, C-GET                DICOM Instances Transferred (read), from us
 ``dimse`` C-FIND                       Query
+``route``, ``send``                    DICOM Instances Transferred (read), from us
 ``delete``, ``retention``              DICOM Study Deleted
+``http`` QIDO-RS                       Query
+``http`` WADO-RS                       DICOM Instances Transferred (read), from us
+``http`` STOW-RS                       DICOM Instances Transferred (create), from the user
+``http`` DELETE                        DICOM Study Deleted
 =====================================  ==================================================
 
 A rejection pynetdicom makes itself (too many associations) is no security event: only
-minipacs's access refusals (with their ``reason``) are sent. A message names at most
-:data:`MAX_OBJECTS` studies and patients. A C-FIND's Query object holds the query's keys
-as JSON (base64), not the identifier's bytes.
+minipacs's access refusals (with their ``reason``) are sent; nor is an HTTP 401 (mostly a
+browser asking for credentials). A message names at most :data:`MAX_OBJECTS` studies and
+patients. A C-FIND's Query object holds its identifier's matching keys (those the audit
+line has) encoded again in Explicit VR Little Endian; a QIDO-RS one its path and query
+string (UTF-8). An HTTP request names the study of its path (``/studies/{uid}``), if any;
+STOW-RS the studies it stored.
 
 Sending never holds up an operation: lines are queued (:data:`QUEUE_SIZE`, the oldest
 dropped when full, counted in the log) and a thread of the process turns them into
@@ -36,10 +44,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import os
 import queue
+import re
 import select
 import socket
 import ssl
@@ -48,6 +56,12 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 from xml.etree import ElementTree as ET
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.uid import ExplicitVRLittleEndian
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +170,92 @@ def _uids(value: Any) -> list[str]:
     return [v for v in str(value or "").split("\\") if v]
 
 
+def identifier(keys: dict[str, Any]) -> bytes:
+    """A C-FIND's keys (as its audit line has them: keyword, text) as an identifier in
+    Explicit VR Little Endian; a key without a keyword, or that cannot be encoded, is left
+    out (PS3.15 A.5.3.12: the Query's ParticipantObjectQuery)."""
+    values = {str(k): str(v) for k, v in keys.items() if v not in (None, "")}
+    elements = []
+    if any(not v.isascii() for v in values.values()):
+        elements.append(DataElement(0x00080005, "CS", "ISO_IR 192"))
+    for keyword, value in values.items():
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            continue
+        vr = dictionary_VR(tag)
+        try:
+            if vr in ("US", "UL", "SS", "SL"):
+                numbers = [int(part) for part in value.split("\\")]
+                elements.append(DataElement(tag, vr, numbers if len(numbers) > 1
+                                            else numbers[0]))
+            else:
+                elements.append(DataElement(tag, vr, value))
+        except ValueError:
+            continue
+    encodings = ["utf8"] if elements and elements[0].tag == 0x00080005 else None
+    out = bytearray()
+    for element in sorted(elements, key=lambda e: e.tag):
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        try:
+            write_data_element(fp, element, encodings)
+        except Exception:  # noqa: BLE001 - a value pydicom will not write: left out
+            continue
+        out += fp.getvalue()
+    return bytes(out)
+
+
+def _query(sop_class: str, query: bytes, detail: tuple[str, str]) -> ET.Element:
+    """The Query's participant object (PS3.15 A.5.3.12): the information model's SOP
+    Class UID, the query (base64), and ``detail`` (a type and its value, base64)."""
+    element = ET.Element("ParticipantObjectIdentification", {
+        "ParticipantObjectID": sop_class, "ParticipantObjectTypeCode": "2",
+        "ParticipantObjectTypeCodeRole": "3"})
+    _code(element, "ParticipantObjectIDTypeCode", "110181", "SOP Class UID")
+    ET.SubElement(element, "ParticipantObjectQuery").text = base64.b64encode(query).decode()
+    ET.SubElement(element, "ParticipantObjectDetail", {
+        "type": detail[0], "value": base64.b64encode(detail[1].encode()).decode()})
+    return element
+
+
+STUDY_IN_PATH = re.compile(r"/studies/([0-9.]{1,64})(?:/|$)")
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+"""The information model a QIDO-RS search is named by (PS3.18 10.6: its resources are the
+Study Root model's)."""
+
+
+def _http(line: dict[str, Any], me: tuple[str, bool, str]) -> tuple[Any, ...] | None:
+    """The message parts of an ``http`` line of QIDO-RS, WADO-RS, STOW-RS or DELETE; ``None``
+    for the rest, and for a 401 (a browser asking for credentials)."""
+    service, code = str(line.get("service", "")), int(line.get("status") or 0)
+    if code == 401 or service not in ("QIDO-RS", "WADO-RS", "STOW-RS", "DELETE"):
+        return None
+    user = (str(line.get("user") or "anonymous"), True, str(line.get("address", "")))
+    outcome = "0" if code < 400 else "4"
+    path = str(line.get("path", ""))
+    objects: list[ET.Element] = []
+    if service == "QIDO-RS":
+        query = path + (f"?{line['query']}" if line.get("query") else "")
+        objects.append(_query(STUDY_ROOT_FIND, query.encode(), ("QueryEncoding", "UTF-8")))
+        return (("110112", "Query"), None, "E", outcome,
+                [(user, ("110153", "Source Role ID")),
+                 (me, ("110152", "Destination Role ID"))], objects)
+    match = STUDY_IN_PATH.search(path)
+    for uid in (_uids(line.get("studies")) or ([match.group(1)] if match else []))[
+            :MAX_OBJECTS]:  # STOW-RS names the studies it stored
+        _study(objects, uid)
+    if service == "WADO-RS":
+        return (("110104", "DICOM Instances Transferred"), None, "R", outcome,
+                [(me, ("110153", "Source Role ID")),
+                 (user, ("110152", "Destination Role ID"))], objects)
+    if service == "STOW-RS":
+        return (("110104", "DICOM Instances Transferred"), None, "C", outcome,
+                [(user, ("110153", "Source Role ID")),
+                 (me, ("110152", "Destination Role ID"))], objects)
+    return (("110105", "DICOM Study Deleted"), None, "D", outcome, [(user, None), (me, None)],
+            objects)
+
+
 def message(line: dict[str, Any], ae_title: str, host: str) -> bytes | None:
     """The DICOM audit message (XML, UTF-8) of an audit trail ``line``; ``None`` for a line
     without a counterpart (see the module's table)."""
@@ -215,13 +315,34 @@ def message(line: dict[str, Any], ae_title: str, host: str) -> bytes | None:
         event_id, type_code = ("110112", "Query"), None
         participants = [(peer, ("110153", "Source Role ID")),
                         (me, ("110152", "Destination Role ID"))]
-        query = ET.Element("ParticipantObjectIdentification", {
-            "ParticipantObjectID": str(line.get("sop_class_uid") or "unknown"),
-            "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "3"})
-        _code(query, "ParticipantObjectIDTypeCode", "110181", "SOP Class UID")
-        ET.SubElement(query, "ParticipantObjectQuery").text = base64.b64encode(
-            json.dumps(line.get("keys") or {}, ensure_ascii=False).encode()).decode()
-        objects.append(query)
+        objects.append(_query(str(line.get("sop_class_uid") or "unknown"),
+                              identifier(line.get("keys") or {}),
+                              ("TransferSyntax", str(ExplicitVRLittleEndian))))
+    elif event in ("route", "send"):  # C-STORE of ours: routing, minipacs send, the page
+        event_id, type_code, action = ("110104", "DICOM Instances Transferred"), None, "R"
+        page = line.get("via") == "web page"  # its address is the browser's
+        address = str(line.get("address", ""))
+        host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address  # HOST:PORT
+        participants = [(me, ("110153", "Source Role ID")),
+                        ((str(line.get("peer", "")), False, "" if page else host),
+                         ("110152", "Destination Role ID"))]
+        if line.get("via"):  # someone asked: the command's user, the page's account
+            participants.append(((str(line.get("user", "")), True, address if page else ""),
+                                 None))
+        failed = bool(line.get("failed")) or line.get("ok") is False or (
+            status not in ("", "0000") and not status.startswith("B"))
+        outcome = "4" if failed else "0"
+        selection = line.get("selection") or {}
+        for uid in (_uids(line.get("studies")) or _uids(line.get("study"))
+                    or _uids(selection.get("study_uids")))[:MAX_OBJECTS]:
+            _study(objects, uid)
+        for patient_id in _uids(selection.get("patient_ids"))[:MAX_OBJECTS]:
+            _patient(objects, patient_id)
+    elif event == "http":
+        built = _http(line, me)
+        if built is None:
+            return None
+        event_id, type_code, action, outcome, participants, objects = built
     elif event in ("delete", "retention"):
         event_id, type_code, action = ("110105", "DICOM Study Deleted"), None, "D"
         outcome = "4" if line.get("error") or line.get("files_left") else "0"

@@ -6,21 +6,24 @@ NG Compact text, read with rnc2rng and checked with lxml)."""
 
 from __future__ import annotations
 
+import base64
 import re
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pytest
 import rnc2rng
 from lxml import etree
+from pydicom.filereader import read_dataset
 from pynetdicom import AE
 
-from scp.atna import message
+from scp.atna import identifier, message
 from scp.config import ConfigError, load_config
 from tests.conftest import Running, associate, find
 from tests.factory import make_ds
@@ -271,9 +274,64 @@ def test_the_messages_name_what_the_standard_asks(schema: etree.RelaxNG) -> None
                  "sop_class_uid": "1.2.840.10008.5.1.4.1.2.2.1"})
     assert [p.find("RoleIDCode").get("csd-code") for p in query.findall(
         "ActiveParticipant")] == ["110153", "110152"]
-    # pynetdicom's own rejection (too many associations) is not a security event
+    # PS3.15 A.5.3.12: the query itself, as an identifier, with its transfer syntax
+    found = query.find("ParticipantObjectIdentification")
+    asked = read_dataset(BytesIO(base64.b64decode(found.find("ParticipantObjectQuery").text)),
+                         is_implicit_VR=False, is_little_endian=True)
+    assert asked.PatientID == "P"
+    detail = found.find("ParticipantObjectDetail")
+    assert (detail.get("type"), base64.b64decode(detail.get("value"))) == (
+        "TransferSyntax", b"1.2.840.10008.1.2.1")
+    many = identifier({"PatientName": "Müller^*", "StudyDate": "20200101-20201231",
+                       "ModalitiesInStudy": "CT\\MR", "NumberOfStudyRelatedSeries": "2",
+                       "(0009,0010)": "private", "(identifier)": "900 bytes, not recorded"})
+    decoded = read_dataset(BytesIO(many), is_implicit_VR=False, is_little_endian=True)
+    assert (decoded.SpecificCharacterSet, str(decoded.PatientName), decoded.StudyDate,
+            list(decoded.ModalitiesInStudy)) == (
+        "ISO_IR 192", "Müller^*", "20200101-20201231", ["CT", "MR"])
+    assert [e.keyword for e in decoded] == [  # the keys without a keyword left out
+        "SpecificCharacterSet", "StudyDate", "ModalitiesInStudy", "PatientName",
+        "NumberOfStudyRelatedSeries"]
+    assert decoded.NumberOfStudyRelatedSeries == 2
+    routed = xml({"event": "route", "user": "routing", "peer": "AI", "address": "10.0.0.7:104",
+                  "status": "0000", "failed": 0, "studies": ["1.2"], "instances": ["1.2.3"]})
+    assert routed.find("EventIdentification").get("EventActionCode") == "R"
+    assert [(p.get("UserID"), p.get("NetworkAccessPointID"), p.find("RoleIDCode").get(
+        "csd-code")) for p in routed.findall("ActiveParticipant")] == [
+        ("MINIPACS", "pacs", "110153"), ("AI", "10.0.0.7", "110152")]
+    assert [o.get("ParticipantObjectID") for o in routed.findall(
+        "ParticipantObjectIdentification")] == ["1.2"]
+    sent = xml({"event": "send", "user": "alice", "via": "web page", "address": "10.0.0.5",
+                "peer": "WS", "study": "1.4", "ok": False, "completed": 0, "failed": 3})
+    assert sent.find("EventIdentification").get("EventOutcomeIndicator") == "4"
+    assert [(p.get("UserID"), p.get("UserIsRequestor"), p.get("NetworkAccessPointID"))
+            for p in sent.findall("ActiveParticipant")] == [
+        ("MINIPACS", "false", "pacs"), ("WS", "false", None), ("alice", "true", "10.0.0.5")]
+    http = {"event": "http", "user": None, "address": "10.0.0.8", "status": 200}
+    qido = xml({**http, "service": "QIDO-RS", "method": "GET", "path": "/dicom-web/studies",
+                "query": "PatientID=P1"})
+    found = qido.find("ParticipantObjectIdentification")
+    assert base64.b64decode(found.find("ParticipantObjectQuery").text) == (
+        b"/dicom-web/studies?PatientID=P1")
+    assert [p.get("UserID") for p in qido.findall("ActiveParticipant")] == [
+        "anonymous", "MINIPACS"]
+    for service, method, code, action in (("WADO-RS", "GET", 200, "R"),
+                                          ("STOW-RS", "POST", 409, "C"),
+                                          ("DELETE", "DELETE", 200, "D")):
+        done = xml({**http, "service": service, "method": method, "status": code,
+                    "path": "/dicom-web/studies/1.2.5/series/1.2.6"})
+        assert done.find("EventIdentification").get("EventActionCode") == action
+        assert done.find("EventIdentification").get("EventOutcomeIndicator") == (
+            "4" if code >= 400 else "0")
+        assert done.find("ParticipantObjectIdentification").get(
+            "ParticipantObjectID") == "1.2.5"
+    # pynetdicom's own rejection (too many associations) is not a security event, nor a
+    # browser asking for credentials, nor the page's own requests
     assert message({"time": TIME, "event": "association-rejected", "calling_ae": "X"},
                    "MINIPACS", "pacs") is None
+    for line in ({**http, "service": "WADO-RS", "status": 401, "path": "/dicom-web/studies"},
+                 {**http, "service": "page", "path": "/"}):
+        assert message({"time": TIME, **line}, "MINIPACS", "pacs") is None
 
 
 def test_a_message_that_cannot_go_is_dropped_and_the_next_go(

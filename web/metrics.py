@@ -199,7 +199,8 @@ class MetricsMiddleware:
                            query=scope.get("query_string", b"").decode("latin-1") or None,
                            status=code, user=scope.get("minipacs.user") or None,
                            address=client[0], bytes_in=sizes["in"], bytes_out=sizes["out"],
-                           ms=round(seconds * 1000, 1))
+                           ms=round(seconds * 1000, 1),
+                           **scope.get("minipacs.audit", {}))  # what the endpoint adds
 
 
 def metrics(request: Request) -> Response:

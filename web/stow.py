@@ -162,6 +162,9 @@ async def store_instances(request: Request) -> Response:
     check_declared_length(request.headers.get("content-length"), limit)
     response = StoreResponse(service_url(request), study)
     headers = await _receive(request, boundary, limit, response)
+    request.scope["minipacs.audit"] = {  # the audit line's (web/metrics.py)
+        "studies": sorted(response.studies), "stored": len(response.referenced),
+        "failed": len(response.failed)}
     logger.info("STOW-RS from %s: %d stored, %d failed, %.2f s", _client(request),
                 len(response.referenced), len(response.failed), time.monotonic() - started)
     return response.render(answer_type, headers)

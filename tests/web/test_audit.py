@@ -4,8 +4,10 @@ processes without interleaving, rotated by size."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from lxml import etree
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -23,9 +26,11 @@ from scp import status
 from scp.audit import AuditTrail
 from scp.logs import JsonLines
 from tests.conftest import associate, find
-from tests.factory import encode, hierarchy
+from tests.factory import encode, hierarchy, make_ds
+from tests.test_atna import Repository, events, repositories, schema  # noqa: F401 - fixtures
 from tests.test_cli import minipacs_command
 from tests.web.conftest import WebRunning
+from tests.web.test_stow import body, part10, post
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -193,3 +198,38 @@ def test_a_line_that_cannot_be_encoded_is_written_escaped_never_raised(tmp_path:
     trail.record("closed", n=2)  # an operation that outlived the server: dropped quietly
     got = (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(got) == 2 and "\\udcff" in got[0] and json.loads(got[1])["n"] == 1
+
+
+def test_dicomweb_requests_reach_the_audit_repository_in_the_atna_form(
+        start_web: Callable[..., WebRunning], schema: etree.RelaxNG,  # noqa: F811
+        repositories: list[Repository]) -> None:  # noqa: F811
+    repository = Repository("tcp")
+    repositories.append(repository)
+    web = start_web(**{"audit.syslog": repository.url})
+    ds = make_ds(PatientID="ATNA1")
+    study = str(ds.StudyInstanceUID)
+    assert post(web, body(part10(ds)), Accept="application/dicom+json").status_code == 200
+    assert httpx.get(f"{web.url}/studies", params={"PatientID": "ATNA1"}).status_code == 200
+    assert httpx.get(f"{web.url}/studies/{study}/metadata").status_code == 200
+    assert httpx.delete(f"{web.url}/studies/{study}").status_code == 200
+    assert httpx.get(f"{web.root}/").status_code == 200  # the page: no audit message
+    # a last query marks the end: it is the sixth message only if the page sent none
+    assert httpx.get(f"{web.url}/studies", params={"PatientID": "LAST"}).status_code in (
+        200, 204)
+
+    got = events(repository.wait_for(6), schema)  # the application's start, then these
+    last = got[5][2].find("ParticipantObjectIdentification/ParticipantObjectQuery")
+    assert last is not None and base64.b64decode(last.text).endswith(b"PatientID=LAST")
+    by_action = {xml.find("EventIdentification").get("EventActionCode"): (event, xml)
+                 for event, _, xml in got[1:5]}
+    assert {action: event for action, (event, _) in by_action.items()} == {
+        "C": "110104", "E": "110112", "R": "110104", "D": "110105"}
+    for action in "CRD":
+        named = by_action[action][1].find("ParticipantObjectIdentification")
+        assert named.get("ParticipantObjectID") == study, action
+    query = by_action["E"][1].find("ParticipantObjectIdentification/ParticipantObjectQuery")
+    assert base64.b64decode(query.text).endswith(b"/studies?PatientID=ATNA1")
+    stowed = by_action["C"][1]
+    assert [(p.get("UserID"), p.get("NetworkAccessPointID")) for p in stowed.findall(
+        "ActiveParticipant")] == [("anonymous", "127.0.0.1"),
+                                  (web.dicom.ae_title, socket.gethostname())]
