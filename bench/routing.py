@@ -18,7 +18,7 @@ its own port), minipacs with ``storage.durability: full`` on SQLite:
 Usage::
 
     TCP_NODELAY=1 .venv/bin/python bench/routing.py [--count 2000] [--size 64] [--routes 3]
-        [--backlog N]
+        [--backlog N] [--connections N] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -44,15 +44,19 @@ PEERS = ("ROUTEA", "ROUTEB", "ROUTEC")
 
 
 class Peer(bench.Destination):
-    """A ``storescp --ignore -v`` peer called ``aet``."""
+    """A ``storescp --ignore -v`` peer called ``aet`` (``--fork`` with ``connections`` > 1:
+    one process per association, so it takes several at once)."""
 
-    def __init__(self, log_dir: Path, aet: str) -> None:
+    def __init__(self, log_dir: Path, aet: str, connections: int = 1) -> None:
         super().__init__(log_dir)
         self.aet = aet
+        self.connections = connections
         self.log = log_dir / f"storescp-{aet}.log"
 
     def start(self) -> None:
         cmd = ["storescp", "--ignore", "-v", "-aet", self.aet, str(self.port)]
+        if self.connections > 1:
+            cmd.insert(1, "--fork")
         with open(self.log, "wb") as log:
             self.proc = bench.spawn(cmd, log)
         bench.wait_until(lambda: bench.echo_ok(self.aet, self.port), self.proc,
@@ -67,7 +71,8 @@ class RoutedMinipacs(bench.Minipacs):
         super().__init__(log_dir, config_dir, dest_port=move_to.port)
         text = self.config.read_text()
         for peer in peers:
-            text += f"  - ae_title: {peer.aet}\n    host: {bench.HOST}\n    port: {peer.port}\n"
+            text += (f"  - ae_title: {peer.aet}\n    host: {bench.HOST}\n    port: {peer.port}\n"
+                     f"    connections: {peer.connections}\n")
         if routes:
             text += "routes:\n" + "".join(
                 f"  - {{name: to-{p.aet.lower()}, to: [{p.aet}]}}\n" for p in peers)
@@ -146,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="how many of the three peers get a route")
     parser.add_argument("--backlog", type=int, default=0,
                         help="instances stored while the peers are down (default: --count)")
+    parser.add_argument("--connections", type=int, default=1,
+                        help="peers[].connections of each peer (storescp --fork when > 1)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="a folder: py-spy profiles of the server while the backlog"
                         " drains (drain.txt) and during its C-MOVE (move.txt), raw format")
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         logs = work / "logs"
         logs.mkdir()
-        peers = [Peer(logs, aet) for aet in PEERS[:args.routes]]
+        peers = [Peer(logs, aet, args.connections) for aet in PEERS[:args.routes]]
         for peer in peers:
             peer.start()
         move_to = bench.Destination(logs)

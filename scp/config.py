@@ -148,6 +148,11 @@ class PeerConfig:
     services: tuple[str, ...] = SERVICES
     max_pdu_size: int = 0
     transfer_syntax: str = ""
+    connections: int = 1
+
+
+MAX_CONNECTIONS = 8
+"""Most associations routing may hold to one peer at once (``peers[].connections``)."""
 
 
 @dataclass(frozen=True)
@@ -657,6 +662,10 @@ def _check_peer(section: str, values: dict[str, Any], problems: list[str]) -> No
         problems.append(f"{section}.port: must be between 1 and 65535, not {port}")
     if values.get("max_pdu_size", 0) < 0:
         problems.append(f"{section}.max_pdu_size: must not be negative (0 = ae.max_pdu_size)")
+    connections = values.get("connections", 1)
+    if not 1 <= connections <= MAX_CONNECTIONS:
+        problems.append(f"{section}.connections: must be between 1 and {MAX_CONNECTIONS},"
+                        f" not {connections}")
     network = values.get("network")
     if network:
         try:

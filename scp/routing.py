@@ -1,4 +1,5 @@
-"""Auto-routing's senders: one thread per destination peer of ``routes`` works off that
+"""Auto-routing's senders: one thread per destination peer of ``routes`` (``connections``
+of them for a peer that says so, each with its own batches and association) works off that
 peer's part of the outbox (:mod:`storage.outbox`), so that one dead destination never
 holds back another.
 
@@ -136,12 +137,14 @@ class Router:
         self.peers = [p for t in titles if (p := config.destination(t)) is not None]
 
     def start(self) -> None:
-        """Start one sender per peer (none without routes)."""
+        """Start ``connections`` senders per peer (none without routes)."""
         for peer in self.peers:
-            thread = threading.Thread(target=self._run, args=(peer,), daemon=True,
-                                      name=f"minipacs-route-{peer.ae_title}")
-            thread.start()
-            self._threads.append(thread)
+            for number in range(peer.connections):
+                name = f"minipacs-route-{peer.ae_title}" + (f"-{number + 1}" if number else "")
+                thread = threading.Thread(target=self._run, args=(peer,), daemon=True,
+                                          name=name)
+                thread.start()
+                self._threads.append(thread)
 
     def request_stop(self) -> None:
         """Stop after the instance being sent (what a batch did not try stays leased, for
@@ -159,7 +162,7 @@ class Router:
         # during a backlog the next claim (with its instances' rows) is made on a helper
         # thread while this one sends: it waits for the peer's responses about half its
         # time (bench/README.md, "The backlog, like for like")
-        with ThreadPoolExecutor(1, thread_name_prefix=f"minipacs-route-{peer.ae_title}-index"
+        with ThreadPoolExecutor(1, thread_name_prefix=f"{threading.current_thread().name}-index"
                                 ) as helper:
             try:
                 self._work(peer, helper)

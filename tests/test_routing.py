@@ -12,6 +12,7 @@ import datetime
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
 from scp import status
@@ -353,3 +354,58 @@ def test_a_backlog_grows_the_claim_and_a_slow_or_short_batch_shrinks_it() -> Non
     assert next_size(1600, 1599, 0.5, True) == BATCH  # caught up
     assert next_size(400, 400, GROW_SECONDS, True) == BATCH  # large instances: stay small
     assert next_size(400, 400, 0.5, False) == BATCH  # the peer could not be reached
+
+
+def test_a_peer_with_two_connections_gets_a_backlog_over_both_at_once_each_instance_once(
+        start_server: Callable[..., Running]) -> None:
+    """``peers[].connections: 2``: two senders, each with its own association and batches.
+    The peer holds the first C-STORE of the first two associations until both are open
+    (with one sender the second never opens while the first waits: the barrier breaks
+    and the test fails)."""
+    both_open = threading.Barrier(2, timeout=30)
+    lock = threading.Lock()
+    got: collections.Counter[str] = collections.Counter()
+    held: set[int] = set()
+    open_now, most = 0, 0
+
+    def on_open(event: Any) -> None:
+        nonlocal open_now, most
+        with lock:
+            open_now += 1
+            most = max(most, open_now)
+
+    def on_close(event: Any) -> None:
+        nonlocal open_now
+        with lock:
+            open_now -= 1
+
+    def on_store(event: Any) -> int:
+        with lock:
+            first = id(event.assoc) not in held and len(held) < 2
+            held.add(id(event.assoc))
+            got[str(event.request.AffectedSOPInstanceUID)] += 1
+        if first:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_open.wait()
+        return status.SUCCESS
+
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    peer = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, on_store), (evt.EVT_ESTABLISHED, on_open),
+        (evt.EVT_RELEASED, on_close), (evt.EVT_ABORTED, on_close)])
+    try:
+        running = start_server(
+            peers=[{"ae_title": "DEST", "host": "127.0.0.1",
+                    "port": peer.server_address[1], "connections": 2}],
+            routes=[{"name": "all", "to": ["DEST"]}])
+        sent = [ct() for _ in range(300)]
+        store_from("CT1", running.port, sent)
+        wait_for("every instance at DEST", lambda: len(got) == len(sent))
+        wait_for("the queue to empty", lambda: queue_of(running) == {})
+    finally:
+        peer.shutdown()
+    assert not both_open.broken, "the second association never came"
+    assert most == 2
+    assert set(got) == {str(ds.SOPInstanceUID) for ds in sent}
+    assert max(got.values()) == 1  # each claimed by one sender only

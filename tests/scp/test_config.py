@@ -158,16 +158,17 @@ def test_every_peer_problem_is_reported_at_once(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("peers:\n  - {host: a, port: 0}\n  - {ae_title: X, host: b, colour: red}\n"
                     "  - {ae_title: X, host: c, transfer_syntax: 1.2.840.10008.1.2.4.50,"
-                    " max_pdu_size: -1}\n  - just a string\n")
+                    " max_pdu_size: -1, connections: 9}\n  - just a string\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
     problems = info.value.problems
     for fragment in ("peers[0].ae_title: is required", "peers[0].port: must be between 1",
                      "unknown key peers[1].colour", "peers[2].transfer_syntax: must be empty",
                      "peers[2].max_pdu_size", "peers[3]: must be a mapping",
+                     "peers[2].connections: must be between 1 and 8, not 9",
                      "AE title 'X' is listed more than once"):
         assert any(fragment in p for p in problems), (fragment, problems)
-    assert len(problems) == 7
+    assert len(problems) == 8
 
 
 def test_peers_must_be_a_list(tmp_path: Path) -> None:
