@@ -5,16 +5,12 @@ it wants committed) whether it may delete its own copies. The request is answere
 once it is recorded in the outbox (:meth:`storage.outbox.Outbox.add_commitment`), so that a
 crash before the report loses nothing; :class:`Reporter` then checks each instance
 (:meth:`storage.Archive.commitment`: stored under that SOP Class, and its file read and
-hashed now) and sends the N-EVENT-REPORT: Event Type 1 when every instance is committed, 2
-with a Failed SOP Sequence otherwise, each failure with its Failure Reason (scp/status.py).
-
-PS3.4 J.3.3 lets the report go on the N-ACTION's association or on another. It goes on the
-same one when the requester keeps it open :data:`SAME_ASSOCIATION_WAIT` after its request
-(a requester that releases at once is not sent a request that would cross its A-RELEASE-RQ)
-and answers it there with Success; otherwise on a new association to the requester, a peer
-with a host (we propose the SOP Class with SCP/SCU Role Selection, as its SCP). A report the
-requester does not take is sent again, as routing retries (``routing.retry_seconds``
-doubling up to ``routing.retry_max_seconds``, given up after ``routing.max_attempts``).
+hashed now) and sends the N-EVENT-REPORT on a new association to the requester, a peer with
+a host (PS3.4 J.3.3: we propose the SOP Class with SCP/SCU Role Selection, as its SCP):
+Event Type 1 when every instance is committed, 2 with a Failed SOP Sequence otherwise, each
+failure with its Failure Reason (scp/status.py). A report the requester does not take is
+sent again, as routing retries (``routing.retry_seconds`` doubling up to
+``routing.retry_max_seconds``, given up after ``routing.max_attempts``).
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ import json
 import logging
 import threading
 import time
-import weakref
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -39,7 +34,6 @@ from . import status
 from .audit import Audit
 from .config import Config, PeerConfig
 from .contexts import STORAGE_COMMITMENT
-from .engine.reactor import between_requests, still_open
 from .routing import LEASE_SECONDS, POLL_SECONDS, delay, put_off
 from .service import Refused
 from .status import with_comment
@@ -55,14 +49,6 @@ REQUEST_COMMITMENT = 1
 MAX_REFERENCES = 200_000
 """Most instances one request may name (more: 0213 Resource limitation)."""
 TRANSFER_SYNTAXES = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
-SAME_ASSOCIATION_WAIT = 1.0
-"""Seconds after its N-ACTION a requester must still hold the association open for the
-report to go on it: one that releases at once (most do) has its A-RELEASE-RQ in by then."""
-PAUSE_TIMEOUT = 5.0
-"""Seconds a report waits for the requester's association to be between two requests (a
-C-STORE or C-FIND of its own being answered) before it goes on a new association."""
-OPEN_POLL_SECONDS = 0.01
-"""How often the reporter looks whether the requester released during that wait."""
 IDLE_POLL_SECONDS = 60.0
 """How often the reporter looks at the index when it knows of no report to send (a request
 to this process wakes it at once; one to another process is that process's to report)."""
@@ -150,32 +136,6 @@ def report(transaction: str, results: list[tuple[str, str, Commitment]],
     return status.COMMITMENT_SUCCESSFUL, ds
 
 
-_requests: dict[tuple[str, str], tuple[weakref.ref[Any], float]] = {}
-"""(requester, Transaction UID) -> (the association its N-ACTION came on, when), while the
-report is not sent: this process's requests only."""
-_requests_lock = threading.Lock()
-
-
-def remember(assoc: Any, requester: str, transaction: str) -> None:
-    """The request ``transaction`` of ``requester`` came on ``assoc`` (an association we
-    accepted): its report may go on it (:class:`Reporter`)."""
-    with _requests_lock:
-        for key, (ref, _) in list(_requests.items()):  # those whose association ended
-            if (other := ref()) is None or not other.is_established:
-                del _requests[key]
-        _requests[(requester, transaction)] = (weakref.ref(assoc), time.monotonic())
-
-
-def _taken(requester: str, transaction: str) -> tuple[Any, float] | None:
-    """The association (still established) the request came on, and when; forgotten."""
-    with _requests_lock:
-        found = _requests.pop((requester, transaction), None)
-    if found is None:
-        return None
-    assoc = found[0]()
-    return (assoc, found[1]) if assoc is not None and assoc.is_established else None
-
-
 class Reporter:
     """The thread that sends the Storage Commitment reports of one server process."""
 
@@ -253,16 +213,7 @@ class Reporter:
                                   self.config.ae.title)
         failed = len(info.get("FailedSOPSequence", []))
         started = time.monotonic()
-        same = _taken(entry.peer, transaction)
-        error, reached = (self._on_same(*same, event_type, info) if same is not None
-                          else ("", False))
-        association = "same"
-        if error is not None:  # PS3.4 J.3.3: else on an association of its own
-            if reached:
-                logger.info("storage commitment report %s to %s: %s; sending it on a new"
-                            " association", transaction, peer.ae_title, error)
-            association = "new"
-            error, reached = self._deliver(peer, event_type, info)
+        error, reached = self._deliver(peer, event_type, info)
         if reached:
             self._unreachable.pop(entry.peer, None)
         else:  # not tried again before the delay a routed peer would wait
@@ -279,35 +230,10 @@ class Reporter:
                           peer=peer.ae_title, address=f"{peer.host}:{peer.port}",
                           transaction_uid=transaction, committed=len(references) - failed,
                           failed=failed, reported=error is None, error=error or "",
-                          association=association,
                           ms=round((time.monotonic() - started) * 1000, 1))
         if error is None:
-            logger.info("storage commitment %s reported to %s on the %s association: %d"
-                        " committed, %d failed", transaction, peer.ae_title,
-                        "N-ACTION's" if association == "same" else "new",
-                        len(references) - failed, failed)
-
-    def _on_same(self, assoc: Any, since: float, event_type: int,
-                 info: Dataset) -> tuple[str | None, bool]:
-        """Send the N-EVENT-REPORT on the N-ACTION's association ``assoc`` (PS3.4 J.3.3),
-        if the requester holds it open :data:`SAME_ASSOCIATION_WAIT` after ``since``:
-        ``None`` when it answered Success, else why not; and whether it was sent."""
-        while time.monotonic() < since + SAME_ASSOCIATION_WAIT:
-            if not still_open(assoc) or self._stop.wait(OPEN_POLL_SECONDS):
-                return "the requester released the N-ACTION's association", False
-        try:
-            sent, rsp = between_requests(assoc, lambda: assoc.send_n_event_report(
-                info, event_type, SOP_CLASS, SOP_INSTANCE), PAUSE_TIMEOUT)
-        except Exception as exc:  # noqa: BLE001 - e.g. it ended as the report went
-            return f"the N-ACTION's association failed: {exc}", True
-        if not sent:
-            return "the N-ACTION's association was released or stayed busy", False
-        code = int(rsp[0].get("Status", -1)) if rsp is not None and rsp[0] is not None else -1
-        if code != status.SUCCESS:
-            return ("no answer to the N-EVENT-REPORT on the N-ACTION's association" if code < 0
-                    else f"the N-EVENT-REPORT was answered {code:04X} on the N-ACTION's"
-                    " association"), True
-        return None, True
+            logger.info("storage commitment %s reported to %s: %d committed, %d failed",
+                        transaction, peer.ae_title, len(references) - failed, failed)
 
     def _deliver(self, peer: PeerConfig, event_type: int,
                  info: Dataset) -> tuple[str | None, bool]:
@@ -337,5 +263,5 @@ class Reporter:
                 assoc.release()
 
 
-__all__ = ["REQUEST_COMMITMENT", "SAME_ASSOCIATION_WAIT", "SOP_CLASS", "SOP_INSTANCE", "Reporter",
-           "parse_request", "remember", "report", "requester"]
+__all__ = ["REQUEST_COMMITMENT", "SOP_CLASS", "SOP_INSTANCE", "Reporter", "parse_request",
+           "report", "requester"]

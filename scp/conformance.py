@@ -30,7 +30,6 @@ from web import delete as web_delete
 from web import qido, stow, wado
 
 from . import status
-from .commitment import SAME_ASSOCIATION_WAIT
 from .config import Config
 from .contexts import (
     FIND_MODELS,
@@ -152,10 +151,8 @@ def statement(config: Config, version: str) -> list[Block]:
                   " and Implicit VR Little Endian (or only the peer's configured"
                   " `transfer_syntax`) and each stored transfer syntax; an instance goes as"
                   " stored when its syntax is accepted, else converted. At most 128 contexts."),
-        Paragraph(f"Storage Commitment: the N-EVENT-REPORT goes on the N-ACTION's association"
-                  f" when the requester holds it open {SAME_ASSOCIATION_WAIT:g} s after its"
-                  " request and answers it there with Success; otherwise on a new association"
-                  f" to the requester, proposing {_name(STORAGE_COMMITMENT)} with SCP/SCU Role"
+        Paragraph(f"Storage Commitment: the N-EVENT-REPORT goes on a new association to the"
+                  f" requester, proposing {_name(STORAGE_COMMITMENT)} with SCP/SCU Role"
                   " Selection (minipacs as SCP) and the uncompressed transfer syntaxes."),
         Paragraph("Verification SCU: the administrator's page's echo and `minipacs doctor`;"
                   " the doctor also proposes what a send would, with Study Root C-FIND as SCU"
@@ -278,8 +275,7 @@ def _sop_specific() -> list[Block]:
         )),
         Heading(4, "Storage Commitment Push Model SCP (PS3.4 Annex J)"),
         Paragraph("N-ACTION (Request Storage Commitment) is answered Success once recorded;"
-                  " the N-EVENT-REPORT follows on the same association or a new one"
-                  " (section 4.2.1.3): each"
+                  " the N-EVENT-REPORT follows on a new association (section 4.2.1.3): each"
                   " instance committed only if it is stored under that SOP Class and its"
                   " file still hashes as indexed; failures with reason"
                   f" {status.NO_SUCH_OBJECT_INSTANCE:04X} (no such instance),"

@@ -107,13 +107,10 @@ def handle_store(event: evt.Event, archive: Archive, activity: Activity,
 def handle_n_action(event: evt.Event, archive: Archive, activity: Activity,
                     access: Access) -> Status:
     """N-ACTION of the Storage Commitment Push Model (PS3.4 J.3.2): Success once the
-    request is recorded (the report follows, on this association if the requester keeps it
-    open, else on a new one: :class:`scp.commitment.Reporter`); refused (0110, 0112, 0115,
-    0123, 0213) when it cannot be."""
+    request is recorded (the report follows on its own association,
+    :class:`scp.commitment.Reporter`); refused (0110, 0112, 0115, 0123, 0213) when it cannot be."""
     transaction, references = commitment.parse_request(event)
     peer = commitment.requester(access.config, event)
-    # remembered first: the reporter wakes as soon as the request is recorded
-    commitment.remember(event.assoc, peer.ae_title.strip(" "), transaction)
     archive.outbox.add_commitment(peer.ae_title.strip(" "), transaction, references)
     return status.SUCCESS
 

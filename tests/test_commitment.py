@@ -8,7 +8,6 @@ refused with the N-ACTION statuses of PS3.7."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import subprocess
@@ -69,38 +68,20 @@ class Modality:
         ae.add_requested_context(SOP_CLASS)
         assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title)
         assert assoc.is_established
+        ds = Dataset()
+        if transaction:
+            ds.TransactionUID = transaction
+        ds.ReferencedSOPSequence = []
+        for sop_class, sop_instance in refs:
+            item = Dataset()
+            item.ReferencedSOPClassUID = sop_class
+            item.ReferencedSOPInstanceUID = sop_instance
+            ds.ReferencedSOPSequence.append(item)
         try:
-            rsp, _ = assoc.send_n_action(action_information(transaction, refs), action,
-                                         SOP_CLASS, instance)
+            rsp, _ = assoc.send_n_action(ds, action, SOP_CLASS, instance)
         finally:
             assoc.release()
         return rsp
-
-    def request_and_wait(self, running: Running, transaction: str,
-                         refs: list[tuple[str, str]], answer: int = status.SUCCESS,
-                         ) -> tuple[Dataset, tuple[int, Dataset]]:
-        """Send the N-ACTION and keep the association open until the report comes on it
-        (answered ``answer``); the N-ACTION's response and the report."""
-        on_this: queue.Queue[tuple[int, Dataset]] = queue.Queue()
-
-        def on_report(event: Any) -> tuple[int, None]:
-            on_this.put((int(event.event_type), event.event_information))
-            return answer, None
-
-        ae = AE(ae_title=MODALITY)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-        ae.add_requested_context(SOP_CLASS)
-        assoc = ae.associate("127.0.0.1", running.port, ae_title=running.ae_title,
-                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
-        assert assoc.is_established
-        try:
-            rsp, _ = assoc.send_n_action(action_information(transaction, refs), 1,
-                                         SOP_CLASS, SOP_INSTANCE)
-            got = on_this.get(timeout=60)
-        finally:
-            assoc.release()
-        assert on_this.empty()
-        return rsp, got
 
     def report(self, running: Running, timeout: float = 60) -> tuple[int, Dataset, str]:
         """The one report: once it came, and minipacs took it as delivered (its outbox
@@ -112,20 +93,6 @@ class Modality:
             time.sleep(0.05)  # poll interval
         assert self.reports.empty()
         return got
-
-
-def action_information(transaction: str, refs: list[tuple[str, str]]) -> Dataset:
-    """An N-ACTION's Action Information (PS3.4 Table J.3-1); no Transaction UID if empty."""
-    ds = Dataset()
-    if transaction:
-        ds.TransactionUID = transaction
-    ds.ReferencedSOPSequence = []
-    for sop_class, sop_instance in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop_instance
-        ds.ReferencedSOPSequence.append(item)
-    return ds
 
 
 @contextlib.contextmanager
@@ -190,50 +157,6 @@ def test_all_committed_is_event_type_1(start_server: Callable[..., Running]) -> 
     assert event_type == status.COMMITMENT_SUCCESSFUL
     assert "FailedSOPSequence" not in info
     assert len(info.ReferencedSOPSequence) == 3
-
-
-def test_a_requester_that_keeps_its_association_open_gets_the_report_on_it(
-        start_server: Callable[..., Running]) -> None:
-    # PS3.4 J.3.3: the N-EVENT-REPORT may go on the N-ACTION's association
-    with modality_and_server(start_server) as (modality, running):
-        modality.listen()  # a report on a new association would come here
-        stored = [make_ds(Modality="CT", SOPClassUID=CTImageStorage) for _ in range(2)]
-        for ds in stored:
-            running.archive.store(encode(ds), ExplicitVRLittleEndian)
-        transaction = uid()
-        rsp, (event_type, info) = modality.request_and_wait(running, transaction, [
-            (CTImageStorage, str(ds.SOPInstanceUID)) for ds in stored] + [
-            (CTImageStorage, uid())])
-        assert rsp.Status == status.SUCCESS
-        audit, deadline = running.data_dir / "audit.jsonl", time.monotonic() + 60
-        while not audit.exists() or '"storage-commitment"' not in audit.read_text():
-            assert time.monotonic() < deadline, "the report was not settled"  # audited last
-            time.sleep(0.05)  # poll interval
-        assert running.archive.outbox.entries(kind="commitment") == []
-        assert modality.reports.empty()  # and not again on a new association
-        lines = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert event_type == status.COMMITMENT_FAILURES_EXIST
-    assert info.TransactionUID == transaction
-    assert len(info.ReferencedSOPSequence) == 2 and len(info.FailedSOPSequence) == 1
-    reported = [line for line in lines if line["event"] == "storage-commitment"]
-    assert [(r["transaction_uid"], r["association"], r["reported"]) for r in reported] == [
-        (transaction, "same", True)]
-
-
-def test_a_report_refused_on_the_same_association_goes_on_a_new_one(
-        start_server: Callable[..., Running]) -> None:
-    with modality_and_server(start_server) as (modality, running):
-        modality.listen()
-        ds = make_ds(Modality="CT", SOPClassUID=CTImageStorage)
-        running.archive.store(encode(ds), ExplicitVRLittleEndian)
-        transaction = uid()
-        refs = [(CTImageStorage, str(ds.SOPInstanceUID))]
-        _, (first_type, first) = modality.request_and_wait(
-            running, transaction, refs, answer=status.PROCESSING_FAILURE)
-        event_type, info, sender = modality.report(running)
-    assert first_type == event_type == status.COMMITMENT_SUCCESSFUL
-    assert first.TransactionUID == info.TransactionUID == transaction
-    assert sender == running.ae_title
 
 
 def test_a_modality_that_ignores_role_selection_gets_its_report(

@@ -88,10 +88,6 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
      " from another thread wakes the reactor; a response taken while it is cleared goes back"),
     ("pynetdicom.association:Association._serve_request", "reactor: a response a send_*()"
      " waits for is put back, not dropped (pynetdicom#875)"),
-    ("pynetdicom.association:Association._is_paused", "reactor: a Storage Commitment report"
-     " goes on an accepted association once its reactor has paused between requests"),
-    ("pynetdicom.dul:DULServiceProvider.peek_next_pdu", "reactor: no report on an"
-     " association whose peer asked to release it; acse: a quick rejection kept"),
     ("pynetdicom.dimse:DIMSEServiceProvider.msg_queue", "reactor: where that response goes"
      " back"),
     ("pynetdicom.dul:DULServiceProvider.socket", "guards, sockets, reactor: the"

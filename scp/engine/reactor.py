@@ -49,14 +49,13 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from pynetdicom import _config as _pynetdicom_config
 from pynetdicom import association as _association
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dul as _dul
 from pynetdicom import events as evt
-from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.transport import AssociationSocket
 
 from storage import Spooled
@@ -72,10 +71,6 @@ IDLE_WAIT = 0.02
 """Longest wait of a reactor with nothing to do, in seconds."""
 ASSOCIATION_LOOP_SLEEP = 0.001
 """The sleep at the top of pynetdicom 3.0's Association._run_reactor loop."""
-PAUSE_POLL = 0.001
-"""How often :func:`between_requests` looks whether the reactor has paused (pynetdicom's
-``send_*()`` look every 0.1 ms; a Storage Commitment report is in no such hurry)."""
-T = TypeVar("T")
 
 _wakers: weakref.WeakKeyDictionary[threading.Thread, _Waker] = weakref.WeakKeyDictionary()
 _installed = False
@@ -396,16 +391,15 @@ def install() -> bool:
 
 
 def _keep_awaited_response(serve_request: Any) -> Any:
-    """pynetdicom's reactor can take a response off the DIMSE queue between its pause
-    checkpoint and the ``send_*()`` that waits for it, and drop it as "unexpected"
+    """pynetdicom's requestor reactor can take a response off the DIMSE queue between its
+    pause checkpoint and the ``send_*()`` that waits for it, and drop it as "unexpected"
     (pydicom/pynetdicom#875): the sender then waits for its DIMSE timeout. A response taken
     while a ``send_*()`` has paused the reactor (its checkpoint cleared) goes back to the
-    front of the queue for that sender; anything else is served as pynetdicom would. Our
-    requestors send that way, and so does an association we accepted when a Storage
-    Commitment report goes on it (:func:`between_requests`)."""
+    front of the queue for that sender; anything else is served as pynetdicom would."""
 
     def _serve_request(self: Any, msg: Any, context_id: int) -> None:
-        if not msg.is_valid_request and not self._reactor_checkpoint.is_set():
+        if (self.is_requestor and not msg.is_valid_request
+                and not self._reactor_checkpoint.is_set()):
             waiting = self.dimse.msg_queue
             with waiting.mutex:
                 waiting.queue.appendleft((context_id, msg))
@@ -414,38 +408,6 @@ def _keep_awaited_response(serve_request: Any) -> Any:
         serve_request(self, msg, context_id)
 
     return _serve_request
-
-
-def still_open(assoc: Any) -> bool:
-    """``assoc`` is established, and its peer has not asked to release or abort it (no
-    such primitive waits for its reactor): a request sent on it now is likely to be
-    answered, not to cross an A-RELEASE-RQ (PS3.8 9.2, Sta8: a P-DATA-TF there aborts)."""
-    if not assoc.is_established:
-        return False
-    waiting = assoc.dul.peek_next_pdu()
-    return not isinstance(waiting, (A_RELEASE, A_ABORT, A_P_ABORT))
-
-
-def between_requests(assoc: Any, send: Callable[[], T], timeout: float) -> tuple[bool, T | None]:
-    """``(True, send())`` once the reactor of ``assoc`` (an association we accepted) has
-    paused between two requests, if that comes within ``timeout`` seconds and
-    :func:`still_open` holds then; ``(False, None)`` otherwise. ``send`` is one of
-    pynetdicom's ``send_*()`` (it waits for its response while the reactor stays paused:
-    :func:`_keep_awaited_response`). pynetdicom's own ``send_*()`` would wait for the pause
-    without end, behind a C-MOVE of an hour."""
-    checkpoint = assoc._reactor_checkpoint
-    checkpoint.clear()
-    try:
-        deadline = time.monotonic() + timeout
-        while not assoc._is_paused:  # set by the reactor at its checkpoint
-            if not assoc.is_established or time.monotonic() > deadline:
-                return False, None
-            time.sleep(PAUSE_POLL)
-        if not still_open(assoc):
-            return False, None
-        return True, send()
-    finally:
-        checkpoint.set()
 
 
 def handle_conn_open(event: evt.Event) -> None:
