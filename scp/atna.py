@@ -174,7 +174,8 @@ def identifier(keys: dict[str, Any]) -> bytes:
     """A C-FIND's keys (as its audit line has them: keyword, text) as an identifier in
     Explicit VR Little Endian; a key without a keyword, or that cannot be encoded, is left
     out (PS3.15 A.5.3.12: the Query's ParticipantObjectQuery)."""
-    values = {str(k): str(v) for k, v in keys.items() if v not in (None, "")}
+    values = {str(k): str(v) for k, v in keys.items()
+              if v not in (None, "") and k != "SpecificCharacterSet"}  # decided here, once
     elements = []
     if any(not v.isascii() for v in values.values()):
         elements.append(DataElement(0x00080005, "CS", "ISO_IR 192"))
@@ -231,7 +232,7 @@ def _http(line: dict[str, Any], me: tuple[str, bool, str]) -> tuple[Any, ...] | 
     if code == 401 or service not in ("QIDO-RS", "WADO-RS", "STOW-RS", "DELETE"):
         return None
     user = (str(line.get("user") or "anonymous"), True, str(line.get("address", "")))
-    outcome = "0" if code < 400 else "4"
+    outcome = "0" if code < 400 and not line.get("failed") else "4"  # STOW-RS: 202
     path = str(line.get("path", ""))
     objects: list[ET.Element] = []
     if service == "QIDO-RS":
@@ -322,9 +323,12 @@ def message(line: dict[str, Any], ae_title: str, host: str) -> bytes | None:
         event_id, type_code, action = ("110104", "DICOM Instances Transferred"), None, "R"
         page = line.get("via") == "web page"  # its address is the browser's
         address = str(line.get("address", ""))
-        host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address  # HOST:PORT
-        participants = [(me, ("110153", "Source Role ID")),
-                        ((str(line.get("peer", "")), False, "" if page else host),
+        peer_host = (address.rsplit(":", 1)[0] if address.count(":") == 1  # HOST:PORT
+                     else address)
+        # routing: minipacs itself started the transfer; else who ran the command or
+        # clicked the page's button (below) did
+        participants = [((ae_title, not line.get("via"), host), ("110153", "Source Role ID")),
+                        ((str(line.get("peer", "")), False, "" if page else peer_host),
                          ("110152", "Destination Role ID"))]
         if line.get("via"):  # someone asked: the command's user, the page's account
             participants.append(((str(line.get("user", "")), True, address if page else ""),

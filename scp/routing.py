@@ -147,8 +147,8 @@ class Router:
                 self._threads.append(thread)
 
     def request_stop(self) -> None:
-        """Stop after the instance being sent (what a batch did not try stays leased, for
-        the next start: :func:`free_dead_leases`); see :meth:`join`."""
+        """Stop after the instance being sent (what a batch did not try, and a batch
+        claimed ahead, are let go: due again at once); see :meth:`join`."""
         self._stop.set()
         self.archive.outbox.notify()
 
@@ -174,6 +174,7 @@ class Router:
         seen = 0
         unreachable = 0  # batches in a row whose association could not be opened
         size = BATCH
+        last = 0.0  # how long the last batch took
         ahead: Future[Batch | None] | None = None  # the next batch, claimed during a send
         try:
             while not self._stop.is_set():
@@ -181,8 +182,9 @@ class Router:
                     return
                 batch: Batch | None = None
                 try:
-                    if ahead is not None:
-                        batch, ahead = ahead.result(), None
+                    if ahead is not None:  # forgotten first: a failed claim is not kept
+                        claimed, ahead = ahead, None
+                        batch = claimed.result()
                     else:
                         batch = self._prepare(peer, size)
                     if batch is None:
@@ -191,14 +193,15 @@ class Router:
                         if seen != before:  # a store queued one: let the others come too
                             self._stop.wait(GATHER_SECONDS)
                         continue
-                    if batch.full:  # a backlog: claim the next while this one goes
+                    if batch.full:  # a backlog: claim the next while this one goes, sized
+                        # as the last batch's time says (this one's is not known yet)
                         ahead = helper.submit(self._prepare, peer,
-                                              next_size(batch.size, batch.size, 0.0, True))
+                                              next_size(batch.size, batch.size, last, True))
                     began = time.monotonic()
-                    opened = self._send(peer, batch, helper)
+                    opened = self._send(peer, batch, helper, ahead)
+                    last = time.monotonic() - began
                     unreachable = 0 if opened else unreachable + 1
-                    size = next_size(batch.size, len(batch.entries), time.monotonic() - began,
-                                     opened)
+                    size = next_size(batch.size, len(batch.entries), last, opened)
                     if not opened and ahead is not None:  # due again, as it was
                         self._let_go(ahead)
                         ahead = None
@@ -258,18 +261,23 @@ class Router:
             with contextlib.suppress(Exception):
                 self.archive.release()
 
-    def _send(self, peer: PeerConfig, batch: Batch, helper: ThreadPoolExecutor) -> bool:
-        """Send one claimed batch (its lease renewed on ``helper``) and record what the
-        peer took or refused; ``False`` when the association could not be opened."""
-        items, entries, outbox, owner = batch.items, batch.entries, self.archive.outbox, self.owner
+    def _send(self, peer: PeerConfig, batch: Batch, helper: ThreadPoolExecutor,
+              ahead: Future[Batch | None] | None) -> bool:
+        """Send one claimed batch (its lease, and that of the batch claimed ``ahead``,
+        renewed on ``helper``) and record what the peer took or refused; ``False`` when the
+        association could not be opened."""
+        items, outbox, owner = batch.items, self.archive.outbox, self.owner
         if not items:
             return True
         renewed = time.monotonic()
 
-        def keep_lease(done: int, total: int) -> None:  # a long batch keeps its lease
+        def keep_lease(done: int, total: int) -> None:  # a long batch keeps its leases
             nonlocal renewed
             if time.monotonic() - renewed > RENEW_SECONDS:
                 renewed = time.monotonic()
+                entries = list(batch.entries)
+                if ahead is not None and ahead.done() and ahead.exception() is None:
+                    entries += (ahead.result() or Batch([], [], 0)).entries
                 helper.submit(self._released, outbox.renew, entries, owner, LEASE_SECONDS)
 
         final = send_to(self.config, self.archive, peer, items, keep_lease, service="routing",

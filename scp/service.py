@@ -209,7 +209,9 @@ class _Request:
             keys = {}
             for elem in identifier:
                 if elem.VR in TEXT_VRS and elem.value not in (None, ""):
-                    keys[elem.keyword or str(elem.tag)] = str(elem.value)[:AUDIT_VALUE]
+                    value = ("\\".join(map(str, elem.value)) if elem.VM > 1  # as on the wire
+                             else str(elem.value))
+                    keys[elem.keyword or str(elem.tag)] = value[:AUDIT_VALUE]
                 if len(keys) == AUDIT_KEYS:
                     break
             return keys

@@ -282,7 +282,8 @@ def test_the_messages_name_what_the_standard_asks(schema: etree.RelaxNG) -> None
     detail = found.find("ParticipantObjectDetail")
     assert (detail.get("type"), base64.b64decode(detail.get("value"))) == (
         "TransferSyntax", b"1.2.840.10008.1.2.1")
-    many = identifier({"PatientName": "Müller^*", "StudyDate": "20200101-20201231",
+    many = identifier({"SpecificCharacterSet": "ISO_IR 100",  # the query's: replaced
+                       "PatientName": "Müller^*", "StudyDate": "20200101-20201231",
                        "ModalitiesInStudy": "CT\\MR", "NumberOfStudyRelatedSeries": "2",
                        "(0009,0010)": "private", "(identifier)": "900 bytes, not recorded"})
     decoded = read_dataset(BytesIO(many), is_implicit_VR=False, is_little_endian=True)
@@ -296,9 +297,11 @@ def test_the_messages_name_what_the_standard_asks(schema: etree.RelaxNG) -> None
     routed = xml({"event": "route", "user": "routing", "peer": "AI", "address": "10.0.0.7:104",
                   "status": "0000", "failed": 0, "studies": ["1.2"], "instances": ["1.2.3"]})
     assert routed.find("EventIdentification").get("EventActionCode") == "R"
-    assert [(p.get("UserID"), p.get("NetworkAccessPointID"), p.find("RoleIDCode").get(
-        "csd-code")) for p in routed.findall("ActiveParticipant")] == [
-        ("MINIPACS", "pacs", "110153"), ("AI", "10.0.0.7", "110152")]
+    assert [(p.get("UserID"), p.get("UserIsRequestor"), p.get("NetworkAccessPointID"),
+             p.find("RoleIDCode").get("csd-code"))
+            for p in routed.findall("ActiveParticipant")] == [
+        ("MINIPACS", "true", "pacs", "110153"), ("AI", "false", "10.0.0.7", "110152")]
+    assert routed.find("AuditSourceIdentification").get("AuditSourceID") == "MINIPACS@pacs"
     assert [o.get("ParticipantObjectID") for o in routed.findall(
         "ParticipantObjectIdentification")] == ["1.2"]
     sent = xml({"event": "send", "user": "alice", "via": "web page", "address": "10.0.0.5",
@@ -307,6 +310,14 @@ def test_the_messages_name_what_the_standard_asks(schema: etree.RelaxNG) -> None
     assert [(p.get("UserID"), p.get("UserIsRequestor"), p.get("NetworkAccessPointID"))
             for p in sent.findall("ActiveParticipant")] == [
         ("MINIPACS", "false", "pacs"), ("WS", "false", None), ("alice", "true", "10.0.0.5")]
+    assert sent.find("AuditSourceIdentification").get("AuditSourceID") == "MINIPACS@pacs"
+    partly = xml({**{"event": "http", "user": None, "address": "10.0.0.8"},
+                  "service": "STOW-RS", "method": "POST", "status": 202,
+                  "path": "/dicom-web/studies", "studies": ["1.2.7"], "stored": 1,
+                  "failed": 1})  # PS3.18: 202, some instances failed
+    assert partly.find("EventIdentification").get("EventOutcomeIndicator") == "4"
+    assert partly.find("ParticipantObjectIdentification").get(
+        "ParticipantObjectID") == "1.2.7"
     http = {"event": "http", "user": None, "address": "10.0.0.8", "status": 200}
     qido = xml({**http, "service": "QIDO-RS", "method": "GET", "path": "/dicom-web/studies",
                 "query": "PatientID=P1"})

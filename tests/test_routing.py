@@ -409,3 +409,49 @@ def test_a_peer_with_two_connections_gets_a_backlog_over_both_at_once_each_insta
     assert most == 2
     assert set(got) == {str(ds.SOPInstanceUID) for ds in sent}
     assert max(got.values()) == 1  # each claimed by one sender only
+
+
+def test_a_claim_made_ahead_that_fails_does_not_stop_the_sender(
+        start_server: Callable[..., Running], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backlog (full batches) claims the next batch on a helper thread; when that claim
+    fails (the index locked, a pool exhausted), the sender claims again by itself."""
+    from storage.outbox import Outbox
+
+    got: collections.Counter[str] = collections.Counter()
+
+    def on_store(event: Any) -> int:
+        got[str(event.request.AffectedSOPInstanceUID)] += 1
+        return status.SUCCESS
+
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.require_calling_aet = ["NOBODY"]  # down: every association rejected, for now
+    peer = ae.start_server(("127.0.0.1", 0), block=False,
+                           evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    failed_once = threading.Event()
+    claim = Outbox.claim_instances
+
+    def failing_ahead(self: Outbox, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name.endswith("-index_0") and not failed_once.is_set():
+            failed_once.set()
+            raise OSError("the index is locked")
+        return claim(self, *args, **kwargs)
+
+    try:
+        running = start_server(
+            peers=[{"ae_title": "DEST", "host": "127.0.0.1", "port": peer.server_address[1]}],
+            routes=[{"name": "all", "to": ["DEST"]}],
+            **{"routing.retry_seconds": 0.2, "routing.retry_max_seconds": 0.5,
+               "routing.max_attempts": 100_000})
+        sent = [ct() for _ in range(250)]
+        store_from("CT1", running.port, sent)
+        wait_for("a failed attempt", lambda: all(
+            e.attempts for e in running.archive.outbox.entries(peer="DEST")))
+        monkeypatch.setattr(Outbox, "claim_instances", failing_ahead)
+        ae.require_calling_aet = []  # up
+        wait_for("every instance at DEST", lambda: len(got) == len(sent))
+        wait_for("the queue to empty", lambda: queue_of(running) == {})
+    finally:
+        peer.shutdown()
+    assert failed_once.is_set()  # a batch was claimed ahead, and that claim failed
+    assert set(got) == {str(ds.SOPInstanceUID) for ds in sent}

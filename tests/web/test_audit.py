@@ -59,7 +59,7 @@ def test_associations_operations_and_requests_are_in_the_trail(
         assert assoc.send_c_store(ds).Status == status.SUCCESS
     assoc.release()
     _, final = find(web.dicom, QueryRetrieveLevel="STUDY", PatientID="PID1",
-                    StudyInstanceUID="")
+                    StudyInstanceUID="", ModalitiesInStudy=["CT", "MR"])
     assert final == status.SUCCESS
     stranger = AE(ae_title="STRANGER")
     stranger.add_requested_context("1.2.840.10008.1.1")
@@ -82,6 +82,7 @@ def test_associations_operations_and_requests_are_in_the_trail(
     assert echo["status"] == "0000" and echo["address"] == "127.0.0.1"
     query = next(e for e in got if e.get("operation") == "C-FIND")
     assert query["keys"]["PatientID"] == "PID1" and query["keys"]["QueryRetrieveLevel"] == "STUDY"
+    assert query["keys"]["ModalitiesInStudy"] == "CT\\MR"  # a multi-value as on the wire
     ended = [e for e in got if e["event"] == "association-released"]
     assert {"echo": 1, "store": 2} in [e["operations"] for e in ended]
     rejected = next(e for e in got if e["event"] == "association-rejected")
