@@ -147,7 +147,8 @@ def statement(config: Config, version: str) -> list[Block]:
         Heading(4, "4.2.1.3 Association Initiation Policy"),
         Paragraph("Storage SCU (C-MOVE sub-operations, `minipacs send`, routing): one"
                   " association per operation or batch (routing: up to the peer's"
-                  " `peers[].connections` at once), proposing for each SOP Class Explicit"
+                  " `peers[].connections` at once per server process), proposing for each"
+                  " SOP Class Explicit"
                   " and Implicit VR Little Endian (or only the peer's configured"
                   " `transfer_syntax`) and each stored transfer syntax; an instance goes as"
                   " stored when its syntax is accepted, else converted. At most 128 contexts."),

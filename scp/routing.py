@@ -140,9 +140,11 @@ class Router:
         """Start ``connections`` senders per peer (none without routes)."""
         for peer in self.peers:
             for number in range(peer.connections):
-                name = f"minipacs-route-{peer.ae_title}" + (f"-{number + 1}" if number else "")
-                thread = threading.Thread(target=self._run, args=(peer,), daemon=True,
-                                          name=name)
+                suffix = f"-{number + 1}" if number else ""
+                # each sender its own lease owner: one never settles a sibling's items
+                owner = self.owner + suffix.replace("-", ":")
+                thread = threading.Thread(target=self._run, args=(peer, owner), daemon=True,
+                                          name=f"minipacs-route-{peer.ae_title}{suffix}")
                 thread.start()
                 self._threads.append(thread)
 
@@ -158,19 +160,19 @@ class Router:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
 
-    def _run(self, peer: PeerConfig) -> None:
+    def _run(self, peer: PeerConfig, owner: str) -> None:
         # during a backlog the next claim (with its instances' rows) is made on a helper
         # thread while this one sends: it waits for the peer's responses about half its
         # time (bench/README.md, "The backlog, like for like")
         with ThreadPoolExecutor(1, thread_name_prefix=f"{threading.current_thread().name}-index"
                                 ) as helper:
             try:
-                self._work(peer, helper)
+                self._work(peer, helper, owner)
             finally:
                 with contextlib.suppress(Exception):
                     self.archive.release()
 
-    def _work(self, peer: PeerConfig, helper: ThreadPoolExecutor) -> None:
+    def _work(self, peer: PeerConfig, helper: ThreadPoolExecutor, owner: str) -> None:
         seen = 0
         unreachable = 0  # batches in a row whose association could not be opened
         size = BATCH
@@ -186,7 +188,7 @@ class Router:
                         claimed, ahead = ahead, None
                         batch = claimed.result()
                     else:
-                        batch = self._prepare(peer, size)
+                        batch = self._prepare(peer, size, owner)
                     if batch is None:
                         unreachable = 0
                         before, seen = seen, self.archive.outbox.wait(seen, POLL_SECONDS)
@@ -196,7 +198,8 @@ class Router:
                     if batch.full:  # a backlog: claim the next while this one goes, sized
                         # as the last batch's time says (this one's is not known yet)
                         ahead = helper.submit(self._prepare, peer,
-                                              next_size(batch.size, batch.size, last, True))
+                                              next_size(batch.size, batch.size, last, True),
+                                              owner)
                     began = time.monotonic()
                     opened = self._send(peer, batch, helper, ahead)
                     last = time.monotonic() - began
@@ -212,7 +215,7 @@ class Router:
                     unreachable += 1
                     size = BATCH
                     if batch is not None:
-                        self._put_off(batch.entries, f"an unexpected error: {exc}")
+                        self._put_off(batch.entries, owner, f"an unexpected error: {exc}")
                 finally:
                     with contextlib.suppress(Exception):
                         self.archive.release()
@@ -225,8 +228,8 @@ class Router:
         """The peer's name in the outbox (as :mod:`storage.outbox` rows have it)."""
         return peer.ae_title.strip(" ")
 
-    def _put_off(self, entries: list[OutboxEntry], error: str) -> None:
-        put_off(self.archive, self.owner, self.config.routing, entries, error)
+    def _put_off(self, entries: list[OutboxEntry], owner: str, error: str) -> None:
+        put_off(self.archive, owner, self.config.routing, entries, error)
 
     def _let_go(self, ahead: Future[Batch | None]) -> None:
         """Release a batch claimed ahead that will not be sent now (a failed claim's
@@ -234,25 +237,25 @@ class Router:
         with contextlib.suppress(Exception):
             batch = ahead.result()
             if batch is not None:
-                self.archive.outbox.let_go(batch.entries, self.owner)
+                self.archive.outbox.let_go(batch.entries, batch.owner)
         with contextlib.suppress(Exception):
             self.archive.release()
 
-    def _prepare(self, peer: PeerConfig, size: int) -> Batch | None:
+    def _prepare(self, peer: PeerConfig, size: int, owner: str) -> Batch | None:
         """Claim up to ``size`` items for ``peer``, with their instances' rows; those no
         longer stored are dropped from the outbox. ``None`` when none is due."""
         try:
             outbox = self.archive.outbox
-            claimed = outbox.claim_instances(self.title(peer), self.owner, size, LEASE_SECONDS)
+            claimed = outbox.claim_instances(self.title(peer), owner, size, LEASE_SECONDS)
             if not claimed:
                 return None
             batch = Batch([entry for entry, _ in claimed],
-                          [item for _, item in claimed if item is not None], size)
+                          [item for _, item in claimed if item is not None], size, owner)
             if gone := [entry for entry, item in claimed if item is None]:
                 logger.info("routing to %s: %d queued instance(s) no longer stored, dropped",
                             peer.ae_title, len(gone))
                 try:
-                    outbox.sent(gone, self.owner)
+                    outbox.sent(gone, owner)
                 except Exception:  # noqa: BLE001 - dropped at their next claim
                     logger.exception("routing to %s: the outbox could not be updated",
                                      peer.ae_title)
@@ -266,7 +269,7 @@ class Router:
         """Send one claimed batch (its lease, and that of the batch claimed ``ahead``,
         renewed on ``helper``) and record what the peer took or refused; ``False`` when the
         association could not be opened."""
-        items, outbox, owner = batch.items, self.archive.outbox, self.owner
+        items, outbox, owner = batch.items, self.archive.outbox, batch.owner
         if not items:
             return True
         renewed = time.monotonic()
@@ -277,7 +280,7 @@ class Router:
                 renewed = time.monotonic()
                 entries = list(batch.entries)
                 if ahead is not None and ahead.done() and ahead.exception() is None:
-                    entries += (ahead.result() or Batch([], [], 0)).entries
+                    entries += (ahead.result() or Batch([], [], 0, owner)).entries
                 helper.submit(self._released, outbox.renew, entries, owner, LEASE_SECONDS)
 
         final = send_to(self.config, self.archive, peer, items, keep_lease, service="routing",
@@ -301,7 +304,7 @@ class Router:
         """After a batch went: delete from the outbox what the peer took, put off what it
         did not, let go of what was not tried; count, log and audit it."""
         by_uid = {e.sop_instance_uid: e for e in batch.entries}
-        items, outbox, owner = batch.items, self.archive.outbox, self.owner
+        items, outbox, owner = batch.items, self.archive.outbox, batch.owner
         failed = {i.sop_instance_uid for i in items} if unopened else set(final.failed_uids)
         # stopped early: the instances not tried are the last ``remaining``
         tried = items[:len(items) - (final.remaining or 0)]
@@ -309,7 +312,7 @@ class Router:
         outbox.sent(done, owner)
         outbox.let_go([by_uid[i.sop_instance_uid] for i in items[len(tried):]], owner)
         reason = final.comment or "the peer did not take it (see the log)"
-        self._put_off([by_uid[uid] for uid in failed], reason)
+        self._put_off([by_uid[uid] for uid in failed], owner, reason)
         metrics.ROUTED.labels(peer.ae_title, "sent").inc(len(done))
         metrics.ROUTED.labels(peer.ae_title, "failed").inc(len(failed))
         routes = sorted({e.route for e in batch.entries})
@@ -330,11 +333,13 @@ class Router:
 @dataclass(frozen=True)
 class Batch:
     """One claim of a sender: its outbox ``entries``, the ``items`` (instances) of those
-    still stored, in the order they were queued, and the ``size`` it asked for."""
+    still stored, in the order they were queued, the ``size`` it asked for, and the lease
+    ``owner`` (the sender's)."""
 
     entries: list[OutboxEntry]
     items: list[StoredInstance]
     size: int
+    owner: str
 
     @property
     def full(self) -> bool:

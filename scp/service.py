@@ -209,9 +209,15 @@ class _Request:
             keys = {}
             for elem in identifier:
                 if elem.VR in TEXT_VRS and elem.value not in (None, ""):
-                    value = ("\\".join(map(str, elem.value)) if elem.VM > 1  # as on the wire
-                             else str(elem.value))
-                    keys[elem.keyword or str(elem.tag)] = value[:AUDIT_VALUE]
+                    if elem.VM > 1:  # as on the wire; cut only between values
+                        value = "\\".join(map(str, elem.value))
+                        if len(value) > AUDIT_VALUE:
+                            cut = value[:AUDIT_VALUE + 1]
+                            value = (cut.rsplit("\\", 1)[0] if "\\" in cut
+                                     else cut[:AUDIT_VALUE])
+                    else:
+                        value = str(elem.value)[:AUDIT_VALUE]
+                    keys[elem.keyword or str(elem.tag)] = value
                 if len(keys) == AUDIT_KEYS:
                     break
             return keys

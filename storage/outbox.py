@@ -508,8 +508,8 @@ def _alive(owner: str, host: str) -> bool:
         pid = int(pid_text)
     except ValueError:
         return False
-    if pid == os.getpid():
-        return tag == _TAG
+    if pid == os.getpid():  # a sender of this process may add ":N" (peers[].connections)
+        return tag.split(":", 1)[0] == _TAG
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

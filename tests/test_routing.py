@@ -412,7 +412,8 @@ def test_a_peer_with_two_connections_gets_a_backlog_over_both_at_once_each_insta
 
 
 def test_a_claim_made_ahead_that_fails_does_not_stop_the_sender(
-        start_server: Callable[..., Running], monkeypatch: pytest.MonkeyPatch) -> None:
+        start_server: Callable[..., Running], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A backlog (full batches) claims the next batch on a helper thread; when that claim
     fails (the index locked, a pool exhausted), the sender claims again by itself."""
     from storage.outbox import Outbox
@@ -432,7 +433,10 @@ def test_a_claim_made_ahead_that_fails_does_not_stop_the_sender(
     claim = Outbox.claim_instances
 
     def failing_ahead(self: Outbox, *args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread().name.endswith("-index_0") and not failed_once.is_set():
+        # once the peer is up, so that the failure reaches the sender (a batch that cannot
+        # go lets its claim ahead go unread); 700 due: there is always a full batch then
+        if (threading.current_thread().name.endswith("-index_0") and not ae.require_calling_aet
+                and not failed_once.is_set()):
             failed_once.set()
             raise OSError("the index is locked")
         return claim(self, *args, **kwargs)
@@ -443,15 +447,18 @@ def test_a_claim_made_ahead_that_fails_does_not_stop_the_sender(
             routes=[{"name": "all", "to": ["DEST"]}],
             **{"routing.retry_seconds": 0.2, "routing.retry_max_seconds": 0.5,
                "routing.max_attempts": 100_000})
-        sent = [ct() for _ in range(250)]
+        sent = [ct() for _ in range(700)]
         store_from("CT1", running.port, sent)
         wait_for("a failed attempt", lambda: all(
             e.attempts for e in running.archive.outbox.entries(peer="DEST")))
         monkeypatch.setattr(Outbox, "claim_instances", failing_ahead)
+        caplog.set_level("ERROR", logger="scp.routing")
         ae.require_calling_aet = []  # up
         wait_for("every instance at DEST", lambda: len(got) == len(sent))
         wait_for("the queue to empty", lambda: queue_of(running) == {})
     finally:
         peer.shutdown()
-    assert failed_once.is_set()  # a batch was claimed ahead, and that claim failed
+    assert failed_once.is_set()
+    assert "routing to DEST failed; trying again" in caplog.text  # the sender saw it
+    assert "the index is locked" in caplog.text
     assert set(got) == {str(ds.SOPInstanceUID) for ds in sent}

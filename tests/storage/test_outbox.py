@@ -127,7 +127,11 @@ def test_the_leases_of_dead_processes_are_freed(routed: Archive) -> None:
     assert routed.outbox.free_dead_leases(host) == 1
     assert routed.outbox.claim("AI", lease_owner(), 10, 60)
     assert routed.outbox.free_dead_leases(host) == 0  # this process's own: alive
-    assert OutboxItem.select().count() == 1
+    routed.store(encode(make_ds(Modality="CT")), ExplicitVRLittleEndian,
+                 origin=Origin(ae_title="SCANNER1"))
+    assert routed.outbox.claim("AI", lease_owner() + ":2", 10, 60)  # a second sender's
+    assert routed.outbox.free_dead_leases(host) == 0
+    assert OutboxItem.select().count() == 2
 
 
 def test_an_item_stored_again_while_it_failed_is_due_at_once(routed: Archive) -> None:

@@ -234,3 +234,17 @@ def test_dicomweb_requests_reach_the_audit_repository_in_the_atna_form(
     assert [(p.get("UserID"), p.get("NetworkAccessPointID")) for p in stowed.findall(
         "ActiveParticipant")] == [("anonymous", "127.0.0.1"),
                                   (web.dicom.ae_title, socket.gethostname())]
+
+
+def test_a_long_list_of_uids_is_cut_between_two_of_them(
+        start_web: Callable[..., WebRunning]) -> None:
+    web = start_web()
+    uids = ["1.2.826.0.1.3680043.8.498." + str(10**37 + n) for n in range(5)]  # 64 each
+    assert all(len(u) == 64 for u in uids)
+    _, final = find(web.dicom, QueryRetrieveLevel="STUDY", StudyInstanceUID=uids)
+    assert final == status.SUCCESS
+    got = wait_for(web.dicom.config.audit_path,
+                   lambda ls: any(e.get("operation") == "C-FIND" for e in ls))
+    recorded = next(e for e in got if e.get("operation") == "C-FIND")["keys"]
+    kept = recorded["StudyInstanceUID"].split("\\")
+    assert kept == uids[:len(kept)] and 1 <= len(kept) < len(uids)  # whole UIDs only
