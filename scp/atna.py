@@ -83,6 +83,13 @@ command's last lines are tried before it exits."""
 CLOSE_SECONDS = 5.0
 
 DCM = "DCM"
+SOURCE = ("110153", "Source Role ID")
+DESTINATION = ("110152", "Destination Role ID")
+"""The RoleIDCodes of an active participant in a transfer or a query (PS3.15 A.5.3)."""
+TRANSFERRED = ("110104", "DICOM Instances Transferred")
+QUERY = ("110112", "Query")
+STUDY_DELETED = ("110105", "DICOM Study Deleted")
+"""EventIDs of the messages more than one kind of line is sent as (PS3.15 A.5.3)."""
 
 
 def syslog_problem(url: str) -> str | None:
@@ -238,22 +245,19 @@ def _http(line: dict[str, Any], me: tuple[str, bool, str]) -> tuple[Any, ...] | 
     if service == "QIDO-RS":
         query = path + (f"?{line['query']}" if line.get("query") else "")
         objects.append(_query(STUDY_ROOT_FIND, query.encode(), ("QueryEncoding", "UTF-8")))
-        return (("110112", "Query"), None, "E", outcome,
-                [(user, ("110153", "Source Role ID")),
-                 (me, ("110152", "Destination Role ID"))], objects)
+        return (QUERY, None, "E", outcome,
+                [(user, SOURCE), (me, DESTINATION)], objects)
     match = STUDY_IN_PATH.search(path)
     for uid in (_uids(line.get("studies")) or ([match.group(1)] if match else []))[
             :MAX_OBJECTS]:  # STOW-RS names the studies it stored
         _study(objects, uid)
     if service == "WADO-RS":
-        return (("110104", "DICOM Instances Transferred"), None, "R", outcome,
-                [(me, ("110153", "Source Role ID")),
-                 (user, ("110152", "Destination Role ID"))], objects)
+        return (TRANSFERRED, None, "R", outcome,
+                [(me, SOURCE), (user, DESTINATION)], objects)
     if service == "STOW-RS":
-        return (("110104", "DICOM Instances Transferred"), None, "C", outcome,
-                [(user, ("110153", "Source Role ID")),
-                 (me, ("110152", "Destination Role ID"))], objects)
-    return (("110105", "DICOM Study Deleted"), None, "D", outcome, [(user, None), (me, None)],
+        return (TRANSFERRED, None, "C", outcome,
+                [(user, SOURCE), (me, DESTINATION)], objects)
+    return (STUDY_DELETED, None, "D", outcome, [(user, None), (me, None)],
             objects)
 
 
@@ -290,21 +294,20 @@ def message(line: dict[str, Any], ae_title: str, host: str) -> bytes | None:
                 "value": base64.b64encode(str(line["reason"]).encode()).decode()})
         objects.append(node)
     elif event == "dimse" and operation == "C-STORE":
-        event_id, type_code, action = ("110104", "DICOM Instances Transferred"), None, "C"
-        participants = [(peer, ("110153", "Source Role ID")),
-                        (me, ("110152", "Destination Role ID"))]
+        event_id, type_code, action = TRANSFERRED, None, "C"
+        participants = [(peer, SOURCE), (me, DESTINATION)]
         if line.get("study_instance_uid"):
             _study(objects, str(line["study_instance_uid"]), str(line.get("sop_class_uid", "")),
                    str(line.get("sop_instance_uid", "")))
         if line.get("patient_id"):
             _patient(objects, str(line["patient_id"]))
     elif event == "dimse" and operation in ("C-MOVE", "C-GET"):
-        event_id, type_code, action = ("110104", "DICOM Instances Transferred"), None, "R"
+        event_id, type_code, action = TRANSFERRED, None, "R"
         destination = str(line.get("destination") or peer[0])
         asked = operation == "C-GET" or destination == peer[0]  # the destination asked
-        participants = [(me, ("110153", "Source Role ID")),
+        participants = [(me, SOURCE),
                         ((destination, asked, peer[2] if operation == "C-GET" else ""),
-                         ("110152", "Destination Role ID"))]
+                         DESTINATION)]
         if not asked:
             participants.append((peer, None))  # who asked, when not the destination
         keys = line.get("keys") or {}
@@ -313,23 +316,22 @@ def message(line: dict[str, Any], ae_title: str, host: str) -> bytes | None:
         for patient_id in _uids(keys.get("PatientID"))[:1]:
             _patient(objects, patient_id)
     elif event == "dimse" and operation == "C-FIND":
-        event_id, type_code = ("110112", "Query"), None
-        participants = [(peer, ("110153", "Source Role ID")),
-                        (me, ("110152", "Destination Role ID"))]
+        event_id, type_code = QUERY, None
+        participants = [(peer, SOURCE), (me, DESTINATION)]
         objects.append(_query(str(line.get("sop_class_uid") or "unknown"),
                               identifier(line.get("keys") or {}),
                               ("TransferSyntax", str(ExplicitVRLittleEndian))))
     elif event in ("route", "send"):  # C-STORE of ours: routing, minipacs send, the page
-        event_id, type_code, action = ("110104", "DICOM Instances Transferred"), None, "R"
+        event_id, type_code, action = TRANSFERRED, None, "R"
         page = line.get("via") == "web page"  # its address is the browser's
         address = str(line.get("address", ""))
         peer_host = (address.rsplit(":", 1)[0] if address.count(":") == 1  # HOST:PORT
                      else address)
         # routing: minipacs itself started the transfer; else who ran the command or
         # clicked the page's button (below) did
-        participants = [((ae_title, not line.get("via"), host), ("110153", "Source Role ID")),
+        participants = [((ae_title, not line.get("via"), host), SOURCE),
                         ((str(line.get("peer", "")), False, "" if page else peer_host),
-                         ("110152", "Destination Role ID"))]
+                         DESTINATION)]
         if line.get("via"):  # someone asked: the command's user, the page's account
             participants.append(((str(line.get("user", "")), True, address if page else ""),
                                  None))
@@ -348,7 +350,7 @@ def message(line: dict[str, Any], ae_title: str, host: str) -> bytes | None:
             return None
         event_id, type_code, action, outcome, participants, objects = built
     elif event in ("delete", "retention"):
-        event_id, type_code, action = ("110105", "DICOM Study Deleted"), None, "D"
+        event_id, type_code, action = STUDY_DELETED, None, "D"
         outcome = "4" if line.get("error") or line.get("files_left") else "0"
         deleter = (str(line.get("user", "")), True, "")
         participants = [(deleter, None), (me, None)]

@@ -280,7 +280,8 @@ class Router:
                 renewed = time.monotonic()
                 entries = list(batch.entries)
                 if ahead is not None and ahead.done() and ahead.exception() is None:
-                    entries += (ahead.result() or Batch([], [], 0, owner)).entries
+                    next_batch = ahead.result()
+                    entries += next_batch.entries if next_batch is not None else []
                 helper.submit(self._released, outbox.renew, entries, owner, LEASE_SECONDS)
 
         final = send_to(self.config, self.archive, peer, items, keep_lease, service="routing",

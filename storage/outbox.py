@@ -256,6 +256,18 @@ class Outbox:
         """Lease up to ``limit`` items of ``kind`` due for ``peer`` (``None``: any but
         those of ``exclude``) to ``owner``, oldest due first; nothing is written when none
         is due."""
+        return [entry for entry, _ in self._claim(kind, peer, exclude, owner, limit,
+                                                  lease_seconds)]
+
+    def claim_instances(self, peer: str, owner: str, limit: int, lease_seconds: float
+                        ) -> list[tuple[Entry, StoredInstance | None]]:
+        """:meth:`claim` routes' items for ``peer``, each with what a retrieve needs of its
+        instance, read in the same statement (``None``: no longer stored)."""
+        return self._claim(ROUTE, peer, (), owner, limit, lease_seconds, INSTANCE_COLUMNS)
+
+    def _claim(self, kind: str, peer: str | None, exclude: Sequence[str], owner: str,
+               limit: int, lease_seconds: float, instance_columns: Sequence[Any] = (),
+               ) -> list[tuple[Entry, StoredInstance | None]]:
         now = _now()
         due = ((OutboxItem.kind == kind) & (OutboxItem.failed == False)  # noqa: E712
                & (OutboxItem.due_at <= now)
@@ -265,24 +277,7 @@ class Outbox:
         if exclude:
             due &= OutboxItem.peer.not_in(list(exclude))
         if not OutboxItem.select(OutboxItem.id).where(due).limit(1).exists():
-            return []
-        return [entry for entry, _ in self._claim(due, now, owner, limit, lease_seconds)]
-
-    def claim_instances(self, peer: str, owner: str, limit: int, lease_seconds: float
-                        ) -> list[tuple[Entry, StoredInstance | None]]:
-        """:meth:`claim` routes' items for ``peer``, each with what a retrieve needs of its
-        instance, read in the same statement (``None``: no longer stored)."""
-        now = _now()
-        due = ((OutboxItem.kind == ROUTE) & (OutboxItem.failed == False)  # noqa: E712
-               & (OutboxItem.due_at <= now) & (OutboxItem.peer == peer)
-               & (OutboxItem.lease_until.is_null() | (OutboxItem.lease_until < now)))
-        if not OutboxItem.select(OutboxItem.id).where(due).limit(1).exists():
-            return []
-        return self._claim(due, now, owner, limit, lease_seconds, INSTANCE_COLUMNS)
-
-    def _claim(self, due: Any, now: datetime.datetime, owner: str, limit: int,
-               lease_seconds: float, instance_columns: Sequence[Any] = (),
-               ) -> list[tuple[Entry, StoredInstance | None]]:
+            return []  # no write transaction when nothing is due
         with self.write_lock, index.write_transaction():
             def chosen(*columns: Any) -> Any:
                 return (OutboxItem.select(*columns).where(due)
