@@ -30,6 +30,9 @@ from storage import (
     DuplicatePolicy,
     RetentionRules,
     Route,
+    S3Options,
+    files_url_problem,
+    is_object_url,
     match_key_problem,
     protect_problem,
     response_charset_problem,
@@ -93,6 +96,11 @@ class StorageConfig:
 
     data_dir: Path = Path("data")
     index_url: str = ""
+    files_url: str = ""
+    s3_endpoint: str = ""
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
     on_duplicate: str = "replace"
     durability: str = "full"
     max_instance_mb: int = 2048
@@ -281,7 +289,12 @@ class Config:
 
     @property
     def files_path(self) -> Path:
-        """The file store's folder: ``<data_dir>/files``."""
+        """The file store's folder: ``storage.files_url`` when it is one, by default
+        ``<data_dir>/files``; with an object store, the node's local folder beside it (its
+        locks and the spool of large objects)."""
+        url = self.storage.files_url
+        if url and not is_object_url(url):
+            return Path(url)
         return self.storage.data_dir / "files"
 
     @property
@@ -296,6 +309,9 @@ class Config:
         return ArchiveOptions(
             files_path=self.files_path,
             index_url=self.index_url,
+            files_url=self.storage.files_url if is_object_url(self.storage.files_url) else "",
+            s3=S3Options(self.storage.s3_endpoint, self.storage.s3_region,
+                         self.storage.s3_access_key_id, self.storage.s3_secret_access_key),
             on_duplicate=DuplicatePolicy(self.storage.on_duplicate),
             durable=self.storage.durability == "full",
             fold_pn=self.query.pn_case_insensitive,
@@ -507,6 +523,9 @@ def _section(name: str, cls: type, raw: Any, base: Path, problems: list[str]) ->
                 values[key] = str((base / Path(values[key]).expanduser()).resolve())
     if name == "audit" and values.get("path"):  # relative to the configuration's folder
         values["path"] = str((base / Path(values["path"]).expanduser()).resolve())
+    files_url = values.get("files_url")
+    if name == "storage" and files_url and not is_object_url(files_url) and "://" not in files_url:
+        values["files_url"] = str((base / Path(files_url).expanduser()).resolve())
     url = values.get("index_url")
     if isinstance(url, str) and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         values["index_url"] = f"sqlite:///{(base / url[len('sqlite:///'):]).resolve()}"
@@ -601,6 +620,10 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
         elif values.get("syslog") and values.get("enabled") is False:
             problems.append("audit.syslog: needs audit.enabled (the lines it sends are the"
                             " audit trail's)")
+    if section == "storage" and values.get("files_url"):
+        why = files_url_problem(values["files_url"])
+        if why:
+            problems.append(f"storage.files_url: {why}")
     if section == "query" and values.get("max_results", 0) < 0:
         problems.append("query.max_results: must not be negative (0 = no limit)")
     if section == "query" and "response_charset" in values:

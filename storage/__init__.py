@@ -50,6 +50,7 @@ from .instances import (
 from .keys import KEYS as QUERY_KEYS
 from .keys import Key as QueryKey
 from .keys import Level, Model
+from .objects import S3Options, files_url_problem, is_object_url
 from .outbox import COMMITMENT, ROUTE, PeerQueue, Route, lease_owner, match_key_problem
 from .outbox import Entry as OutboxEntry
 from .parsing import Spooled, read_identifier
@@ -99,6 +100,7 @@ __all__ = [
     "QueryFailed",
     "ROUTE",
     "Route",
+    "S3Options",
     "SOPClassMismatch",
     "StorageError",
     "StorageFull",
@@ -115,7 +117,9 @@ __all__ = [
     "WriteResult",
     "bulk_path",
     "failure_code",
+    "files_url_problem",
     "install_decoder_log_filter",
+    "is_object_url",
     "is_uid",
     "lease_owner",
     "match_key_problem",

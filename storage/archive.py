@@ -53,6 +53,7 @@ from .index import DuplicatePolicy, StoredInstance, WriteOutcome, WriteResult
 from .instances import PixelSource, WebInstance
 from .keys import Model
 from .models import Instance
+from .objects import ObjectStore, S3Options
 from .parsing import (
     Parsed,
     Spooled,
@@ -162,6 +163,12 @@ class ArchiveOptions:
     routes : tuple of Route
         ``routes``: each stored instance that matches one is queued in the outbox for its
         peers (:mod:`storage.outbox`).
+    files_url : str
+        ``s3://bucket/prefix``: the files are kept in that object store
+        (:class:`~storage.objects.ObjectStore`), and ``files_path`` holds only the node's
+        locks and spool; "" = in ``files_path``.
+    s3 : S3Options
+        How to reach the object store.
     """
 
     files_path: Path
@@ -177,6 +184,24 @@ class ArchiveOptions:
     shared: bool = False
     serving: bool = False
     routes: tuple[outbox.Route, ...] = ()
+    files_url: str = ""
+    s3: S3Options = S3Options()
+
+
+def open_files(options: ArchiveOptions) -> FileStore:
+    """The file store ``options`` name: a local folder, or an object store with the node's
+    local folder beside it.
+
+    With an object store the local folder holds nothing ``verify``, ``reindex`` or
+    ``import`` must have to themselves (other nodes write to the bucket anyway): they take
+    its lock shared, and run beside this node's server.
+    """
+    if not options.files_url:
+        return FilesystemStore(options.files_path, options.durable, options.shared,
+                               options.serving)
+    local = FilesystemStore(options.files_path, options.durable,
+                            options.shared or not options.serving, options.serving)
+    return ObjectStore(options.files_url, options.s3, local)
 
 
 class Commitment(enum.Enum):
@@ -199,8 +224,7 @@ class Archive:
 
     def __init__(self, options: ArchiveOptions, files: FileStore | None = None) -> None:
         self.options = options
-        self.files: FileStore = files or FilesystemStore(options.files_path, options.durable,
-                                                         options.shared, options.serving)
+        self.files: FileStore = files or open_files(options)
         try:
             self.database = index.connect(options.index_url, synchronous_full=options.durable)
         except BaseException:

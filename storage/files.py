@@ -44,14 +44,20 @@ SERVER_LOCK = ".server.lock"
 
 @dataclass(frozen=True)
 class Staged:
-    """A file written by :meth:`FileStore.stage`, not yet durable nor under its key."""
+    """A file written by :meth:`FileStore.stage`, not yet durable nor under its key: in a
+    temporary file, or (an object store's small objects) in memory."""
 
     key: str
-    temp: Path
+    temp: Path | None
+    data: bytes | None = None
 
 
 class FileStore(Protocol):
     """What the archive needs of a place to keep files."""
+
+    settle_seconds: float
+    """How old a file no index row names must be before ``verify`` takes it for a stray:
+    0 where ``verify`` has the store to itself, longer where other nodes share it."""
 
     def put(self, chunks: Iterable[bytes]) -> str:
         """Write the chunks as one new file and return its key."""
@@ -117,6 +123,8 @@ class FilesystemStore:
         ``verify``, ``reindex`` and ``import`` still cannot; it sweeps temporary files,
         which no other process writes meanwhile.
     """
+
+    settle_seconds = 0.0
 
     def __init__(self, root: Path, fsync: bool = True, shared: bool = False,
                  serving: bool = False) -> None:
@@ -246,7 +254,7 @@ class FilesystemStore:
         removed), else None.
         """
         errors: list[StorageFull | None] = [None] * len(staged)
-        synced = self._fsync_files([item.temp for item in staged]) if self.fsync else None
+        synced = self._fsync_files([_temp(item) for item in staged]) if self.fsync else None
         placed: dict[Path, list[int]] = {}
         for i, item in enumerate(staged):
             final = self.path(item.key)
@@ -256,7 +264,7 @@ class FilesystemStore:
                     raise failure
                 if final.parent not in placed:
                     final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(item.temp, final)
+                os.replace(_temp(item), final)
             except OSError as exc:
                 self.abandon(item)
                 errors[i] = StorageFull(
@@ -290,8 +298,9 @@ class FilesystemStore:
 
     def abandon(self, staged: Staged) -> None:
         """Remove a staged file that will not be published (missing is not an error)."""
-        with contextlib.suppress(OSError):
-            staged.temp.unlink()
+        if staged.temp is not None:
+            with contextlib.suppress(OSError):
+                staged.temp.unlink()
 
     def _make_folder_durable(self, folder: Path) -> None:
         """fsync the entries of ``ab/`` and ``ab/cd/`` once per folder and process.
@@ -365,6 +374,13 @@ def new_key(now: float | None = None) -> str:
     """
     minute = int((time.time() if now is None else now) // (60 * FOLDER_MINUTES))
     return f"{minute & 0xFFFF:04x}{uuid.uuid4().hex[4:]}"
+
+
+def _temp(staged: Staged) -> Path:
+    """The temporary file of a file staged by :meth:`FilesystemStore.stage`."""
+    if staged.temp is None:
+        raise StorageError(f"{staged.key} was not staged to a file")
+    return staged.temp
 
 
 def _fsync_error(path: Path) -> OSError | None:

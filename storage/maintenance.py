@@ -22,6 +22,7 @@ these) out meanwhile.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -128,7 +129,8 @@ def verify(
         done += 1
         if progress:
             progress(done, total)
-    for uid, copies in _strays(archive, keys - indexed_keys, report).items():
+    for uid, copies in _strays(archive, _settled(archive, keys - indexed_keys),
+                               report).items():
         _repair_strays(archive, uid, copies, damaged, report, repair)
         done += len(copies)
         if progress:
@@ -137,8 +139,9 @@ def verify(
         gone = [row for row, i in damaged.values()
                 if report.problems[i].kind == "missing file" and not report.problems[i].repaired]
         with archive.writing():
-            for row in gone:
-                Instance.delete().where(Instance.id == row.id).execute()
+            for row in gone:  # unless it was stored again meanwhile (another node)
+                Instance.delete().where((Instance.id == row.id)
+                                        & (Instance.file_key == row.file_key)).execute()
             index.recompute_counters({row.study_id for row in gone})
         for row in gone:
             i = damaged[row.sop_instance_uid][1]
@@ -168,7 +171,7 @@ def check_row(archive: MaintainedArchive, row: Any, present: bool) -> Problem | 
     ``file_key``, ``file_size`` and ``content_hash``; ``present``: the store lists the
     file): missing, unreadable, or not the bytes indexed. ``None`` when it verifies."""
     uid = row.sop_instance_uid
-    if not present:
+    if not present and not _exists(archive, row.file_key):  # stored since the listing?
         return Problem("missing file", uid, f"file {row.file_key} is not in the store")
     try:
         with archive.files.open(row.file_key) as fp:
@@ -185,6 +188,40 @@ def check_row(archive: MaintainedArchive, row: Any, present: bool) -> Problem | 
     if content_hash(syntax, data) != row.content_hash:
         return Problem("changed file", uid, f"file {row.file_key}: content hash differs")
     return None
+
+
+def _exists(archive: MaintainedArchive, key: str) -> bool:
+    try:
+        archive.files.size(key)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # there, or not known: check_row reads it and says which
+    return True
+
+
+def _settled(archive: MaintainedArchive, keys: set[str]) -> set[str]:
+    """The files among ``keys`` (none named by an index row) old enough to be strays: in a
+    store other nodes share, a file written in the last ``settle_seconds`` may be one whose
+    store is still committing (:attr:`storage.files.FileStore.settle_seconds`)."""
+    settle = archive.files.settle_seconds
+    if not settle:
+        return keys
+    now = time.time()
+    settled = set()
+    for key in keys:
+        try:
+            if now - archive.files.modified(key) >= settle:
+                settled.add(key)
+        except FileNotFoundError:
+            continue  # removed since the listing: a replaced instance's, or a failed store's
+        except OSError:
+            settled.add(key)  # _strays reports it unreadable, and keeps it
+    if len(settled) < len(keys):
+        logger.info("%d files no index row names were written in the last %.0f s: left"
+                    " alone (stores in flight on other nodes)", len(keys) - len(settled),
+                    settle)
+    return settled
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from pydicom.dataset import Dataset
@@ -45,6 +45,14 @@ def dcmtk_tool(name: str) -> str | None:
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
                            if p and os.path.realpath(p) != venv_bin)
     return shutil.which(name, path=path)
+
+
+def unavailable(message: str) -> NoReturn:
+    """A tool or engine a test needs is missing: fail with ``message`` when ``CI`` is set,
+    else skip saying why."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def free_port() -> int:
@@ -249,3 +257,12 @@ def hold_second_read_until_cancelled(running: Running) -> None:
         return original(item, accepted)
 
     running.archive.read_instance = held
+
+
+@pytest.fixture(scope="session")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A SeaweedFS S3 server for the whole run (:class:`tests.objects.Weed`), on loopback;
+    give each test its own prefix in its bucket."""
+    from tests.objects import started_weed  # it imports this module
+
+    yield from started_weed(tmp_path_factory.mktemp("weed"))

@@ -60,7 +60,7 @@ def test_config_yaml_holds_every_key_with_the_code_default() -> None:
 
 def test_readme_documents_every_key_with_its_default() -> None:
     readme = (REPO / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `([a-z_]+(?:\[\])?\.[a-z_]+)` \| `?([^`|]*)`? \|", readme, re.M))
+    rows = dict(re.findall(r"^\| `([a-z_]+(?:\[\])?\.[a-z0-9_]+)` \| `?([^`|]*)`? \|", readme, re.M))
     expected = {k: str(v).lower() if isinstance(v, bool) else str(v)
                 for k, v in {**code_defaults(), **list_defaults()}.items()}
     assert rows == expected

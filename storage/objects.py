@@ -1,0 +1,345 @@
+"""The object store: DICOM files kept in an S3-compatible bucket, through obstore.
+
+The same :class:`~storage.files.FileStore` as the local folder, with the same promises
+(DESIGN.md, C-STORE): keys are ours (never a UID from the network), an object is written
+whole by one PUT (or a multipart upload that completes at once) before the index commits,
+and a replaced object is removed only after the new one is committed. A crash between the
+PUT and the commit leaves an object no row names: ``verify --repair`` lists the bucket and
+removes it (:attr:`ObjectStore.settle_seconds`: other nodes may be between the two steps
+of their own stores).
+
+Why obstore and not boto3 (bench/README.md, "Object store clients"): on this workload (a
+PUT and GETs of 10 kB to 500 kB objects from server threads) boto3 spent 1.3-2.4 ms of
+Python CPU per request against obstore's 0.16-0.8 ms, which does its HTTP and signing in
+Rust outside the GIL. minipacs retrieves at about 170 us of CPU per instance: boto3 alone
+would have cost more than the whole rest of a C-MOVE.
+
+The node still has a local folder (``<data_dir>/files``): its lock files (one server per
+folder) and ``tmp/``, where incoming objects too large for memory are spooled before their
+PUT. It is a :class:`~storage.files.FilesystemStore` that this store wraps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import itertools
+import logging
+import os
+import threading
+import urllib.parse
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import obstore
+from obstore.store import S3Store
+
+from .errors import StorageError, StorageFull
+from .files import _KEY_RE, FilesystemStore, Staged, new_key
+
+logger = logging.getLogger(__name__)
+
+IN_MEMORY_BYTES = 8 * 2**20
+"""Objects up to this size are PUT from memory; larger ones are spooled to the local
+``tmp/`` first and uploaded from there in parts (a 2 GB multi-frame never sits in memory)."""
+READ_AHEAD = 2**20
+"""Bytes one ranged GET reads ahead when a file is read a little at a time; the first GET
+of an object reads this much, so most objects (a CT slice is 0.5 MB) take one request."""
+PUT_THREADS = 16
+"""PUTs of one group commit sent at once (:meth:`ObjectStore.publish`)."""
+SETTLE_SECONDS = 3600.0
+"""How old an object no index row names must be before ``verify`` takes it for a stray:
+another node may be between its PUT and its commit (seconds to minutes while the index is
+unreachable; never near an hour, since its store then fails and removes the object)."""
+TIMEOUT = "30s"
+CONNECT_TIMEOUT = "5s"
+"""Per request: an unreachable store fails a C-STORE with A700 in seconds, not minutes."""
+
+
+class ObjectStoreError(OSError):
+    """The object store refused or could not be reached (an OSError, as a file system's
+    failures are, so that every caller's handling of an unreadable file applies)."""
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach an S3-compatible store (``storage.s3_*``); empty values come from the
+    standard AWS environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_REGION``, ``AWS_ENDPOINT_URL``)."""
+
+    endpoint: str = ""
+    region: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = ""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` -> (bucket, prefix without slashes at either end).
+
+    Raises
+    ------
+    StorageError
+        Not an s3:// URL, or no bucket.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+        raise StorageError(f"not an object store URL (s3://bucket/prefix): {url!r}")
+    return parts.netloc, parts.path.strip("/")
+
+
+def is_object_url(url: str) -> bool:
+    """Whether ``storage.files_url`` names an object store rather than a folder."""
+    return url.startswith("s3://")
+
+
+def files_url_problem(url: str) -> str | None:
+    """Why ``storage.files_url`` is neither a folder nor an object store URL, or None."""
+    if is_object_url(url):
+        try:
+            parse_url(url)
+        except StorageError as exc:
+            return str(exc)
+    elif "://" in url:
+        return f"neither a folder nor an s3://bucket/prefix URL: {url!r}"
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    """obstore's message without its debug dump: its first line."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _failing(what: str) -> Iterator[None]:
+    """Raise what goes wrong inside as :class:`ObjectStoreError` ("<what>: <why>"); a
+    missing object stays a :class:`FileNotFoundError`, which obstore raises."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - obstore's errors, and its OSErrors
+        raise ObjectStoreError(f"{what}: {_short(exc)}") from exc
+
+
+class ObjectStore:
+    """A :class:`~storage.files.FileStore` in an S3-compatible bucket.
+
+    Parameters
+    ----------
+    url : str
+        ``s3://bucket/prefix``: objects are named ``<prefix>/<key>``.
+    options : S3Options
+        Endpoint, region and credentials.
+    local : FilesystemStore
+        The node's local folder: its locks, and the spool of large objects.
+    settle_seconds : float
+        See :data:`SETTLE_SECONDS`.
+    """
+
+    def __init__(self, url: str, options: S3Options, local: FilesystemStore,
+                 settle_seconds: float = SETTLE_SECONDS) -> None:
+        self.url = url
+        self.local = local
+        self.settle_seconds = settle_seconds
+        bucket, prefix = parse_url(url)
+        config: Any = {}
+        for name, value in (("endpoint", options.endpoint), ("region", options.region),
+                            ("access_key_id", options.access_key_id),
+                            ("secret_access_key", options.secret_access_key)):
+            if value:
+                config[name] = value
+        client: Any = {"timeout": TIMEOUT, "connect_timeout": CONNECT_TIMEOUT}
+        endpoint = (options.endpoint or os.environ.get("AWS_ENDPOINT_URL")
+                    or os.environ.get("AWS_ENDPOINT") or "")
+        if endpoint.startswith("http://"):  # a store on the node's own network
+            client["allow_http"] = True
+        retry: Any = {"max_retries": 2, "retry_timeout": datetime.timedelta(seconds=20),
+                      "backoff": {"init_backoff": datetime.timedelta(milliseconds=100),
+                                  "max_backoff": datetime.timedelta(seconds=2), "base": 2.0}}
+        try:
+            self._store = S3Store(bucket, prefix=prefix or None, config=config,
+                                  client_options=client, retry_config=retry)
+        except Exception as exc:  # noqa: BLE001 - obstore's configuration errors
+            local.close()
+            raise StorageError(f"cannot use {url} as the file store: {_short(exc)}") from exc
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # -- writing -----------------------------------------------------------------------
+
+    def stage(self, chunks: Iterable[bytes]) -> Staged:
+        """Hold ``chunks`` for :meth:`publish`: in memory up to :data:`IN_MEMORY_BYTES`,
+        else spooled to the local ``tmp/``."""
+        held: list[bytes] = []
+        size = 0
+        iterator = iter(chunks)
+        for chunk in iterator:
+            held.append(chunk)
+            size += len(chunk)
+            if size > IN_MEMORY_BYTES:
+                spooled = self.local.stage(itertools.chain(held, iterator))
+                return Staged(spooled.key, spooled.temp)
+        return Staged(new_key(), None, b"".join(held))
+
+    def publish(self, staged: Sequence[Staged]) -> list[StorageFull | None]:
+        """PUT each staged object (several at once); per object, the error that kept it
+        from being stored, else None. A spooled object's local file is removed either way."""
+        if len(staged) == 1:
+            return [self._put(staged[0])]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(PUT_THREADS, "minipacs-put")
+            pool = self._pool
+        return list(pool.map(self._put, staged))
+
+    def _put(self, item: Staged) -> StorageFull | None:
+        try:
+            source: Any = item.data if item.data is not None else item.temp
+            obstore.put(self._store, self._name(item.key), source)
+        except Exception as exc:  # noqa: BLE001 - obstore raises its own and OSErrors
+            return StorageFull(f"cannot write to the object store: {_short(exc)}")
+        finally:
+            self.abandon(item)
+        return None
+
+    def put(self, chunks: Iterable[bytes]) -> str:
+        """Write ``chunks`` as one new object and return its key.
+
+        Raises
+        ------
+        StorageFull
+            The PUT failed.
+        """
+        staged = self.stage(chunks)
+        (error,) = self.publish([staged])
+        if error is not None:
+            raise error
+        return staged.key
+
+    def abandon(self, staged: Staged) -> None:
+        """Forget a staged object: remove its local spool file, if any."""
+        if staged.temp is not None:
+            self.local.abandon(staged)
+
+    # -- reading and the rest ----------------------------------------------------------
+
+    def open(self, key: str) -> BinaryIO:
+        """Open the object ``key`` for reading: ranged GETs of :data:`READ_AHEAD` bytes as
+        it is read (memory stays flat whatever its size).
+
+        Raises
+        ------
+        FileNotFoundError
+            No such object.
+        ObjectStoreError
+            The store could not be read.
+        """
+        name = self._name(key)
+        with _failing(f"cannot read {key} from the object store"):
+            first = obstore.get(self._store, name, options={"range": (0, READ_AHEAD)})
+            size = int(first.meta["size"])
+            head = memoryview(first.bytes())
+        raw = _RangedObject(self._store, name, size, head)
+        return io.BufferedReader(raw, buffer_size=READ_AHEAD)
+
+    def delete(self, key: str) -> None:
+        """Remove the object ``key``; a missing one is not an error."""
+        with contextlib.suppress(FileNotFoundError), _failing(
+                f"cannot remove {key} from the object store"):
+            obstore.delete(self._store, self._name(key))
+
+    def _head(self, key: str) -> Any:
+        with _failing(f"cannot read {key} in the object store"):
+            return obstore.head(self._store, self._name(key))
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes."""
+        return int(self._head(key)["size"])
+
+    def modified(self, key: str) -> float:
+        """When the object was written (seconds since the epoch)."""
+        return float(self._head(key)["last_modified"].timestamp())
+
+    def keys(self) -> Iterator[str]:
+        """Every key in the bucket's prefix (objects whose names are not our keys are left
+        out: a bucket may hold other things)."""
+        for name, _ in self.listing():
+            yield name
+
+    def listing(self) -> Iterator[tuple[str, float]]:
+        """Every key with the time its object was written (one LIST per 1,000)."""
+        with _failing("cannot list the object store"):
+            for page in obstore.list(self._store, chunk_size=1000):
+                for meta in page:
+                    name = str(meta["path"])
+                    if _KEY_RE.match(name):
+                        yield name, float(meta["last_modified"].timestamp())
+
+    def close(self) -> None:
+        """Give the store back (idempotent)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
+        self.local.close()
+
+    def _name(self, key: str) -> str:
+        if not _KEY_RE.match(key):
+            raise StorageError(f"not a file store key: {key!r}")
+        return key
+
+
+class _RangedObject(io.RawIOBase):
+    """An object read by ranged GETs; its first :data:`READ_AHEAD` bytes already read."""
+
+    def __init__(self, store: S3Store, name: str, size: int, head: memoryview) -> None:
+        super().__init__()
+        self.name = name  # what a file's name is to a reader (pydicom's dcmread asks)
+        self._store = store
+        self._name = name
+        self._size = size
+        self._head = head
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        wanted = min(len(out), self._size - self._pos)
+        if wanted <= 0:
+            return 0
+        if self._pos + wanted <= len(self._head):
+            out[:wanted] = self._head[self._pos:self._pos + wanted]
+        else:
+            with _failing(f"cannot read {self._name} from the object store"):
+                data = memoryview(obstore.get_range(self._store, self._name,
+                                                    start=self._pos, length=wanted))
+            wanted = len(data)
+            out[:wanted] = data
+        self._pos += wanted
+        return wanted
+
+    def close(self) -> None:
+        self._head = memoryview(b"")
+        super().close()
+
+
+__all__ = ["IN_MEMORY_BYTES", "ObjectStore", "ObjectStoreError", "S3Options",
+           "files_url_problem", "is_object_url", "parse_url"]
