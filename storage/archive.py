@@ -42,6 +42,7 @@ from .errors import (
     InvalidQuery,
     QueryFailed,
     SOPClassMismatch,
+    StorageError,
     StorageFull,
     StudyMismatch,
     TooManyMatches,
@@ -212,6 +213,17 @@ class Commitment(enum.Enum):
     NO_SUCH_INSTANCE = "no such instance"
     CLASS_CONFLICT = "stored under another SOP Class"
     DAMAGED = "its file is missing or does not verify"
+
+
+@dataclass(frozen=True)
+class Health:
+    """What :meth:`Archive.health` found: by part (``index``, ``files``), what is wrong."""
+
+    problems: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 MAX_SELECTED_STUDIES = 30_000
@@ -865,6 +877,22 @@ class Archive:
                 return index.write_instance(parsed.record, DuplicatePolicy.KEEP).result
         except pw.DatabaseError as exc:
             raise StorageFull(f"cannot write to the index: {exc}") from exc
+
+    def health(self) -> Health:
+        """Whether this node can store and retrieve: the index answers a query and the file
+        store answers (:meth:`storage.files.FileStore.check`), for a load balancer's health
+        check. Never raises."""
+        problems: dict[str, str] = {}
+        try:
+            index.ping()
+        except pw.DatabaseError as exc:
+            index.close()  # a broken connection: the next use opens another
+            problems["index"] = f"cannot be read: {exc}".strip()
+        try:
+            self.files.check()
+        except (OSError, StorageError) as exc:
+            problems["files"] = str(exc)
+        return Health(problems)
 
     def totals(self) -> dict[str, int]:
         """How many patients, studies, series and instances the index holds (from the

@@ -96,6 +96,11 @@ class FileStore(Protocol):
         """When the file under ``key`` was written (seconds since the epoch)."""
         ...
 
+    def check(self) -> None:
+        """Raise the :class:`OSError` that keeps the store from being used, if any (a
+        load balancer's health check, :meth:`storage.Archive.health`)."""
+        ...
+
     def close(self) -> None:
         """Give the store back."""
         ...
@@ -339,6 +344,12 @@ class FilesystemStore:
         """The file's modification time (reindex: of two files of one instance, the newer
         wins)."""
         return self.path(key).stat().st_mtime
+
+    def check(self) -> None:
+        """Raise an OSError unless the folder can be written (its ``tmp/``)."""
+        folder = self.root / TEMP_DIR
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder} cannot be written")
 
 
 FOLDER_MINUTES = 1

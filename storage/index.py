@@ -129,16 +129,25 @@ def _open(url: str, synchronous_full: bool) -> pw.Database:
         database = db_url_connect(url)
     db.initialize(database)
     with database.connection_context():
-        _migrate(database)
-        database.create_tables(MODELS, safe=True)
-        row = SchemaVersion.select().first()
-        if row is None:
-            SchemaVersion.create(version=SCHEMA_VERSION)
-        elif row.version != SCHEMA_VERSION:
-            raise StorageError(
-                f"index schema version {row.version} is not the supported {SCHEMA_VERSION}"
-            )
+        if isinstance(database, pw.SqliteDatabase):
+            _schema(database)
+        else:  # several nodes starting at once on an empty database: one makes the schema
+            with database.atomic():
+                database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+                _schema(database)
     return database
+
+
+def _schema(database: pw.Database) -> None:
+    """Migrate, create what is missing, and check the schema's version."""
+    _migrate(database)
+    database.create_tables(MODELS, safe=True)
+    row = SchemaVersion.select().first()
+    if row is None:
+        SchemaVersion.create(version=SCHEMA_VERSION)
+    elif row.version != SCHEMA_VERSION:
+        raise StorageError(
+            f"index schema version {row.version} is not the supported {SCHEMA_VERSION}")
 
 
 def _migrate(database: pw.Database) -> None:
@@ -215,6 +224,9 @@ def close() -> None:
 
 WRITE_LOCK_KEY = 0x6D696E69
 """PostgreSQL's transaction-level advisory lock every index write takes first ("mini")."""
+SCHEMA_LOCK_KEY = WRITE_LOCK_KEY + 1
+"""The one a process takes while it creates or migrates the schema on PostgreSQL (CREATE
+TABLE IF NOT EXISTS is not safe against another process doing the same at once)."""
 
 
 @contextlib.contextmanager
@@ -233,6 +245,11 @@ def write_transaction() -> Iterator[Any]:
         with database.atomic() as txn:
             database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
             yield txn
+
+
+def ping() -> None:
+    """One trivial query: raises the database's error when the index cannot be reached."""
+    db.obj.execute_sql("SELECT 1").fetchone()
 
 
 def totals() -> dict[str, int]:

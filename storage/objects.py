@@ -54,6 +54,8 @@ SETTLE_SECONDS = 3600.0
 """How old an object no index row names must be before ``verify`` takes it for a stray:
 another node may be between its PUT and its commit (seconds to minutes while the index is
 unreachable; never near an hour, since its store then fails and removes the object)."""
+HEALTH_NAME = "minipacs-health-check"
+"""What :meth:`ObjectStore.check` asks the store for (never an object of ours)."""
 TIMEOUT = "30s"
 CONNECT_TIMEOUT = "5s"
 """Per request: an unreachable store fails a C-STORE with A700 in seconds, not minutes."""
@@ -277,6 +279,14 @@ class ObjectStore:
                     name = str(meta["path"])
                     if _KEY_RE.match(name):
                         yield name, float(meta["last_modified"].timestamp())
+
+    def check(self) -> None:
+        """Raise :class:`ObjectStoreError` unless the store answers: a HEAD of a name that
+        is never one of our keys, to which "not found" is the healthy answer; and the
+        node's local folder can be written."""
+        self.local.check()
+        with contextlib.suppress(FileNotFoundError), _failing("the object store"):
+            obstore.head(self._store, HEALTH_NAME)
 
     def close(self) -> None:
         """Give the store back (idempotent)."""

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from pydicom import dcmread
@@ -35,7 +35,17 @@ def stored(server: Running) -> list[Dataset]:
     return datasets
 
 
-def c_get(running: Running, model: Any, refuse: frozenset[str] = frozenset(),
+class Retrieved(Protocol):
+    """Where :func:`c_get` retrieves from: a server, or a balancer in front of several."""
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def ae_title(self) -> str: ...
+
+
+def c_get(running: Retrieved, model: Any, refuse: frozenset[str] = frozenset(),
           pdus: list[tuple[str, ...]] | None = None, abort_at: int = 0,
           requests: list[str] | None = None, syntax: str = ExplicitVRLittleEndian,
           **keys: Any) -> tuple[list[bytes], list[Dataset]]:

@@ -1,5 +1,5 @@
 """The ASGI application: DICOMweb under ``web.base_path``, the viewer under ``/viewer/``,
-``/metrics``, the administrator's page at ``/`` and under ``/admin/``.
+``/metrics``, ``/healthz``, the administrator's page at ``/`` and under ``/admin/``.
 
 Endpoints find the archive and the configuration in ``request.app.state`` (``archive``,
 ``config``). Each service keeps its routes in its own module; this one assembles them.
@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Mount
 
 from storage import Archive
 
-from . import admin, delete, errors, metrics, qido, stow, viewer, wado
+from . import admin, delete, errors, health, metrics, qido, stow, viewer, wado
 from .auth import AccessMiddleware
 from .config import WebConfig
 
@@ -31,8 +31,8 @@ def create_app(archive: Archive, config: WebConfig, audit: AuditRecord | None = 
     ``audit`` when given. ``operations`` are the DICOM actions the administrator's page
     offers (:mod:`web.admin`; ``scp/admin.py`` makes them)."""
     dicomweb: list[BaseRoute] = [*qido.ROUTES, *wado.ROUTES, *stow.ROUTES, *delete.ROUTES]
-    routes: list[BaseRoute] = [*metrics.ROUTES, Mount(config.base_path, routes=dicomweb),
-                               *admin.routes()]
+    routes: list[BaseRoute] = [*metrics.ROUTES, *health.ROUTES,
+                               Mount(config.base_path, routes=dicomweb), *admin.routes()]
     if config.viewer:
         routes += viewer.routes(config)
     middleware = [Middleware(AccessMiddleware, config=config)]

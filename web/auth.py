@@ -49,6 +49,7 @@ ACCOUNT_RIGHTS: tuple[str, ...] = (READ, READ_WRITE)
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_PREFIX = "/viewer"
+HEALTH_PATH = "/healthz"
 """The viewer's static files: served without credentials (they hold no patient data)."""
 REALM = "minipacs"
 
@@ -388,8 +389,9 @@ def allows(rights: str, method: str) -> bool:
 
 
 def is_public(path: str) -> bool:
-    """Whether ``path`` is the viewer's (served to anyone)."""
-    return path == PUBLIC_PREFIX or path.startswith(PUBLIC_PREFIX + "/")
+    """Whether ``path`` is served to anyone: the viewer's, and the health check's (a load
+    balancer has no credentials; :mod:`web.health` says only up or down)."""
+    return path in (PUBLIC_PREFIX, HEALTH_PATH) or path.startswith(PUBLIC_PREFIX + "/")
 
 
 class Refusal(Exception):

@@ -50,7 +50,7 @@ DIMSE_PREFIXES = ("minipacs_dicom_", "minipacs_dimse_")
 
 SERVICES = {"web.qido": "QIDO-RS", "web.wado": "WADO-RS", "web.stow": "STOW-RS",
             "web.delete": "DELETE", "web.viewer": "viewer", "web.metrics": "metrics",
-            "web.admin": "page"}
+            "web.admin": "page", "web.health": "health"}
 """The service label of a request, by its endpoint's module; ``other`` for the rest (a
 path no route has, a refusal before routing)."""
 
@@ -192,7 +192,7 @@ class MetricsMiddleware:
             for direction, size in sizes.items():
                 if size:
                     self.http.bytes.labels(service, direction).inc(size)
-            if self.audit is not None and service != "metrics":  # scrapes: not an action
+            if self.audit is not None and service not in ("metrics", "health"):  # not actions
                 client = scope.get("client") or ("", 0)
                 self.audit("http", service=service, method=scope["method"],
                            path=scope.get("path", ""),

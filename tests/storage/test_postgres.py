@@ -7,9 +7,8 @@ Without PostgreSQL or psycopg2 the tests are skipped, or fail with a clear messa
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,23 +20,8 @@ from pydicom.dataset import Dataset
 from storage import Archive, ArchiveOptions, Model, Selection, StorageError, index, open_archive
 from storage.models import SCHEMA_VERSION, PendingRemoval
 from storage.query import page_select
-from tests.conftest import free_port
 from tests.factory import encode, expected_table, hierarchy, make_ds, study_counts
-
-
-def _tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    return str(versions[-1]) if versions else None
-
-
-def _unavailable(message: str) -> None:
-    message += " (make test installs the Debian package postgresql and psycopg2-binary)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+from tests.postgres import started_postgres
 
 
 @pytest.fixture(scope="module")
@@ -45,44 +29,10 @@ def postgres() -> Iterator[Callable[[], str]]:
     """A PostgreSQL server for this module; calling the fixture's value creates a fresh,
     empty database and returns its URL."""
     try:
-        import psycopg2  # noqa: F401
-    except ImportError:
-        _unavailable("psycopg2 is not installed")
-    initdb, pg_ctl = _tool("initdb"), _tool("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        _unavailable("PostgreSQL is not installed (no initdb / pg_ctl)")
-    assert initdb is not None and pg_ctl is not None
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="minipacs-pg-"))
-    if os.geteuid() == 0:  # initdb refuses root: the cluster belongs to the postgres user
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres")
-    data, port = root / "data", free_port()
-
-    def run(*cmd: str) -> None:
-        proc = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, f"{cmd[0]} failed: {proc.stdout}{proc.stderr}"
-
-    run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
-    run(pg_ctl, "-D", str(data), "-w", "-t", "60", "-l", str(root / "log"),
-        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-    made = 0
-
-    def new_database() -> str:
-        nonlocal made
-        made += 1
-        name = f"pacs{made}"
-        run(_tool("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(port),
-            "-U", "postgres", name)
-        return f"postgresql://postgres@127.0.0.1:{port}/{name}"
-
-    try:
-        yield new_database
+        for server in started_postgres():
+            yield server.new_database
     finally:
         index.disconnect()
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60, check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -277,3 +227,34 @@ def test_a_newer_schema_is_refused_on_postgresql(postgres: Callable[[], str],
     with pytest.raises(StorageError, match="is not the supported"):
         open_archive(ArchiveOptions(files_path=tmp_path / "f3", index_url=url))
     index.disconnect()
+
+
+OPEN_INDEX = """
+import sys, tempfile
+from pathlib import Path
+from storage import ArchiveOptions, open_archive
+try:
+    open_archive(ArchiveOptions(files_path=Path(tempfile.mkdtemp()), index_url=sys.argv[1])).close()
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}")
+"""
+
+
+def test_nodes_opening_an_empty_index_at_once_make_one_schema(
+        postgres: Callable[[], str]) -> None:
+    """Several nodes started together on a new database: without the schema lock, one in
+    eight such starts here failed on a CREATE TABLE IF NOT EXISTS race
+    (pg_class_relname_nsp_index)."""
+    for _ in range(6):
+        url = postgres()
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_INDEX, url],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(4)]
+        assert [p.communicate(timeout=120)[0].strip() for p in procs] == [""] * 4
+        archive = open_archive(ArchiveOptions(files_path=Path(tempfile.mkdtemp()),
+                                              index_url=url))
+        try:
+            assert archive.database.execute_sql(
+                "SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        finally:
+            archive.close()
+            index.disconnect()

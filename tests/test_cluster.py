@@ -1,0 +1,347 @@
+"""Several nodes, one index, one store: three ``minipacs serve`` processes on one PostgreSQL
+and one S3 bucket (SeaweedFS), behind HAProxy running ``deploy/haproxy.cfg``, every engine
+real and started here on loopback.
+
+- Four senders store through the balancer into the same two studies while one node is
+  killed with SIGKILL: every acknowledged instance is there, once, with its object, every
+  counter is exact, and the other nodes kept serving (the senders finish through them).
+- The same instances sent to two nodes at once end as one instance each.
+- ``verify`` runs beside the serving cluster and finds nothing wrong.
+- The index or the object store down for a while: stores answer A700, nothing is
+  acknowledged that is not stored, and the node recovers by itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+from scp import status
+from storage import ArchiveOptions, S3Options, index, open_archive
+from storage.models import SCHEMA_VERSION, Instance, Series, Study
+from tests.conftest import client_ae, free_port, unavailable
+from tests.factory import make_ds, uid
+from tests.objects import BUCKET, Weed
+from tests.postgres import Postgres, started_postgres
+from tests.test_cli import REPO, minipacs_command, wait_until_echo
+from tests.test_retrieve import c_get
+
+SENDERS = 4
+PER_SENDER = 120
+TIMEOUT = 120.0
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    yield from started_postgres()
+
+
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.path.exists(p)), None)
+    if found is None:
+        unavailable("HAProxy is not installed (make test installs the Debian package haproxy)")
+    assert found is not None
+    return found
+
+
+@dataclass
+class Node:
+    """One ``minipacs serve`` process."""
+
+    name: str
+    config: Path
+    data_dir: Path
+    port: int
+    web_port: int
+    process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        log = open(self.data_dir.parent / f"{self.name}.log", "a")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [*minipacs_command(), "serve", "--config", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+        log.close()
+
+    def wait(self) -> None:
+        assert self.process is not None
+        wait_until_echo(self.port, self.process, timeout=60)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@dataclass
+class Cluster:
+    nodes: list[Node]
+    index_url: str
+    files_url: str
+    weed: Weed
+    port: int  # the balancer's DICOM port
+    web_port: int  # the balancer's HTTP port
+    root: Path
+
+    def archive_options(self) -> ArchiveOptions:
+        return ArchiveOptions(files_path=self.root / "reader", index_url=self.index_url,
+                              files_url=self.files_url, s3=S3Options(
+                                  self.weed.endpoint, "us-east-1", "minipacs", "minipacs"))
+
+
+def node_config(root: Path, name: str, index_url: str, files_url: str, weed: Weed,
+                **more: Any) -> Node:
+    data_dir = root / name
+    data_dir.mkdir(parents=True)
+    node = Node(name, root / f"{name}.yaml", data_dir, free_port(), free_port())
+    config: dict[str, Any] = {
+        "ae": {"title": "MINIPACS", "port": node.port, "bind": "127.0.0.1"},
+        "storage": {"data_dir": str(data_dir), "index_url": index_url,
+                    "files_url": files_url, "s3_endpoint": weed.endpoint,
+                    "s3_region": "us-east-1", "s3_access_key_id": "minipacs",
+                    "s3_secret_access_key": "minipacs"},
+        "web": {"port": node.web_port, "bind": "127.0.0.1", "viewer": False},
+        **more,
+    }
+    node.config.write_text(yaml.safe_dump(config))
+    return node
+
+
+def balancer_config(nodes: list[Node], port: int, web_port: int) -> str:
+    """``deploy/haproxy.cfg`` with the nodes' loopback ports and the balancer's put in."""
+    text = (REPO / "deploy" / "haproxy.cfg").read_text()
+    text, binds = re.subn(r"^(\s+bind) :11112$", rf"\1 127.0.0.1:{port}", text, flags=re.M)
+    text, web_binds = re.subn(r"^(\s+bind) :8080$", rf"\1 127.0.0.1:{web_port}", text,
+                              flags=re.M)
+    assert (binds, web_binds) == (1, 1), "deploy/haproxy.cfg no longer has the two binds"
+    for i, node in enumerate(nodes, start=1):
+        text, dicom = re.subn(rf"^(\s+server node{i}) \S+:11112 check port 8080$",
+                              rf"\1 127.0.0.1:{node.port} check port {node.web_port}",
+                              text, flags=re.M)
+        text, web = re.subn(rf"^(\s+server node{i}) \S+:8080 check$",
+                            rf"\1 127.0.0.1:{node.web_port} check", text, flags=re.M)
+        assert (dicom, web) == (1, 1), f"deploy/haproxy.cfg has no server lines for node{i}"
+    return text
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)  # polling
+
+
+def healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture
+def cluster(postgres: Postgres, weed: Weed, tmp_path: Path) -> Iterator[Cluster]:
+    """Three nodes, started at once on a new, empty database and prefix, behind HAProxy."""
+    index_url = postgres.new_database()
+    files_url = f"s3://{BUCKET}/{uuid.uuid4().hex}"
+    nodes = [node_config(tmp_path, f"node{i}", index_url, files_url, weed) for i in (1, 2, 3)]
+    port, web_port = free_port(), free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(balancer_config(nodes, port, web_port))
+    balancer: subprocess.Popen[str] | None = None
+    try:
+        for node in nodes:  # all at once: the first ones create the schema together
+            node.start()
+        for node in nodes:
+            node.wait()
+        log = open(tmp_path / "haproxy.log", "w")  # noqa: SIM115
+        balancer = subprocess.Popen([haproxy_binary(), "-db", "-f", str(config)], stdout=log,
+                                    stderr=subprocess.STDOUT, text=True)
+        log.close()
+        wait_for("the balancer's health checks to pass",
+                 lambda: balancer is not None and balancer.poll() is None
+                 and healthy(web_port) and echo(port))
+        yield Cluster(nodes, index_url, files_url, weed, port, web_port, tmp_path)
+    finally:
+        if balancer is not None:
+            balancer.terminate()
+            balancer.wait(timeout=30)
+        for node in nodes:
+            node.stop()
+
+
+def echo(port: int) -> bool:
+    ae = client_ae(storage=False)
+    ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
+    if not assoc.is_established:
+        return False
+    ok = getattr(assoc.send_c_echo(), "Status", None) == status.SUCCESS
+    assoc.release()
+    return ok
+
+
+class Sender(threading.Thread):
+    """A modality: stores its instances through ``port``, each until it is acknowledged
+    (Success); an association that breaks is opened again and the unacknowledged instance
+    sent again, as a modality's queue does. Any answer but Success is recorded."""
+
+    def __init__(self, port: int, datasets: list[Dataset]) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.queue = collections.deque(datasets)
+        self.acknowledged: list[str] = []
+        self.refused: list[int] = []
+        self.broken = 0
+
+    def run(self) -> None:
+        ae = client_ae()
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
+        assoc = None
+        deadline = time.monotonic() + TIMEOUT
+        while self.queue and time.monotonic() < deadline:
+            if assoc is None or not assoc.is_established:
+                assoc = ae.associate("127.0.0.1", self.port, ae_title="MINIPACS")
+                if not assoc.is_established:
+                    time.sleep(0.05)  # polling: the balancer is taking the dead node out
+                    continue
+            try:
+                rsp = assoc.send_c_store(self.queue[0])
+            except Exception:  # noqa: BLE001 - the connection went away mid-request
+                rsp = None
+            code = getattr(rsp, "Status", None)
+            if code is None:  # no answer: the node died under it; send it again
+                self.broken += 1
+                assoc = None
+                continue
+            if code == status.SUCCESS:
+                self.acknowledged.append(str(self.queue.popleft().SOPInstanceUID))
+            else:
+                self.refused.append(int(code))
+                self.queue.popleft()
+        if assoc is not None and assoc.is_established:
+            assoc.release()
+
+
+def test_a_node_killed_mid_ingest_loses_nothing_and_the_others_keep_serving(
+        cluster: Cluster) -> None:
+    studies = [uid(), uid()]
+    senders = []
+    for _ in range(SENDERS):
+        series = {study: uid() for study in studies}
+        datasets = [make_ds(StudyInstanceUID=studies[i % 2], PatientID="CLUSTER",
+                            SeriesInstanceUID=series[studies[i % 2]])
+                    for i in range(PER_SENDER)]
+        senders.append(Sender(cluster.port, datasets))
+    for sender in senders:
+        sender.start()
+    wait_for("the stores to get going",
+             lambda: sum(len(s.acknowledged) for s in senders) >= 60)
+    victim = cluster.nodes[1]
+    victim.kill()
+    for sender in senders:
+        sender.join(timeout=TIMEOUT + 30)
+    assert [s.refused for s in senders] == [[]] * SENDERS
+    assert all(not s.queue for s in senders), "a sender could not finish through the others"
+    assert [n.alive for n in cluster.nodes] == [True, False, True]
+    acknowledged = {u for s in senders for u in s.acknowledged}
+    assert len(acknowledged) == SENDERS * PER_SENDER
+
+    # what the index holds: each instance once, the counters exact, every object there
+    archive = open_archive(cluster.archive_options())
+    try:
+        rows = list(Instance.select(Instance.sop_instance_uid, Instance.file_key))
+        assert sorted(r.sop_instance_uid for r in rows) == sorted(acknowledged)
+        per_study = {s.study_instance_uid: (s.num_series, s.num_instances)
+                     for s in Study.select()}
+        assert per_study == {study: (SENDERS, SENDERS * PER_SENDER // 2) for study in studies}
+        assert {r.num_instances for r in Series.select()} == {PER_SENDER // 2}
+        objects = set(archive.files.keys())
+        assert {r.file_key for r in rows} <= objects
+        # the nodes, started at once on an empty database, made one schema
+        assert [v for (v,) in archive.database.execute_sql(
+            "SELECT version FROM schema_version").fetchall()] == [SCHEMA_VERSION]
+    finally:
+        archive.close()
+        index.disconnect()
+
+    # the others kept serving: a C-GET through the balancer, byte for byte
+    received, responses = c_get_through(cluster, studies[0])
+    assert int(responses[-1].Status) == status.SUCCESS
+    assert len(received) == SENDERS * PER_SENDER // 2
+
+    # verify beside the serving cluster: nothing wrong (the killed node's objects in flight,
+    # if any, are too young to be taken for strays)
+    proc = subprocess.run([*minipacs_command(), "verify", "--config",
+                           str(cluster.nodes[0].config)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@dataclass
+class Through:
+    """The balancer, as :func:`tests.test_retrieve.c_get` reads a server."""
+
+    port: int
+    ae_title: str = "MINIPACS"
+
+
+def c_get_through(cluster: Cluster, study: str) -> tuple[list[bytes], list[Dataset]]:
+    return c_get(Through(cluster.port), StudyRootQueryRetrieveInformationModelGet,
+                 QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+
+
+def test_the_same_instances_sent_to_two_nodes_at_once_are_stored_once(
+        cluster: Cluster) -> None:
+    study = uid()
+    datasets = [make_ds(StudyInstanceUID=study) for _ in range(40)]
+    first, third = cluster.nodes[0], cluster.nodes[2]
+    senders = [Sender(first.port, list(datasets)), Sender(third.port, list(datasets))]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(timeout=TIMEOUT + 30)
+    assert [(len(s.acknowledged), s.refused) for s in senders] == [(40, []), (40, [])]
+    archive = open_archive(cluster.archive_options())
+    try:
+        rows = list(Instance.select(Instance.sop_instance_uid, Instance.file_key))
+        assert sorted(r.sop_instance_uid for r in rows) == sorted(
+            str(ds.SOPInstanceUID) for ds in datasets)
+        assert Study.get().num_instances == 40
+        # the loser of each race removed its object: one object per instance
+        assert set(archive.files.keys()) == {r.file_key for r in rows}
+        for row in rows:
+            with archive.files.open(row.file_key) as fp:
+                assert dcmread(fp).SOPInstanceUID == row.sop_instance_uid
+    finally:
+        archive.close()
+        index.disconnect()
