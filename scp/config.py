@@ -304,6 +304,14 @@ class Config:
             return self.storage.index_url
         return f"sqlite:///{(self.storage.data_dir / 'index.sqlite').resolve()}"
 
+    @property
+    def shared_index(self) -> bool:
+        """Whether other nodes may share the index (PostgreSQL): then the server beats a
+        heartbeat there, and frees the leases of nodes that stopped (:mod:`scp.nodes`). A
+        SQLite index is one machine's: its workers share one supervisor, which stops them
+        all when one dies, and a process's leases are freed by its host's next start."""
+        return not self.index_url.startswith("sqlite")
+
     def archive_options(self) -> ArchiveOptions:
         """The storage package's view of this configuration."""
         return ArchiveOptions(

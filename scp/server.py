@@ -31,6 +31,7 @@ from .handlers import (
     handle_sop_extended,
     handle_store,
 )
+from .nodes import Heartbeat
 from .retention import Retention
 from .routing import Router, free_dead_leases
 from .tls import server_context
@@ -88,6 +89,7 @@ class Server:
         self.router = Router(config, self.archive, self.audit)
         self.reporter = Reporter(config, self.archive, self.audit)
         self.retention = Retention(config, self.archive, self.audit)
+        self.heartbeat = Heartbeat(self.archive)
         self.ae = build_ae(config)
         self._server: Any = None
         self._tls_server: Any = None
@@ -166,6 +168,8 @@ class Server:
         self.router.start()
         self.reporter.start()
         self.retention.start()
+        if self.config.shared_index:
+            self.heartbeat.start()
         if self.config.security.allow_unknown_peers:
             logger.warning(
                 "security.allow_unknown_peers is true: any AE title may store, query and"
@@ -210,7 +214,7 @@ class Server:
         close_unassociated(self.ae)
         reactor.settle(self.ae.active_associations, timeout=min(grace, 5.0))
         self.ae.shutdown()
-        background = (self.router, self.reporter, self.retention)
+        background = (self.router, self.reporter, self.retention, self.heartbeat)
         for part in background:
             part.request_stop()
         deadline = time.monotonic() + grace

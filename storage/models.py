@@ -155,5 +155,18 @@ class OutboxItem(BaseModel):
                    (("kind", "peer", "failed", "due_at"), False))
 
 
+class NodeBeat(BaseModel):
+    """A serving process's heartbeat: its name (:func:`storage.outbox.lease_owner`) and how
+    many times it has beaten. Other nodes watch the count change by their own clocks (no
+    two hosts' clocks are compared); one that stops changing belongs to a dead node, whose
+    outbox leases are then freed (:meth:`storage.outbox.Outbox.free_leases_of`)."""
+
+    name = pw.CharField(max_length=128, unique=True)
+    beats = pw.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "node"
+
+
 MODELS: tuple[type[BaseModel], ...] = (SchemaVersion, Patient, Study, Series, Instance,
-                                       PendingRemoval, OutboxItem)
+                                       PendingRemoval, OutboxItem, NodeBeat)

@@ -38,7 +38,7 @@ from pydicom.datadict import tag_for_keyword
 from . import index
 from .index import InstanceRecord, StoredInstance
 from .keys import Level, level_of
-from .models import Instance, OutboxItem, database_proxy
+from .models import Instance, NodeBeat, OutboxItem, database_proxy
 
 ROUTE = "route"
 COMMITMENT = "commitment"
@@ -395,6 +395,34 @@ class Outbox:
         with self.write_lock, index.write_transaction():
             return int(OutboxItem.update(lease_owner="", lease_until=None)
                        .where(OutboxItem.lease_owner.in_(dead)).execute())
+
+    # -- nodes' heartbeats (scp/nodes.py) ----------------------------------------------
+
+    def beat(self, name: str) -> dict[str, int]:
+        """Count one heartbeat of the node ``name``; every node's count."""
+        with self.write_lock, index.write_transaction():
+            NodeBeat.insert(name=name, beats=1).on_conflict(
+                conflict_target=[NodeBeat.name],
+                update={NodeBeat.beats: NodeBeat.beats + 1}).execute()
+        return {str(row.name): int(row.beats)
+                for row in NodeBeat.select(NodeBeat.name, NodeBeat.beats)}
+
+    def free_leases_of(self, name: str, beats: int) -> int | None:
+        """The node ``name`` was seen at ``beats`` for too long: forget it and free what it
+        leased (its senders' owners are ``name`` and ``name:N``), in one transaction.
+        ``None`` when it has beaten since (alive after all: nothing is freed)."""
+        with self.write_lock, index.write_transaction():
+            if not NodeBeat.delete().where((NodeBeat.name == name)
+                                           & (NodeBeat.beats == beats)).execute():
+                return None
+            return int(OutboxItem.update(lease_owner="", lease_until=None).where(
+                (OutboxItem.lease_owner == name)
+                | OutboxItem.lease_owner.startswith(f"{name}:")).execute())
+
+    def forget_node(self, name: str) -> None:
+        """The node ``name`` stops (cleanly): its heartbeat row goes."""
+        with self.write_lock, index.write_transaction():
+            NodeBeat.delete().where(NodeBeat.name == name).execute()
 
     # -- ``minipacs queue`` ------------------------------------------------------------
 

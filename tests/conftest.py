@@ -29,6 +29,7 @@ from pynetdicom.sop_class import (
 from scp import status
 from scp.config import Config, load_config
 from scp.server import Server
+from storage import Archive, ArchiveOptions, open_archive
 from storage.files import LOCK_FILE, SERVER_LOCK
 
 STORE_LOCKS = (LOCK_FILE, SERVER_LOCK)
@@ -266,3 +267,12 @@ def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from tests.objects import started_weed  # it imports this module
 
     yield from started_weed(tmp_path_factory.mktemp("weed"))
+
+
+@pytest.fixture
+def new_archive(tmp_path: Path) -> Iterator[Archive]:
+    """An archive with default options on an empty folder (SQLite), closed after the test."""
+    archive = open_archive(ArchiveOptions(files_path=tmp_path / "files",
+                                          index_url=f"sqlite:///{tmp_path / 'index.sqlite'}"))
+    yield archive
+    archive.close()

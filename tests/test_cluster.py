@@ -7,6 +7,9 @@ real and started here on loopback.
   counter is exact, and the other nodes kept serving (the senders finish through them).
 - The same instances sent to two nodes at once end as one instance each.
 - ``verify`` runs beside the serving cluster and finds nothing wrong.
+- A route on every node sends each instance once; when the node sending is killed, the
+  others take its leased items over once its heartbeat stops.
+- Storage Commitment asked of another node than the one stored to: one report.
 - The index or the object store down for a while: stores answer A700, nothing is
   acknowledged that is not stored, and the node recovers by itself.
 """
@@ -28,20 +31,25 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg2
 import pytest
 import yaml
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+from pynetdicom import AE, AllStoragePresentationContexts
+from pynetdicom import events as evt
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
 from scp import status
+from scp.nodes import DEAD_AFTER_SECONDS
 from storage import ArchiveOptions, S3Options, index, open_archive
 from storage.models import SCHEMA_VERSION, Instance, Series, Study
-from tests.conftest import client_ae, free_port, unavailable
+from tests.conftest import client_ae, free_port, reserved_port, unavailable
 from tests.factory import make_ds, uid
 from tests.objects import BUCKET, Weed
 from tests.postgres import Postgres, started_postgres
 from tests.test_cli import REPO, minipacs_command, wait_until_echo
+from tests.test_commitment import MODALITY, Modality
 from tests.test_retrieve import c_get
 
 SENDERS = 4
@@ -169,16 +177,22 @@ def healthy(port: int) -> bool:
 
 
 @pytest.fixture
-def cluster(postgres: Postgres, weed: Weed, tmp_path: Path) -> Iterator[Cluster]:
-    """Three nodes, started at once on a new, empty database and prefix, behind HAProxy."""
-    index_url = postgres.new_database()
-    files_url = f"s3://{BUCKET}/{uuid.uuid4().hex}"
-    nodes = [node_config(tmp_path, f"node{i}", index_url, files_url, weed) for i in (1, 2, 3)]
-    port, web_port = free_port(), free_port()
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(balancer_config(nodes, port, web_port))
+def start_cluster(postgres: Postgres, weed: Weed, tmp_path: Path
+                  ) -> Iterator[Callable[..., Cluster]]:
+    """``start_cluster(**config)``: three nodes, started at once on a new, empty database
+    and prefix, behind HAProxy; ``config``'s sections go into each node's file."""
+    nodes: list[Node] = []
     balancer: subprocess.Popen[str] | None = None
-    try:
+
+    def start(**more: Any) -> Cluster:
+        nonlocal balancer
+        index_url = postgres.new_database()
+        files_url = f"s3://{BUCKET}/{uuid.uuid4().hex}"
+        nodes.extend(node_config(tmp_path, f"node{i}", index_url, files_url, weed, **more)
+                     for i in (1, 2, 3))
+        port, web_port = free_port(), free_port()
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(balancer_config(nodes, port, web_port))
         for node in nodes:  # all at once: the first ones create the schema together
             node.start()
         for node in nodes:
@@ -190,13 +204,22 @@ def cluster(postgres: Postgres, weed: Weed, tmp_path: Path) -> Iterator[Cluster]
         wait_for("the balancer's health checks to pass",
                  lambda: balancer is not None and balancer.poll() is None
                  and healthy(web_port) and echo(port))
-        yield Cluster(nodes, index_url, files_url, weed, port, web_port, tmp_path)
+        return Cluster(nodes, index_url, files_url, weed, port, web_port, tmp_path)
+
+    try:
+        yield start
     finally:
         if balancer is not None:
             balancer.terminate()
             balancer.wait(timeout=30)
         for node in nodes:
             node.stop()
+
+
+@pytest.fixture
+def cluster(start_cluster: Callable[..., Cluster]) -> Cluster:
+    """Three nodes with the default configuration behind HAProxy."""
+    return start_cluster()
 
 
 def echo(port: int) -> bool:
@@ -345,3 +368,122 @@ def test_the_same_instances_sent_to_two_nodes_at_once_are_stored_once(
     finally:
         archive.close()
         index.disconnect()
+
+
+class Peer:
+    """A routing destination (pynetdicom): counts the C-STOREs it receives, by SOP Instance
+    UID; while :attr:`gate` is clear it holds each one unanswered (up to a minute)."""
+
+    def __init__(self) -> None:
+        self.received: collections.Counter[str] = collections.Counter()
+        self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
+        ae = AE(ae_title="ARCHIVE2")
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.maximum_associations = 32
+        self.server = ae.start_server(("127.0.0.1", 0), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
+        self.port = int(self.server.server_address[1])
+
+    def on_store(self, event: Any) -> int:
+        with self.lock:
+            self.received[str(event.request.AffectedSOPInstanceUID)] += 1
+        self.gate.wait(60)
+        return 0x0000
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.received)
+
+    def close(self) -> None:
+        self.gate.set()
+        self.server.shutdown()
+
+
+def lease_holders(url: str) -> set[int]:
+    """The process IDs of the nodes holding outbox leases (owners ``host:pid:tag:N``)."""
+    connection = psycopg2.connect(url)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT DISTINCT lease_owner FROM outbox WHERE lease_owner <> ''")
+            return {int(owner.split(":")[1]) for (owner,) in cursor.fetchall()}
+    finally:
+        connection.close()
+
+
+def outbox_size(url: str) -> int:
+    connection = psycopg2.connect(url)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM outbox")
+            return int(cursor.fetchone()[0])
+    finally:
+        connection.close()
+
+
+def test_routing_sends_each_item_once_and_a_dead_nodes_items_are_taken_over(
+        start_cluster: Callable[..., Cluster]) -> None:
+    peer = Peer()
+    try:
+        cluster = start_cluster(
+            peers=[{"ae_title": "ARCHIVE2", "host": "127.0.0.1", "port": peer.port}],
+            routes=[{"name": "everything", "to": ["ARCHIVE2"]}])
+        # every node polls the one outbox: each item goes once, by one of them
+        first = [make_ds() for _ in range(60)]
+        sender = Sender(cluster.port, first)
+        sender.run()
+        assert (len(sender.acknowledged), sender.refused) == (60, [])
+        wait_for("the first instances to be routed", lambda: peer.count() == 60)
+        wait_for("the outbox to empty", lambda: outbox_size(cluster.index_url) == 0)
+        assert set(peer.received.values()) == {1}
+
+        # the peer holds what it gets; the node sending it is killed; another sends it all
+        peer.gate.clear()
+        second = [make_ds() for _ in range(150)]
+        sender = Sender(cluster.port, second)
+        sender.run()
+        assert (len(sender.acknowledged), sender.refused) == (150, [])
+        wait_for("a node to be sending", lambda: peer.count() > 60)
+        holders = lease_holders(cluster.index_url)
+        victim = next(n for n in cluster.nodes
+                      if n.process is not None and n.process.pid in holders)
+        victim.kill()
+        peer.gate.set()
+        wait_for("every instance to reach the peer despite the kill",
+                 lambda: peer.count() == 210, timeout=DEAD_AFTER_SECONDS * 3 + 60)
+        assert {str(ds.SOPInstanceUID) for ds in first + second} == set(peer.received)
+        wait_for("the outbox to empty", lambda: outbox_size(cluster.index_url) == 0)
+        assert sum(1 for n in cluster.nodes if n.alive) == 2
+    finally:
+        peer.close()
+
+
+def test_storage_commitment_asked_of_another_node_than_the_one_stored_to(
+        start_cluster: Callable[..., Cluster]) -> None:
+    with reserved_port() as port:
+        cluster = start_cluster(peers=[{"ae_title": MODALITY, "host": "127.0.0.1",
+                                        "port": port}])
+    modality = Modality(port)
+    modality.listen()
+    try:
+        stored = [make_ds(Modality="CT", SOPClassUID=CTImageStorage) for _ in range(5)]
+        sender = Sender(cluster.nodes[0].port, stored)
+        sender.run()
+        assert (len(sender.acknowledged), sender.refused) == (5, [])
+        transaction = uid()
+        asked = [(CTImageStorage, str(ds.SOPInstanceUID)) for ds in stored]
+        rsp = modality.request(Through(cluster.nodes[2].port),
+                               transaction, [*asked, (CTImageStorage, uid())])
+        assert rsp.Status == status.SUCCESS
+        event_type, info, sender_title = modality.reports.get(timeout=60)
+        assert (event_type, sender_title) == (status.COMMITMENT_FAILURES_EXIST, "MINIPACS")
+        assert info.TransactionUID == transaction
+        assert sorted(str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence) \
+            == sorted(uid for _, uid in asked)
+        assert len(info.FailedSOPSequence) == 1
+        wait_for("the report to be settled", lambda: outbox_size(cluster.index_url) == 0)
+        assert modality.reports.empty()  # one report, from one node
+    finally:
+        modality.close()
+

@@ -1,16 +1,28 @@
-"""``GET /healthz``: up or down for a load balancer, without credentials, unaudited."""
+"""``GET /healthz``: up or down for a load balancer, without credentials, unaudited; and a
+node whose object store or index is down for a while answers A700, then recovers by itself."""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
+from scp import status
+from storage.models import Study
+from tests.factory import make_ds
 from tests.objects import Weed, s3_overrides
+from tests.postgres import Postgres, started_postgres
+from tests.test_cluster import Sender
 from tests.web.conftest import WebRunning
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    yield from started_postgres()
 
 
 def test_a_healthy_node_answers_200_to_anyone_and_is_not_audited(
@@ -56,3 +68,29 @@ def test_a_node_whose_object_store_is_down_answers_503_then_200_when_it_is_back(
         assert httpx.get(f"{running.root}/healthz", timeout=60).status_code == 200
     finally:
         weed.stop()
+
+
+def test_a_node_whose_index_is_down_answers_a700_and_recovers_by_itself(
+        postgres: Postgres, start_web: Callable[..., WebRunning]) -> None:
+    running = start_web(**{"storage.index_url": postgres.new_database()})
+    server = running.dicom
+    stored = make_ds()
+    before = Sender(server.port, [stored])
+    before.run()
+    assert before.acknowledged == [str(stored.SOPInstanceUID)]
+    postgres.stop()
+    try:
+        during = Sender(server.port, [make_ds(StudyInstanceUID=stored.StudyInstanceUID)])
+        during.run()
+        assert (during.acknowledged, during.refused) == ([], [status.STORE_OUT_OF_RESOURCES])
+        rsp = httpx.get(f"{running.root}/healthz", timeout=60)
+        assert (rsp.status_code, rsp.json()["failed"]) == (503, ["index"])
+    finally:
+        postgres.start()
+    assert httpx.get(f"{running.root}/healthz", timeout=60).status_code == 200
+    after = [make_ds(StudyInstanceUID=stored.StudyInstanceUID) for _ in range(2)]
+    sender = Sender(server.port, after)
+    sender.run()
+    assert (len(sender.acknowledged), sender.refused) == (2, [])
+    assert server.archive.verify().problems == []
+    assert Study.get().num_instances == 3  # nothing acknowledged that is not stored
