@@ -31,6 +31,7 @@ from storage import (
     RetentionRules,
     Route,
     S3Options,
+    endpoint_problem,
     files_url_problem,
     is_object_url,
     match_key_problem,
@@ -100,7 +101,7 @@ class StorageConfig:
     s3_endpoint: str = ""
     s3_region: str = ""
     s3_access_key_id: str = ""
-    s3_secret_access_key: str = ""
+    s3_secret_access_key: str = field(default="", repr=False)
     on_duplicate: str = "replace"
     durability: str = "full"
     max_instance_mb: int = 2048
@@ -443,6 +444,10 @@ def load_config(
     if web.enabled and web.https and not (tls.certificate and tls.private_key):
         problems.append("web.https: needs tls.certificate and tls.private_key")
     _check_routes(sections["routes"], sections["peers"], problems)
+    if sections["retention"].max_disk_percent and is_object_url(sections["storage"].files_url):
+        # the disk minipacs can measure is the node's own, which deleting frees nothing of
+        problems.append("retention.max_disk_percent: does not apply to an object store"
+                        " (storage.files_url s3://...): set it to 0, use max_age_days")
     if ae.workers > 1 and sections["storage"].index_url.startswith(("postgres",)):
         # only SQLite's BEGIN IMMEDIATE serialises the index writes of several processes
         problems.append("ae.workers: more than 1 needs the SQLite index (storage.index_url"
@@ -628,6 +633,8 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
         elif values.get("syslog") and values.get("enabled") is False:
             problems.append("audit.syslog: needs audit.enabled (the lines it sends are the"
                             " audit trail's)")
+    if section == "storage" and (why := endpoint_problem(values.get("s3_endpoint", ""))):
+        problems.append(f"storage.s3_endpoint: {why}")
     if section == "storage" and values.get("files_url"):
         why = files_url_problem(values["files_url"])
         if why:

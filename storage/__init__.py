@@ -51,7 +51,7 @@ from .instances import (
 from .keys import KEYS as QUERY_KEYS
 from .keys import Key as QueryKey
 from .keys import Level, Model
-from .objects import S3Options, files_url_problem, is_object_url
+from .objects import S3Options, endpoint_problem, files_url_problem, is_object_url
 from .outbox import COMMITMENT, ROUTE, PeerQueue, Route, lease_owner, match_key_problem
 from .outbox import Entry as OutboxEntry
 from .parsing import Spooled, read_identifier
@@ -118,6 +118,7 @@ __all__ = [
     "WebInstance",
     "WriteResult",
     "bulk_path",
+    "endpoint_problem",
     "failure_code",
     "files_url_problem",
     "install_decoder_log_filter",

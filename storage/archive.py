@@ -195,7 +195,8 @@ def open_files(options: ArchiveOptions) -> FileStore:
 
     With an object store the local folder holds nothing ``verify``, ``reindex`` or
     ``import`` must have to themselves (other nodes write to the bucket anyway): they take
-    its lock shared, and run beside this node's server.
+    its lock shared, and run beside this node's server (``reindex`` is kept from serving
+    nodes by the index instead: :func:`storage.index.hold_alone`).
     """
     if not options.files_url:
         return FilesystemStore(options.files_path, options.durable, options.shared,
@@ -240,6 +241,13 @@ class Archive:
         try:
             self.database = index.connect(options.index_url, synchronous_full=options.durable)
         except BaseException:
+            self.files.close()
+            raise
+        try:  # a server's: reindex must not empty the index under it (any node's)
+            self._serving = index.hold_serving(self.database) if options.serving else None
+        except BaseException:
+            self.database.close()
+            index.disconnect()
             self.files.close()
             raise
         self._write_lock = threading.Lock()
@@ -1084,8 +1092,20 @@ class Archive:
         return maintenance.verify(self, repair, progress)
 
     def reindex(self, progress: maintenance.Progress | None = None) -> maintenance.ImportReport:
-        """Rebuild the index from the files: :func:`storage.maintenance.reindex`."""
-        return maintenance.reindex(self, progress)
+        """Rebuild the index from the files: :func:`storage.maintenance.reindex`.
+
+        Raises
+        ------
+        StoreInUse
+            A server uses this index (on PostgreSQL, on any node): the index would be
+            emptied under it.
+        """
+        alone = index.hold_alone(self.database)
+        try:
+            return maintenance.reindex(self, progress)
+        finally:
+            if alone is not None:
+                alone.close()
 
     def import_folder(
         self, folder: Path, progress: maintenance.Progress | None = None
@@ -1103,6 +1123,10 @@ class Archive:
         """Commit the stores in flight and close the index; another archive may then be
         opened in this process."""
         self._committer.close()
+        serving, self._serving = getattr(self, "_serving", None), None
+        if serving is not None:
+            with contextlib.suppress(Exception):
+                serving.close()
         with contextlib.suppress(pw.DatabaseError):
             self.database.close()
             if isinstance(self.database, PooledDatabase):

@@ -239,11 +239,13 @@ class GroupCommit:
         for p, outcome in zip(batch, outcomes, strict=True):
             try:
                 if isinstance(outcome, StorageError):
-                    self._discard(p.staged.key)
+                    self._discard(p.staged.key, unless_named=True)
                     p.future.set_exception(outcome)
                     continue
                 if outcome.result in (WriteResult.IDENTICAL, WriteResult.KEPT):
-                    self._discard(p.staged.key)
+                    # unless a row names it: this batch is indexed again one by one after a
+                    # COMMIT that failed to say it succeeded, and finds its own rows there
+                    self._discard(p.staged.key, unless_named=True)
                 if outcome.old_file_key:
                     self._discard(outcome.old_file_key)
                 p.future.set_result(outcome)
@@ -263,15 +265,26 @@ class GroupCommit:
         return outcome
 
     def _fail(self, batch: list[Pending], error: StorageError) -> None:
-        """Nothing of ``batch`` was indexed: remove its files, fail each store."""
+        """Nothing of ``batch`` was indexed, as far as the database said: remove its files
+        (unless a row names one after all: a COMMIT can succeed and still report an error,
+        when the connection to PostgreSQL breaks during it), fail each store."""
         for p in batch:
             self.files.abandon(p.staged)
-            self._discard(p.staged.key)
+            self._discard(p.staged.key, unless_named=True)
             if not p.future.done():
                 p.future.set_exception(error)
 
-    def _discard(self, key: str) -> None:
-        """Remove a file no index row points to; a failure is logged (``verify`` finds it)."""
+    def _discard(self, key: str, unless_named: bool = False) -> None:
+        """Remove a file no index row points to; a failure is logged (``verify`` finds it).
+        ``unless_named``: first make sure no row names it; when that cannot be known (the
+        index is down), the file is left for ``verify``."""
+        try:
+            if unless_named and index.names_file(key):
+                return
+        except Exception as exc:  # noqa: BLE001 - the index cannot be read
+            logger.warning("file %s is left for verify: whether the index names it cannot be"
+                           " read (%s)", key, exc)
+            return
         try:
             self.files.delete(key)
         except Exception as exc:  # noqa: BLE001 - an OSError, or a key that is not ours

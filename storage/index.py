@@ -20,7 +20,7 @@ from typing import Any
 import peewee as pw
 from playhouse.db_url import connect as db_url_connect
 
-from .errors import DuplicateRejected, StorageError
+from .errors import DuplicateRejected, StorageError, StoreInUse
 from .keys import Level
 from .models import MODELS, SCHEMA_VERSION, Instance, Patient, SchemaVersion, Series, Study
 from .models import database_proxy as db
@@ -245,6 +245,65 @@ def write_transaction() -> Iterator[Any]:
         with database.atomic() as txn:
             database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
             yield txn
+
+
+SERVING_LOCK_KEY = WRITE_LOCK_KEY + 2
+"""On PostgreSQL, the advisory lock every server holds shared for as long as it serves, and
+``reindex`` must take alone: emptying the index under serving nodes would lose what they
+store meanwhile. (On SQLite the file store's lock does this, on one machine.)"""
+
+
+def hold_serving(database: pw.Database) -> Any | None:
+    """Hold :data:`SERVING_LOCK_KEY` shared on a connection of its own (returned: close it
+    to let go; ``None`` on SQLite)."""
+    connection = _own_connection(database)
+    if connection is not None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock_shared(%s)", (SERVING_LOCK_KEY,))
+    return connection
+
+
+def hold_alone(database: pw.Database) -> Any | None:
+    """Hold :data:`SERVING_LOCK_KEY` alone on a connection of its own (``None`` on SQLite).
+
+    Raises
+    ------
+    StoreInUse
+        A server of this index is running (on any node).
+    """
+    connection = _own_connection(database)
+    if connection is None:
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", (SERVING_LOCK_KEY,))
+        alone = bool(cursor.fetchone()[0])
+    if not alone:
+        connection.close()
+        raise StoreInUse("servers are using this index (on this node or another): stop"
+                         " every node first")
+    return connection
+
+
+def _own_connection(database: pw.Database) -> Any | None:
+    """A PostgreSQL connection outside peewee's pool, for a lock held for a long time
+    (``None`` on SQLite)."""
+    if isinstance(database, pw.SqliteDatabase):
+        return None
+    import psycopg2  # the postgres extra: the index is PostgreSQL
+
+    connection = psycopg2.connect(dbname=database.database, **database.connect_params)
+    connection.autocommit = True
+    return connection
+
+
+def names_file(file_key: str) -> bool:
+    """Whether an instance row names the file ``file_key`` (on a connection of its own
+    when this thread's broke: the caller is often cleaning up after a failed commit)."""
+    try:
+        return bool(Instance.select(Instance.id).where(Instance.file_key == file_key).exists())
+    except pw.DatabaseError:
+        close()
+        return bool(Instance.select(Instance.id).where(Instance.file_key == file_key).exists())
 
 
 def ping() -> None:

@@ -13,8 +13,12 @@ cause: a row whose file is gone or changed, and counters that do not match the r
   :func:`_repair_strays`), removes rows whose file is gone for good, and rewrites the
   counters. A file whose content changed is reported, never deleted.
 
-Each runs with the file store to itself: the store's lock keeps a server (or another of
-these) out meanwhile.
+On a local folder each runs with the file store to itself: the store's lock keeps a
+server (or another of these) out meanwhile. With an object store other nodes keep storing:
+``verify`` leaves alone the objects younger than the store's ``settle_seconds``, checks a
+file again before calling it missing, and changes a row only if it still names the file it
+checked; ``reindex`` is refused while any server uses the index
+(:func:`storage.index.hold_alone`).
 - :func:`reindex` rebuilds the whole index from the files.
 - :func:`import_folder` stores every DICOM file of a folder through the C-STORE path.
 """
@@ -265,9 +269,12 @@ def _repair_strays(archive: MaintainedArchive, uid: str, copies: list[_Copy],
       when several are equally new none is chosen (kept, reported).
     """
     problems = report.problems
-    if index.lookup(uid) is not None:
+    indexed = index.lookup(uid)
+    if indexed is not None:
         if uid not in damaged:
             for c in copies:
+                if c.key == indexed[1]:  # indexed meanwhile (another verify --repair)
+                    continue
                 if repair:
                     archive.files.delete(c.key)
                 problems.append(Problem("stray file", c.key, f"{uid} is indexed under another,"
@@ -277,9 +284,9 @@ def _repair_strays(archive: MaintainedArchive, uid: str, copies: list[_Copy],
         same = next((c for c in copies if c.content_hash == row.content_hash), None)
         for c in copies:
             if c is same and repair:
-                with archive.writing():
+                with archive.writing():  # unless stored again meanwhile (another node)
                     Instance.update(file_key=c.key, file_size=c.size).where(
-                        Instance.id == row.id).execute()
+                        (Instance.id == row.id) & (Instance.file_key == row.file_key)).execute()
                 problems[i] = replace(problems[i], repaired=True, detail=problems[i].detail
                                       + f"; its intact copy {c.key} is indexed instead")
             problems.append(Problem(
@@ -296,6 +303,10 @@ def _repair_strays(archive: MaintainedArchive, uid: str, copies: list[_Copy],
                                     " right one"))
         return
     chosen = latest[0]
+    if repair and chosen.key in removal.pending_keys():  # deleted since verify began
+        problems.append(Problem("deleted instance's file", chosen.key,
+                                f"{uid} was deleted while verify ran: left to the delete"))
+        return
     if repair:
         try:
             archive.index_file(chosen.key)
@@ -315,8 +326,8 @@ def _repair_strays(archive: MaintainedArchive, uid: str, copies: list[_Copy],
 
 def _counters(archive: MaintainedArchive, repair: bool) -> list[Problem]:
     """Recount every study from its rows; compare with the stored counters."""
-    before = _counter_snapshot()
-    with archive.writing(commit=repair):
+    with archive.writing(commit=repair):  # both in one transaction: other nodes store
+        before = _counter_snapshot()
         index.recompute_counters({s.id for s in Study.select(Study.id)})
         after = _counter_snapshot()
     problems = []

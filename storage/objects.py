@@ -5,8 +5,9 @@ The same :class:`~storage.files.FileStore` as the local folder, with the same pr
 whole by one PUT (or a multipart upload that completes at once) before the index commits,
 and a replaced object is removed only after the new one is committed. A crash between the
 PUT and the commit leaves an object no row names: ``verify --repair`` lists the bucket and
-removes it (:attr:`ObjectStore.settle_seconds`: other nodes may be between the two steps
-of their own stores).
+removes it, or indexes it when it holds an instance the index lacks, once it is older than
+:attr:`ObjectStore.settle_seconds` (other nodes may be between the two steps of their own
+stores).
 
 Why obstore and not boto3 (bench/README.md, "Object store clients"): on this workload (a
 PUT and GETs of 10 kB to 500 kB objects from server threads) boto3 spent 1.3-2.4 ms of
@@ -31,7 +32,7 @@ import threading
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import obstore
@@ -48,8 +49,13 @@ IN_MEMORY_BYTES = 8 * 2**20
 READ_AHEAD = 2**20
 """Bytes one ranged GET reads ahead when a file is read a little at a time; the first GET
 of an object reads this much, so most objects (a CT slice is 0.5 MB) take one request."""
+READ_ALL_BYTES = 16 * 2**20
+"""Bytes per GET when a file is read to its end at once (``verify``, ``reindex``)."""
 PUT_THREADS = 16
 """PUTs of one group commit sent at once (:meth:`ObjectStore.publish`)."""
+PART_UPLOADS = 4
+"""Parts of one multipart upload (a spooled instance over :data:`IN_MEMORY_BYTES`) sent at
+once: each holds a 5 MB part in memory (obstore's default of 12 held 66 MB per upload)."""
 SETTLE_SECONDS = 3600.0
 """How old an object no index row names must be before ``verify`` takes it for a stray:
 another node may be between its PUT and its commit (seconds to minutes while the index is
@@ -75,7 +81,7 @@ class S3Options:
     endpoint: str = ""
     region: str = ""
     access_key_id: str = ""
-    secret_access_key: str = ""
+    secret_access_key: str = field(default="", repr=False)
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -95,6 +101,20 @@ def parse_url(url: str) -> tuple[str, str]:
 def is_object_url(url: str) -> bool:
     """Whether ``storage.files_url`` names an object store rather than a folder."""
     return url.startswith("s3://")
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """Why ``storage.s3_endpoint`` is not ``http(s)://host[:port]``, or None."""
+    if not endpoint:
+        return None
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be http://host[:port] or https://host[:port], not {endpoint!r}"
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return f"has a port that is not a number: {endpoint!r}"
+    return None
 
 
 def files_url_problem(url: str) -> str | None:
@@ -117,12 +137,15 @@ def _short(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _failing(what: str) -> Iterator[None]:
     """Raise what goes wrong inside as :class:`ObjectStoreError` ("<what>: <why>"); a
-    missing object stays a :class:`FileNotFoundError`, which obstore raises."""
+    missing object stays a :class:`FileNotFoundError`, which obstore raises. A panic of
+    obstore's Rust code (``pyo3_runtime.PanicException``, not an Exception) too."""
     try:
         yield
     except FileNotFoundError:
         raise
-    except Exception as exc:  # noqa: BLE001 - obstore's errors, and its OSErrors
+    except BaseException as exc:  # obstore's errors, its OSErrors, and a Rust panic
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         raise ObjectStoreError(f"{what}: {_short(exc)}") from exc
 
 
@@ -156,6 +179,10 @@ class ObjectStore:
         client: Any = {"timeout": TIMEOUT, "connect_timeout": CONNECT_TIMEOUT}
         endpoint = (options.endpoint or os.environ.get("AWS_ENDPOINT_URL")
                     or os.environ.get("AWS_ENDPOINT") or "")
+        why = endpoint_problem(endpoint)
+        if why:
+            local.close()
+            raise StorageError(f"cannot use {url} as the file store: its endpoint {why}")
         if endpoint.startswith("http://"):  # a store on the node's own network
             client["allow_http"] = True
         retry: Any = {"max_retries": 2, "retry_timeout": datetime.timedelta(seconds=20),
@@ -195,14 +222,26 @@ class ObjectStore:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(PUT_THREADS, "minipacs-put")
             pool = self._pool
-        return list(pool.map(self._put, staged))
+        failing: list[StorageFull] = []
+        return list(pool.map(lambda item: self._put(item, failing), staged))
 
-    def _put(self, item: Staged) -> StorageFull | None:
+    def _put(self, item: Staged, failing: list[StorageFull] | None = None) -> StorageFull | None:
+        """PUT one staged object. ``failing`` (shared by a batch): once one PUT of the batch
+        failed, those not yet begun fail at once with its error instead of each waiting out
+        a store that does not answer (:data:`TIMEOUT` apiece)."""
         try:
+            if failing:
+                return failing[0]
             source: Any = item.data if item.data is not None else item.temp
-            obstore.put(self._store, self._name(item.key), source)
-        except Exception as exc:  # noqa: BLE001 - obstore raises its own and OSErrors
-            return StorageFull(f"cannot write to the object store: {_short(exc)}")
+            obstore.put(self._store, self._name(item.key), source,
+                        max_concurrency=PART_UPLOADS)
+        except BaseException as exc:  # obstore's errors, OSErrors, and a Rust panic
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            error = StorageFull(f"cannot write to the object store: {_short(exc)}")
+            if failing is not None:
+                failing.append(error)
+            return error
         finally:
             self.abandon(item)
         return None
@@ -346,10 +385,22 @@ class _RangedObject(io.RawIOBase):
         self._pos += wanted
         return wanted
 
+    def readall(self) -> bytes:
+        """The rest of the object, in GETs of :data:`READ_ALL_BYTES` (io's own readall
+        would ask for 8 kB at a time)."""
+        parts = []
+        while self._pos < self._size:
+            buffer = bytearray(min(READ_ALL_BYTES, self._size - self._pos))
+            got = self.readinto(buffer)
+            if not got:
+                break
+            parts.append(bytes(buffer[:got]))
+        return b"".join(parts)
+
     def close(self) -> None:
         self._head = memoryview(b"")
         super().close()
 
 
 __all__ = ["IN_MEMORY_BYTES", "ObjectStore", "ObjectStoreError", "S3Options",
-           "files_url_problem", "is_object_url", "parse_url"]
+           "endpoint_problem", "files_url_problem", "is_object_url", "parse_url"]

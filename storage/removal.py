@@ -174,6 +174,9 @@ def _remove(files: FileStore, keys: list[str],
     left: list[str] = []
     for key in keys:
         try:
+            if index.names_file(key):  # indexed again meanwhile (verify, reindex): keep it
+                removed.append(key)  # only its pending row goes
+                continue
             files.delete(key)  # a file already gone is not an error
         except (OSError, StorageError) as exc:
             logger.error("cannot remove the file %s of a deleted instance: %s; "

@@ -328,6 +328,12 @@ def test_a_node_killed_mid_ingest_loses_nothing_and_the_others_keep_serving(
                            str(cluster.nodes[0].config)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # reindex would empty the index under the serving nodes: refused, whichever node asks
+    proc = subprocess.run([*minipacs_command(), "reindex", "--config",
+                           str(cluster.nodes[1].config)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "stop every node first" in proc.stderr, proc.stderr
+    assert echo(cluster.port)
 
 
 @dataclass

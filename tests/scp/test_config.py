@@ -258,6 +258,34 @@ def test_workers_need_the_sqlite_index(tmp_path: Path) -> None:
     assert load_config(path).ae.workers == 2
 
 
+def test_the_object_store_keys_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("storage:\n  files_url: s3://\n  s3_endpoint: 127.0.0.1:8333\n"
+                    "retention:\n  max_disk_percent: 90\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "storage.s3_endpoint", "storage.files_url", "retention.max_disk_percent"]
+    path.write_text("storage:\n  files_url: s3://bucket/images\n"
+                    "retention:\n  max_disk_percent: 90\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p.split(":")[0] for p in info.value.problems] == ["retention.max_disk_percent"]
+    path.write_text("storage:\n  files_url: s3://bucket/images\n  s3_endpoint: "
+                    "http://127.0.0.1:8333\n  s3_secret_access_key: hush\n"
+                    "  data_dir: store\n")
+    config = load_config(path)
+    options = config.archive_options()
+    assert (options.files_url, options.s3.endpoint) == ("s3://bucket/images",
+                                                        "http://127.0.0.1:8333")
+    assert config.files_path == tmp_path / "store" / "files"  # the node's own folder
+    assert "hush" not in repr(config) and "hush" not in repr(options)
+    path.write_text("storage:\n  files_url: elsewhere\n")
+    config = load_config(path)
+    assert (config.files_path, config.archive_options().files_url) == (
+        tmp_path / "elsewhere", "")
+
+
 def test_a_problem_with_a_flag_names_the_flag_not_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("ae:\n  title: ALSO_FAR_TOO_LONG_TITLE\n  port: 70000\n")

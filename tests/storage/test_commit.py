@@ -4,12 +4,15 @@ indexed."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import peewee
 import pytest
 from pydicom.dataset import Dataset
 
@@ -326,4 +329,48 @@ def test_an_interrupted_commit_fails_the_other_stores_of_its_batch(
         assert isinstance(mine.exception(timeout=0), StorageFull)
     finally:
         monkeypatch.undo()
+        archive.close()
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_commit_that_succeeds_but_reports_an_error_keeps_every_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """A COMMIT can reach the database and still fail on the way back (PostgreSQL's
+    connection breaking during it). The rows are then there: no file they name may be
+    removed, whether the batch failed (one store: the sender is told so, and its resend is
+    a Success) or was indexed again one by one (found identical: Success)."""
+    archive = _archive(tmp_path)
+    real = index.write_transaction
+    calls = 0
+
+    @contextlib.contextmanager
+    def lost_answer() -> Iterator[Any]:
+        nonlocal calls
+        outermost = database_proxy.obj.transaction_depth() == 0
+        calls += outermost
+        with real() as txn:
+            yield txn
+        if outermost and calls == 1:  # committed; the answer is lost
+            raise peewee.OperationalError("server closed the connection unexpectedly")
+
+    try:
+        datasets = [make_ds() for _ in range(count)]
+        with archive._committer._committing:  # all in one batch
+            pending = [archive.submit(encode(ds), TS) for ds in datasets]
+            monkeypatch.setattr(index, "write_transaction", lost_answer)
+        outcomes = []
+        for p in pending:
+            try:
+                outcomes.append(p.result().result)
+            except StorageFull:
+                outcomes.append(None)
+        assert outcomes == ([None] if count == 1 else [WriteResult.IDENTICAL] * count)
+        monkeypatch.setattr(index, "write_transaction", real)
+        rows = {ds.SOPInstanceUID: index.lookup(ds.SOPInstanceUID) for ds in datasets}
+        assert all(rows.values())
+        assert {row[1] for row in rows.values() if row} == {
+            p.name for p in stored_files(tmp_path)}  # every row's file is there
+        assert archive.store(encode(datasets[0]), TS).result is WriteResult.IDENTICAL
+        assert archive.verify().problems == []
+    finally:
         archive.close()

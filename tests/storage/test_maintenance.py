@@ -3,14 +3,15 @@ what a crash or damage can leave, without losing an acknowledged instance."""
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from storage import Archive
-from storage.models import Instance, Study
+from storage import Archive, Selection, maintenance, removal
+from storage.models import Instance, PendingRemoval, Study
 from storage.parsing import extract, file_meta, read_header
 from tests.factory import encode, expected_table, hierarchy, make_ds, save
 
@@ -183,3 +184,70 @@ def test_reindex_keeps_the_file_the_index_named(archive: Archive) -> None:
     assert (report.stored, report.duplicates) == (len(datasets), 1)
     assert Instance.get(Instance.sop_instance_uid == ds.SOPInstanceUID).file_key == current
     assert archive.files.path(stale).exists()  # type: ignore[attr-defined]
+
+
+def _orphan(archive: Archive) -> tuple[Any, str]:
+    """A file written and never indexed: its data set and key."""
+    ds = make_ds()
+    parsed = extract(read_header(encode(ds), ExplicitVRLittleEndian))
+    return ds, archive.files.put((file_meta(parsed, ExplicitVRLittleEndian, "X"), encode(ds)))
+
+
+def test_a_stray_another_verify_indexed_meanwhile_is_not_removed(
+        archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ``verify --repair`` at once (beside a cluster, nothing keeps them apart): one
+    indexes a stray; the other, which listed it as a stray before, must not remove it as
+    "indexed under another, intact file": it is that file."""
+    ds, key = _orphan(archive)
+    real = maintenance._strays
+
+    def listed_then_indexed_by_another(*args: Any) -> Any:
+        found = real(*args)
+        archive.index_file(key)  # the other verify, between the listing and the repair
+        return found
+
+    monkeypatch.setattr(maintenance, "_strays", listed_then_indexed_by_another)
+    archive.verify(repair=True)
+    monkeypatch.undo()
+    assert key in set(archive.files.keys())
+    assert Instance.get(Instance.sop_instance_uid == ds.SOPInstanceUID).file_key == key
+    assert archive.verify().problems == []
+
+
+def test_an_instance_deleted_while_verify_runs_is_not_indexed_again(
+        archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delete commits (rows gone, the file queued for removal) after verify listed the
+    files: the file looks like a stray of an instance not indexed, and must not be indexed
+    again (the delete then removes it)."""
+    datasets = stored(archive)
+    gone = datasets[0]
+    real_rows = maintenance._rows
+    real_delete = archive.files.delete
+
+    def deleted_meanwhile() -> Any:
+        def not_yet(key: str) -> None:  # the delete's removal of the file comes later
+            raise OSError("not yet")
+
+        monkeypatch.setattr(archive.files, "delete", not_yet)
+        archive.delete(Selection(instance_uids=(str(gone.SOPInstanceUID),)))
+        monkeypatch.setattr(archive.files, "delete", real_delete)
+        return real_rows()
+
+    monkeypatch.setattr(maintenance, "_rows", deleted_meanwhile)
+    report = archive.verify(repair=True)
+    monkeypatch.undo()
+    assert not Instance.select().where(
+        Instance.sop_instance_uid == gone.SOPInstanceUID).exists()
+    assert [p.kind for p in report.problems] == ["deleted instance's file"]
+    assert removal.finish(archive.files, archive.writing) == (1, [])
+    assert archive.verify().problems == []
+
+
+def test_a_deleted_instances_file_indexed_again_is_not_removed(archive: Archive) -> None:
+    datasets = stored(archive)
+    key = Instance.get(Instance.sop_instance_uid == datasets[0].SOPInstanceUID).file_key
+    PendingRemoval.create(file_key=key, sop_instance_uid=datasets[0].SOPInstanceUID,
+                          queued_at=datetime.datetime.now())
+    assert removal._remove(archive.files, [key], archive.writing) == (1, [])
+    assert key in set(archive.files.keys())
+    assert archive.verify().problems == []

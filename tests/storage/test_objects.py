@@ -8,12 +8,21 @@ import io
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import obstore
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from storage import Archive, ArchiveOptions, S3Options, Selection, StorageFull, open_archive
+from storage import (
+    Archive,
+    ArchiveOptions,
+    S3Options,
+    Selection,
+    StorageError,
+    StorageFull,
+    open_archive,
+)
 from storage.files import FilesystemStore
 from storage.models import Instance, Study
 from storage.objects import IN_MEMORY_BYTES, READ_AHEAD, ObjectStore
@@ -165,3 +174,44 @@ def test_a_store_fails_with_out_of_resources_while_the_object_store_is_down_and_
     finally:
         archive.close()
         weed.stop()
+
+
+def test_a_read_to_the_end_takes_a_few_large_gets_not_thousands_of_small_ones(
+        store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = bytes(range(256)) * 40_000  # 10 MB
+    key = store.put([data])
+    ranges: list[int] = []
+    real = obstore.get_range
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        ranges.append(kwargs["length"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obstore, "get_range", counted)
+    with store.open(key) as fp:
+        assert fp.read() == data  # what verify and reindex do
+    assert len(ranges) <= 2, ranges  # io's own readall asked for 8 kB a time: 1,160 GETs
+
+
+def test_once_a_put_of_a_batch_fails_the_ones_not_begun_fail_at_once(
+        store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that does not answer costs each PUT its whole timeout: a batch fails after
+    the first, not after every one of its PUTs in turn."""
+    monkeypatch.setattr("storage.objects.PUT_THREADS", 1)
+    attempts = []
+
+    def hung(*args: Any, **kwargs: Any) -> None:
+        attempts.append(args[1])
+        raise TimeoutError("operation timed out")
+
+    monkeypatch.setattr(obstore, "put", hung)
+    staged = [store.stage([b"x" * 100]) for _ in range(20)]
+    errors = store.publish(staged)
+    assert len(attempts) == 1
+    assert all(isinstance(e, StorageFull) and "timed out" in str(e) for e in errors)
+
+
+def test_a_bad_endpoint_is_refused_when_the_store_opens(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="http://host"):
+        ObjectStore(url(), S3Options("127.0.0.1:8333"), FilesystemStore(tmp_path / "l"))
+    assert "secret" not in repr(S3Options("http://x", "r", "id", "secret"))
