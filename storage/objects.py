@@ -49,6 +49,11 @@ IN_MEMORY_BYTES = 8 * 2**20
 READ_AHEAD = 2**20
 """Bytes one ranged GET reads ahead when a file is read a little at a time; the first GET
 of an object reads this much, so most objects (a CT slice is 0.5 MB) take one request."""
+SEEK_AHEAD = 64 * 1024
+"""Bytes a GET reads after a seek away from the window (then doubling while reads go on
+from there): fragment headers 2 MB apart cost 64 kB each, not a megabyte."""
+BUFFER = 64 * 1024
+"""The buffer of the reader :meth:`ObjectStore.open` returns (in memory, over the window)."""
 READ_ALL_BYTES = 16 * 2**20
 """Bytes per GET when a file is read to its end at once (``verify``, ``reindex``)."""
 PUT_THREADS = 16
@@ -284,7 +289,7 @@ class ObjectStore:
             size = int(first.meta["size"])
             head = memoryview(first.bytes())
         raw = _RangedObject(self._store, name, size, head)
-        return io.BufferedReader(raw, buffer_size=READ_AHEAD)
+        return io.BufferedReader(raw, buffer_size=BUFFER)
 
     def delete(self, key: str) -> None:
         """Remove the object ``key``; a missing one is not an error."""
@@ -342,7 +347,10 @@ class ObjectStore:
 
 
 class _RangedObject(io.RawIOBase):
-    """An object read by ranged GETs; its first :data:`READ_AHEAD` bytes already read."""
+    """An object read by ranged GETs, through a window of what the last GET brought: its
+    first :data:`READ_AHEAD` bytes at first. Reading on where the window ends doubles the
+    next GET's read-ahead up to :data:`READ_AHEAD`; a read elsewhere (a seek: walking a
+    multi-frame's fragments to one frame) fetches only :data:`SEEK_AHEAD`."""
 
     def __init__(self, store: S3Store, name: str, size: int, head: memoryview) -> None:
         super().__init__()
@@ -350,7 +358,8 @@ class _RangedObject(io.RawIOBase):
         self._store = store
         self._name = name
         self._size = size
-        self._head = head
+        self._start, self._window = 0, head
+        self._ahead = READ_AHEAD
         self._pos = 0
 
     def readable(self) -> bool:
@@ -374,16 +383,27 @@ class _RangedObject(io.RawIOBase):
         wanted = min(len(out), self._size - self._pos)
         if wanted <= 0:
             return 0
-        if self._pos + wanted <= len(self._head):
-            out[:wanted] = self._head[self._pos:self._pos + wanted]
-        else:
-            with _failing(f"cannot read {self._name} from the object store"):
-                data = memoryview(obstore.get_range(self._store, self._name,
-                                                    start=self._pos, length=wanted))
-            wanted = len(data)
-            out[:wanted] = data
-        self._pos += wanted
-        return wanted
+        offset = self._pos - self._start
+        if not 0 <= offset < len(self._window):
+            self._fill(wanted)
+            offset = 0
+        got = min(wanted, len(self._window) - offset)
+        out[:got] = self._window[offset:offset + got]
+        self._pos += got
+        return got
+
+    def _fill(self, wanted: int) -> None:
+        """GET at least ``wanted`` bytes from the position, with read-ahead."""
+        sequential = self._pos == self._start + len(self._window)
+        self._ahead = min(self._ahead * 2, READ_AHEAD) if sequential else SEEK_AHEAD
+        length = min(max(wanted, self._ahead), self._size - self._pos)
+        with _failing(f"cannot read {self._name} from the object store"):
+            data = memoryview(obstore.get_range(self._store, self._name, start=self._pos,
+                                                length=length))
+        if not len(data):
+            raise ObjectStoreError(f"cannot read {self._name} from the object store: no"
+                                   f" bytes at {self._pos} of {self._size}")
+        self._start, self._window = self._pos, data
 
     def readall(self) -> bytes:
         """The rest of the object, in GETs of :data:`READ_ALL_BYTES` (io's own readall
@@ -398,7 +418,7 @@ class _RangedObject(io.RawIOBase):
         return b"".join(parts)
 
     def close(self) -> None:
-        self._head = memoryview(b"")
+        self._window = memoryview(b"")
         super().close()
 
 

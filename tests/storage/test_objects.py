@@ -215,3 +215,33 @@ def test_a_bad_endpoint_is_refused_when_the_store_opens(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="http://host"):
         ObjectStore(url(), S3Options("127.0.0.1:8333"), FilesystemStore(tmp_path / "l"))
     assert "secret" not in repr(S3Options("http://x", "r", "id", "secret"))
+
+
+def test_small_reads_far_apart_fetch_a_little_each_and_sequential_reads_grow(
+        store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Walking a multi-frame's fragment headers (8 bytes, megabytes apart) must not fetch a
+    megabyte at each; reading on from one place reads ahead more and more."""
+    data = bytes(range(256)) * 160_000  # 40 MB
+    key = store.put([data])
+    fetched: list[int] = []
+    real = obstore.get_range
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        fetched.append(kwargs["length"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obstore, "get_range", counted)
+    with store.open(key) as fp:
+        for at in range(2 * 2**20, 40 * 2**20, 2 * 2**20):
+            fp.seek(at)
+            assert fp.read(8) == data[at:at + 8]
+        assert sum(fetched) <= 19 * 64 * 1024, fetched
+        fetched.clear()
+        fp.seek(5)
+        assert fp.read(10 * 2**20) == data[5:5 + 10 * 2**20]  # a large read: one GET
+        assert len(fetched) == 1
+        fetched.clear()
+        fp.seek(1000)
+        chunks = [fp.read(8192) for _ in range(512)]  # 4 MB read on, 8 kB at a time
+        assert b"".join(chunks) == data[1000:1000 + 512 * 8192]
+        assert len(fetched) <= 8, fetched  # 64 kB, 128 kB, ... up to 1 MB a GET
