@@ -80,8 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         "verify", help="check every index row against its file, stray files and counters")
     verify.add_argument("--repair", action="store_true",
                         help="fix what is found (run with the server stopped)")
-    commands.add_parser(
-        "reindex", help="rebuild the whole index from the file store (server stopped)")
+    reindexer = commands.add_parser(
+        "reindex", help="rebuild the whole index from the file store (servers stopped)")
+    reindexer.add_argument(
+        "--missing", action="store_true",
+        help="only index the files no row names, keeping the index (servers may run)")
     importer = commands.add_parser(
         "import", help="store a folder of DICOM files through the C-STORE path")
     importer.add_argument("folder", type=Path)
@@ -131,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         "new-token", help="print a new bearer token and its web.tokens entry")
     token.add_argument("name", help="whom the token is for (logged when it is refused)")
     token.add_argument("rights", choices=ACCOUNT_RIGHTS)
-    for sub in (verify, commands.choices["reindex"], importer, deleter, sender, queue,
+    for sub in (verify, reindexer, importer, deleter, sender, queue,
                 keeper, doctor, statement):
         sub.add_argument("--config", type=Path, help=f"configuration file (default: ./"
                          f"{DEFAULT_CONFIG} if present, else built-ins)")
@@ -293,8 +296,9 @@ def verify(config: Config, repair: bool) -> int:
     return 1 if left else 0
 
 
-def reindex(config: Config) -> int:
-    report = _maintain(config, "reindex", lambda a, bar: a.reindex(progress=bar))
+def reindex(config: Config, missing_only: bool = False) -> int:
+    report = _maintain(config, "reindex",
+                       lambda a, bar: a.reindex(progress=bar, missing_only=missing_only))
     for name, why in report.rejected:
         print(f"not indexed: {name}: {why}")
     print(f"indexed {report.stored} files; {report.duplicates} superseded (another file of"
@@ -607,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return verify(config, args.repair)
         if args.command == "reindex":
-            return reindex(config)
+            return reindex(config, args.missing)
         if args.command == "import":
             return import_folder(config, args.folder)
         if args.command == "delete":

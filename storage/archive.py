@@ -1091,8 +1091,11 @@ class Archive:
         :func:`storage.maintenance.verify`."""
         return maintenance.verify(self, repair, progress)
 
-    def reindex(self, progress: maintenance.Progress | None = None) -> maintenance.ImportReport:
-        """Rebuild the index from the files: :func:`storage.maintenance.reindex`.
+    def reindex(self, progress: maintenance.Progress | None = None, *,
+                missing_only: bool = False) -> maintenance.ImportReport:
+        """Rebuild the index from the files: :func:`storage.maintenance.reindex`; with
+        ``missing_only``, index only the files no row names, beside serving nodes
+        (:func:`storage.maintenance.index_missing`).
 
         Raises
         ------
@@ -1100,6 +1103,8 @@ class Archive:
             A server uses this index (on PostgreSQL, on any node): the index would be
             emptied under it.
         """
+        if missing_only:
+            return maintenance.index_missing(self, progress)
         alone = index.hold_alone(self.database)
         try:
             return maintenance.reindex(self, progress)

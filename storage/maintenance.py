@@ -37,7 +37,7 @@ from . import index, removal
 from .errors import InvalidInstance, StorageError
 from .files import FileStore
 from .index import WriteResult
-from .models import Instance, Patient, Series, Study
+from .models import Instance, Patient, PendingRemoval, Series, Study
 from .parsing import content_hash, extract, read_header, split_part10
 
 logger = logging.getLogger(__name__)
@@ -379,6 +379,25 @@ def import_folder(archive: MaintainedArchive, folder: Path, progress: Progress |
     return _tally(paths, store, progress)
 
 
+def index_missing(archive: MaintainedArchive, progress: Progress | None = None
+                  ) -> ImportReport:
+    """``reindex --missing``: index the files no row names, where they are, newest first,
+    leaving the index as it is, so that serving nodes go on meanwhile. The files of deleted
+    instances not yet removed are left alone, and so are those younger than the store's
+    ``settle_seconds`` (a store another node is committing). An instance already indexed
+    from another file stays as it is (a duplicate, for ``verify --repair``)."""
+    keys = set(archive.files.keys())
+    named = {r.file_key for r in Instance.select(Instance.file_key)}
+    others = _settled(archive, keys - named - removal.pending_keys())
+
+    def index_one(key: str) -> bool:
+        if PendingRemoval.select().where(PendingRemoval.file_key == key).exists():
+            return True  # deleted since the listing: the delete removes it
+        return archive.index_file(key) is WriteResult.KEPT
+
+    return _tally(sorted(others, key=lambda k: -_modified(archive, k)), index_one, progress)
+
+
 def reindex(archive: MaintainedArchive, progress: Progress | None = None) -> ImportReport:
     """Rebuild the index from the file store, every file indexed where it is.
 
@@ -426,4 +445,5 @@ def _tally(items: list[Any], action: Callable[[Any], bool], progress: Progress |
     return report
 
 
-__all__ = ["ImportReport", "Problem", "VerifyReport", "import_folder", "reindex", "verify"]
+__all__ = ["ImportReport", "Problem", "VerifyReport", "import_folder", "index_missing",
+           "reindex", "verify"]

@@ -251,3 +251,18 @@ def test_a_deleted_instances_file_indexed_again_is_not_removed(archive: Archive)
     assert removal._remove(archive.files, [key], archive.writing) == (1, [])
     assert key in set(archive.files.keys())
     assert archive.verify().problems == []
+
+
+def test_reindex_missing_indexes_what_no_row_names_and_keeps_the_index(
+        archive: Archive) -> None:
+    datasets = stored(archive)
+    keys = {r.sop_instance_uid: r.file_key for r in Instance.select()}
+    ds, key = _orphan(archive)
+    lost = datasets[1]  # a row the index lost (its counters recounted by verify)
+    Instance.delete().where(Instance.sop_instance_uid == lost.SOPInstanceUID).execute()
+    report = archive.reindex(missing_only=True)
+    assert (report.stored, report.duplicates, report.rejected) == (2, 0, [])
+    after = {r.sop_instance_uid: r.file_key for r in Instance.select()}
+    assert after == {**keys, ds.SOPInstanceUID: key}  # the others kept their rows as they were
+    archive.verify(repair=True)  # the counters the lost row left behind
+    assert archive.verify().problems == []
