@@ -23,14 +23,22 @@ from typing import Any
 
 from pydicom.uid import UID
 
-from storage import COMMITMENT, ROUTE, Archive, Selection, StorageError, open_archive
+from storage import (
+    COMMITMENT,
+    ROUTE,
+    Archive,
+    Selection,
+    StorageError,
+    is_object_url,
+    open_archive,
+)
 from web import WebListenError, WebServer
 from web.auth import ACCOUNT_RIGHTS, hash_password, hash_token, name_problem, new_token
 
 from . import conformance, engine
 from .admin import PageOperations, sent_summary
 from .audit import Audit, open_audit
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, files_store, load_config
 from .logs import setup_logging
 from .peers import doctor
 from .retention import PassRunning, run_pass
@@ -85,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     reindexer.add_argument(
         "--missing", action="store_true",
         help="only index the files no row names, keeping the index (servers may run)")
+    migrator = commands.add_parser(
+        "migrate-files", help="move every file from storage.files_previous_url to"
+        " storage.files_url, checking each (the servers may run)")
+    migrator.add_argument("--to", required=True, metavar="URL",
+                          help="the store the files move to: storage.files_url, repeated")
     importer = commands.add_parser(
         "import", help="store a folder of DICOM files through the C-STORE path")
     importer.add_argument("folder", type=Path)
@@ -134,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
         "new-token", help="print a new bearer token and its web.tokens entry")
     token.add_argument("name", help="whom the token is for (logged when it is refused)")
     token.add_argument("rights", choices=ACCOUNT_RIGHTS)
-    for sub in (verify, reindexer, importer, deleter, sender, queue,
+    for sub in (verify, reindexer, migrator, importer, deleter, sender, queue,
                 keeper, doctor, statement):
         sub.add_argument("--config", type=Path, help=f"configuration file (default: ./"
                          f"{DEFAULT_CONFIG} if present, else built-ins)")
@@ -305,6 +318,37 @@ def reindex(config: Config, missing_only: bool = False) -> int:
           f" the instance is indexed; left for verify --repair); {len(report.rejected)} not"
           " indexed")
     return 1 if report.rejected else 0
+
+
+def migrate_files(config: Config, to: str) -> int:
+    """``minipacs migrate-files --to URL``: 0 when every file was moved, 1 when some were
+    not (run it again), 2 when the configuration does not say where from and to."""
+    storage = config.storage
+    if not storage.files_previous_url:
+        print("minipacs: set storage.files_previous_url to the store the files move from,"
+              " and storage.files_url to the one they move to; restart the servers with it"
+              " (README: Moving the files)", file=sys.stderr)
+        return 2
+    wanted = files_store(to if is_object_url(to) else str(Path(to).resolve()),
+                         storage.data_dir)
+    if wanted != files_store(storage.files_url, storage.data_dir):
+        print(f"minipacs: --to {to} is not storage.files_url"
+              f" ({storage.files_url or config.files_path}): the files move to the store"
+              " the servers write to", file=sys.stderr)
+        return 2
+    # beside running servers: their stores shared
+    archive = open_archive(dataclasses.replace(config.archive_options(), shared=True))
+    bar = _ProgressBar("migrate-files")
+    try:
+        report = archive.migrate_files(progress=bar)
+    finally:
+        bar.close()
+        archive.close()
+    for key, why in report.failed:
+        print(f"not moved: {key}: {why}")
+    print(f"moved {report.moved} files ({report.already} already copied by an earlier run);"
+          f" {report.left} not moved")
+    return 1 if report.left else 0
 
 
 def import_folder(config: Config, folder: Path) -> int:
@@ -614,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
             return reindex(config, args.missing)
         if args.command == "import":
             return import_folder(config, args.folder)
+        if args.command == "migrate-files":
+            return migrate_files(config, args.to)
         if args.command == "delete":
             return delete(config, args)
         if args.command == "send":

@@ -98,6 +98,7 @@ class StorageConfig:
     data_dir: Path = Path("data")
     index_url: str = ""
     files_url: str = ""
+    files_previous_url: str = ""
     s3_endpoint: str = ""
     s3_region: str = ""
     s3_access_key_id: str = ""
@@ -319,6 +320,7 @@ class Config:
             files_path=self.files_path,
             index_url=self.index_url,
             files_url=self.storage.files_url if is_object_url(self.storage.files_url) else "",
+            files_previous_url=self.storage.files_previous_url,
             s3=S3Options(self.storage.s3_endpoint, self.storage.s3_region,
                          self.storage.s3_access_key_id, self.storage.s3_secret_access_key),
             on_duplicate=DuplicatePolicy(self.storage.on_duplicate),
@@ -444,6 +446,11 @@ def load_config(
     if web.enabled and web.https and not (tls.certificate and tls.private_key):
         problems.append("web.https: needs tls.certificate and tls.private_key")
     _check_routes(sections["routes"], sections["peers"], problems)
+    storage = sections["storage"]
+    if storage.files_previous_url and _same_store(storage.files_previous_url, storage.files_url,
+                                                  storage.data_dir):
+        problems.append("storage.files_previous_url: is the store of storage.files_url itself"
+                        " (the files move from the first to the second)")
     if sections["retention"].max_disk_percent and is_object_url(sections["storage"].files_url):
         # the disk minipacs can measure is the node's own, which deleting frees nothing of
         problems.append("retention.max_disk_percent: does not apply to an object store"
@@ -455,6 +462,18 @@ def load_config(
     if problems:
         raise _blame(problems, source if path is not None else None, flags or {})
     return Config(**sections)
+
+
+def files_store(url: str, data_dir: Path) -> str:
+    """``storage.files_url`` as one string per store: ``s3://bucket/prefix`` without a
+    trailing slash, or a folder's absolute path (``""`` is ``<data_dir>/files``)."""
+    if is_object_url(url):
+        return url.rstrip("/")
+    return str(Path(url) if url else Path(data_dir) / "files")
+
+
+def _same_store(first: str, second: str, data_dir: Path) -> bool:
+    return files_store(first, data_dir) == files_store(second, data_dir)
 
 
 def _blame(problems: list[str], source: str | None, flags: dict[str, str]) -> ConfigError:
@@ -536,9 +555,10 @@ def _section(name: str, cls: type, raw: Any, base: Path, problems: list[str]) ->
                 values[key] = str((base / Path(values[key]).expanduser()).resolve())
     if name == "audit" and values.get("path"):  # relative to the configuration's folder
         values["path"] = str((base / Path(values["path"]).expanduser()).resolve())
-    files_url = values.get("files_url")
-    if name == "storage" and files_url and not is_object_url(files_url) and "://" not in files_url:
-        values["files_url"] = str((base / Path(files_url).expanduser()).resolve())
+    for key in ("files_url", "files_previous_url"):  # folders: against the config's folder
+        url = values.get(key)
+        if name == "storage" and url and not is_object_url(url) and "://" not in url:
+            values[key] = str((base / Path(url).expanduser()).resolve())
     url = values.get("index_url")
     if isinstance(url, str) and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         values["index_url"] = f"sqlite:///{(base / url[len('sqlite:///'):]).resolve()}"
@@ -635,10 +655,11 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
                             " audit trail's)")
     if section == "storage" and (why := endpoint_problem(values.get("s3_endpoint", ""))):
         problems.append(f"storage.s3_endpoint: {why}")
-    if section == "storage" and values.get("files_url"):
-        why = files_url_problem(values["files_url"])
-        if why:
-            problems.append(f"storage.files_url: {why}")
+    for key in ("files_url", "files_previous_url"):
+        if section == "storage" and values.get(key):
+            why = files_url_problem(values[key])
+            if why:
+                problems.append(f"storage.{key}: {why}")
     if section == "query" and values.get("max_results", 0) < 0:
         problems.append("query.max_results: must not be negative (0 = no limit)")
     if section == "query" and "response_charset" in values:

@@ -54,7 +54,8 @@ from .index import DuplicatePolicy, StoredInstance, WriteOutcome, WriteResult
 from .instances import PixelSource, WebInstance
 from .keys import Model
 from .models import Instance
-from .objects import ObjectStore, S3Options
+from .moving import FallbackStore, MoveReport, move_files
+from .objects import ObjectStore, S3Options, is_object_url
 from .parsing import (
     Parsed,
     Spooled,
@@ -187,6 +188,9 @@ class ArchiveOptions:
     routes: tuple[outbox.Route, ...] = ()
     files_url: str = ""
     s3: S3Options = S3Options()
+    files_previous_url: str = ""
+    """Where the files were before (a folder or ``s3://``): read from there when the store
+    does not have them, until ``migrate-files`` has moved them all (:mod:`storage.moving`)."""
 
 
 def open_files(options: ArchiveOptions) -> FileStore:
@@ -198,12 +202,27 @@ def open_files(options: ArchiveOptions) -> FileStore:
     its lock shared, and run beside this node's server (``reindex`` is kept from serving
     nodes by the index instead: :func:`storage.index.hold_alone`).
     """
+    current: FileStore
     if not options.files_url:
-        return FilesystemStore(options.files_path, options.durable, options.shared,
-                               options.serving)
-    local = FilesystemStore(options.files_path, options.durable,
-                            options.shared or not options.serving, options.serving)
-    return ObjectStore(options.files_url, options.s3, local)
+        current = FilesystemStore(options.files_path, options.durable, options.shared,
+                                  options.serving)
+    else:
+        local = FilesystemStore(options.files_path, options.durable,
+                                options.shared or not options.serving, options.serving)
+        current = ObjectStore(options.files_url, options.s3, local)
+    if not options.files_previous_url:
+        return current
+    try:  # only read and deleted from: shared with whoever else uses it
+        previous: FileStore
+        if is_object_url(options.files_previous_url):
+            previous = ObjectStore(options.files_previous_url, options.s3,
+                                   FilesystemStore(options.files_path, shared=True))
+        else:
+            previous = FilesystemStore(Path(options.files_previous_url), shared=True)
+    except BaseException:
+        current.close()
+        raise
+    return FallbackStore(current, previous)
 
 
 class Commitment(enum.Enum):
@@ -1111,6 +1130,19 @@ class Archive:
         finally:
             if alone is not None:
                 alone.close()
+
+    def migrate_files(self, progress: maintenance.Progress | None = None) -> MoveReport:
+        """Move every file of ``files_previous_url`` to the store (:mod:`storage.moving`).
+
+        Raises
+        ------
+        StorageError
+            No ``files_previous_url`` is configured, or it cannot be listed.
+        """
+        if not isinstance(self.files, FallbackStore):
+            raise StorageError("storage.files_previous_url is not set: give it the store the"
+                               " files move from, and storage.files_url the one they move to")
+        return move_files(self.files.previous, self.files.current, progress)
 
     def import_folder(
         self, folder: Path, progress: maintenance.Progress | None = None
