@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable
 
 from storage import Archive, lease_owner
+from storage.outbox import HEARTBEAT_SECONDS as NODE_HEARTBEAT_SECONDS
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 2.0
+HEARTBEAT_SECONDS = NODE_HEARTBEAT_SECONDS
 """How often a node counts its heartbeat (one short write transaction)."""
 DEAD_AFTER_SECONDS = 20.0
 """How long a node's count may stand still before others free its leases: ten heartbeats,
@@ -39,6 +40,7 @@ class Heartbeat:
         self.name = name or lease_owner()
         self.clock = clock
         self._seen: dict[str, tuple[int, float]] = {}  # node -> (its count, since when)
+        self._last_tick: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -80,6 +82,11 @@ class Heartbeat:
         """Beat once; free the leases of nodes whose count stood still too long."""
         beats = self.archive.outbox.beat(self.name)
         now = self.clock()
+        if self._last_tick is not None and now - self._last_tick > 3 * HEARTBEAT_SECONDS:
+            # this node was held up itself (its index busy or down): what it saw of the
+            # others is stale, not their deaths
+            self._seen = {node: (count, now) for node, (count, _) in self._seen.items()}
+        self._last_tick = now
         for node in list(self._seen):
             if node not in beats:  # stopped cleanly, or freed by another node
                 del self._seen[node]

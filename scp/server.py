@@ -214,12 +214,16 @@ class Server:
         close_unassociated(self.ae)
         reactor.settle(self.ae.active_associations, timeout=min(grace, 5.0))
         self.ae.shutdown()
-        background = (self.router, self.reporter, self.retention, self.heartbeat)
+        background = (self.router, self.reporter, self.retention)
         for part in background:
             part.request_stop()
         deadline = time.monotonic() + grace
         for part in background:
             part.join(deadline)
+        # the heartbeat last: others must not take over what this node still sends; then
+        # its leases go with it
+        self.heartbeat.request_stop()
+        self.heartbeat.join(time.monotonic() + grace)
         self.archive.close()
         self.audit.record("application-stop", ae_title=self.config.ae.title)
         self.audit.close()

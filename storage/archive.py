@@ -214,9 +214,9 @@ def open_files(options: ArchiveOptions) -> FileStore:
         return current
     try:  # only read and deleted from: shared with whoever else uses it
         previous: FileStore
-        if is_object_url(options.files_previous_url):
-            previous = ObjectStore(options.files_previous_url, options.s3,
-                                   FilesystemStore(options.files_path, shared=True))
+        if is_object_url(options.files_previous_url):  # the node's folder: the current one's
+            local = current if isinstance(current, FilesystemStore) else current.local
+            previous = ObjectStore(options.files_previous_url, options.s3, local)
         else:
             previous = FilesystemStore(Path(options.files_previous_url), shared=True)
     except BaseException:
@@ -1122,9 +1122,19 @@ class Archive:
             A server uses this index (on PostgreSQL, on any node): the index would be
             emptied under it.
         """
+        if isinstance(self.files, FallbackStore):
+            raise StorageError("reindex lists the store the files move to, not the one they"
+                               " move from: finish migrate-files and take"
+                               " storage.files_previous_url out first")
         if missing_only:
             return maintenance.index_missing(self, progress)
         alone = index.hold_alone(self.database)
+        try:
+            self.outbox.refuse_if_nodes_beat()
+        except BaseException:
+            if alone is not None:
+                alone.close()
+            raise
         try:
             return maintenance.reindex(self, progress)
         finally:

@@ -12,6 +12,7 @@ import contextlib
 import enum
 import logging
 import sqlite3
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +20,8 @@ from typing import Any
 
 import peewee as pw
 from playhouse.db_url import connect as db_url_connect
+from playhouse.db_url import parse as db_url_parse
+from playhouse.shortcuts import ReconnectMixin
 
 from .errors import DuplicateRejected, StorageError, StoreInUse
 from .keys import Level
@@ -125,6 +128,8 @@ def _open(url: str, synchronous_full: bool) -> pw.Database:
             timeout=POOL_WAIT_SECONDS,
             check_same_thread=False,  # a pooled connection serves one thread at a time
         )
+    elif urllib.parse.urlsplit(url).scheme in ("postgres", "postgresql"):
+        database = ReconnectingPostgresqlDatabase(**db_url_parse(url))
     else:
         database = db_url_connect(url)
     db.initialize(database)
@@ -136,6 +141,24 @@ def _open(url: str, synchronous_full: bool) -> pw.Database:
                 database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
                 _schema(database)
     return database
+
+
+class ReconnectingPostgresqlDatabase(ReconnectMixin, pw.PostgresqlDatabase):
+    """PostgreSQL, its connection opened again when the server closed it (a restart, a
+    failover, a connection cut): outside a transaction the statement is tried once more on a
+    new connection (playhouse's ``ReconnectMixin``, given psycopg2's messages); inside one,
+    the transaction fails as it would have, and its stores answer A700. Without it a
+    thread's broken connection (the group commit's, which lives as long as the process)
+    failed every later statement."""
+
+    reconnect_errors = (
+        (pw.OperationalError, "server closed the connection"),
+        (pw.OperationalError, "terminating connection"),
+        (pw.OperationalError, "connection not open"),
+        (pw.OperationalError, "could not receive data from server"),
+        (pw.OperationalError, "ssl connection has been closed"),
+        (pw.InterfaceError, "connection already closed"),
+    )
 
 
 def _schema(database: pw.Database) -> None:
@@ -291,7 +314,9 @@ def _own_connection(database: pw.Database) -> Any | None:
         return None
     import psycopg2  # the postgres extra: the index is PostgreSQL
 
-    connection = psycopg2.connect(dbname=database.database, **database.connect_params)
+    params = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+              "keepalives_count": 3, **database.connect_params}
+    connection = psycopg2.connect(dbname=database.database, **params)
     connection.autocommit = True
     return connection
 
@@ -301,7 +326,7 @@ def names_file(file_key: str) -> bool:
     when this thread's broke: the caller is often cleaning up after a failed commit)."""
     try:
         return bool(Instance.select(Instance.id).where(Instance.file_key == file_key).exists())
-    except pw.DatabaseError:
+    except (pw.DatabaseError, pw.InterfaceError):
         close()
         return bool(Instance.select(Instance.id).where(Instance.file_key == file_key).exists())
 

@@ -13,8 +13,9 @@ and ``minipacs migrate-files``.
    checks the copy and removes the original), so running it again resumes.
 3. When it reports nothing left, ``files_previous_url`` is taken out again.
 
-A file deleted (or replaced) by a server while its copy is being made can leave the copy in
-the new store with no row naming it: ``verify --repair`` removes it as a stray.
+A file a server deletes (or replaces) while its copy is being made: the copy is removed
+again once the original is found gone (a server deletes from the new store first, then the
+old one).
 """
 
 from __future__ import annotations
@@ -156,6 +157,11 @@ def _copy_checked(source: FileStore, target: FileStore, key: str) -> bool:
         target.delete(key)
         raise StorageError(f"the copy of {key} differs from the original (SHA-256): removed;"
                            " the original is kept")
+    try:
+        source.size(key)
+    except FileNotFoundError:  # deleted while it was copied (a server deletes the new
+        target.delete(key)     # store's first, then the old): the copy must go too
+        raise
     return True
 
 

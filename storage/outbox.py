@@ -28,6 +28,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,9 +37,13 @@ import peewee as pw
 from pydicom.datadict import tag_for_keyword
 
 from . import index
+from .errors import StoreInUse
 from .index import InstanceRecord, StoredInstance
 from .keys import Level, level_of
 from .models import Instance, NodeBeat, OutboxItem, database_proxy
+
+HEARTBEAT_SECONDS = 2.0
+"""How often a serving node counts its heartbeat in the index (scp/nodes.py)."""
 
 ROUTE = "route"
 COMMITMENT = "commitment"
@@ -420,9 +425,28 @@ class Outbox:
                 | OutboxItem.lease_owner.startswith(f"{name}:")).execute())
 
     def forget_node(self, name: str) -> None:
-        """The node ``name`` stops (cleanly): its heartbeat row goes."""
+        """The node ``name`` stops (cleanly): its heartbeat row goes, and what it still
+        holds is let go (a sender that did not finish in time)."""
         with self.write_lock, index.write_transaction():
             NodeBeat.delete().where(NodeBeat.name == name).execute()
+            OutboxItem.update(lease_owner="", lease_until=None).where(
+                (OutboxItem.lease_owner == name)
+                | OutboxItem.lease_owner.startswith(f"{name}:")).execute()
+
+    def refuse_if_nodes_beat(self, wait: float = HEARTBEAT_SECONDS * 2.5) -> None:
+        """Raise :class:`~storage.errors.StoreInUse` if a node's heartbeat moves within
+        ``wait`` seconds (a serving node: a whole ``reindex`` must not run). The serving
+        lock of :func:`storage.index.hold_alone` says so at once, but it is lost when the
+        database restarts; the heartbeats come back with the nodes' connections."""
+        before = {str(r.name): int(r.beats) for r in NodeBeat.select()}
+        if not before:
+            return
+        time.sleep(wait)  # two heartbeats and a half: a serving node has beaten
+        after = {str(r.name): int(r.beats) for r in NodeBeat.select()}
+        beating = sorted(n for n, beats in after.items() if before.get(n) != beats)
+        if beating:
+            raise StoreInUse(f"servers are using this index ({', '.join(beating)}): stop"
+                             " every node first")
 
     # -- ``minipacs queue`` ------------------------------------------------------------
 

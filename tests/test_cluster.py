@@ -6,12 +6,12 @@ real and started here on loopback.
   killed with SIGKILL: every acknowledged instance is there, once, with its object, every
   counter is exact, and the other nodes kept serving (the senders finish through them).
 - The same instances sent to two nodes at once end as one instance each.
-- ``verify`` runs beside the serving cluster and finds nothing wrong.
+- ``verify`` and ``reindex --missing`` run beside the serving cluster; a whole ``reindex``
+  is refused, also after PostgreSQL restarted under the nodes.
 - A route on every node sends each instance once; when the node sending is killed, the
   others take its leased items over once its heartbeat stops.
 - Storage Commitment asked of another node than the one stored to: one report.
-- The index or the object store down for a while: stores answer A700, nothing is
-  acknowledged that is not stored, and the node recovers by itself.
+(The index or the object store down for a while under a node: tests/web/test_health.py.)
 """
 
 from __future__ import annotations
@@ -499,3 +499,32 @@ def test_storage_commitment_asked_of_another_node_than_the_one_stored_to(
     finally:
         modality.close()
 
+
+
+def test_reindex_is_refused_while_nodes_serve_even_after_the_index_restarted(
+        postgres: Postgres, start_cluster: Callable[..., Cluster]) -> None:
+    """The servers' shared advisory lock goes with their connections when PostgreSQL
+    restarts; their heartbeats come back, and reindex looks at those too."""
+    cluster = start_cluster()
+    stored = make_ds()
+    sender = Sender(cluster.port, [stored])
+    sender.run()
+    assert sender.acknowledged == [str(stored.SOPInstanceUID)]
+    postgres.stop()
+    postgres.start()
+    wait_for("the nodes to be healthy again", lambda: healthy(cluster.web_port))
+    proc = subprocess.run([*minipacs_command(), "reindex", "--config",
+                           str(cluster.nodes[0].config)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "stop every node first" in proc.stderr, proc.stderr
+    sender = Sender(cluster.port, [make_ds()])
+    sender.run()
+    assert len(sender.acknowledged) == 1  # and they store on
+    assert outbox_size(cluster.index_url) == 0
+    connection = psycopg2.connect(cluster.index_url)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM instance")
+            assert cursor.fetchone()[0] == 2  # nothing was emptied
+    finally:
+        connection.close()

@@ -77,6 +77,7 @@ def test_files_move_to_an_object_store_under_a_serving_node_and_a_killed_move_re
         assert move.poll() is None, move.communicate()
         assert time.monotonic() < deadline, "the move did not get going"
         time.sleep(0.05)  # polling
+    assert move.poll() is None, "the move finished before it could be killed"
     move.send_signal(signal.SIGKILL)
     move.wait(timeout=30)
     moved_before = len(list(files.current.keys()))
@@ -95,7 +96,11 @@ def test_files_move_to_an_object_store_under_a_serving_node_and_a_killed_move_re
     out, err = move.communicate(timeout=TIMEOUT)
     assert move.returncode == 0, out + err
     assert "0 not moved" in out and "migrate-files [" in err  # the progress bar
-    assert list(FilesystemStore(folder, shared=True).keys()) == []
+    old = FilesystemStore(folder, shared=True)
+    try:
+        assert list(old.keys()) == []
+    finally:
+        old.close()
     assert {r.sop_instance_uid: r.file_key for r in Instance.select()} == keys_before
     assert set(files.current.keys()) == set(keys_before.values())
     assert get_study(running, study) == expected

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +64,20 @@ def test_a_file_an_interrupted_run_copied_is_checked_then_its_original_removed(
     report = move_files(old, new)
     assert (report.moved, report.already, report.failed) == (0, 1, [])
     assert list(old.keys()) == [] and list(new.keys()) == [key]
+
+
+def test_a_file_deleted_while_it_is_copied_leaves_no_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = stores(tmp_path)
+    key = old.put([b"data" * 100])
+    both = FallbackStore(new, old)
+    real_publish = new.publish
+
+    def deleted_meanwhile(staged: Any) -> Any:
+        both.delete(key)  # a server's delete, done before the copy lands
+        return real_publish(staged)
+
+    monkeypatch.setattr(new, "publish", deleted_meanwhile)
+    report = move_files(old, new)
+    assert (report.moved, report.failed) == (0, [])
+    assert list(new.keys()) == [] and list(old.keys()) == []

@@ -21,6 +21,7 @@ from storage import (
     Selection,
     StorageError,
     StorageFull,
+    index,
     open_archive,
 )
 from storage.files import FilesystemStore
@@ -245,3 +246,28 @@ def test_small_reads_far_apart_fetch_a_little_each_and_sequential_reads_grow(
         chunks = [fp.read(8192) for _ in range(512)]  # 4 MB read on, 8 kB at a time
         assert b"".join(chunks) == data[1000:1000 + 512 * 8192]
         assert len(fetched) <= 8, fetched  # 64 kB, 128 kB, ... up to 1 MB a GET
+
+
+def test_moving_from_the_object_store_to_a_folder_verify_runs_and_reindex_waits(
+        weed: Weed, tmp_path: Path) -> None:
+    """S3 -> local: the node's folder is both the new store and the old store's spool
+    folder; verify, which takes the folder alone, must still open it. A whole reindex
+    would list only the new store: refused until the move is done."""
+    source = url()
+    archive = archive_on(weed, tmp_path, source)
+    ds = make_ds()
+    archive.store(encode(ds), ExplicitVRLittleEndian)
+    archive.close()
+    index.disconnect()
+    archive = open_archive(ArchiveOptions(
+        files_path=tmp_path / "files", index_url=f"sqlite:///{tmp_path / 'index.sqlite'}",
+        files_previous_url=source, s3=options(weed)))
+    try:
+        assert archive.verify().problems == []  # the file read from the old store
+        with pytest.raises(StorageError, match="files_previous_url"):
+            archive.reindex()
+        report = archive.migrate_files()
+        assert (report.moved, report.failed) == (1, [])
+        assert archive.verify().problems == []
+    finally:
+        archive.close()

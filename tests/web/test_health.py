@@ -10,10 +10,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 
 from scp import status
+from storage import WriteResult
 from storage.models import Study
-from tests.factory import make_ds
+from tests.factory import encode, make_ds
 from tests.objects import Weed, s3_overrides
 from tests.postgres import Postgres, started_postgres
 from tests.test_cluster import Sender
@@ -78,6 +80,9 @@ def test_a_node_whose_index_is_down_answers_a700_and_recovers_by_itself(
     before = Sender(server.port, [stored])
     before.run()
     assert before.acknowledged == [str(stored.SOPInstanceUID)]
+    assert server.archive.submit(  # the committer thread's connection, open before
+        encode(make_ds(StudyInstanceUID=stored.StudyInstanceUID)),
+        ExplicitVRLittleEndian).result().result is WriteResult.STORED
     postgres.stop()
     try:
         during = Sender(server.port, [make_ds(StudyInstanceUID=stored.StudyInstanceUID)])
@@ -92,5 +97,10 @@ def test_a_node_whose_index_is_down_answers_a700_and_recovers_by_itself(
     sender = Sender(server.port, after)
     sender.run()
     assert (len(sender.acknowledged), sender.refused) == (2, [])
+    # the committer thread's connection (STOW-RS parts) broke too: it is opened again
+    for _ in range(2):
+        pending = server.archive.submit(
+            encode(make_ds(StudyInstanceUID=stored.StudyInstanceUID)), ExplicitVRLittleEndian)
+        assert pending.result().result is WriteResult.STORED
     assert server.archive.verify().problems == []
-    assert Study.get().num_instances == 3  # nothing acknowledged that is not stored
+    assert Study.get().num_instances == 6  # nothing acknowledged that is not stored
