@@ -324,32 +324,46 @@ def _repair_strays(archive: MaintainedArchive, uid: str, copies: list[_Copy],
                                     + (": removed" if repair else ""), repair))
 
 
+COUNT_PAGE = 200
+"""Patients recounted per write transaction by ``verify``: the index's write lock (every
+node's, on PostgreSQL) is held for one page at a time, not for the whole archive."""
+
+
 def _counters(archive: MaintainedArchive, repair: bool) -> list[Problem]:
-    """Recount every study from its rows; compare with the stored counters."""
-    with archive.writing(commit=repair):  # both in one transaction: other nodes store
-        before = _counter_snapshot()
-        index.recompute_counters({s.id for s in Study.select(Study.id)})
-        after = _counter_snapshot()
-    problems = []
-    for key in sorted(set(before) | set(after)):
-        if before.get(key) != after.get(key):
-            problems.append(Problem("counter", key,
-                                    f"stored {before.get(key)}, recounted {after.get(key)}",
-                                    repair))
-    return problems
+    """Recount every study from its rows, a page of patients per transaction; compare
+    with the stored counters (each page's before and after read in its transaction)."""
+    found: dict[str, tuple[Any, Any]] = {}
+    last = 0
+    while True:
+        patients = [p.id for p in Patient.select(Patient.id).where(Patient.id > last)
+                    .order_by(Patient.id).limit(COUNT_PAGE)]
+        if not patients:
+            break
+        last = patients[-1]
+        with archive.writing(commit=repair):
+            studies = {s.id for s in Study.select(Study.id).where(Study.patient.in_(patients))}
+            before = _counter_snapshot(patients, studies)
+            index.recompute_counters(studies)
+            after = _counter_snapshot(patients, studies)
+        for key in set(before) | set(after):
+            if before.get(key) != after.get(key):
+                found[key] = (before.get(key), after.get(key))
+    return [Problem("counter", key, f"stored {found[key][0]}, recounted {found[key][1]}",
+                    repair) for key in sorted(found)]
 
 
-def _counter_snapshot() -> dict[str, Any]:
+def _counter_snapshot(patients: list[int], studies: set[int]) -> dict[str, Any]:
     snap: dict[str, Any] = {}
     for p in Patient.select(Patient.patient_key, Patient.num_studies, Patient.num_series,
-                            Patient.num_instances):
+                            Patient.num_instances).where(Patient.id.in_(patients)):
         snap[f"patient {p.patient_key}"] = (p.num_studies, p.num_series, p.num_instances)
     for s in Study.select(Study.study_instance_uid, Study.num_series, Study.num_instances,
-                          Study.modalities, Study.sop_classes):
+                          Study.modalities, Study.sop_classes).where(Study.id.in_(list(studies))):
         snap[f"study {s.study_instance_uid}"] = (
             s.num_series, s.num_instances, set(s.modalities.split("\\")) - {""},
             set(s.sop_classes.split("\\")) - {""})
-    for r in Series.select(Series.series_instance_uid, Series.num_instances):
+    for r in Series.select(Series.series_instance_uid, Series.num_instances).where(
+            Series.study.in_(list(studies))):
         snap[f"series {r.series_instance_uid}"] = r.num_instances
     return snap
 

@@ -24,12 +24,14 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from .errors import StorageError, StorageFull
 from .files import FileStore, Staged
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 CHUNK = 2**20
 """Bytes read at a time while a file is copied and hashed."""
@@ -58,26 +60,30 @@ class FallbackStore:
         self.current.abandon(staged)
 
     def open(self, key: str) -> BinaryIO:
-        try:
-            return self.current.open(key)
-        except FileNotFoundError:
-            return self.previous.open(key)
+        return self._either(lambda store: store.open(key))
 
     def delete(self, key: str) -> None:
         self.current.delete(key)
         self.previous.delete(key)
 
     def size(self, key: str) -> int:
-        try:
-            return self.current.size(key)
-        except FileNotFoundError:
-            return self.previous.size(key)
+        return self._either(lambda store: store.size(key))
 
     def modified(self, key: str) -> float:
+        return self._either(lambda store: store.modified(key))
+
+    def _either(self, read: Callable[[FileStore], _T]) -> _T:
+        """``read`` from the new store, else from the old one, else from the new one again
+        (moved in between: ``migrate-files`` publishes the copy before it removes the
+        original)."""
         try:
-            return self.current.modified(key)
+            return read(self.current)
         except FileNotFoundError:
-            return self.previous.modified(key)
+            pass
+        try:
+            return read(self.previous)
+        except FileNotFoundError:
+            return read(self.current)
 
     def keys(self) -> Iterator[str]:
         return self.current.keys()

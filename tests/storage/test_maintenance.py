@@ -266,3 +266,26 @@ def test_reindex_missing_indexes_what_no_row_names_and_keeps_the_index(
     assert after == {**keys, ds.SOPInstanceUID: key}  # the others kept their rows as they were
     archive.verify(repair=True)  # the counters the lost row left behind
     assert archive.verify().problems == []
+
+
+def test_counters_are_recounted_a_page_of_patients_per_transaction(
+        archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify holds the index's write lock (every node's, on PostgreSQL) for one page of
+    patients at a time, and finds the same drift as in one go."""
+    stored(archive)
+    Study.update(num_instances=Study.num_instances + 5).execute()
+    whole = sorted(p.subject for p in archive.verify().problems)
+    monkeypatch.setattr(maintenance, "COUNT_PAGE", 1)
+    transactions = 0
+    real = archive.writing
+
+    def counted(commit: bool = True) -> Any:
+        nonlocal transactions
+        transactions += 1
+        return real(commit)
+
+    monkeypatch.setattr(archive, "writing", counted)
+    paged = archive.verify(repair=True)
+    assert sorted(p.subject for p in paged.problems) == whole and whole
+    assert transactions >= len({s.patient_id for s in Study.select()}) > 1
+    assert archive.verify().problems == []
