@@ -11,6 +11,7 @@ real and started here on loopback.
 - A route on every node sends each instance once; when the node sending is killed, the
   others take its leased items over once its heartbeat stops.
 - Storage Commitment asked of another node than the one stored to: one report.
+- STOW-RS, QIDO-RS, WADO-RS, C-MOVE and DELETE through the balancer.
 (The index or the object store down for a while under a node: tests/web/test_health.py.)
 """
 
@@ -38,7 +39,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom import events as evt
-from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
 from scp import status
 from scp.nodes import DEAD_AFTER_SECONDS
@@ -528,3 +533,60 @@ def test_reindex_is_refused_while_nodes_serve_even_after_the_index_restarted(
             assert cursor.fetchone()[0] == 2  # nothing was emptied
     finally:
         connection.close()
+
+
+def test_dicomweb_c_move_and_delete_work_through_any_node(
+        start_cluster: Callable[..., Cluster]) -> None:
+    """STOW-RS, QIDO-RS and WADO-RS through the balancer (each request to any node); a
+    C-MOVE through it to a peer; a DELETE through it; every node then answers the same."""
+    from tests.web.test_stow import CONTENT_TYPE, body, part10
+
+    peer = Peer()
+    try:
+        cluster = start_cluster(
+            peers=[{"ae_title": "ARCHIVE2", "host": "127.0.0.1", "port": peer.port}])
+        study = uid()
+        datasets = [make_ds(StudyInstanceUID=study) for _ in range(6)]
+        root = f"http://127.0.0.1:{cluster.web_port}/dicom-web"
+        with httpx.Client(timeout=60) as client:
+            rsp = client.post(f"{root}/studies", content=body(*map(part10, datasets)),
+                              headers={"Content-Type": CONTENT_TYPE})
+            assert rsp.status_code == 200, rsp.text
+            for _ in range(3):  # round robin: each node answers in turn
+                found = client.get(f"{root}/studies", params={"StudyInstanceUID": study})
+                assert found.json()[0]["00201208"]["Value"] == [6]
+            one = datasets[2]
+            rsp = client.get(f"{root}/studies/{study}/series/{one.SeriesInstanceUID}"
+                             f"/instances/{one.SOPInstanceUID}",
+                             headers={"Accept": 'multipart/related; type="application/dicom"'})
+            assert rsp.status_code == 200 and str(one.SOPInstanceUID).encode() in rsp.content
+
+            moved = c_move_through(cluster, study, "ARCHIVE2")
+            assert int(moved.Status) == status.SUCCESS
+            assert sorted(peer.received) == sorted(str(ds.SOPInstanceUID) for ds in datasets)
+
+            assert client.delete(f"{root}/studies/{study}").status_code in (200, 204)
+            for node in cluster.nodes:  # gone everywhere, whichever node deleted it
+                rsp = client.get(f"http://127.0.0.1:{node.web_port}/dicom-web/studies",
+                                 params={"StudyInstanceUID": study})
+                assert rsp.status_code == 204 or rsp.json() == []
+    finally:
+        peer.close()
+
+
+def c_move_through(cluster: Cluster, study: str, destination: str) -> Dataset:
+    """A STUDY-level C-MOVE through the balancer; its final response."""
+    ae = AE(ae_title="MOVESCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", cluster.port, ae_title="MINIPACS")
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study
+    try:
+        responses = [rsp for rsp, _ in assoc.send_c_move(
+            identifier, destination, StudyRootQueryRetrieveInformationModelMove)]
+    finally:
+        assoc.release()
+    return responses[-1]
