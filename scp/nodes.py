@@ -19,8 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from storage import Archive, lease_owner
-from storage.outbox import HEARTBEAT_SECONDS as NODE_HEARTBEAT_SECONDS
+from storage import NODE_HEARTBEAT_SECONDS, Archive, lease_owner
 
 logger = logging.getLogger(__name__)
 

@@ -53,6 +53,7 @@ from .keys import Key as QueryKey
 from .keys import Level, Model
 from .objects import S3Options, endpoint_problem, files_url_problem, is_object_url
 from .outbox import COMMITMENT, ROUTE, PeerQueue, Route, lease_owner, match_key_problem
+from .outbox import HEARTBEAT_SECONDS as NODE_HEARTBEAT_SECONDS
 from .outbox import Entry as OutboxEntry
 from .parsing import Spooled, read_identifier
 from .query import Query, Search, SearchAnswer, response_charset_problem
@@ -88,6 +89,7 @@ __all__ = [
     "QUERY_KEYS",
     "QueryKey",
     "Model",
+    "NODE_HEARTBEAT_SECONDS",
     "NotFound",
     "Origin",
     "OutboxEntry",
