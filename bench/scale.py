@@ -26,6 +26,21 @@ Run from the repository root (without activating the venv: DCMTK's tools must wi
 Populated indexes are kept under ``bench/work/scale/`` (git-ignored) and reused by the next
 run unless ``--repopulate``; the 1M one takes about 40 s to build and 1.5 GB. Each run's
 ingested instances go to a copy, so the kept indexes stay exactly their size.
+
+**PostgreSQL** (issue 17), ``--index postgresql`` or ``--index both`` (SQLite and PostgreSQL
+side by side, each size and round on one then the other)::
+
+    TCP_NODELAY=1 .venv/bin/python bench/scale.py --index both --sizes 0,1000000
+    TCP_NODELAY=1 .venv/bin/python bench/scale.py --index postgresql --sizes 0,1000000,10000000
+
+measures the same, plus QIDO-RS ``GET /dicom-web/studies`` by PatientID and by
+StudyInstanceUID (same return keys, one kept-alive connection) and PostgreSQL's ``EXPLAIN
+(ANALYZE, BUFFERS)`` of each C-FIND's SELECT. The index is a PostgreSQL cluster of its own
+(bench/scale_pg.py: tests/postgres.py's, but ``fsync`` on and memory for a 24 GB machine),
+kept in ``bench/work/scale/postgresql`` with one database per size, populated with the same
+rows by ``COPY`` (10M instances: about 20 min and 15 GB) and set back after each round
+(the rows a round added deleted, the sequences reset). ``--populate-only`` builds the kept
+indexes and stops.
 """
 
 from __future__ import annotations
@@ -34,6 +49,8 @@ import argparse
 import datetime
 import json
 import logging
+import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -49,7 +66,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 
+import httpx  # noqa: E402
 import run as bench  # noqa: E402  (bench/run.py: data, processes, receivers)
+import scale_pg  # noqa: E402  (the PostgreSQL index: cluster, bulk load)
 from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian  # noqa: E402
 from pynetdicom import AE  # noqa: E402
@@ -79,6 +98,9 @@ NAME_PATTERN = "SCALE^P0001*"
 """Matches patients 10 to 19: 50 studies once the archive has 20 patients (100k+)."""
 README_START = "<!-- scale:start -->"
 README_END = "<!-- scale:end -->"
+LONG_STREAM = 20_000
+"""Every study streamed is timed ``--reps`` times up to this many studies (1M instances),
+once (after a warm-up; and twice by ``findscu``) beyond: 100,000 studies take a minute."""
 
 
 # -- the bulk tool --------------------------------------------------------------------------
@@ -142,74 +164,89 @@ def _insert(conn: Any, table: str, rows: list[dict[str, Any]]) -> None:
     conn.executemany(sql, [tuple(row[n] for n in names) for row in rows])
 
 
-def populate(data_dir: Path, instances: int, progress: Callable[[int], None]) -> float:
-    """Fill a new archive's index with ``instances`` instances through minipacs's schema;
-    return the seconds it took.
+def bulk_batches(instances: int, first: int = 0, last: int | None = None
+                 ) -> Iterator[tuple[int, dict[str, list[dict[str, Any]]]]]:
+    """The bulk rows of an archive of ``instances`` instances (of its studies ``first`` to
+    ``last``, all by default), by batches of about :data:`BATCH` instances: (instances so
+    far, table name to its new rows). Every row is what :func:`storage.parsing.extract`
+    makes of a real header (one per series; each instance's SOP Instance UID and Instance
+    Number are put into its JSON), ids assigned here, counters exact. The lists are emptied
+    once the caller has them."""
+    layout = Layout(instances)
+    now = "2026-11-27 12:00:00.000000"
+    patients: list[dict[str, Any]] = []
+    studies: list[dict[str, Any]] = []
+    series_rows: list[dict[str, Any]] = []
+    instance_rows: list[dict[str, Any]] = []
+    tables = {"patient": patients, "study": studies, "series": series_rows,
+              "instance": instance_rows}
+    i = first * INSTANCES_PER_STUDY
+    for k in range(first, layout.studies if last is None else min(last, layout.studies)):
+        p = layout.patient_of(k)
+        for r in range(SERIES_PER_STUDY):
+            record = extract(_header(layout, k, r)).record
+            if r == 0 and k % STUDIES_PER_PATIENT == 0:
+                in_patient = min(STUDIES_PER_PATIENT, layout.studies - k)
+                patients.append({
+                    "id": p + 1, **record.patient, "num_studies": in_patient,
+                    "num_series": in_patient * SERIES_PER_STUDY,
+                    "num_instances": in_patient * INSTANCES_PER_STUDY})
+            if r == 0:
+                studies.append({
+                    "id": k + 1, "patient_id": p + 1, **record.study,
+                    "num_series": SERIES_PER_STUDY, "num_instances": INSTANCES_PER_STUDY,
+                    "modalities": "CT", "sop_classes": CTImageStorage, "created_at": now})
+            series_id = k * SERIES_PER_STUDY + r + 1
+            series_rows.append({"id": series_id, "study_id": k + 1, **record.series,
+                                "num_instances": INSTANCES_PER_SERIES})
+            inst = record.instance
+            attrs = inst["attrs"]
+            for n in range(1, INSTANCES_PER_SERIES + 1):
+                i += 1
+                uid = sop_uid(i)
+                instance_rows.append({
+                    "id": i, "series_id": series_id, "study_id": k + 1,
+                    "sop_instance_uid": uid, "sop_class_uid": inst["sop_class_uid"],
+                    "instance_number": str(n),
+                    "attrs": attrs.replace(MARK_UID, uid).replace(str(MARK_NUMBER), str(n)),
+                    "transfer_syntax_uid": ExplicitVRLittleEndian,
+                    "file_key": f"bulk{i:08d}", "file_size": 9_300,
+                    "content_hash": f"{i:064x}", "received_at": now})
+        if len(instance_rows) >= BATCH:
+            yield i, tables
+            for rows in tables.values():
+                rows.clear()
+    yield i, tables
 
-    Every row is what :func:`storage.parsing.extract` makes of a real header (one per
-    series; each instance's SOP Instance UID and Instance Number are put into its JSON), and
-    the counters are exact. No files are written: C-FIND reads only the index, and the
-    measured ingest writes its own. Rows go in by plain ``executemany``, ids assigned here.
+
+def bulk_chunk(instances: int, first: int, last: int) -> dict[str, list[dict[str, Any]]]:
+    """The bulk rows of studies ``first`` to ``last`` (:func:`bulk_batches`), at once."""
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for _, batch in bulk_batches(instances, first, last):
+        for table, rows in batch.items():
+            tables.setdefault(table, []).extend(rows)
+    return tables
+
+
+def populate(data_dir: Path, instances: int, progress: Callable[[int], None]) -> float:
+    """Fill a new archive's SQLite index with ``instances`` instances through minipacs's
+    schema (:func:`bulk_batches`); return the seconds it took.
+
+    No files are written: C-FIND reads only the index, and the measured ingest writes its
+    own. Rows go in by plain ``executemany``.
     """
     start = time.perf_counter()
     data_dir.mkdir(parents=True)
     (data_dir / "files").mkdir()
-    layout = Layout(instances)
     database = index.connect(f"sqlite:///{data_dir / 'index.sqlite'}", synchronous_full=False)
     try:
         conn = database.connection()
         conn.execute("PRAGMA synchronous=OFF")
-        now = "2026-11-27 12:00:00.000000"
-        patients: list[dict[str, Any]] = []
-        studies: list[dict[str, Any]] = []
-        series_rows: list[dict[str, Any]] = []
-        instance_rows: list[dict[str, Any]] = []
-        i = 0
-
-        def flush() -> None:
+        for i, tables in bulk_batches(instances):
             with database.atomic():
-                _insert(conn, "patient", patients)
-                _insert(conn, "study", studies)
-                _insert(conn, "series", series_rows)
-                _insert(conn, "instance", instance_rows)
-            for rows in (patients, studies, series_rows, instance_rows):
-                rows.clear()
+                for table, rows in tables.items():
+                    _insert(conn, table, rows)
             progress(i)
-
-        for k in range(layout.studies):
-            p = layout.patient_of(k)
-            for r in range(SERIES_PER_STUDY):
-                record = extract(_header(layout, k, r)).record
-                if r == 0 and k % STUDIES_PER_PATIENT == 0:
-                    in_patient = min(STUDIES_PER_PATIENT, layout.studies - k)
-                    patients.append({
-                        "id": p + 1, **record.patient, "num_studies": in_patient,
-                        "num_series": in_patient * SERIES_PER_STUDY,
-                        "num_instances": in_patient * INSTANCES_PER_STUDY})
-                if r == 0:
-                    studies.append({
-                        "id": k + 1, "patient_id": p + 1, **record.study,
-                        "num_series": SERIES_PER_STUDY, "num_instances": INSTANCES_PER_STUDY,
-                        "modalities": "CT", "sop_classes": CTImageStorage, "created_at": now})
-                series_id = k * SERIES_PER_STUDY + r + 1
-                series_rows.append({"id": series_id, "study_id": k + 1, **record.series,
-                                    "num_instances": INSTANCES_PER_SERIES})
-                inst = record.instance
-                attrs = inst["attrs"]
-                for n in range(1, INSTANCES_PER_SERIES + 1):
-                    i += 1
-                    uid = sop_uid(i)
-                    instance_rows.append({
-                        "id": i, "series_id": series_id, "study_id": k + 1,
-                        "sop_instance_uid": uid, "sop_class_uid": inst["sop_class_uid"],
-                        "instance_number": str(n),
-                        "attrs": attrs.replace(MARK_UID, uid).replace(str(MARK_NUMBER), str(n)),
-                        "transfer_syntax_uid": ExplicitVRLittleEndian,
-                        "file_key": f"bulk{i:08d}", "file_size": 9_300,
-                        "content_hash": f"{i:064x}", "received_at": now})
-            if len(instance_rows) >= BATCH:
-                flush()
-        flush()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         index.close()
@@ -253,9 +290,21 @@ def populated(instances: int, repopulate: bool) -> Path:
 class ScaleMinipacs(bench.Minipacs):
     """minipacs on an archive that already exists; times its startup."""
 
-    def __init__(self, log_dir: Path, config_dir: Path) -> None:
+    wrapper: Path | None = None
+    """A Python script run instead of the ``minipacs`` command, with the same arguments
+    (``--minipacs-wrapper``: an experiment's patched server, measured by the same harness)."""
+
+    def __init__(self, log_dir: Path, config_dir: Path, index_url: str = "",
+                 web: bool = False) -> None:
         super().__init__(log_dir, config_dir)
         self.startup = 0.0
+        self.http_port = bench.free_port() if web else 0
+        text = self.config.read_text()
+        if index_url:  # PostgreSQL: the index is there, the files still in the data folder
+            text = text.replace("storage:\n", f"storage:\n  index_url: {index_url}\n", 1)
+        if web:  # the DICOMweb listener on a port of ours (QIDO-RS); no viewer
+            text += "web:\n  viewer: false\n"
+        self.config.write_text(text)
         self.ae = AE(ae_title=bench.SCU_AET)
         self.ae.add_requested_context(Verification)
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 10
@@ -269,6 +318,14 @@ class ScaleMinipacs(bench.Minipacs):
             return bool(status) and status.Status == 0
         finally:
             assoc.release()
+
+    def command(self) -> list[str | Path]:
+        command = super().command()
+        if self.http_port:
+            command[command.index("--http-port") + 1] = str(self.http_port)
+        if self.wrapper is not None:
+            command[:1] = [sys.executable, self.wrapper]
+        return command
 
     def start(self, data_dir: Path, tag: str) -> None:
         self.data_dir = data_dir
@@ -355,7 +412,8 @@ def time_finds(server: ScaleMinipacs, queries: list[Find], reps: int) -> None:
             if q.expected == 0:
                 continue  # nothing to aim at in this archive: n/a
             identifier = q.identifier()
-            for rep in range(reps + 1):
+            runs = reps if q.expected <= LONG_STREAM else 1
+            for rep in range(runs + 1):
                 answers = 0
                 first = 0.0
                 start = time.perf_counter()
@@ -443,12 +501,125 @@ def explain(data_dir: Path, queries: list[Find]) -> None:
         index.disconnect()
 
 
+SEQ_SCAN_ROWS = 10_000
+"""A sequential scan reading more rows than this (kept and filtered out, every loop) is
+reported: smaller tables are scanned by choice."""
+
+
+def _seq_scans(plan: list[str]) -> list[str]:
+    """The sequential scans of an ``EXPLAIN ANALYZE`` that read more than
+    :data:`SEQ_SCAN_ROWS` rows."""
+    found = []
+    for j, step in enumerate(plan):
+        if "Seq Scan" not in step:
+            continue
+        actual = re.search(r"actual time=\S+ rows=(\d+) loops=(\d+)", step)
+        rows, loops = (int(actual[1]), int(actual[2])) if actual else (0, 1)
+        depth = len(step) - len(step.lstrip())
+        for detail in plan[j + 1:]:
+            if len(detail) - len(detail.lstrip()) <= depth:
+                break
+            removed = re.search(r"Rows Removed by Filter: (\d+)", detail)
+            if removed:
+                rows += int(removed[1])
+        if rows * loops > SEQ_SCAN_ROWS:
+            found.append(f"sequential scan reading {rows * loops:,} rows: "
+                         f"{step.strip().split('  (')[0].lstrip('-> ')}")
+    return found
+
+
+def explain_pg(url: str, queries: list[Find]) -> None:
+    """Put into each query the plan PostgreSQL makes for the SELECT the server runs
+    (``EXPLAIN (ANALYZE, BUFFERS)``: run once more, with its actual rows and times)."""
+    database = index.connect(url)
+    try:
+        for q in queries:
+            parsed = query.parse_identifier(q.identifier(), Model.STUDY_ROOT)
+            sql, params = query.page_select(parsed).sql()
+            rows = database.execute_sql("EXPLAIN (ANALYZE, BUFFERS) " + sql, params).fetchall()
+            q.plan = [str(row[0]) for row in rows]
+            if parsed.constraints:
+                q.problems += _seq_scans(q.plan)
+    finally:
+        index.close()
+        index.disconnect()
+
+
+@dataclass
+class Qido:
+    """One QIDO-RS search measured at one size: seconds to the whole JSON answer."""
+
+    label: str
+    params: list[tuple[str, str]]
+    expected: int
+    seconds: list[float] = field(default_factory=list)
+    answers: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def qidos(layout: Layout) -> list[Qido]:
+    """The two STUDY C-FINDs of issue 17 as QIDO-RS searches, with the same return keys."""
+    k = max(layout.studies // 2, 0)
+    p = layout.patient_of(k)
+    fields = [("includefield", kw) for kw in ALL_STUDY_KEYS]
+    one = 1 if layout.studies else 0
+    in_patient = min(STUDIES_PER_PATIENT, layout.studies - p * STUDIES_PER_PATIENT)
+    return [Qido("STUDY by PatientID", [("PatientID", patient_id(p)), *fields], in_patient),
+            Qido("STUDY by StudyInstanceUID", [("StudyInstanceUID", study_uid(k)), *fields],
+                 one)]
+
+
+def time_qido(server: ScaleMinipacs, queries: list[Qido], reps: int) -> None:
+    """Every search ``reps`` times on one kept-alive HTTP connection (after one warm-up),
+    interleaved."""
+    base = f"http://{bench.HOST}:{server.http_port}"
+    with httpx.Client(base_url=base, timeout=120,
+                      headers={"Accept": "application/dicom+json"}) as http:
+        deadline = time.monotonic() + 60
+        while True:  # the HTTP listener starts beside the DICOM one: poll until it answers
+            try:
+                http.get("/dicom-web/studies", params={"StudyInstanceUID": "1.2.3"})
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the HTTP listener did not answer") from None
+                time.sleep(0.05)  # polling a starting process
+        for rep in range(reps + 1):
+            for q in queries:
+                if q.expected == 0:
+                    continue
+                start = time.perf_counter()
+                answer = http.get("/dicom-web/studies", params=tuple(q.params))
+                body = answer.content
+                seconds = time.perf_counter() - start
+                if answer.status_code != 200:
+                    q.problems.append(f"HTTP {answer.status_code}: {body[:200]!r}")
+                    continue
+                q.answers = len(json.loads(body))
+                if q.answers != q.expected:
+                    q.problems.append(f"{q.answers} answers, expected {q.expected}")
+                if rep:
+                    q.seconds.append(seconds)
+
+
 # -- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class PgIndex:
+    """The kept PostgreSQL cluster of a run: its database of each size and their bulk ids."""
+
+    cluster: scale_pg.ScaleCluster
+    names: dict[int, str] = field(default_factory=dict)
+    ids: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
 class Cell:
     size: int
+    engine: str = "sqlite"
+    qido: list[Qido] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)
     startup: list[float] = field(default_factory=list)
     rate: list[float] = field(default_factory=list)
     rss_idle: list[int] = field(default_factory=list)
@@ -467,16 +638,22 @@ def _copy(source: Path, target: Path) -> None:
 
 
 def measure(size: int, rnd: int, args: argparse.Namespace, work: Path, log_dir: Path,
-            cell: Cell) -> None:
-    """One round at one size: copy, start, ingest, (first round) query, stop."""
-    archive = work / f"size{size}-round{rnd}"
-    _copy(populated(size, False) if size else archive.with_suffix(".none"), archive)
+            cell: Cell, pg: PgIndex | None = None) -> None:
+    """One round at one size: copy (SQLite; PostgreSQL's kept database is set back after
+    the round instead), start, ingest, (first round) query, stop."""
+    on_pg = cell.engine == "postgresql"
+    assert pg is not None or not on_pg
+    archive = work / (f"pg-size{size}-round{rnd}" if on_pg else f"size{size}-round{rnd}")
+    _copy(populated(size, False) if size and not on_pg else archive.with_suffix(".none"),
+          archive)
     name = f"r{rnd}s{len(str(size))}"
     data = bench.generate(work / f"data-{name}", name, args.ingest, 64, 10, 10, 2,
                           seed=rnd * 100 + size % 97)
     bench.run(["sync"], 120)
-    server = ScaleMinipacs(log_dir, work)
-    server.start(archive, f"{size}-{rnd}")
+    url = pg.cluster.url(pg.names[size]) if pg is not None and on_pg else ""
+    server = ScaleMinipacs(log_dir, work, index_url=url, web=args.qido)
+    cell.loads.append(os.getloadavg()[0])
+    server.start(archive, f"{size}-{rnd}" if not on_pg else f"pg-{size}-{rnd}")
     try:
         cell.startup.append(server.startup)
         cell.rss_idle.append(server.rss_kib())
@@ -487,17 +664,26 @@ def measure(size: int, rnd: int, args: argparse.Namespace, work: Path, log_dir: 
         if rnd == 0:
             cell.finds = finds(Layout(size), len(data.studies))
             time_finds(server, cell.finds, args.reps)
+            every = Layout(size).studies + len(data.studies)
             cell.stream = time_findscu_stream(
-                server, Layout(size).studies + len(data.studies), max(3, args.reps // 4),
-                log_dir / f"findscu-{size}.log")
+                server, every, max(3, args.reps // 4) if every <= LONG_STREAM else 2,
+                log_dir / f"findscu-{cell.engine}-{size}.log")
+            if args.qido:
+                cell.qido = qidos(Layout(size))
+                time_qido(server, cell.qido, args.reps)
     finally:
         server.stop()
     if rnd == 0:
-        explain(archive, cell.finds)
+        if pg is not None and on_pg:
+            explain_pg(url, cell.finds)
+        else:
+            explain(archive, cell.finds)
+    if pg is not None and on_pg:
+        scale_pg.reset(pg.cluster, pg.names[size], pg.ids[size])
     shutil.rmtree(data.root)
     shutil.rmtree(archive)
-    print(f"  size {size:,} round {rnd}: {cell.rate[-1]:.0f} inst/s, "
-          f"startup {cell.startup[-1]:.2f} s", file=sys.stderr)
+    print(f"  {cell.engine} size {size:,} round {rnd}: {cell.rate[-1]:.0f} inst/s, "
+          f"startup {cell.startup[-1]:.2f} s, load {cell.loads[-1]:.2f}", file=sys.stderr)
 
 
 def rounds_order(sizes: Sequence[int], rounds: int) -> Iterator[tuple[int, int]]:
@@ -572,6 +758,114 @@ def report(cells: list[Cell], args: argparse.Namespace, seconds: float,
     return "\n".join(lines)
 
 
+def _ms95(values: Sequence[float]) -> str:
+    """Median / p95 in ms."""
+    if not values:
+        return "n/a"
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return f"{statistics.median(values) * 1000:.1f} / {p95 * 1000:.1f}"
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
+def report_engines(cells: list[Cell], args: argparse.Namespace, seconds: float,
+                   machine: list[str], pg_info: list[str],
+                   populating: list[str]) -> str:
+    """The block of a run with PostgreSQL (``--index postgresql|both``): each table with
+    an index column, QIDO-RS beside C-FIND, PostgreSQL's ``EXPLAIN (ANALYZE, BUFFERS)``."""
+    lines = [
+        bench.recorded("scale.py", f"{args.rounds} rounds of {args.ingest:,} small instances "
+                       f"per size and index, C-FIND and QIDO-RS {args.reps} repetitions",
+                       seconds, env="TCP_NODELAY=1 "),
+        "",
+        *machine[:3],
+        *pg_info,
+        "",
+        "| index | instances populated | populate | on disk |",
+        "|---|---|---|---|",
+        *populating,
+        "",
+        "| index | instances indexed | startup (s) | ingest inst/s (median; each round) | "
+        "vs empty | idle RSS (MiB) | RSS after ingest (MiB) | load average at the rounds' "
+        "start |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = {c.engine: statistics.median(c.rate) for c in cells if c.size == 0 and c.rate}
+    for c in cells:
+        rate = statistics.median(c.rate) if c.rate else 0.0
+        each = ", ".join(f"{r:.0f}" for r in c.rate)
+        empty = base.get(c.engine, 0.0)
+        lines.append(
+            f"| {c.engine} | {c.size:,} | {statistics.median(c.startup):.2f} | {rate:.0f} "
+            f"({each}) | {f'{rate / empty * 100:.0f} %' if empty else 'n/a'} | "
+            f"{statistics.median(c.rss_idle) / 1024:.0f} | "
+            f"{statistics.median(c.rss_after) / 1024:.0f} | "
+            f"{', '.join(f'{x:.2f}' for x in c.loads)} |")
+    labels = [q.label for q in cells[-1].finds] if cells else []
+    lines += ["", "C-FIND on one open association, median / p95 ms to the last response "
+              "(median to the first, for SERIES and IMAGE), all computed study keys:", "",
+              "| index | instances indexed | " + " | ".join(labels) +
+              " | STUDY, all, by findscu |",
+              "|---|---|" + "---|" * (len(labels) + 1)]
+    for c in cells:
+        row = []
+        for q in c.finds:
+            if not q.last:
+                row.append("n/a")
+            elif q.label.startswith("STUDY, all"):
+                rate = q.answers / statistics.median(q.last)
+                row.append(f"{_ms(q.last)} ({q.answers:,} = {rate:,.0f}/s)")
+            elif q.level in ("SERIES", "IMAGE"):
+                row.append(f"{_ms95(q.last)} (first {_ms(q.first)})")
+            else:
+                row.append(f"{_ms95(q.last)} ({q.answers})")
+        if c.stream and c.stream.seconds:
+            row.append(f"{_ms(c.stream.seconds)} ({c.stream.answers:,} = "
+                       f"{c.stream.rate():,.0f}/s net of a {_ms(c.stream.echo)} C-ECHO)")
+        else:
+            row.append("n/a")
+        lines.append(f"| {c.engine} | {c.size:,} | " + " | ".join(row) + " |")
+    qlabels = [q.label for q in cells[-1].qido] if cells else []
+    lines += ["", "QIDO-RS `GET /dicom-web/studies?...` with the same return keys "
+              "(`includefield` each), one kept-alive HTTP connection (httpx), median / p95 "
+              "ms to the whole JSON answer:", "",
+              "| index | instances indexed | " + " | ".join(qlabels) + " |",
+              "|---|---|" + "---|" * len(qlabels)]
+    for c in cells:
+        row = [f"{_ms95(q.seconds)} ({q.answers})" if q.seconds else "n/a" for q in c.qido]
+        lines.append(f"| {c.engine} | {c.size:,} | " + " | ".join(row) + " |")
+    for engine in dict.fromkeys(c.engine for c in cells):
+        last = [c for c in cells if c.engine == engine and c.finds][-1:]
+        if not last:
+            continue
+        c = last[0]
+        if engine == "sqlite":
+            lines += ["", f"SQLite query plans at {c.size:,} instances (`EXPLAIN QUERY PLAN` "
+                      "of the page SELECT the server runs):", ""]
+            for q in c.finds:
+                lines.append(f"- {q.label}: " + "; ".join(f"`{s}`" for s in q.plan))
+        else:
+            lines += ["", f"PostgreSQL query plans at {c.size:,} instances (`EXPLAIN "
+                      "(ANALYZE, BUFFERS)` of the page SELECT the server runs, after the "
+                      "run):", ""]
+            for q in c.finds:
+                lines += [f"- {q.label}:", "", "  ```", *(f"  {s}" for s in q.plan),
+                          "  ```", ""]
+    problems = [f"{c.engine} {c.size:,}: {p}" for c in cells for p in c.problems]
+    problems += [f"{c.engine} {c.size:,} {q.label}: {p}" for c in cells for q in c.finds
+                 for p in dict.fromkeys(q.problems)]
+    problems += [f"{c.engine} {c.size:,} QIDO-RS {q.label}: {p}" for c in cells
+                 for q in c.qido for p in dict.fromkeys(q.problems)]
+    problems += [f"{c.engine} {c.size:,} findscu: {p}" for c in cells if c.stream
+                 for p in dict.fromkeys(c.stream.problems)]
+    lines += ["", "Anomalies detected by the script:" + ("" if problems else " none.")]
+    lines += [f"- {p}" for p in problems]
+    return "\n".join(lines)
+
+
 def write_readme(block: str) -> None:
     bench.write_readme(block, README_START, README_END, "Scale (targets 3, 4, 6)")
 
@@ -585,40 +879,119 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="ingest rounds per size (3)")
     parser.add_argument("--reps", type=int, default=20, help="C-FIND repetitions (20)")
     parser.add_argument("--quick", action="store_true", help="sizes 0,10000,100000; 1 round")
+    parser.add_argument("--index", choices=("sqlite", "postgresql", "both"), default="sqlite",
+                        help="the index measured: SQLite (as before), a throwaway "
+                        "PostgreSQL kept under bench/work/scale/postgresql, or both side by "
+                        "side (sqlite)")
     parser.add_argument("--repopulate", action="store_true", help="rebuild the kept indexes")
+    parser.add_argument("--minipacs-wrapper", type=Path,
+                        help="a Python script run instead of the minipacs command (an "
+                        "experiment, e.g. bench/pg_pool_wrapper.py)")
+    parser.add_argument("--populate-only", action="store_true",
+                        help="build the kept indexes of --sizes and --index, measure nothing")
     parser.add_argument("--write-readme", action="store_true",
                         help="record the results in bench/README.md")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.rounds, args.reps = "0,10000,100000", 1, 5
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.engines = {"sqlite": ["sqlite"], "postgresql": ["postgresql"],
+                    "both": ["sqlite", "postgresql"]}[args.index]
+    args.qido = args.index != "sqlite"
     return args
+
+
+def start_pg(args: argparse.Namespace) -> tuple[PgIndex, list[str]]:
+    """The kept cluster, started, with a populated database of each size; what to say of
+    it and of each database (populate time, size)."""
+    cluster = scale_pg.ScaleCluster(SCALE_DIR / "postgresql")
+    cluster.start()
+    pg = PgIndex(cluster)
+    for size in args.sizes:
+        pg.names[size] = scale_pg.kept(cluster, size, Layout(size).studies,
+                                       args.repopulate, bulk_chunk)
+        pg.ids[size] = scale_pg.bulk_ids(cluster, pg.names[size])
+    settings = ", ".join(f"{k}={v}" for k, v in scale_pg.SETTINGS.items())
+    info = [f"- PostgreSQL {cluster.version()} on loopback TCP, in a cluster of its own kept "
+            f"in `bench/work/scale/postgresql` (initdb, trust; {settings}; every other "
+            "setting its default)"]
+    return pg, info
+
+
+def populating_rows(args: argparse.Namespace, pg: PgIndex | None) -> list[str]:
+    rows = []
+    for engine in args.engines:
+        for size in args.sizes:
+            if not size:
+                continue
+            if engine == "sqlite":
+                path = SCALE_DIR / f"archive-{size}"
+                made = json.loads((path / "populated.json").read_text())
+                on_disk = sum(f.stat().st_size for f in path.glob("index.sqlite*"))
+                rows.append(f"| sqlite | {size:,} | {made.get('seconds', '?')} s (executemany) "
+                            f"| {_mib(on_disk)} |")
+            elif pg is not None:
+                made = scale_pg.populated_record(pg.cluster, size)
+                phases = ", ".join(f"{k} {v} s" for k, v in made.get("phases", {}).items())
+                rows.append(f"| postgresql | {size:,} | {made.get('seconds', '?')} s (COPY; "
+                            f"{phases}) | {_mib(pg.cluster.database_bytes(pg.names[size]))} |")
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    ScaleMinipacs.wrapper = args.minipacs_wrapper
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # refused while starting
     begin = time.perf_counter()
     machine = bench.machine_info()
-    for size in args.sizes:
-        if size:
-            populated(size, args.repopulate)
+    if "sqlite" in args.engines:
+        for size in args.sizes:
+            if size:
+                populated(size, args.repopulate)
+    pg: PgIndex | None = None
+    pg_info: list[str] = []
     bench.WORK_ROOT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="scale-", dir=bench.WORK_ROOT))
     log_dir = bench.WORK_ROOT / f"scale-logs-{datetime.date.today()}"
     log_dir.mkdir(exist_ok=True)
-    cells = {size: Cell(size) for size in args.sizes}
-    bench.after_removals()  # its own removals between rounds are not waited out (as recorded)
+    cells = {(engine, size): Cell(size, engine) for engine in args.engines
+             for size in args.sizes}
     try:
+        if "postgresql" in args.engines:
+            pg, pg_info = start_pg(args)
+        if args.populate_only:
+            print("\n".join([*pg_info, *(populating_rows(args, pg) if pg else [])]))
+            return 0
+        populating = populating_rows(args, pg) if pg is not None else []
+        bench.after_removals()  # its own removals between rounds are not waited out
         for rnd, size in rounds_order(args.sizes, args.rounds):
-            measure(size, rnd, args, work, log_dir, cells[size])
+            for engine in (args.engines if rnd % 2 == 0 else reversed(args.engines)):
+                measure(size, rnd, args, work, log_dir, cells[engine, size], pg)
+        if pg is not None:
+            opened, kept = scale_pg.connect_ms(pg.cluster, pg.names[args.sizes[-1]])
+            pg_info.append(f"- PostgreSQL cluster on disk after the run: "
+                           f"{_mib(pg.cluster.folder_bytes())}; a new connection (connect, "
+                           f"`SELECT 1`, close) takes {opened:.1f} ms (median of 30, after "
+                           f"the run), a `SELECT 1` on an open one {kept:.2f} ms")
     finally:
         bench.cleanup()
         bench.remove(work)
-    block = report(list(cells.values()), args, time.perf_counter() - begin, machine)
+        if pg is not None:
+            pg.cluster.stop("fast")
+    seconds = time.perf_counter() - begin
+    ordered = [cells[engine, size] for engine in args.engines for size in args.sizes]
+    if args.index == "sqlite":
+        block = report(ordered, args, seconds, machine)
+    else:
+        block = report_engines(ordered, args, seconds, machine, pg_info, populating)
     print(block)
     if args.write_readme:
-        write_readme(block)
+        if args.index == "sqlite":
+            write_readme(block)
+        else:
+            marker = "scale-pg" if args.index == "postgresql" else "scale-both"
+            bench.write_readme(block, f"<!-- {marker}:start -->", f"<!-- {marker}:end -->",
+                               "Scale on PostgreSQL (issue 17)")
     return 1 if "Anomalies detected by the script: none." not in block else 0
 
 
