@@ -21,7 +21,7 @@ from typing import Any
 import peewee as pw
 from playhouse.db_url import connect as db_url_connect
 from playhouse.db_url import parse as db_url_parse
-from playhouse.shortcuts import ReconnectMixin
+from playhouse.pool import PooledPostgresqlDatabase
 
 from .errors import DuplicateRejected, StorageError, StoreInUse
 from .keys import Level
@@ -71,6 +71,10 @@ BUSY_TIMEOUT_MS = 30_000
 POOL_SIZE = 64
 """Most connections to the SQLite index open at once (every association and HTTP worker
 thread that reads or writes holds one until it gives it back)."""
+PG_POOL_SIZE = 32
+"""Most connections one process holds to a PostgreSQL index at once (each thread that
+reads or writes holds one while it works): PostgreSQL's ``max_connections`` must exceed
+nodes x 32, plus whatever else connects."""
 POOL_WAIT_SECONDS = 30
 """How long a thread waits for a connection when POOL_SIZE are in use."""
 POOL_STALE_SECONDS = 300
@@ -129,7 +133,9 @@ def _open(url: str, synchronous_full: bool) -> pw.Database:
             check_same_thread=False,  # a pooled connection serves one thread at a time
         )
     elif urllib.parse.urlsplit(url).scheme in ("postgres", "postgresql"):
-        database = ReconnectingPostgresqlDatabase(**db_url_parse(url))
+        database = ReconnectingPostgresqlDatabase(
+            **db_url_parse(url), max_connections=PG_POOL_SIZE,
+            stale_timeout=POOL_STALE_SECONDS, timeout=POOL_WAIT_SECONDS)
     else:
         database = db_url_connect(url)
     db.initialize(database)
@@ -143,22 +149,43 @@ def _open(url: str, synchronous_full: bool) -> pw.Database:
     return database
 
 
-class ReconnectingPostgresqlDatabase(ReconnectMixin, pw.PostgresqlDatabase):
-    """PostgreSQL, its connection opened again when the server closed it (a restart, a
-    failover, a connection cut): outside a transaction the statement is tried once more on a
-    new connection (playhouse's ``ReconnectMixin``, given psycopg2's messages); inside one,
-    the transaction fails as it would have, and its stores answer A700. Without it a
-    thread's broken connection (the group commit's, which lives as long as the process)
-    failed every later statement."""
+class ReconnectingPostgresqlDatabase(PooledPostgresqlDatabase):
+    """PostgreSQL through a pool of connections (:data:`PG_POOL_SIZE` per process), each
+    opened again when the server closed it (a restart, a failover, a cut).
 
-    reconnect_errors = (
-        (pw.OperationalError, "server closed the connection"),
-        (pw.OperationalError, "terminating connection"),
-        (pw.OperationalError, "connection not open"),
-        (pw.OperationalError, "could not receive data from server"),
-        (pw.OperationalError, "ssl connection has been closed"),
-        (pw.InterfaceError, "connection already closed"),
-    )
+    The pool: a thread gives its connection back after each association or HTTP request
+    (:meth:`storage.Archive.release`) and the next one takes it as it is. Opening one per
+    request cost a QIDO-RS search 6-7 ms of its 9.6 at 10M instances (bench/README.md,
+    "Scale on PostgreSQL"). Reconnecting: outside a transaction, a statement that finds its
+    connection lost (psycopg2's messages, :data:`LOST`) is tried once more on a new one, and
+    the pool's idle connections, lost with it, are dropped; inside a transaction the
+    transaction fails as it would have, and its stores answer A700. Without it a thread's
+    broken connection (the group commit's lives as long as the process) failed every later
+    statement.
+    """
+
+    LOST = ("server closed the connection", "terminating connection", "connection not open",
+            "could not receive data from server", "ssl connection has been closed",
+            "connection already closed")
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        return self._again(super().execute_sql, sql, params)
+
+    def begin(self, *args: Any, **kwargs: Any) -> Any:
+        return self._again(super().begin, *args, **kwargs)
+
+    def _again(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except (pw.OperationalError, pw.InterfaceError) as exc:
+            if self.in_transaction() or not any(m in str(exc).lower() for m in self.LOST):
+                raise
+            logger.info("the connection to PostgreSQL was lost (%s): opening another",
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+            self.manual_close()  # not back into the pool
+            self.close_idle()  # they went with it
+            self.connect()
+            return call(*args, **kwargs)
 
 
 def _schema(database: pw.Database) -> None:
