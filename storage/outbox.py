@@ -420,18 +420,15 @@ class Outbox:
             if not NodeBeat.delete().where((NodeBeat.name == name)
                                            & (NodeBeat.beats == beats)).execute():
                 return None
-            return int(OutboxItem.update(lease_owner="", lease_until=None).where(
-                (OutboxItem.lease_owner == name)
-                | OutboxItem.lease_owner.startswith(f"{name}:")).execute())
+            return int(OutboxItem.update(lease_owner="", lease_until=None)
+                       .where(_held_by(name)).execute())
 
     def forget_node(self, name: str) -> None:
         """The node ``name`` stops (cleanly): its heartbeat row goes, and what it still
         holds is let go (a sender that did not finish in time)."""
         with self.write_lock, index.write_transaction():
             NodeBeat.delete().where(NodeBeat.name == name).execute()
-            OutboxItem.update(lease_owner="", lease_until=None).where(
-                (OutboxItem.lease_owner == name)
-                | OutboxItem.lease_owner.startswith(f"{name}:")).execute()
+            OutboxItem.update(lease_owner="", lease_until=None).where(_held_by(name)).execute()
 
     def refuse_if_nodes_beat(self, wait: float = HEARTBEAT_SECONDS * 2.5) -> None:
         """Raise :class:`~storage.errors.StoreInUse` if a node's heartbeat moves within
@@ -537,6 +534,11 @@ def _chosen(peer: str | None, ids: Sequence[int], failed_only: bool, kind: str) 
     if failed_only:
         where &= OutboxItem.failed == True  # noqa: E712
     return where
+
+
+def _held_by(node: str) -> Any:
+    """The items leased to the node ``node``: by its own name, or a sender's ``node:N``."""
+    return (OutboxItem.lease_owner == node) | OutboxItem.lease_owner.startswith(f"{node}:")
 
 
 def lease_owner() -> str:

@@ -47,6 +47,19 @@ def store(weed: Weed, tmp_path: Path) -> Iterator[ObjectStore]:
     objects.close()
 
 
+def get_ranges(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every ranged GET obstore makes from now on, as they are made."""
+    lengths: list[int] = []
+    real = obstore.get_range
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        lengths.append(kwargs["length"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obstore, "get_range", counted)
+    return lengths
+
+
 def archive_on(weed: Weed, tmp_path: Path, files_url: str | None = None) -> Archive:
     return open_archive(ArchiveOptions(
         files_path=tmp_path / "files", index_url=f"sqlite:///{tmp_path / 'index.sqlite'}",
@@ -181,14 +194,7 @@ def test_a_read_to_the_end_takes_a_few_large_gets_not_thousands_of_small_ones(
         store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
     data = bytes(range(256)) * 40_000  # 10 MB
     key = store.put([data])
-    ranges: list[int] = []
-    real = obstore.get_range
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        ranges.append(kwargs["length"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(obstore, "get_range", counted)
+    ranges = get_ranges(monkeypatch)
     with store.open(key) as fp:
         assert fp.read() == data  # what verify and reindex do
     assert len(ranges) <= 2, ranges  # io's own readall asked for 8 kB a time: 1,160 GETs
@@ -224,14 +230,7 @@ def test_small_reads_far_apart_fetch_a_little_each_and_sequential_reads_grow(
     megabyte at each; reading on from one place reads ahead more and more."""
     data = bytes(range(256)) * 160_000  # 40 MB
     key = store.put([data])
-    fetched: list[int] = []
-    real = obstore.get_range
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        fetched.append(kwargs["length"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(obstore, "get_range", counted)
+    fetched = get_ranges(monkeypatch)
     with store.open(key) as fp:
         for at in range(2 * 2**20, 40 * 2**20, 2 * 2**20):
             fp.seek(at)
