@@ -25,7 +25,16 @@ from playhouse.pool import PooledPostgresqlDatabase
 
 from .errors import DuplicateRejected, StorageError, StoreInUse
 from .keys import Level
-from .models import MODELS, SCHEMA_VERSION, Instance, Patient, SchemaVersion, Series, Study
+from .models import (
+    MODELS,
+    SCHEMA_VERSION,
+    TEXT_INDEXES,
+    Instance,
+    Patient,
+    SchemaVersion,
+    Series,
+    Study,
+)
 from .models import database_proxy as db
 from .values import pn_groups
 
@@ -192,6 +201,7 @@ def _schema(database: pw.Database) -> None:
     """Migrate, create what is missing, and check the schema's version."""
     _migrate(database)
     database.create_tables(MODELS, safe=True)
+    text_indexes(database)
     row = SchemaVersion.select().first()
     if row is None:
         SchemaVersion.create(version=SCHEMA_VERSION)
@@ -263,7 +273,40 @@ def _outbox(database: pw.Database) -> None:
     not send what it holds, refuses the index."""
 
 
-_MIGRATIONS = {1: _patient_name_groups, 2: _pending_removals, 3: _outbox}
+def _pattern_indexes(database: pw.Database) -> None:
+    """4 to 5: on PostgreSQL, the plain indexes of the wildcard-matched text columns are
+    dropped (:func:`text_indexes` then makes byte-ordered ones); ``series_study_id`` is
+    dropped on both backends."""
+    # schema 4's index names, written out: a migration must not follow later renames
+    database.execute_sql('DROP INDEX IF EXISTS "series_study_id"')
+    if not isinstance(database, pw.SqliteDatabase):
+        for name in ("patient_patient_id", "patient_patient_name_alphabetic_folded",
+                     "patient_patient_name_ideographic_folded",
+                     "patient_patient_name_phonetic_folded", "study_accession_number"):
+            database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+
+
+_MIGRATIONS = {1: _patient_name_groups, 2: _pending_removals, 3: _outbox, 4: _pattern_indexes}
+
+
+def text_indexes(database: pw.Database) -> None:
+    """Index each column of :data:`storage.models.TEXT_INDEXES`, if not yet done.
+
+    A wildcard with a literal start (``DOE*``) is a range of an index only if the index
+    orders bytes as the pattern does: SQLite's GLOB uses a plain (BINARY) index; PostgreSQL's
+    ``LIKE 'doe%'`` uses none made under a database collation such as ``C.UTF-8`` or
+    ``en_US.UTF-8`` (the PostgreSQL manual, "Operator Classes and Operator Families"), so there
+    the index is ``text_pattern_ops``, which also serves equality. Without it a PatientName
+    wildcard read every patient row (bench/README.md, "Scale on PostgreSQL").
+    """
+    sqlite = isinstance(database, pw.SqliteDatabase)
+    for table, column in TEXT_INDEXES:
+        if sqlite:
+            database.execute_sql(
+                f'CREATE INDEX IF NOT EXISTS "{table}_{column}" ON "{table}" ("{column}")')
+        else:
+            database.execute_sql(f'CREATE INDEX IF NOT EXISTS "{table}_{column}_pattern" '
+                                 f'ON "{table}" ("{column}" text_pattern_ops)')
 
 
 def close() -> None:

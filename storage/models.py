@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import peewee as pw
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The version of the schema below; :mod:`storage.index` migrates an older index to it.
 
 1. The first schema.
@@ -24,7 +24,21 @@ SCHEMA_VERSION = 4
    minipacs would take them for unindexed instances and index them again).
 4. ``outbox``: the instances routing must still send, the Storage Commitment reports to
    send (:mod:`storage.outbox`).
+5. The indexes of :data:`TEXT_INDEXES` made per backend (PostgreSQL's serve a wildcard),
+   and ``series_study_id`` dropped (``series_study_id_modality`` begins with its column).
 """
+
+TEXT_INDEXES: tuple[tuple[str, str], ...] = (
+    ("patient", "patient_id"),
+    ("patient", "patient_name_alphabetic_folded"),
+    ("patient", "patient_name_ideographic_folded"),
+    ("patient", "patient_name_phonetic_folded"),
+    ("study", "accession_number"),
+)
+"""(table, column) of the text columns a query may match with a wildcard that has a literal
+start (PS3.4 C.2.2.2.4), each indexed by :func:`storage.index.text_indexes`, not by the model:
+PostgreSQL uses an index for ``LIKE 'x%'`` only if it compares bytes (``text_pattern_ops``)
+whatever the database's collation; SQLite's GLOB uses a plain one."""
 
 database_proxy: Any = pw.DatabaseProxy()
 
@@ -44,13 +58,13 @@ class SchemaVersion(BaseModel):
 class Patient(BaseModel):
     # identity: IssuerOfPatientID + PatientID, or, without a PatientID, the one study
     patient_key = pw.TextField(unique=True)
-    patient_id = pw.CharField(max_length=64, default="", index=True)
+    patient_id = pw.CharField(max_length=64, default="")  # indexed: TEXT_INDEXES
     issuer_of_patient_id = pw.CharField(max_length=64, default="")
     patient_name = pw.TextField(default="")
-    # folded groups of the name (values.pn_groups), each with an index
-    patient_name_alphabetic_folded = pw.TextField(default="", index=True)
-    patient_name_ideographic_folded = pw.TextField(default="", index=True)
-    patient_name_phonetic_folded = pw.TextField(default="", index=True)
+    # folded groups of the name (values.pn_groups), each indexed (TEXT_INDEXES)
+    patient_name_alphabetic_folded = pw.TextField(default="")
+    patient_name_ideographic_folded = pw.TextField(default="")
+    patient_name_phonetic_folded = pw.TextField(default="")
     patient_birth_date = pw.CharField(max_length=8, default="", index=True)
     patient_sex = pw.CharField(max_length=16, default="")
     attrs = pw.TextField(default="{}")
@@ -64,7 +78,7 @@ class Study(BaseModel):
     study_instance_uid = pw.CharField(max_length=64, unique=True)
     study_date = pw.CharField(max_length=8, default="", index=True)
     study_time = pw.CharField(max_length=13, default="")
-    accession_number = pw.CharField(max_length=64, default="", index=True)
+    accession_number = pw.CharField(max_length=64, default="")  # indexed: TEXT_INDEXES
     study_id = pw.CharField(max_length=64, default="")
     referring_physician_name = pw.TextField(default="")
     referring_physician_name_folded = pw.TextField(default="")
@@ -82,7 +96,8 @@ class Study(BaseModel):
 
 
 class Series(BaseModel):
-    study = pw.ForeignKeyField(Study, backref="series", on_delete="CASCADE")
+    # indexed by (study, modality) below
+    study = pw.ForeignKeyField(Study, backref="series", on_delete="CASCADE", index=False)
     series_instance_uid = pw.CharField(max_length=64, unique=True)
     modality = pw.CharField(max_length=16, default="")
     series_number = pw.CharField(max_length=12, default="")

@@ -180,6 +180,21 @@ def test_names_in_every_group_on_postgresql(pg_archive: Archive) -> None:
     assert _candidates(pg_archive, PatientName="山田*") == 1  # the SQL narrows every group
 
 
+def _migrated(archive: Archive, version: int, url: str, files: Path) -> Archive:
+    """``archive``'s index marked as schema ``version``, closed, and opened again (which
+    migrates it to :data:`SCHEMA_VERSION`)."""
+    archive.database.execute_sql("UPDATE schema_version SET version = %s", (version,))
+    archive.close()
+    index.disconnect()
+    archive = open_archive(ArchiveOptions(files_path=files, index_url=url))
+    found = archive.database.execute_sql("SELECT version FROM schema_version").fetchall()
+    if found != [(SCHEMA_VERSION,)]:
+        archive.close()
+        index.disconnect()
+        pytest.fail(f"schema {version} was not migrated to {SCHEMA_VERSION}: {found}")
+    return archive
+
+
 def test_a_schema_1_index_is_migrated_on_postgresql(postgres: Callable[[], str],
                                                     tmp_path: Path) -> None:
     # schema 1 made by hand from schema 2 (the exact DDL minipacs 72beb01 created, checked
@@ -197,15 +212,9 @@ def test_a_schema_1_index_is_migrated_on_postgresql(postgres: Callable[[], str],
     db.execute_sql("ALTER TABLE patient ALTER COLUMN patient_name_folded DROP DEFAULT")
     db.execute_sql("UPDATE patient SET patient_name_folded = '=' || lower(patient_name) || '='")
     db.execute_sql('CREATE INDEX "patient_patient_name_folded" ON patient (patient_name_folded)')
-    db.execute_sql("UPDATE schema_version SET version = 1")
-    archive.close()
-    index.disconnect()
-
-    archive = open_archive(ArchiveOptions(files_path=tmp_path / "files", index_url=url))
+    archive = _migrated(archive, 1, url, tmp_path / "files")
     try:
         db = archive.database
-        assert db.execute_sql("SELECT version FROM schema_version").fetchall() == [
-            (SCHEMA_VERSION,)]
         assert {str(r.AccessionNumber) for r in _query(archive, PatientName="山田*")} == {"M1"}
         assert {str(r.AccessionNumber) for r in _query(archive, PatientName="doe*")} == {"M0"}
         [(count,)] = db.execute_sql("SELECT count(*) FROM instance").fetchall()
@@ -258,3 +267,70 @@ def test_nodes_opening_an_empty_index_at_once_make_one_schema(
         finally:
             archive.close()
             index.disconnect()
+
+
+@pytest.mark.parametrize(("keys", "index_name"), [
+    ({"PatientName": "DOE^J*"}, "patient_patient_name_alphabetic_folded_pattern"),
+    ({"PatientName": "=山田*"}, "patient_patient_name_ideographic_folded_pattern"),
+    ({"PatientName": "Doe^John"}, "patient_patient_name_alphabetic_folded_pattern"),
+    ({"PatientID": "PID1*"}, "patient_patient_id_pattern"),
+    ({"PatientID": "PID1"}, "patient_patient_id_pattern"),
+    ({"AccessionNumber": "A1*"}, "study_accession_number_pattern"),
+])
+def test_a_wildcard_with_a_literal_start_reads_an_index_on_postgresql(
+        pg_archive: Archive, keys: dict[str, str], index_name: str) -> None:
+    """PS3.4 C.2.2.2.4: ``LIKE 'doe^j%'`` is a range of a ``text_pattern_ops`` index
+    whatever the database's collation; a plain index under ``C.UTF-8`` serves none, and
+    every patient row was read (bench/README.md, "Scale on PostgreSQL")."""
+    for ds in hierarchy():
+        pg_archive.store(encode(ds), "1.2.840.10008.1.2.1")
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.SpecificCharacterSet = "ISO_IR 192"
+    for k, v in keys.items():
+        setattr(q, k, v)
+    sql, params = page_select(pg_archive.parse_query(q, Model.STUDY_ROOT)).sql()
+    db = pg_archive.database
+    with db.atomic():  # a handful of rows: make the planner show what it could use
+        db.execute_sql("SET LOCAL enable_seqscan = off")
+        plan = [row[0] for row in db.execute_sql("EXPLAIN " + sql, params).fetchall()]
+    assert any(index_name in step for step in plan), plan
+    assert not any("Seq Scan on patient" in step or "Seq Scan on study" in step
+                   for step in plan), plan
+
+
+def test_a_schema_4_index_gets_its_pattern_indexes_on_postgresql(
+        postgres: Callable[[], str], tmp_path: Path) -> None:
+    """4 to 5: the plain indexes of the wildcard-matched columns give way to byte-ordered
+    ones, and ``series_study_id`` (covered by ``series_study_id_modality``) goes."""
+    url = postgres()
+    archive = open_archive(ArchiveOptions(files_path=tmp_path / "files", index_url=url))
+    for ds in hierarchy():
+        archive.store(encode(ds), "1.2.840.10008.1.2.1")
+    db = archive.database
+    plain = {"patient_patient_id": ("patient", "patient_id"),
+             "patient_patient_name_alphabetic_folded": ("patient", "patient_name_alphabetic_folded"),
+             "patient_patient_name_ideographic_folded": ("patient",
+                                                         "patient_name_ideographic_folded"),
+             "patient_patient_name_phonetic_folded": ("patient", "patient_name_phonetic_folded"),
+             "study_accession_number": ("study", "accession_number"),
+             "series_study_id": ("series", "study_id")}
+    for name in plain:  # schema 4, as minipacs 1765fe5 made it
+        db.execute_sql(f'DROP INDEX IF EXISTS "{name}_pattern"')
+    for name, (table, column) in plain.items():
+        db.execute_sql(f'CREATE INDEX "{name}" ON "{table}" ("{column}")')
+    archive = _migrated(archive, 4, url, tmp_path / "files")
+    try:
+        db = archive.database
+        made = {name: definition for name, definition in db.execute_sql(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'").fetchall()}
+        assert not set(plain) & set(made)
+        for name in plain:
+            if name != "series_study_id":
+                assert "text_pattern_ops" in made[f"{name}_pattern"]
+        assert "series_study_id_modality" in made
+        assert {str(r.AccessionNumber) for r in _query(archive, PatientName="doe*")} == {
+            "A1", "A2"}
+    finally:
+        archive.close()
+        index.disconnect()

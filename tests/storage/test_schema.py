@@ -81,6 +81,9 @@ def test_a_schema_1_index_is_migrated_with_every_row_and_counter_kept(tmp_path: 
         assert {"patient_patient_name_alphabetic_folded", "patient_patient_name_ideographic_folded",
                 "patient_patient_name_phonetic_folded"} <= indexes
         assert "patient_patient_name_folded" not in indexes
+        series_indexes = {r[1] for r in con.execute("PRAGMA index_list(series)")}
+        assert "series_study_id" not in series_indexes  # schema 5: the pair below covers it
+        assert "series_study_id_modality" in series_indexes
         assert con.execute("PRAGMA foreign_key_check").fetchall() == []
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert "pending_removal" in tables  # schema 3
