@@ -1,6 +1,6 @@
-"""The command line: ``minipacs serve | verify | reindex | import | delete | send | queue |
-retention | doctor | conformance-statement | hash-password | new-token``, ``minipacs --version``.
-The only place that exits, and the only one that configures logging (with
+"""The command line: ``minipacs serve | verify | reindex | import | delete | send | export |
+queue | retention | doctor | conformance-statement | hash-password | new-token``,
+``minipacs --version``. The only place that exits, and the only one that configures logging (with
 :func:`scp.logs.setup_logging`, which worker processes call too)."""
 
 from __future__ import annotations
@@ -112,6 +112,14 @@ def _parser() -> argparse.ArgumentParser:
     sender.add_argument("peer", help="the AE title of a peer with a host, from peers")
     _selectors(sender)
     sender.add_argument("--dry-run", action="store_true", help="say what would be sent")
+    exporter = commands.add_parser(
+        "export", help="write patients, studies, series or instances into a folder as a DICOM"
+        " File-set (Part 10 files and a DICOMDIR), as stored or de-identified")
+    exporter.add_argument("directory", type=Path, help="a new or empty folder")
+    _selectors(exporter)
+    exporter.add_argument("--deidentify", metavar="PROFILE", default="",
+                          help="de-identify every instance by this profiles entry (PS3.15"
+                          " Annex E); instances with burned-in annotation are withheld")
     queue = commands.add_parser(
         "queue", help="routing's outbox: what waits or failed, per peer; retry or drop"
         " items (the server may run)")
@@ -147,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         "new-token", help="print a new bearer token and its web.tokens entry")
     token.add_argument("name", help="whom the token is for (logged when it is refused)")
     token.add_argument("rights", choices=ACCOUNT_RIGHTS)
-    for sub in (verify, reindexer, migrator, importer, deleter, sender, queue,
+    for sub in (verify, reindexer, migrator, importer, deleter, sender, exporter, queue,
                 keeper, doctor, statement):
         sub.add_argument("--config", type=Path, help=f"configuration file (default: ./"
                          f"{DEFAULT_CONFIG} if present, else built-ins)")
@@ -156,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _selectors(parser: argparse.ArgumentParser) -> None:
-    """The options that select instances (``delete``, ``send``)."""
+    """The options that select instances (``delete``, ``send``, ``export``)."""
     for flag, what in (("--patient", "every study of this PatientID (any issuer)"),
                        ("--study", "this StudyInstanceUID"), ("--series", "this SeriesInstanceUID"),
                        ("--instance", "this SOPInstanceUID")):
@@ -454,6 +462,50 @@ def send(config: Config, args: argparse.Namespace) -> int:
     return 1 if final.failed else 0
 
 
+def export(config: Config, args: argparse.Namespace) -> int:
+    """``minipacs export DIR``: the selected instances written into ``DIR`` as a File-set,
+    de-identified by ``--deidentify PROFILE`` or as stored; audited with the instances'
+    UIDs and the profile. 0 when every one was written, 1 when any was withheld or failed
+    or nothing selected is stored, 2 for a refused request."""
+    selection = _selection(args)
+    if selection is None:
+        return 2
+    profile = args.deidentify
+    if profile and profile not in {p.name for p in config.profiles}:
+        known = ", ".join(p.name for p in config.profiles) or "none configured"
+        print(f"minipacs: no profile {profile!r} in profiles ({known})", file=sys.stderr)
+        return 2
+    archive = open_archive(dataclasses.replace(config.archive_options(), shared=True))
+    try:
+        items = archive.selected(selection)
+        if not items:
+            print("nothing selected is stored")
+            return 1
+        bar = _ProgressBar("export")
+        try:
+            done = archive.export(items, args.directory.resolve(), profile, bar)
+        finally:
+            bar.close()
+        audit = open_audit(config)
+        audit.record("export", user=_os_user(), via="minipacs export",
+                     directory=str(done.directory), profile=profile or None,
+                     selection=_described(selection),
+                     instances=[uid for uid, _ in done.written],
+                     withheld=[uid for uid, _ in done.withheld] or None,
+                     failed=[uid for uid, _ in done.failed] or None)
+        audit.close()
+    finally:
+        archive.close()
+    how = f", de-identified by profile {profile}" if profile else ""
+    print(f"exported {len(done.written)} of {len(items)} instance(s) to {done.directory}"
+          f"{how}: {len(done.withheld)} withheld, {len(done.failed)} failed")
+    for uid, why in done.withheld:
+        print(f"withheld: {uid}: {why}")
+    for uid, why in done.failed:
+        print(f"not exported: {uid}: {why}")
+    return 1 if done.withheld or done.failed else 0
+
+
 def queue(config: Config, args: argparse.Namespace) -> int:
     """``minipacs queue [show|list|retry|drop]``: routing's outbox, beside a running server.
     0 when done, 1 when retry or drop found nothing, 2 for a refused request."""
@@ -664,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
             return delete(config, args)
         if args.command == "send":
             return send(config, args)
+        if args.command == "export":
+            return export(config, args)
         if args.command == "queue":
             return queue(config, args)
         if args.command == "retention":

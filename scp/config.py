@@ -26,8 +26,12 @@ from pydicom.uid import (
 
 from storage import (
     AGE_BY,
+    MIN_SECRET_LENGTH,
     ArchiveOptions,
+    DeidentifyOptions,
     DuplicatePolicy,
+    Option,
+    Profile,
     RetentionRules,
     Route,
     S3Options,
@@ -35,8 +39,11 @@ from storage import (
     files_url_problem,
     is_object_url,
     match_key_problem,
+    option_problem,
     protect_problem,
     response_charset_problem,
+    safe_private,
+    safe_private_problem,
 )
 from web.config import CHOICES as WEB_CHOICES
 from web.config import WebConfig
@@ -205,7 +212,32 @@ class RouteConfig:
 
 ROUTE_REQUIRED: tuple[str, ...] = ("name", "to")
 
-REQUIRED: dict[str, tuple[str, ...]] = {"peers": PEER_REQUIRED, "routes": ROUTE_REQUIRED}
+
+@dataclass(frozen=True)
+class DeidentifyConfig:
+    """``deidentify``: what the de-identification ``profiles`` read (PS3.15 Annex E,
+    :mod:`storage.deidentify`)."""
+
+    table: str = ""
+    secret: str = field(default="", repr=False)
+    send_burned_in: bool = False
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """One entry of ``profiles``: the Basic Application Level Confidentiality Profile with
+    ``options`` (Table E.1-1's option columns), and the private attributes the Retain Safe
+    Private option keeps."""
+
+    name: str = ""
+    options: tuple[str, ...] = ()
+    safe_private: tuple[str, ...] = ()
+
+
+PROFILE_REQUIRED: tuple[str, ...] = ("name",)
+
+REQUIRED: dict[str, tuple[str, ...]] = {"peers": PEER_REQUIRED, "routes": ROUTE_REQUIRED,
+                                        "profiles": PROFILE_REQUIRED}
 """The keys an entry of each list section must have."""
 
 
@@ -247,6 +279,12 @@ MAX_INTERVAL_MINUTES = 525_600
 """Upper bounds of ``retention.max_age_days`` (a century) and ``interval_minutes`` (a year)."""
 
 
+def profile_of(entry: ProfileConfig) -> Profile:
+    """A ``profiles`` entry as :class:`storage.Profile` (checked when the config loads)."""
+    return Profile(entry.name, frozenset(Option(o) for o in entry.options),
+                   frozenset(safe_private(s) for s in entry.safe_private))
+
+
 def search_pairs(text: str) -> tuple[tuple[str, str], ...]:
     """A query string's (key, value) pairs: split on ``&`` and the first ``=``, each side
     percent-decoded, ``+`` kept (a PatientID may hold one)."""
@@ -269,8 +307,10 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    deidentify: DeidentifyConfig = field(default_factory=DeidentifyConfig)
     peers: tuple[PeerConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
+    profiles: tuple[ProfileConfig, ...] = ()
 
     def peer(self, ae_title: str) -> PeerConfig | None:
         """The peer called ``ae_title`` (leading and trailing spaces ignored, PS3.5 AE), if
@@ -334,7 +374,16 @@ class Config:
             routes=tuple(Route(r.name, tuple(r.match.items()),
                                tuple(dict.fromkeys(t.strip(" ") for t in r.to)),
                                r.stable_seconds) for r in self.routes),
+            deidentify=self.deidentify_options(),
         )
+
+    def deidentify_options(self) -> DeidentifyOptions | None:
+        """``deidentify`` and ``profiles`` as storage reads them; None without a profile."""
+        if not self.profiles:
+            return None
+        return DeidentifyOptions(
+            Path(self.deidentify.table), self.deidentify.secret,
+            {p.name: profile_of(p) for p in self.profiles}, self.deidentify.send_burned_in)
 
 
 SECTIONS: dict[str, type] = {
@@ -348,11 +397,13 @@ SECTIONS: dict[str, type] = {
     "web": WebConfig,
     "routing": RoutingConfig,
     "retention": RetentionConfig,
+    "deidentify": DeidentifyConfig,
 }
 
 LIST_SECTIONS: dict[str, type] = {
     "peers": PeerConfig,
     "routes": RouteConfig,
+    "profiles": ProfileConfig,
 }
 """Sections that hold a list of mappings, each one entry."""
 
@@ -446,6 +497,7 @@ def load_config(
     if web.enabled and web.https and not (tls.certificate and tls.private_key):
         problems.append("web.https: needs tls.certificate and tls.private_key")
     _check_routes(sections["routes"], sections["peers"], problems)
+    _check_deidentify(sections["deidentify"], sections["profiles"], problems)
     storage = sections["storage"]
     if storage.files_previous_url and _same_store(storage.files_previous_url, storage.files_url,
                                                   storage.data_dir):
@@ -555,6 +607,8 @@ def _section(name: str, cls: type, raw: Any, base: Path, problems: list[str]) ->
                 values[key] = str((base / Path(values[key]).expanduser()).resolve())
     if name == "audit" and values.get("path"):  # relative to the configuration's folder
         values["path"] = str((base / Path(values["path"]).expanduser()).resolve())
+    if name == "deidentify" and values.get("table"):  # likewise
+        values["table"] = str((base / Path(values["table"]).expanduser()).resolve())
     for key in ("files_url", "files_previous_url"):  # folders: against the config's folder
         url = values.get(key)
         if name == "storage" and url and not is_object_url(url) and "://" not in url:
@@ -687,6 +741,8 @@ def _check(section: str, values: dict[str, Any], problems: list[str]) -> None:
                                 " PatientID=VIP*&StudyDate=-20151231)")
     if section.startswith("routes["):
         _check_route(section, values, problems)
+    if section.startswith("profiles["):
+        _check_profile(section, values, problems)
     if section == "routing":
         for key in ("retry_seconds", "retry_max_seconds"):
             if key in values and values[key] <= 0:
@@ -757,6 +813,45 @@ def _check_route(section: str, values: dict[str, Any], problems: list[str]) -> N
             problems.append(f"{section}.match: {why}")
     if values.get("stable_seconds", 0) < 0:
         problems.append(f"{section}.stable_seconds: must not be negative")
+
+
+def _check_profile(section: str, values: dict[str, Any], problems: list[str]) -> None:
+    for key in PROFILE_REQUIRED:
+        if not values.get(key):
+            problems.append(f"{section}.{key}: is required")
+    name = values.get("name", "")
+    if name and (len(name) > 64 or not name.isprintable() or "/" in name):
+        problems.append(f"{section}.name: must be at most 64 printable characters, no \"/\"")
+    wrong = False
+    for option in values.get("options", ()):
+        if why := option_problem(option):
+            problems.append(f"{section}.options: {why}")
+            wrong = True
+    for text in values.get("safe_private", ()):
+        if why := safe_private_problem(text):
+            problems.append(f"{section}.safe_private: {why}")
+            wrong = True
+    if not wrong and name:
+        entry = ProfileConfig(**{k: v for k, v in values.items()
+                                 if k in ("name", "options", "safe_private")})
+        problems.extend(f"{section}: {why}" for why in profile_of(entry).problems())
+
+
+def _check_deidentify(settings: DeidentifyConfig, profiles: tuple[ProfileConfig, ...],
+                      problems: list[str]) -> None:
+    """A profile needs the standard's table and the secret (PS3.15 E.3.10: replacements
+    nobody without the key can link back)."""
+    if not profiles:
+        return
+    if not settings.table:
+        problems.append("deidentify.table: is required when profiles are configured: the"
+                        " path of PS3.15's DocBook source, part15.xml (README:"
+                        " De-identification)")
+    elif not Path(settings.table).is_file():
+        problems.append(f"deidentify.table: {settings.table} is not a file")
+    if len(settings.secret) < MIN_SECRET_LENGTH:
+        problems.append(f"deidentify.secret: must have at least {MIN_SECRET_LENGTH}"
+                        " characters when profiles are configured")
 
 
 def _check_tls(values: dict[str, Any], problems: list[str]) -> None:

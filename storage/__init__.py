@@ -18,6 +18,15 @@ from .archive import (
 )
 from .convert import DECODERS_LOGGER
 from .convert import install_log_filters as install_decoder_log_filter
+from .deidentify import (
+    MIN_SECRET_LENGTH,
+    DeidentifyOptions,
+    Option,
+    Profile,
+    option_problem,
+    safe_private,
+    safe_private_problem,
+)
 from .errors import (
     CannotConvert,
     DuplicateRejected,
@@ -37,6 +46,7 @@ from .errors import (
     WarningCode,
     failure_code,
 )
+from .exporting import Exported
 from .files import SERVER_LOCK, server_lock
 from .index import DuplicatePolicy, StoredInstance, WriteResult
 from .instances import (
@@ -78,7 +88,9 @@ __all__ = [
     "DECODERS_LOGGER",
     "DEFAULT_SYNTAX",
     "Deletion",
+    "DeidentifyOptions",
     "DuplicatePolicy",
+    "Exported",
     "DuplicateRejected",
     "FailureCode",
     "Health",
@@ -86,6 +98,9 @@ __all__ = [
     "InvalidInstance",
     "InvalidQuery",
     "Level",
+    "MIN_SECRET_LENGTH",
+    "Option",
+    "Profile",
     "QUERY_KEYS",
     "QueryKey",
     "Model",
@@ -130,8 +145,11 @@ __all__ = [
     "match_key_problem",
     "protect_problem",
     "open_archive",
+    "option_problem",
     "read_identifier",
     "server_lock",
     "response_charset_problem",
+    "safe_private",
+    "safe_private_problem",
     "syntax_for",
 ]

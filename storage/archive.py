@@ -31,9 +31,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 
-from . import index, instances, maintenance, outbox, query, removal, retention
+from . import exporting, index, instances, maintenance, outbox, query, removal, retention
 from .commit import GroupCommit
 from .convert import as_stored, explicit_to_implicit, to_accepted
+from .deidentify import Deidentifier, Deidentifiers, DeidentifyOptions
 from .errors import (
     CannotConvert,
     DuplicateRejected,
@@ -191,6 +192,9 @@ class ArchiveOptions:
     files_previous_url: str = ""
     """Where the files were before (a folder or ``s3://``): read from there when the store
     does not have them, until ``migrate-files`` has moved them all (:mod:`storage.moving`)."""
+    deidentify: DeidentifyOptions | None = None
+    """``deidentify`` and ``profiles``: the de-identification profiles instances may go out
+    under (:mod:`storage.deidentify`); None = none."""
 
 
 def open_files(options: ArchiveOptions) -> FileStore:
@@ -277,6 +281,7 @@ class Archive:
         self._in_flight_lock = threading.Lock()
         self._reserve_lock = threading.Lock()
         self._reserved = 0  # bytes of the stores in flight (see _reserving)
+        self.deidentifiers = Deidentifiers(options.deidentify)
 
     # -- C-STORE -------------------------------------------------------------------------
 
@@ -1020,6 +1025,25 @@ class Archive:
             return selected_instances(self._resolved(selection))
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
+
+    def deidentifier(self, profile: str) -> Deidentifier:
+        """The de-identifier of ``profile`` (config ``profiles``).
+
+        Raises
+        ------
+        StorageError
+            No such profile, or the standard's table cannot be read.
+        """
+        return self.deidentifiers.get(profile)
+
+    def export(self, items: Sequence[StoredInstance], directory: Path, profile: str = "",
+               progress: Callable[[int, int], None] | None = None) -> exporting.Exported:
+        """Write ``items`` (:meth:`selected`) into the new or empty folder ``directory`` as a
+        DICOM File-set with a DICOMDIR, de-identified by ``profile`` ("" = as stored);
+        :func:`storage.exporting.export`. Raises :class:`StorageError` as it does."""
+        deidentifier = self.deidentifier(profile) if profile else None
+        return exporting.export(self, items, directory, deidentifier,
+                                self.deidentifiers.send_burned_in, progress)
 
     def plan_delete(self, selection: Selection) -> removal.Deletion:
         """What :meth:`delete` would delete, per study; nothing changes (raises as

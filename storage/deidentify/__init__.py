@@ -4,6 +4,14 @@ across instances, studies, runs and nodes. The stored originals never change: ca
 de-identify the copy they send."""
 
 from .profile import BURNED_IN_CLASSES, Deidentifier, Outcome, Profile, action, burned_in
+from .profiles import (
+    MIN_SECRET_LENGTH,
+    Deidentifiers,
+    DeidentifyOptions,
+    option_problem,
+    safe_private,
+    safe_private_problem,
+)
 from .pseudonyms import Pseudonyms
 from .table import CODES, HEADINGS, Option, Rule, Table, read_table
 
@@ -12,6 +20,12 @@ __all__ = [
     "CODES",
     "HEADINGS",
     "Deidentifier",
+    "Deidentifiers",
+    "DeidentifyOptions",
+    "MIN_SECRET_LENGTH",
+    "option_problem",
+    "safe_private",
+    "safe_private_problem",
     "Option",
     "Outcome",
     "Profile",

@@ -122,7 +122,7 @@ class Deidentifier:
 
     def apply(self, original: Dataset) -> Outcome:
         """A de-identified copy of ``original`` (which is left as it is)."""
-        ds = copy.deepcopy(original)
+        ds = _plain_copy(original)
         key = _patient_key(original)
         run = _Run(self, key, _identifying_values(original, self))
         run.dataset(ds)
@@ -156,6 +156,19 @@ class Deidentifier:
         ds.LongitudinalTemporalInformationModified = (
             "MODIFIED" if Option.RETAIN_LONG_MODIFIED_DATES in options
             else "UNMODIFIED" if Option.RETAIN_LONG_FULL_DATES in options else "REMOVED")
+
+
+def _plain_copy(original: Dataset) -> Dataset:
+    """A deep copy of ``original`` as a plain :class:`~pydicom.dataset.Dataset`: a data set
+    read from the store (:class:`storage.convert.AsStored`) hands out converted copies of
+    its elements, so values set on them would not stay."""
+    ds = Dataset()
+    for element in original:
+        ds.add(copy.deepcopy(element))
+    meta = getattr(original, "file_meta", None)
+    if meta is not None:
+        ds.file_meta = copy.deepcopy(meta)
+    return ds
 
 
 def _patient_key(ds: Dataset) -> str:

@@ -323,3 +323,56 @@ def test_web_section_problems_are_reported_with_the_others(tmp_path: Path) -> No
         "web.base_path: must start with / and not end with one (e.g. /dicom-web), not"
         " 'dicom-web/'",
     ]
+
+
+SAMPLE_TABLE = REPO / "tests" / "storage" / "data" / "part15-sample.xml"
+
+
+def test_profiles_need_the_table_and_a_secret_and_known_options(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "deidentify": {"secret": "short"},
+        "profiles": [
+            {"name": "a", "options": ["retain_uids", "keep_everything"]},
+            {"name": "b", "options": ["retain_long_full_dates", "retain_long_modified_dates"]},
+            {"name": "c", "safe_private": ["ACME/1"]},
+            {"name": "d", "safe_private": ["ACME/0C"]},
+            {"name": "a"},
+            {"options": []},
+        ]}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    for fragment in ("deidentify.table: is required when profiles are configured",
+                     "deidentify.secret: must have at least 16 characters",
+                     "profiles[0].options: unknown option 'keep_everything'",
+                     "profiles[1]: profile b: retain_long_full_dates and"
+                     " retain_long_modified_dates exclude each other",
+                     "profiles[2].safe_private: 'ACME/1' is not CREATOR/ee",
+                     "profiles[3]: profile d: safe_private needs the retain_safe_private",
+                     "profiles: name 'a' is listed more than once",
+                     "profiles[5].name: is required"):
+        assert any(fragment in p for p in problems), (fragment, problems)
+    assert len(problems) == 8, problems
+
+
+def test_a_profile_reaches_storage_with_its_table_relative_to_the_config(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "part15.xml").write_bytes(SAMPLE_TABLE.read_bytes())
+    path = folder / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "deidentify": {"table": "part15.xml", "secret": "s" * 16},
+        "profiles": [{"name": "research", "options": ["retain_safe_private"],
+                      "safe_private": ["SIEMENS MR HEADER/0C"]}]}))
+    config = load_config(path)
+    options = config.archive_options().deidentify
+    assert options is not None and options.table == folder / "part15.xml"
+    assert "s" * 16 not in repr(config.deidentify)  # the secret is kept out of logs
+    [profile] = options.profiles.values()
+    assert profile.safe_private == frozenset({("SIEMENS MR HEADER", 0x0C)})
+    assert load_config(REPO / "config.yaml").archive_options().deidentify is None
+    (folder / "part15.xml").unlink()
+    with pytest.raises(ConfigError, match="deidentify.table: .*part15.xml is not a file"):
+        load_config(path)

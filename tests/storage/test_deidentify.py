@@ -367,3 +367,17 @@ def test_burned_in_annotation_is_flagged(keywords: dict[str, str], reason: str |
     for keyword, value in keywords.items():
         setattr(ds, keyword, value)
     assert burned_in(ds) == reason
+
+
+def test_a_data_set_read_from_the_store_is_de_identified(table: Table, tmp_path: Path) -> None:
+    """The store's reader (storage.convert.AsStored) hands out converted copies of its
+    elements: values set on those would not stay."""
+    from pydicom import dcmread
+
+    from storage.convert import as_stored
+
+    path = tmp_path / "one.dcm"
+    patient_ds().save_as(path, enforce_file_format=True)
+    out = deidentify(table, as_stored(dcmread(path)))
+    assert str(out.PatientName).startswith("ANONYMOUS^")
+    assert out.SOPInstanceUID.startswith("2.25.")
