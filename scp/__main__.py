@@ -452,7 +452,10 @@ def send(config: Config, args: argparse.Namespace) -> int:
         audit.record("send", user=_os_user(), via="minipacs send", peer=peer.ae_title,
                      address=f"{peer.host}:{peer.port}", selection=_described(selection),
                      status=f"{final.status:04X}", completed=final.completed,
-                     failed=final.failed, warning=final.warning)
+                     failed=final.failed, warning=final.warning,
+                     profile=peer.deidentify or None,
+                     instances=final.sent_uids if peer.deidentify else None,
+                     withheld=sorted(final.withheld) or None)
         audit.close()
     finally:
         archive.close()

@@ -59,9 +59,12 @@ class PageOperations:
             final = send_to(self.config, self.archive, peer, items)
         finally:
             self.archive.release()
-        return Done(not final.failed, sent_summary(final, len(items), peer),
-                    {"completed": final.completed, "failed": final.failed,
-                     "warning": final.warning})
+        counts: dict[str, Any] = {"completed": final.completed, "failed": final.failed,
+                                  "warning": final.warning}
+        if peer.deidentify:  # the audit line says what left de-identified, by which profile
+            counts.update(profile=peer.deidentify, instances=final.sent_uids,
+                          withheld=sorted(final.withheld))
+        return Done(not final.failed, sent_summary(final, len(items), peer), counts)
 
     def audit_tail(self, count: int) -> list[dict[str, Any]]:
         if not self.config.audit.enabled:

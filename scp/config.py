@@ -166,6 +166,7 @@ class PeerConfig:
     max_pdu_size: int = 0
     transfer_syntax: str = ""
     connections: int = 1
+    deidentify: str = ""
 
 
 MAX_CONNECTIONS = 8
@@ -497,7 +498,8 @@ def load_config(
     if web.enabled and web.https and not (tls.certificate and tls.private_key):
         problems.append("web.https: needs tls.certificate and tls.private_key")
     _check_routes(sections["routes"], sections["peers"], problems)
-    _check_deidentify(sections["deidentify"], sections["profiles"], problems)
+    _check_deidentify(sections["deidentify"], sections["profiles"], sections["peers"],
+                      problems)
     storage = sections["storage"]
     if storage.files_previous_url and _same_store(storage.files_previous_url, storage.files_url,
                                                   storage.data_dir):
@@ -838,9 +840,14 @@ def _check_profile(section: str, values: dict[str, Any], problems: list[str]) ->
 
 
 def _check_deidentify(settings: DeidentifyConfig, profiles: tuple[ProfileConfig, ...],
-                      problems: list[str]) -> None:
+                      peers: tuple[PeerConfig, ...], problems: list[str]) -> None:
     """A profile needs the standard's table and the secret (PS3.15 E.3.10: replacements
-    nobody without the key can link back)."""
+    nobody without the key can link back); a peer names a profile there is."""
+    names = {p.name for p in profiles}
+    for i, peer in enumerate(peers):
+        if peer.deidentify and peer.deidentify not in names:
+            problems.append(f"peers[{i}].deidentify: {peer.deidentify!r} is not the name of"
+                            " a profiles entry")
     if not profiles:
         return
     if not settings.table:

@@ -143,7 +143,13 @@ def handle_get(event: evt.Event, archive: Archive, activity: Activity,
     """C-GET (PS3.4 C.4.3): the matching instances go back over this association, which
     pynetdicom lends us for the sub-operations (:class:`scp.retrieve.Retrieval`)."""
     items = archive.retrieve(_parse_query(archive, event, _model(event, GET_MODELS)))
-    return run_get(event, archive, items)
+    peer = access.config.peer(event.assoc.requestor.ae_title)
+    profile = peer.deidentify if peer is not None else ""
+    final = run_get(event, archive, items, profile)
+    if profile:  # what left de-identified, by which profile (issue 18)
+        note(event, profile=profile, instances=final.sent_uids,
+             withheld=sorted(final.withheld) or None)
+    return final
 
 
 @handler(MOVE)
@@ -161,9 +167,13 @@ def handle_move(event: evt.Event, archive: Archive, activity: Activity,
                        " host)", requestor.ae_title, requestor.address, destination)
         raise Refused(status.MOVE_DESTINATION_UNKNOWN)  # PS3.4 C.4.2.1.5 A801
     items = archive.retrieve(_parse_query(archive, event, model))
-    return run_move(event, archive, items, MoveDestination(
+    final = run_move(event, archive, items, MoveDestination(
         peer, config.ae.title, config.ae.max_pdu_size, config.ae.acse_timeout,
         config.ae.dimse_timeout))
+    if peer.deidentify:  # what left de-identified, by which profile (issue 18)
+        note(event, profile=peer.deidentify, instances=final.sent_uids,
+             withheld=sorted(final.withheld) or None)
+    return final
 
 
 class _CancelFlag:

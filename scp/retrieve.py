@@ -35,7 +35,14 @@ from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
 
-from storage import Archive, CannotConvert, InstanceUnavailable, NotAsWritten, StoredInstance
+from storage import (
+    Archive,
+    CannotConvert,
+    InstanceUnavailable,
+    NotAsWritten,
+    StoredInstance,
+    Withheld,
+)
 
 from . import metrics, status
 from .config import Config, PeerConfig
@@ -99,13 +106,20 @@ def contexts_for(pairs: Counter[tuple[str, str]], peer: PeerConfig
     return contexts
 
 
-def data_set_for(archive: Archive, item: StoredInstance,
-                 contexts: list[tuple[int, str]]) -> tuple[int, Iterable[bytes]]:
-    """The presentation context ``item`` goes on, and its data set: the stored bytes when
-    the receiver accepted the stored syntax; Explicit VR Little Endian rewritten as Implicit
-    on the bytes when the receiver took only that (:meth:`storage.Archive.stored_as_implicit`);
-    else decoded and encoded into one it accepted (:meth:`storage.Archive.read_instance`).
-    The stored file is read before this returns.
+Prepared = tuple[int, Iterable[bytes], str]
+"""A sub-operation's presentation context ID, data set and SOP Instance UID."""
+
+
+def data_set_for(archive: Archive, item: StoredInstance, contexts: list[tuple[int, str]],
+                 profile: str = "") -> Prepared:
+    """The presentation context ``item`` goes on, its data set and the SOP Instance UID it
+    goes under: the stored bytes when the receiver accepted the stored syntax; Explicit VR
+    Little Endian rewritten as Implicit on the bytes when the receiver took only that
+    (:meth:`storage.Archive.stored_as_implicit`); else decoded and encoded into one it
+    accepted (:meth:`storage.Archive.read_instance`). With a de-identification
+    ``profile`` (``peers[].deidentify``), a de-identified copy under its replaced UID
+    (:meth:`storage.Archive.read_deidentified`). The stored file is read before this
+    returns.
 
     Raises
     ------
@@ -113,7 +127,14 @@ def data_set_for(archive: Archive, item: StoredInstance,
         The file is missing or damaged.
     CannotConvert
         No accepted syntax can be produced (nothing was accepted for its SOP Class).
+    Withheld
+        De-identified, it would still show the patient in its pixels.
     """
+    accepted = [syntax for _, syntax in contexts]
+    if profile:
+        ds = archive.read_deidentified(item, profile, accepted)
+        uid = str(ds.SOPInstanceUID)
+        return (*_encoded(ds, contexts, uid), uid)
     for context_id, syntax in contexts:
         if syntax == item.transfer_syntax_uid:
             pieces = archive.stored_data_set(item)
@@ -121,26 +142,37 @@ def data_set_for(archive: Archive, item: StoredInstance,
                 first = next(pieces)
             except NotAsWritten:
                 break
-            return context_id, itertools.chain([first], pieces)
+            return context_id, itertools.chain([first], pieces), item.sop_instance_uid
     if item.transfer_syntax_uid == ExplicitVRLittleEndian:
         for context_id, syntax in contexts:
             if syntax == ImplicitVRLittleEndian:  # the same values, other headers
                 try:
-                    return context_id, [archive.stored_as_implicit(item)]
+                    return (context_id, [archive.stored_as_implicit(item)],
+                            item.sop_instance_uid)
                 except (NotAsWritten, CannotConvert):
                     break  # decoded below, which says why if that fails too
-    ds = archive.read_instance(item, [syntax for _, syntax in contexts])
+    ds = archive.read_instance(item, accepted)
+    return (*_encoded(ds, contexts, item.sop_instance_uid), item.sop_instance_uid)
+
+
+def _encoded(ds: Dataset, contexts: list[tuple[int, str]],
+             uid: str) -> tuple[int, list[bytes]]:
+    """``ds`` (in a syntax one of ``contexts`` accepts, or native little endian) encoded
+    for the context that takes its syntax, else Explicit (then any native little endian)
+    VR Little Endian."""
     produced = str(ds.file_meta.TransferSyntaxUID)
     ranked = sorted(contexts, key=lambda c: (c[1] != produced,
                                              c[1] != str(ExplicitVRLittleEndian)))
     for context_id, syntax in ranked:
-        uid = UID(syntax)
-        if syntax == produced or (not uid.is_encapsulated and uid.is_little_endian):
-            raw = encode(ds, uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated)
+        syntax_uid = UID(syntax)
+        if syntax == produced or (not syntax_uid.is_encapsulated
+                                  and syntax_uid.is_little_endian):
+            raw = encode(ds, syntax_uid.is_implicit_VR, syntax_uid.is_little_endian,
+                         syntax_uid.is_deflated)
             if raw is None:
-                raise CannotConvert(f"{item.sop_instance_uid} cannot be encoded as {uid.name}")
+                raise CannotConvert(f"{uid} cannot be encoded as {syntax_uid.name}")
             return context_id, [raw]
-    raise CannotConvert(f"{item.sop_instance_uid}: no accepted syntax can be produced")
+    raise CannotConvert(f"{uid}: no accepted syntax can be produced")
 
 
 PENDING_EVERY_SUBOPERATION_UP_TO = 1000
@@ -166,6 +198,11 @@ class Final:
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
     comment: str | None = None
+    sent_uids: list[str] = field(default_factory=list)
+    """The SOP Instance UIDs (as stored) the receiver took, for the audit trail."""
+    withheld: dict[str, str] = field(default_factory=dict)
+    """Those of ``failed_uids`` a de-identified sending withheld, and why (they would fail
+    again: routing does not retry them)."""
 
     @classmethod
     def of(cls, refusal: int | Dataset) -> Final:
@@ -210,8 +247,9 @@ class Retrieval:
                  originator: tuple[str, int] | None = None,
                  pending: Callable[[Final], None] = lambda _: None,
                  cancelled: Callable[[], bool] = lambda: False,
-                 requestor_up: Callable[[], bool] = lambda: True) -> None:
+                 requestor_up: Callable[[], bool] = lambda: True, profile: str = "") -> None:
         self.service = service
+        self.profile = profile
         self.archive = archive
         self.items = items
         self.link = link
@@ -224,10 +262,12 @@ class Retrieval:
         self._requestor_up = requestor_up
         self.completed = self.warning = 0
         self.failed_uids: list[str] = []
+        self.sent_uids: list[str] = []  # as stored, each sub-operation that succeeded
+        self.withheld: dict[str, str] = {}  # SOP Instance UID -> why (de-identified only)
         self.was_cancelled = False
         self._last_pending = -PENDING_INTERVAL
         self._ahead_of: StoredInstance | None = None  # the instance read ahead, and what
-        self._ahead: tuple[int, Iterable[bytes]] | Exception | None = None  # it gave
+        self._ahead: Prepared | Exception | None = None  # it gave
         self._repeated: dict[str, int] = {}  # reason -> failures after its first line
 
     def run(self) -> Final:
@@ -252,10 +292,11 @@ class Retrieval:
             self.finish()
         return self.final(done)
 
-    def _prepare(self, item: StoredInstance) -> tuple[int, Iterable[bytes]] | Exception:
+    def _prepare(self, item: StoredInstance) -> Prepared | Exception:
         """What :func:`data_set_for` gives for ``item``, or the exception it raised."""
         try:
-            return data_set_for(self.archive, item, self.contexts.get(item.sop_class_uid, []))
+            return data_set_for(self.archive, item, self.contexts.get(item.sop_class_uid, []),
+                                self.profile)
         except Exception as exc:
             return exc
 
@@ -273,10 +314,14 @@ class Retrieval:
         if isinstance(prepared, (InstanceUnavailable, CannotConvert)):
             self._fail(uid, str(prepared))
             return
+        if isinstance(prepared, Withheld):
+            self.withheld[uid] = str(prepared)
+            self._fail(uid, f"withheld from a de-identified sending: {prepared}")
+            return
         if isinstance(prepared, Exception):  # a fault of ours: this one fails, not all
             self._fail(uid, "an unexpected error", exc_info=prepared)
             return
-        context_id, chunks = prepared
+        context_id, chunks, sent_uid = prepared
         sent = [0]
 
         def counted() -> Iterator[bytes]:  # what goes out: converted, no File Meta
@@ -290,7 +335,7 @@ class Retrieval:
                 self._ahead_of, self._ahead = following, self._prepare(following)
         message_id = (self.message_id + number) % 65535 + 1  # US, 1..65535
         originator, originator_id = self.originator or (None, None)
-        command = dimse.c_store_rq(message_id, item.sop_class_uid, uid, self.priority,
+        command = dimse.c_store_rq(message_id, item.sop_class_uid, sent_uid, self.priority,
                                    originator, originator_id)
         try:
             code, _ = self.link.store(context_id, command, data_set, message_id,
@@ -304,6 +349,8 @@ class Retrieval:
         category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))
         if category in (STATUS_SUCCESS, STATUS_WARNING):
             metrics.count_bytes(self.service, "out", sent[0])
+        if category in (STATUS_SUCCESS, STATUS_WARNING):
+            self.sent_uids.append(uid)
         if category == STATUS_SUCCESS:
             self.completed += 1
         elif category == STATUS_WARNING:
@@ -353,7 +400,8 @@ class Retrieval:
         Success when nothing failed or warned, A702 when every one failed, else B000."""
         failed = len(self.failed_uids)
         counts = dict(completed=self.completed, failed=failed, warning=self.warning,
-                      failed_uids=list(self.failed_uids))
+                      failed_uids=list(self.failed_uids), sent_uids=list(self.sent_uids),
+                      withheld=dict(self.withheld))
         if self.was_cancelled:
             return Final(status.CANCEL, remaining=len(self.items) - done, **counts)  # type: ignore[arg-type]
         if not failed and not self.warning:
@@ -377,6 +425,7 @@ class MoveDestination:
                  service: str = "C-MOVE") -> None:
         self.service = service  # what the log calls the sending
         self.peer = peer
+        self.profile = peer.deidentify  # "" or the profiles entry it gets copies by
         self.calling = calling
         self.max_pdu_size = peer.max_pdu_size or max_pdu_size
         self.acse_timeout = acse_timeout
@@ -419,7 +468,8 @@ def run_send(archive: Archive, items: list[StoredInstance], destination: MoveDes
 
     try:
         final = Retrieval("send", archive, items, opened.link, opened.accepted, 0,
-                          pending=pending, cancelled=cancelled).run()
+                          pending=pending, cancelled=cancelled,
+                          profile=destination.profile).run()
     finally:
         opened.release()
     if progress is not None:
@@ -487,9 +537,11 @@ class Requestor:
         return engine_retrieve.requestor_present(self.event.assoc)
 
 
-def run_get(event: Any, archive: Archive, items: list[StoredInstance]) -> Final:
+def run_get(event: Any, archive: Archive, items: list[StoredInstance],
+            profile: str = "") -> Final:
     """The sub-operations of a C-GET, over its own association (PS3.4 C.4.3.3), and the
-    final response to give."""
+    final response to give; de-identified by ``profile`` when the requestor is a peer
+    with ``deidentify``."""
     if not items:
         return Final(status.SUCCESS)
     req = event.request
@@ -502,7 +554,8 @@ def run_get(event: Any, archive: Archive, items: list[StoredInstance]) -> Final:
         requestor = Requestor(event, link, dimse.C_GET_RSP)
         final = Retrieval("C-GET", archive, items, link, get_contexts(event.assoc),
                           int(req.MessageID or 0), int(req.Priority or 0),
-                          pending=requestor.pending, cancelled=requestor.cancelled).run()
+                          pending=requestor.pending, cancelled=requestor.cancelled,
+                          profile=profile).run()
     if link.must_abort:  # a data set left half sent, no response in time: PS3.8 7.3
         logger.error("C-GET from %s: association aborted: %s",
                      event.assoc.requestor.ae_title, link.gone)
@@ -531,6 +584,6 @@ def run_move(event: Any, archive: Archive, items: list[StoredInstance],
                 int(req.Priority or 0),
                 originator=(event.assoc.requestor.ae_title, message_id),
                 pending=requestor.pending, cancelled=requestor.cancelled,
-                requestor_up=requestor.present).run()
+                requestor_up=requestor.present, profile=destination.profile).run()
     finally:
         opened.release()

@@ -313,7 +313,11 @@ class Router:
         outbox.sent(done, owner)
         outbox.let_go([by_uid[i.sop_instance_uid] for i in items[len(tried):]], owner)
         reason = final.comment or "the peer did not take it (see the log)"
-        self._put_off([by_uid[uid] for uid in failed], owner, reason)
+        self._put_off([by_uid[uid] for uid in failed - set(final.withheld)], owner, reason)
+        for uid, why in final.withheld.items():  # it would be withheld again: failed now
+            with contextlib.suppress(Exception):  # else its lease ends by itself
+                outbox.put_off([by_uid[uid]], owner, f"withheld from a de-identified"
+                               f" sending: {why}", lambda _: 0.0, 1)
         metrics.ROUTED.labels(peer.ae_title, "sent").inc(len(done))
         metrics.ROUTED.labels(peer.ae_title, "failed").inc(len(failed))
         routes = sorted({e.route for e in batch.entries})
@@ -325,7 +329,8 @@ class Router:
                               status=f"{final.status:04X}", completed=final.completed,
                               warning=final.warning, failed=len(failed),
                               studies=sorted({by_uid[uid].study_instance_uid for uid in some}),
-                              instances=some)
+                              instances=some, profile=peer.deidentify or None,
+                              withheld=sorted(set(some) & set(final.withheld)) or None)
         logger.info("routing to %s (%s): %d sent, %d failed%s", peer.ae_title,
                     ", ".join(routes), len(done), len(failed),
                     f" ({final.comment})" if final.comment else "")

@@ -240,6 +240,7 @@ class _Request:
                                 "sop_class_uid": str(self.event.context.abstract_syntax)}
         if self.service is MOVE:
             what["destination"] = str(request.MoveDestination).strip()
+        what.update(getattr(self.event, NOTED, {}))  # a de-identified retrieve's profile
         return what
 
 

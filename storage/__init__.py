@@ -44,6 +44,7 @@ from .errors import (
     TooManyMatches,
     TransferSyntaxNotSupported,
     WarningCode,
+    Withheld,
     failure_code,
 )
 from .exporting import Exported
@@ -133,6 +134,7 @@ __all__ = [
     "TransferSyntaxNotSupported",
     "WarningCode",
     "WebInstance",
+    "Withheld",
     "WriteResult",
     "bulk_path",
     "endpoint_problem",

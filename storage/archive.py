@@ -34,7 +34,7 @@ from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 from . import exporting, index, instances, maintenance, outbox, query, removal, retention
 from .commit import GroupCommit
 from .convert import as_stored, explicit_to_implicit, to_accepted
-from .deidentify import Deidentifier, Deidentifiers, DeidentifyOptions
+from .deidentify import Deidentifier, Deidentifiers, DeidentifyOptions, burned_in
 from .errors import (
     CannotConvert,
     DuplicateRejected,
@@ -49,6 +49,7 @@ from .errors import (
     TooManyMatches,
     TransferSyntaxNotSupported,
     WarningCode,
+    Withheld,
 )
 from .files import TEMP_DIR, FileStore, FilesystemStore
 from .index import DuplicatePolicy, StoredInstance, WriteOutcome, WriteResult
@@ -1036,14 +1037,35 @@ class Archive:
         """
         return self.deidentifiers.get(profile)
 
+    def read_deidentified(self, item: StoredInstance, profile: str,
+                          accepted: Collection[str] | None = None) -> Dataset:
+        """``item`` as :meth:`read_instance` reads it, de-identified by ``profile``
+        (:class:`storage.deidentify.Deidentifier`; the stored file does not change).
+
+        Raises
+        ------
+        Withheld
+            Its pixels may show the patient (:func:`storage.deidentify.burned_in`) and
+            ``deidentify.send_burned_in`` is off.
+        StorageError
+            As :meth:`read_instance` and :meth:`deidentifier` raise.
+        """
+        deidentifier = self.deidentifier(profile)
+        ds = self.read_instance(item, accepted)
+        if not self.deidentifiers.send_burned_in:
+            why = burned_in(ds)
+            if why is not None:
+                raise Withheld(why)
+        return deidentifier.apply(ds).dataset
+
     def export(self, items: Sequence[StoredInstance], directory: Path, profile: str = "",
                progress: Callable[[int, int], None] | None = None) -> exporting.Exported:
         """Write ``items`` (:meth:`selected`) into the new or empty folder ``directory`` as a
         DICOM File-set with a DICOMDIR, de-identified by ``profile`` ("" = as stored);
         :func:`storage.exporting.export`. Raises :class:`StorageError` as it does."""
-        deidentifier = self.deidentifier(profile) if profile else None
-        return exporting.export(self, items, directory, deidentifier,
-                                self.deidentifiers.send_burned_in, progress)
+        if profile:
+            self.deidentifier(profile)  # an unknown profile, an unreadable table: say so now
+        return exporting.export(self, items, directory, profile, progress)
 
     def plan_delete(self, selection: Selection) -> removal.Deletion:
         """What :meth:`delete` would delete, per study; nothing changes (raises as

@@ -128,6 +128,12 @@ class InstanceUnavailable(StorageError):
     """A stored instance's file is missing or unreadable; its retrieve sub-operation fails."""
 
 
+class Withheld(StorageError):
+    """A stored instance that does not go out de-identified: its pixels may show the
+    patient (:func:`storage.deidentify.burned_in`); the message says why. Its retrieve
+    sub-operation fails, an export lists it."""
+
+
 class NotFound(InstanceUnavailable):
     """What a WADO-RS request names is not stored: no such study, series, instance, frame
     or bulk value (PS3.18 10.4.3: 404, the Target Resource does not exist)."""

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 
-from .deidentify import Deidentifier, burned_in
-from .errors import InstanceUnavailable, StorageError
+from .errors import InstanceUnavailable, StorageError, Withheld
 from .index import StoredInstance
 
 if TYPE_CHECKING:
@@ -42,8 +41,7 @@ class Exported:
 
 
 def export(archive: Archive, items: Iterable[StoredInstance], directory: Path,
-           deidentifier: Deidentifier | None, send_burned_in: bool = False,
-           progress: Callable[[int, int], None] | None = None) -> Exported:
+           profile: str = "", progress: Callable[[int, int], None] | None = None) -> Exported:
     """Write ``items`` into ``directory`` (new, or empty) as a File-set.
 
     Raises
@@ -54,21 +52,19 @@ def export(archive: Archive, items: Iterable[StoredInstance], directory: Path,
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise StorageError(f"export: {directory} is not an empty folder")
     items = list(items)
-    done = Exported(directory, deidentifier.profile.name if deidentifier else "")
+    done = Exported(directory, profile)
     file_set = FileSet()
     for n, item in enumerate(items, 1):
         uid = item.sop_instance_uid
         try:
-            ds = archive.read_instance(item)
+            ds = (archive.read_deidentified(item, profile) if profile
+                  else archive.read_instance(item))
+        except Withheld as exc:
+            done.withheld.append((uid, str(exc)))
+            continue
         except InstanceUnavailable as exc:
             done.failed.append((uid, str(exc)))
             continue
-        if deidentifier is not None:
-            why = None if send_burned_in else burned_in(ds)
-            if why is not None:
-                done.withheld.append((uid, why))
-                continue
-            ds = deidentifier.apply(ds).dataset
         _fill_for_directory(ds)
         try:
             file_set.add(ds)

@@ -82,11 +82,12 @@ class Peer:
 
 @dataclass(frozen=True)
 class Done:
-    """What an operation gave: ``ok`` or not, in words; ``counts`` for a send."""
+    """What an operation gave: ``ok`` or not, in words; ``counts`` for a send (with, for a
+    peer that gets de-identified copies, the profile and the instances sent)."""
 
     ok: bool
     message: str
-    counts: dict[str, int] | None = None
+    counts: dict[str, Any] | None = None
 
 
 class Operations(Protocol):
