@@ -234,8 +234,8 @@ def serve(config: Config) -> int:
         if config.web.enabled:
             web = web_server(config, server.archive, server.audit)
             web.start()
-    except (ListenError, WebListenError) as exc:  # the listeners are closed again
-        logging.getLogger("minipacs").error("%s", exc)
+    except (ListenError, WebListenError, StorageError) as exc:  # the listeners are closed
+        logging.getLogger("minipacs").error("%s", exc)  # again (a bad PS3.15 table: none)
         server.stop(grace=0)
         return 1
     while not stop.wait(0.5):

@@ -132,6 +132,13 @@ def data_set_for(archive: Archive, item: StoredInstance, contexts: list[tuple[in
     """
     accepted = [syntax for _, syntax in contexts]
     if profile:
+        for context_id, syntax in contexts:
+            if syntax == item.transfer_syntax_uid:  # rewritten on the stored bytes
+                try:
+                    data, uid = archive.deidentified_data_set(item, profile)
+                except NotAsWritten:
+                    break
+                return context_id, [data], uid
         ds = archive.read_deidentified(item, profile, accepted)
         uid = str(ds.SOPInstanceUID)
         return (*_encoded(ds, contexts, uid), uid)

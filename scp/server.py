@@ -133,6 +133,7 @@ class Server:
             ``MINIPACS_ALLOW_UNTESTED=1`` is not set); nothing is started.
         """
         cfg, tls = self.config.ae, self.config.tls
+        self.archive.deidentifiers.prepare()  # the table read now: a bad one stops the start
         engine.install()  # the wake-ups, spooling, C-FIND responses, context copies, leases
         install_decoder_log_filter()  # pydicom's decoder tracebacks at DEBUG
         if not tls.only:

@@ -29,7 +29,7 @@ import peewee as pw
 from playhouse.pool import PooledDatabase
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
+from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from . import exporting, index, instances, maintenance, outbox, query, removal, retention
 from .commit import GroupCommit
@@ -1057,6 +1057,30 @@ class Archive:
             if why is not None:
                 raise Withheld(why)
         return deidentifier.apply(ds).dataset
+
+    def deidentified_data_set(self, item: StoredInstance, profile: str) -> tuple[bytes, str]:
+        """``item``'s data set in its stored transfer syntax, de-identified by ``profile``
+        on the encoded bytes (:func:`storage.deidentify.stream.rewrite`: what is kept is
+        copied as stored), and the SOP Instance UID it now has.
+
+        Raises
+        ------
+        NotAsWritten
+            A file that must go through :meth:`read_deidentified` instead (not as the store
+            writes files, or Deflated, or big endian).
+        Withheld, CannotConvert, InstanceUnavailable
+            Its pixels may show the patient; its data set cannot be parsed; its file
+            cannot be read.
+        """
+        syntax = UID(item.transfer_syntax_uid)
+        if syntax.is_deflated or not syntax.is_little_endian:
+            raise instances.NotAsWritten(f"{item.sop_instance_uid}: {syntax.name} is"
+                                         " de-identified decoded")
+        deidentifier = self.deidentifier(profile)
+        data = b"".join(self.stored_data_set(item))
+        done = deidentifier.apply_encoded(data, syntax == ImplicitVRLittleEndian,
+                                          not self.deidentifiers.send_burned_in)
+        return done.data, done.uids.get(item.sop_instance_uid, item.sop_instance_uid)
 
     def export(self, items: Sequence[StoredInstance], directory: Path, profile: str = "",
                progress: Callable[[int, int], None] | None = None) -> exporting.Exported:

@@ -26,28 +26,23 @@ and Longitudinal Temporal Information Modified.
 from __future__ import annotations
 
 import copy
-import datetime
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from io import BytesIO
 
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from ..errors import CannotConvert
 from .pseudonyms import Pseudonyms
+from .stream import BURNED_IN, MODALITY, SOP_CLASS, TEXT_VRS, Rewritten, rewrite
 from .table import Option, Rule, Table
-
-PATIENT_ID = 0x00100020
-PATIENT_NAME = 0x00100010
-
-_TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
-_NUMBER_VRS = {"IS": "0", "DS": "0"}
-_BINARY_NUMBER_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "AT"})
-_DUMMY = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000D"}
-_MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64, "UI": 64}
 
 _OPTION_CODES = {
     Option.RETAIN_SAFE_PRIVATE: codes.cid7050.RetainSafePrivateOption,
@@ -111,26 +106,68 @@ class Outcome:
 
 class Deidentifier:
     """Applies ``profile`` with the rows of ``table`` and replacements keyed by
-    ``secret``. Stateless between data sets: every replacement is a function of the
-    value and the secret, so two processes (two nodes) de-identify alike."""
+    ``secret`` (:mod:`.stream` does the work, on the encoded data set). Stateless between
+    data sets: every replacement is a function of the value and the secret, so two
+    processes (two nodes) de-identify alike."""
 
     def __init__(self, table: Table, profile: Profile, secret: bytes) -> None:
         self.table = table
         self.profile = profile
         self.pseudonyms = Pseudonyms(secret)
         self._actions: dict[int, str] = {}
+        self._codes: dict[int, str | None] = {}
+        self.cleans_text = any(self.action_for(rule) == "C" and _text_vr(rule)
+                               for rule in table)
+        """Whether a text attribute is cleaned (its identifying values taken out): only
+        then are they gathered first."""
 
     def apply(self, original: Dataset) -> Outcome:
-        """A de-identified copy of ``original`` (which is left as it is)."""
-        ds = _plain_copy(original)
-        key = _patient_key(original)
-        run = _Run(self, key, _identifying_values(original, self))
-        run.dataset(ds)
-        self._mark(ds, run)
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None and "SOPInstanceUID" in ds:
-            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        return Outcome(ds, run.uids)
+        """A de-identified copy of ``original`` (which is left as it is), encoded, changed
+        by :meth:`apply_encoded` and decoded again; its File Meta (if any) follows.
+
+        Raises
+        ------
+        CannotConvert
+            Explicit VR Big Endian (retired), which is not de-identified.
+        """
+        meta = getattr(original, "file_meta", None)
+        syntax = UID(str(getattr(meta, "TransferSyntaxUID", "") or ExplicitVRLittleEndian))
+        read_implicit, read_little = original.original_encoding  # as read, if read
+        little = syntax.is_little_endian if read_little is None else read_little
+        if not little:
+            raise CannotConvert(f"cannot de-identify a big endian data set ({syntax.name}):"
+                                " the retired Explicit VR Big Endian is not supported")
+        implicit = (syntax == ImplicitVRLittleEndian) if read_implicit is None else read_implicit
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, implicit
+        write_dataset(buffer, original)
+        done = self.apply_encoded(buffer.getvalue(), implicit)
+        ds = read_dataset(BytesIO(done.data), implicit, True)
+        if meta is not None:
+            ds.file_meta = copy.deepcopy(meta)
+            if syntax.is_deflated:  # inflated by pydicom, written here without deflating
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            if "SOPInstanceUID" in ds:
+                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        return Outcome(ds, done.uids)
+
+    def apply_encoded(self, data: bytes | memoryview, implicit: bool,
+                      withhold_burned_in: bool = False) -> Rewritten:
+        """A data set as encoded (little endian, without File Meta) de-identified, encoded
+        alike (:func:`.stream.rewrite`); with ``withhold_burned_in``,
+        :class:`~storage.errors.Withheld` when :func:`burned_in_reason` gives a reason."""
+        check = _burned_in_of_values if withhold_burned_in else None
+        return rewrite(self, data, implicit, check)
+
+    def code_of(self, tag: int) -> str | None:
+        """The action for the attribute ``tag`` (its row's, :meth:`action_for`), None for
+        one the table does not list; remembered per tag."""
+        try:
+            return self._codes[tag]
+        except KeyError:
+            rule = self.table.rule(tag)
+            code = self._codes[tag] = None if rule is None else self.action_for(rule)
+            return code
 
     def action_for(self, rule: Rule) -> str:
         found = self._actions.get(id(rule))
@@ -138,240 +175,30 @@ class Deidentifier:
             found = self._actions[id(rule)] = action(rule, self.profile.options)
         return found
 
-    def _mark(self, ds: Dataset, run: _Run) -> None:
-        """PS3.15 E.1.1, 6: the attributes that say the data set was de-identified, how."""
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = (
-            f"PS3.15 {self.table.edition} E.1-1 {self.profile.name}")[:64]
-        items = []
-        for code in [codes.cid7050.BasicApplicationConfidentialityProfile,
-                     *(_OPTION_CODES[o] for o in Option if o in self.profile.options)]:
-            item = Dataset()
-            item.CodeValue = code.value
-            item.CodingSchemeDesignator = code.scheme_designator
-            item.CodeMeaning = code.meaning
-            items.append(item)
-        ds.DeidentificationMethodCodeSequence = Sequence(items)
-        options = self.profile.options
-        ds.LongitudinalTemporalInformationModified = (
-            "MODIFIED" if Option.RETAIN_LONG_MODIFIED_DATES in options
-            else "UNMODIFIED" if Option.RETAIN_LONG_FULL_DATES in options else "REMOVED")
+    def method(self) -> str:
+        """De-identification Method (0012,0063): the table's edition and the profile."""
+        return f"PS3.15 {self.table.edition} E.1-1 {self.profile.name}"[:64]
+
+    def codes(self) -> list[Code]:
+        """De-identification Method Code Sequence (0012,0064): CID 7050, the Basic
+        Profile's code and each option's."""
+        return [codes.cid7050.BasicApplicationConfidentialityProfile,
+                *(_OPTION_CODES[o] for o in Option if o in self.profile.options)]
 
 
-def _plain_copy(original: Dataset) -> Dataset:
-    """A deep copy of ``original`` as a plain :class:`~pydicom.dataset.Dataset`: a data set
-    read from the store (:class:`storage.convert.AsStored`) hands out converted copies of
-    its elements, so values set on them would not stay."""
-    ds = Dataset()
-    for element in original:
-        ds.add(copy.deepcopy(element))
-    meta = getattr(original, "file_meta", None)
-    if meta is not None:
-        ds.file_meta = copy.deepcopy(meta)
-    return ds
+def _text_vr(rule: Rule) -> bool:
+    """The row covers an attribute of a text VR (or one the dictionary does not know)."""
+    if rule.mask != 0xFFFFFFFF:
+        return True
+    try:
+        return dictionary_VR(rule.value) in TEXT_VRS or dictionary_VR(rule.value) == "SQ"
+    except KeyError:
+        return True
 
 
-def _patient_key(ds: Dataset) -> str:
-    """Who the patient is, as the index says (IssuerOfPatientID and PatientID, or the one
-    study of a patient without an ID)."""
-    patient_id = str(ds.get("PatientID", "") or "")
-    if patient_id:
-        return f"{ds.get('IssuerOfPatientID', '') or ''}\\{patient_id}"
-    return f"study:{ds.get('StudyInstanceUID', '')}"
-
-
-def _identifying_values(ds: Dataset, deidentifier: Deidentifier) -> list[str]:
-    """The text values the profile takes out of ``ds`` (names, IDs, addresses ...): a
-    cleaned text must not repeat them. The components of a name count on their own (a
-    description says "John Doe", not "Doe^John"); values of fewer than 3 characters are too
-    common to remove from text; private creators name a vendor, not a patient."""
-    found: set[str] = set()
-
-    def visit(dataset: Dataset) -> None:
-        for element in dataset:
-            if element.VR == "SQ":
-                for item in element.value or ():
-                    visit(item)
-                continue
-            rule = deidentifier.table.rule(element.tag)
-            if rule is None or element.VR not in _TEXT_VRS or element.tag.is_private_creator:
-                continue
-            if deidentifier.action_for(rule) in ("K", "C"):
-                continue
-            for value in _values(element):
-                text = str(value)
-                found.add(text)
-                if element.VR == "PN":
-                    found.update(re.split(r"[\^=]+", text))
-    visit(ds)
-    return sorted((v for v in found if len(v.strip()) >= 3), key=len, reverse=True)
-
-
-def _values(element: DataElement) -> list[object]:
-    value = element.value
-    if value is None or value == "":
-        return []
-    return list(value) if isinstance(value, MultiValue | list) else [value]
-
-
-class _Run:
-    """One data set's pass: the patient's key, its shift, the UIDs replaced."""
-
-    def __init__(self, deidentifier: Deidentifier, key: str, identifying: list[str]) -> None:
-        self.d = deidentifier
-        self.key = key
-        self.shift = datetime.timedelta(days=deidentifier.pseudonyms.date_shift_days(key))
-        self.identifying = [re.escape(v) for v in identifying]
-        self.scrub = (re.compile("|".join(self.identifying), re.IGNORECASE)
-                      if self.identifying else None)
-        self.uids: dict[str, str] = {}
-
-    def dataset(self, ds: Dataset) -> None:
-        creators = _private_creators(ds)
-        for element in list(ds):
-            self.element(ds, element, creators)
-
-    def element(self, ds: Dataset, element: DataElement, creators: dict[int, str]) -> None:
-        tag = int(element.tag)
-        rule = self.d.table.rule(tag)
-        if tag >> 16 & 1:
-            if not self._safe_private(tag, creators):
-                del ds[tag]
-            return
-        if rule is None:
-            if element.VR == "SQ":
-                self.items(element)
-            return
-        code = self.d.action_for(rule)
-        if code == "X":
-            del ds[tag]
-        elif code == "K" or code == "X/Z/U*":
-            if element.VR == "SQ":
-                self.items(element)
-        elif code in ("Z", "X/Z"):
-            self.empty(element)
-        elif code in ("D", "Z/D", "X/D", "X/Z/D"):
-            self.dummy(element)
-        elif code == "U":
-            self.replace_uids(element)
-        elif code == "C":
-            self.clean(element)
-        else:  # read_table refuses any other code
-            raise AssertionError(f"unknown action {code!r}")
-
-    def items(self, element: DataElement) -> None:
-        for item in element.value or ():
-            self.dataset(item)
-
-    def empty(self, element: DataElement) -> None:
-        if element.tag in (PATIENT_ID, PATIENT_NAME):
-            patient_id, name = self.d.pseudonyms.patient(self.key)
-            element.value = patient_id if element.tag == PATIENT_ID else name
-        elif element.VR == "SQ":
-            element.value = Sequence([])
-        else:
-            element.value = None if element.VR in _BINARY_NUMBER_VRS else (
-                b"" if isinstance(element.value, bytes) else "")
-
-    def dummy(self, element: DataElement) -> None:
-        """Table E.1-1a ``D``: a value of the VR, the same for the same original (a
-        pseudonym rather than a constant, so that distinct values stay distinct)."""
-        vr = element.VR
-        if element.tag in (PATIENT_ID, PATIENT_NAME):
-            self.empty(element)
-        elif vr == "SQ":
-            element.value = Sequence([Dataset()])
-        elif vr == "UI":
-            self.replace_uids(element)
-        elif vr in _DUMMY:
-            element.value = _DUMMY[vr]
-        elif vr in _NUMBER_VRS:
-            element.value = _NUMBER_VRS[vr]
-        elif vr in _BINARY_NUMBER_VRS:
-            element.value = 0
-        elif isinstance(element.value, bytes) or vr in ("OB", "OW", "OD", "OF", "OL", "OV",
-                                                         "UN"):
-            element.value = b"\x00\x00"
-        else:
-            original = "\\".join(str(v) for v in _values(element))
-            text = self.d.pseudonyms.text(f"dummy:{int(element.tag):08X}", original,
-                                          16)
-            element.value = f"ANON^{text}"[:_MAX_LENGTH["PN"]] if vr == "PN" else text
-
-    def replace_uids(self, element: DataElement) -> None:
-        def one(uid: object) -> str:
-            text = str(uid)
-            if not text:
-                return text
-            new = self.uids.get(text)
-            if new is None:
-                new = self.uids[text] = self.d.pseudonyms.uid(text)
-            return new
-        values = _values(element)
-        if element.VR != "UI":
-            self.dummy(element)
-        elif len(values) > 1:
-            element.value = [one(v) for v in values]
-        elif values:
-            element.value = one(values[0])
-
-    def clean(self, element: DataElement) -> None:
-        """Table E.1-1a ``C``: dates moved by the patient's shift (PS3.15 E.3.6, Modified
-        Dates; times stay), sequences de-identified item by item, text kept without the
-        data set's identifying values, anything else replaced like ``D``."""
-        vr = element.VR
-        if vr == "SQ":
-            self.items(element)
-        elif vr in ("DA", "DT"):
-            if Option.RETAIN_LONG_MODIFIED_DATES in self.d.profile.options:
-                shifted = [_shift(str(v), vr, self.shift) for v in _values(element)]
-                element.value = shifted if len(shifted) > 1 else (shifted[0] if shifted else "")
-            elif Option.RETAIN_LONG_FULL_DATES not in self.d.profile.options:
-                self.dummy(element)
-        elif vr == "TM":
-            if not ({Option.RETAIN_LONG_MODIFIED_DATES, Option.RETAIN_LONG_FULL_DATES}
-                    & self.d.profile.options):
-                self.dummy(element)
-        elif vr in _TEXT_VRS - {"PN"}:
-            if self.scrub is not None:
-                values = [self.scrub.sub("***", str(v)) for v in _values(element)]
-                element.value = values if len(values) > 1 else (values[0] if values else "")
-        elif vr == "UI":
-            self.replace_uids(element)
-        else:
-            self.dummy(element)
-
-    def _safe_private(self, tag: int, creators: dict[int, str]) -> bool:
-        """PS3.15 E.3.10 Retain Safe Private: a private attribute whose (creator, element
-        byte) the profile lists, and the creator elements of such blocks."""
-        profile = self.d.profile
-        if Option.RETAIN_SAFE_PRIVATE not in profile.options or not profile.safe_private:
-            return False
-        group, elem = tag >> 16, tag & 0xFFFF
-        if 0x0010 <= elem <= 0x00FF:  # a private creator: kept if a safe one
-            creator = creators.get(tag, "")
-            return any(c == creator for c, _ in profile.safe_private)
-        creator = creators.get(group << 16 | elem >> 8, "")
-        return (creator, elem & 0xFF) in profile.safe_private
-
-
-def _private_creators(ds: Dataset) -> dict[int, str]:
-    return {int(e.tag): str(e.value).strip() for e in ds
-            if e.tag.is_private and 0x0010 <= e.tag.element <= 0x00FF}
-
-
-def _shift(value: str, vr: str, shift: datetime.timedelta) -> str:
-    """A DA (YYYYMMDD) or the date part of a DT moved back by ``shift``; a value that is
-    not a full date (a DT of a year only) is replaced by the shifted year's start."""
-    digits = value.strip()
-    if len(digits) >= 8 and digits[:8].isdigit():
-        try:
-            moved = (datetime.date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
-                     - shift).strftime("%Y%m%d")
-        except ValueError:
-            return _DUMMY[vr]
-        return moved + (digits[8:] if vr == "DT" else "")
-    return _DUMMY[vr] if digits else digits
+def _burned_in_of_values(top: dict[int, str]) -> str | None:
+    return burned_in_reason(top.get(BURNED_IN, ""), top.get(SOP_CLASS, ""),
+                            top.get(MODALITY, ""))
 
 
 BURNED_IN_CLASSES = {
@@ -394,19 +221,27 @@ BURNED_IN_MODALITIES = frozenset({"US", "OT", "XC", "ES", "GM", "DOC"})
 
 
 def burned_in(ds: Dataset) -> str | None:
-    """Why ``ds`` may show the patient in its pixels (PS3.15 E.1.1 leaves pixel data to the
-    Clean Pixel Data option, which minipacs does not offer), or None: Burned In Annotation
-    YES; or, when it is absent, a SOP Class or Modality known for it. NO is believed."""
-    said = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    """Why ``ds`` may show the patient in its pixels (:func:`burned_in_reason`), or None."""
+    return burned_in_reason(str(ds.get("BurnedInAnnotation", "") or ""),
+                            str(ds.get("SOPClassUID", "") or ""),
+                            str(ds.get("Modality", "") or ""))
+
+
+def burned_in_reason(burned_in_annotation: str, sop_class_uid: str,
+                     modality: str) -> str | None:
+    """Why an instance may show the patient in its pixels (PS3.15 E.1.1 leaves pixel data
+    to the Clean Pixel Data option, which minipacs does not offer), or None: Burned In
+    Annotation (0028,0301) YES; or, when it is absent, a SOP Class or Modality known for
+    it. NO is believed."""
+    said = burned_in_annotation.strip().upper()
     if said == "YES":
         return "Burned In Annotation (0028,0301) is YES"
     if said == "NO":
         return None
-    sop_class = str(ds.get("SOPClassUID", ""))
+    sop_class = sop_class_uid.strip("\x00 ")
     if sop_class in BURNED_IN_CLASSES:
         return (f"{BURNED_IN_CLASSES[sop_class]} without Burned In Annotation (0028,0301) "
                 "NO")
-    modality = str(ds.get("Modality", "") or "").upper()
-    if modality in BURNED_IN_MODALITIES:
-        return f"Modality {modality} without Burned In Annotation (0028,0301) NO"
+    if modality.strip().upper() in BURNED_IN_MODALITIES:
+        return f"Modality {modality.strip().upper()} without Burned In Annotation (0028,0301) NO"
     return None

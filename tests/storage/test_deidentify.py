@@ -12,6 +12,7 @@ import copy
 import subprocess
 import sys
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -381,3 +382,73 @@ def test_a_data_set_read_from_the_store_is_de_identified(table: Table, tmp_path:
     out = deidentify(table, as_stored(dcmread(path)))
     assert str(out.PatientName).startswith("ANONYMOUS^")
     assert out.SOPInstanceUID.startswith("2.25.")
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_the_encoded_data_set_is_rewritten_alike_in_either_vr_encoding(
+        table: Table, implicit: bool) -> None:
+    """C-MOVE's path (:meth:`Deidentifier.apply_encoded`): the stored bytes rewritten,
+    Explicit or Implicit VR Little Endian, give what :meth:`Deidentifier.apply` gives; the
+    pixel data is copied as encoded."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+    from pydicom.filewriter import write_dataset
+
+    ds = patient_ds()
+    ds.BitsAllocated = 16
+    ds.PixelData = b"\x01\x02" * 32
+    ds.add_new(0x00091001, "UN", b"private bytes")  # odd group: removed in either encoding
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, implicit
+    write_dataset(buffer, ds)
+    chosen = Profile("test", frozenset({Option.RETAIN_LONG_MODIFIED_DATES,
+                                        Option.CLEAN_DESCRIPTORS}))
+    deidentifier = Deidentifier(table, chosen, SECRET)
+    done = deidentifier.apply_encoded(buffer.getvalue(), implicit)
+    got = read_dataset(BytesIO(done.data), implicit, True)
+    expected = deidentifier.apply(ds).dataset
+    for keyword in ("PatientID", "PatientName", "SOPInstanceUID", "StudyInstanceUID",
+                    "StudyDate", "ContentDate", "PatientIdentityRemoved",
+                    "DeidentificationMethod", "LongitudinalTemporalInformationModified"):
+        assert str(got[keyword].value) == str(expected[keyword].value), keyword
+    # private values have no VR in Implicit VR: "John Doe" there is not one whole value
+    assert got.StudyDescription.startswith("CT head for ***")
+    assert not {"John", "Doe", "PID"} & set(got.StudyDescription.replace("*", " ").split())
+    assert got.ReferencedImageSequence[0].ReferencedSOPInstanceUID == \
+        expected.ReferencedImageSequence[0].ReferencedSOPInstanceUID
+    assert [i.CodeValue for i in got.DeidentificationMethodCodeSequence] == [
+        "113100", "113107", "113105"]
+    assert got.PixelData == ds.PixelData
+    assert not [e.tag for e in got if e.tag.is_private]
+    assert done.uids[str(ds.SOPInstanceUID)] == got.SOPInstanceUID
+
+
+def test_burned_in_pixels_are_withheld_before_anything_is_rewritten(table: Table) -> None:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from storage import Withheld
+
+    ds = patient_ds()
+    ds.BurnedInAnnotation = "YES"
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    deidentifier = Deidentifier(table, Profile("test"), SECRET)
+    with pytest.raises(Withheld, match="Burned In Annotation \\(0028,0301\\) is YES"):
+        deidentifier.apply_encoded(buffer.getvalue(), False, withhold_burned_in=True)
+    assert deidentifier.apply_encoded(buffer.getvalue(), False).data  # when allowed
+
+
+def test_a_data_set_cut_short_cannot_be_de_identified(table: Table) -> None:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from storage import CannotConvert
+
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, patient_ds())
+    with pytest.raises(CannotConvert, match="cannot de-identify"):
+        Deidentifier(table, Profile("test"), SECRET).apply_encoded(
+            buffer.getvalue()[:-7], False)
