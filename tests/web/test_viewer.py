@@ -19,8 +19,9 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from storage import Model
 from tests.conftest import associate, find
-from tests.factory import save, uid
+from tests.factory import encode, save, uid
 from tests.web.conftest import WebRunning, require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -263,6 +264,71 @@ def test_ohif_upload_stores_files_by_stow_rs(
                           NumberOfStudyRelatedInstances="")
     assert final == 0 and len(matches) == 1
     assert int(matches[0].NumberOfStudyRelatedInstances) == len(files)
+
+
+SAMPLE_TABLE = ROOT / "tests" / "storage" / "data" / "part15-sample.xml"
+
+
+def test_a_de_identified_study_opens_in_ohif_with_its_series(
+        start_web: Callable[..., WebRunning], viewer_dist: Path, chromium_page: Page) -> None:
+    """Issue 18: a study of two series, de-identified (PS3.15 Annex E, the sample table) and
+    stored back as a new study, is listed under the patient's pseudonym with all its
+    instances and series, and its first image paints: replaced UIDs, references and all,
+    still make one study."""
+    page = chromium_page
+    running = start_web(**{
+        "web.viewer_dir": str(viewer_dist), "deidentify.table": str(SAMPLE_TABLE),
+        "deidentify.secret": "the viewer test's secret........",
+        "profiles": [{"name": "research", "options": ["retain_long_modified_dates"]}]})
+    ct, mr = study("CT_small.dcm", "Doe^Jane", 3), study("MR_small.dcm", "Doe^Jane", 2)
+    for ds in mr:  # one study, two series
+        ds.StudyInstanceUID = ct[0].StudyInstanceUID
+    archive = running.archive
+    for ds in ct + mr:
+        ds.BurnedInAnnotation = "NO"
+        archive.store(encode(ds), str(ds.file_meta.TransferSyntaxUID))
+    copies = set()
+    for item in archive.retrieve(archive.parse_query(
+            _study_query(str(ct[0].StudyInstanceUID)), Model.STUDY_ROOT)):
+        data, new_uid = archive.deidentified_data_set(item, "research")
+        archive.store(data, item.transfer_syntax_uid)
+        copies.add(new_uid)
+    assert len(copies) == 5
+    [copy] = [r for r in archive.find(archive.parse_query(_study_query(""), Model.STUDY_ROOT))
+              if str(r.StudyInstanceUID) != ct[0].StudyInstanceUID]
+    assert str(copy.PatientName).startswith("ANONYMOUS^")
+    assert (int(copy.NumberOfStudyRelatedSeries), int(copy.NumberOfStudyRelatedInstances)) == (
+        2, 5)
+
+    failed = failed_requests(page)
+    with explained(failed):
+        open_study_list(page, running)
+        row = page.locator("tbody tr", has_text="ANONYMOUS")
+        row.wait_for()
+        assert "Doe" not in row.inner_text()
+        row.click()
+        page.get_by_role("button", name="Basic Viewer").click()
+        page.wait_for_url("**/viewer/viewer?*")
+        assert str(copy.StudyInstanceUID) in page.url
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('canvas.cornerstone-canvas')].some(c => {
+                 if (!c.width || !c.height) return false;
+                 const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                 const levels = new Set();
+                 for (let i = 0; i < data.length; i += 4 * 7) levels.add(data[i]);
+                 return levels.size > 32;
+               })""", polling=250)
+    assert_no_dicomweb_failure(failed, running)
+
+
+def _study_query(study_uid: str) -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = study_uid
+    for keyword in ("PatientName", "NumberOfStudyRelatedSeries",
+                    "NumberOfStudyRelatedInstances"):
+        setattr(q, keyword, "")
+    return q
 
 
 def failed_requests(page: Page) -> list[str]:
