@@ -140,7 +140,14 @@ class Deidentifier:
         implicit = (syntax == ImplicitVRLittleEndian) if read_implicit is None else read_implicit
         buffer = DicomBytesIO()
         buffer.is_little_endian, buffer.is_implicit_VR = True, implicit
-        write_dataset(buffer, original)
+        try:
+            write_dataset(buffer, original)
+        except (TypeError, ValueError):  # an element pydicom cannot write as read (a VR it
+            for _ in original.iterall():  # did not take from the file): converted first
+                pass
+            buffer = DicomBytesIO()
+            buffer.is_little_endian, buffer.is_implicit_VR = True, implicit
+            write_dataset(buffer, original)
         done = self.apply_encoded(buffer.getvalue(), implicit)
         ds = read_dataset(BytesIO(done.data), implicit, True)
         if meta is not None:

@@ -124,8 +124,13 @@ class _Reader:
             yield head, at
 
     def is_sequence(self, head: Header) -> bool:
-        return head.vr == "SQ" or (head.vr == "UN" and head.length == UNDEFINED
-                                   and head.tag != 0x7FE00010)
+        """SQ, or UN holding one (PS3.5 6.2.2: of undefined length, or a sequence in the
+        dictionary; its items are in Implicit VR Little Endian, :meth:`inner`)."""
+        if head.vr == "SQ":
+            return True
+        if head.vr != "UN" or head.tag == 0x7FE00010:
+            return False
+        return head.length == UNDEFINED or _implicit_vr(head.tag, head.length) == "SQ"
 
     def end(self, head: Header) -> int:
         """Where the element ends (after its delimiter when of undefined length)."""
@@ -135,7 +140,7 @@ class _Reader:
                 raise CannotConvert(f"cannot de-identify: {head.tag:08X} runs past the end")
             return end
         at = head.value  # items (a sequence) or fragments (encapsulated pixel data)
-        inner = _Reader(self.buf, True) if head.vr == "UN" else self
+        inner = self.inner(head) if head.vr == "UN" else self
         while True:
             item = self.header(at)
             if item.tag == SEQUENCE_END:
@@ -173,7 +178,15 @@ class _Reader:
         return found
 
     def inner(self, head: Header) -> _Reader:
-        return _Reader(self.buf, True) if head.vr == "UN" else self
+        """The reader of a sequence's items: its own, or for UN Implicit VR (PS3.5 6.2.2)
+        unless the first item's first element has a VR (as some writers leave it, and
+        pydicom reads it)."""
+        if head.vr != "UN" or self.implicit:
+            return _Reader(self.buf, True) if head.vr == "UN" else self
+        first = head.value + 8 + 4  # the first item's header, its first element's tag
+        if first + 2 <= len(self.buf) and bytes(self.buf[first:first + 2]) in _VRS:
+            return self
+        return _Reader(self.buf, True)
 
 
 def _implicit_vr(tag: int, length: int) -> str:
@@ -253,6 +266,8 @@ class _Work:
             tag = head.tag
             if not cleans and tag > BURNED_IN:
                 break
+            if head.vr == "UN" and not reader.is_sequence(head):  # a known attribute as UN
+                head = head._replace(vr=_implicit_vr(tag, head.length))
             if level == 0 and tag in _TOP_VALUES and head.length != UNDEFINED:
                 self.top[tag] = bytes(reader.buf[head.value:head.value + head.length]).decode(
                     "latin-1").strip(" \x00")
@@ -324,6 +339,8 @@ class _Work:
             return
         code = self.d.code_of(tag)
         sequence = reader.is_sequence(head)
+        if head.vr == "UN" and not sequence:  # a known attribute sent as UN: its value is
+            head = head._replace(vr=_implicit_vr(tag, head.length))  # as in Implicit VR
         if code is None:
             if sequence:
                 self.sequence(out, head, reader, level)
