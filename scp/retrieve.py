@@ -40,6 +40,7 @@ from storage import (
     CannotConvert,
     InstanceUnavailable,
     NotAsWritten,
+    StorageError,
     StoredInstance,
     Withheld,
 )
@@ -318,12 +319,12 @@ class Retrieval:
         ahead = self._ahead if self._ahead_of is item else None
         prepared = ahead if ahead is not None else self._prepare(item)
         self._ahead_of = self._ahead = None
-        if isinstance(prepared, (InstanceUnavailable, CannotConvert)):
-            self._fail(uid, str(prepared))
-            return
         if isinstance(prepared, Withheld):
             self.withheld[uid] = str(prepared)
             self._fail(uid, f"withheld from a de-identified sending: {prepared}")
+            return
+        if isinstance(prepared, StorageError):  # unreadable, not convertible, or a profile
+            self._fail(uid, str(prepared))  # whose table cannot be read: said, no traceback
             return
         if isinstance(prepared, Exception):  # a fault of ours: this one fails, not all
             self._fail(uid, "an unexpected error", exc_info=prepared)

@@ -34,7 +34,7 @@ from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, Implic
 from . import exporting, index, instances, maintenance, outbox, query, removal, retention
 from .commit import GroupCommit
 from .convert import as_stored, explicit_to_implicit, to_accepted
-from .deidentify import Deidentifier, Deidentifiers, DeidentifyOptions, burned_in
+from .deidentify import Deidentifier, Deidentifiers, DeidentifyOptions, Option, burned_in
 from .errors import (
     CannotConvert,
     DuplicateRejected,
@@ -1056,7 +1056,12 @@ class Archive:
             why = burned_in(ds)
             if why is not None:
                 raise Withheld(why)
-        return deidentifier.apply(ds).dataset
+        out = deidentifier.apply(ds).dataset
+        if (str(out.get("SOPInstanceUID", "")) == item.sop_instance_uid
+                and Option.RETAIN_UIDS not in deidentifier.profile.options):
+            raise CannotConvert(f"{item.sop_instance_uid}: its SOP Instance UID was not"
+                                " replaced: not sent de-identified")
+        return out
 
     def deidentified_data_set(self, item: StoredInstance, profile: str) -> tuple[bytes, str]:
         """``item``'s data set in its stored transfer syntax, de-identified by ``profile``
@@ -1080,7 +1085,13 @@ class Archive:
         data = b"".join(self.stored_data_set(item))
         done = deidentifier.apply_encoded(data, syntax == ImplicitVRLittleEndian,
                                           not self.deidentifiers.send_burned_in)
-        return done.data, done.uids.get(item.sop_instance_uid, item.sop_instance_uid)
+        uid = done.uids.get(item.sop_instance_uid)
+        if uid is None:  # kept by the profile, or not found where the table says it is
+            if Option.RETAIN_UIDS not in deidentifier.profile.options:
+                raise CannotConvert(f"{item.sop_instance_uid}: its SOP Instance UID was not"
+                                    " replaced: not sent de-identified")
+            uid = item.sop_instance_uid
+        return done.data, uid
 
     def export(self, items: Sequence[StoredInstance], directory: Path, profile: str = "",
                progress: Callable[[int, int], None] | None = None) -> exporting.Exported:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 
-from .errors import InstanceUnavailable, StorageError, Withheld
+from .errors import StorageError, Withheld
 from .index import StoredInstance
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def export(archive: Archive, items: Iterable[StoredInstance], directory: Path,
         except Withheld as exc:
             done.withheld.append((uid, str(exc)))
             continue
-        except InstanceUnavailable as exc:
+        except StorageError as exc:  # unreadable, or not to be de-identified (big endian)
             done.failed.append((uid, str(exc)))
             continue
         _fill_for_directory(ds)

@@ -173,3 +173,24 @@ def test_export_into_a_folder_that_holds_files_is_refused(
     assert done.returncode == 1
     assert "is not an empty folder" in done.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_an_instance_that_cannot_be_de_identified_fails_alone(
+        stored: tuple[Callable[..., subprocess.CompletedProcess[str]], list[Dataset], Path]
+) -> None:
+    """A big endian instance (the retired Explicit VR Big Endian) is listed as not
+    exported; the others are written and audited."""
+    from pydicom.data import get_testdata_file
+
+    run, datasets, tmp_path = stored
+    big = dcmread(get_testdata_file("MR_small_bigendian.dcm"))
+    big.BurnedInAnnotation = "NO"
+    save(big, tmp_path / "big" / "big.dcm")
+    assert run("import", str(tmp_path / "big")).returncode == 0
+    done = run("export", str(tmp_path / "out"), "--patient", "PID-4711", "--patient",
+               str(big.PatientID), "--deidentify", "research")
+    assert done.returncode == 1
+    assert "exported 3 of 5 instance(s)" in done.stdout, done.stdout + done.stderr
+    assert (f"not exported: {big.SOPInstanceUID}: cannot de-identify a big endian data set"
+            in done.stdout)
+    assert len(file_set(tmp_path / "out")) == 3

@@ -25,13 +25,12 @@ and Longitudinal Temporal Information Modified.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from io import BytesIO
 
 from pydicom.datadict import dictionary_VR
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
@@ -64,13 +63,14 @@ _OPTION_CODES = {
 class Profile:
     """A named de-identification profile: the Basic Profile plus ``options``.
 
-    ``safe_private``: (private creator, element byte) pairs kept under the Retain Safe
-    Private option, e.g. ``("SIEMENS MR HEADER", 0x0C)`` for (0019,xx0C).
+    ``safe_private``: (group, private creator, element byte) of the private attributes
+    kept under the Retain Safe Private option, e.g. ``(0x0019, "SIEMENS MR HEADER",
+    0x0C)`` for (0019,xx0C) of that creator's block (PS3.15 E.3.10).
     """
 
     name: str
     options: frozenset[Option] = frozenset()
-    safe_private: frozenset[tuple[str, int]] = frozenset()
+    safe_private: frozenset[tuple[int, str, int]] = frozenset()
 
     def problems(self) -> list[str]:
         """What makes the profile contradict itself (config reports them all at once)."""
@@ -135,8 +135,8 @@ class Deidentifier:
         read_implicit, read_little = original.original_encoding  # as read, if read
         little = syntax.is_little_endian if read_little is None else read_little
         if not little:
-            raise CannotConvert(f"cannot de-identify a big endian data set ({syntax.name}):"
-                                " the retired Explicit VR Big Endian is not supported")
+            raise CannotConvert("cannot de-identify a big endian data set: the retired"
+                                " Explicit VR Big Endian is not supported")
         implicit = (syntax == ImplicitVRLittleEndian) if read_implicit is None else read_implicit
         buffer = DicomBytesIO()
         buffer.is_little_endian, buffer.is_implicit_VR = True, implicit
@@ -150,8 +150,11 @@ class Deidentifier:
             write_dataset(buffer, original)
         done = self.apply_encoded(buffer.getvalue(), implicit)
         ds = read_dataset(BytesIO(done.data), implicit, True)
-        if meta is not None:
-            ds.file_meta = copy.deepcopy(meta)
+        if meta is not None:  # only what says what the file holds: the Source AE Title
+            ds.file_meta = FileMetaDataset()  # (the sender's) and private ones go
+            for keyword in ("MediaStorageSOPClassUID", "TransferSyntaxUID"):
+                if keyword in meta:
+                    setattr(ds.file_meta, keyword, meta[keyword].value)
             if syntax.is_deflated:  # inflated by pydicom, written here without deflating
                 ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             if "SOPInstanceUID" in ds:

@@ -16,26 +16,32 @@ from .table import Option, Table, read_table
 MIN_SECRET_LENGTH = 16
 """Fewest characters of ``deidentify.secret`` (the HMAC key of every replacement)."""
 
-_SAFE_PRIVATE = re.compile(r"(?P<creator>.+)/(?P<element>[0-9A-Fa-f]{2})")
+_SAFE_PRIVATE = re.compile(r"\((?P<group>[0-9A-Fa-f]{4}),xx(?P<element>[0-9A-Fa-f]{2})\)\s+"
+                           r"(?P<creator>\S.*)")
 
 
 def safe_private_problem(text: str) -> str | None:
-    """Why ``text`` is not a safe private attribute as config names one (``CREATOR/ee``:
-    its private creator, then the last two hexadecimal digits of its element, as in
-    ``SIEMENS MR HEADER/0C`` for (0019,xx0C)), or None."""
-    match = _SAFE_PRIVATE.fullmatch(text)
-    if match is None or not match["creator"].strip():
-        return (f"{text!r} is not CREATOR/ee (a private creator, \"/\", and the element's "
-                "last two hexadecimal digits, e.g. \"SIEMENS MR HEADER/0C\")")
+    """Why ``text`` is not a safe private attribute as config names one, the way PS3.15
+    Table E.3.10-1 lists them: ``(gggg,xxee) CREATOR``, its odd group, the last two
+    hexadecimal digits of its element and its private creator, as in
+    ``(0019,xx0C) SIEMENS MR HEADER``; or None."""
+    match = _SAFE_PRIVATE.fullmatch(text.strip())
+    if match is None:
+        return (f"{text!r} is not (gggg,xxee) CREATOR (an odd group, \"xx\" and the element's "
+                "last two hexadecimal digits, then its private creator, e.g. \"(0019,xx0C) "
+                "SIEMENS MR HEADER\")")
+    if not int(match["group"], 16) & 1 or int(match["group"], 16) < 0x0009:
+        return f"{text!r}: {match['group']} is not a private group (odd, 0009 or above)"
     return None
 
 
-def safe_private(text: str) -> tuple[str, int]:
-    """``CREATOR/ee`` as (creator, element byte); see :func:`safe_private_problem`."""
-    match = _SAFE_PRIVATE.fullmatch(text)
-    if match is None:
+def safe_private(text: str) -> tuple[int, str, int]:
+    """``(gggg,xxee) CREATOR`` as (group, creator, element byte); see
+    :func:`safe_private_problem`."""
+    match = _SAFE_PRIVATE.fullmatch(text.strip())
+    if match is None or safe_private_problem(text):
         raise ValueError(safe_private_problem(text))
-    return match["creator"].strip(), int(match["element"], 16)
+    return int(match["group"], 16), match["creator"].strip(), int(match["element"], 16)
 
 
 def option_problem(name: str) -> str | None:
@@ -64,6 +70,7 @@ class Deidentifiers:
         self.options = options
         self._lock = threading.Lock()
         self._table: Table | None = None
+        self._unreadable: StorageError | None = None
         self._made: dict[str, Deidentifier] = {}
 
     @property
@@ -98,8 +105,14 @@ class Deidentifiers:
         with self._lock:
             made = self._made.get(name)
             if made is None:
+                if self._unreadable is not None:  # said once: not read again per instance
+                    raise self._unreadable
                 if self._table is None:
-                    self._table = read_table(self.options.table)
+                    try:
+                        self._table = read_table(self.options.table)
+                    except StorageError as exc:
+                        self._unreadable = exc
+                        raise
                 made = self._made[name] = Deidentifier(
                     self._table, self.options.profiles[name], self.options.secret.encode())
             return made

@@ -44,6 +44,7 @@ ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _ITEM_END_BYTES = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
 _SEQUENCE_END_BYTES = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
 _ITEM_START = struct.pack("<HHI", 0xFFFE, 0xE000, UNDEFINED)
+_ITEM_TAG = _ITEM_START[:4]
 
 TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
 _BINARY_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "SV": 8, "UV": 8,
@@ -108,6 +109,9 @@ class _Reader:
         if known is None:
             raise CannotConvert(f"cannot de-identify: no VR at byte {at + 4} ({tag:08X})")
         if vr_bytes in _LONG_VRS:
+            if at + 12 > len(buf):
+                raise CannotConvert(f"cannot de-identify: the data set ends inside the header"
+                                    f" of {tag:08X}")
             (length,) = _LENGTH.unpack_from(buf, at + 8)
             return Header(at, tag, known, length, at + 12)
         return Header(at, tag, known, length, at + 8)
@@ -130,7 +134,9 @@ class _Reader:
             return True
         if head.vr != "UN" or head.tag == 0x7FE00010:
             return False
-        return head.length == UNDEFINED or _implicit_vr(head.tag, head.length) == "SQ"
+        if head.length == UNDEFINED or _implicit_vr(head.tag, head.length) == "SQ":
+            return True
+        return head.length >= 8 and bytes(self.buf[head.value:head.value + 4]) == _ITEM_TAG
 
     def end(self, head: Header) -> int:
         """Where the element ends (after its delimiter when of undefined length)."""
@@ -442,6 +448,8 @@ class _Work:
             return _padded(encode_string(text, self.encodings), vr)
         if vr == "UI":
             return self.replaced_uids(head, reader)
+        if vr in _BYTES_VRS and head.length != UNDEFINED:  # Overlay Data, Curve Data: their
+            return bytes(head.length)  # size kept, their contents (maybe text) blanked
         return self.dummy(head, reader)
 
     def safe_private(self, tag: int, creators: dict[int, str]) -> bool:
@@ -452,9 +460,10 @@ class _Work:
             return False
         group, element = tag >> 16, tag & 0xFFFF
         if 0x0010 <= element <= 0x00FF:
-            return any(c == creators.get(tag, "") for c, _ in profile.safe_private)
+            return any(g == group and c == creators.get(tag, "")
+                       for g, c, _ in profile.safe_private)
         creator = creators.get(group << 16 | element >> 8, "")
-        return (creator, element & 0xFF) in profile.safe_private
+        return (group, creator, element & 0xFF) in profile.safe_private
 
     # -- writing ------------------------------------------------------------------------
 

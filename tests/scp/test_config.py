@@ -335,8 +335,8 @@ def test_profiles_need_the_table_and_a_secret_and_known_options(tmp_path: Path) 
         "profiles": [
             {"name": "a", "options": ["retain_uids", "keep_everything"]},
             {"name": "b", "options": ["retain_long_full_dates", "retain_long_modified_dates"]},
-            {"name": "c", "safe_private": ["ACME/1"]},
-            {"name": "d", "safe_private": ["ACME/0C"]},
+            {"name": "c", "safe_private": ["ACME/0C", "(0018,xx0C) ACME"]},
+            {"name": "d", "safe_private": ["(0019,xx0C) ACME"]},
             {"name": "a"},
             {"options": []},
         ]}))
@@ -348,12 +348,13 @@ def test_profiles_need_the_table_and_a_secret_and_known_options(tmp_path: Path) 
                      "profiles[0].options: unknown option 'keep_everything'",
                      "profiles[1]: profile b: retain_long_full_dates and"
                      " retain_long_modified_dates exclude each other",
-                     "profiles[2].safe_private: 'ACME/1' is not CREATOR/ee",
+                     "profiles[2].safe_private: 'ACME/0C' is not (gggg,xxee) CREATOR",
+                     "profiles[2].safe_private: '(0018,xx0C) ACME': 0018 is not a private",
                      "profiles[3]: profile d: safe_private needs the retain_safe_private",
                      "profiles: name 'a' is listed more than once",
                      "profiles[5].name: is required"):
         assert any(fragment in p for p in problems), (fragment, problems)
-    assert len(problems) == 8, problems
+    assert len(problems) == 9, problems
 
 
 def test_a_profile_reaches_storage_with_its_table_relative_to_the_config(
@@ -365,13 +366,13 @@ def test_a_profile_reaches_storage_with_its_table_relative_to_the_config(
     path.write_text(yaml.safe_dump({
         "deidentify": {"table": "part15.xml", "secret": "s" * 16},
         "profiles": [{"name": "research", "options": ["retain_safe_private"],
-                      "safe_private": ["SIEMENS MR HEADER/0C"]}]}))
+                      "safe_private": ["(0019,xx0C) SIEMENS MR HEADER"]}]}))
     config = load_config(path)
     options = config.archive_options().deidentify
     assert options is not None and options.table == folder / "part15.xml"
     assert "s" * 16 not in repr(config.deidentify)  # the secret is kept out of logs
     [profile] = options.profiles.values()
-    assert profile.safe_private == frozenset({("SIEMENS MR HEADER", 0x0C)})
+    assert profile.safe_private == frozenset({(0x0019, "SIEMENS MR HEADER", 0x0C)})
     assert load_config(REPO / "config.yaml").archive_options().deidentify is None
     (folder / "part15.xml").unlink()
     with pytest.raises(ConfigError, match="deidentify.table: .*part15.xml is not a file"):

@@ -286,9 +286,12 @@ def test_clean_structured_content_keeps_the_tree_and_cleans_inside(table: Table)
 
 def test_safe_private_keeps_only_what_the_profile_lists(table: Table) -> None:
     ds = patient_ds()
+    elsewhere = ds.private_block(0x0051, "ACME 1.0", create=True)  # same creator, another
+    elsewhere.add_new(0x11, "LO", "Doe^John was here")  # group: another attribute
     out = deidentify(table, ds, Option.RETAIN_SAFE_PRIVATE,
-                     safe_private=frozenset({("ACME 1.0", 0x11)}))
+                     safe_private=frozenset({(0x0029, "ACME 1.0", 0x11)}))
     assert out.private_block(0x0029, "ACME 1.0")[0x11].value == "1.5"
+    assert not [e for e in out if e.tag.group == 0x0051]
     assert 0x00291010 not in out  # same block, not listed
     assert 0x00310010 not in out and 0x00311001 not in out  # another vendor's
     assert not [e.tag for e in deidentify(table, ds, Option.RETAIN_SAFE_PRIVATE)
@@ -347,7 +350,7 @@ def test_a_profile_that_contradicts_itself_says_so() -> None:
                                    Option.RETAIN_LONG_MODIFIED_DATES})).problems() == [
         "profile p: retain_long_full_dates and retain_long_modified_dates exclude each other "
         "(PS3.15 E.3.6)"]
-    assert Profile("p", safe_private=frozenset({("ACME", 1)})).problems() == [
+    assert Profile("p", safe_private=frozenset({(0x0029, "ACME", 1)})).problems() == [
         "profile p: safe_private needs the retain_safe_private option"]
     assert Profile("p", frozenset(Option)).problems() != []
     assert Profile("p", frozenset({Option.CLEAN_DESCRIPTORS})).problems() == []
@@ -452,3 +455,49 @@ def test_a_data_set_cut_short_cannot_be_de_identified(table: Table) -> None:
     with pytest.raises(CannotConvert, match="cannot de-identify"):
         Deidentifier(table, Profile("test"), SECRET).apply_encoded(
             buffer.getvalue()[:-7], False)
+
+
+def test_the_file_meta_keeps_only_what_says_what_the_file_holds(table: Table) -> None:
+    """The Source Application Entity Title (the sender's AE, which the store records) and
+    private File Meta elements do not follow a de-identified copy."""
+    ds = patient_ds()
+    ds.file_meta.SourceApplicationEntityTitle = "STELSEWHERE_CT2"
+    out = deidentify(table, ds)
+    assert "SourceApplicationEntityTitle" not in out.file_meta
+    assert out.file_meta.MediaStorageSOPClassUID == CT
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def test_clean_graphics_blanks_overlay_data_keeping_its_size(table: Table) -> None:
+    out = deidentify(table, patient_ds(), Option.CLEAN_GRAPHICS)
+    assert out[0x60003000].value == bytes(16) and out[0x60023000].value == bytes(16)
+    assert 0x60003000 not in deidentify(table, patient_ds())
+
+
+def test_a_data_set_cut_inside_a_long_header_cannot_be_de_identified(table: Table) -> None:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from storage import CannotConvert
+
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, patient_ds())
+    cut = buffer.getvalue() + b"\xe0\x7f\x10\x00OB\x00\x00"  # 8 of Pixel Data's 12 bytes
+    with pytest.raises(CannotConvert, match="ends inside the header of 7FE00010"):
+        Deidentifier(table, Profile("test"), SECRET).apply_encoded(cut, False)
+
+
+def test_an_unreadable_table_is_said_once_not_read_again(tmp_path: Path) -> None:
+    from storage import DeidentifyOptions, StorageError
+    from storage.deidentify import Deidentifiers
+
+    missing = tmp_path / "part15.xml"
+    profiles = Deidentifiers(DeidentifyOptions(missing, "s" * 16, {"p": Profile("p")}))
+    with pytest.raises(StorageError, match="cannot read") as first:
+        profiles.get("p")
+    missing.write_bytes(SAMPLE.read_bytes())  # not read again in this process
+    with pytest.raises(StorageError) as second:
+        profiles.get("p")
+    assert second.value is first.value
