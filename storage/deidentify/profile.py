@@ -171,7 +171,11 @@ class Deidentifier:
 
     def code_of(self, tag: int) -> str | None:
         """The action for the attribute ``tag`` (its row's, :meth:`action_for`), None for
-        one the table does not list; remembered per tag."""
+        one the table does not list; remembered per standard tag (a private one has the
+        private row's: not remembered, there can be any number of them)."""
+        if tag >> 16 & 1:
+            private = self.table.private
+            return None if private is None else self.action_for(private)
         try:
             return self._codes[tag]
         except KeyError:
