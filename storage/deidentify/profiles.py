@@ -106,7 +106,7 @@ class Deidentifiers:
             made = self._made.get(name)
             if made is None:
                 if self._unreadable is not None:  # said once: not read again per instance
-                    raise self._unreadable
+                    raise StorageError(str(self._unreadable))
                 if self._table is None:
                     try:
                         self._table = read_table(self.options.table)

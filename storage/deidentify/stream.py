@@ -136,7 +136,20 @@ class _Reader:
             return False
         if head.length == UNDEFINED or _implicit_vr(head.tag, head.length) == "SQ":
             return True
-        return head.length >= 8 and bytes(self.buf[head.value:head.value + 4]) == _ITEM_TAG
+        if _implicit_vr(head.tag, head.length) != "UN":  # the dictionary knows it: not SQ
+            return False
+        if head.length < 8 or bytes(self.buf[head.value:head.value + 4]) != _ITEM_TAG:
+            return False
+        try:  # an unknown or private attribute: a sequence only if it reads as one
+            stop, inner = head.value + head.length, self.inner(head)
+            for start, end in self.items(head):
+                if end > stop:
+                    return False
+                for _ in inner.elements(start, end):
+                    pass
+        except CannotConvert:
+            return False
+        return True
 
     def end(self, head: Header) -> int:
         """Where the element ends (after its delimiter when of undefined length)."""

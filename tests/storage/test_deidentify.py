@@ -500,4 +500,33 @@ def test_an_unreadable_table_is_said_once_not_read_again(tmp_path: Path) -> None
     missing.write_bytes(SAMPLE.read_bytes())  # not read again in this process
     with pytest.raises(StorageError) as second:
         profiles.get("p")
-    assert second.value is first.value
+    assert str(second.value) == str(first.value)
+
+
+@pytest.mark.parametrize(("tag", "options"), [
+    (0x00281201, frozenset()),  # LUT Data, known, not a sequence, not in the table
+    (0x60003000, frozenset({Option.CLEAN_GRAPHICS})),  # Overlay Data, cleaned
+    (0x00291010, frozenset({Option.CLEAN_DESCRIPTORS})),  # private, dropped
+])
+def test_a_un_value_that_starts_like_an_item_is_not_taken_for_a_sequence(
+        table: Table, tag: int, options: frozenset[Option]) -> None:
+    """A UN value of a known non-sequence attribute, or one that does not read as items,
+    is a value (review of dce8901: such instances were refused)."""
+    import struct
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = patient_ds()
+    for element in [e for e in ds if e.tag.is_private]:
+        del ds[element.tag]
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    value = b"\xfe\xff\x00\xe0" + b"\x22" * 12  # an item tag, then no item
+    element = struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"UN", 0, len(value)) + value
+    if tag >> 16 & 1:  # its creator first
+        element = struct.pack("<HH2sH", 0x0029, 0x0010, b"LO", 8) + b"ACME 1.0" + element
+    data = buffer.getvalue() + element  # last, out of tag order: the rewrite reads it so
+    done = Deidentifier(table, Profile("test", options), SECRET).apply_encoded(data, False)
+    assert done.data  # rewritten, not refused
