@@ -5,10 +5,10 @@ each instance is read, de-identified in memory and written into the folder."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
@@ -16,8 +16,15 @@ from pydicom.fileset import FileSet
 from .errors import StorageError, Withheld
 from .index import StoredInstance
 
-if TYPE_CHECKING:
-    from .archive import Archive
+
+class Source(Protocol):
+    """What :func:`export` reads instances with (:class:`storage.Archive`)."""
+
+    def read_instance(self, item: StoredInstance,
+                      accepted: Collection[str] | None = None) -> Dataset: ...
+
+    def read_deidentified(self, item: StoredInstance, profile: str,
+                          accepted: Collection[str] | None = None) -> Dataset: ...
 
 DIRECTORY_PLACEHOLDERS = {"StudyDate": "19000101", "StudyTime": "000000", "StudyID": "1",
                           "SeriesNumber": "1", "InstanceNumber": "1"}
@@ -40,7 +47,7 @@ class Exported:
     """(SOP Instance UID, why): unreadable, or not to be described in a DICOMDIR."""
 
 
-def export(archive: Archive, items: Iterable[StoredInstance], directory: Path,
+def export(archive: Source, items: Iterable[StoredInstance], directory: Path,
            profile: str = "", progress: Callable[[int, int], None] | None = None) -> Exported:
     """Write ``items`` into ``directory`` (new, or empty) as a File-set.
 

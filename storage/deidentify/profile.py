@@ -113,6 +113,8 @@ class Deidentifier:
     def __init__(self, table: Table, profile: Profile, secret: bytes) -> None:
         self.table = table
         self.profile = profile
+        self.options = profile.options
+        self.safe_private = profile.safe_private
         self.pseudonyms = Pseudonyms(secret)
         self._actions: dict[int, str] = {}
         self._codes: dict[int, str | None] = {}

@@ -18,16 +18,31 @@ import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 from pydicom.charset import TEXT_VR_DELIMS, convert_encodings, decode_bytes, encode_string
 from pydicom.datadict import dictionary_VR
+from pydicom.sr.coding import Code
 
 from ..errors import CannotConvert
+from .pseudonyms import Pseudonyms
 from .table import Option
 
-if TYPE_CHECKING:
-    from .profile import Deidentifier
+
+class Rules(Protocol):
+    """What the rewrite asks of its :class:`~.profile.Deidentifier`."""
+
+    options: frozenset[Option]
+    safe_private: frozenset[tuple[int, str, int]]
+    pseudonyms: Pseudonyms
+    cleans_text: bool
+
+    def code_of(self, tag: int) -> str | None: ...
+
+    def method(self) -> str: ...
+
+    def codes(self) -> list[Code]: ...
+
 
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR",
                        b"UT", b"SV", b"UV"})
@@ -221,7 +236,7 @@ def _implicit_vr(tag: int, length: int) -> str:
             "US or SS or OW": "OW"}.get(vr, vr)
 
 
-def rewrite(deidentifier: Deidentifier, data: bytes | memoryview, implicit: bool,
+def rewrite(deidentifier: Rules, data: bytes | memoryview, implicit: bool,
             burned_in: Callable[[dict[int, str]], str | None] | None = None) -> Rewritten:
     """``data`` (a data set without File Meta, little endian) de-identified.
 
@@ -248,9 +263,9 @@ class _Work:
     """One data set's pass: the patient's key and shift, the charset, the identifying
     values, the UIDs replaced."""
 
-    def __init__(self, d: Deidentifier) -> None:
+    def __init__(self, d: Rules) -> None:
         self.d = d
-        self.options = d.profile.options
+        self.options = d.options
         self.top: dict[int, str] = {}
         self.raw_text: list[tuple[bytes, bool]] = []  # (value, a PN) to take out of texts
         self.identifying: set[str] = set()
@@ -279,7 +294,7 @@ class _Work:
 
     def scan(self, start: int, end: int, reader: _Reader, level: int) -> None:
         """Read :data:`_TOP_VALUES` at the top level; when the profile cleans text
-        (:attr:`Deidentifier.cleans_text`), every text value it removes or replaces."""
+        (:attr:`Rules.cleans_text`), every text value it removes or replaces."""
         cleans = self.d.cleans_text
         for head, _ in reader.elements(start, end):
             tag = head.tag
@@ -468,15 +483,14 @@ class _Work:
     def safe_private(self, tag: int, creators: dict[int, str]) -> bool:
         """PS3.15 E.3.10 Retain Safe Private: a private attribute whose (creator, element
         byte) the profile lists, and the creator elements of such blocks."""
-        profile = self.d.profile
-        if Option.RETAIN_SAFE_PRIVATE not in profile.options or not profile.safe_private:
+        safe = self.d.safe_private
+        if Option.RETAIN_SAFE_PRIVATE not in self.options or not safe:
             return False
         group, element = tag >> 16, tag & 0xFFFF
         if 0x0010 <= element <= 0x00FF:
-            return any(g == group and c == creators.get(tag, "")
-                       for g, c, _ in profile.safe_private)
+            return any(g == group and c == creators.get(tag, "") for g, c, _ in safe)
         creator = creators.get(group << 16 | element >> 8, "")
-        return (group, creator, element & 0xFF) in profile.safe_private
+        return (group, creator, element & 0xFF) in safe
 
     # -- writing ------------------------------------------------------------------------
 
