@@ -3,8 +3,9 @@ made to carry every row of the table, under the Basic Profile and under each opt
 (PS3.15 E.1, E.3). The expectations are read from the table, row by row.
 
 The table: tests/storage/data/part15-sample.xml, the standard's DocBook layout with rows
-typed in for the tests; and, when ``MINIPACS_PART15`` names the standard's own
-``part15.xml``, that one too (minipacs carries no copy of it: README, "De-identification").
+typed in for the tests; and the standard's own ``part15.xml`` too, when ``MINIPACS_PART15``
+names it or the project's ``shared/`` folder beside the repository holds it (minipacs
+carries no copy of it: README, "De-identification").
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from pydicom.sequence import Sequence
 from storage.deidentify import Deidentifier, Option, Profile, Table, action, read_table
 
 SAMPLE = Path(__file__).parent / "data" / "part15-sample.xml"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "part15.xml"
+"""Where the project's shared folder (beside the repository) would hold the standard's."""
 SECRET = b"the files test's secret, 32 b..."
-TABLES = [SAMPLE] + ([Path(os.environ["MINIPACS_PART15"])]
-                     if os.environ.get("MINIPACS_PART15") else [])
+TABLES = [SAMPLE] + ([Path(os.environ["MINIPACS_PART15"])] if os.environ.get("MINIPACS_PART15")
+                     else [SHARED] if SHARED.is_file() else [])
 OPTION_SETS = [frozenset()] + [frozenset({o}) for o in Option]
 
 
