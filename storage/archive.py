@@ -1057,10 +1057,7 @@ class Archive:
             if why is not None:
                 raise Withheld(why)
         out = deidentifier.apply(ds).dataset
-        if (str(out.get("SOPInstanceUID", "")) == item.sop_instance_uid
-                and Option.RETAIN_UIDS not in deidentifier.profile.options):
-            raise CannotConvert(f"{item.sop_instance_uid}: its SOP Instance UID was not"
-                                " replaced: not sent de-identified")
+        _copy_uid(item, deidentifier, str(out.get("SOPInstanceUID", "")))
         return out
 
     def deidentified_data_set(self, item: StoredInstance, profile: str) -> tuple[bytes, str]:
@@ -1085,13 +1082,7 @@ class Archive:
         data = b"".join(self.stored_data_set(item))
         done = deidentifier.apply_encoded(data, syntax == ImplicitVRLittleEndian,
                                           not self.deidentifiers.send_burned_in)
-        uid = done.uids.get(item.sop_instance_uid)
-        if uid is None:  # kept by the profile, or not found where the table says it is
-            if Option.RETAIN_UIDS not in deidentifier.profile.options:
-                raise CannotConvert(f"{item.sop_instance_uid}: its SOP Instance UID was not"
-                                    " replaced: not sent de-identified")
-            uid = item.sop_instance_uid
-        return done.data, uid
+        return done.data, _copy_uid(item, deidentifier, done.uids.get(item.sop_instance_uid))
 
     def export(self, items: Sequence[StoredInstance], directory: Path, profile: str = "",
                progress: Callable[[int, int], None] | None = None) -> exporting.Exported:
@@ -1261,6 +1252,18 @@ class Archive:
                 self.database.close_all()  # the pool's idle connections too
         index.disconnect()
         self.files.close()
+
+
+def _copy_uid(item: StoredInstance, deidentifier: Deidentifier, uid: str | None) -> str:
+    """The SOP Instance UID a de-identified copy of ``item`` goes under: its replacement,
+    or under Retain UIDs the stored one. Fails closed: a UID the profile replaces but the
+    copy kept (not found where the table says it is) is :class:`CannotConvert`."""
+    if uid and uid != item.sop_instance_uid:
+        return uid
+    if Option.RETAIN_UIDS in deidentifier.options:
+        return item.sop_instance_uid
+    raise CannotConvert(f"{item.sop_instance_uid}: its SOP Instance UID was not replaced:"
+                        " not sent de-identified")
 
 
 def open_archive(options: ArchiveOptions) -> Archive:

@@ -116,8 +116,8 @@ class Deidentifier:
         self.options = profile.options
         self.safe_private = profile.safe_private
         self.pseudonyms = Pseudonyms(secret)
-        self._actions: dict[int, str] = {}
         self._codes: dict[int, str | None] = {}
+        self._private_code = None if table.private is None else self.action_for(table.private)
         self.cleans_text = any(self.action_for(rule) == "C" and _text_vr(rule)
                                for rule in table)
         """Whether a text attribute is cleaned (its identifying values taken out): only
@@ -176,8 +176,7 @@ class Deidentifier:
         one the table does not list; remembered per standard tag (a private one has the
         private row's: not remembered, there can be any number of them)."""
         if tag >> 16 & 1:
-            private = self.table.private
-            return None if private is None else self.action_for(private)
+            return self._private_code
         try:
             return self._codes[tag]
         except KeyError:
@@ -186,10 +185,8 @@ class Deidentifier:
             return code
 
     def action_for(self, rule: Rule) -> str:
-        found = self._actions.get(id(rule))
-        if found is None:
-            found = self._actions[id(rule)] = action(rule, self.profile.options)
-        return found
+        """:func:`action` of ``rule`` under this profile's options."""
+        return action(rule, self.options)
 
     def method(self) -> str:
         """De-identification Method (0012,0063): the table's edition and the profile."""

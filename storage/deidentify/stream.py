@@ -94,8 +94,6 @@ class Rewritten:
 
     data: bytes
     uids: dict[str, str] = field(default_factory=dict)
-    top: dict[int, str] = field(default_factory=dict)
-    """Values of the top level read before the changes (:data:`_TOP_VALUES`)."""
 
 
 class _Reader:
@@ -256,7 +254,7 @@ def rewrite(deidentifier: Rules, data: bytes | memoryview, implicit: bool,
     work.begin()
     out = bytearray()
     work.dataset(out, 0, len(buf), reader, level=0)
-    return Rewritten(bytes(out), work.uids, work.top)
+    return Rewritten(bytes(out), work.uids)
 
 
 class _Work:
@@ -341,7 +339,8 @@ class _Work:
         for head, stop in reader.elements(start, end):
             tag = head.tag
             at = stop
-            if (code_of(tag) is None and tag & 0xFFFF and not tag >> 16 & 1
+            code = code_of(tag)
+            if (code is None and tag & 0xFFFF and not tag >> 16 & 1
                     and not (markers and markers[0] <= tag) and not reader.is_sequence(head)):
                 if kept < 0:  # nothing to do: copied with its neighbours in one piece
                     kept = head.start
@@ -353,14 +352,15 @@ class _Work:
                 self.marker(out, markers.pop(0), reader.implicit)
             if tag in MARKERS and level == 0:
                 continue  # written by marker()
-            self.element(out, head, stop, reader, creators, level)
+            self.element(out, head, stop, reader, creators, level, code)
         if kept >= 0:
             out += buf[kept:at]
         for tag in markers:
             self.marker(out, tag, reader.implicit)
 
     def element(self, out: bytearray, head: Header, stop: int, reader: _Reader,
-                creators: dict[int, str], level: int) -> None:
+                creators: dict[int, str], level: int, code: str | None) -> None:
+        """Write ``head``'s element as its action ``code`` (:meth:`Rules.code_of`) says."""
         tag = head.tag
         if tag & 0xFFFF == 0:  # a group length: left out
             return
@@ -371,7 +371,6 @@ class _Work:
             if self.safe_private(tag, creators):
                 out += reader.buf[head.start:stop]
             return
-        code = self.d.code_of(tag)
         sequence = reader.is_sequence(head)
         if head.vr == "UN" and not sequence:  # a known attribute sent as UN: its value is
             head = head._replace(vr=_implicit_vr(tag, head.length))  # as in Implicit VR
