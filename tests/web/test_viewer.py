@@ -220,15 +220,7 @@ def test_ohif_lists_the_studies_with_their_instance_counts_and_paints_one(
         page.wait_for_url("**/viewer/viewer?*")
         assert studies["Viewer, Alpha"][0].StudyInstanceUID in page.url
 
-        # wait until a viewport canvas holds an image: many grey levels, not a blank one
-        page.wait_for_function(
-            """() => [...document.querySelectorAll('canvas.cornerstone-canvas')].some(c => {
-                 if (!c.width || !c.height) return false;
-                 const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                 const levels = new Set();
-                 for (let i = 0; i < data.length; i += 4 * 7) levels.add(data[i]);
-                 return levels.size > 32;
-               })""", polling=250)
+        wait_until_painted(page)
         shot = page.locator("canvas.cornerstone-canvas").first.screenshot()
     grey = Image.open(io.BytesIO(shot)).convert("L")
     assert len(grey.getcolors(256) or ()) > 32, "the painted viewport is (nearly) uniform"
@@ -310,14 +302,7 @@ def test_a_de_identified_study_opens_in_ohif_with_its_series(
         page.get_by_role("button", name="Basic Viewer").click()
         page.wait_for_url("**/viewer/viewer?*")
         assert str(copy.StudyInstanceUID) in page.url
-        page.wait_for_function(
-            """() => [...document.querySelectorAll('canvas.cornerstone-canvas')].some(c => {
-                 if (!c.width || !c.height) return false;
-                 const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                 const levels = new Set();
-                 for (let i = 0; i < data.length; i += 4 * 7) levels.add(data[i]);
-                 return levels.size > 32;
-               })""", polling=250)
+        wait_until_painted(page)
     assert_no_dicomweb_failure(failed, running)
 
 
@@ -329,6 +314,18 @@ def _study_query(study_uid: str) -> Dataset:
                     "NumberOfStudyRelatedInstances"):
         setattr(q, keyword, "")
     return q
+
+
+def wait_until_painted(page: Page) -> None:
+    """Until a viewport canvas holds an image: many grey levels, not a blank one."""
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('canvas.cornerstone-canvas')].some(c => {
+             if (!c.width || !c.height) return false;
+             const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+             const levels = new Set();
+             for (let i = 0; i < data.length; i += 4 * 7) levels.add(data[i]);
+             return levels.size > 32;
+           })""", polling=250)
 
 
 def failed_requests(page: Page) -> list[str]:
