@@ -499,7 +499,7 @@ def load_config(
         problems.append("web.https: needs tls.certificate and tls.private_key")
     _check_routes(sections["routes"], sections["peers"], problems)
     _check_deidentify(sections["deidentify"], sections["profiles"], sections["peers"],
-                      problems)
+                      web, problems)
     storage = sections["storage"]
     if storage.files_previous_url and _same_store(storage.files_previous_url, storage.files_url,
                                                   storage.data_dir):
@@ -840,14 +840,21 @@ def _check_profile(section: str, values: dict[str, Any], problems: list[str]) ->
 
 
 def _check_deidentify(settings: DeidentifyConfig, profiles: tuple[ProfileConfig, ...],
-                      peers: tuple[PeerConfig, ...], problems: list[str]) -> None:
+                      peers: tuple[PeerConfig, ...], web: WebConfig,
+                      problems: list[str]) -> None:
     """A profile needs the standard's table and the secret (PS3.15 E.3.10: replacements
-    nobody without the key can link back); a peer names a profile there is."""
+    nobody without the key can link back); a peer and a web account name a profile there
+    is."""
     names = {p.name for p in profiles}
     for i, peer in enumerate(peers):
         if peer.deidentify and peer.deidentify not in names:
             problems.append(f"peers[{i}].deidentify: {peer.deidentify!r} is not the name of"
                             " a profiles entry")
+    for i, entry in enumerate(web.deidentify):
+        account, sep, profile = entry.rpartition(":")
+        if sep and account and profile and profile not in names:  # else web.config says
+            problems.append(f"web.deidentify[{i}]: {profile!r} is not the name of a profiles"
+                            " entry")
     if not profiles:
         return
     if not settings.table:

@@ -15,7 +15,9 @@ import dataclasses
 import datetime
 import enum
 import functools
+import io
 import itertools
+import json
 import logging
 import shutil
 import threading
@@ -31,7 +33,17 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from . import exporting, index, instances, maintenance, outbox, query, removal, retention
+from . import (
+    deidentified,
+    exporting,
+    index,
+    instances,
+    maintenance,
+    outbox,
+    query,
+    removal,
+    retention,
+)
 from .commit import GroupCommit
 from .convert import as_stored, explicit_to_implicit, to_accepted
 from .deidentify import Deidentifier, Deidentifiers, DeidentifyOptions, Option, burned_in
@@ -41,6 +53,7 @@ from .errors import (
     InstanceUnavailable,
     InvalidInstance,
     InvalidQuery,
+    NotFound,
     QueryFailed,
     SOPClassMismatch,
     StorageError,
@@ -727,24 +740,62 @@ class Archive:
         level: query.Level,
         study: str = "",
         series: str = "",
+        profile: str = "",
     ) -> query.Search:
         """Validate a QIDO-RS search (PS3.18 10.6) into the same query as a C-FIND
         identifier: :func:`storage.query.parse_search` (raises
-        :class:`~storage.errors.InvalidQuery`)."""
-        return query.parse_search(params, level, study, series, fold_pn=self.options.fold_pn)
+        :class:`~storage.errors.InvalidQuery`). With ``profile``, for an account that sees
+        data de-identified by it: the UIDs of the path and of the matches are the ones its
+        answers gave (:func:`storage.deidentified.search_params`; raises
+        :class:`~storage.errors.NotFound` when nothing can match), and only what the profile
+        keeps may be matched (:func:`storage.deidentified.check_search`)."""
+        if not profile:
+            return query.parse_search(params, level, study, series,
+                                      fold_pn=self.options.fold_pn)
+        deidentifier = self.deidentifier(profile)
+        path = [uid for uid in (study, series) if uid]
+        try:
+            known = deidentified.originals(deidentifier, path) if path else {}
+            if any(uid not in known for uid in path):
+                raise NotFound("the path names nothing this account was shown")
+            params = deidentified.search_params(params, deidentifier)
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not be read: {exc}") from exc
+        finally:
+            self.release()
+        parsed = query.parse_search(params, level, known.get(study, ""), known.get(series, ""),
+                                    fold_pn=self.options.fold_pn)
+        deidentified.check_search(parsed, deidentifier)
+        return parsed
 
-    def search(self, search: query.Search, retrieve_base: str = "") -> query.SearchAnswer:
+    def search(self, search: query.Search, retrieve_base: str = "",
+               profile: str = "") -> query.SearchAnswer:
         """Answer a QIDO-RS search as a DICOM JSON array (PS3.18 Annex F), streamed in
         chunks: :func:`storage.query.run_search`, with ``max_results`` as the server's
         maximum and the index connection given back after every chunk. Each result's
-        RetrieveURL starts with ``retrieve_base`` (the DICOMweb root).
+        RetrieveURL starts with ``retrieve_base`` (the DICOMweb root). With ``profile``
+        (a search :meth:`parse_search` made with it), the answer is de-identified by it,
+        whole (:func:`storage.deidentified.search`), and the UIDs it gives are kept.
 
         Raises
         ------
         QueryFailed
             The index could not be read.
         """
-        return query.run_search(search, retrieve_base, self.options.max_results, self.release)
+        if not profile:
+            return query.run_search(search, retrieve_base, self.options.max_results,
+                                    self.release)
+        replaced = deidentified.Replaced()
+        try:
+            answer = deidentified.search(
+                search, retrieve_base, self.options.max_results, self.deidentifier(profile),
+                not self.deidentifiers.send_burned_in, replaced)
+            self._remember(replaced)
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not be read: {exc}") from exc
+        finally:
+            self.release()
+        return answer
 
     # -- C-MOVE / C-GET -------------------------------------------------------------------
 
@@ -828,10 +879,18 @@ class Archive:
         return instances.locate(study_uid, series_uid, sop_instance_uid)
 
     def metadata(self, study_uid: str, series_uid: str | None, sop_instance_uid: str | None,
-                 instance_url: Callable[[str, str, str], str]) -> bytes:
+                 instance_url: Callable[[str, str, str], str], profile: str = "") -> bytes:
         """The DICOM JSON array of those instances, from the index alone
-        (:func:`storage.instances.metadata`)."""
-        return instances.metadata(study_uid, series_uid, sop_instance_uid, instance_url)
+        (:func:`storage.instances.metadata`); with ``profile``, de-identified by it
+        (:func:`storage.deidentified.metadata`), the UIDs it gives kept."""
+        body = instances.metadata(study_uid, series_uid, sop_instance_uid, instance_url)
+        if not profile:
+            return body
+        replaced = deidentified.Replaced()
+        body = deidentified.metadata(json.loads(body), instance_url, self.deidentifier(profile),
+                                     not self.deidentifiers.send_burned_in, replaced)
+        self._remember(replaced)
+        return body
 
     def representative(self, study_uid: str, series_uid: str | None = None) -> WebInstance:
         """The image a thumbnail of a study or series shows
@@ -1083,6 +1142,95 @@ class Archive:
         done = deidentifier.apply_encoded(data, syntax == ImplicitVRLittleEndian,
                                           not self.deidentifiers.send_burned_in)
         return done.data, _copy_uid(item, deidentifier, done.uids.get(item.sop_instance_uid))
+
+    # -- DICOMweb for de-identified accounts (storage.deidentified) ---------------------
+
+    def original_uids(self, profile: str, study_uid: str, series_uid: str | None = None,
+                      sop_instance_uid: str | None = None
+                      ) -> tuple[str, str | None, str | None]:
+        """The stored UIDs that a path's UIDs, as answers de-identified by ``profile`` gave
+        them, stand for.
+
+        Raises
+        ------
+        NotFound
+            One of them was never given (PS3.18 10.4.3: 404).
+        """
+        asked = [uid for uid in (study_uid, series_uid, sop_instance_uid) if uid is not None]
+        try:
+            known = deidentified.originals(self.deidentifier(profile), asked)
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not be read: {exc}") from exc
+        if any(uid not in known for uid in asked):
+            raise NotFound("the path names nothing this account was shown")
+        return (known[study_uid], None if series_uid is None else known[series_uid],
+                None if sop_instance_uid is None else known[sop_instance_uid])
+
+    def replaced_uids(self, items: Sequence[WebInstance], profile: str) -> dict[str, str]:
+        """The study, series and SOP Instance UIDs of ``items`` as answers de-identified by
+        ``profile`` give them (stored UID -> its replacement), kept so that the account
+        can name them next (:meth:`original_uids`)."""
+        deidentifier = self.deidentifier(profile)
+        stored = {uid for item in items
+                  for uid in (item.study_uid, item.series_uid, item.sop_instance_uid)}
+        if Option.RETAIN_UIDS in deidentifier.options:
+            return {uid: uid for uid in stored}
+        given = {uid: deidentifier.pseudonyms.uid(uid) for uid in stored}
+        self._remember(deidentified.Replaced({new: old for old, new in given.items()}))
+        return given
+
+    def _remember(self, replaced: deidentified.Replaced) -> None:
+        """Keep the UIDs an answer gives that are not kept yet (one write, none when all
+        are)."""
+        try:
+            known = index.originals_of(list(replaced.pairs)) if replaced.pairs else {}
+            new = {r: o for r, o in replaced.pairs.items() if r not in known}
+            if new:
+                with self.writing():
+                    index.remember_pseudonyms(new)
+        except pw.DatabaseError as exc:
+            raise QueryFailed(f"the index could not keep the UIDs an answer gives: {exc}"
+                              ) from exc
+
+    def withheld(self, item: WebInstance) -> str | None:
+        """Why ``item`` is not shown de-identified (its pixels may show the patient and
+        ``deidentify.send_burned_in`` is off: :func:`storage.deidentify.burned_in`), or
+        None; its file's header is read (raises :class:`InstanceUnavailable`)."""
+        if self.deidentifiers.send_burned_in:
+            return None
+        try:
+            with self.files.open(item.file_key) as fp:
+                ds = dcmread(fp, stop_before_pixels=True,
+                             specific_tags=["BurnedInAnnotation", "SOPClassUID", "Modality"])
+        except Exception as exc:  # missing, unreadable, or damaged
+            raise InstanceUnavailable(
+                f"file of {item.sop_instance_uid} cannot be read: {exc!r}") from exc
+        return burned_in(ds)
+
+    def deidentified_file(self, item: WebInstance, transfer_syntax_uid: str,
+                          profile: str) -> bytes:
+        """``item`` as a Part 10 file in ``transfer_syntax_uid`` (one that
+        :func:`storage.instances.syntax_for` gave), de-identified by ``profile``: rewritten
+        on its encoded bytes when that is its stored syntax
+        (:meth:`deidentified_data_set`), else read, converted and de-identified
+        (:meth:`read_deidentified`).
+
+        Raises
+        ------
+        Withheld, CannotConvert, InstanceUnavailable
+            As :meth:`deidentified_data_set` and :meth:`read_deidentified` raise.
+        """
+        if transfer_syntax_uid == item.transfer_syntax_uid:
+            try:
+                data, uid = self.deidentified_data_set(item.stored, profile)
+            except instances.NotAsWritten:
+                pass
+            else:
+                return instances.part10(data, item.sop_class_uid, uid, transfer_syntax_uid)
+        ds = self.read_deidentified(item.stored, profile, [transfer_syntax_uid])
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
 
     def export(self, items: Sequence[StoredInstance], directory: Path, profile: str = "",
                progress: Callable[[int, int], None] | None = None) -> exporting.Exported:

@@ -13,7 +13,7 @@ import enum
 import logging
 import sqlite3
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +31,7 @@ from .models import (
     TEXT_INDEXES,
     Instance,
     Patient,
+    PseudonymUid,
     SchemaVersion,
     Series,
     Study,
@@ -286,7 +287,13 @@ def _pattern_indexes(database: pw.Database) -> None:
             database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
 
 
-_MIGRATIONS = {1: _patient_name_groups, 2: _pending_removals, 3: _outbox, 4: _pattern_indexes}
+def _pseudonym_uids(database: pw.Database) -> None:
+    """5 to 6: ``create_tables`` adds ``pseudonym_uid`` (DICOMweb for de-identified
+    accounts); an older minipacs would not know where a replaced UID came from."""
+
+
+_MIGRATIONS = {1: _patient_name_groups, 2: _pending_removals, 3: _outbox, 4: _pattern_indexes,
+               5: _pseudonym_uids}
 
 
 def text_indexes(database: pw.Database) -> None:
@@ -430,6 +437,31 @@ def lookup(sop_instance_uid: str) -> tuple[str, str] | None:
     database = db.obj
     row = database.execute_sql(_statements(database)["lookup"], (sop_instance_uid,)).fetchone()
     return (row[0], row[1]) if row else None
+
+
+def originals_of(replacements: Collection[str]) -> dict[str, str]:
+    """The stored UIDs that ``replacements`` stand for (``pseudonym_uid``), each known one
+    mapped from its replacement."""
+    found: dict[str, str] = {}
+    wanted = list(dict.fromkeys(replacements))
+    for start in range(0, len(wanted), _IN_BATCH):
+        rows: Any = (PseudonymUid.select(PseudonymUid.replacement, PseudonymUid.original)
+                     .where(PseudonymUid.replacement.in_(wanted[start:start + _IN_BATCH]))
+                     .tuples())
+        found.update((str(r), str(o)) for r, o in rows)
+    return found
+
+
+def remember_pseudonyms(pairs: dict[str, str]) -> None:
+    """Keep ``pairs`` (replacement -> stored UID) in ``pseudonym_uid``; a pair already kept
+    (by this node or another) is left as it is. Call it in a :func:`write_transaction`."""
+    rows = [{"replacement": r, "original": o} for r, o in pairs.items()]
+    for start in range(0, len(rows), _IN_BATCH):
+        PseudonymUid.insert_many(rows[start:start + _IN_BATCH]).on_conflict_ignore().execute()
+
+
+_IN_BATCH = 500
+"""Values per ``IN (...)`` or rows per ``INSERT`` (SQLite allows 32,766 parameters)."""
 
 
 def _append(values: str, value: str) -> str:

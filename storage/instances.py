@@ -32,10 +32,10 @@ import peewee as pw
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
-from pydicom.filebase import DicomFileLike
-from pydicom.filewriter import write_dataset
+from pydicom.filebase import DicomBytesIO, DicomFileLike
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.pixels import as_pixel_options, get_decoder, pack_bits, pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -471,6 +471,21 @@ def converted_chunks(files: FileStore, item: WebInstance, folder: Path,
         out.seek(0)
         while chunk := out.read(CHUNK):
             yield chunk
+
+
+def part10(data: bytes, sop_class_uid: str, sop_instance_uid: str,
+           transfer_syntax_uid: str) -> bytes:
+    """A Part 10 file (PS3.10 7.1): the preamble, ``DICM``, a File Meta group naming
+    ``data`` (a data set encoded in ``transfer_syntax_uid``) and ``data``."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    out = DicomBytesIO()
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    out.write(data)
+    return out.getvalue()
 
 
 @contextlib.contextmanager

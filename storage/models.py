@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import peewee as pw
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The version of the schema below; :mod:`storage.index` migrates an older index to it.
 
 1. The first schema.
@@ -26,6 +26,8 @@ SCHEMA_VERSION = 5
    send (:mod:`storage.outbox`).
 5. The indexes of :data:`TEXT_INDEXES` made per backend (PostgreSQL's serve a wildcard),
    and ``series_study_id`` dropped (``series_study_id_modality`` begins with its column).
+6. ``pseudonym_uid``: the UIDs a de-identified DICOMweb answer replaced, mapped back to the
+   stored ones (:mod:`storage.deidentified`).
 """
 
 TEXT_INDEXES: tuple[tuple[str, str], ...] = (
@@ -183,5 +185,18 @@ class NodeBeat(BaseModel):
         table_name = "node"
 
 
+class PseudonymUid(BaseModel):
+    """A UID that a de-identified DICOMweb answer gave in place of a stored one
+    (``replacement``, PS3.15 E.3.10) and that stored one (``original``): the way back from a
+    URL a de-identified account was given (:mod:`storage.deidentified`). The replacement is a
+    keyed hash of the original, so a row is the same on every node and never changes."""
+
+    replacement = pw.CharField(max_length=64, unique=True)
+    original = pw.CharField(max_length=64)
+
+    class Meta:
+        table_name = "pseudonym_uid"
+
+
 MODELS: tuple[type[BaseModel], ...] = (SchemaVersion, Patient, Study, Series, Instance,
-                                       PendingRemoval, OutboxItem, NodeBeat)
+                                       PendingRemoval, OutboxItem, NodeBeat, PseudonymUid)

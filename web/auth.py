@@ -264,6 +264,36 @@ def entry_problems(key: str, entries: Iterable[str]) -> list[str]:
     return problems
 
 
+def deidentified_accounts(entries: Iterable[str]) -> dict[str, str]:
+    """``web.deidentify`` (``account:PROFILE`` entries, checked by
+    :func:`deidentify_problems`) as account name -> profile."""
+    return {account: profile for account, _, profile in (e.rpartition(":") for e in entries)}
+
+
+def deidentify_problems(entries: Iterable[str], accounts: Iterable[str]) -> list[str]:
+    """What is wrong with ``web.deidentify`` (each ``account:PROFILE``, the account a
+    user or a token of ``accounts``, the ``web.users`` and ``web.tokens`` entries), one line
+    each. That the profile is configured is checked with the other sections."""
+    names = set()
+    for entry in accounts:
+        with contextlib.suppress(ValueError):
+            names.add(parse_entry(entry)[0].name)
+    problems: list[str] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        account, sep, profile = entry.rpartition(":")
+        where = f"web.deidentify[{i}]"
+        if not (sep and account and profile):
+            problems.append(f'{where}: must be "account:PROFILE", not {entry!r}')
+        elif account not in names:
+            problems.append(f"{where}: {account!r} is not the name of a web.users or"
+                            " web.tokens entry")
+        elif account in seen:
+            problems.append(f"{where}: {account!r} is listed more than once")
+        seen.add(account)
+    return problems
+
+
 class Accounts:
     """The users and tokens of a configuration, and the passwords verified lately.
 
@@ -394,6 +424,10 @@ def is_public(path: str) -> bool:
     return path in (PUBLIC_PREFIX, HEALTH_PATH) or path.startswith(PUBLIC_PREFIX + "/")
 
 
+def _under(path: str, base: str) -> bool:
+    return path == base or path.startswith(base + "/")
+
+
 class Refusal(Exception):
     """Credentials that name no account (answered 401)."""
 
@@ -414,17 +448,29 @@ class AccessRules(Protocol):
     @property
     def anonymous_remote(self) -> str: ...
 
+    @property
+    def deidentify(self) -> tuple[str, ...]: ...
+
+    @property
+    def base_path(self) -> str: ...
+
 
 class AccessMiddleware:
     """Refuse with 401 (no, unknown or wrong credentials) or 403 (not enough rights) before
     any endpoint runs; log each refusal at INFO with the peer and the reason. An allowed
     request carries its rights and account name in ``scope["minipacs.rights"]`` and
-    ``scope["minipacs.user"]`` (empty when anonymous)."""
+    ``scope["minipacs.user"]`` (empty when anonymous).
+
+    An account of ``web.deidentify`` sees data de-identified by its profile: its request
+    carries the profile's name in ``scope["minipacs.profile"]`` (empty for the others); it
+    may only read, and only DICOMweb (``web.base_path``): the page and ``/metrics`` show
+    what is stored as it is, so they answer it 403."""
 
     def __init__(self, app: ASGIApp, config: AccessRules) -> None:
         self.app = app
         self.config = config
         self.accounts = Accounts(config.users, config.tokens)
+        self.profiles = deidentified_accounts(config.deidentify)
         self._kdf_limiter = anyio.CapacityLimiter(KDF_THREADS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -458,8 +504,16 @@ class AccessMiddleware:
                 await self._refuse(scope, receive, send, FORBIDDEN,
                                    f"{name} may not {method}: it needs read-write rights")
                 return
+        profile = self.profiles.get(name, "") if name else ""
+        if profile and (method not in READ_METHODS or not _under(scope["path"],
+                                                                  self.config.base_path)):
+            await self._refuse(scope, receive, send, FORBIDDEN,
+                               f"{name} sees de-identified data ({profile}): it may only"
+                               " search and retrieve through DICOMweb")
+            return
         scope["minipacs.rights"] = rights
         scope["minipacs.user"] = name
+        scope["minipacs.profile"] = profile
         await self.app(scope, receive, send)
 
     async def _authenticate(self, authorization: str) -> Account:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .auth import RIGHTS, entry_problems
+from .auth import RIGHTS, deidentify_problems, entry_problems
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class WebConfig:
     anonymous_remote: str = "none"
     users: tuple[str, ...] = ()
     tokens: tuple[str, ...] = ()
+    deidentify: tuple[str, ...] = ()
     max_request_mb: int = 2048
     viewer: bool = True
     viewer_dir: Path = field(default=Path("viewer/dist"))
@@ -57,6 +58,8 @@ def check(values: dict[str, Any], problems: list[str]) -> None:
         problems.append("web.max_request_mb: must not be negative (0 = no limit)")
     for key in ("users", "tokens"):  # name:rights:hash, each hash of the right form
         problems.extend(entry_problems(f"web.{key}", values.get(key, ())))
+    problems.extend(deidentify_problems(values.get("deidentify", ()),
+                                        [*values.get("users", ()), *values.get("tokens", ())]))
     for origin in values.get("cors_origins", ()):
         if origin != "*" and not origin.startswith(("http://", "https://")):
             problems.append(f"web.cors_origins: {origin!r} is not an origin such as"

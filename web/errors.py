@@ -22,6 +22,7 @@ from storage import (
     StorageError,
     StorageFull,
     TooManyMatches,
+    Withheld,
 )
 
 logger = logging.getLogger("minipacs.web")
@@ -56,6 +57,8 @@ STORAGE_STATUS: tuple[tuple[type[StorageError], int], ...] = (
     # QIDO-RS answers query.max_results with a 299 Warning (PS3.18 8.3.4.4.1), not this
     (TooManyMatches, PAYLOAD_TOO_LARGE),
     (InstanceUnavailable, NOT_FOUND),
+    # not shown to an account that sees de-identified data (PS3.15 E.1.1: burned-in text)
+    (Withheld, NOT_FOUND),
     (CannotConvert, NOT_ACCEPTABLE),
     (StorageFull, INSUFFICIENT_STORAGE),
     (QueryFailed, SERVICE_UNAVAILABLE),

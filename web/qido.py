@@ -14,11 +14,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from storage import Archive, Level
+from storage import Archive, Level, NotFound
 
 from .accept import DICOM_JSON, JSON, matches, ranges
 from .errors import NOT_ACCEPTABLE, WebError
-from .urls import service_url
+from .urls import profile_of, service_url
 
 WARN = 299  # PS3.18 8.4.5: the Warning code of every DICOMweb warning
 FUZZY_WARNING = ("The fuzzymatching parameter is not supported."
@@ -44,10 +44,19 @@ def _search(level: Level) -> Callable[[Request], Awaitable[Response]]:
         _check_accept(request)
         archive: Archive = request.app.state.archive
         path = request.path_params
-        search = archive.parse_search(request.query_params.multi_items(), level,
-                                      path.get("study", ""), path.get("series", ""))
+        profile = profile_of(request)
+        params = request.query_params.multi_items()
+        study, series = path.get("study", ""), path.get("series", "")
+        if not profile:
+            search = archive.parse_search(params, level, study, series)
+        else:  # its UIDs are looked up in the index
+            try:
+                search = await run_in_threadpool(archive.parse_search, params, level, study,
+                                                 series, profile)
+            except NotFound:  # a UID this account was never shown matches nothing
+                return Response(b"[]", media_type=DICOM_JSON)
         service = service_url(request)
-        answer = await run_in_threadpool(archive.search, search, service)
+        answer = await run_in_threadpool(archive.search, search, service, profile)
         response: Response = (Response(answer.first, media_type=DICOM_JSON)
                               if answer.rest is None else
                               StreamingResponse(chain([answer.first], answer.rest),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from storage import is_uid
+from storage import Archive, is_uid
 
 from .errors import BAD_REQUEST, WebError
 
@@ -37,11 +37,24 @@ def path_uid(text: str, what: str) -> str:
     return text
 
 
+def profile_of(request: Request) -> str:
+    """The de-identification profile of the account making the request
+    (``web.deidentify``, :class:`web.auth.AccessMiddleware`), or "" for one that sees the
+    data as stored."""
+    return str(request.scope.get("minipacs.profile", ""))
+
+
 def path_target(request: Request) -> tuple[str, str | None, str | None]:
     """The study, series and instance UIDs the path names (``None`` where it stops; 400
-    for one that is not a UID: :func:`path_uid`)."""
+    for one that is not a UID: :func:`path_uid`). For an account that sees de-identified
+    data (:func:`profile_of`), the stored UIDs that those its answers gave stand for
+    (``Archive.original_uids``: 404 for one never given)."""
     params = request.path_params
     study = path_uid(params["study"], "study")
     series = path_uid(params["series"], "series") if "series" in params else None
     sop = path_uid(params["instance"], "instance") if "instance" in params else None
+    profile = profile_of(request)
+    if profile:
+        archive: Archive = request.app.state.archive
+        return archive.original_uids(profile, study, series, sop)
     return study, series, sop

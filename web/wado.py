@@ -26,6 +26,7 @@ from storage import (
     CannotConvert,
     InstanceUnavailable,
     WebInstance,
+    Withheld,
     bulk_path,
     syntax_for,
 )
@@ -35,7 +36,7 @@ from .accept import DICOM, DICOM_JSON, OCTET_STREAM, PixelChoice
 from .errors import BAD_REQUEST, NOT_ACCEPTABLE, NOT_FOUND, WebError
 from .multipart_out import OK, PARTIAL_CONTENT, Part, multipart
 from .rendered import Rendering, part_type, render, rendering
-from .urls import path_target, service_url
+from .urls import path_target, profile_of, service_url
 
 """PS3.5 9.1: a UID is at most 64 characters, digits in dot-separated components."""
 MAX_FRAME_DIGITS = 9
@@ -91,15 +92,54 @@ def _frame_numbers(text: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-def retrieve(request: Request) -> Response:
-    """A study, series or instance as ``multipart/related; type="application/dicom"``
-    (PS3.18 10.4.1.1.1), each instance in the first transfer syntax asked for that it can
-    go in (8.7.8.2): 200 when all can, 206 when some can (Table 10.4.3-1), else 406."""
+def _located(request: Request) -> tuple[Archive, list[WebInstance], list[WebInstance]]:
+    """The instances the path names and, of those, the ones this account may be shown: all,
+    or for an account that sees de-identified data those not withheld for burned-in
+    annotation (:meth:`Archive.withheld`, each file's header read; 404 when none is)."""
     study, series, sop = path_target(request)
     archive = _archive(request)
     items = archive.locate(study, series, sop)
+    if not profile_of(request):
+        return archive, items, items
+    shown = [item for item in items if not archive.withheld(item)]
+    if not shown:
+        raise Withheld("nothing there is shown de-identified: its pixels may show the"
+                       " patient (deidentify.send_burned_in is off)")
+    return archive, items, shown
+
+
+def _check_shown(request: Request, archive: Archive, item: WebInstance) -> None:
+    """404 (:class:`Withheld`) when ``item`` may not be shown de-identified."""
+    if profile_of(request) and (reason := archive.withheld(item)):
+        raise Withheld(f"{item.sop_instance_uid} is not shown de-identified: {reason}")
+
+
+def _locations(request: Request, archive: Archive, items: list[WebInstance]
+               ) -> Callable[[WebInstance], str]:
+    """The URL of each of ``items`` as this account names it: by the UIDs its answers
+    give (``Archive.replaced_uids``, kept for its next requests) when it sees
+    de-identified data."""
+    url = _instance_url(request)
+    profile = profile_of(request)
+    if not profile:
+        return lambda item: url(item.study_uid, item.series_uid, item.sop_instance_uid)
+    given = archive.replaced_uids(items, profile)
+    return lambda item: url(given[item.study_uid], given[item.series_uid],
+                            given[item.sop_instance_uid])
+
+
+def retrieve(request: Request) -> Response:
+    """A study, series or instance as ``multipart/related; type="application/dicom"``
+    (PS3.18 10.4.1.1.1), each instance in the first transfer syntax asked for that it can
+    go in (8.7.8.2): 200 when all can, 206 when some can (Table 10.4.3-1), else 406.
+
+    For an account that sees de-identified data, each instance is a de-identified copy
+    (``Archive.deidentified_file``) and those withheld for burned-in annotation are left
+    out (206; 404 when that is all of them); the audit line names the profile and counts."""
+    archive, items, shown = _located(request)
+    profile = profile_of(request)
     wanted = accept.instance_syntaxes(accept.ranges(request))
-    plan = [(item, syntax) for item in items if (syntax := _first_syntax(item, wanted))]
+    plan = [(item, syntax) for item in shown if (syntax := _first_syntax(item, wanted))]
     if not plan:
         stored = ", ".join(sorted({UID(item.transfer_syntax_uid).name for item in items}))
         asked = ", ".join(w or "the default" for w in wanted)
@@ -109,13 +149,24 @@ def retrieve(request: Request) -> Response:
         raise WebError(NOT_FOUND, f"the file of {plan[0][0].sop_instance_uid}"
                                   f"{f' (and {len(plan) - 1} more)' if len(plan) > 1 else ''}"
                                   " is missing from the store (minipacs verify finds why)")
-    url = _instance_url(request)
-    parts = (Part(f"{DICOM}; transfer-syntax={syntax}", archive.instance_bytes(item, syntax),
-                  url(item.study_uid, item.series_uid, item.sop_instance_uid))
+    location = _locations(request, archive, [item for item, _ in plan if item in present])
+    if profile:
+        request.scope["minipacs.audit"] = {  # the audit line's (web/metrics.py)
+            "profile": profile, "studies": sorted({item.study_uid for item in items}),
+            "instances": len(present), "withheld": len(items) - len(shown)}
+    parts = (Part(f"{DICOM}; transfer-syntax={syntax}",
+                  _deidentified(archive, item, syntax, profile) if profile
+                  else archive.instance_bytes(item, syntax), location(item))
              for item, syntax in plan if item in present)
     # PS3.18 Table 10.4.3-1: 200 for the whole target, 206 for the instances that can go
     status = OK if len(present) == len(items) else PARTIAL_CONTENT
     return multipart(parts, DICOM, status, partial=True, head=_head(request))
+
+
+def _deidentified(archive: Archive, item: WebInstance, syntax: str,
+                  profile: str) -> Iterator[bytes]:
+    """A part's body: ``item`` de-identified, made only when the part is sent."""
+    yield archive.deidentified_file(item, syntax, profile)
 
 
 def _first_syntax(item: WebInstance, wanted: list[str]) -> str | None:
@@ -128,14 +179,17 @@ def metadata(request: Request) -> Response:
     object per instance, from the index alone."""
     study, series, sop = path_target(request)
     accept.require_json(accept.ranges(request))
-    body = _archive(request).metadata(study, series, sop, _instance_url(request))
+    body = _archive(request).metadata(study, series, sop, _instance_url(request),
+                                      profile_of(request))
     return Response(body, media_type=DICOM_JSON)
 
 
 def _one(request: Request) -> tuple[Archive, WebInstance]:
     study, series, sop = path_target(request)
     archive = _archive(request)
-    return archive, archive.locate(study, series, sop)[0]
+    item = archive.locate(study, series, sop)[0]
+    _check_shown(request, archive, item)
+    return archive, item
 
 
 def frames(request: Request) -> Response:
@@ -172,6 +226,9 @@ def bulkdata(request: Request) -> Response:
         path = bulk_path(request.path_params["path"])
     except ValueError as exc:
         raise WebError(BAD_REQUEST, f"not a bulk data path: {exc}") from exc
+    if profile_of(request) and path != [PIXEL_DATA]:  # the only one its metadata names
+        raise WebError(NOT_FOUND, "an account that sees de-identified data is given the"
+                                  " pixel data only")
     archive, item = _one(request)
     accepted = accept.ranges(request)
     url = str(request.url.replace(query=""))
@@ -227,15 +284,15 @@ def rendered_images(request: Request) -> Response:
     body without its closing delimiter (:mod:`web.multipart_out`). 406 when nothing has
     pixel data, 404 when nothing is stored there or no file of an image can be read.
     """
-    study, series, _ = path_target(request)
     how = rendering(request, part_type(accept.ranges(request)))
-    archive = _archive(request)
-    items = archive.locate(study, series)
-    images = _images(archive, items, f"series {series}" if series else f"study {study}")
-    url = _instance_url(request)
+    archive, items, shown = _located(request)
+    target = request.path_params.get("series") or request.path_params["study"]
+    images = _images(archive, shown, f"series {target}" if "series" in request.path_params
+                     else f"study {target}")
+    location = _locations(request, archive, images)
     parts = (Part(how.media_type,
                   _lazy(functools.partial(_picture, archive, item, how=how), 1),
-                  url(item.study_uid, item.series_uid, item.sop_instance_uid) + "/rendered")
+                  location(item) + "/rendered")
              for item in images)
     # PS3.18 Table 10.4.3-1: 200 for the whole target, 206 for the instances that can go
     status = OK if len(images) == len(items) else PARTIAL_CONTENT
@@ -291,6 +348,7 @@ def thumbnail(request: Request) -> Response:
     archive = _archive(request)
     item = (archive.locate(study, series, sop)[0] if sop is not None
             else archive.representative(study, series))
+    _check_shown(request, archive, item)
     return _render(archive, item, number, how)
 
 

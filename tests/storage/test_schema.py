@@ -87,6 +87,7 @@ def test_a_schema_1_index_is_migrated_with_every_row_and_counter_kept(tmp_path: 
         assert con.execute("PRAGMA foreign_key_check").fetchall() == []
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert "pending_removal" in tables  # schema 3
+        assert "pseudonym_uid" in tables  # schema 6
         con.close()
 
         # PS3.5 6.2.1: a value without "=" matches any group; with "=", group by group
