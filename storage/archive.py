@@ -774,8 +774,9 @@ class Archive:
         chunks: :func:`storage.query.run_search`, with ``max_results`` as the server's
         maximum and the index connection given back after every chunk. Each result's
         RetrieveURL starts with ``retrieve_base`` (the DICOMweb root). With ``profile``
-        (a search :meth:`parse_search` made with it), the answer is de-identified by it,
-        whole (:func:`storage.deidentified.search`), and the UIDs it gives are kept.
+        (a search :meth:`parse_search` made with it), the answer is de-identified by it
+        (:func:`storage.deidentified.search`), and the UIDs each batch gives are kept
+        before it goes.
 
         Raises
         ------
@@ -785,17 +786,16 @@ class Archive:
         if not profile:
             return query.run_search(search, retrieve_base, self.options.max_results,
                                     self.release)
-        replaced = deidentified.Replaced()
-        try:
-            answer = deidentified.search(
-                search, retrieve_base, self.options.max_results, self.deidentifier(profile),
-                not self.deidentifiers.send_burned_in, replaced)
-            self._remember(replaced)
-        except pw.DatabaseError as exc:
-            raise QueryFailed(f"the index could not be read: {exc}") from exc
-        finally:
-            self.release()
-        return answer
+
+        def keep_then_release(replaced: deidentified.Replaced) -> None:
+            try:
+                self._remember(replaced)
+            finally:
+                self.release()
+
+        return deidentified.search(search, retrieve_base, self.options.max_results,
+                                   self.deidentifier(profile),
+                                   not self.deidentifiers.send_burned_in, keep_then_release)
 
     # -- C-MOVE / C-GET -------------------------------------------------------------------
 
@@ -892,10 +892,11 @@ class Archive:
         self._remember(replaced)
         return body
 
-    def representative(self, study_uid: str, series_uid: str | None = None) -> WebInstance:
+    def representative(self, study_uid: str, series_uid: str | None = None,
+                       shown: Callable[[WebInstance], bool] | None = None) -> WebInstance:
         """The image a thumbnail of a study or series shows
-        (:func:`storage.instances.representative`)."""
-        return instances.representative(study_uid, series_uid)
+        (:func:`storage.instances.representative`; ``shown``: the first it accepts)."""
+        return instances.representative(study_uid, series_uid, shown)
 
     def present(self, items: list[WebInstance]) -> list[WebInstance]:
         """Those of ``items`` whose file is in the store: a ``stat`` each, nothing read
@@ -1186,8 +1187,7 @@ class Archive:
             known = index.originals_of(list(replaced.pairs)) if replaced.pairs else {}
             new = {r: o for r, o in replaced.pairs.items() if r not in known}
             if new:
-                with self.writing():
-                    index.remember_pseudonyms(new)
+                index.remember_pseudonyms(new)
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not keep the UIDs an answer gives: {exc}"
                               ) from exc

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
@@ -121,12 +120,12 @@ def search_params(params: query.SearchParams, deidentifier: Deidentifier
         A UID match none of whose values is known: nothing can match.
     """
     pairs = list(params)
-    asked = {uid for name, value in pairs if _uid_tag(name) is not None
+    asked = {uid for name, value in pairs if _uid_tag(name) is not None and value != "*"
              for uid in value.replace("\\", ",").split(",") if uid}
     known = originals(deidentifier, asked) if asked else {}
     out: list[tuple[str, str]] = []
     for name, value in pairs:
-        if _uid_tag(name) is not None and value:
+        if _uid_tag(name) is not None and value and value != "*":  # "*": any (C.2.2.2.3)
             kept = [known[u] for u in value.replace("\\", ",").split(",") if u in known]
             if not kept:
                 raise NotFound(f"no {name} this account was shown")
@@ -161,11 +160,12 @@ def check_search(search: query.Search, deidentifier: Deidentifier) -> None:
 
 
 def search(search: query.Search, retrieve_base: str, max_results: int,
-           deidentifier: Deidentifier, withhold_burned_in: bool, replaced: Replaced
-           ) -> query.SearchAnswer:
-    """Answer ``search`` de-identified, whole (:func:`query.run_search`'s paging and
-    server maximum; an instance withheld for burned-in annotation is no match), noting in
-    ``replaced`` the UIDs it gives.
+           deidentifier: Deidentifier, withhold_burned_in: bool,
+           release: Callable[[Replaced], None]) -> query.SearchAnswer:
+    """Answer ``search`` de-identified, streamed as :func:`query.run_search` streams (its
+    paging, its server maximum, a batch at a time); an instance withheld for burned-in
+    annotation is no match. After each batch, before it goes, ``release`` is given the UIDs
+    the batch replaced (to keep them, then give the index connection back).
 
     Raises
     ------
@@ -173,18 +173,9 @@ def search(search: query.Search, retrieve_base: str, max_results: int,
         The index could not be read (:func:`query.run_search`).
     """
     level = search.query.level
-    rows: Iterator[query.Row] = (
-        row for row in query.select_rows(search.query) if query.row_matches(search.query, row)
-        and not (withhold_burned_in and level is Level.IMAGE and _burned_in(_whole(row))))
-    rows = islice(rows, search.offset, None)
-    count = search.limit
-    cut = bool(max_results) and (count is None or count >= max_results)
-    if cut:
-        count = max_results
-    taken = list(rows if count is None else islice(rows, count))
-    remaining = sum(1 for _ in rows) if cut and len(taken) == count else 0
-    results: list[bytes] = []
-    for row in taken:
+    replaced = Replaced()
+
+    def render(row: query.Row) -> bytes | None:
         answered = json.loads(query.json_answer(
             search.query, row, everything=search.everything, when_known=search.when_known))
         answered.pop(RETRIEVE_URL, None)
@@ -192,13 +183,22 @@ def search(search: query.Search, retrieve_base: str, max_results: int,
         whole.update(answered)
         out = _deidentified(whole, deidentifier, replaced)
         if out is None:
-            continue
+            return None
         result = {tag: out[tag] for tag in answered if tag in out}
         if retrieve_base:
             result[RETRIEVE_URL] = {"vr": "UR", "Value": [_url(retrieve_base, level, out)]}
-        results.append(json.dumps(dict(sorted(result.items())), ensure_ascii=False,
-                                  separators=(",", ":")).encode("utf-8"))
-    return query.SearchAnswer(b"[" + b",".join(results) + b"]", None, remaining)
+        return json.dumps(dict(sorted(result.items())), ensure_ascii=False,
+                          separators=(",", ":")).encode("utf-8")
+
+    def shown(row: query.Row) -> bool:
+        return not (withhold_burned_in and level is Level.IMAGE and _burned_in(_whole(row)))
+
+    def batch_done() -> None:
+        pending = Replaced(dict(replaced.pairs))
+        replaced.pairs.clear()
+        release(pending)
+
+    return query.run_search(search, retrieve_base, max_results, batch_done, render, shown)
 
 
 def _whole(row: query.Row) -> dict[str, Any]:

@@ -453,11 +453,19 @@ def originals_of(replacements: Collection[str]) -> dict[str, str]:
 
 
 def remember_pseudonyms(pairs: dict[str, str]) -> None:
-    """Keep ``pairs`` (replacement -> stored UID) in ``pseudonym_uid``; a pair already kept
-    (by this node or another) is left as it is. Call it in a :func:`write_transaction`."""
+    """Keep ``pairs`` (replacement -> stored UID) in ``pseudonym_uid``, in a transaction of
+    its own; a pair already kept (by this node or another) is left as it is. Not under the
+    archive's write lock (:func:`write_transaction`): nothing else writes that table and a
+    row never changes, so PostgreSQL needs no more than ``ON CONFLICT DO NOTHING``; SQLite
+    takes its database lock (``BEGIN IMMEDIATE``) as for any write, waiting its busy
+    timeout for a store's commit."""
     rows = [{"replacement": r, "original": o} for r, o in pairs.items()]
-    for start in range(0, len(rows), _IN_BATCH):
-        PseudonymUid.insert_many(rows[start:start + _IN_BATCH]).on_conflict_ignore().execute()
+    database = db.obj
+    with database.atomic("IMMEDIATE") if isinstance(database, pw.SqliteDatabase) \
+            else database.atomic():
+        for start in range(0, len(rows), _IN_BATCH):
+            PseudonymUid.insert_many(rows[start:start + _IN_BATCH]).on_conflict_ignore() \
+                .execute()
 
 
 _IN_BATCH = 500

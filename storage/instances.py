@@ -179,14 +179,18 @@ def _not_found(study: str, series: str | None, sop: str | None) -> NotFound:
     return NotFound(f"no instance {sop} in series {series} of study {study}")
 
 
-def representative(study: str, series: str | None = None) -> WebInstance:
+def representative(study: str, series: str | None = None,
+                   shown: Callable[[WebInstance], bool] | None = None) -> WebInstance:
     """The image that stands for a study or a series in a thumbnail: in the series (the
     study's first by SeriesNumber that holds images), the middle one by InstanceNumber.
+    With ``shown``, the first image it accepts, series by series in that order, the
+    middle one first (an account that sees de-identified data: not one withheld).
 
     Raises
     ------
     NotFound
-        Nothing is stored there, or no image (no Rows in any instance).
+        Nothing is stored there, or no image (no Rows in any instance; with ``shown``,
+        none it accepts).
     QueryFailed
         The index could not be read.
     """
@@ -198,9 +202,17 @@ def representative(study: str, series: str | None = None) -> WebInstance:
             raise _not_found(study, series, None)
     if not rows:
         raise NotFound(f"no image in {'series ' + series if series else 'study ' + study}")
-    first = min(rows, key=lambda row: _number(row[7]))[1]
-    images = sorted((row for row in rows if row[1] == first), key=lambda row: _number(row[8]))
-    return WebInstance(*images[(len(images) - 1) // 2][:len(WEB_COLUMNS)])
+    order = sorted({row[1]: _number(row[7]) for row in rows}.items(), key=lambda p: p[1])
+    for series_uid, _ in order:
+        images = sorted((row for row in rows if row[1] == series_uid),
+                        key=lambda row: _number(row[8]))
+        middle = (len(images) - 1) // 2
+        for row in [images[middle], *images[:middle], *images[middle + 1:]]:
+            item = WebInstance(*row[:len(WEB_COLUMNS)])
+            if shown is None or shown(item):
+                return item
+    raise NotFound(f"no image in {'series ' + series if series else 'study ' + study} can be"
+                   " shown")
 
 
 def _number(text: str) -> float:

@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -77,9 +78,30 @@ def reason_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+UID_IN_TEXT = re.compile(r"(?<![0-9.])[0-9]+(?:\.[0-9]+){2,}(?![0-9.])")
+"""What looks like a UID in a reason (three components or more)."""
+
+
+def _reason(request: Request, text: str) -> str:
+    """``text`` on one line; for an account that sees de-identified data
+    (``scope["minipacs.profile"]``), every UID in it that the request did not name itself
+    replaced by ``(a UID)``: past the path, the archive works on the stored UIDs, which
+    such an account must never see (the full reason is logged for the administrator)."""
+    line = reason_line(text)
+    if not request.scope.get("minipacs.profile"):
+        return line
+    asked = set(UID_IN_TEXT.findall(f"{request.url.path}?{request.url.query}"))
+    safe = UID_IN_TEXT.sub(lambda m: m[0] if m[0] in asked else "(a UID)", line)
+    if safe != line:
+        logger.info("%s %s for a de-identified account: %s", request.method,
+                    request.url.path, line)
+    return safe
+
+
 async def _web_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, WebError)
-    return PlainTextResponse(reason_line(exc.reason) + "\n", exc.status, headers=exc.headers)
+    return PlainTextResponse(_reason(request, exc.reason) + "\n", exc.status,
+                             headers=exc.headers)
 
 
 async def _storage_error(request: Request, exc: Exception) -> Response:
@@ -87,7 +109,7 @@ async def _storage_error(request: Request, exc: Exception) -> Response:
     status = status_of(exc)
     if status >= INTERNAL_ERROR:
         logger.warning("%s %s: %s", request.method, request.url.path, exc)
-    return PlainTextResponse(reason_line(str(exc)) + "\n", status)
+    return PlainTextResponse(_reason(request, str(exc)) + "\n", status)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -98,7 +120,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("%s %s failed", request.method, request.url.path)
-    return PlainTextResponse(f"internal error: {reason_line(repr(exc))}\n", INTERNAL_ERROR)
+    return PlainTextResponse(f"internal error: {_reason(request, repr(exc))}\n",
+                             INTERNAL_ERROR)
 
 
 def handlers() -> dict[Any, Any]:

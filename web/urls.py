@@ -56,5 +56,7 @@ def path_target(request: Request) -> tuple[str, str | None, str | None]:
     profile = profile_of(request)
     if profile:
         archive: Archive = request.app.state.archive
-        return archive.original_uids(profile, study, series, sop)
+        study, series, sop = archive.original_uids(profile, study, series, sop)
+        # the audit line (web/metrics.py) says whose data the account saw, as stored
+        request.scope.setdefault("minipacs.audit", {}).update(profile=profile, study=study)
     return study, series, sop

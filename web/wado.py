@@ -101,11 +101,20 @@ def _located(request: Request) -> tuple[Archive, list[WebInstance], list[WebInst
     items = archive.locate(study, series, sop)
     if not profile_of(request):
         return archive, items, items
-    shown = [item for item in items if not archive.withheld(item)]
+    shown = [item for item in items if _shown(archive, item)]
     if not shown:
         raise Withheld("nothing there is shown de-identified: its pixels may show the"
                        " patient (deidentify.send_burned_in is off)")
     return archive, items, shown
+
+
+def _shown(archive: Archive, item: WebInstance) -> bool:
+    """Whether ``item`` may be shown de-identified; one whose file cannot be read is left
+    to the request's own reading of it (a 206 without it, as for any account)."""
+    try:
+        return archive.withheld(item) is None
+    except InstanceUnavailable:
+        return True
 
 
 def _check_shown(request: Request, archive: Archive, item: WebInstance) -> None:
@@ -150,10 +159,9 @@ def retrieve(request: Request) -> Response:
                                   f"{f' (and {len(plan) - 1} more)' if len(plan) > 1 else ''}"
                                   " is missing from the store (minipacs verify finds why)")
     location = _locations(request, archive, [item for item, _ in plan if item in present])
-    if profile:
-        request.scope["minipacs.audit"] = {  # the audit line's (web/metrics.py)
-            "profile": profile, "studies": sorted({item.study_uid for item in items}),
-            "instances": len(present), "withheld": len(items) - len(shown)}
+    if profile:  # the audit line's (web/metrics.py), beside what path_target put there
+        request.scope.setdefault("minipacs.audit", {}).update(
+            instances=0 if _head(request) else len(present), withheld=len(items) - len(shown))
     parts = (Part(f"{DICOM}; transfer-syntax={syntax}",
                   _deidentified(archive, item, syntax, profile) if profile
                   else archive.instance_bytes(item, syntax), location(item))
@@ -346,9 +354,13 @@ def thumbnail(request: Request) -> Response:
     number = _single_frame(frame) if frame is not None else None
     how = rendering(request, accept.rendered_type(accept.ranges(request)), thumbnail=True)
     archive = _archive(request)
-    item = (archive.locate(study, series, sop)[0] if sop is not None
-            else archive.representative(study, series))
-    _check_shown(request, archive, item)
+    if sop is not None:
+        item = archive.locate(study, series, sop)[0]
+        _check_shown(request, archive, item)
+    elif profile_of(request):  # one that is not withheld
+        item = archive.representative(study, series, functools.partial(_shown, archive))
+    else:
+        item = archive.representative(study, series)
     return _render(archive, item, number, how)
 
 

@@ -394,10 +394,17 @@ _T = TypeVar("_T")
 
 
 def run_search(
-    search: Search, retrieve_base: str, max_results: int, release: Callable[[], None]
+    search: Search, retrieve_base: str, max_results: int, release: Callable[[], None],
+    render: Callable[[Row], bytes | None] | None = None,
+    keep: Callable[[Row], bool] | None = None,
 ) -> SearchAnswer:
     """Answer ``search`` (PS3.18 8.3.4.4.1 paging): skip ``offset`` matches, answer at
     most ``limit`` and at most ``max_results`` (0: no maximum).
+
+    ``render`` makes a match's result (:func:`json_answer` with its RetrieveURL by
+    default; ``None``: the match is left out of the answer), ``keep`` says whether a match
+    counts at all (all do by default): de-identified searches (:mod:`storage.deidentified`)
+    pass their own.
 
     The first :data:`BATCH_SIZE` results are read here, so that a failure is answered before
     the answer starts; the rest is read batch by batch as the chunks are taken. Each batch
@@ -412,12 +419,15 @@ def run_search(
         The index could not be read.
     """
     rows = _matching_rows(search.query)
+    if keep is not None:
+        rows = filter(keep, rows)
     count = search.limit
     server_cut = bool(max_results) and (count is None or count >= max_results)
     if server_cut:
         count = max_results
-    results = (_render(search, row, retrieve_base)
-               for row in (rows if count is None else islice(rows, count)))
+    made = render or (lambda row: _render(search, row, retrieve_base))
+    results = (result for result in map(made, rows if count is None else islice(rows, count))
+               if result is not None)
 
     def first() -> list[bytes]:
         for _ in islice(rows, search.offset):

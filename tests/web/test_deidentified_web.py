@@ -22,6 +22,7 @@ from scp.config import ConfigError, load_config
 from tests.factory import encode
 from tests.test_deidentified_peers import SETTINGS, one_study
 from tests.web.conftest import WebRunning
+from tests.web.test_audit import wait_for
 from web.auth import hash_token, new_token
 
 SECRET_TOKEN = new_token()
@@ -100,6 +101,9 @@ def test_a_de_identified_account_sees_replaced_uids_pseudonyms_and_no_burned_in_
     metadata = dw.retrieve_series_metadata(study_uid, ct_series)
     assert len(metadata) == 3
     assert_none_of(secret, json.dumps(metadata))
+    whole = dw.retrieve_study_metadata(study_uid)  # the ultrasound image left out
+    assert sorted(m["00080018"]["Value"][0] for m in whole) == sorted(
+        m["00080018"]["Value"][0] for m in metadata)
     sop = metadata[0]["00080018"]["Value"][0]
     assert metadata[0]["7FE00010"]["BulkDataURI"] == (
         f"{running.url}/studies/{study_uid}/series/{ct_series}/instances/{sop}/bulkdata/7FE00010")
@@ -115,8 +119,10 @@ def test_a_de_identified_account_sees_replaced_uids_pseudonyms_and_no_burned_in_
         rendered = http.get(f"{base}/{study_uid}/series/{us_series}/rendered")
         assert rendered.status_code == 404
         assert "nothing there is shown de-identified" in rendered.text
-        assert http.get(f"{base}/{study_uid}/series/{ct_series}/instances/{sop}/bulkdata/"
-                        "00100010").status_code == 404
+        other_bulk = http.get(f"{base}/{study_uid}/series/{ct_series}/instances/{sop}/"
+                              "bulkdata/00100010")
+        assert other_bulk.status_code == 404
+        assert "given the pixel data only" in other_bulk.text
         refused = http.get(f"{base}?PatientName=Doe*")
         assert refused.status_code == 400
         assert "the profile 'research' changes it" in refused.text
@@ -127,6 +133,20 @@ def test_a_de_identified_account_sees_replaced_uids_pseudonyms_and_no_burned_in_
             answer = http.request(method, url)
             assert answer.status_code == 403, (method, url, answer.text)
             assert "sees de-identified data (research)" in answer.text
+
+    # no error tells a stored UID: paths mixed up, a frame it has not, what is withheld
+    us_study = f"{base}/{study_uid}/series/{us_series}"
+    with httpx.Client(headers=BEARER, timeout=30) as http:
+        for url in (f"{base}/{ct_series}", f"{base}/{study_uid}/series/{sop}",
+                    f"{base}/{study_uid}/series/{ct_series}/instances/{ct_series}",
+                    f"{base}/{study_uid}/series/{ct_series}/instances/{sop}/frames/99",
+                    f"{us_study}/thumbnail", f"{us_study}/metadata", us_study):
+            answer = http.get(url)
+            assert answer.status_code == 404, (url, answer.status_code, answer.text)
+            assert_none_of(secret, answer.text)
+        assert "(a UID)" in http.get(f"{base}/{ct_series}").text
+        # the study's thumbnail is of an image it may see
+        assert http.get(f"{base}/{study_uid}/thumbnail").status_code == 200
 
     # an account without a profile still sees the study as stored
     plain = DICOMwebClient(running.url).search_for_studies()
@@ -139,12 +159,19 @@ def test_a_de_identified_retrieve_is_audited_with_its_profile(
     dw = client(running)
     [study] = dw.search_for_studies()
     dw.retrieve_study(study["0020000D"]["Value"][0])
-    lines = [json.loads(line) for line in
-             (running.dicom.data_dir / "audit.jsonl").read_text().splitlines()]
-    [line] = [a for a in lines if a["event"] == "http" and a.get("profile")]
+    def retrieved(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [a for a in lines if a["event"] == "http" and "instances" in a]
+
+    def searched(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [a for a in lines if a["event"] == "http" and a["service"] == "QIDO-RS"]
+    trail = wait_for(running.dicom.data_dir / "audit.jsonl",
+                     lambda lines: bool(retrieved(lines) and searched(lines)))
+    [line] = retrieved(trail)
     assert (line["user"], line["profile"]) == ("research", "research")
-    assert line["studies"] == [str(datasets[0].StudyInstanceUID)]  # as stored
+    assert line["study"] == str(datasets[0].StudyInstanceUID)  # as stored
     assert (line["instances"], line["withheld"]) == (3, 1)
+    [search] = searched(trail)
+    assert search["profile"] == "research"
 
 
 def test_under_retain_uids_the_account_names_the_stored_uids(
@@ -161,6 +188,14 @@ def test_under_retain_uids_the_account_names_the_stored_uids(
     assert len(copies) == 3
     assert {ds.StudyInstanceUID for ds in copies} == {study}
     assert all(str(ds.PatientName).startswith("ANONYMOUS^") for ds in copies)
+    us = datasets[3]  # nameable here, and still not shown
+    url = (f"{running.url}/studies/{study}/series/{us.SeriesInstanceUID}/instances/"
+           f"{us.SOPInstanceUID}")
+    with httpx.Client(headers=BEARER, timeout=30) as http:
+        for tail in ("/frames/1", "/rendered", "/thumbnail", "/bulkdata/7FE00010", ""):
+            answer = http.get(url + tail)
+            assert answer.status_code == 404, (tail, answer.text)
+            assert "shown de-identified" in answer.text, tail
 
 
 def test_web_deidentify_names_an_account_and_a_profile(tmp_path: Path) -> None:
