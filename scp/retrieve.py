@@ -107,7 +107,7 @@ def contexts_for(pairs: Counter[tuple[str, str]], peer: PeerConfig
     return contexts
 
 
-Prepared = tuple[int, Iterable[bytes], str]
+Prepared = tuple[int, Iterable[bytes | memoryview], str]
 """A sub-operation's presentation context ID, data set and SOP Instance UID."""
 
 
@@ -136,10 +136,10 @@ def data_set_for(archive: Archive, item: StoredInstance, contexts: list[tuple[in
         for context_id, syntax in contexts:
             if syntax == item.transfer_syntax_uid:  # rewritten on the stored bytes
                 try:
-                    data, uid = archive.deidentified_data_set(item, profile)
+                    chunks, uid = archive.deidentified_data_set(item, profile)
                 except NotAsWritten:
                     break
-                return context_id, [data], uid
+                return context_id, chunks, uid
         ds = archive.read_deidentified(item, profile, accepted)
         uid = str(ds.SOPInstanceUID)
         return (*_encoded(ds, contexts, uid), uid)
@@ -332,7 +332,7 @@ class Retrieval:
         context_id, chunks, sent_uid = prepared
         sent = [0]
 
-        def counted() -> Iterator[bytes]:  # what goes out: converted, no File Meta
+        def counted() -> Iterator[bytes | memoryview]:  # what goes out: no File Meta
             for chunk in chunks:
                 sent[0] += len(chunk)
                 yield chunk

@@ -1120,10 +1120,12 @@ class Archive:
         _copy_uid(item, deidentifier, str(out.get("SOPInstanceUID", "")))
         return out
 
-    def deidentified_data_set(self, item: StoredInstance, profile: str) -> tuple[bytes, str]:
+    def deidentified_data_set(self, item: StoredInstance, profile: str
+                              ) -> tuple[list[bytes | memoryview], str]:
         """``item``'s data set in its stored transfer syntax, de-identified by ``profile``
         on the encoded bytes (:func:`storage.deidentify.stream.rewrite`: what is kept is
-        copied as stored), and the SOP Instance UID it now has.
+        copied as stored, a long run such as the pixel data referenced, not copied), in
+        pieces, and the SOP Instance UID it now has.
 
         Raises
         ------
@@ -1142,7 +1144,8 @@ class Archive:
         data = b"".join(self.stored_data_set(item))
         done = deidentifier.apply_encoded(data, syntax == ImplicitVRLittleEndian,
                                           not self.deidentifiers.send_burned_in)
-        return done.data, _copy_uid(item, deidentifier, done.uids.get(item.sop_instance_uid))
+        return done.chunks, _copy_uid(item, deidentifier,
+                                      done.uids.get(item.sop_instance_uid))
 
     # -- DICOMweb for de-identified accounts (storage.deidentified) ---------------------
 
@@ -1222,11 +1225,12 @@ class Archive:
         """
         if transfer_syntax_uid == item.transfer_syntax_uid:
             try:
-                data, uid = self.deidentified_data_set(item.stored, profile)
+                chunks, uid = self.deidentified_data_set(item.stored, profile)
             except instances.NotAsWritten:
                 pass
             else:
-                return instances.part10(data, item.sop_class_uid, uid, transfer_syntax_uid)
+                return instances.part10(b"".join(chunks), item.sop_class_uid, uid,
+                                        transfer_syntax_uid)
         ds = self.read_deidentified(item.stored, profile, [transfer_syntax_uid])
         out = io.BytesIO()
         ds.save_as(out, enforce_file_format=True)

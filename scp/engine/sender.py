@@ -131,7 +131,7 @@ class Link:
         except (OSError, ValueError) as exc:
             self._lost(CLOSED, exc)
 
-    def store(self, context_id: int, command: bytes, data_set: Iterable[bytes],
+    def store(self, context_id: int, command: bytes, data_set: Iterable[bytes | memoryview],
               message_id: int, meanwhile: Callable[[], None] | None = None,
               ) -> tuple[int, str | None]:
         """Send one C-STORE request (``command``, then the pieces of ``data_set`` as they
@@ -159,7 +159,7 @@ class Link:
                 return self.response(message_id)
             piece = following
 
-    def _next_piece(self, pieces: Iterator[bytes]) -> bytes | None:
+    def _next_piece(self, pieces: Iterator[bytes | memoryview]) -> bytes | memoryview | None:
         try:
             return next(pieces, None)
         except Exception:

@@ -90,10 +90,49 @@ class Header(NamedTuple):
 
 @dataclass
 class Rewritten:
-    """The de-identified data set and what was learnt on the way."""
+    """The de-identified data set, in pieces (:class:`Out`: runs of the original kept as
+    views of it, not copied), and what was learnt on the way."""
 
-    data: bytes
+    chunks: list[bytes | memoryview]
     uids: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data(self) -> bytes:
+        """The data set in one piece (a copy)."""
+        return b"".join(self.chunks)
+
+
+LONG_RUN = 64 * 1024
+"""A run of kept elements at least this long (the pixel data, mostly) goes out as a view of
+the original rather than a copy: copying a CT's 512 kB twice cost more than de-identifying
+its header (bench/README.md, "Issue 18")."""
+
+
+class Out(bytearray):
+    """What :func:`rewrite` writes: bytes, and between them long runs of the original
+    (:meth:`keep`) left where they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: list[bytes | memoryview] = []
+
+    def keep(self, run: memoryview) -> None:
+        """Append ``run``, a part of the original kept as it is: copied when short,
+        referenced when :data:`LONG_RUN` or more."""
+        if len(run) < LONG_RUN:
+            self.extend(run)
+            return
+        if self:
+            self.pieces.append(bytes(self))
+            self.clear()
+        self.pieces.append(run)
+
+    def finish(self) -> list[bytes | memoryview]:
+        """The pieces, in order."""
+        if self or not self.pieces:
+            self.pieces.append(bytes(self))
+            self.clear()
+        return self.pieces
 
 
 class _Reader:
@@ -252,9 +291,9 @@ def rewrite(deidentifier: Rules, data: bytes | memoryview, implicit: bool,
         if why is not None:
             raise Withheld(why)
     work.begin()
-    out = bytearray()
+    out = Out()
     work.dataset(out, 0, len(buf), reader, level=0)
-    return Rewritten(bytes(out), work.uids)
+    return Rewritten(out.finish(), work.uids)
 
 
 class _Work:
@@ -329,7 +368,7 @@ class _Work:
 
     # -- pass 2: the rewritten data set -------------------------------------------------
 
-    def dataset(self, out: bytearray, start: int, end: int, reader: _Reader,
+    def dataset(self, out: Out, start: int, end: int, reader: _Reader,
                 level: int) -> None:
         creators: dict[int, str] = {}
         markers = list(MARKERS) if level == 0 else []
@@ -346,7 +385,7 @@ class _Work:
                     kept = head.start
                 continue
             if kept >= 0:
-                out += buf[kept:head.start]
+                out.keep(buf[kept:head.start])
                 kept = -1
             while markers and markers[0] <= tag:
                 self.marker(out, markers.pop(0), reader.implicit)
@@ -354,11 +393,11 @@ class _Work:
                 continue  # written by marker()
             self.element(out, head, stop, reader, creators, level, code)
         if kept >= 0:
-            out += buf[kept:at]
+            out.keep(buf[kept:at])
         for tag in markers:
             self.marker(out, tag, reader.implicit)
 
-    def element(self, out: bytearray, head: Header, stop: int, reader: _Reader,
+    def element(self, out: Out, head: Header, stop: int, reader: _Reader,
                 creators: dict[int, str], level: int, code: str | None) -> None:
         """Write ``head``'s element as its action ``code`` (:meth:`Rules.code_of`) says."""
         tag = head.tag
@@ -369,7 +408,7 @@ class _Work:
                 creators[tag] = bytes(reader.buf[head.value:head.value + head.length]).decode(
                     "latin-1").strip(" \x00")
             if self.safe_private(tag, creators):
-                out += reader.buf[head.start:stop]
+                out.keep(reader.buf[head.start:stop])
             return
         sequence = reader.is_sequence(head)
         if head.vr == "UN" and not sequence:  # a known attribute sent as UN: its value is
@@ -378,7 +417,7 @@ class _Work:
             if sequence:
                 self.sequence(out, head, reader, level)
             else:
-                out += reader.buf[head.start:stop]
+                out.keep(reader.buf[head.start:stop])
             return
         if code == "X":
             return
@@ -386,7 +425,7 @@ class _Work:
             if sequence:
                 self.sequence(out, head, reader, level)
             else:
-                out += reader.buf[head.start:stop]
+                out.keep(reader.buf[head.start:stop])
         elif code in ("Z", "X/Z"):
             self.emit(out, head, reader, self.empty(head))
         elif code in ("D", "Z/D", "X/D", "X/Z/D"):
@@ -398,7 +437,7 @@ class _Work:
         else:  # read_table refuses any other code
             raise AssertionError(f"unknown action {code!r}")
 
-    def sequence(self, out: bytearray, head: Header, reader: _Reader, level: int) -> None:
+    def sequence(self, out: Out, head: Header, reader: _Reader, level: int) -> None:
         """A sequence kept: written with undefined length, each item de-identified."""
         inner = reader.inner(head)
         self.head(out, head.tag, head.vr or "SQ", UNDEFINED, reader.implicit)
@@ -493,7 +532,7 @@ class _Work:
 
     # -- writing ------------------------------------------------------------------------
 
-    def emit(self, out: bytearray, head: Header, reader: _Reader,
+    def emit(self, out: Out, head: Header, reader: _Reader,
              value: bytes | list[bytes]) -> None:
         if isinstance(value, list):  # a sequence of (empty) items
             self.head(out, head.tag, "SQ", UNDEFINED, reader.implicit)
@@ -508,7 +547,7 @@ class _Work:
         self.head(out, head.tag, vr, len(value), reader.implicit)
         out += value
 
-    def head(self, out: bytearray, tag: int, vr: str, length: int, implicit: bool) -> None:
+    def head(self, out: Out, tag: int, vr: str, length: int, implicit: bool) -> None:
         out += struct.pack("<HH", tag >> 16, tag & 0xFFFF)
         if implicit:
             out += struct.pack("<I", length)
@@ -517,7 +556,7 @@ class _Work:
         else:
             out += vr.encode("ascii") + struct.pack("<H", length)
 
-    def marker(self, out: bytearray, tag: int, implicit: bool) -> None:
+    def marker(self, out: Out, tag: int, implicit: bool) -> None:
         """PS3.15 E.1.1, 6: what says the data set was de-identified, and how."""
         options = self.options
         if tag == 0x00120062:

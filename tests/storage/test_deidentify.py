@@ -426,6 +426,34 @@ def test_the_encoded_data_set_is_rewritten_alike_in_either_vr_encoding(
     assert done.uids[str(ds.SOPInstanceUID)] == got.SOPInstanceUID
 
 
+def test_long_kept_runs_go_out_as_views_of_the_original_not_copies(table: Table) -> None:
+    """A CT's pixel data is most of its bytes: the rewrite refers to it in the original
+    instead of copying it (stream.LONG_RUN); the pieces joined are the same data set."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+    from pydicom.filewriter import write_dataset
+
+    from storage.deidentify.stream import LONG_RUN
+
+    ds = patient_ds()
+    ds.BitsAllocated = 16
+    ds.PixelData = bytes(range(256)) * (LONG_RUN // 128)  # 2 * LONG_RUN bytes
+    ds.add_new(0x7FE10010, "OB", b"\x07" * LONG_RUN)  # a long private value: removed
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    original = buffer.getvalue()
+    done = Deidentifier(table, Profile("test"), SECRET).apply_encoded(original, False)
+    views = [c for c in done.chunks if isinstance(c, memoryview)]
+    assert len(views) == 1 and views[0].obj is original
+    assert bytes(views[0]).endswith(ds.PixelData)
+    assert not any(isinstance(c, memoryview) and len(c) < LONG_RUN for c in done.chunks)
+    got = read_dataset(BytesIO(done.data), False, True)
+    assert got.PixelData == ds.PixelData
+    assert got.PatientName != ds.PatientName
+    assert 0x7FE10010 not in got
+
+
 def test_burned_in_pixels_are_withheld_before_anything_is_rewritten(table: Table) -> None:
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset

@@ -282,8 +282,8 @@ def test_a_de_identified_study_opens_in_ohif_with_its_series(
     copies = set()
     for item in archive.retrieve(archive.parse_query(
             _study_query(str(ct[0].StudyInstanceUID)), Model.STUDY_ROOT)):
-        data, new_uid = archive.deidentified_data_set(item, "research")
-        archive.store(data, item.transfer_syntax_uid)
+        chunks, new_uid = archive.deidentified_data_set(item, "research")
+        archive.store(b"".join(chunks), item.transfer_syntax_uid)
         copies.add(new_uid)
     assert len(copies) == 5
     [copy] = [r for r in archive.find(archive.parse_query(_study_query(""), Model.STUDY_ROOT))
