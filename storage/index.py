@@ -459,7 +459,9 @@ def remember_pseudonyms(pairs: dict[str, str]) -> None:
     row never changes, so PostgreSQL needs no more than ``ON CONFLICT DO NOTHING``; SQLite
     takes its database lock (``BEGIN IMMEDIATE``) as for any write, waiting its busy
     timeout for a store's commit."""
-    rows = [{"replacement": r, "original": o} for r, o in pairs.items()]
+    # in one order everywhere: two PostgreSQL transactions inserting some of the same new
+    # rows in different orders would deadlock
+    rows = [{"replacement": r, "original": pairs[r]} for r in sorted(pairs)]
     database = db.obj
     with database.atomic("IMMEDIATE") if isinstance(database, pw.SqliteDatabase) \
             else database.atomic():

@@ -19,6 +19,7 @@ from storage import (
     CannotConvert,
     InstanceUnavailable,
     InvalidQuery,
+    NotFound,
     QueryFailed,
     StorageError,
     StorageFull,
@@ -78,20 +79,29 @@ def reason_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-UID_IN_TEXT = re.compile(r"(?<![0-9.])[0-9]+(?:\.[0-9]+){2,}(?![0-9.])")
-"""What looks like a UID in a reason (three components or more)."""
+UID_IN_TEXT = re.compile(r"(?<![0-9])[0-9]+(?:\.[0-9]+)+(?![0-9])")
+"""What may be a UID in a reason: two components or more."""
+
+OWN_REASONS: tuple[type[StorageError], ...] = (NotFound, InvalidQuery, Withheld)
+"""Storage errors whose text is minipacs' own (UIDs and keywords, no value read from a
+file): told to an account that sees de-identified data once its UIDs are scrubbed."""
 
 
-def _reason(request: Request, text: str) -> str:
-    """``text`` on one line; for an account that sees de-identified data
-    (``scope["minipacs.profile"]``), every UID in it that the request did not name itself
-    replaced by ``(a UID)``: past the path, the archive works on the stored UIDs, which
-    such an account must never see (the full reason is logged for the administrator)."""
+def _reason(request: Request, text: str, own: bool = True) -> str:
+    """``text`` on one line. For an account that sees de-identified data
+    (``scope["minipacs.profile"]``): past the path the archive works on the stored UIDs,
+    which it must never see, so every UID in ``text`` that the request did not name itself
+    is replaced by ``(a UID)``; a text not ``own`` (it may quote a value read from a file:
+    pydicom's, the system's) is replaced by the status's name. What was replaced is logged
+    at INFO for the administrator."""
     line = reason_line(text)
     if not request.scope.get("minipacs.profile"):
         return line
-    asked = set(UID_IN_TEXT.findall(f"{request.url.path}?{request.url.query}"))
-    safe = UID_IN_TEXT.sub(lambda m: m[0] if m[0] in asked else "(a UID)", line)
+    if own:
+        asked = set(UID_IN_TEXT.findall(f"{request.url.path}?{request.url.query}"))
+        safe = UID_IN_TEXT.sub(lambda m: m[0] if m[0] in asked else "(a UID)", line)
+    else:
+        safe = "the request cannot be answered (the administrator's log says why)"
     if safe != line:
         logger.info("%s %s for a de-identified account: %s", request.method,
                     request.url.path, line)
@@ -109,7 +119,8 @@ async def _storage_error(request: Request, exc: Exception) -> Response:
     status = status_of(exc)
     if status >= INTERNAL_ERROR:
         logger.warning("%s %s: %s", request.method, request.url.path, exc)
-    return PlainTextResponse(_reason(request, str(exc)) + "\n", status)
+    return PlainTextResponse(_reason(request, str(exc), isinstance(exc, OWN_REASONS)) + "\n",
+                             status)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -120,7 +131,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("%s %s failed", request.method, request.url.path)
-    return PlainTextResponse(f"internal error: {_reason(request, repr(exc))}\n",
+    return PlainTextResponse(f"internal error: {_reason(request, repr(exc), own=False)}\n",
                              INTERNAL_ERROR)
 
 

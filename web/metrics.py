@@ -200,6 +200,9 @@ class MetricsMiddleware:
                            status=code, user=scope.get("minipacs.user") or None,
                            address=client[0], bytes_in=sizes["in"], bytes_out=sizes["out"],
                            ms=round(seconds * 1000, 1),
+                           # an account that sees de-identified data: under which profile
+                           **({"profile": scope["minipacs.profile"]}
+                              if scope.get("minipacs.profile") else {}),
                            **scope.get("minipacs.audit", {}))  # what the endpoint adds
 
 

@@ -50,7 +50,6 @@ def _search(level: Level) -> Callable[[Request], Awaitable[Response]]:
         if not profile:
             search = archive.parse_search(params, level, study, series)
         else:  # its UIDs are looked up in the index
-            request.scope["minipacs.audit"] = {"profile": profile}  # the audit line's
             try:
                 search = await run_in_threadpool(archive.parse_search, params, level, study,
                                                  series, profile)

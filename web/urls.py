@@ -58,5 +58,5 @@ def path_target(request: Request) -> tuple[str, str | None, str | None]:
         archive: Archive = request.app.state.archive
         study, series, sop = archive.original_uids(profile, study, series, sop)
         # the audit line (web/metrics.py) says whose data the account saw, as stored
-        request.scope.setdefault("minipacs.audit", {}).update(profile=profile, study=study)
+        request.scope.setdefault("minipacs.audit", {})["study"] = study
     return study, series, sop

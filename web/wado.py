@@ -92,29 +92,33 @@ def _frame_numbers(text: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-def _located(request: Request) -> tuple[Archive, list[WebInstance], list[WebInstance]]:
+def _located(request: Request, unreadable_shown: bool = False
+             ) -> tuple[Archive, list[WebInstance], list[WebInstance]]:
     """The instances the path names and, of those, the ones this account may be shown: all,
     or for an account that sees de-identified data those not withheld for burned-in
-    annotation (:meth:`Archive.withheld`, each file's header read; 404 when none is)."""
+    annotation (:meth:`Archive.withheld`, each file's header read; 404 when none is). A
+    file that cannot be read is not shown, unless ``unreadable_shown`` (a retrieve, whose
+    de-identification checks again as it reads the file)."""
     study, series, sop = path_target(request)
     archive = _archive(request)
     items = archive.locate(study, series, sop)
     if not profile_of(request):
         return archive, items, items
-    shown = [item for item in items if _shown(archive, item)]
+    shown = [item for item in items if _shown(archive, item, unreadable_shown)]
     if not shown:
         raise Withheld("nothing there is shown de-identified: its pixels may show the"
                        " patient (deidentify.send_burned_in is off)")
     return archive, items, shown
 
 
-def _shown(archive: Archive, item: WebInstance) -> bool:
-    """Whether ``item`` may be shown de-identified; one whose file cannot be read is left
-    to the request's own reading of it (a 206 without it, as for any account)."""
+def _shown(archive: Archive, item: WebInstance, unreadable: bool = False) -> bool:
+    """Whether ``item`` may be shown de-identified; one whose file cannot be read now is
+    ``unreadable`` (True: left to the request's own reading of it, which fails it or
+    checks again; False: not shown, the check fails closed)."""
     try:
         return archive.withheld(item) is None
     except InstanceUnavailable:
-        return True
+        return unreadable
 
 
 def _check_shown(request: Request, archive: Archive, item: WebInstance) -> None:
@@ -145,7 +149,7 @@ def retrieve(request: Request) -> Response:
     For an account that sees de-identified data, each instance is a de-identified copy
     (``Archive.deidentified_file``) and those withheld for burned-in annotation are left
     out (206; 404 when that is all of them); the audit line names the profile and counts."""
-    archive, items, shown = _located(request)
+    archive, items, shown = _located(request, unreadable_shown=True)
     profile = profile_of(request)
     wanted = accept.instance_syntaxes(accept.ranges(request))
     plan = [(item, syntax) for item in shown if (syntax := _first_syntax(item, wanted))]
@@ -159,7 +163,7 @@ def retrieve(request: Request) -> Response:
                                   f"{f' (and {len(plan) - 1} more)' if len(plan) > 1 else ''}"
                                   " is missing from the store (minipacs verify finds why)")
     location = _locations(request, archive, [item for item, _ in plan if item in present])
-    if profile:  # the audit line's (web/metrics.py), beside what path_target put there
+    if profile:  # the audit line's (web/metrics.py), beside the profile and the study
         request.scope.setdefault("minipacs.audit", {}).update(
             instances=0 if _head(request) else len(present), withheld=len(items) - len(shown))
     parts = (Part(f"{DICOM}; transfer-syntax={syntax}",

@@ -117,9 +117,9 @@ class Out(bytearray):
         self.pieces: list[bytes | memoryview] = []
 
     def keep(self, run: memoryview) -> None:
-        """Append ``run``, a part of the original kept as it is: copied when short,
-        referenced when :data:`LONG_RUN` or more."""
-        if len(run) < LONG_RUN:
+        """Append ``run``, a part of the original kept as it is: copied when short (or the
+        original is writable), referenced when :data:`LONG_RUN` or more."""
+        if run.nbytes < LONG_RUN or not run.readonly:  # a writable original may change
             self.extend(run)
             return
         if self:

@@ -426,8 +426,8 @@ def run_search(
     if server_cut:
         count = max_results
     made = render or (lambda row: _render(search, row, retrieve_base))
-    results = (result for result in map(made, rows if count is None else islice(rows, count))
-               if result is not None)
+    answered = (result for result in map(made, rows) if result is not None)
+    results = answered if count is None else islice(answered, count)
 
     def first() -> list[bytes]:
         for _ in islice(rows, search.offset):

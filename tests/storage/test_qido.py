@@ -192,6 +192,29 @@ def test_max_results_counts_what_it_leaves_out(new_archive: Archive) -> None:
     assert (len(json.loads(limited.first)), limited.remaining) == (2, 0)
 
 
+def test_a_result_left_out_by_its_renderer_does_not_count_against_the_limits(
+        new_archive: Archive) -> None:
+    """A de-identified search leaves out a match it cannot de-identify (render gives None)
+    and one withheld (keep says no): the limit and the server's maximum count answers, and
+    the Warning's count what the maximum left out."""
+    _store(new_archive, [make_ds(PatientID=f"P{n}") for n in range(10)])
+    search = new_archive.parse_search([], Level.STUDY)
+
+    def render(row: Any) -> bytes | None:
+        patient = row.attrs(Level.PATIENT)["00100020"]["Value"][0]
+        return None if patient == "P2" else json.dumps(patient).encode()
+
+    def keep(row: Any) -> bool:
+        return bool(row.attrs(Level.PATIENT)["00100020"]["Value"][0] != "P7")
+
+    cut = run_search(search, "", 5, lambda: None, render, keep)
+    assert json.loads(cut.first) == ["P0", "P1", "P3", "P4", "P5"]
+    assert cut.remaining == 3  # P6, P8, P9: P7 is no match
+    limited = run_search(new_archive.parse_search([("limit", "4")], Level.STUDY), "", 0,
+                         lambda: None, render, keep)
+    assert json.loads(limited.first) == ["P0", "P1", "P3", "P4"]
+
+
 def test_an_unreadable_index_is_query_failed(new_archive: Archive) -> None:
     _store(new_archive, [make_ds()])
     new_archive.database.execute_sql('DROP TABLE "instance"')

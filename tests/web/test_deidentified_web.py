@@ -42,8 +42,8 @@ def deidentified(start_web: Callable[..., WebRunning]) -> tuple[WebRunning, list
     running = start_web(**{**SETTINGS, "web.tokens": [RESEARCH],
                            "web.deidentify": ["research:research"]})
     datasets = one_study()
-    for ds in datasets:
-        running.archive.store(encode(ds), ExplicitVRLittleEndian)
+    for ds in [datasets[3], *datasets[:3]]:  # the ultrasound image first: the study's
+        running.archive.store(encode(ds), ExplicitVRLittleEndian)  # thumbnail would be it
     return running, datasets
 
 
