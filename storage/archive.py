@@ -758,14 +758,14 @@ class Archive:
             known = deidentified.originals(deidentifier, path) if path else {}
             if any(uid not in known for uid in path):
                 raise NotFound("the path names nothing this account was shown")
-            params = deidentified.search_params(params, deidentifier)
+            params, translated = deidentified.search_params(params, deidentifier)
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
         finally:
             self.release()
         parsed = query.parse_search(params, level, known.get(study, ""), known.get(series, ""),
                                     fold_pn=self.options.fold_pn)
-        deidentified.check_search(parsed, deidentifier)
+        deidentified.check_search(parsed, deidentifier, translated)
         return parsed
 
     def search(self, search: query.Search, retrieve_base: str = "",

@@ -10,12 +10,13 @@ de-identifying peer sends them.
   finds nothing, as for an unknown UID, even if it is a stored one. Under Retain UIDs the
   UIDs are the stored ones.
 - **Searches** (QIDO-RS) match only on what the profile leaves as it is: the entity UIDs
-  (translated back) and attributes it keeps (Table E.1-1 ``K``, or not listed); a match on
-  an attribute it changes would tell the original value, so it is refused
-  (:func:`check_search`). Each result is made of every attribute the index keeps of its
-  patient, study, series and instance, so that the patient's pseudonym and date shift are
-  those of the instances; it is then de-identified and cut back to the attributes the
-  search answers, with a RetrieveURL that names the replaced UIDs.
+  and a pseudonymous PatientID (translated back, :func:`search_params`) and attributes it
+  keeps (Table E.1-1 ``K``, or not listed); a match on an attribute it changes would tell
+  the original value, so it is refused (:func:`check_search`). Each result is made of
+  every attribute the index keeps of its patient, study, series and instance, so that
+  the patient's pseudonym and date shift are those of the instances; it is then
+  de-identified and cut back to the attributes the search answers, with a RetrieveURL
+  that names the replaced UIDs.
 - **Metadata** (WADO-RS) is the index's, de-identified alike; the pixel data's BulkDataURI
   names the replaced UIDs; a sequence holding a bulk value is left out (the value's URL
   would name a stored element by its position).
@@ -47,6 +48,9 @@ STUDY_UID, SERIES_UID, SOP_UID = 0x0020000D, 0x0020000E, 0x00080018
 UID_TAGS: dict[int, Level] = {STUDY_UID: Level.STUDY, SERIES_UID: Level.SERIES,
                               SOP_UID: Level.IMAGE}
 """The UIDs that name what a DICOMweb URL names; matched and answered replaced."""
+PATIENT_ID, ISSUER_OF_PATIENT_ID = 0x00100020, 0x00100021
+PATIENT_PREFIX = "patient:"
+"""Before a pseudonymous PatientID in ``pseudonym_uid`` (no UID starts so)."""
 RETRIEVE_URL = "00081190"
 PIXEL_DATA = "7FE00010"
 CHARSET = "00080005"
@@ -99,27 +103,54 @@ class Replaced:
 # -- searches ----------------------------------------------------------------------------
 
 
+def _tag(name: str) -> int | None:
+    """The tag a match parameter's name gives (a keyword or eight hexadecimal digits)."""
+    if len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name):
+        return int(name, 16)
+    return tag_for_keyword(name)
+
+
 def _uid_tag(name: str) -> int | None:
     """The tag of a match parameter's name if it is one of :data:`UID_TAGS`."""
-    tag: int | None
-    if len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name):
-        tag = int(name, 16)
-    else:
-        tag = tag_for_keyword(name)
+    tag = _tag(name)
     return tag if tag in UID_TAGS else None
 
 
+def patient_key(pseudonym: str) -> str:
+    """The ``pseudonym_uid`` row of a pseudonymous PatientID (:class:`Replaced`)."""
+    return PATIENT_PREFIX + pseudonym
+
+
 def search_params(params: query.SearchParams, deidentifier: Deidentifier
-                  ) -> list[tuple[str, str]]:
+                  ) -> tuple[list[tuple[str, str]], frozenset[int]]:
     """``params`` with the values of each UID match (a list of UIDs, PS3.18 8.3.4.1) put
-    back to the stored UIDs they stand for; an unknown one is left out.
+    back to the stored UIDs they stand for, an unknown one left out; and a PatientID match
+    on a pseudonym its answers gave put back to that patient's PatientID and
+    IssuerOfPatientID (an empty issuer matched as empty, PS3.4 C.2.2.2.1). Also the tags
+    matched so (their values are no longer the account's own: :func:`check_search` lets
+    them be).
 
     Raises
     ------
     NotFound
-        A UID match none of whose values is known: nothing can match.
+        A UID match none of whose values is known, or a PatientID that is no pseudonym
+        its answers gave: nothing can match.
     """
     pairs = list(params)
+    translated: set[int] = set()
+    patients = [value for name, value in pairs if _tag(name) == PATIENT_ID and value]
+    if patients:
+        if len(patients) > 1 or any(c in patients[0] for c in "*?\\,"):
+            raise InvalidQuery("PatientID: an account that sees de-identified data matches one"
+                               " pseudonym, exactly")
+        found = originals_of_patients(deidentifier, patients[0])
+        if found is None:
+            raise NotFound("no PatientID this account was shown")
+        issuer, patient_id = found
+        pairs = [(n, patient_id if _tag(n) == PATIENT_ID else v) for n, v in pairs
+                 if _tag(n) != ISSUER_OF_PATIENT_ID]
+        pairs.append(("IssuerOfPatientID", issuer or '""'))
+        translated |= {PATIENT_ID, ISSUER_OF_PATIENT_ID}
     asked = {uid for name, value in pairs if _uid_tag(name) is not None and value != "*"
              for uid in value.replace("\\", ",").split(",") if uid}
     known = originals(deidentifier, asked) if asked else {}
@@ -131,10 +162,23 @@ def search_params(params: query.SearchParams, deidentifier: Deidentifier
                 raise NotFound(f"no {name} this account was shown")
             value = ",".join(kept)
         out.append((name, value))
-    return out
+    return out, frozenset(translated)
 
 
-def check_search(search: query.Search, deidentifier: Deidentifier) -> None:
+def originals_of_patients(deidentifier: Deidentifier, pseudonym: str
+                          ) -> tuple[str, str] | None:
+    """(IssuerOfPatientID, PatientID) of the patient whose pseudonymous PatientID a
+    de-identified answer gave as ``pseudonym``, or None."""
+    key = patient_key(pseudonym)
+    found = index.originals_of([key]).get(key)
+    if found is None:
+        return None
+    issuer, _, patient_id = found.partition("\\")
+    return issuer, patient_id
+
+
+def check_search(search: query.Search, deidentifier: Deidentifier,
+                 translated: frozenset[int] = frozenset()) -> None:
     """Refuse a match on what the profile changes (it would tell the original value).
 
     Raises
@@ -144,7 +188,7 @@ def check_search(search: query.Search, deidentifier: Deidentifier) -> None:
         (or that the table lists not), or on a sequence's items (PS3.18 8.3.4: 400).
     """
     for constraint in search.query.constraints:
-        if constraint.tag in UID_TAGS:
+        if constraint.tag in UID_TAGS or constraint.tag in translated:
             continue
         name = keyword_for_tag(constraint.tag) or f"({constraint.tag >> 16:04X},"\
                                                   f"{constraint.tag & 0xFFFF:04X})"
@@ -245,6 +289,11 @@ def _deidentified(members: dict[str, Any], deidentifier: Deidentifier,
         logger.warning("%s left out of a de-identified answer: %r", stored[-1] or stored[0],
                        exc)
         return None
+    patient_id = _first(members, f"{PATIENT_ID:08X}")
+    pseudonym = _first(out, f"{PATIENT_ID:08X}")
+    if patient_id and pseudonym and pseudonym != patient_id:  # a search by it finds it
+        replaced.pairs[patient_key(pseudonym)] = \
+            f"{_first(members, f'{ISSUER_OF_PATIENT_ID:08X}')}\\{patient_id}"
     if Option.RETAIN_UIDS not in deidentifier.options and any(
             uid and outcome.uids.get(uid, uid) == uid for uid in stored):
         logger.warning("%s left out of a de-identified answer: a UID was not replaced",

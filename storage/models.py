@@ -26,8 +26,8 @@ SCHEMA_VERSION = 6
    send (:mod:`storage.outbox`).
 5. The indexes of :data:`TEXT_INDEXES` made per backend (PostgreSQL's serve a wildcard),
    and ``series_study_id`` dropped (``series_study_id_modality`` begins with its column).
-6. ``pseudonym_uid``: the UIDs a de-identified DICOMweb answer replaced, mapped back to the
-   stored ones (:mod:`storage.deidentified`).
+6. ``pseudonym_uid``: the UIDs and PatientIDs a de-identified DICOMweb answer replaced,
+   mapped back to the stored ones (:mod:`storage.deidentified`).
 """
 
 TEXT_INDEXES: tuple[tuple[str, str], ...] = (
@@ -188,11 +188,14 @@ class NodeBeat(BaseModel):
 class PseudonymUid(BaseModel):
     """A UID that a de-identified DICOMweb answer gave in place of a stored one
     (``replacement``, PS3.15 E.3.10) and that stored one (``original``): the way back from a
-    URL a de-identified account was given (:mod:`storage.deidentified`). The replacement is a
-    keyed hash of the original, so a row is the same on every node and never changes."""
+    URL a de-identified account was given (:mod:`storage.deidentified`); likewise a
+    patient's pseudonymous PatientID (``replacement`` ``patient:`` and the pseudonym,
+    ``original`` IssuerOfPatientID, a backslash and PatientID), for a search by it. The
+    replacement is a keyed hash of the original, so a row is the same on every node and
+    never changes."""
 
     replacement = pw.CharField(max_length=64, unique=True)
-    original = pw.CharField(max_length=64)
+    original = pw.TextField()
 
     class Meta:
         table_name = "pseudonym_uid"

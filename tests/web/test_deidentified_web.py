@@ -127,6 +127,12 @@ def test_a_de_identified_account_sees_replaced_uids_pseudonyms_and_no_burned_in_
         assert refused.status_code == 400
         assert "the profile 'research' changes it" in refused.text
         assert len(http.get(f"{base}?ModalitiesInStudy=CT").json()) == 1  # kept: matched
+        # its pseudonym finds the patient's studies (the viewer looks for others so)
+        [again] = http.get(f"{base}?PatientID={patient_id}").json()
+        assert again["0020000D"]["Value"] == [study_uid]
+        assert http.get(f"{base}?PatientID=PID-4711").json() == []  # stored: not its own
+        assert http.get(f"{base}?PatientID=0123456789ABCDEF").json() == []
+        assert http.get(f"{base}?PatientID={patient_id[:4]}*").status_code == 400
         for method, url in (("POST", f"{base}"), ("DELETE", f"{base}/{study_uid}"),
                             ("GET", f"{running.root}/admin/status"),
                             ("GET", f"{running.root}/metrics")):

@@ -23,6 +23,7 @@ from storage import Model
 from tests.conftest import associate, find
 from tests.factory import encode, save, uid
 from tests.web.conftest import WebRunning, require
+from web.auth import hash_token, new_token
 
 ROOT = Path(__file__).resolve().parents[2]
 VIEWER_DIST = ROOT / "viewer" / "dist"
@@ -272,13 +273,8 @@ def test_a_de_identified_study_opens_in_ohif_with_its_series(
         "web.viewer_dir": str(viewer_dist), "deidentify.table": str(SAMPLE_TABLE),
         "deidentify.secret": "the viewer test's secret........",
         "profiles": [{"name": "research", "options": ["retain_long_modified_dates"]}]})
-    ct, mr = study("CT_small.dcm", "Doe^Jane", 3), study("MR_small.dcm", "Doe^Jane", 2)
-    for ds in mr:  # one study, two series
-        ds.StudyInstanceUID = ct[0].StudyInstanceUID
+    ct = two_series_study(running)
     archive = running.archive
-    for ds in ct + mr:
-        ds.BurnedInAnnotation = "NO"
-        archive.store(encode(ds), str(ds.file_meta.TransferSyntaxUID))
     copies = set()
     for item in archive.retrieve(archive.parse_query(
             _study_query(str(ct[0].StudyInstanceUID)), Model.STUDY_ROOT)):
@@ -292,6 +288,24 @@ def test_a_de_identified_study_opens_in_ohif_with_its_series(
     assert (int(copy.NumberOfStudyRelatedSeries), int(copy.NumberOfStudyRelatedInstances)) == (
         2, 5)
 
+    assert str(copy.StudyInstanceUID) in open_pseudonymous_study(page, running)
+
+
+def two_series_study(running: WebRunning) -> list[Dataset]:
+    """Three CTs and two MRs of Doe^Jane in one study, stored (the CTs returned)."""
+    ct, mr = study("CT_small.dcm", "Doe^Jane", 3), study("MR_small.dcm", "Doe^Jane", 2)
+    for ds in mr:  # one study, two series
+        ds.StudyInstanceUID = ct[0].StudyInstanceUID
+    for ds in ct + mr:
+        ds.BurnedInAnnotation = "NO"
+        running.archive.store(encode(ds), str(ds.file_meta.TransferSyntaxUID))
+    return ct
+
+
+def open_pseudonymous_study(page: Page, running: WebRunning) -> str:
+    """Open the study listed under an ``ANONYMOUS^`` pseudonym (and no "Doe") in the
+    Basic Viewer, wait until its image is painted, and give the viewer's URL; every
+    DICOMweb request on the way must be answered."""
     failed = failed_requests(page)
     with explained(failed):
         open_study_list(page, running)
@@ -301,9 +315,29 @@ def test_a_de_identified_study_opens_in_ohif_with_its_series(
         row.click()
         page.get_by_role("button", name="Basic Viewer").click()
         page.wait_for_url("**/viewer/viewer?*")
-        assert str(copy.StudyInstanceUID) in page.url
         wait_until_painted(page)
     assert_no_dicomweb_failure(failed, running)
+    return page.url
+
+
+def test_an_account_that_sees_de_identified_data_opens_its_study_in_ohif(
+        start_web: Callable[..., WebRunning], viewer_dist: Path, chromium_page: Page) -> None:
+    """Issue 18: the viewer, with the bearer token of a ``web.deidentify`` account on every
+    request (as a proxy in front of it would add), lists the study under the patient's
+    pseudonym, opens it by its replaced UID and paints its image: every QIDO-RS, metadata,
+    frame and thumbnail request it makes is answered de-identified."""
+    page = chromium_page
+    token = new_token()
+    running = start_web(**{
+        "web.viewer_dir": str(viewer_dist), "deidentify.table": str(SAMPLE_TABLE),
+        "deidentify.secret": "the viewer test's secret........",
+        "profiles": [{"name": "research", "options": ["retain_long_modified_dates"]}],
+        "web.tokens": [f"lab:read:{hash_token(token)}"], "web.deidentify": ["lab:research"],
+        "web.anonymous_local": "none"})
+    stored = str(two_series_study(running)[0].StudyInstanceUID)
+    page.set_extra_http_headers({"Authorization": f"Bearer {token}"})
+    url = open_pseudonymous_study(page, running)
+    assert "StudyInstanceUIDs=2.25." in url and stored not in url
 
 
 def _study_query(study_uid: str) -> Dataset:
