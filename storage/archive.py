@@ -758,14 +758,16 @@ class Archive:
             known = deidentified.originals(deidentifier, path) if path else {}
             if any(uid not in known for uid in path):
                 raise NotFound("the path names nothing this account was shown")
-            params, translated = deidentified.search_params(params, deidentifier)
+            params, patient = deidentified.search_params(params, deidentifier)
         except pw.DatabaseError as exc:
             raise QueryFailed(f"the index could not be read: {exc}") from exc
         finally:
             self.release()
         parsed = query.parse_search(params, level, known.get(study, ""), known.get(series, ""),
                                     fold_pn=self.options.fold_pn)
-        deidentified.check_search(parsed, deidentifier, translated)
+        deidentified.check_search(parsed, deidentifier)
+        if patient is not None:  # checked: its constraints are ours, not the account's
+            parsed = deidentified.patient_constraints(parsed, patient)
         return parsed
 
     def search(self, search: query.Search, retrieve_base: str = "",

@@ -27,6 +27,7 @@ de-identifying peer sends them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +42,7 @@ from .deidentify import Deidentifier, Option
 from .deidentify.profile import burned_in_reason
 from .errors import InvalidQuery, NotFound
 from .keys import Level
+from .values import is_uid
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +68,12 @@ _RESOURCE = {Level.STUDY: "studies", Level.SERIES: "series", Level.IMAGE: "insta
 
 def originals(deidentifier: Deidentifier, uids: Iterable[str]) -> dict[str, str]:
     """The stored UIDs that ``uids`` (as a de-identified answer gave them) stand for, each
-    known one mapped from itself: all of them as they are under Retain UIDs."""
+    known one mapped from itself: all of them as they are under Retain UIDs. Only a UID
+    (PS3.5 9.1) is looked up: the table's patient rows (:func:`patient_key`) are no UID's."""
+    valid = [uid for uid in uids if is_uid(uid)]
     if Option.RETAIN_UIDS in deidentifier.options:
-        return {uid: uid for uid in uids}
-    return index.originals_of(list(uids))
+        return {uid: uid for uid in valid}
+    return index.originals_of(valid)
 
 
 def original(deidentifier: Deidentifier, uid: str) -> str:
@@ -122,35 +126,34 @@ def patient_key(pseudonym: str) -> str:
 
 
 def search_params(params: query.SearchParams, deidentifier: Deidentifier
-                  ) -> tuple[list[tuple[str, str]], frozenset[int]]:
+                  ) -> tuple[list[tuple[str, str]], tuple[str, str] | None]:
     """``params`` with the values of each UID match (a list of UIDs, PS3.18 8.3.4.1) put
-    back to the stored UIDs they stand for, an unknown one left out; and a PatientID match
-    on a pseudonym its answers gave put back to that patient's PatientID and
-    IssuerOfPatientID (an empty issuer matched as empty, PS3.4 C.2.2.2.1). Also the tags
-    matched so (their values are no longer the account's own: :func:`check_search` lets
-    them be).
+    back to the stored UIDs they stand for, an unknown one left out; and, when the profile
+    replaces PatientID, a PatientID match on a pseudonym its answers gave taken out and
+    given back as that patient's (IssuerOfPatientID, PatientID), to be matched exactly
+    (:func:`patient_constraints`: a stored ``*`` is no wildcard), with any
+    IssuerOfPatientID match taken out too.
 
     Raises
     ------
     NotFound
         A UID match none of whose values is known, or a PatientID that is no pseudonym
         its answers gave: nothing can match.
+    InvalidQuery
+        A PatientID match of several values or a wildcard (it would tell the original).
     """
     pairs = list(params)
-    translated: set[int] = set()
-    patients = [value for name, value in pairs if _tag(name) == PATIENT_ID and value]
-    if patients:
+    patient: tuple[str, str] | None = None
+    patients = [value.strip() for name, value in pairs if _tag(name) == PATIENT_ID
+                and value.strip() and set(value.strip()) != {"*"}]  # not universal
+    if patients and deidentifier.code_of(PATIENT_ID) not in KEPT:
         if len(patients) > 1 or any(c in patients[0] for c in "*?\\,"):
             raise InvalidQuery("PatientID: an account that sees de-identified data matches one"
                                " pseudonym, exactly")
-        found = originals_of_patients(deidentifier, patients[0])
-        if found is None:
+        patient = originals_of_patient(patients[0])
+        if patient is None:
             raise NotFound("no PatientID this account was shown")
-        issuer, patient_id = found
-        pairs = [(n, patient_id if _tag(n) == PATIENT_ID else v) for n, v in pairs
-                 if _tag(n) != ISSUER_OF_PATIENT_ID]
-        pairs.append(("IssuerOfPatientID", issuer or '""'))
-        translated |= {PATIENT_ID, ISSUER_OF_PATIENT_ID}
+        pairs = [(n, v) for n, v in pairs if _tag(n) not in (PATIENT_ID, ISSUER_OF_PATIENT_ID)]
     asked = {uid for name, value in pairs if _uid_tag(name) is not None and value != "*"
              for uid in value.replace("\\", ",").split(",") if uid}
     known = originals(deidentifier, asked) if asked else {}
@@ -162,11 +165,28 @@ def search_params(params: query.SearchParams, deidentifier: Deidentifier
                 raise NotFound(f"no {name} this account was shown")
             value = ",".join(kept)
         out.append((name, value))
-    return out, frozenset(translated)
+    return out, patient
 
 
-def originals_of_patients(deidentifier: Deidentifier, pseudonym: str
-                          ) -> tuple[str, str] | None:
+def patient_constraints(search: query.Search, patient: tuple[str, str]) -> query.Search:
+    """``search`` matching also, exactly, the patient ``patient`` (IssuerOfPatientID,
+    PatientID): PS3.4 C.2.2.2.1 Single Value Matching of each value as stored, whatever
+    characters it holds, and Empty Value Matching (C.2.2.2.7) of an empty issuer."""
+    issuer, patient_id = patient
+    probe = Dataset()  # their level and key as an identifier's parsing gives them
+    probe.QueryRetrieveLevel = search.query.level.name
+    probe.PatientID = probe.IssuerOfPatientID = "X"
+    made = {c.tag: c for c in query.parse_identifier(probe, search.query.model,
+                                                     relational=True).constraints}
+    exact = [dataclasses.replace(made[PATIENT_ID], terms=(query.Term(query.Op.EQ, patient_id),)),
+             dataclasses.replace(made[ISSUER_OF_PATIENT_ID], kind=query.Kind.EMPTY, terms=())
+             if not issuer else dataclasses.replace(
+                 made[ISSUER_OF_PATIENT_ID], terms=(query.Term(query.Op.EQ, issuer),))]
+    return dataclasses.replace(search, query=dataclasses.replace(
+        search.query, constraints=(*search.query.constraints, *exact)))
+
+
+def originals_of_patient(pseudonym: str) -> tuple[str, str] | None:
     """(IssuerOfPatientID, PatientID) of the patient whose pseudonymous PatientID a
     de-identified answer gave as ``pseudonym``, or None."""
     key = patient_key(pseudonym)
@@ -177,8 +197,7 @@ def originals_of_patients(deidentifier: Deidentifier, pseudonym: str
     return issuer, patient_id
 
 
-def check_search(search: query.Search, deidentifier: Deidentifier,
-                 translated: frozenset[int] = frozenset()) -> None:
+def check_search(search: query.Search, deidentifier: Deidentifier) -> None:
     """Refuse a match on what the profile changes (it would tell the original value).
 
     Raises
@@ -188,7 +207,7 @@ def check_search(search: query.Search, deidentifier: Deidentifier,
         (or that the table lists not), or on a sequence's items (PS3.18 8.3.4: 400).
     """
     for constraint in search.query.constraints:
-        if constraint.tag in UID_TAGS or constraint.tag in translated:
+        if constraint.tag in UID_TAGS:
             continue
         name = keyword_for_tag(constraint.tag) or f"({constraint.tag >> 16:04X},"\
                                                   f"{constraint.tag & 0xFFFF:04X})"

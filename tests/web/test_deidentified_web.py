@@ -19,7 +19,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from scp.config import ConfigError, load_config
-from tests.factory import encode
+from storage.deidentify import Pseudonyms
+from tests.factory import encode, make_ds
 from tests.test_deidentified_peers import SETTINGS, one_study
 from tests.web.conftest import WebRunning
 from tests.web.test_audit import wait_for
@@ -127,12 +128,29 @@ def test_a_de_identified_account_sees_replaced_uids_pseudonyms_and_no_burned_in_
         assert refused.status_code == 400
         assert "the profile 'research' changes it" in refused.text
         assert len(http.get(f"{base}?ModalitiesInStudy=CT").json()) == 1  # kept: matched
-        # its pseudonym finds the patient's studies (the viewer looks for others so)
+        # its pseudonym finds that patient's studies, exactly (the viewer looks for others
+        # so): not the same ID under another issuer, nor one a stored "*" would match
+        for other in (make_ds(PatientID="PID-4711", IssuerOfPatientID="ELSEWHERE"),
+                      make_ds(PatientID="PID-4711*"), make_ds(PatientID="PID-4711X")):
+            running.archive.store(encode(other), ExplicitVRLittleEndian)
         [again] = http.get(f"{base}?PatientID={patient_id}").json()
         assert again["0020000D"]["Value"] == [study_uid]
+        assert len(http.get(f"{running.url}/series?00100020={patient_id}").json()) == 2
+        assert len(http.get(f"{base}/{study_uid}/series?PatientID={patient_id}"
+                            "&IssuerOfPatientID=ELSEWHERE").json()) == 2  # the issuer is ours
+        for other in (make_ds(PatientID="W*"), make_ds(PatientID="WX")):
+            running.archive.store(encode(other), ExplicitVRLittleEndian)
+        http.get(f"{base}?limit=50")  # the account is shown every patient's pseudonym
+        starred = Pseudonyms(SETTINGS["deidentify.secret"].encode()).patient("\\W*")[0]
+        assert len(http.get(f"{base}?PatientID={starred}").json()) == 1  # "*" as stored
         assert http.get(f"{base}?PatientID=PID-4711").json() == []  # stored: not its own
         assert http.get(f"{base}?PatientID=0123456789ABCDEF").json() == []
         assert http.get(f"{base}?PatientID={patient_id[:4]}*").status_code == 400
+        # the pseudonym's row is no UID: as one, it names nothing and tells nothing
+        for url in (f"{base}/patient:{patient_id}/series",
+                    f"{base}?StudyInstanceUID=patient:{patient_id}"):
+            answer = http.get(url)
+            assert answer.status_code == 200 and answer.json() == [], (url, answer.text)
         for method, url in (("POST", f"{base}"), ("DELETE", f"{base}/{study_uid}"),
                             ("GET", f"{running.root}/admin/status"),
                             ("GET", f"{running.root}/metrics")):
