@@ -76,20 +76,6 @@ def originals(deidentifier: Deidentifier, uids: Iterable[str]) -> dict[str, str]
     return index.originals_of(valid)
 
 
-def original(deidentifier: Deidentifier, uid: str) -> str:
-    """The stored UID that ``uid`` stands for.
-
-    Raises
-    ------
-    NotFound
-        No de-identified answer gave ``uid`` (PS3.18 10.4.3: 404).
-    """
-    found = originals(deidentifier, [uid]).get(uid)
-    if found is None:
-        raise NotFound(f"{uid} names nothing this account was shown")
-    return found
-
-
 @dataclass
 class Replaced:
     """The entity UIDs a de-identified answer gave: replacement -> stored UID, kept by the
